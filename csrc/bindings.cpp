@@ -1,0 +1,193 @@
+// sparseops._C: the gatekeeper between python and the torch-free kernels.
+//
+// every entry point takes numpy arrays (zero-copy views of cpu tensors), checks dtype,
+// shape, strides, writability and every index the kernel will follow, and only then
+// releases the gil and runs the kernel. arrays are taken as py::array and checked by
+// hand: pybind11's forcecast would hand an output to the kernel as a converted copy
+// and silently drop the writes.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "csr.h"
+
+namespace py = pybind11;
+using sparseops::Isa;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+template <class T>
+void check_dtype(const py::array& a, const char* name, const char* want) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": expected dtype " + want + ", got " +
+                         std::string(py::str(a.dtype())));
+}
+
+// a float32 matrix [rows, cols] read through element strides
+struct Mat {
+  const float* p;
+  int64_t rows, cols, s0, s1;
+};
+
+Mat float_matrix(const py::array& a, const char* name) {
+  check_dtype<float>(a, name, "float32");
+  if (a.ndim() != 2) throw py::value_error(std::string(name) + ": expected a 2-D array, got shape " + shape_str(a));
+  for (int d = 0; d < 2; ++d)
+    if (a.strides(d) % static_cast<py::ssize_t>(sizeof(float)) != 0 || a.strides(d) < 0)
+      throw py::value_error(std::string(name) + ": strides must be non-negative multiples of 4 bytes");
+  return {static_cast<const float*>(a.data()), a.shape(0), a.shape(1),
+          static_cast<int64_t>(a.strides(0) / 4), static_cast<int64_t>(a.strides(1) / 4)};
+}
+
+float* float_output(py::array& a, const char* name, int64_t n0, int64_t n1, int ndim) {
+  check_dtype<float>(a, name, "float32");
+  if (a.ndim() != ndim || a.shape(0) != n0 || (ndim == 2 && a.shape(1) != n1))
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(n0) +
+                          (ndim == 2 ? ", " + std::to_string(n1) + ")" : ",)") + ", got " + shape_str(a));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  if (!a.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+  return static_cast<float*>(a.mutable_data());
+}
+
+template <class T>
+const T* vector(const py::array& a, const char* name, const char* dtype, int64_t n) {
+  check_dtype<T>(a, name, dtype);
+  if (a.ndim() != 1) throw py::value_error(std::string(name) + ": expected a 1-D array, got shape " + shape_str(a));
+  if (n >= 0 && a.shape(0) != n)
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(n) + " entries, got " +
+                          std::to_string(a.shape(0)));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be contiguous");
+  return static_cast<const T*>(a.data());
+}
+
+// ptr [n+1] must run from 0 to nnz without decreasing; idx [nnz] must lie in [0, limit)
+// and increase strictly inside each segment. this is all the kernels index through.
+void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, int64_t limit, const char* pname,
+               const char* iname) {
+  if (ptr[0] != 0 || ptr[n] != nnz)
+    throw py::value_error(std::string(pname) + ": must start at 0 and end at nnz=" + std::to_string(nnz) +
+                          ", got " + std::to_string(ptr[0]) + ".." + std::to_string(ptr[n]));
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t s = ptr[r], e = ptr[r + 1];
+    if (e < s) throw py::value_error(std::string(pname) + ": must be non-decreasing (at " + std::to_string(r) + ")");
+    int64_t prev = -1;
+    for (int64_t k = s; k < e; ++k) {
+      const int64_t c = idx[k];
+      if (c < 0 || c >= limit)
+        throw py::value_error(std::string(iname) + ": index " + std::to_string(c) + " at position " +
+                              std::to_string(k) + " is outside [0, " + std::to_string(limit) + ")");
+      if (c <= prev)
+        throw py::value_error(std::string(iname) + ": indices must be sorted and unique within each row (position " +
+                              std::to_string(k) + ")");
+      prev = c;
+    }
+  }
+}
+
+int threads(int n) { return n < 1 ? 1 : n; }
+
+void csr_dds(const py::array& x, const py::array& values, const py::array& crow, const py::array& col,
+             const py::object& bias, py::array& y, int nthreads) {
+  const Mat X = float_matrix(x, "x");
+  const int64_t out = y.ndim() == 2 ? y.shape(1) : -1;
+  const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", -1);
+  if (crow.shape(0) < 1) throw py::value_error("crow: expected out_features + 1 >= 1 entries, got 0");
+  const int64_t n = crow.shape(0) - 1;
+  float* Y = float_output(y, "y", X.rows, n, 2);
+  (void)out;
+  const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
+  const int64_t nnz = col.shape(0);
+  const float* vals = vector<float>(values, "values", "float32", nnz);
+  const float* b = nullptr;
+  if (!bias.is_none()) b = vector<float>(bias.cast<py::array>(), "bias", "float32", n);
+  check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
+  py::gil_scoped_release release;
+  sparseops::csr_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, ptr, idx, n, b, Y, threads(nthreads));
+}
+
+void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_crow, const py::array& t_row,
+             const py::array& t_perm, py::array& dx, int nthreads) {
+  const Mat D = float_matrix(dy, "dy");
+  const int32_t* ptr = vector<int32_t>(t_crow, "t_crow", "int32", -1);
+  if (t_crow.shape(0) < 1) throw py::value_error("t_crow: expected in_features + 1 >= 1 entries, got 0");
+  const int64_t n = t_crow.shape(0) - 1;
+  float* DX = float_output(dx, "dx", D.rows, n, 2);
+  const int32_t* idx = vector<int32_t>(t_row, "t_row", "int32", -1);
+  const int64_t nnz = t_row.shape(0);
+  const float* vals = vector<float>(values, "values", "float32", nnz);
+  const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
+  check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row");
+  for (int64_t k = 0; k < nnz; ++k)
+    if (perm[k] < 0 || perm[k] >= nnz)
+      throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                            " is outside [0, " + std::to_string(nnz) + ")");
+  py::gil_scoped_release release;
+  const int nt = threads(nthreads);
+  std::vector<float> vt(static_cast<size_t>(nnz));
+  sparseops::gather_values(vals, perm, nnz, vt.data(), nt);
+  sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vt.data(), ptr, idx, n, nullptr, DX, nt);
+}
+
+void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, const py::array& col, py::array& dvals,
+             int nthreads) {
+  const Mat D = float_matrix(dy, "dy");
+  const Mat X = float_matrix(x, "x");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " +
+                          std::to_string(D.rows));
+  const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", D.cols + 1);
+  const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
+  const int64_t nnz = col.shape(0);
+  float* DV = float_output(dvals, "dvalues", nnz, 0, 1);
+  check_csr(ptr, D.cols, idx, nnz, X.cols, "crow", "col");
+  py::gil_scoped_release release;
+  sparseops::csr_sdd(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, ptr, idx, DV, threads(nthreads));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparseops CPU kernels (torch-free C++, AVX2/FMA with a portable fallback, OpenMP).";
+
+  m.def("csr_dds", &csr_dds, py::arg("x"), py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("bias"),
+        py::arg("y"), py::arg("nthreads"),
+        R"(y[B, out] = x[B, in] @ Wᵀ + bias, W in CSR (values, crow[out+1], col[nnz]).
+
+x is float32 with any non-negative strides; y is a C-contiguous float32 output [B, out]
+that is fully overwritten. Raises TypeError/ValueError on a bad dtype, shape or index.)");
+  m.def("csr_dsd", &csr_dsd, py::arg("dy"), py::arg("values"), py::arg("t_crow"), py::arg("t_row"),
+        py::arg("t_perm"), py::arg("dx"), py::arg("nthreads"),
+        R"(dx[B, in] = dy[B, out] @ W through the transposed index (t_crow[in+1], t_row[nnz], t_perm[nnz]).)");
+  m.def("csr_sdd", &csr_sdd, py::arg("dy"), py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("dvalues"),
+        py::arg("nthreads"),
+        R"(dvalues[k] = sum_b dy[b, i] * x[b, col[k]] for each stored (i, col[k]): the weight gradient on the mask.)");
+  m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
+        "The instruction set the kernels use now: 'avx2' or 'portable'.");
+  m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },
+        "The best instruction set this CPU supports.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        if (name == "avx2") sparseops::set_isa(Isa::avx2);
+        else if (name == "portable") sparseops::set_isa(Isa::portable);
+        else throw py::value_error("isa: expected 'avx2' or 'portable', got '" + name + "'");
+        return std::string(sparseops::isa_name(sparseops::active_isa()));
+      },
+      py::arg("isa"), "Select the kernel path; asking for avx2 on a CPU without it selects portable.");
+#ifdef _OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+}

@@ -1,0 +1,66 @@
+// run-time choice of the instruction set, and the isa-independent helpers.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "csr.h"
+
+namespace sparseops {
+namespace {
+
+Isa detect() {
+#if defined(SPARSEOPS_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::portable;
+}
+
+Isa initial() {
+  const Isa best = detect();
+  const char* env = std::getenv("SPARSEOPS_ISA");
+  if (env && std::strcmp(env, "portable") == 0) return Isa::portable;
+  return best;
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> isa{static_cast<int>(initial())};
+  return isa;
+}
+
+}  // namespace
+
+Isa best_isa() {
+  static const Isa best = detect();
+  return best;
+}
+Isa active_isa() { return static_cast<Isa>(active().load()); }
+void set_isa(Isa isa) {
+  // asking for more than the cpu has falls back to what it has
+  if (isa == Isa::avx2 && best_isa() != Isa::avx2) isa = Isa::portable;
+  active().store(static_cast<int>(isa));
+}
+const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "portable"; }
+
+void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* ptr,
+              const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return csr_spmm_avx2(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+#endif
+  csr_spmm_portable(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+}
+
+void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
+             int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dvals, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return csr_sdd_avx2(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dvals, nthreads);
+#endif
+  csr_sdd_portable(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dvals, nthreads);
+}
+
+void gather_values(const float* vals, const int32_t* perm, int64_t nnz, float* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t k = 0; k < nnz; ++k) out[k] = vals[perm[k]];
+}
+
+}  // namespace sparseops

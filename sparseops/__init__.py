@@ -1,0 +1,33 @@
+"""sparseops: hardware-accelerated sparse kernels for PyTorch.
+
+Sparse layers whose sparsity turns into real speed on CPUs (C++ with AVX2/FMA and OpenMP)
+and NVIDIA GPUs (Triton), with a SparseProp-style backward: dX through the sparse
+transpose, dW only on the mask.
+
+    >>> import torch, sparseops
+    >>> layer = sparseops.SparseLinear(1024, 1024, sparsity=0.9)
+    >>> y = layer(torch.randn(8, 1024))
+"""
+
+from . import formats, masks, ops, patterns, reference  # noqa: F401
+from ._cpp import available as cpp_available
+from ._cpp import isa, set_isa
+from .api import sparsify_
+from .nn import SparseLinear
+from .patterns import Unstructured
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseLinear",
+    "sparsify_",
+    "Unstructured",
+    "masks",
+    "formats",
+    "patterns",
+    "ops",
+    "reference",
+    "isa",
+    "set_isa",
+    "cpp_available",
+]

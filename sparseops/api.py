@@ -1,0 +1,74 @@
+"""Model-level API: ``sparsify_`` swaps ``nn.Linear`` layers for sparse ones in place."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .masks import global_magnitude, magnitude
+from .nn import SparseLinear
+from .patterns import as_pattern, check_sparsity
+
+
+def _targets(model: nn.Module, filter_fn):
+    out = []
+    for fqn, mod in model.named_modules():
+        if type(mod) is nn.Linear and (filter_fn is None or filter_fn(mod, fqn)):
+            out.append((fqn, mod))
+    return out
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sparsify_(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    pattern="unstructured",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    scope: str = "layer",
+) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` for a :class:`SparseLinear`, in place.
+
+    Args:
+        model: the model to modify.
+        sparsity: fraction of zeros in [0, 1) (or carried by ``pattern``).
+        pattern: a pattern object or shorthand (``"unstructured"``).
+        filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it is True are swapped.
+        scope: ``"layer"`` prunes each layer to ``sparsity``; ``"global"`` ranks magnitudes across
+            all swapped layers, so the total sparsity is ``sparsity`` and layers differ.
+
+    Returns:
+        ``model`` (or, if ``model`` is itself an ``nn.Linear``, its replacement).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ValueError: bad sparsity or scope.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    pat = as_pattern(pattern)
+    if sparsity is None:
+        sparsity = pat.sparsity
+    if sparsity is None:
+        raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or a pattern that carries one")
+    s = check_sparsity(sparsity)
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
+    targets = _targets(model, filter_fn)
+    if scope == "global":
+        masks = global_magnitude([m.weight for _, m in targets], s)
+    else:
+        masks = [magnitude(m.weight, s) for _, m in targets]
+    with torch.no_grad():
+        new = [SparseLinear.from_dense(m, mask=mk, pattern=pat) for (_, m), mk in zip(targets, masks)]
+    for (fqn, _), layer in zip(targets, new):
+        if fqn == "":
+            return layer
+        _replace(model, fqn, layer)
+    return model

@@ -1,0 +1,90 @@
+"""Autograd for the unstructured sparse linear layer (SparseProp-style backward).
+
+- forward: ``y = x Wᵀ + b`` by ``csr_dds``; it saves x and the index, nothing dense of size out x in.
+- dX: ``dy W`` by ``csr_dsd`` over the transposed index built with the format.
+- dW: ``csr_sdd`` writes only the stored values (an SDDMM); no dense gradient is formed.
+- db: a sum over rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops  # noqa: F401  (registers torch.ops.sparseops.*)
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):
+        return torch.ops.sparseops.csr_dds(x, values, crow, col, bias, out_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features, in_features = inputs
+        ctx.save_for_backward(x, values, crow, col, row, t_crow, t_row, t_perm)
+        ctx.has_bias = bias is not None
+        ctx.in_features = in_features
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values, crow, col, row, t_crow, t_row, t_perm = ctx.saved_tensors
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        dx = dv = db = None
+        if need_x:
+            dx = torch.ops.sparseops.csr_dsd(dy, values, t_crow, t_row, t_perm, ctx.in_features)
+        if need_v:
+            dv = torch.ops.sparseops.csr_sdd(dy, x, crow, col, row)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dv, db, None, None, None, None, None, None, None, None
+
+
+def check_input(x, in_features: int, values: Tensor) -> None:
+    """Raise a clear error for an input a layer of ``in_features`` with ``values`` cannot take.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or its dtype differs from the layer's.
+        ValueError: ``x`` has no dimensions, a wrong last dimension, or sits on another device.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"x: expected shape [*, in_features={in_features}], got a 0-d tensor")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dimension in_features={in_features}, got shape {tuple(x.shape)}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x: expected dtype {values.dtype} (the layer's dtype), got {x.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"x: expected device {values.device} (the layer's device), got {x.device}")
+
+
+def sparse_linear(x: Tensor, values: Tensor, index: dict, bias: Tensor | None, out_features: int, in_features: int):
+    """``x [*, in] -> [*, out]`` through a CSR weight, differentiable in x, values and bias.
+
+    Args:
+        x: ``[*, in]``.
+        values: ``[nnz]``.
+        index: the CSR index tensors by name (crow, col, row, t_crow, t_row, t_perm).
+        bias: ``[out]`` or None.
+
+    Returns:
+        ``[*, out]``.
+    """
+    check_input(x, in_features, values)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)  # [B, in]
+    y = SparseLinearFunction.apply(
+        x2,
+        values,
+        bias,
+        index["crow"],
+        index["col"],
+        index["row"],
+        index["t_crow"],
+        index["t_row"],
+        index["t_perm"],
+        out_features,
+        in_features,
+    )
+    return y.reshape(*lead, out_features)

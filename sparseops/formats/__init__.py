@@ -1,0 +1,5 @@
+"""Weight formats: plain containers of index tensors, with validation and dense round trips."""
+
+from .csr import INDEX_DTYPE, CSRWeight, validate_csr
+
+__all__ = ["INDEX_DTYPE", "CSRWeight", "validate_csr"]

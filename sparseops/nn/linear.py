@@ -1,0 +1,215 @@
+"""SparseLinear: a drop-in ``nn.Linear`` whose weight is stored sparse."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd import sparse_linear
+from ..formats import INDEX_DTYPE, CSRWeight
+from ..masks import magnitude
+from ..patterns import Unstructured, as_pattern, check_sparsity
+
+# crow/col are the checkpointed structure; the rest is derived and rebuilt on load
+_PERSISTENT = ("crow", "col")
+_DERIVED = ("row", "t_crow", "t_row", "t_perm")
+
+
+def _check_features(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name}: expected an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"{name}: expected >= 0, got {n}")
+    return n
+
+
+def _check_mask(mask, out_features: int, in_features: int, device) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != (out_features, in_features):
+        raise ValueError(f"mask: expected shape ({out_features}, {in_features}) = (out, in), got {tuple(mask.shape)}")
+    return mask.to(device)
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` sparse; behaves as ``nn.Linear`` does.
+
+    The trainable parameter is ``values [nnz]``, the stored weights; positions off the
+    mask are not stored and so stay exactly zero through training. ``crow``/``col`` are
+    buffers that ``state_dict`` round-trips (the transposed index is rebuilt on load).
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bias: as ``nn.Linear``.
+        sparsity: fraction of zeros in [0, 1); the weight is initialised as ``nn.Linear``
+            does and then magnitude-pruned to it.
+        mask: bool ``[out, in]``; fixes the pattern exactly (exclusive with ``sparsity``).
+        pattern: a pattern object or shorthand; ``"unstructured"`` (the default).
+        device, dtype: as ``nn.Linear``.
+
+    Raises:
+        TypeError, ValueError: bad sizes, sparsity, mask or pattern (the message names the argument).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        sparsity: float | None = None,
+        mask: Tensor | None = None,
+        pattern="unstructured",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features = _check_features("in_features", in_features)
+        self.out_features = _check_features("out_features", out_features)
+        self.pattern = as_pattern(pattern)
+        if sparsity is None:
+            sparsity = self.pattern.sparsity
+        if mask is not None and sparsity is not None:
+            raise ValueError("sparsity: give either sparsity= or mask=, not both")
+        if mask is None and sparsity is None:
+            raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or mask= to fix the pattern")
+        factory = {"device": device, "dtype": dtype}
+        weight = torch.empty(out_features, in_features, **factory)
+        # the same initialisation as nn.Linear.reset_parameters
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if mask is None:
+            mask = magnitude(weight, check_sparsity(sparsity))
+        else:
+            mask = _check_mask(mask, out_features, in_features, weight.device)
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self._pack(weight, mask)
+
+    def _pack(self, weight: Tensor, mask: Tensor) -> None:
+        fmt, values = CSRWeight.from_dense(weight.detach(), mask)
+        self._set_index(fmt)
+        self.values = nn.Parameter(values.clone())
+
+    def _set_index(self, fmt: CSRWeight) -> None:
+        for name in _PERSISTENT:
+            self.register_buffer(name, getattr(fmt, name), persistent=True)
+        for name in _DERIVED:
+            self.register_buffer(name, getattr(fmt, name), persistent=False)
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, sparsity: float | None = None, *, mask: Tensor | None = None, pattern="unstructured"
+    ) -> "SparseLinear":
+        """Sparsify a trained ``nn.Linear``: magnitude-prune to ``sparsity``, or keep ``mask``.
+
+        Returns:
+            a SparseLinear on the linear's device and dtype, holding its weights on the mask and its bias.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``; ValueError/TypeError: bad sparsity or mask.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        pat = as_pattern(pattern)
+        if sparsity is None:
+            sparsity = pat.sparsity
+        if mask is not None and sparsity is not None:
+            raise ValueError("sparsity: give either sparsity= or mask=, not both")
+        if mask is None and sparsity is None:
+            raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or mask= to fix the pattern")
+        w = linear.weight.detach()
+        mask = magnitude(w, check_sparsity(sparsity)) if mask is None else _check_mask(mask, *w.shape, w.device)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.pattern = pat
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        else:
+            layer.register_parameter("bias", None)
+        layer._pack(w, mask)
+        return layer
+
+    @property
+    def format(self) -> CSRWeight:
+        """The index as a :class:`~sparseops.formats.CSRWeight` (views of the buffers)."""
+        return CSRWeight(self.out_features, self.in_features, **self._index())
+
+    def _index(self) -> dict:
+        return {name: getattr(self, name) for name in _PERSISTENT + _DERIVED}
+
+    @property
+    def mask(self) -> Tensor:
+        """The bool pattern ``[out, in]``."""
+        return self.format.to_mask()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def sparsity(self) -> float:
+        total = self.out_features * self.in_features
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a dense ``[out, in]`` tensor, zeros off the mask (differentiable in ``values``)."""
+        return self.format.to_dense(self.values)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with this layer's weights (zeros off the mask) and bias."""
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(self.format.to_dense(self.values.detach()))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={self.pattern.name}, sparsity={self.sparsity:.4f}, nnz={self.nnz}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
+        values = state_dict.get(prefix + "values")
+        if crow is not None and col is not None:
+            # the structure comes from the checkpoint: rebuild the index, resize values, then load
+            try:
+                if crow.dtype != INDEX_DTYPE or col.dtype != INDEX_DTYPE:
+                    raise TypeError(f"crow/col: expected dtype {INDEX_DTYPE}, got {crow.dtype}/{col.dtype}")
+                if crow.dim() != 1 or crow.numel() != self.out_features + 1:
+                    raise ValueError(
+                        f"crow: checkpoint holds {crow.numel() - 1} output rows, this layer has "
+                        f"out_features={self.out_features}"
+                    )
+                if values is not None and values.shape != col.shape:
+                    raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values for {col.numel()} indices")
+                dev = self.crow.device
+                fmt = CSRWeight.from_crow_col(self.out_features, self.in_features, crow.to(dev), col.to(dev))
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {exc}")
+                return
+            self._set_index(fmt)
+            if self.values.shape != col.shape:
+                self.values.data = self.values.data.new_empty(col.shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

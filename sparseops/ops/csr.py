@@ -1,0 +1,157 @@
+"""torch.library ops for unstructured CSR weights: schema, device dispatch, fake impls.
+
+Each public op (``sparseops::csr_dds``, ``csr_dsd``, ``csr_sdd``) is a ``triton_op``: on CUDA
+its body calls the Triton launcher through ``wrap_triton``, so torch.compile sees the kernel;
+on every other device it calls a host op (``sparseops::csr_*_host``), an opaque custom op
+whose CPU kernel is the C++ extension (fp32) and whose default kernel is the pure-torch
+reference (other dtypes, other devices, or a build without C++).
+
+The ops are not differentiable by themselves: ``sparseops.autograd`` composes them into
+the forward and SparseProp-style backward of a sparse linear layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._cpp import _C
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _use_cpp(*tensors: Tensor) -> bool:
+    return _C is not None and all(t.dtype == torch.float32 for t in tensors)
+
+
+def _np(t: Tensor):
+    # zero-copy view; the binding reads strides, so only a dense-in-memory layout is required
+    return t.detach().numpy()
+
+
+# ---- host ops: cpu -> _C, anything else -> reference ----
+
+
+@torch.library.custom_op("sparseops::csr_dds_host", mutates_args=())
+def csr_dds_host(
+    x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int
+) -> Tensor:
+    return reference.csr_dds(x, values, crow, col, bias, out_features)
+
+
+@csr_dds_host.register_kernel("cpu")
+def _(x, values, crow, col, bias, out_features):
+    if not _use_cpp(x, values, *(() if bias is None else (bias,))):
+        return reference.csr_dds(x, values, crow, col, bias, out_features)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    b = None if bias is None else _np(bias.contiguous())
+    _C.csr_dds(_np(x), _np(values.contiguous()), _np(crow), _np(col), b, _np(y), _threads())
+    return y
+
+
+@csr_dds_host.register_fake
+def _(x, values, crow, col, bias, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("sparseops::csr_dsd_host", mutates_args=())
+def csr_dsd_host(
+    dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int
+) -> Tensor:
+    return reference.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+@csr_dsd_host.register_kernel("cpu")
+def _(dy, values, t_crow, t_row, t_perm, in_features):
+    if not _use_cpp(dy, values):
+        return reference.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    _C.csr_dsd(_np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx), _threads())
+    return dx
+
+
+@csr_dsd_host.register_fake
+def _(dy, values, t_crow, t_row, t_perm, in_features):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+@torch.library.custom_op("sparseops::csr_sdd_host", mutates_args=())
+def csr_sdd_host(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, row: Tensor) -> Tensor:
+    return reference.csr_sdd(dy, x, row, col)
+
+
+@csr_sdd_host.register_kernel("cpu")
+def _(dy, x, crow, col, row):
+    if not _use_cpp(dy, x):
+        return reference.csr_sdd(dy, x, row, col)
+    dv = torch.empty(col.shape[0], dtype=torch.float32)
+    _C.csr_sdd(_np(dy), _np(x), _np(crow), _np(col), _np(dv), _threads())
+    return dv
+
+
+@csr_sdd_host.register_fake
+def _(dy, x, crow, col, row):
+    return x.new_empty(col.shape[0])
+
+
+# ---- public ops: cuda -> triton, else -> host op ----
+
+
+@torch.library.triton_op("sparseops::csr_dds", mutates_args=())
+def csr_dds(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    """Forward ``y [B, out] = x [B, in] @ Wᵀ + bias`` for a CSR weight.
+
+    Args:
+        x: ``[B, in]``; values: ``[nnz]``; crow: ``[out+1]`` int32; col: ``[nnz]`` int32;
+        bias: ``[out]`` or None; out_features: ``out``.
+
+    Returns:
+        ``[B, out]`` in ``x.dtype`` (fp32 accumulation).
+    """
+    if x.device.type == "cuda":
+        from ..kernels import csr as K
+
+        return K.csr_dds(x, values, crow, col, bias, out_features)
+    return csr_dds_host(x, values, crow, col, bias, out_features)
+
+
+@torch.library.triton_op("sparseops::csr_dsd", mutates_args=())
+def csr_dsd(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
+    """Input gradient ``dx [B, in] = dy [B, out] @ W`` through the transposed index.
+
+    Args:
+        dy: ``[B, out]``; values: ``[nnz]``; t_crow: ``[in+1]``; t_row, t_perm: ``[nnz]`` (int32);
+        in_features: ``in``.
+
+    Returns:
+        ``[B, in]`` in ``dy.dtype``.
+    """
+    if dy.device.type == "cuda":
+        from ..kernels import csr as K
+
+        return K.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+    return csr_dsd_host(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+@torch.library.triton_op("sparseops::csr_sdd", mutates_args=())
+def csr_sdd(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, row: Tensor) -> Tensor:
+    """Weight gradient on the mask: ``dvalues[k] = sum_b dy[b, row[k]] * x[b, col[k]]``.
+
+    No dense ``[out, in]`` gradient is formed.
+
+    Args:
+        dy: ``[B, out]``; x: ``[B, in]``; crow: ``[out+1]``; col, row: ``[nnz]`` (int32).
+
+    Returns:
+        ``[nnz]`` in ``x.dtype``.
+    """
+    if x.device.type == "cuda":
+        from ..kernels import csr as K
+
+        return K.csr_sdd(dy, x, row, col)
+    return csr_sdd_host(dy, x, crow, col, row)
