@@ -1,0 +1,82 @@
+"""Print the ratio table of the CSR benchmarks: dense/sparse and anchor/sparseops, from one run.
+
+    python bench/ratio.py                  # runs bench_csr.py with pytest-benchmark, then prints
+    python bench/ratio.py --json run.json  # prints from an earlier --benchmark-json file
+    python bench/ratio.py -k "B256"        # passes -k through to pytest
+
+Ratios use the median time of each case. Every provider of a case runs back to back in the
+same pytest session, so the ratios compare like with like on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def run_suite(json_path: Path, keyword: str | None) -> None:
+    cmd = [sys.executable, "-m", "pytest", str(HERE / "bench_csr.py"), "--benchmark-only", "-q", "-p", "no:cacheprovider"]
+    cmd += [f"--benchmark-json={json_path}", "--benchmark-columns=median,iqr,rounds"]
+    if keyword:
+        cmd += ["-k", keyword]
+    subprocess.run(cmd, check=True, cwd=HERE)
+
+
+def load(json_path: Path):
+    data = json.loads(json_path.read_text())
+    table = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        key = (e["batch"], e["in_f"], e["out_f"], e["sparsity"], e["mode"])
+        table[key][e["provider"]] = b["stats"]["median"] * 1e3
+    return data.get("machine_info", {}), table
+
+
+def fmt_ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def render(machine, table) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    lines = [
+        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; times are medians (ms); "
+        "ratios > 1 mean the second provider is faster",
+        "",
+        "| B | in→out | sparsity | mode | dense ms | sparseops ms | dense/sparseops | dense/torch_sparse "
+        "| dense/sparseprop | sparseprop/sparseops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(table, key=lambda k: (k[4], k[1], k[0], k[3])):
+        b, i, o, s, mode = key
+        t = table[key]
+        d, so, ts, sp = t.get("dense"), t.get("sparseops"), t.get("torch_sparse"), t.get("sparseprop")
+        lines.append(
+            f"| {b} | {i}→{o} | {s} | {mode} | {d:.2f} | {so:.2f} | {fmt_ratio(d, so)} | {fmt_ratio(d, ts)} "
+            f"| {fmt_ratio(d, sp)} | {fmt_ratio(sp, so)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running the suite")
+    ap.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
+    ap.add_argument("--save", type=Path, help="also write the JSON of the run here")
+    args = ap.parse_args()
+    if args.json:
+        path = args.json
+    else:
+        path = args.save or Path(tempfile.mkdtemp()) / "bench_csr.json"
+        run_suite(path.resolve(), args.keyword)
+    print(render(*load(path)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""The one shape registry of the benchmarks: (batch, in, out) and sparsities.
+
+ANCHOR_SHAPES are the shapes of ../shared/ANCHORS.md, where SparseProp was measured.
+"""
+
+ANCHOR_SHAPES = [
+    (64, 1024, 1024),
+    (256, 1024, 1024),
+    (64, 4096, 4096),
+    (256, 4096, 4096),
+    (128, 512, 256),
+]
+SPARSITIES = [0.9, 0.95]
+# decode-style forward: one token
+DECODE_SHAPES = [(1, 4096, 4096)]
+DECODE_SPARSITIES = [0.9]
+
+
+def shape_id(batch: int, in_f: int, out_f: int, sparsity: float) -> str:
+    return f"B{batch}-in{in_f}-out{out_f}-sp{sparsity}"
