@@ -78,9 +78,12 @@ void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, i
   if (ptr[0] != 0 || ptr[n] != nnz)
     throw py::value_error(std::string(pname) + ": must start at 0 and end at nnz=" + std::to_string(nnz) +
                           ", got " + std::to_string(ptr[0]) + ".." + std::to_string(ptr[n]));
+  // the whole pointer array first: with 0 = ptr[0] <= ... <= ptr[n] = nnz, every segment lies inside idx
+  for (int64_t r = 0; r < n; ++r)
+    if (ptr[r + 1] < ptr[r])
+      throw py::value_error(std::string(pname) + ": must be non-decreasing (at " + std::to_string(r) + ")");
   for (int64_t r = 0; r < n; ++r) {
     const int64_t s = ptr[r], e = ptr[r + 1];
-    if (e < s) throw py::value_error(std::string(pname) + ": must be non-decreasing (at " + std::to_string(r) + ")");
     int64_t prev = -1;
     for (int64_t k = s; k < e; ++k) {
       const int64_t c = idx[k];
@@ -113,7 +116,7 @@ void csr_dds(const py::array& x, const py::array& values, const py::array& crow,
   if (!bias.is_none()) b = vector<float>(bias.cast<py::array>(), "bias", "float32", n);
   check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
   py::gil_scoped_release release;
-  sparseops::csr_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, ptr, idx, n, b, Y, threads(nthreads));
+  sparseops::csr_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ptr, idx, n, b, Y, threads(nthreads));
 }
 
 void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_crow, const py::array& t_row,
@@ -133,10 +136,7 @@ void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
       throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
                             " is outside [0, " + std::to_string(nnz) + ")");
   py::gil_scoped_release release;
-  const int nt = threads(nthreads);
-  std::vector<float> vt(static_cast<size_t>(nnz));
-  sparseops::gather_values(vals, perm, nnz, vt.data(), nt);
-  sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vt.data(), ptr, idx, n, nullptr, DX, nt);
+  sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vals, perm, ptr, idx, n, nullptr, DX, threads(nthreads));
 }
 
 void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, const py::array& col, py::array& dvals,

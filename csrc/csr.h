@@ -14,11 +14,12 @@ Isa active_isa();
 void set_isa(Isa isa);
 const char* isa_name(Isa isa);
 
-// y [B, n] = a [B, K] @ Mᵀ (+ bias [n]), where M [n, K] is CSR (vals, ptr [n+1], idx [nnz]).
-// a is read through strides (s0, s1); y is contiguous. dds is this with M = W; dsd is this
-// with M = Wᵀ (the transposed index and values gathered through t_perm).
-void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* ptr,
-              const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
+// y [B, n] = a [B, K] @ Mᵀ (+ bias [n]), where M [n, K] is CSR (ptr [n+1], idx [nnz]) with
+// values vals[perm[k]] (perm may be null: vals[k]). a is read through strides (s0, s1); y is
+// contiguous. dds is this with M = W; dsd is this with M = Wᵀ (the transposed index, perm =
+// t_perm): the kernel copies the values into its own layout anyway, so it gathers them there.
+void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+              const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
 
 // dvals [nnz] = sum_b dy[b, i] * x[b, col[k]] for each stored (i, col[k]); dy and x strided.
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
@@ -29,12 +30,12 @@ void gather_values(const float* vals, const int32_t* perm, int64_t nnz, float* o
 
 // per-isa entry points (csr_avx2.cpp, csr_portable.cpp)
 void csr_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
-                       const int32_t*, int64_t, const float*, float*, int);
+                       const int32_t*, const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                       const int32_t*, const int32_t*, float*, int);
 #if defined(SPARSEOPS_HAVE_AVX2)
 void csr_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const int32_t*,
-                   int64_t, const float*, float*, int);
+                   const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                   const int32_t*, const int32_t*, float*, int);
 #endif

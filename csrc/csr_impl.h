@@ -26,19 +26,13 @@ namespace detail {
 
 // per calling thread, so that concurrent calls from several python threads never share it.
 // inside a parallel region every omp thread gets its own, so slots used there (ACC, the
-// cursors) must differ from the ones the calling thread shares with its team (P, PX, COPY*).
-enum Slot { P = 0, PX = 1, COPY1 = 2, COPY2 = 3, ACC = 4, NSLOTS = 5 };
+// blocked index) must differ from the ones the calling thread shares with its team (P, PX, COPY*).
+enum Slot { P = 0, PX = 1, COPY1 = 2, COPY2 = 3, VALS = 4, ACC = 5, NSLOTS = 6 };
 inline float* scratch(int slot, size_t n) {
   thread_local std::vector<float> bufs[NSLOTS];
   if (bufs[slot].size() < n) bufs[slot].resize(n);
   return bufs[slot].data();
 }
-inline int32_t* cursors(size_t n) {
-  thread_local std::vector<int32_t> cur;
-  if (cur.size() < n) cur.resize(n);
-  return cur.data();
-}
-
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -72,98 +66,241 @@ inline void row_range(const int32_t* ptr, int64_t n, int tid, int nt, int64_t* r
   *r1 = tid == nt - 1 ? n : first_at(total * (tid + 1) / nt);
 }
 
-// A [B, K] (strides s0, s1) -> P [T][K][BT], zero padded past B
-template <int BT>
-void pack(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, float* p, int nthreads) {
+// one block of the pack: rows [k0, k1) of tile P_t = A[b0 .. b0+nb)ᵀ, zero padded to BT lanes.
+// contiguous rows go through 8x8 register transposes (8 loads + 8 stores of 8 floats)
+// instead of one strided scalar store per element.
+template <class V, int BT>
+void pack_block(const float* a, int64_t s0, int64_t s1, int64_t b0, int64_t nb, int64_t k0, int64_t k1, float* pt) {
+  int64_t l = 0;
+  if (s1 == 1) {
+    for (; l + 8 <= nb; l += 8) {
+      const float* ar = a + (b0 + l) * s0;
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        typename V::reg r[8];
+        for (int j = 0; j < 8; ++j) r[j] = V::load(ar + j * s0 + k);
+        V::transpose8(r);
+        for (int j = 0; j < 8; ++j) V::store(pt + (k + j) * BT + l, r[j]);
+      }
+      for (; k < k1; ++k)
+        for (int j = 0; j < 8; ++j) pt[k * BT + l + j] = ar[j * s0 + k];
+    }
+  }
+  for (; l < nb; ++l) {
+    const float* ar = a + (b0 + l) * s0;
+    for (int64_t k = k0; k < k1; ++k) pt[k * BT + l] = ar[k * s1];
+  }
+  for (l = nb; l < BT; ++l)
+    for (int64_t k = k0; k < k1; ++k) pt[k * BT + l] = 0.f;
+}
+
+// A [B, K] (strides s0, s1) -> P [T][K][BT]; call from inside a parallel region (work-shared)
+template <class V, int BT>
+void pack(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, float* p) {
   const int64_t T = (B + BT - 1) / BT;
   constexpr int64_t KB = 64;
   const int64_t nkb = (K + KB - 1) / KB;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+#pragma omp for schedule(static) collapse(2)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const int64_t k0 = kb * KB, k1 = std::min(K, k0 + KB);
-      float* pt = p + t * K * BT;
-      const int64_t nb = std::min<int64_t>(BT, B - t * BT);
-      for (int64_t l = 0; l < nb; ++l) {
-        const float* ar = a + (t * BT + l) * s0;
-        for (int64_t k = k0; k < k1; ++k) pt[k * BT + l] = ar[k * s1];
-      }
-      for (int64_t l = nb; l < BT; ++l)
-        for (int64_t k = k0; k < k1; ++k) pt[k * BT + l] = 0.f;
+      pack_block<V, BT>(a, s0, s1, t * BT, std::min<int64_t>(BT, B - t * BT), k0, k1, p + t * K * BT);
     }
   }
 }
 
-// y[b0 + l, i] = sum_k vals[k] * P[idx[k]][l] (+ bias[i]) for rows i in [r0, r1)
+// column blocking: a tile of P (K*BT floats, 512 KB at K=4096, BT=32) is swept in chunks of
+// CHUNK_BYTES, and rows in blocks of BLOCK_BYTES of accumulators, so that the chunk and the
+// block's accumulators stay in L2 together instead of every nonzero reading 4 random lines
+// of a tile that spills to L3.
+// NOTE: dds 4096x4096 B=256, 1 thread, ms at 90% / 95% (noisy shared machine, +-15%):
+// chunk 16K: 55/33, 32K: 47/29, 64K: 47/26, 128K: 51/26 (row blocks of 64K); unblocked 54/31.
+// smaller chunks lose at 95% because each (row, chunk) visit then has only a few nonzeros.
+constexpr int64_t CHUNK_BYTES = 65536;
+constexpr int64_t BLOCK_BYTES = 65536;
+// NOTE: 1024x1024 B=64 (tile 128 KB), 1 thread: blocked with 64K chunks 1.32/1.52/1.32 ms
+// dds/dsd/sdd vs 1.03/1.18/0.81 unblocked, so tiles up to this size are not blocked.
+constexpr int64_t SMALL_TILE_BYTES = 262144;
+inline int64_t chunk_rows(int BT) { return std::max<int64_t>(8, CHUNK_BYTES / (4 * BT)); }
+inline int64_t block_rows_count(int BT) { return std::max<int64_t>(8, BLOCK_BYTES / (4 * BT)); }
+
+// one thread's rows [r0, r1) of a CSR matrix, re-laid block- and chunk-major: local rows are
+// grouped in blocks of RB, and for the block starting at local row q (RBs rows), chunk c
+// (columns [c*KC, (c+1)*KC)) and local row r the nonzeros are idx/val[off[j] .. off[j + 1])
+// with j = q*nch + c*RBs + (r - q).
+// walking a chunk then streams idx/val/off sequentially; with the original row-major
+// order every (row, chunk) visit jumped to a new line and page of idx and vals.
+struct Blocked {
+  int64_t nch = 0, R = 0, RB = 0;
+  const int32_t* off = nullptr;
+  const int32_t* idx = nullptr;
+  const float* val = nullptr;   // only when built with vals
+  const int32_t* pos = nullptr; // position in the original CSR (want_pos, nch > 1; else the identity)
+};
+
+inline Blocked block_rows(const int32_t* ptr, const int32_t* idx, const float* vals, const int32_t* perm, int64_t r0,
+                          int64_t r1, int BT,
+                          int64_t KC, int64_t RB, int64_t K, bool want_pos) {
+  thread_local std::vector<int32_t> off, wp, bidx, bpos;
+  thread_local std::vector<float> bval;
+  Blocked b;
+  b.R = r1 - r0;
+  b.RB = RB;
+  // a tile that fits in half of L2 is not worth the copy: one chunk, the original order
+  b.nch = K * 4 * BT <= SMALL_TILE_BYTES ? 1 : std::max<int64_t>(1, (K + KC - 1) / KC);
+  const int64_t R = b.R, nch = b.nch, base = ptr[r0], nz = ptr[r1] - base;
+  off.assign(static_cast<size_t>(nch * R + 1), 0);
+  if (nch == 1) {
+    // one chunk: the row-major order already is chunk-major
+    for (int64_t r = 0; r <= R; ++r) off[r] = ptr[r0 + r] - static_cast<int32_t>(base);
+    b.off = off.data();
+    b.idx = idx + base;
+    b.val = vals ? vals + base : nullptr;
+    if (vals && perm) {
+      if (bval.size() < static_cast<size_t>(nz)) bval.resize(static_cast<size_t>(nz));
+      for (int64_t j = 0; j < nz; ++j) bval[j] = vals[perm[base + j]];
+      b.val = bval.data();
+    }
+    return b;
+  }
+  auto key = [&](int64_t r, int64_t c) {
+    const int64_t q = r - r % RB;
+    return q * nch + c * std::min(RB, R - q) + (r - q);
+  };
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = ptr[r0 + r]; k < ptr[r0 + r + 1]; ++k) ++off[key(r, idx[k] / KC) + 1];
+  for (int64_t j = 0; j < nch * R; ++j) off[j + 1] += off[j];
+  wp.assign(off.begin(), off.end() - 1);
+  if (bidx.size() < static_cast<size_t>(nz)) bidx.resize(static_cast<size_t>(nz));
+  if (vals && bval.size() < static_cast<size_t>(nz)) bval.resize(static_cast<size_t>(nz));
+  if (want_pos && bpos.size() < static_cast<size_t>(nz)) bpos.resize(static_cast<size_t>(nz));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = ptr[r0 + r]; k < ptr[r0 + r + 1]; ++k) {
+      const int32_t j = wp[key(r, idx[k] / KC)]++;
+      bidx[j] = idx[k];
+      if (vals) bval[j] = vals[perm ? perm[k] : k];
+      if (want_pos) bpos[j] = static_cast<int32_t>(k);
+    }
+  b.off = off.data();
+  b.idx = bidx.data();
+  b.val = vals ? bval.data() : nullptr;
+  b.pos = want_pos ? bpos.data() : nullptr;
+  return b;
+}
+
+// buf[r][l] = sum_k val[k] * P[idx[k]][l] over one packed tile, for the R local rows of m.
 template <class V, int NV>
-void rows_tile(const float* pt, const float* vals, const int32_t* ptr, const int32_t* idx, int64_t r0, int64_t r1,
-               const float* bias, float* y, int64_t ldy, int64_t nb) {
+void rows_tile(const float* pt, const Blocked& m, float* buf) {
   constexpr int BT = 8 * NV;
   // U independent accumulator sets keep 8 FMA chains in flight (latency 4 x 2 ports)
   constexpr int U = NV >= 8 ? 1 : 8 / NV;
-  alignas(32) float tmp[BT];
-  for (int64_t i = r0; i < r1; ++i) {
-    typename V::reg acc[U][NV];
-    for (int u = 0; u < U; ++u)
-      for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
-    int64_t k = ptr[i];
-    const int64_t e = ptr[i + 1];
-    for (; k + U <= e; k += U) {
-      for (int u = 0; u < U; ++u) {
-        const typename V::reg w = V::bcast(vals[k + u]);
-        const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
-        for (int v = 0; v < NV; ++v) acc[u][v] = V::fma(w, V::load(xr + 8 * v), acc[u][v]);
+  const int64_t R = m.R;
+  const int32_t* idx = m.idx;
+  const float* vals = m.val;
+  for (int64_t q = 0; q < R; q += m.RB) {
+  const int64_t RBs = std::min(m.RB, R - q);
+  for (int64_t c = 0; c < m.nch; ++c) {
+    const int32_t* oc = m.off + q * m.nch + c * RBs;
+    const bool first = c == 0;
+    for (int64_t r = 0; r < RBs; ++r) {
+      int64_t k = oc[r];
+      const int64_t e = oc[r + 1];
+      float* bi = buf + (q + r) * BT;
+      if (k == e) {
+        if (first)
+          for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, V::zero());
+        continue;
       }
+      typename V::reg acc[U][NV];
+      for (int v = 0; v < NV; ++v) acc[0][v] = first ? V::zero() : V::load(bi + 8 * v);
+      for (int u = 1; u < U; ++u)
+        for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
+      for (; k + U <= e; k += U) {
+        for (int u = 0; u < U; ++u) {
+          const typename V::reg w = V::bcast(vals[k + u]);
+          const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
+          for (int v = 0; v < NV; ++v) acc[u][v] = V::fma(w, V::load(xr + 8 * v), acc[u][v]);
+        }
+      }
+      for (; k < e; ++k) {
+        const typename V::reg w = V::bcast(vals[k]);
+        const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
+        for (int v = 0; v < NV; ++v) acc[0][v] = V::fma(w, V::load(xr + 8 * v), acc[0][v]);
+      }
+      for (int u = 1; u < U; ++u)
+        for (int v = 0; v < NV; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
+      for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, acc[0][v]);
     }
-    for (; k < e; ++k) {
-      const typename V::reg w = V::bcast(vals[k]);
-      const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
-      for (int v = 0; v < NV; ++v) acc[0][v] = V::fma(w, V::load(xr + 8 * v), acc[0][v]);
-    }
-    for (int u = 1; u < U; ++u)
-      for (int v = 0; v < NV; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
-    for (int v = 0; v < NV; ++v) V::store(tmp + 8 * v, acc[0][v]);
-    const float b = bias ? bias[i] : 0.f;
-    for (int64_t l = 0; l < nb; ++l) y[l * ldy + i] = tmp[l] + b;
+  }
   }
 }
 
-// dvals[k] (+)= sum_l DY[row i][l] * X[col k][l] over one tile, for rows [r0, r1)
+// y[l, i] = buf[i - r0][l] + bias[i] for lanes l < nb: 8 rows x 8 lanes at a time through a
+// register transpose, so y gets 8-wide stores along its rows instead of scalar strided ones
 template <class V, int NV>
-void sdd_tile(const float* dyt, const float* xt, const int32_t* ptr, const int32_t* col, int64_t r0, int64_t r1,
-              float* dv, bool first) {
+void store_tile(const float* buf, int64_t r0, int64_t r1, const float* bias, float* y, int64_t ldy, int64_t nb) {
+  constexpr int BT = 8 * NV;
+  int64_t i = r0;
+  for (; i + 8 <= r1; i += 8) {
+    const typename V::reg bv = bias ? V::load(bias + i) : V::zero();
+    for (int v = 0; v < NV && 8 * v < nb; ++v) {
+      typename V::reg r[8];
+      for (int j = 0; j < 8; ++j) r[j] = V::load(buf + (i - r0 + j) * BT + 8 * v);
+      V::transpose8(r);
+      const int lm = static_cast<int>(std::min<int64_t>(8, nb - 8 * v));
+      for (int m = 0; m < lm; ++m) V::store(y + (8 * v + m) * ldy + i, V::add(r[m], bv));
+    }
+  }
+  for (; i < r1; ++i) {
+    const float b = bias ? bias[i] : 0.f;
+    for (int64_t l = 0; l < nb; ++l) y[l * ldy + i] = buf[(i - r0) * BT + l] + b;
+  }
+}
+
+// bdv[j] (+)= sum_l DY[row of j][l] * X[idx[j]][l] over one tile, in the blocked order of m
+// (rows r0 + r), so that the partial sums are streamed sequentially as well
+template <class V, int NV>
+void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
   constexpr int BT = 8 * NV;
   alignas(32) float tmp[8];
-  for (int64_t i = r0; i < r1; ++i) {
-    int64_t k = ptr[i];
-    const int64_t e = ptr[i + 1];
-    if (k == e) continue;
-    typename V::reg d[NV];
-    for (int v = 0; v < NV; ++v) d[v] = V::load(dyt + i * BT + 8 * v);
-    typename V::reg a[8];
-    // 8 nonzeros at a time: 8 independent dot products, reduced together by one hadd tree
-    for (; k + 8 <= e; k += 8) {
-      for (int m = 0; m < 8; ++m) {
-        const float* xr = xt + static_cast<int64_t>(col[k + m]) * BT;
-        a[m] = V::fma(d[0], V::load(xr), V::zero());
-        for (int v = 1; v < NV; ++v) a[m] = V::fma(d[v], V::load(xr + 8 * v), a[m]);
-      }
-      typename V::reg s = V::hsum8(a);
-      if (!first) s = V::add(s, V::load(dv + k));
-      V::store(dv + k, s);
-    }
-    if (k < e) {
-      const int rem = static_cast<int>(e - k);
-      for (int m = 0; m < 8; ++m) {
-        a[m] = V::zero();
-        if (m < rem) {
-          const float* xr = xt + static_cast<int64_t>(col[k + m]) * BT;
-          for (int v = 0; v < NV; ++v) a[m] = V::fma(d[v], V::load(xr + 8 * v), a[m]);
+  const int64_t R = m.R;
+  const int32_t* col = m.idx;
+  for (int64_t q = 0; q < R; q += m.RB) {
+  const int64_t RBs = std::min(m.RB, R - q);
+  for (int64_t c = 0; c < m.nch; ++c) {
+    const int32_t* oc = m.off + q * m.nch + c * RBs;
+    for (int64_t r = 0; r < RBs; ++r) {
+      int64_t k = oc[r];
+      const int64_t e = oc[r + 1];
+      if (k == e) continue;
+      typename V::reg d[NV];
+      for (int v = 0; v < NV; ++v) d[v] = V::load(dyt + (r0 + q + r) * BT + 8 * v);
+      typename V::reg a[8];
+      // 8 nonzeros at a time: 8 independent dot products, reduced together by one hadd tree
+      for (; k + 8 <= e; k += 8) {
+        for (int j = 0; j < 8; ++j) {
+          const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+          a[j] = V::fma(d[0], V::load(xr), V::zero());
+          for (int v = 1; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
         }
+        typename V::reg s = V::hsum8(a);
+        if (!first) s = V::add(s, V::load(bdv + k));
+        V::store(bdv + k, s);
       }
-      V::store(tmp, V::hsum8(a));
-      for (int m = 0; m < rem; ++m) dv[k + m] = first ? tmp[m] : dv[k + m] + tmp[m];
+      if (k < e) {
+        const int rem = static_cast<int>(e - k);
+        for (int j = 0; j < 8; ++j) {
+          a[j] = V::zero();
+          if (j < rem) {
+            const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+            for (int v = 0; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
+          }
+        }
+        V::store(tmp, V::hsum8(a));
+        for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
+      }
     }
+  }
   }
 }
 
@@ -229,42 +366,50 @@ inline const float* contiguous(const float* a, int64_t B, int64_t K, int64_t s0,
 
 // the batch-major product shared by dds and dsd: y [B, n] from a [B, K] (strided) and CSR (vals, ptr, idx) [n, K]
 template <class V, int NV>
-void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
+void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
                  const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
   constexpr int BT = 8 * NV;
   const int64_t T = (B + BT - 1) / BT;
-  float* p = scratch(0, static_cast<size_t>(T * K * BT));
-  pack<BT>(a, B, K, s0, s1, p, nthreads);
+  float* p = scratch(P, static_cast<size_t>(T * K * BT));
 #pragma omp parallel num_threads(nthreads)
   {
     int64_t r0, r1;
     row_range(ptr, n, thread_id(), thread_count(), &r0, &r1);
+    const Blocked m = block_rows(ptr, idx, vals, perm, r0, r1, BT, chunk_rows(BT), block_rows_count(BT), K, false);
+    pack<V, BT>(a, B, K, s0, s1, p);
+    float* buf = scratch(ACC, static_cast<size_t>((r1 - r0) * BT));
     for (int64_t t = 0; t < T; ++t) {
       const int64_t nb = std::min<int64_t>(BT, B - t * BT);
-      rows_tile<V, NV>(p + t * K * BT, vals, ptr, idx, r0, r1, bias, y + t * BT * n, n, nb);
+      rows_tile<V, NV>(p + t * K * BT, m, buf);
+      store_tile<V, NV>(buf, r0, r1, bias, y + t * BT * n, n, nb);
     }
   }
 }
 
 template <class V>
-void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* ptr,
-          const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+          const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
   if (B < 8) {
-    const float* ac = contiguous(a, B, K, s0, s1, 1);
-    rows_gather<V>(ac, B, K, vals, ptr, idx, n, bias, y, n, nthreads);
+    const float* ac = contiguous(a, B, K, s0, s1, COPY1);
+    const float* v = vals;
+    if (perm) {
+      const int64_t nnz = ptr[n];
+      float* g = scratch(VALS, static_cast<size_t>(nnz));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+      for (int64_t k = 0; k < nnz; ++k) g[k] = vals[perm[k]];
+      v = g;
+    }
+    rows_gather<V>(ac, B, K, v, ptr, idx, n, bias, y, n, nthreads);
   } else if (B <= 8) {
-    spmm_packed<V, 1>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+    spmm_packed<V, 1>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
   } else if (B <= 16) {
-    spmm_packed<V, 2>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+    spmm_packed<V, 2>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
   } else if (B <= 24) {
-    spmm_packed<V, 3>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+    spmm_packed<V, 3>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
   } else {
-    const char* e = std::getenv("SPARSEOPS_NV");
-    int nv = e ? std::atoi(e) : 4;
-    if (nv == 1) spmm_packed<V, 1>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
-    else if (nv == 2) spmm_packed<V, 2>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
-    else if (nv == 8) spmm_packed<V, 8>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
-    else spmm_packed<V, 4>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+    // NOTE: 64 lanes (NV=8, half the tiles and index passes) measured 49.4/53.8 ms vs 49.2/49.5
+    // for 32 lanes on dds 4096x4096 B=256 90%, 1 thread (28.9/29.0 vs 27.6/27.5 at 95%): no gain.
+    spmm_packed<V, 4>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
   }
 }
 
@@ -273,16 +418,21 @@ void sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
                 int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dv, int nthreads) {
   constexpr int BT = 8 * NV;
   const int64_t T = (B + BT - 1) / BT;
-  float* pd = scratch(0, static_cast<size_t>(T * out * BT));
-  float* px = scratch(1, static_cast<size_t>(T * in * BT));
-  pack<BT>(dy, B, out, d0, d1, pd, nthreads);
-  pack<BT>(x, B, in, x0, x1, px, nthreads);
+  float* pd = scratch(P, static_cast<size_t>(T * out * BT));
+  float* px = scratch(PX, static_cast<size_t>(T * in * BT));
 #pragma omp parallel num_threads(nthreads)
   {
     int64_t r0, r1;
     row_range(crow, out, thread_id(), thread_count(), &r0, &r1);
-    for (int64_t t = 0; t < T; ++t)
-      sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, crow, col, r0, r1, dv, t == 0);
+    const Blocked m = block_rows(crow, col, nullptr, nullptr, r0, r1, BT, chunk_rows(BT), block_rows_count(BT), in, true);
+    pack<V, BT>(dy, B, out, d0, d1, pd);
+    pack<V, BT>(x, B, in, x0, x1, px);
+    const int64_t nz = crow[r1] - crow[r0];
+    // in the original order (one chunk) the partial sums go straight to dv
+    float* bdv = m.pos ? scratch(ACC, static_cast<size_t>(nz)) : dv + crow[r0];
+    for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, bdv, t == 0);
+    if (m.pos)
+      for (int64_t j = 0; j < nz; ++j) dv[m.pos[j]] = bdv[j];
   }
 }
 
@@ -293,8 +443,8 @@ void sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const 
   if (B == 0) {
     std::fill(dv, dv + nnz, 0.f);
   } else if (B < 8) {
-    const float* dyc = contiguous(dy, B, out, d0, d1, 1);
-    const float* xc = contiguous(x, B, in, x0, x1, 2);
+    const float* dyc = contiguous(dy, B, out, d0, d1, COPY1);
+    const float* xc = contiguous(x, B, in, x0, x1, COPY2);
     sdd_gather<V>(dyc, xc, B, out, in, crow, col, dv, nthreads);
   } else if (B <= 8) {
     sdd_packed<V, 1>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
@@ -311,9 +461,9 @@ void sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const 
 
 #define SPARSEOPS_CSR_INSTANTIATE(V, SUFFIX)                                                                      \
   void csr_spmm_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,        \
-                         const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y,         \
-                         int nthreads) {                                                                         \
-    detail::spmm<V>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);                                      \
+                         const int32_t* perm, const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, \
+                         float* y, int nthreads) {                                                               \
+    detail::spmm<V>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);                                \
   }                                                                                                              \
   void csr_sdd_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x,          \
                         int64_t in, int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dv,  \

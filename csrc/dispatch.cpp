@@ -42,12 +42,12 @@ void set_isa(Isa isa) {
 }
 const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "portable"; }
 
-void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* ptr,
-              const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+              const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)
-  if (active_isa() == Isa::avx2) return csr_spmm_avx2(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+  if (active_isa() == Isa::avx2) return csr_spmm_avx2(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
 #endif
-  csr_spmm_portable(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+  csr_spmm_portable(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
 }
 
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,

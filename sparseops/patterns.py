@@ -6,6 +6,7 @@ much of it, or exactly where. Strings are accepted as shorthand: ``"unstructured
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -40,7 +41,7 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
         TypeError: not a real number.
         ValueError: outside [0, 1) or NaN.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"{name}: expected a float in [0, 1), got {type(sparsity).__name__}")
     s = float(sparsity)
     if not (0.0 <= s < 1.0):

@@ -73,7 +73,8 @@ def sparse_linear(x: Tensor, values: Tensor, index: dict, bias: Tensor | None, o
     """
     check_input(x, in_features, values)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)  # [B, in]
+    # an explicit row count: reshape(-1, 0) is ambiguous when in_features == 0
+    x2 = x.reshape(lead.numel(), in_features)  # [B, in]
     y = SparseLinearFunction.apply(
         x2,
         values,

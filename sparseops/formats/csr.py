@@ -84,24 +84,7 @@ class CSRWeight:
         rows, cols = mask.nonzero(as_tuple=True)
         if rows.numel() > torch.iinfo(torch.int32).max:
             raise ValueError(f"mask: {rows.numel()} nonzeros exceed the int32 index limit")
-        counts = torch.bincount(rows, minlength=out_f)
-        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
-        crow[1:] = torch.cumsum(counts, 0)
-        # stable sort by column keeps rows ascending inside each column
-        order = torch.sort(cols, stable=True).indices
-        t_counts = torch.bincount(cols, minlength=in_f)
-        t_crow = torch.zeros(in_f + 1, dtype=torch.int64, device=dev)
-        t_crow[1:] = torch.cumsum(t_counts, 0)
-        return cls(
-            out_features=out_f,
-            in_features=in_f,
-            crow=crow.to(INDEX_DTYPE),
-            col=cols.to(INDEX_DTYPE),
-            row=rows.to(INDEX_DTYPE),
-            t_crow=t_crow.to(INDEX_DTYPE),
-            t_row=rows[order].to(INDEX_DTYPE),
-            t_perm=order.to(INDEX_DTYPE),
-        )
+        return cls._build(out_f, in_f, rows, cols)
 
     @classmethod
     def from_crow_col(cls, out_features: int, in_features: int, crow: torch.Tensor, col: torch.Tensor) -> "CSRWeight":
@@ -121,17 +104,25 @@ class CSRWeight:
         nnz = col.numel()
         _check_ptr("crow", crow, out_features, nnz)
         _check_idx("col", crow, col, in_features)
-        dev = col.device
-        counts = (crow.long()[1:] - crow.long()[:-1])
-        rows = torch.repeat_interleave(torch.arange(out_features, device=dev), counts, output_size=nnz)
-        order = torch.sort(col.long(), stable=True).indices
-        t_crow = torch.zeros(in_features + 1, dtype=torch.int64, device=dev)
-        t_crow[1:] = torch.cumsum(torch.bincount(col.long(), minlength=in_features), 0)
+        counts = crow.long()[1:] - crow.long()[:-1]
+        rows = torch.repeat_interleave(torch.arange(out_features, device=col.device), counts, output_size=nnz)
+        return cls._build(out_features, in_features, rows, col.long())
+
+    @classmethod
+    def _build(cls, out_f: int, in_f: int, rows: torch.Tensor, cols: torch.Tensor) -> "CSRWeight":
+        # rows, cols: int64 COO of the nonzeros in row-major order, columns sorted within a row
+        dev = cols.device
+        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_f), 0)
+        # stable sort by column keeps rows ascending inside each column
+        order = torch.sort(cols, stable=True).indices
+        t_crow = torch.zeros(in_f + 1, dtype=torch.int64, device=dev)
+        t_crow[1:] = torch.cumsum(torch.bincount(cols, minlength=in_f), 0)
         return cls(
-            out_features=out_features,
-            in_features=in_features,
-            crow=crow.clone(),
-            col=col.clone(),
+            out_features=out_f,
+            in_features=in_f,
+            crow=crow.to(INDEX_DTYPE),
+            col=cols.to(INDEX_DTYPE),
             row=rows.to(INDEX_DTYPE),
             t_crow=t_crow.to(INDEX_DTYPE),
             t_row=rows[order].to(INDEX_DTYPE),

@@ -13,6 +13,29 @@ def _n_keep(numel: int, sparsity: float) -> int:
     return numel - int(round(sparsity * numel))
 
 
+def _rank_dtype(*weights: torch.Tensor) -> torch.dtype:
+    # fp64 magnitudes are ranked in fp64: rounding them to fp32 would create ties that are not there
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+
+
+def _keep_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of the 1-D ``a``; ties at the threshold go to the lower index.
+
+    topk alone breaks ties in no particular order, so the entries equal to the k-th largest
+    value are filled in by index.
+    """
+    keep = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+    if k <= 0:
+        return keep
+    if k >= a.numel():
+        return keep.fill_(True)
+    thr = torch.topk(a, k, sorted=False).values.min()
+    keep = a > thr
+    need = k - int(keep.sum())
+    keep[(a == thr).nonzero().flatten()[:need]] = True
+    return keep
+
+
 def magnitude(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the largest-magnitude ``1 - sparsity`` fraction of ``weight``.
 
@@ -36,11 +59,7 @@ def magnitude(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     if torch.isnan(w).any():
         raise ValueError("weight: contains NaN; magnitudes cannot be ranked")
     k = _n_keep(w.numel(), s)
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    if k > 0:
-        idx = torch.topk(w.abs().flatten().float(), k, sorted=False).indices
-        mask[idx] = True
-    return mask.view(w.shape)
+    return _keep_largest(w.abs().flatten().to(_rank_dtype(w)), k).view(w.shape)
 
 
 def global_magnitude(weights: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -62,13 +81,12 @@ def global_magnitude(weights: Sequence[torch.Tensor], sparsity: float) -> list[t
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise TypeError(f"weights[{i}]: expected a floating-point torch.Tensor")
-    flat = torch.cat([w.detach().abs().flatten().float() for w in weights])
+    rank = _rank_dtype(*weights)
+    flat = torch.cat([w.detach().abs().flatten().to(rank) for w in weights])
     if torch.isnan(flat).any():
         raise ValueError("weights: contain NaN; magnitudes cannot be ranked")
     k = _n_keep(flat.numel(), s)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        keep[torch.topk(flat, k, sorted=False).indices] = True
+    keep = _keep_largest(flat, k)
     masks, start = [], 0
     for w in weights:
         m = keep[start : start + w.numel()].view(w.shape).clone()

@@ -98,6 +98,10 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(values.clone())
 
     def _set_index(self, fmt: CSRWeight) -> None:
+        # [out, in], checkpointed so that a weight of another shape cannot load silently
+        self.register_buffer(
+            "dense_shape", torch.tensor([fmt.out_features, fmt.in_features], dtype=torch.int64, device=fmt.device)
+        )
         for name in _PERSISTENT:
             self.register_buffer(name, getattr(fmt, name), persistent=True)
         for name in _DERIVED:
@@ -190,6 +194,14 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
         values = state_dict.get(prefix + "values")
+        shape = state_dict.get(prefix + "dense_shape")
+        if shape is not None and [int(v) for v in shape.tolist()] != [self.out_features, self.in_features]:
+            error_msgs.append(
+                f"While loading {prefix or 'SparseLinear'}: the checkpoint's weight is [out, in] = "
+                f"{[int(v) for v in shape.tolist()]}, this layer has out_features={self.out_features}, "
+                f"in_features={self.in_features}"
+            )
+            return
         if crow is not None and col is not None:
             # the structure comes from the checkpoint: rebuild the index, resize values, then load
             try:
