@@ -73,8 +73,37 @@ const T* vector(const py::array& a, const char* name, const char* dtype, int64_t
 
 // ptr [n+1] must run from 0 to nnz without decreasing; idx [nnz] must lie in [0, limit)
 // and increase strictly inside each segment. this is all the kernels index through.
+// branch-free scan that the compiler vectorises: the common (valid) case costs a fraction of a
+// cycle per index instead of three compare-and-branch per index.
+// NOTE: the branching loop alone was 26% of a batch-1 csr_dds call at 4096x4096 90% (perf), more
+// than the kernel.
+bool csr_valid(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, int64_t limit) {
+  if (limit > INT32_MAX) limit = INT32_MAX;
+  const uint32_t lim = static_cast<uint32_t>(limit);
+  uint32_t bad = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t s = ptr[r], e = ptr[r + 1];
+    if (e < s || e > nnz) return false;
+    if (s == e) continue;
+    bad |= static_cast<uint32_t>(idx[s]) >= lim;
+    for (int64_t k = s + 1; k < e; ++k)
+      bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) >= lim) | static_cast<uint32_t>(idx[k] <= idx[k - 1]);
+  }
+  return bad == 0;
+}
+
+bool indices_valid(const int32_t* idx, int64_t n, int64_t limit) {
+  if (limit > INT32_MAX) limit = INT32_MAX;
+  const uint32_t lim = static_cast<uint32_t>(limit);
+  uint32_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) >= lim);
+  return bad == 0;
+}
+
 void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, int64_t limit, const char* pname,
                const char* iname) {
+  if (ptr[0] == 0 && ptr[n] == nnz && csr_valid(ptr, n, idx, nnz, limit)) return;
+  // the slow path only runs to name the first offending entry
   if (ptr[0] != 0 || ptr[n] != nnz)
     throw py::value_error(std::string(pname) + ": must start at 0 and end at nnz=" + std::to_string(nnz) +
                           ", got " + std::to_string(ptr[0]) + ".." + std::to_string(ptr[n]));
@@ -131,10 +160,11 @@ void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
   const float* vals = vector<float>(values, "values", "float32", nnz);
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
   check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row");
-  for (int64_t k = 0; k < nnz; ++k)
-    if (perm[k] < 0 || perm[k] >= nnz)
-      throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
-                            " is outside [0, " + std::to_string(nnz) + ")");
+  if (!indices_valid(perm, nnz, nnz))
+    for (int64_t k = 0; k < nnz; ++k)
+      if (perm[k] < 0 || perm[k] >= nnz)
+        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                              " is outside [0, " + std::to_string(nnz) + ")");
   py::gil_scoped_release release;
   sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vals, perm, ptr, idx, n, nullptr, DX, threads(nthreads));
 }

@@ -3,15 +3,18 @@
 //
 // layout: for batches of 8 or more, activations are packed batch-major in tiles of
 // BT = 8*NV lanes, P[t][k][l] = A[t*BT + l][k] (zero padded), so every stored weight
-// drives NV contiguous FMAs over the batch (the SparseProp idea, tiled so that one
-// tile of the packed input, K*BT floats, stays in L2 while a thread sweeps its rows).
+// drives NV contiguous FMAs over the batch (the SparseProp idea). a tile of P, K*BT floats,
+// is swept in column chunks over row blocks (see CHUNK_BYTES), reading each thread's index
+// through a chunk-major copy made once per call (see Blocked), so that the random row reads
+// of P hit L2 and the index is streamed. the pack and the output store go through 8x8
+// register transposes. each op is one parallel region: a work-shared pack, one barrier,
+// then every thread owns a contiguous, nnz-balanced range of rows.
 // for batches under 8 the lanes would be mostly padding, so those use gathers instead.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <vector>
 
 #ifdef _OPENMP
@@ -198,40 +201,40 @@ void rows_tile(const float* pt, const Blocked& m, float* buf) {
   const int32_t* idx = m.idx;
   const float* vals = m.val;
   for (int64_t q = 0; q < R; q += m.RB) {
-  const int64_t RBs = std::min(m.RB, R - q);
-  for (int64_t c = 0; c < m.nch; ++c) {
-    const int32_t* oc = m.off + q * m.nch + c * RBs;
-    const bool first = c == 0;
-    for (int64_t r = 0; r < RBs; ++r) {
-      int64_t k = oc[r];
-      const int64_t e = oc[r + 1];
-      float* bi = buf + (q + r) * BT;
-      if (k == e) {
-        if (first)
-          for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, V::zero());
-        continue;
-      }
-      typename V::reg acc[U][NV];
-      for (int v = 0; v < NV; ++v) acc[0][v] = first ? V::zero() : V::load(bi + 8 * v);
-      for (int u = 1; u < U; ++u)
-        for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
-      for (; k + U <= e; k += U) {
-        for (int u = 0; u < U; ++u) {
-          const typename V::reg w = V::bcast(vals[k + u]);
-          const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
-          for (int v = 0; v < NV; ++v) acc[u][v] = V::fma(w, V::load(xr + 8 * v), acc[u][v]);
+    const int64_t RBs = std::min(m.RB, R - q);
+    for (int64_t c = 0; c < m.nch; ++c) {
+      const int32_t* oc = m.off + q * m.nch + c * RBs;
+      const bool first = c == 0;
+      for (int64_t r = 0; r < RBs; ++r) {
+        int64_t k = oc[r];
+        const int64_t e = oc[r + 1];
+        float* bi = buf + (q + r) * BT;
+        if (k == e) {
+          if (first)
+            for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, V::zero());
+          continue;
         }
+        typename V::reg acc[U][NV];
+        for (int v = 0; v < NV; ++v) acc[0][v] = first ? V::zero() : V::load(bi + 8 * v);
+        for (int u = 1; u < U; ++u)
+          for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
+        for (; k + U <= e; k += U) {
+          for (int u = 0; u < U; ++u) {
+            const typename V::reg w = V::bcast(vals[k + u]);
+            const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
+            for (int v = 0; v < NV; ++v) acc[u][v] = V::fma(w, V::load(xr + 8 * v), acc[u][v]);
+          }
+        }
+        for (; k < e; ++k) {
+          const typename V::reg w = V::bcast(vals[k]);
+          const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
+          for (int v = 0; v < NV; ++v) acc[0][v] = V::fma(w, V::load(xr + 8 * v), acc[0][v]);
+        }
+        for (int u = 1; u < U; ++u)
+          for (int v = 0; v < NV; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
+        for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, acc[0][v]);
       }
-      for (; k < e; ++k) {
-        const typename V::reg w = V::bcast(vals[k]);
-        const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
-        for (int v = 0; v < NV; ++v) acc[0][v] = V::fma(w, V::load(xr + 8 * v), acc[0][v]);
-      }
-      for (int u = 1; u < U; ++u)
-        for (int v = 0; v < NV; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
-      for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, acc[0][v]);
     }
-  }
   }
 }
 
@@ -266,41 +269,41 @@ void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, f
   const int64_t R = m.R;
   const int32_t* col = m.idx;
   for (int64_t q = 0; q < R; q += m.RB) {
-  const int64_t RBs = std::min(m.RB, R - q);
-  for (int64_t c = 0; c < m.nch; ++c) {
-    const int32_t* oc = m.off + q * m.nch + c * RBs;
-    for (int64_t r = 0; r < RBs; ++r) {
-      int64_t k = oc[r];
-      const int64_t e = oc[r + 1];
-      if (k == e) continue;
-      typename V::reg d[NV];
-      for (int v = 0; v < NV; ++v) d[v] = V::load(dyt + (r0 + q + r) * BT + 8 * v);
-      typename V::reg a[8];
-      // 8 nonzeros at a time: 8 independent dot products, reduced together by one hadd tree
-      for (; k + 8 <= e; k += 8) {
-        for (int j = 0; j < 8; ++j) {
-          const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-          a[j] = V::fma(d[0], V::load(xr), V::zero());
-          for (int v = 1; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
-        }
-        typename V::reg s = V::hsum8(a);
-        if (!first) s = V::add(s, V::load(bdv + k));
-        V::store(bdv + k, s);
-      }
-      if (k < e) {
-        const int rem = static_cast<int>(e - k);
-        for (int j = 0; j < 8; ++j) {
-          a[j] = V::zero();
-          if (j < rem) {
+    const int64_t RBs = std::min(m.RB, R - q);
+    for (int64_t c = 0; c < m.nch; ++c) {
+      const int32_t* oc = m.off + q * m.nch + c * RBs;
+      for (int64_t r = 0; r < RBs; ++r) {
+        int64_t k = oc[r];
+        const int64_t e = oc[r + 1];
+        if (k == e) continue;
+        typename V::reg d[NV];
+        for (int v = 0; v < NV; ++v) d[v] = V::load(dyt + (r0 + q + r) * BT + 8 * v);
+        typename V::reg a[8];
+        // 8 nonzeros at a time: 8 independent dot products, reduced together by one hadd tree
+        for (; k + 8 <= e; k += 8) {
+          for (int j = 0; j < 8; ++j) {
             const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-            for (int v = 0; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
+            a[j] = V::fma(d[0], V::load(xr), V::zero());
+            for (int v = 1; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
           }
+          typename V::reg s = V::hsum8(a);
+          if (!first) s = V::add(s, V::load(bdv + k));
+          V::store(bdv + k, s);
         }
-        V::store(tmp, V::hsum8(a));
-        for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
+        if (k < e) {
+          const int rem = static_cast<int>(e - k);
+          for (int j = 0; j < 8; ++j) {
+            a[j] = V::zero();
+            if (j < rem) {
+              const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+              for (int v = 0; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
+            }
+          }
+          V::store(tmp, V::hsum8(a));
+          for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
+        }
       }
     }
-  }
   }
 }
 

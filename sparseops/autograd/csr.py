@@ -11,20 +11,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops  # noqa: F401  (registers torch.ops.sparseops.*)
+from ..ops import csr as csr_ops
 
 
 class SparseLinearFunction(torch.autograd.Function):
+    # NOTE: the classic forward(ctx, ...) form on purpose: with a separate setup_context,
+    # Function.apply binds the signature through inspect on every call, ~100 us that a
+    # decode-sized product (a few us of kernel) cannot afford.
     @staticmethod
-    def forward(x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):
-        return torch.ops.sparseops.csr_dds(x, values, crow, col, bias, out_features)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features, in_features = inputs
+    def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):
         ctx.save_for_backward(x, values, crow, col, row, t_crow, t_row, t_perm)
         ctx.has_bias = bias is not None
         ctx.in_features = in_features
+        return csr_ops.dds(x, values, crow, col, bias, out_features)
 
     @staticmethod
     def backward(ctx, dy):
@@ -32,9 +31,9 @@ class SparseLinearFunction(torch.autograd.Function):
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None
         if need_x:
-            dx = torch.ops.sparseops.csr_dsd(dy, values, t_crow, t_row, t_perm, ctx.in_features)
+            dx = csr_ops.dsd(dy, values, t_crow, t_row, t_perm, ctx.in_features)
         if need_v:
-            dv = torch.ops.sparseops.csr_sdd(dy, x, crow, col, row)
+            dv = csr_ops.sdd(dy, x, crow, col, row)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         return dx, dv, db, None, None, None, None, None, None, None, None

@@ -4,7 +4,8 @@ Each public op (``sparseops::csr_dds``, ``csr_dsd``, ``csr_sdd``) is a ``triton_
 its body calls the Triton launcher through ``wrap_triton``, so torch.compile sees the kernel;
 on every other device it calls a host op (``sparseops::csr_*_host``), an opaque custom op
 whose CPU kernel is the C++ extension (fp32) and whose default kernel is the pure-torch
-reference (other dtypes, other devices, or a build without C++).
+reference (other dtypes, other devices, or a build without C++). In eager mode on CPU the
+public op dispatches to the C++ kernel directly.
 
 The ops are not differentiable by themselves: ``sparseops.autograd`` composes them into
 the forward and SparseProp-style backward of a sparse linear layer.
@@ -21,8 +22,14 @@ from .. import reference
 from .._cpp import _C
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+# NOTE: an openmp region costs a wake-up of every thread, and on a loaded 2-core machine one
+# thread can wait a whole scheduler slice: an 8x16x16 product took 8.5 ms with 2 threads and
+# 5 us with 1. below ~32k multiply-adds per thread the extra threads cannot pay for themselves.
+_MIN_WORK_PER_THREAD = 1 << 15
+
+
+def _threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
 
 
 def _use_cpp(*tensors: Tensor) -> bool:
@@ -45,12 +52,12 @@ def csr_dds_host(
 
 
 @csr_dds_host.register_kernel("cpu")
-def _(x, values, crow, col, bias, out_features):
+def _csr_dds_cpu(x, values, crow, col, bias, out_features):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         return reference.csr_dds(x, values, crow, col, bias, out_features)
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     b = None if bias is None else _np(bias.contiguous())
-    _C.csr_dds(_np(x), _np(values.contiguous()), _np(crow), _np(col), b, _np(y), _threads())
+    _C.csr_dds(_np(x), _np(values.contiguous()), _np(crow), _np(col), b, _np(y), _threads(x.shape[0] * col.shape[0]))
     return y
 
 
@@ -67,11 +74,13 @@ def csr_dsd_host(
 
 
 @csr_dsd_host.register_kernel("cpu")
-def _(dy, values, t_crow, t_row, t_perm, in_features):
+def _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
         return reference.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
     dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
-    _C.csr_dsd(_np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx), _threads())
+    _C.csr_dsd(
+        _np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx), _threads(dy.shape[0] * t_row.shape[0])
+    )
     return dx
 
 
@@ -86,11 +95,11 @@ def csr_sdd_host(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, row: Tensor) 
 
 
 @csr_sdd_host.register_kernel("cpu")
-def _(dy, x, crow, col, row):
+def _csr_sdd_cpu(dy, x, crow, col, row):
     if not _use_cpp(dy, x):
         return reference.csr_sdd(dy, x, row, col)
     dv = torch.empty(col.shape[0], dtype=torch.float32)
-    _C.csr_sdd(_np(dy), _np(x), _np(crow), _np(col), _np(dv), _threads())
+    _C.csr_sdd(_np(dy), _np(x), _np(crow), _np(col), _np(dv), _threads(x.shape[0] * col.shape[0]))
     return dv
 
 
@@ -155,3 +164,43 @@ def csr_sdd(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, row: Tensor) -> Te
 
         return K.csr_sdd(dy, x, row, col)
     return csr_sdd_host(dy, x, crow, col, row)
+
+
+# NOTE: eager cpu calls go straight to the c++ kernels: through the triton_op body and the
+# host op they paid two python custom-op dispatches (~0.1 ms a call, measured on 8x16x16),
+# which dominates decode-sized calls. under torch.compile the triton_op still decomposes into
+# its body, where the host op is the opaque cpu node.
+csr_dds.register_kernel("cpu")(_csr_dds_cpu)
+csr_dsd.register_kernel("cpu")(_csr_dsd_cpu)
+csr_sdd.register_kernel("cpu")(_csr_sdd_cpu)
+
+
+# ---- eager entry points for the autograd layer ----
+# NOTE: torch's custom-op wrapper binds the python signature on every call (~50 us); eager cpu
+# calls skip it and run the very kernel function registered above. anything traced
+# (torch.compile, export) or on another device goes through torch.ops.sparseops.
+
+
+def _eager_cpu(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def dds(x, values, crow, col, bias, out_features: int) -> Tensor:
+    """``csr_dds`` for the autograd layer (see :func:`csr_dds`)."""
+    if _eager_cpu(x):
+        return _csr_dds_cpu(x, values, crow, col, bias, out_features)
+    return torch.ops.sparseops.csr_dds(x, values, crow, col, bias, out_features)
+
+
+def dsd(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
+    """``csr_dsd`` for the autograd layer (see :func:`csr_dsd`)."""
+    if _eager_cpu(dy):
+        return _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features)
+    return torch.ops.sparseops.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+def sdd(dy, x, crow, col, row) -> Tensor:
+    """``csr_sdd`` for the autograd layer (see :func:`csr_sdd`)."""
+    if _eager_cpu(x):
+        return _csr_sdd_cpu(dy, x, crow, col, row)
+    return torch.ops.sparseops.csr_sdd(dy, x, crow, col, row)
