@@ -15,6 +15,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <vector>
 
 #ifdef _OPENMP
@@ -31,10 +35,44 @@ namespace detail {
 // inside a parallel region every omp thread gets its own, so slots used there (ACC, the
 // blocked index) must differ from the ones the calling thread shares with its team (P, PX, COPY*).
 enum Slot { P = 0, PX = 1, COPY1 = 2, COPY2 = 3, VALS = 4, ACC = 5, NSLOTS = 6 };
+// a grow-only buffer. 64-byte aligned so that a packed row of 32 lanes (128 bytes) spans two
+// cache lines, not three; buffers of 2 MB and more are 2 MB aligned and advised onto
+// transparent huge pages, because the kernels read random rows of them.
+// NOTE: a standalone loop of the dds inner kernel over one 512 KB packed tile (4096 rows x 410
+// nonzeros x 32 lanes, 1 thread) ran at 17-20 GF/s from a std::vector (16 bytes past a page
+// boundary), 24-29 GF/s 64-byte aligned and 30 GF/s aligned on huge pages.
+class AlignedBuffer {
+ public:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(ptr_); }
+  void* get(size_t bytes) {
+    if (bytes > cap_) {
+      std::free(ptr_);
+      ptr_ = nullptr;
+      cap_ = 0;
+      const size_t align = bytes >= kHuge ? kHuge : 64;
+      const size_t rounded = (bytes + align - 1) / align * align;
+      ptr_ = std::aligned_alloc(align, rounded);
+      if (!ptr_) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (align == kHuge) madvise(ptr_, rounded, MADV_HUGEPAGE);
+#endif
+      cap_ = rounded;
+    }
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t cap_ = 0;
+};
+
 inline float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> bufs[NSLOTS];
-  if (bufs[slot].size() < n) bufs[slot].resize(n);
-  return bufs[slot].data();
+  thread_local AlignedBuffer bufs[NSLOTS];
+  return static_cast<float*>(bufs[slot].get(n * sizeof(float)));
 }
 inline int thread_id() {
 #ifdef _OPENMP
@@ -124,6 +162,11 @@ constexpr int64_t BLOCK_BYTES = 65536;
 // NOTE: 1024x1024 B=64 (tile 128 KB), 1 thread: blocked with 64K chunks 1.32/1.52/1.32 ms
 // dds/dsd/sdd vs 1.03/1.18/0.81 unblocked, so tiles up to this size are not blocked.
 constexpr int64_t SMALL_TILE_BYTES = 262144;
+// NOTE: 4096x4096, 1 thread, 90%, ms dds/dsd/sdd blocked vs unblocked: B=64 (2 tiles) 17.5/21.9/19.1
+// vs 13.1/22.2/9.0; B=128 (4 tiles) 26.8/33.3/33.7 vs 26.3/29.4/25.2; B=256 (8 tiles) 36.2/46.0/53.3
+// vs 46.1/59.0/55.0. the per-call copy needs many tiles to pay off, and sdd (which must also
+// scatter its blocked partial sums back) never gains enough, so it always runs unblocked.
+constexpr int64_t MIN_TILES = 8;
 inline int64_t chunk_rows(int BT) { return std::max<int64_t>(8, CHUNK_BYTES / (4 * BT)); }
 inline int64_t block_rows_count(int BT) { return std::max<int64_t>(8, BLOCK_BYTES / (4 * BT)); }
 
@@ -138,19 +181,19 @@ struct Blocked {
   const int32_t* off = nullptr;
   const int32_t* idx = nullptr;
   const float* val = nullptr;   // only when built with vals
-  const int32_t* pos = nullptr; // position in the original CSR (want_pos, nch > 1; else the identity)
 };
 
 inline Blocked block_rows(const int32_t* ptr, const int32_t* idx, const float* vals, const int32_t* perm, int64_t r0,
-                          int64_t r1, int BT,
-                          int64_t KC, int64_t RB, int64_t K, bool want_pos) {
-  thread_local std::vector<int32_t> off, wp, bidx, bpos;
+                          int64_t r1, int BT, int64_t T, bool allow_split,
+                          int64_t KC, int64_t RB, int64_t K) {
+  thread_local std::vector<int32_t> off, wp, bidx;
   thread_local std::vector<float> bval;
   Blocked b;
   b.R = r1 - r0;
   b.RB = RB;
-  // a tile that fits in half of L2 is not worth the copy: one chunk, the original order
-  b.nch = K * 4 * BT <= SMALL_TILE_BYTES ? 1 : std::max<int64_t>(1, (K + KC - 1) / KC);
+  // a tile that fits in half of L2, or too few tiles to pay for the copy: one chunk, the original order
+  const bool split = allow_split && K * 4 * BT > SMALL_TILE_BYTES && T >= MIN_TILES;
+  b.nch = split ? std::max<int64_t>(1, (K + KC - 1) / KC) : 1;
   const int64_t R = b.R, nch = b.nch, base = ptr[r0], nz = ptr[r1] - base;
   off.assign(static_cast<size_t>(nch * R + 1), 0);
   if (nch == 1) {
@@ -176,18 +219,15 @@ inline Blocked block_rows(const int32_t* ptr, const int32_t* idx, const float* v
   wp.assign(off.begin(), off.end() - 1);
   if (bidx.size() < static_cast<size_t>(nz)) bidx.resize(static_cast<size_t>(nz));
   if (vals && bval.size() < static_cast<size_t>(nz)) bval.resize(static_cast<size_t>(nz));
-  if (want_pos && bpos.size() < static_cast<size_t>(nz)) bpos.resize(static_cast<size_t>(nz));
   for (int64_t r = 0; r < R; ++r)
     for (int64_t k = ptr[r0 + r]; k < ptr[r0 + r + 1]; ++k) {
       const int32_t j = wp[key(r, idx[k] / KC)]++;
       bidx[j] = idx[k];
       if (vals) bval[j] = vals[perm ? perm[k] : k];
-      if (want_pos) bpos[j] = static_cast<int32_t>(k);
     }
   b.off = off.data();
   b.idx = bidx.data();
   b.val = vals ? bval.data() : nullptr;
-  b.pos = want_pos ? bpos.data() : nullptr;
   return b;
 }
 
@@ -261,7 +301,7 @@ void store_tile(const float* buf, int64_t r0, int64_t r1, const float* bias, flo
 }
 
 // bdv[j] (+)= sum_l DY[row of j][l] * X[idx[j]][l] over one tile, in the blocked order of m
-// (rows r0 + r), so that the partial sums are streamed sequentially as well
+// (rows r0 + r); bdv is indexed like m.idx
 template <class V, int NV>
 void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
   constexpr int BT = 8 * NV;
@@ -378,7 +418,7 @@ void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, c
   {
     int64_t r0, r1;
     row_range(ptr, n, thread_id(), thread_count(), &r0, &r1);
-    const Blocked m = block_rows(ptr, idx, vals, perm, r0, r1, BT, chunk_rows(BT), block_rows_count(BT), K, false);
+    const Blocked m = block_rows(ptr, idx, vals, perm, r0, r1, BT, T, true, chunk_rows(BT), block_rows_count(BT), K);
     pack<V, BT>(a, B, K, s0, s1, p);
     float* buf = scratch(ACC, static_cast<size_t>((r1 - r0) * BT));
     for (int64_t t = 0; t < T; ++t) {
@@ -427,15 +467,12 @@ void sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
   {
     int64_t r0, r1;
     row_range(crow, out, thread_id(), thread_count(), &r0, &r1);
-    const Blocked m = block_rows(crow, col, nullptr, nullptr, r0, r1, BT, chunk_rows(BT), block_rows_count(BT), in, true);
+    const Blocked m = block_rows(crow, col, nullptr, nullptr, r0, r1, BT, T, false, chunk_rows(BT), block_rows_count(BT), in);
     pack<V, BT>(dy, B, out, d0, d1, pd);
     pack<V, BT>(x, B, in, x0, x1, px);
-    const int64_t nz = crow[r1] - crow[r0];
-    // in the original order (one chunk) the partial sums go straight to dv
-    float* bdv = m.pos ? scratch(ACC, static_cast<size_t>(nz)) : dv + crow[r0];
-    for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, bdv, t == 0);
-    if (m.pos)
-      for (int64_t j = 0; j < nz; ++j) dv[m.pos[j]] = bdv[j];
+    // unblocked (see MIN_TILES): m keeps the original order, so the partial sums go straight to dv
+    for (int64_t t = 0; t < T; ++t)
+      sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, dv + crow[r0], t == 0);
   }
 }
 
