@@ -6,7 +6,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.fl
 
 
 def assert_close_rms(actual: torch.Tensor, expected: torch.Tensor, dtype=None, tol=None, name="output"):
-    """Assert ``rms(actual - expected) / rms(expected) <= tol``; NaN positions must match.
+    """Assert ``rms(actual - expected) / rms(expected) <= tol`` over finite entries; NaN and ±Inf positions must match.
 
     Reports the worst index and any NaN mismatch.
     """
@@ -22,7 +22,13 @@ def assert_close_rms(actual: torch.Tensor, expected: torch.Tensor, dtype=None, t
             f"{name}: NaN mismatch at {idx} (actual {a[tuple(idx)].item()}, expected {e[tuple(idx)].item()}); "
             f"{int((nan_a & ~nan_e).sum())} unexpected NaN, {int((~nan_a & nan_e).sum())} missing NaN"
         )
-    fin = ~nan_e
+    inf_e = torch.isinf(e)
+    if not torch.equal(torch.isinf(a), inf_e) or not torch.equal(a[inf_e], e[inf_e]):
+        idx = ((torch.isinf(a) != inf_e) | ((a != e) & inf_e)).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: Inf mismatch at {idx} (actual {a[tuple(idx)].item()}, expected {e[tuple(idx)].item()})"
+        )
+    fin = ~nan_e & ~inf_e
     if not fin.any():
         return
     diff = (a - e)[fin]
@@ -31,7 +37,7 @@ def assert_close_rms(actual: torch.Tensor, expected: torch.Tensor, dtype=None, t
     err = diff.pow(2).mean().sqrt().item()
     rel = err / denom if denom > 0 else err
     if not rel <= tol:
-        full = (a - e).abs().nan_to_num(0.0)
+        full = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
         worst = full.flatten().argmax().item()
         widx = list(torch.unravel_index(torch.tensor(worst), a.shape))
         widx = [int(i) for i in widx]

@@ -594,3 +594,48 @@ def test_csr_weight_validate_rejects_malformed_index(name, exc, make):
     bad = make(f)
     with pytest.raises(exc, match=rf"^{name}:"):
         bad.validate()
+
+
+# ---- NaN and Inf: they propagate through every stored weight, as the same sums do in dense ----
+
+
+@pytest.mark.parametrize("batch", [pytest.param(3, id="B3-gather"), pytest.param(37, id="B37-packed")])
+def test_csr_ops_propagate_nan_and_inf(isa, batch):
+    in_f, out_f = 40, 23
+    mask = torch.rand(out_f, in_f) < 0.5
+    mask[:, 7] = True  # every output reads input column 7
+    mask[:, 11] = False  # no output reads input column 11
+    w = torch.randn(out_f, in_f) * mask
+    fmt, values = CSRWeight.from_dense(w, mask)
+    x = torch.randn(batch, in_f)
+    x[0, 7] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, 11] = float("nan")  # meets no stored weight, so it reaches no output
+    dy = torch.randn(batch, out_f)
+    dy[1, 4] = float("inf")
+    values[0] = float("nan")
+    y = ops_csr.csr_dds(x, values, fmt.crow, fmt.col, None, out_f)
+    dx = ops_csr.csr_dsd(dy, values, fmt.t_crow, fmt.t_row, fmt.t_perm, in_f)
+    dv = ops_csr.csr_sdd(dy, x, fmt.crow, fmt.col, fmt.row)
+    # the oracle: the same sums over the stored weights, in fp64, written out by hand
+    wd = fmt.to_dense(values.double())
+    stored = fmt.to_mask()
+    y_ref = torch.stack([
+        torch.stack([(wd[i][stored[i]] * x.double()[b][stored[i]]).sum() for i in range(out_f)]) for b in range(batch)
+    ])
+    dx_ref = torch.stack([
+        torch.stack([(wd[:, j][stored[:, j]] * dy.double()[b][stored[:, j]]).sum() for j in range(in_f)])
+        for b in range(batch)
+    ])
+    r, c = fmt.row.long(), fmt.col.long()
+    dv_ref = (dy.double()[:, r] * x.double()[:, c]).sum(0)
+    # a NaN input meeting stored weights, and a NaN stored weight, poison what they touch
+    assert torch.isnan(y[0]).all() and torch.isnan(y[:, fmt.row[0].long()]).all()
+    assert torch.isnan(dx[:, fmt.col[0].long()]).all()
+    # the NaN in column 11 meets no stored weight
+    others = torch.ones(out_f, dtype=torch.bool)
+    others[fmt.row[0].long()] = False
+    assert torch.isfinite(y[2, others]).all()
+    assert_close_rms(y, y_ref, torch.float32, name="y")
+    assert_close_rms(dx, dx_ref, torch.float32, name="dx")
+    assert_close_rms(dv, dv_ref, torch.float32, name="dvalues")
