@@ -14,7 +14,7 @@ from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
 from .api import sparsify_
 from .nn import SparseLinear
-from .patterns import Unstructured
+from .patterns import NM, FanIn, Unstructured
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,8 @@ __all__ = [
     "SparseLinear",
     "sparsify_",
     "Unstructured",
+    "NM",
+    "FanIn",
     "masks",
     "formats",
     "patterns",

@@ -7,9 +7,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .masks import global_magnitude, magnitude
+from .masks import for_pattern, global_magnitude
 from .nn import SparseLinear
-from .patterns import as_pattern, check_sparsity
+from .patterns import Unstructured, as_pattern, check_sparsity
 
 
 def _targets(model: nn.Module, filter_fn):
@@ -38,8 +38,9 @@ def sparsify_(
 
     Args:
         model: the model to modify.
-        sparsity: fraction of zeros in [0, 1) (or carried by ``pattern``).
-        pattern: a pattern object or shorthand (``"unstructured"``).
+        sparsity: fraction of zeros in [0, 1) for the unstructured pattern (or carried by it);
+            N:M and fan-in fix their own.
+        pattern: ``"unstructured"``, ``NM(n, m)`` / ``"n:m"``, or ``FanIn(k)``.
         filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it is True are swapped.
         scope: ``"layer"`` prunes each layer to ``sparsity``; ``"global"`` ranks magnitudes across
             all swapped layers, so the total sparsity is ``sparsity`` and layers differ.
@@ -53,18 +54,23 @@ def sparsify_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     pat = as_pattern(pattern)
-    if sparsity is None:
-        sparsity = pat.sparsity
-    if sparsity is None:
-        raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or a pattern that carries one")
-    s = check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
+    if isinstance(pat, Unstructured):
+        if sparsity is None:
+            sparsity = pat.sparsity
+        if sparsity is None:
+            raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or a pattern that carries one")
+        check_sparsity(sparsity)
+    elif scope == "global":
+        raise ValueError(
+            f"scope: 'global' ranks magnitudes across layers, which only the unstructured pattern allows, not {pat.name}"
+        )
     targets = _targets(model, filter_fn)
     if scope == "global":
-        masks = global_magnitude([m.weight for _, m in targets], s)
+        masks = global_magnitude([m.weight for _, m in targets], sparsity)
     else:
-        masks = [magnitude(m.weight, s) for _, m in targets]
+        masks = [for_pattern(pat, m.weight.detach(), sparsity) for _, m in targets]
     with torch.no_grad():
         new = [SparseLinear.from_dense(m, mask=mk, pattern=pat) for (_, m), mk in zip(targets, masks)]
     for (fqn, _), layer in zip(targets, new):

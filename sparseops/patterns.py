@@ -1,13 +1,15 @@
 """Sparsity patterns: small frozen config objects.
 
 A pattern says *which* structure a sparse weight has; ``sparsity=`` or ``mask=`` says how
-much of it, or exactly where. Strings are accepted as shorthand: ``"unstructured"``.
+much of it, or exactly where. Strings are accepted as shorthand: ``"unstructured"``,
+``"2:4"`` (``NM(2, 4)``). N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``).
 """
 
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Union
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,64 @@ class Unstructured:
         return "unstructured"
 
 
-Pattern = Unstructured
+@dataclass(frozen=True)
+class NM:
+    """At most ``n`` nonzeros in every ``m`` consecutive weights of a row (along the input dim).
+
+    Args:
+        n, m: ``1 <= n < m <= 16``.
+        transposable: also N:M along columns (BDWP), so that the input gradient runs on an
+            N:M weight too.
+    """
+
+    n: int
+    m: int
+    transposable: bool = False
+
+    def __post_init__(self):
+        for name in ("n", "m"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if not (1 <= self.n < self.m <= 16):
+            raise ValueError(f"n: expected 1 <= n < m <= 16, got n={self.n}, m={self.m}")
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}" + ("T" if self.transposable else "")
+
+
+@dataclass(frozen=True)
+class FanIn:
+    """Exactly ``k`` nonzeros in every output row (SRigL's constant fan-in).
+
+    Args:
+        k: nonzeros per row, ``1 <= k <= in_features``.
+    """
+
+    k: int
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"k: expected an int, got {type(self.k).__name__}")
+        if self.k < 1:
+            raise ValueError(f"k: expected >= 1, got {self.k}")
+
+    @property
+    def sparsity(self) -> None:
+        # depends on in_features; see sparsity_for
+        return None
+
+    @property
+    def name(self) -> str:
+        return f"fanin{self.k}"
+
+
+Pattern = Union[Unstructured, NM, FanIn]
 
 _SHORTHANDS = {"unstructured": Unstructured, "csr": Unstructured}
 
@@ -56,11 +115,16 @@ def as_pattern(pattern) -> Pattern:
         ValueError: an unknown shorthand.
         TypeError: neither a pattern nor a string.
     """
-    if isinstance(pattern, Unstructured):
+    if isinstance(pattern, (Unstructured, NM, FanIn)):
         return pattern
     if isinstance(pattern, str):
         key = pattern.strip().lower()
         if key in _SHORTHANDS:
             return _SHORTHANDS[key]()
-        raise ValueError(f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)}")
+        parts = key.split(":")
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            return NM(int(parts[0]), int(parts[1]))
+        raise ValueError(
+            f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)} or 'N:M' such as '2:4'"
+        )
     raise TypeError(f"pattern: expected a pattern object or a string, got {type(pattern).__name__}")

@@ -155,7 +155,7 @@ def test_sparse_linear_rejects_bad_mask(make_mask, exc, match):
 @pytest.mark.parametrize(
     "pattern,exc",
     [
-        pytest.param("2:3", ValueError, id="unknown-string"),
+        pytest.param("blocky", ValueError, id="unknown-string"),
         pytest.param("dense", ValueError, id="dense"),
         pytest.param(3, TypeError, id="int"),
         pytest.param(None, TypeError, id="None"),

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..autograd import sparse_linear
 from ..formats import INDEX_DTYPE, CSRWeight
-from ..masks import magnitude
-from ..patterns import Unstructured, as_pattern, check_sparsity
+from ..masks import for_pattern
+from ..patterns import as_pattern
 
 # crow/col are the checkpointed structure; the rest is derived and rebuilt on load
 _PERSISTENT = ("crow", "col")
@@ -46,9 +46,11 @@ class SparseLinear(nn.Module):
         in_features, out_features: as ``nn.Linear``.
         bias: as ``nn.Linear``.
         sparsity: fraction of zeros in [0, 1); the weight is initialised as ``nn.Linear``
-            does and then magnitude-pruned to it.
-        mask: bool ``[out, in]``; fixes the pattern exactly (exclusive with ``sparsity``).
-        pattern: a pattern object or shorthand; ``"unstructured"`` (the default).
+            does and then magnitude-pruned to it (unstructured; N:M and fan-in fix their own).
+        mask: bool ``[out, in]``; fixes the pattern exactly (exclusive with ``sparsity``), and
+            must satisfy ``pattern``.
+        pattern: ``"unstructured"`` (the default), ``NM(n, m, transposable=False)`` or ``"n:m"``,
+            or ``FanIn(k)``. Every pattern is stored as CSR for now.
         device, dtype: as ``nn.Linear``.
 
     Raises:
@@ -71,20 +73,13 @@ class SparseLinear(nn.Module):
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.pattern = as_pattern(pattern)
-        if sparsity is None:
-            sparsity = self.pattern.sparsity
-        if mask is not None and sparsity is not None:
-            raise ValueError("sparsity: give either sparsity= or mask=, not both")
-        if mask is None and sparsity is None:
-            raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or mask= to fix the pattern")
         factory = {"device": device, "dtype": dtype}
         weight = torch.empty(out_features, in_features, **factory)
         # the same initialisation as nn.Linear.reset_parameters
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        if mask is None:
-            mask = magnitude(weight, check_sparsity(sparsity))
-        else:
+        if mask is not None:
             mask = _check_mask(mask, out_features, in_features, weight.device)
+        mask = for_pattern(self.pattern, weight, sparsity, mask)
         if bias:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
@@ -122,14 +117,10 @@ class SparseLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         pat = as_pattern(pattern)
-        if sparsity is None:
-            sparsity = pat.sparsity
-        if mask is not None and sparsity is not None:
-            raise ValueError("sparsity: give either sparsity= or mask=, not both")
-        if mask is None and sparsity is None:
-            raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or mask= to fix the pattern")
         w = linear.weight.detach()
-        mask = magnitude(w, check_sparsity(sparsity)) if mask is None else _check_mask(mask, *w.shape, w.device)
+        if mask is not None:
+            mask = _check_mask(mask, *w.shape, w.device)
+        mask = for_pattern(pat, w, sparsity, mask)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features

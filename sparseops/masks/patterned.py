@@ -1,0 +1,60 @@
+"""The mask of a pattern: produce one from a weight, or check a given one against the pattern."""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import NM, FanIn, Unstructured, as_pattern, check_sparsity
+from .fan_in import fan_in, is_fan_in
+from .magnitude import magnitude
+from .nm import is_nm, nm
+from .transposable import is_transposable_nm, transposable_nm
+
+
+def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, mask: torch.Tensor | None = None):
+    """The bool mask ``[out, in]`` of ``pattern`` for ``weight``.
+
+    Unstructured needs ``sparsity`` (magnitude pruning) or ``mask``. N:M and fan-in fix their
+    own sparsity, so they take no ``sparsity``; a given ``mask`` must satisfy the pattern.
+
+    Args:
+        pattern: a pattern object or shorthand.
+        weight: ``[out, in]``.
+        sparsity: fraction of zeros in [0, 1) (unstructured only).
+        mask: bool ``[out, in]`` to use instead of producing one.
+
+    Returns:
+        bool mask ``[out, in]`` on ``weight.device``.
+
+    Raises:
+        ValueError: a missing or superfluous ``sparsity``, both ``sparsity`` and ``mask``,
+            a ``mask`` that breaks the pattern, or ``k > in_features``.
+    """
+    pat = as_pattern(pattern)
+    if sparsity is None and isinstance(pat, Unstructured):
+        sparsity = pat.sparsity
+    if mask is not None and sparsity is not None:
+        raise ValueError("sparsity: give either sparsity= or mask=, not both")
+    if isinstance(pat, Unstructured):
+        if mask is None and sparsity is None:
+            raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or mask= to fix the pattern")
+        return magnitude(weight, check_sparsity(sparsity)) if mask is None else mask
+    if sparsity is not None:
+        raise ValueError(f"sparsity: the {pat.name} pattern fixes its own sparsity; pass the pattern alone")
+    if isinstance(pat, NM):
+        if mask is None:
+            return transposable_nm(weight, pat.n, pat.m) if pat.transposable else nm(weight, pat.n, pat.m)
+        ok = is_transposable_nm(mask, pat.n, pat.m) if pat.transposable else is_nm(mask, pat.n, pat.m)
+        if not ok:
+            kind = "transposable " if pat.transposable else ""
+            raise ValueError(f"mask: does not satisfy the {kind}{pat.n}:{pat.m} pattern")
+        return mask
+    if isinstance(pat, FanIn):
+        if pat.k > weight.shape[-1]:
+            raise ValueError(f"k: expected k <= in_features={weight.shape[-1]}, got {pat.k}")
+        if mask is None:
+            return fan_in(weight, pat.k)
+        if not is_fan_in(mask, pat.k):
+            raise ValueError(f"mask: does not have exactly k={pat.k} nonzeros in every row")
+        return mask
+    raise TypeError(f"pattern: unsupported pattern {pat!r}")
