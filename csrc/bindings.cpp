@@ -185,6 +185,36 @@ void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, con
   sparseops::csr_sdd(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, ptr, idx, DV, threads(nthreads));
 }
 
+// csr_dsd and csr_sdd in one call, with the checks of both; x [B, in] fixes in_features
+void csr_backward(const py::array& dy, const py::array& x, const py::array& values, const py::array& crow,
+                  const py::array& col, const py::array& t_crow, const py::array& t_row, const py::array& t_perm,
+                  py::array& dx, py::array& dvalues, int nthreads) {
+  const Mat D = float_matrix(dy, "dy");
+  const Mat X = float_matrix(x, "x");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " +
+                          std::to_string(D.rows));
+  const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", D.cols + 1);
+  const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
+  const int64_t nnz = col.shape(0);
+  const float* vals = vector<float>(values, "values", "float32", nnz);
+  const int32_t* tptr = vector<int32_t>(t_crow, "t_crow", "int32", X.cols + 1);
+  const int32_t* tidx = vector<int32_t>(t_row, "t_row", "int32", nnz);
+  const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
+  float* DX = float_output(dx, "dx", D.rows, X.cols, 2);
+  float* DV = float_output(dvalues, "dvalues", nnz, 0, 1);
+  check_csr(ptr, D.cols, idx, nnz, X.cols, "crow", "col");
+  check_csr(tptr, X.cols, tidx, nnz, D.cols, "t_crow", "t_row");
+  if (!indices_valid(perm, nnz, nnz))
+    for (int64_t k = 0; k < nnz; ++k)
+      if (perm[k] < 0 || perm[k] >= nnz)
+        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                              " is outside [0, " + std::to_string(nnz) + ")");
+  py::gil_scoped_release release;
+  sparseops::csr_backward(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, vals, ptr, idx, tptr, tidx, perm,
+                          DX, DV, threads(nthreads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -202,6 +232,13 @@ that is fully overwritten. Raises TypeError/ValueError on a bad dtype, shape or 
   m.def("csr_sdd", &csr_sdd, py::arg("dy"), py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("dvalues"),
         py::arg("nthreads"),
         R"(dvalues[k] = sum_b dy[b, i] * x[b, col[k]] for each stored (i, col[k]): the weight gradient on the mask.)");
+  m.def("csr_backward", &csr_backward, py::arg("dy"), py::arg("x"), py::arg("values"), py::arg("crow"),
+        py::arg("col"), py::arg("t_crow"), py::arg("t_row"), py::arg("t_perm"), py::arg("dx"), py::arg("dvalues"),
+        py::arg("nthreads"),
+        R"(csr_dsd and csr_sdd in one call: dx[B, in] = dy @ W and dvalues = the weight gradient on the mask.
+
+dy [B, out] and x [B, in] are float32 with any non-negative strides; dx [B, in] and dvalues [nnz]
+are C-contiguous float32 outputs, fully overwritten. dy is packed once for both products.)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

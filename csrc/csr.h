@@ -25,6 +25,13 @@ void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, cons
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
              int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dvals, int nthreads);
 
+// csr_spmm for dx [B, in] = dy @ W through the transposed index (t_crow, t_row, t_perm) and
+// csr_sdd for dvals in one call: dy is packed once and both run in one parallel region.
+void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
+                  int64_t x0, int64_t x1, const float* vals, const int32_t* crow, const int32_t* col,
+                  const int32_t* t_crow, const int32_t* t_row, const int32_t* t_perm, float* dx, float* dvals,
+                  int nthreads);
+
 // out[k] = vals[perm[k]]
 void gather_values(const float* vals, const int32_t* perm, int64_t nnz, float* out, int nthreads);
 
@@ -33,11 +40,17 @@ void csr_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const f
                        const int32_t*, const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                       const int32_t*, const int32_t*, float*, int);
+void csr_backward_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                           const float*, const int32_t*, const int32_t*, const int32_t*, const int32_t*,
+                           const int32_t*, float*, float*, int);
 #if defined(SPARSEOPS_HAVE_AVX2)
 void csr_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const int32_t*,
                    const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                   const int32_t*, const int32_t*, float*, int);
+void csr_backward_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                       const float*, const int32_t*, const int32_t*, const int32_t*, const int32_t*, const int32_t*,
+                       float*, float*, int);
 #endif
 
 }  // namespace sparseops

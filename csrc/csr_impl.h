@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #if defined(__linux__)
@@ -32,9 +33,9 @@ namespace sparseops {
 namespace detail {
 
 // per calling thread, so that concurrent calls from several python threads never share it.
-// inside a parallel region every omp thread gets its own, so slots used there (ACC, the
+// inside a parallel region every omp thread gets its own, so slots used there (ACC*, the
 // blocked index) must differ from the ones the calling thread shares with its team (P, PX, COPY*).
-enum Slot { P = 0, PX = 1, COPY1 = 2, COPY2 = 3, VALS = 4, ACC = 5, NSLOTS = 6 };
+enum Slot { P = 0, PX = 1, COPY1 = 2, COPY2 = 3, VALS = 4, ACC = 5, ACC2 = 6, NSLOTS = 7 };
 // a grow-only buffer. 64-byte aligned so that a packed row of 32 lanes (128 bytes) spans two
 // cache lines, not three; buffers of 2 MB and more are 2 MB aligned and advised onto
 // transparent huge pages, because the kernels read random rows of them.
@@ -164,8 +165,10 @@ constexpr int64_t BLOCK_BYTES = 65536;
 constexpr int64_t SMALL_TILE_BYTES = 262144;
 // NOTE: 4096x4096, 1 thread, 90%, ms dds/dsd/sdd blocked vs unblocked: B=64 (2 tiles) 17.5/21.9/19.1
 // vs 13.1/22.2/9.0; B=128 (4 tiles) 26.8/33.3/33.7 vs 26.3/29.4/25.2; B=256 (8 tiles) 36.2/46.0/53.3
-// vs 46.1/59.0/55.0. the per-call copy needs many tiles to pay off, and sdd (which must also
-// scatter its blocked partial sums back) never gains enough, so it always runs unblocked.
+// vs 46.1/59.0/55.0, when the copy was a counting sort that cost ~10 ms per call at 1 thread.
+// NOTE: with the copy by runs (~3 ms) sdd blocks too (its sums go back by runs): B=256 1 thread
+// sdd 35.0 vs 46.8 unblocked. B=128 (4 tiles) blocked vs unblocked, 1 thread, same process:
+// 54.8/56.8/71.3 vs 53.4/50.5/65.7 ms for the three ops together, so 8 tiles stays the threshold.
 constexpr int64_t MIN_TILES = 8;
 inline int64_t chunk_rows(int BT) { return std::max<int64_t>(8, CHUNK_BYTES / (4 * BT)); }
 inline int64_t block_rows_count(int BT) { return std::max<int64_t>(8, BLOCK_BYTES / (4 * BT)); }
@@ -181,18 +184,31 @@ struct Blocked {
   const int32_t* off = nullptr;
   const int32_t* idx = nullptr;
   const float* val = nullptr;   // only when built with vals
+  const int32_t* src = nullptr;  // when nch > 1: where run j starts in the original order
 };
 
-inline Blocked block_rows(const int32_t* ptr, const int32_t* idx, const float* vals, const int32_t* perm, int64_t r0,
-                          int64_t r1, int BT, int64_t T, bool allow_split,
-                          int64_t KC, int64_t RB, int64_t K) {
-  thread_local std::vector<int32_t> off, wp, bidx;
-  thread_local std::vector<float> bval;
+// the storage behind a Blocked, per omp thread; the fused backward holds two at once
+struct BlockStore {
+  std::vector<int32_t> off, src, idx;
+  std::vector<float> val;
+};
+inline BlockStore& block_store(int i) {
+  thread_local BlockStore stores[2];
+  return stores[i];
+}
+
+inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx, const float* vals,
+                          const int32_t* perm, int64_t r0, int64_t r1, int BT, int64_t T, int64_t KC, int64_t RB,
+                          int64_t K) {
+  std::vector<int32_t>& off = st.off;
+  std::vector<int32_t>& src = st.src;
+  std::vector<int32_t>& bidx = st.idx;
+  std::vector<float>& bval = st.val;
   Blocked b;
   b.R = r1 - r0;
   b.RB = RB;
   // a tile that fits in half of L2, or too few tiles to pay for the copy: one chunk, the original order
-  const bool split = allow_split && K * 4 * BT > SMALL_TILE_BYTES && T >= MIN_TILES;
+  const bool split = K * 4 * BT > SMALL_TILE_BYTES && T >= MIN_TILES;
   b.nch = split ? std::max<int64_t>(1, (K + KC - 1) / KC) : 1;
   const int64_t R = b.R, nch = b.nch, base = ptr[r0], nz = ptr[r1] - base;
   off.assign(static_cast<size_t>(nch * R + 1), 0);
@@ -209,25 +225,50 @@ inline Blocked block_rows(const int32_t* ptr, const int32_t* idx, const float* v
     }
     return b;
   }
-  auto key = [&](int64_t r, int64_t c) {
-    const int64_t q = r - r % RB;
-    return q * nch + c * std::min(RB, R - q) + (r - q);
-  };
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = ptr[r0 + r]; k < ptr[r0 + r + 1]; ++k) ++off[key(r, idx[k] / KC) + 1];
+  // every row's indices are sorted, so its nonzeros in chunk c are one contiguous run of the
+  // row: the runs' ends come from one compare per nonzero, and then whole runs are copied.
+  // NOTE: a counting sort (a division, a histogram increment and a scattered store per
+  // nonzero) took 5.0 ms of each thread's 20 ms on dds 4096x4096 B=256 90% at 2 threads (8 ms
+  // of dsd's 25, with the value gather); these runs take 1.4-1.5 ms (3.9 ms for dsd).
+  if (src.size() < static_cast<size_t>(nch * R)) src.resize(static_cast<size_t>(nch * R));
+  for (int64_t q = 0; q < R; q += RB) {
+    const int64_t RBs = std::min(RB, R - q);
+    for (int64_t r = q; r < q + RBs; ++r) {
+      int64_t k = ptr[r0 + r];
+      const int64_t e = ptr[r0 + r + 1];
+      for (int64_t c = 0; c < nch; ++c) {
+        const int64_t j = q * nch + c * RBs + (r - q);
+        const int64_t bound = c + 1 == nch ? K : (c + 1) * KC;
+        int64_t k1 = k;
+        while (k1 < e && idx[k1] < bound) ++k1;
+        src[j] = static_cast<int32_t>(k);
+        off[j + 1] = static_cast<int32_t>(k1 - k);
+        k = k1;
+      }
+    }
+  }
   for (int64_t j = 0; j < nch * R; ++j) off[j + 1] += off[j];
-  wp.assign(off.begin(), off.end() - 1);
   if (bidx.size() < static_cast<size_t>(nz)) bidx.resize(static_cast<size_t>(nz));
   if (vals && bval.size() < static_cast<size_t>(nz)) bval.resize(static_cast<size_t>(nz));
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = ptr[r0 + r]; k < ptr[r0 + r + 1]; ++k) {
-      const int32_t j = wp[key(r, idx[k] / KC)]++;
-      bidx[j] = idx[k];
-      if (vals) bval[j] = vals[perm ? perm[k] : k];
-    }
+  // in source order: the reads stream, the writes go to nch sequential streams
+  for (int64_t q = 0; q < R; q += RB) {
+    const int64_t RBs = std::min(RB, R - q);
+    for (int64_t r = q; r < q + RBs; ++r)
+      for (int64_t c = 0; c < nch; ++c) {
+        const int64_t j = q * nch + c * RBs + (r - q);
+        const int64_t d = off[j], len = off[j + 1] - d, s = src[j];
+        std::memcpy(bidx.data() + d, idx + s, static_cast<size_t>(len) * sizeof(int32_t));
+        if (!vals) continue;
+        if (perm)
+          for (int64_t t = 0; t < len; ++t) bval[d + t] = vals[perm[s + t]];
+        else
+          std::memcpy(bval.data() + d, vals + s, static_cast<size_t>(len) * sizeof(float));
+      }
+  }
   b.off = off.data();
   b.idx = bidx.data();
   b.val = vals ? bval.data() : nullptr;
+  b.src = src.data();
   return b;
 }
 
@@ -407,6 +448,34 @@ inline const float* contiguous(const float* a, int64_t B, int64_t K, int64_t s0,
   return c;
 }
 
+// one thread's rows [r0, r1) of y [B, n] (row stride n) from the packed tiles p [T][K][BT]
+template <class V, int NV>
+void spmm_rows(const float* p, int64_t B, int64_t K, const Blocked& m, int64_t r0, int64_t r1, int64_t n,
+               const float* bias, float* y, float* buf) {
+  constexpr int BT = 8 * NV;
+  const int64_t T = (B + BT - 1) / BT;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t nb = std::min<int64_t>(BT, B - t * BT);
+    rows_tile<V, NV>(p + t * K * BT, m, buf);
+    store_tile<V, NV>(buf, r0, r1, bias, y + t * BT * n, n, nb);
+  }
+}
+
+// one thread's rows [r0, r1) of the weight gradient from the packed tiles of dy and x. unblocked,
+// m keeps the original order and the sums go straight to dv; blocked, they are summed in m's
+// order into bdv and the runs copied back at the end.
+template <class V, int NV>
+void sdd_rows(const float* pd, const float* px, int64_t B, int64_t out, int64_t in, const Blocked& m, int64_t r0,
+              const int32_t* crow, float* dv, float* bdv) {
+  constexpr int BT = 8 * NV;
+  const int64_t T = (B + BT - 1) / BT;
+  float* acc = m.nch == 1 ? dv + crow[r0] : bdv;
+  for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, acc, t == 0);
+  if (m.nch > 1)
+    for (int64_t j = 0; j < m.nch * m.R; ++j)
+      std::memcpy(dv + m.src[j], bdv + m.off[j], static_cast<size_t>(m.off[j + 1] - m.off[j]) * sizeof(float));
+}
+
 // the batch-major product shared by dds and dsd: y [B, n] from a [B, K] (strided) and CSR (vals, ptr, idx) [n, K]
 template <class V, int NV>
 void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
@@ -418,14 +487,10 @@ void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, c
   {
     int64_t r0, r1;
     row_range(ptr, n, thread_id(), thread_count(), &r0, &r1);
-    const Blocked m = block_rows(ptr, idx, vals, perm, r0, r1, BT, T, true, chunk_rows(BT), block_rows_count(BT), K);
+    const Blocked m =
+        block_rows(block_store(0), ptr, idx, vals, perm, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), K);
     pack<V, BT>(a, B, K, s0, s1, p);
-    float* buf = scratch(ACC, static_cast<size_t>((r1 - r0) * BT));
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t nb = std::min<int64_t>(BT, B - t * BT);
-      rows_tile<V, NV>(p + t * K * BT, m, buf);
-      store_tile<V, NV>(buf, r0, r1, bias, y + t * BT * n, n, nb);
-    }
+    spmm_rows<V, NV>(p, B, K, m, r0, r1, n, bias, y, scratch(ACC, static_cast<size_t>((r1 - r0) * BT)));
   }
 }
 
@@ -467,12 +532,11 @@ void sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
   {
     int64_t r0, r1;
     row_range(crow, out, thread_id(), thread_count(), &r0, &r1);
-    const Blocked m = block_rows(crow, col, nullptr, nullptr, r0, r1, BT, T, false, chunk_rows(BT), block_rows_count(BT), in);
+    const Blocked m =
+        block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), in);
     pack<V, BT>(dy, B, out, d0, d1, pd);
     pack<V, BT>(x, B, in, x0, x1, px);
-    // unblocked (see MIN_TILES): m keeps the original order, so the partial sums go straight to dv
-    for (int64_t t = 0; t < T; ++t)
-      sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, dv + crow[r0], t == 0);
+    sdd_rows<V, NV>(pd, px, B, out, in, m, r0, crow, dv, scratch(ACC, static_cast<size_t>(crow[r1] - crow[r0])));
   }
 }
 
@@ -497,6 +561,52 @@ void sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const 
   }
 }
 
+// dx = dsd and dvals = sdd in one parallel region: dy is packed once for both, and each thread
+// runs its transposed rows (balanced over t_crow) and then its rows (balanced over crow)
+template <class V, int NV>
+void backward_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
+                     int64_t x0, int64_t x1, const float* vals, const int32_t* crow, const int32_t* col,
+                     const int32_t* t_crow, const int32_t* t_row, const int32_t* t_perm, float* dx, float* dv,
+                     int nthreads) {
+  constexpr int BT = 8 * NV;
+  const int64_t T = (B + BT - 1) / BT;
+  float* pd = scratch(P, static_cast<size_t>(T * out * BT));
+  float* px = scratch(PX, static_cast<size_t>(T * in * BT));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = thread_id(), nt = thread_count();
+    int64_t a0, a1, r0, r1;
+    row_range(t_crow, in, tid, nt, &a0, &a1);
+    row_range(crow, out, tid, nt, &r0, &r1);
+    const Blocked mt = block_rows(block_store(0), t_crow, t_row, vals, t_perm, a0, a1, BT, T, chunk_rows(BT),
+                                  block_rows_count(BT), out);
+    const Blocked ms =
+        block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), in);
+    pack<V, BT>(dy, B, out, d0, d1, pd);
+    pack<V, BT>(x, B, in, x0, x1, px);
+    spmm_rows<V, NV>(pd, B, out, mt, a0, a1, in, nullptr, dx, scratch(ACC, static_cast<size_t>((a1 - a0) * BT)));
+    sdd_rows<V, NV>(pd, px, B, out, in, ms, r0, crow, dv, scratch(ACC2, static_cast<size_t>(crow[r1] - crow[r0])));
+  }
+}
+
+template <class V>
+void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, int64_t x0,
+              int64_t x1, const float* vals, const int32_t* crow, const int32_t* col, const int32_t* t_crow,
+              const int32_t* t_row, const int32_t* t_perm, float* dx, float* dv, int nthreads) {
+  if (B < 8) {
+    spmm<V>(dy, B, out, d0, d1, vals, t_perm, t_crow, t_row, in, nullptr, dx, nthreads);
+    sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
+  } else if (B <= 8) {
+    backward_packed<V, 1>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
+  } else if (B <= 16) {
+    backward_packed<V, 2>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
+  } else if (B <= 24) {
+    backward_packed<V, 3>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
+  } else {
+    backward_packed<V, 4>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
+  }
+}
+
 }  // namespace detail
 
 #define SPARSEOPS_CSR_INSTANTIATE(V, SUFFIX)                                                                      \
@@ -509,6 +619,13 @@ void sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const 
                         int64_t in, int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dv,  \
                         int nthreads) {                                                                          \
     detail::sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);                                  \
+  }                                                                                                              \
+  void csr_backward_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x,     \
+                             int64_t in, int64_t x0, int64_t x1, const float* vals, const int32_t* crow,          \
+                             const int32_t* col, const int32_t* t_crow, const int32_t* t_row,                     \
+                             const int32_t* t_perm, float* dx, float* dv, int nthreads) {                         \
+    detail::backward<V>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv,       \
+                        nthreads);                                                                               \
   }
 
 }  // namespace sparseops

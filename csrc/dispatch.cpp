@@ -58,6 +58,19 @@ void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, co
   csr_sdd_portable(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dvals, nthreads);
 }
 
+void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
+                  int64_t x0, int64_t x1, const float* vals, const int32_t* crow, const int32_t* col,
+                  const int32_t* t_crow, const int32_t* t_row, const int32_t* t_perm, float* dx, float* dvals,
+                  int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2)
+    return csr_backward_avx2(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dvals,
+                             nthreads);
+#endif
+  csr_backward_portable(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dvals,
+                        nthreads);
+}
+
 void gather_values(const float* vals, const int32_t* perm, int64_t nnz, float* out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t k = 0; k < nnz; ++k) out[k] = vals[perm[k]];

@@ -176,6 +176,26 @@ def test_csr_sdd_matches_dense(isa, batch, in_f, out_f, kind):
     assert_close_rms(c.sdd(), c.sdd_ref(), torch.float32, name="dvalues")
 
 
+@pytest.mark.parametrize(PARAMS, SHAPES)
+def test_csr_backward_matches_dense(isa, batch, in_f, out_f, kind):
+    c = Case(batch, in_f, out_f, kind)
+    f = c.fmt
+    dx, dv = ops_csr.csr_backward(c.dy, c.x, c.values, f.crow, f.col, f.row, f.t_crow, f.t_row, f.t_perm)
+    assert_close_rms(dx, c.dsd_ref(), torch.float32, name="dx")
+    assert_close_rms(dv, c.sdd_ref(), torch.float32, name="dvalues")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column-slice"])
+def test_csr_backward_strided_inputs(isa, layout):
+    c = Case(37, 1000, 37, 0.5)
+    f = c.fmt
+    dx, dv = ops_csr.csr_backward(
+        LAYOUTS[layout](c.dy), LAYOUTS[layout](c.x), c.values, f.crow, f.col, f.row, f.t_crow, f.t_row, f.t_perm
+    )
+    assert_close_rms(dx, c.dsd_ref(), torch.float32, name="dx")
+    assert_close_rms(dv, c.sdd_ref(), torch.float32, name="dvalues")
+
+
 def test_csr_ops_batch_zero(isa):
     c = Case(0, 37, 5, 0.5)
     assert c.dds(bias=c.bias).shape == (0, 5)
@@ -332,6 +352,9 @@ def _opcheck_cases():
             cases.append(pytest.param(op, (c.dy, c.values, f.t_crow, f.t_row, f.t_perm, in_f), id=f"{op}-{tag}"))
         for op in ("csr_sdd", "csr_sdd_host"):
             cases.append(pytest.param(op, (c.dy, c.x, f.crow, f.col, f.row), id=f"{op}-{tag}"))
+        for op in ("csr_backward", "csr_backward_host"):
+            args = (c.dy, c.x, c.values, f.crow, f.col, f.row, f.t_crow, f.t_row, f.t_perm)
+            cases.append(pytest.param(op, args, id=f"{op}-{tag}"))
     return cases
 
 

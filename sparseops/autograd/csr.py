@@ -30,9 +30,12 @@ class SparseLinearFunction(torch.autograd.Function):
         x, values, crow, col, row, t_crow, t_row, t_perm = ctx.saved_tensors
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None
-        if need_x:
+        if need_x and need_v:
+            # one pass packs dy for both products
+            dx, dv = csr_ops.backward(dy, x, values, crow, col, row, t_crow, t_row, t_perm)
+        elif need_x:
             dx = csr_ops.dsd(dy, values, t_crow, t_row, t_perm, ctx.in_features)
-        if need_v:
+        elif need_v:
             dv = csr_ops.sdd(dy, x, crow, col, row)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
