@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import math
-import os
 import platform
 import statistics
 import sys

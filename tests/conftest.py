@@ -54,3 +54,19 @@ def _poison_empty(monkeypatch):
         if (modname.startswith("sparseops") or modname.startswith("kernels")) and getattr(mod, "torch", None) is torch:
             monkeypatch.setattr(mod, "torch", proxy)
     yield
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def isa(request):
+    """Run the test on one C++ kernel path (both are tested), restoring the previous one afterwards."""
+    import sparseops
+    from sparseops._cpp import _C
+
+    if _C is None:
+        pytest.skip("sparseops._C is not built: fp32 ops run on the reference path")
+    if request.param == "avx2" and _C.best_isa() != "avx2":
+        pytest.skip(f"this CPU has no AVX2/FMA (sparseops._C.best_isa() == {_C.best_isa()!r})")
+    prev = sparseops.isa()
+    assert sparseops.set_isa(request.param) == request.param
+    yield request.param
+    sparseops.set_isa(prev)

@@ -20,18 +20,6 @@ from sparseops.formats import CSRWeight, validate_csr
 OPS = torch.ops.sparseops
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def isa(request):
-    """Run the test on one C++ kernel path, restoring the previous one afterwards."""
-    if _C is None:
-        pytest.skip("sparseops._C is not built: fp32 ops run on the reference path")
-    if request.param == "avx2" and _C.best_isa() != "avx2":
-        pytest.skip(f"this CPU has no AVX2/FMA (sparseops._C.best_isa() == {_C.best_isa()!r})")
-    prev = sparseops.isa()
-    assert sparseops.set_isa(request.param) == request.param
-    yield request.param
-    sparseops.set_isa(prev)
-
 
 needs_cpp = pytest.mark.skipif(_C is None, reason="sparseops._C is not built")
 

@@ -1,7 +1,6 @@
 """The profiler CLI end to end at tiny sizes: table, JSON and PNG written and parseable."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

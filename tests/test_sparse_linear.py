@@ -10,22 +10,9 @@ from torch import nn
 
 import sparseops
 from sparseops import SparseLinear, sparsify_
-from sparseops._cpp import _C
 from sparseops.autograd import sparse_linear
 from sparseops.masks import global_magnitude, magnitude
 
-
-@pytest.fixture(params=["avx2", "portable"])
-def isa(request):
-    """Run the test on one C++ kernel path, restoring the previous one afterwards."""
-    if _C is None:
-        pytest.skip("sparseops._C is not built: fp32 ops run on the reference path")
-    if request.param == "avx2" and _C.best_isa() != "avx2":
-        pytest.skip(f"this CPU has no AVX2/FMA (sparseops._C.best_isa() == {_C.best_isa()!r})")
-    prev = sparseops.isa()
-    assert sparseops.set_isa(request.param) == request.param
-    yield request.param
-    sparseops.set_isa(prev)
 
 
 def _dense_pair(in_f, out_f, sparsity, bias=True, dtype=torch.float32):

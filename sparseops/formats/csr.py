@@ -79,7 +79,6 @@ class CSRWeight:
         if mask.dim() != 2:
             raise ValueError(f"mask: expected a 2-D [out, in] tensor, got shape {tuple(mask.shape)}")
         out_f, in_f = mask.shape
-        dev = mask.device
         # nonzero() walks row-major, so columns come out sorted within each row
         rows, cols = mask.nonzero(as_tuple=True)
         if rows.numel() > torch.iinfo(torch.int32).max:
