@@ -2,7 +2,7 @@
 
 A pattern says *which* structure a sparse weight has; ``sparsity=`` or ``mask=`` says how
 much of it, or exactly where. Strings are accepted as shorthand: ``"unstructured"``,
-``"2:4"`` (``NM(2, 4)``). N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``).
+``"2:4"`` (``NM(2, 4)``), ``"fanin:128"`` (``FanIn(128)``). N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ def as_pattern(pattern) -> Pattern:
         parts = key.split(":")
         if len(parts) == 2 and all(p.isdigit() for p in parts):
             return NM(int(parts[0]), int(parts[1]))
+        if len(parts) == 2 and parts[0] == "fanin" and parts[1].isdigit():
+            return FanIn(int(parts[1]))
         raise ValueError(
-            f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)} or 'N:M' such as '2:4'"
+            f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)}, 'N:M' such as '2:4', "
+            "or 'fanin:K'"
         )
     raise TypeError(f"pattern: expected a pattern object or a string, got {type(pattern).__name__}")

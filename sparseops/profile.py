@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .nn import SparseLinear
-from .patterns import as_pattern, check_sparsity
+from .patterns import Unstructured, as_pattern, check_sparsity
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_WIDTH = 1024
@@ -172,8 +172,13 @@ def _make_step(layer: nn.Module, x: torch.Tensor, mode: str):
     return step
 
 
-def _build_sparse(pattern, dense: nn.Linear, sparsity: float) -> nn.Module:
+def _build_sparse(pattern, dense: nn.Linear, sparsity: float | None) -> nn.Module:
     return SparseLinear.from_dense(dense, sparsity=sparsity, pattern=pattern)
+
+
+def _sweep(pattern, sparsities: list[float]) -> list[float | None]:
+    # n:m and fan-in fix their own sparsity: one point each, not a sweep
+    return list(sparsities) if isinstance(pattern, Unstructured) else [None]
 
 
 def profile_case(
@@ -204,8 +209,9 @@ def profile_case(
         )
         on_step()
     for pattern in patterns:
-        for s in sparsities:
+        for s in _sweep(pattern, sparsities):
             layer = _build_sparse(pattern, dense, s)
+            s = layer.sparsity
             # checked against dense with the same masked weight before it is timed
             ref_layer = layer.to_dense()
             with torch.no_grad():
@@ -323,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
-    p.add_argument("--patterns", default="unstructured", help="comma-separated patterns (default: unstructured)")
+    p.add_argument(
+        "--patterns",
+        default="unstructured",
+        help="comma-separated patterns: unstructured, N:M (e.g. 2:4), fanin:K (default: unstructured); "
+        "N:M and fan-in are measured at their own sparsity",
+    )
     p.add_argument("--sparsity", default=None, help=f"comma-separated sparsities (default: {','.join(map(str, DEFAULT_SPARSITIES))})")
     p.add_argument("--batch", type=int, default=None, help="rows (tokens) per call for the built-in and --shapes cases (default 256)")
     p.add_argument("--shapes", default=None, help="INxOUT[,INxOUT...] instead of the built-in transformer block")
@@ -374,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         title = f"sparseops profile: transformer block projections, width {width}"
     title += f" on {device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f" on {torch.cuda.get_device_name(device)}"
 
-    total = len(cases) * len(modes) * (1 + len(patterns) * len(sparsities))
+    total = len(cases) * len(modes) * (1 + sum(len(_sweep(p, sparsities)) for p in patterns))
     rows: list[Measurement] = []
     try:
         from rich.progress import Progress
@@ -410,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     wrote_png = write_chart(rows, out / "speedup.png")
     print(f"wrote {out / 'profile.json'}" + (f" and {out / 'speedup.png'}" if wrote_png else " (matplotlib not installed: no PNG)"))
     if args.trace:
-        write_trace(cases[0], patterns[0], sparsities[-1], device, Path(args.trace))
+        write_trace(cases[0], patterns[0], _sweep(patterns[0], sparsities)[-1], device, Path(args.trace))
         print(f"wrote trace {args.trace}")
     return 0
 

@@ -61,3 +61,20 @@ def test_profile_rejects_bad_options(tmp_path):
         profile.main(["--shapes", "12by3", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--sparsity"):
         profile.main(["--shapes", "8x8", "--sparsity", "1.5", "--out", str(tmp_path)])
+
+
+def test_profile_fixed_sparsity_patterns(tmp_path):
+    out = tmp_path / "prof"
+    code = profile.main(
+        ["--shapes", "64x32", "--batch", "8", "--patterns", "unstructured,2:4,fanin:8", "--sparsity", "0.5,0.9",
+         "--modes", "fwdbwd", "--threads", "1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    )
+    assert code == 0
+    rows = _load(out)["measurements"]
+    by_pattern = {}
+    for r in rows:
+        by_pattern.setdefault(r["pattern"], []).append(r["sparsity"])
+    # unstructured sweeps; n:m and fan-in are one point each, at the sparsity they fix
+    assert sorted(by_pattern["unstructured"]) == pytest.approx([0.5, 0.9], abs=0.01)
+    assert by_pattern["2:4"] == [pytest.approx(0.5)]
+    assert by_pattern["fanin8"] == [pytest.approx(1 - 8 / 64)]
