@@ -34,6 +34,14 @@ void check_dtype(const py::array& a, const char* name, const char* want) {
                          std::string(py::str(a.dtype())));
 }
 
+// the kernels read and write through float* / int32_t*: an array whose data is not aligned to its
+// element size (np.frombuffer at an odd offset, a packed record field) would be undefined behaviour
+// there (and the compiler's vectorised loops may assume the alignment), so it is refused.
+void check_aligned(const py::array& a, const char* name) {
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(std::string(name) + ": data must be aligned to its dtype (got a misaligned array)");
+}
+
 // a float32 matrix [rows, cols] read through element strides
 struct Mat {
   const float* p;
@@ -46,6 +54,7 @@ Mat float_matrix(const py::array& a, const char* name) {
   for (int d = 0; d < 2; ++d)
     if (a.strides(d) % static_cast<py::ssize_t>(sizeof(float)) != 0 || a.strides(d) < 0)
       throw py::value_error(std::string(name) + ": strides must be non-negative multiples of 4 bytes");
+  check_aligned(a, name);
   return {static_cast<const float*>(a.data()), a.shape(0), a.shape(1),
           static_cast<int64_t>(a.strides(0) / 4), static_cast<int64_t>(a.strides(1) / 4)};
 }
@@ -57,6 +66,7 @@ float* float_output(py::array& a, const char* name, int64_t n0, int64_t n1, int 
                           (ndim == 2 ? ", " + std::to_string(n1) + ")" : ",)") + ", got " + shape_str(a));
   if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
   if (!a.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+  check_aligned(a, name);
   return static_cast<float*>(a.mutable_data());
 }
 
@@ -68,6 +78,7 @@ const T* vector(const py::array& a, const char* name, const char* dtype, int64_t
     throw py::value_error(std::string(name) + ": expected " + std::to_string(n) + " entries, got " +
                           std::to_string(a.shape(0)));
   if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be contiguous");
+  check_aligned(a, name);
   return static_cast<const T*>(a.data());
 }
 
@@ -142,7 +153,16 @@ void csr_dds(const py::array& x, const py::array& values, const py::array& crow,
   const int64_t nnz = col.shape(0);
   const float* vals = vector<float>(values, "values", "float32", nnz);
   const float* b = nullptr;
-  if (!bias.is_none()) b = vector<float>(bias.cast<py::array>(), "bias", "float32", n);
+  // the array must outlive the kernel: bias.cast<py::array>() converts a non-array (a list of
+  // float32 scalars, an object with __array__) into a new array that a temporary would free at
+  // the end of the statement, leaving b dangling. declared before the gil release, it is
+  // destroyed after the gil is taken back.
+  py::object bias_keep;
+  if (!bias.is_none()) {
+    py::array arr = bias.cast<py::array>();
+    b = vector<float>(arr, "bias", "float32", n);
+    bias_keep = std::move(arr);
+  }
   check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
   py::gil_scoped_release release;
   sparseops::csr_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ptr, idx, n, b, Y, threads(nthreads));
@@ -221,19 +241,19 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sparseops CPU kernels (torch-free C++, AVX2/FMA with a portable fallback, OpenMP).";
 
   m.def("csr_dds", &csr_dds, py::arg("x"), py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("bias"),
-        py::arg("y"), py::arg("nthreads"),
+        py::arg("y").noconvert(), py::arg("nthreads"),
         R"(y[B, out] = x[B, in] @ Wᵀ + bias, W in CSR (values, crow[out+1], col[nnz]).
 
 x is float32 with any non-negative strides; y is a C-contiguous float32 output [B, out]
 that is fully overwritten. Raises TypeError/ValueError on a bad dtype, shape or index.)");
   m.def("csr_dsd", &csr_dsd, py::arg("dy"), py::arg("values"), py::arg("t_crow"), py::arg("t_row"),
-        py::arg("t_perm"), py::arg("dx"), py::arg("nthreads"),
+        py::arg("t_perm"), py::arg("dx").noconvert(), py::arg("nthreads"),
         R"(dx[B, in] = dy[B, out] @ W through the transposed index (t_crow[in+1], t_row[nnz], t_perm[nnz]).)");
-  m.def("csr_sdd", &csr_sdd, py::arg("dy"), py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("dvalues"),
+  m.def("csr_sdd", &csr_sdd, py::arg("dy"), py::arg("x"), py::arg("crow"), py::arg("col"), py::arg("dvalues").noconvert(),
         py::arg("nthreads"),
         R"(dvalues[k] = sum_b dy[b, i] * x[b, col[k]] for each stored (i, col[k]): the weight gradient on the mask.)");
   m.def("csr_backward", &csr_backward, py::arg("dy"), py::arg("x"), py::arg("values"), py::arg("crow"),
-        py::arg("col"), py::arg("t_crow"), py::arg("t_row"), py::arg("t_perm"), py::arg("dx"), py::arg("dvalues"),
+        py::arg("col"), py::arg("t_crow"), py::arg("t_row"), py::arg("t_perm"), py::arg("dx").noconvert(), py::arg("dvalues").noconvert(),
         py::arg("nthreads"),
         R"(csr_dsd and csr_sdd in one call: dx[B, in] = dy @ W and dvalues = the weight gradient on the mask.
 

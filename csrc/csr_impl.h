@@ -13,9 +13,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <new>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -89,6 +91,35 @@ inline int thread_count() {
   return 1;
 #endif
 }
+
+// an exception must not leave an omp parallel region (that is std::terminate), but the per-thread
+// blocked index and accumulators are allocated inside one. each thread runs its allocations
+// through run(), before the region's first barrier (the pack); after that barrier every thread
+// sees failed() and skips the kernel, so all threads still meet the same barriers, and the
+// caller rethrows the first exception (std::bad_alloc -> MemoryError) once the region has ended.
+class RegionError {
+ public:
+  template <class F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+#pragma omp critical(sparseops_region_error)
+      {
+        if (!err_) err_ = std::current_exception();
+      }
+      failed_.store(true);
+    }
+  }
+  bool failed() const { return failed_.load(); }
+  void rethrow() const {
+    if (err_) std::rethrow_exception(err_);
+  }
+
+ private:
+  std::atomic<bool> failed_{false};
+  std::exception_ptr err_;
+};
 
 // contiguous row ranges balanced by cost = nonzeros + ROW_COST per row (the output store).
 // no barriers between rows: each thread owns its rows for the whole call.
@@ -257,6 +288,8 @@ inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx
       for (int64_t c = 0; c < nch; ++c) {
         const int64_t j = q * nch + c * RBs + (r - q);
         const int64_t d = off[j], len = off[j + 1] - d, s = src[j];
+        // an empty run: no copy, since a thread with no nonzeros has no buffer (memcpy from or to null is UB)
+        if (len == 0) continue;
         std::memcpy(bidx.data() + d, idx + s, static_cast<size_t>(len) * sizeof(int32_t));
         if (!vals) continue;
         if (perm)
@@ -473,7 +506,8 @@ void sdd_rows(const float* pd, const float* px, int64_t B, int64_t out, int64_t 
   for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, acc, t == 0);
   if (m.nch > 1)
     for (int64_t j = 0; j < m.nch * m.R; ++j)
-      std::memcpy(dv + m.src[j], bdv + m.off[j], static_cast<size_t>(m.off[j + 1] - m.off[j]) * sizeof(float));
+      if (m.off[j + 1] > m.off[j])  // bdv is null when this thread has no nonzeros
+        std::memcpy(dv + m.src[j], bdv + m.off[j], static_cast<size_t>(m.off[j + 1] - m.off[j]) * sizeof(float));
 }
 
 // the batch-major product shared by dds and dsd: y [B, n] from a [B, K] (strided) and CSR (vals, ptr, idx) [n, K]
@@ -483,15 +517,21 @@ void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, c
   constexpr int BT = 8 * NV;
   const int64_t T = (B + BT - 1) / BT;
   float* p = scratch(P, static_cast<size_t>(T * K * BT));
+  RegionError err;
 #pragma omp parallel num_threads(nthreads)
   {
     int64_t r0, r1;
     row_range(ptr, n, thread_id(), thread_count(), &r0, &r1);
-    const Blocked m =
-        block_rows(block_store(0), ptr, idx, vals, perm, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), K);
-    pack<V, BT>(a, B, K, s0, s1, p);
-    spmm_rows<V, NV>(p, B, K, m, r0, r1, n, bias, y, scratch(ACC, static_cast<size_t>((r1 - r0) * BT)));
+    Blocked m;
+    float* buf = nullptr;
+    err.run([&] {
+      m = block_rows(block_store(0), ptr, idx, vals, perm, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), K);
+      buf = scratch(ACC, static_cast<size_t>((r1 - r0) * BT));
+    });
+    pack<V, BT>(a, B, K, s0, s1, p);  // ends in a barrier
+    if (!err.failed()) spmm_rows<V, NV>(p, B, K, m, r0, r1, n, bias, y, buf);
   }
+  err.rethrow();
 }
 
 template <class V>
@@ -528,16 +568,23 @@ void sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
   const int64_t T = (B + BT - 1) / BT;
   float* pd = scratch(P, static_cast<size_t>(T * out * BT));
   float* px = scratch(PX, static_cast<size_t>(T * in * BT));
+  RegionError err;
 #pragma omp parallel num_threads(nthreads)
   {
     int64_t r0, r1;
     row_range(crow, out, thread_id(), thread_count(), &r0, &r1);
-    const Blocked m =
-        block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), in);
-    pack<V, BT>(dy, B, out, d0, d1, pd);
+    Blocked m;
+    float* bdv = nullptr;
+    err.run([&] {
+      m = block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT),
+                     in);
+      bdv = scratch(ACC, static_cast<size_t>(crow[r1] - crow[r0]));
+    });
+    pack<V, BT>(dy, B, out, d0, d1, pd);  // ends in a barrier
     pack<V, BT>(x, B, in, x0, x1, px);
-    sdd_rows<V, NV>(pd, px, B, out, in, m, r0, crow, dv, scratch(ACC, static_cast<size_t>(crow[r1] - crow[r0])));
+    if (!err.failed()) sdd_rows<V, NV>(pd, px, B, out, in, m, r0, crow, dv, bdv);
   }
+  err.rethrow();
 }
 
 template <class V>
@@ -572,21 +619,32 @@ void backward_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_
   const int64_t T = (B + BT - 1) / BT;
   float* pd = scratch(P, static_cast<size_t>(T * out * BT));
   float* px = scratch(PX, static_cast<size_t>(T * in * BT));
+  RegionError err;
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = thread_id(), nt = thread_count();
     int64_t a0, a1, r0, r1;
     row_range(t_crow, in, tid, nt, &a0, &a1);
     row_range(crow, out, tid, nt, &r0, &r1);
-    const Blocked mt = block_rows(block_store(0), t_crow, t_row, vals, t_perm, a0, a1, BT, T, chunk_rows(BT),
-                                  block_rows_count(BT), out);
-    const Blocked ms =
-        block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), in);
-    pack<V, BT>(dy, B, out, d0, d1, pd);
+    Blocked mt, ms;
+    float* buf = nullptr;
+    float* bdv = nullptr;
+    err.run([&] {
+      mt = block_rows(block_store(0), t_crow, t_row, vals, t_perm, a0, a1, BT, T, chunk_rows(BT), block_rows_count(BT),
+                      out);
+      ms = block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT),
+                      in);
+      buf = scratch(ACC, static_cast<size_t>((a1 - a0) * BT));
+      bdv = scratch(ACC2, static_cast<size_t>(crow[r1] - crow[r0]));
+    });
+    pack<V, BT>(dy, B, out, d0, d1, pd);  // ends in a barrier
     pack<V, BT>(x, B, in, x0, x1, px);
-    spmm_rows<V, NV>(pd, B, out, mt, a0, a1, in, nullptr, dx, scratch(ACC, static_cast<size_t>((a1 - a0) * BT)));
-    sdd_rows<V, NV>(pd, px, B, out, in, ms, r0, crow, dv, scratch(ACC2, static_cast<size_t>(crow[r1] - crow[r0])));
+    if (!err.failed()) {
+      spmm_rows<V, NV>(pd, B, out, mt, a0, a1, in, nullptr, dx, buf);
+      sdd_rows<V, NV>(pd, px, B, out, in, ms, r0, crow, dv, bdv);
+    }
   }
+  err.rethrow();
 }
 
 template <class V>

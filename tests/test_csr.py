@@ -413,6 +413,15 @@ _OUT_SHAPE = {"dds": (_B, _OUT), "dsd": (_B, _IN), "sdd": (5,)}
 
 
 @needs_cpp
+@pytest.mark.parametrize("op", ["dds", "dsd", "sdd"])
+def test_csr_binding_refuses_an_output_it_would_have_to_convert(op):
+    # a converted copy would take the writes and drop them: a list is refused, not copied
+    out = np.full(_OUT_SHAPE[op], np.nan, np.float32).tolist()
+    with pytest.raises(TypeError):
+        _call(op, _valid_binding_args(), out)
+
+
+@needs_cpp
 def test_csr_binding_valid_hand_built_index_matches_dense():
     a = _valid_binding_args()
     y, dx, dv = _nan(_B, _OUT), _nan(_B, _IN), _nan(5)
