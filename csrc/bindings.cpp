@@ -189,8 +189,15 @@ void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
   sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vals, perm, ptr, idx, n, nullptr, DX, threads(nthreads));
 }
 
-void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, const py::array& col, py::array& dvals,
-             int nthreads) {
+// the operands shared by csr_sdd and csr_backward: dy [B, out], x [B, in] and the row-major index
+struct SddArgs {
+  Mat D, X;
+  const int32_t* ptr;
+  const int32_t* idx;
+  int64_t nnz;
+};
+
+SddArgs sdd_args(const py::array& dy, const py::array& x, const py::array& crow, const py::array& col) {
   const Mat D = float_matrix(dy, "dy");
   const Mat X = float_matrix(x, "x");
   if (D.rows != X.rows)
@@ -198,25 +205,27 @@ void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, con
                           std::to_string(D.rows));
   const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", D.cols + 1);
   const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
-  const int64_t nnz = col.shape(0);
-  float* DV = float_output(dvals, "dvalues", nnz, 0, 1);
-  check_csr(ptr, D.cols, idx, nnz, X.cols, "crow", "col");
+  return {D, X, ptr, idx, static_cast<int64_t>(col.shape(0))};
+}
+
+void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, const py::array& col, py::array& dvals,
+             int nthreads) {
+  const SddArgs a = sdd_args(dy, x, crow, col);
+  float* DV = float_output(dvals, "dvalues", a.nnz, 0, 1);
+  check_csr(a.ptr, a.D.cols, a.idx, a.nnz, a.X.cols, "crow", "col");
   py::gil_scoped_release release;
-  sparseops::csr_sdd(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, ptr, idx, DV, threads(nthreads));
+  sparseops::csr_sdd(a.D.p, a.D.rows, a.D.cols, a.D.s0, a.D.s1, a.X.p, a.X.cols, a.X.s0, a.X.s1, a.ptr, a.idx, DV,
+                     threads(nthreads));
 }
 
 // csr_dsd and csr_sdd in one call, with the checks of both; x [B, in] fixes in_features
 void csr_backward(const py::array& dy, const py::array& x, const py::array& values, const py::array& crow,
                   const py::array& col, const py::array& t_crow, const py::array& t_row, const py::array& t_perm,
                   py::array& dx, py::array& dvalues, int nthreads) {
-  const Mat D = float_matrix(dy, "dy");
-  const Mat X = float_matrix(x, "x");
-  if (D.rows != X.rows)
-    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " +
-                          std::to_string(D.rows));
-  const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", D.cols + 1);
-  const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
-  const int64_t nnz = col.shape(0);
+  const SddArgs a = sdd_args(dy, x, crow, col);
+  const Mat &D = a.D, &X = a.X;
+  const int32_t *ptr = a.ptr, *idx = a.idx;
+  const int64_t nnz = a.nnz;
   const float* vals = vector<float>(values, "values", "float32", nnz);
   const int32_t* tptr = vector<int32_t>(t_crow, "t_crow", "int32", X.cols + 1);
   const int32_t* tidx = vector<int32_t>(t_row, "t_row", "int32", nnz);
