@@ -32,8 +32,6 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
                   const int32_t* t_crow, const int32_t* t_row, const int32_t* t_perm, float* dx, float* dvals,
                   int nthreads);
 
-// out[k] = vals[perm[k]]
-void gather_values(const float* vals, const int32_t* perm, int64_t nnz, float* out, int nthreads);
 
 // per-isa entry points (csr_avx2.cpp, csr_portable.cpp)
 void csr_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,

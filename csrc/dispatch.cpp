@@ -71,9 +71,4 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
                         nthreads);
 }
 
-void gather_values(const float* vals, const int32_t* perm, int64_t nnz, float* out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t k = 0; k < nnz; ++k) out[k] = vals[perm[k]];
-}
-
 }  // namespace sparseops
