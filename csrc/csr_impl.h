@@ -22,6 +22,7 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -534,6 +535,18 @@ void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, c
   err.rethrow();
 }
 
+// the tile width for a batch of 8 or more: the fewest 8-lane vectors that hold it, up to 4.
+// f is called with std::integral_constant<int, NV>, so each width is its own instantiation.
+// NOTE: 64 lanes (NV=8, half the tiles and index passes) measured 49.4/53.8 ms vs 49.2/49.5
+// for 32 lanes on dds 4096x4096 B=256 90%, 1 thread (28.9/29.0 vs 27.6/27.5 at 95%): no gain.
+template <class F>
+void with_tile_width(int64_t B, F&& f) {
+  if (B <= 8) f(std::integral_constant<int, 1>{});
+  else if (B <= 16) f(std::integral_constant<int, 2>{});
+  else if (B <= 24) f(std::integral_constant<int, 3>{});
+  else f(std::integral_constant<int, 4>{});
+}
+
 template <class V>
 void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
           const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
@@ -548,16 +561,10 @@ void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const fl
       v = g;
     }
     rows_gather<V>(ac, B, K, v, ptr, idx, n, bias, y, n, nthreads);
-  } else if (B <= 8) {
-    spmm_packed<V, 1>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
-  } else if (B <= 16) {
-    spmm_packed<V, 2>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
-  } else if (B <= 24) {
-    spmm_packed<V, 3>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
   } else {
-    // NOTE: 64 lanes (NV=8, half the tiles and index passes) measured 49.4/53.8 ms vs 49.2/49.5
-    // for 32 lanes on dds 4096x4096 B=256 90%, 1 thread (28.9/29.0 vs 27.6/27.5 at 95%): no gain.
-    spmm_packed<V, 4>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
+    with_tile_width(B, [&](auto nv) {
+      spmm_packed<V, decltype(nv)::value>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
+    });
   }
 }
 
@@ -597,14 +604,10 @@ void sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const 
     const float* dyc = contiguous(dy, B, out, d0, d1, COPY1);
     const float* xc = contiguous(x, B, in, x0, x1, COPY2);
     sdd_gather<V>(dyc, xc, B, out, in, crow, col, dv, nthreads);
-  } else if (B <= 8) {
-    sdd_packed<V, 1>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
-  } else if (B <= 16) {
-    sdd_packed<V, 2>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
-  } else if (B <= 24) {
-    sdd_packed<V, 3>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
   } else {
-    sdd_packed<V, 4>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
+    with_tile_width(B, [&](auto nv) {
+      sdd_packed<V, decltype(nv)::value>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
+    });
   }
 }
 
@@ -654,14 +657,11 @@ void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, c
   if (B < 8) {
     spmm<V>(dy, B, out, d0, d1, vals, t_perm, t_crow, t_row, in, nullptr, dx, nthreads);
     sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
-  } else if (B <= 8) {
-    backward_packed<V, 1>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
-  } else if (B <= 16) {
-    backward_packed<V, 2>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
-  } else if (B <= 24) {
-    backward_packed<V, 3>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
   } else {
-    backward_packed<V, 4>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv, nthreads);
+    with_tile_width(B, [&](auto nv) {
+      backward_packed<V, decltype(nv)::value>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row,
+                                              t_perm, dx, dv, nthreads);
+    });
   }
 }
 

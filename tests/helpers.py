@@ -1,5 +1,6 @@
 """The one assert helper: RMS error relative to an fp64 reference, with a tolerance per dtype."""
 
+import pytest
 import torch
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -45,3 +46,8 @@ def assert_close_rms(actual: torch.Tensor, expected: torch.Tensor, dtype=None, t
             f"{name}: relative RMS error {rel:.3e} > {tol:.1e} ({str(dtype)}); worst at {widx}: "
             f"actual {a[tuple(widx)].item():.6g}, expected {e[tuple(widx)].item():.6g}"
         )
+
+
+def shape_param(batch, in_f, out_f, sparsity):
+    """A ``pytest.param`` of a product's shape with a readable id, e.g. ``B37-in1000-out3-sp0.9``."""
+    return pytest.param(batch, in_f, out_f, sparsity, id=f"B{batch}-in{in_f}-out{out_f}-sp{sparsity}")

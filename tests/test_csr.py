@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_rms
+from helpers import assert_close_rms, shape_param
 
 import sparseops
 import sparseops.ops.csr as ops_csr
@@ -92,8 +92,6 @@ class Case:
         return (dy.double().T @ x.double())[self.mask]
 
 
-def _shape(batch, in_f, out_f, sparsity):
-    return pytest.param(batch, in_f, out_f, sparsity, id=f"B{batch}-in{in_f}-out{out_f}-sp{sparsity}")
 
 
 def _special(batch, in_f, out_f, kind):
@@ -103,26 +101,26 @@ def _special(batch, in_f, out_f, kind):
 # the C++ takes gathers for B < 8, batch-major tiles of 8 / 16 / 24 lanes up to B = 24 and 32
 # lanes beyond; in = 1000 sweeps several column chunks of a packed tile.
 SHAPES = [
-    _shape(1, 1, 1, 0.0),
-    _shape(1, 1000, 37, 0.5),
-    _shape(3, 37, 3, 0.5),
-    _shape(5, 3, 1000, 0.5),
-    _shape(5, 37, 37, 0.99),
-    _shape(8, 37, 37, 0.5),
-    _shape(8, 1000, 3, 0.99),
-    _shape(9, 3, 37, 0.0),
-    _shape(9, 37, 1000, 0.5),
-    _shape(16, 1, 3, 0.0),
-    _shape(16, 1000, 37, 0.5),
-    _shape(17, 37, 37, 0.5),
-    _shape(17, 3, 1000, 0.99),
-    _shape(24, 37, 3, 0.5),
-    _shape(25, 37, 37, 0.0),
-    _shape(37, 1000, 3, 0.5),
-    _shape(37, 37, 37, 0.99),
-    _shape(64, 1000, 37, 0.5),
-    _shape(64, 3, 3, 0.0),
-    _shape(64, 1000, 1000, 0.99),
+    shape_param(1, 1, 1, 0.0),
+    shape_param(1, 1000, 37, 0.5),
+    shape_param(3, 37, 3, 0.5),
+    shape_param(5, 3, 1000, 0.5),
+    shape_param(5, 37, 37, 0.99),
+    shape_param(8, 37, 37, 0.5),
+    shape_param(8, 1000, 3, 0.99),
+    shape_param(9, 3, 37, 0.0),
+    shape_param(9, 37, 1000, 0.5),
+    shape_param(16, 1, 3, 0.0),
+    shape_param(16, 1000, 37, 0.5),
+    shape_param(17, 37, 37, 0.5),
+    shape_param(17, 3, 1000, 0.99),
+    shape_param(24, 37, 3, 0.5),
+    shape_param(25, 37, 37, 0.0),
+    shape_param(37, 1000, 3, 0.5),
+    shape_param(37, 37, 37, 0.99),
+    shape_param(64, 1000, 37, 0.5),
+    shape_param(64, 3, 3, 0.0),
+    shape_param(64, 1000, 1000, 0.99),
     _special(3, 37, 37, "holed"),
     _special(17, 37, 37, "holed"),
     _special(37, 1000, 37, "holed"),
@@ -217,7 +215,7 @@ def _broadcast_rows(t):
 
 
 LAYOUTS = {"transposed": _transposed_view, "column-slice": _column_slice}
-STRIDED = [_shape(3, 37, 37, 0.5), _shape(9, 37, 37, 0.5), _shape(37, 1000, 37, 0.5)]
+STRIDED = [shape_param(3, 37, 37, 0.5), shape_param(9, 37, 37, 0.5), shape_param(37, 1000, 37, 0.5)]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -294,7 +292,7 @@ def test_conftest_poisoning_reaches_op_outputs(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "batch,in_f,out_f,kind",
-    [_shape(3, 37, 5, 0.5), _shape(37, 1000, 37, 0.5), _special(9, 37, 37, "holed")],
+    [shape_param(3, 37, 5, 0.5), shape_param(37, 1000, 37, 0.5), _special(9, 37, 37, "holed")],
 )
 def test_csr_ops_other_dtypes_match_dense(batch, in_f, out_f, kind, dtype):
     c = Case(batch, in_f, out_f, kind, dtype=dtype)
@@ -308,7 +306,7 @@ def test_csr_ops_other_dtypes_match_dense(batch, in_f, out_f, kind, dtype):
 @pytest.mark.parametrize("chunk", [1 << 20, 64], ids=["one-chunk", "many-chunks"])
 @pytest.mark.parametrize(
     "batch,in_f,out_f,kind",
-    [_shape(5, 37, 11, 0.5), _special(7, 37, 37, "holed"), _special(3, 9, 4, "empty"), _shape(1, 1, 1, 0.0)],
+    [shape_param(5, 37, 11, 0.5), _special(7, 37, 37, "holed"), _special(3, 9, 4, "empty"), shape_param(1, 1, 1, 0.0)],
 )
 def test_reference_csr_matches_dense_fp64(monkeypatch, batch, in_f, out_f, kind, chunk):
     monkeypatch.setattr(reference_csr, "_CHUNK_ELEMS", chunk)
@@ -354,7 +352,7 @@ def test_csr_ops_opcheck(op, args):
 # ---- threads ----
 
 
-@pytest.mark.parametrize("batch,in_f,out_f,sparsity", [_shape(3, 1000, 37, 0.5), _shape(37, 1000, 37, 0.5)])
+@pytest.mark.parametrize("batch,in_f,out_f,sparsity", [shape_param(3, 1000, 37, 0.5), shape_param(37, 1000, 37, 0.5)])
 def test_csr_ops_same_result_for_any_thread_count(isa, batch, in_f, out_f, sparsity):
     c = Case(batch, in_f, out_f, sparsity)
     prev = torch.get_num_threads()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_close_rms
+from helpers import assert_close_rms, shape_param
 
 from sparseops.formats.csr import CSRWeight
 from sparseops.kernels import csr as K
@@ -65,23 +65,21 @@ def _sdd_ref(fmt, ref):
     return R.csr_sdd(ref["dy"], ref["x"], fmt.row, fmt.col)
 
 
-def _shape(batch, in_f, out_f, sparsity):
-    return pytest.param(batch, in_f, out_f, sparsity, id=f"B{batch}-in{in_f}-out{out_f}-sp{sparsity}")
 
 
 # 37 is past one 32-wide tile and two 16-wide chunks, so every tail mask is hit
 SHAPES = [
-    _shape(1, 1, 1, 0.0),
-    _shape(1, 37, 3, 0.5),
-    _shape(1, 37, 37, 0.5),
-    _shape(3, 3, 37, 0.5),
-    _shape(3, 37, 37, 0.99),
-    _shape(37, 1, 3, 0.0),
-    _shape(37, 3, 37, 0.5),
-    _shape(37, 37, 1, 0.5),
-    _shape(37, 37, 37, 0.0),
-    _shape(37, 37, 37, 0.99),
-    _shape(37, 100, 64, 0.5),
+    shape_param(1, 1, 1, 0.0),
+    shape_param(1, 37, 3, 0.5),
+    shape_param(1, 37, 37, 0.5),
+    shape_param(3, 3, 37, 0.5),
+    shape_param(3, 37, 37, 0.99),
+    shape_param(37, 1, 3, 0.0),
+    shape_param(37, 3, 37, 0.5),
+    shape_param(37, 37, 1, 0.5),
+    shape_param(37, 37, 37, 0.0),
+    shape_param(37, 37, 37, 0.99),
+    shape_param(37, 100, 64, 0.5),
 ]
 
 
@@ -105,7 +103,7 @@ def test_sdd(batch, in_f, out_f, sparsity):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("batch, in_f, out_f, sparsity", [_shape(3, 37, 3, 0.5), _shape(37, 37, 37, 0.5)])
+@pytest.mark.parametrize("batch, in_f, out_f, sparsity", [shape_param(3, 37, 3, 0.5), shape_param(37, 37, 37, 0.5)])
 def test_half_dtypes(batch, in_f, out_f, sparsity, dtype):
     fmt, t, ref = _case(_random_mask(out_f, in_f, sparsity), batch, dtype)
     y, dx, dv = _dds(fmt, t, True), _dsd(fmt, t), _sdd(fmt, t)
