@@ -1,8 +1,11 @@
-"""Print the ratio table of the CSR benchmarks: dense/sparse and anchor/sparseops, from one run.
+"""Print the ratio table of a benchmark suite, from one run.
 
     python bench/ratio.py                  # runs bench_csr.py with pytest-benchmark, then prints
     python bench/ratio.py --json run.json  # prints from an earlier --benchmark-json file
     python bench/ratio.py -k "B256"        # passes -k through to pytest
+    python bench/ratio.py --suite fewbit   # bench_fewbit.py: torch's activation / few-bit one
+
+For csr: dense/sparse and anchor/sparseops. For fewbit: torch time / few-bit time per bit count.
 
 Ratios use the median time of each case. Every provider of a case runs back to back in the
 same pytest session, so the ratios compare like with like on a noisy machine.
@@ -21,12 +24,42 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def run_suite(json_path: Path, keyword: str | None) -> None:
-    cmd = [sys.executable, "-m", "pytest", str(HERE / "bench_csr.py"), "--benchmark-only", "-q", "-p", "no:cacheprovider"]
+def run_suite(json_path: Path, keyword: str | None, suite: str = "csr") -> None:
+    cmd = [sys.executable, "-m", "pytest", str(HERE / f"bench_{suite}.py"), "--benchmark-only", "-q", "-p", "no:cacheprovider"]
     cmd += [f"--benchmark-json={json_path}", "--benchmark-columns=median,iqr,rounds"]
     if keyword:
         cmd += ["-k", keyword]
     subprocess.run(cmd, check=True, cwd=HERE)
+
+
+def load_fewbit(json_path: Path):
+    data = json.loads(json_path.read_text())
+    table = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        table[(e["activation"], e["dtype"], e["n"])][e["provider"]] = b["stats"]["median"] * 1e3
+    return data.get("machine_info", {}), table
+
+
+def render_fewbit(machine, table) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    bits = ["fewbit1", "fewbit2", "fewbit3", "fewbit4"]
+    lines = [
+        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; forward+backward medians (ms); "
+        "ratio = torch / few-bit, > 1 means the few-bit activation is faster",
+        "",
+        "| activation | dtype | n | torch ms | " + " | ".join(f"{b[-1]}-bit ms" for b in bits) + " | "
+        + " | ".join(f"torch/{b[-1]}-bit" for b in bits) + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(bits)),
+    ]
+    for key in sorted(table):
+        act, dtype, n = key
+        t = table[key]
+        ref = t.get("torch")
+        times = " | ".join(f"{t[b]:.2f}" if b in t else "-" for b in bits)
+        ratios = " | ".join(fmt_ratio(ref, t.get(b)) if b in t else "-" for b in bits)
+        lines.append(f"| {act} | {dtype.split('.')[-1]} | {n} | {ref:.2f} | {times} | {ratios} |")
+    return "\n".join(lines)
 
 
 def load(json_path: Path):
@@ -69,13 +102,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running the suite")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     ap.add_argument("--save", type=Path, help="also write the JSON of the run here")
+    ap.add_argument("--suite", choices=["csr", "fewbit"], default="csr", help="which bench_<suite>.py (default csr)")
     args = ap.parse_args()
     if args.json:
         path = args.json
     else:
-        path = args.save or Path(tempfile.mkdtemp()) / "bench_csr.json"
-        run_suite(path.resolve(), args.keyword)
-    print(render(*load(path)))
+        path = args.save or Path(tempfile.mkdtemp()) / f"bench_{args.suite}.json"
+        run_suite(path.resolve(), args.keyword, args.suite)
+    if args.suite == "fewbit":
+        print(render_fewbit(*load_fewbit(path)))
+    else:
+        print(render(*load(path)))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "csr.h"
+#include "fewbit.h"
 
 namespace py = pybind11;
 using sparseops::Isa;
@@ -244,6 +246,77 @@ void csr_backward(const py::array& dy, const py::array& x, const py::array& valu
                           DX, DV, threads(nthreads));
 }
 
+// ---- few-bit codes ----
+
+sparseops::FewbitDtype fewbit_dtype(const std::string& dtype) {
+  if (dtype == "float32") return sparseops::FewbitDtype::f32;
+  if (dtype == "bfloat16") return sparseops::FewbitDtype::bf16;
+  if (dtype == "float16") return sparseops::FewbitDtype::f16;
+  throw py::value_error("dtype: expected 'float32', 'bfloat16' or 'float16', got '" + dtype + "'");
+}
+
+// an array of any shape holding elements of `dtype` (16-bit floats arrive as an int16/uint16 view)
+int64_t element_array(const py::array& a, const char* name, sparseops::FewbitDtype dt) {
+  const bool ok = dt == sparseops::FewbitDtype::f32
+                      ? a.dtype().is(py::dtype::of<float>())
+                      : a.dtype().is(py::dtype::of<int16_t>()) || a.dtype().is(py::dtype::of<uint16_t>());
+  if (!ok)
+    throw py::type_error(std::string(name) + ": expected " +
+                         (dt == sparseops::FewbitDtype::f32 ? "a float32 array" : "an int16/uint16 view of 16-bit floats") +
+                         ", got dtype " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  check_aligned(a, name);
+  return static_cast<int64_t>(a.size());
+}
+
+int check_bits(int bits) {
+  if (bits < 1 || bits > 4) throw py::value_error("bits: expected 1, 2, 3 or 4, got " + std::to_string(bits));
+  return bits;
+}
+
+uint32_t* codes_array(py::array& codes, int64_t n, int bits, bool output) {
+  const int64_t want = (n + 31) / 32 * bits;
+  check_dtype<int32_t>(codes, "codes", "int32");
+  if (codes.ndim() != 1 || codes.shape(0) != want)
+    throw py::value_error("codes: expected shape (" + std::to_string(want) + ",) for " + std::to_string(n) +
+                          " elements at " + std::to_string(bits) + " bits, got " + shape_str(codes));
+  if (!(codes.flags() & py::array::c_style)) throw py::value_error("codes: must be contiguous");
+  check_aligned(codes, "codes");
+  if (output && !codes.writeable()) throw py::value_error("codes: must be writeable");
+  return static_cast<uint32_t*>(output ? codes.mutable_data() : const_cast<void*>(codes.data()));
+}
+
+void fewbit_pack(const py::array& x, const std::string& dtype, const py::array& borders, int bits, py::array& codes,
+                 int nthreads) {
+  const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
+  check_bits(bits);
+  const int64_t n = element_array(x, "x", dt);
+  const int64_t nb = (int64_t{1} << bits) - 1;
+  const float* b = vector<float>(borders, "borders", "float32", nb);
+  for (int64_t k = 0; k < nb; ++k) {
+    if (std::isnan(b[k])) throw py::value_error("borders: entry " + std::to_string(k) + " is nan");
+    if (k && b[k] < b[k - 1]) throw py::value_error("borders: must be sorted (non-decreasing) at " + std::to_string(k));
+  }
+  uint32_t* c = codes_array(codes, n, bits, true);
+  py::gil_scoped_release release;
+  sparseops::fewbit_pack(x.data(), dt, n, b, bits, c, threads(nthreads));
+}
+
+void fewbit_unpack(const py::array& grad, const std::string& dtype, py::array& codes, const py::array& levels, int bits,
+                   py::array& out, int nthreads) {
+  const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
+  check_bits(bits);
+  const int64_t n = element_array(grad, "grad", dt);
+  const float* l = vector<float>(levels, "levels", "float32", int64_t{1} << bits);
+  const uint32_t* c = codes_array(codes, n, bits, false);
+  if (element_array(out, "out", dt) != n || !out.dtype().is(grad.dtype()))
+    throw py::value_error("out: expected " + std::to_string(n) + " elements of grad's dtype, got " +
+                          std::to_string(out.size()) + " of " + std::string(py::str(out.dtype())));
+  if (!out.writeable()) throw py::value_error("out: must be writeable");
+  py::gil_scoped_release release;
+  sparseops::fewbit_unpack(grad.data(), dt, c, n, l, bits, out.mutable_data(), threads(nthreads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -268,6 +341,20 @@ that is fully overwritten. Raises TypeError/ValueError on a bad dtype, shape or 
 
 dy [B, out] and x [B, in] are float32 with any non-negative strides; dx [B, in] and dvalues [nnz]
 are C-contiguous float32 outputs, fully overwritten. dy is packed once for both products.)");
+  m.def("fewbit_pack", &fewbit_pack, py::arg("x"), py::arg("dtype"), py::arg("borders"), py::arg("bits"),
+        py::arg("codes").noconvert(), py::arg("nthreads"),
+        R"(codes = the bit-packed interval index of every element of x (Few-Bit Backward).
+
+x: C-contiguous float32 array, or an int16/uint16 view of bfloat16/float16 data (dtype names which).
+The code of an element is the number of borders [2^bits - 1, sorted float32] it exceeds (nan -> 0).
+codes: int32 output of ceil(x.size / 32) * bits words; group g of 32 elements owns words
+[g*bits, g*bits + bits), and bit i of word j is bit j of element 32g+i's code.)");
+  m.def("fewbit_unpack", &fewbit_unpack, py::arg("grad"), py::arg("dtype"), py::arg("codes"), py::arg("levels"),
+        py::arg("bits"), py::arg("out").noconvert(), py::arg("nthreads"),
+        R"(out = grad * levels[code] elementwise, the product rounded once to grad's dtype.
+
+grad and out: C-contiguous arrays of the same dtype and size (see fewbit_pack); codes as made by
+fewbit_pack for that size and bits; levels: 2^bits float32.)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "csr.h"
+#include "fewbit.h"
 
 namespace sparseops {
 namespace {
@@ -11,7 +12,10 @@ namespace {
 Isa detect() {
 #if defined(SPARSEOPS_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  // f16c (the fp16 loads and stores of the few-bit kernels) came with avx2 on every x86 cpu, but
+  // is checked all the same
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::avx2;
 #endif
   return Isa::portable;
 }
@@ -69,6 +73,22 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
 #endif
   csr_backward_portable(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dvals,
                         nthreads);
+}
+
+void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
+                 int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return fewbit_pack_avx2(x, dt, n, borders, bits, codes, nthreads);
+#endif
+  fewbit_pack_portable(x, dt, n, borders, bits, codes, nthreads);
+}
+
+void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n, const float* levels, int bits,
+                   void* out, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return fewbit_unpack_avx2(grad, dt, codes, n, levels, bits, out, nthreads);
+#endif
+  fewbit_unpack_portable(grad, dt, codes, n, levels, bits, out, nthreads);
 }
 
 }  // namespace sparseops

@@ -4,7 +4,9 @@
 //   V::zero(), V::load(p), V::store(p, a), V::bcast(s), V::fma(a, b, c) = a*b+c,
 //   V::add(a, b), V::sum(a) -> float, V::gather(base, idx[8]),
 //   V::hsum8(a[8]) -> lane m holds the sum of a[m]'s lanes,
-//   V::transpose8(a[8]) -> in place, a[j].lane[m] becomes a[m].lane[j] (an 8x8 block).
+//   V::transpose8(a[8]) -> in place, a[j].lane[m] becomes a[m].lane[j] (an 8x8 block),
+//   and for the few-bit codes: integer lanes (ireg), count_gt, bitplane, decode, lookup, and
+//   loads/stores of bf16 and fp16 (the avx2 path needs f16c, checked with avx2 and fma).
 // VecAVX2 is compiled only in translation units built with -mavx2 -mfma; VecPortable
 // is plain C++ that any compiler vectorises for its baseline ISA. the choice between
 // them is made at run time (see dispatch.cpp), never with -march=native.
@@ -12,12 +14,58 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #if defined(SPARSEOPS_AVX2)
 #include <immintrin.h>
 #endif
 
 namespace sparseops {
+
+// scalar conversions between float and the 16-bit float formats, bit-exact with torch's
+// (round to nearest even; every nan becomes torch's canonical quiet nan for bf16).
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+inline uint16_t f32_to_bf16(float f) {
+  if (f != f) return 0x7fc0;
+  const uint32_t u = f32_bits(f);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {
+    // zero or subnormal: m * 2^-24 is exact in float
+    const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  if (e == 31) return bits_f32(sign | 0x7f800000u | (m << 13));
+  return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00 : 0x7c00);
+  if (a >= 0x477ff000u) return sign | 0x7c00;  // 65520 and up round to inf
+  if (a < 0x38800000u) {
+    // below the smallest normal half: adding 0.5 puts the value where one float ulp is one
+    // half subnormal ulp (2^-24), so the fpu does the round-to-nearest-even
+    const float r = bits_f32(a) + 0.5f;
+    return sign | static_cast<uint16_t>(f32_bits(r) - 0x3f000000u);
+  }
+  // rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even
+  return sign | static_cast<uint16_t>((a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13);
+}
 
 struct VecPortable {
   struct reg {
@@ -79,6 +127,66 @@ struct VecPortable {
         a[m].v[j] = t;
       }
   }
+
+  // ---- few-bit codes (see fewbit_impl.h): integer lanes, bit planes, table lookups ----
+  struct ireg {
+    int32_t v[8];
+  };
+  static inline reg mul(const reg& a, const reg& b) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  // lane i: how many of the nb borders x.v[i] exceeds (false for nan)
+  static inline ireg count_gt(const reg& x, const reg* b, int nb) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) {
+      int32_t n = 0;
+      for (int k = 0; k < nb; ++k) n += x.v[i] > b[k].v[i];
+      c.v[i] = n;
+    }
+    return c;
+  }
+  // bit i of the result is bit j of lane i
+  static inline uint32_t bitplane(const ireg& c, int j) {
+    uint32_t m = 0;
+    for (int i = 0; i < 8; ++i) m |= ((static_cast<uint32_t>(c.v[i]) >> j) & 1u) << i;
+    return m;
+  }
+  // lane i: sum_j bit (shift + i) of w[j], shifted to bit j
+  template <int BITS>
+  static inline ireg decode(const uint32_t* w, int shift) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) {
+      int32_t n = 0;
+      for (int j = 0; j < BITS; ++j) n |= static_cast<int32_t>((w[j] >> (shift + i)) & 1u) << j;
+      c.v[i] = n;
+    }
+    return c;
+  }
+  // lane i: levels[c.v[i]], with lv[0] = levels[0..8) and lv[1] = levels[8..16); c < 2^BITS <= 16
+  template <int BITS>
+  static inline reg lookup(const reg* lv, const ireg& c) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = lv[c.v[i] >> 3].v[c.v[i] & 7];
+    return r;
+  }
+  static inline reg load_bf16(const uint16_t* p) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_f32(p[i]);
+    return r;
+  }
+  static inline void store_bf16(uint16_t* p, const reg& a) {
+    for (int i = 0; i < 8; ++i) p[i] = f32_to_bf16(a.v[i]);
+  }
+  static inline reg load_f16(const uint16_t* p) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = f16_to_f32(p[i]);
+    return r;
+  }
+  static inline void store_f16(uint16_t* p, const reg& a) {
+    for (int i = 0; i < 8; ++i) p[i] = f32_to_f16(a.v[i]);
+  }
 };
 
 #if defined(SPARSEOPS_AVX2)
@@ -131,6 +239,59 @@ struct VecAVX2 {
     a[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
     a[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
     a[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+  }
+
+  // ---- few-bit codes (see VecPortable for the meaning of each) ----
+  using ireg = __m256i;
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline ireg count_gt(reg x, const reg* b, int nb) {
+    // a true compare is all ones, i.e. -1: subtracting it counts
+    __m256i c = _mm256_setzero_si256();
+    for (int k = 0; k < nb; ++k) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(x, b[k], _CMP_GT_OQ)));
+    return c;
+  }
+  static inline uint32_t bitplane(ireg c, int j) {
+    return static_cast<uint32_t>(
+        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_sll_epi32(c, _mm_cvtsi32_si128(31 - j)))));
+  }
+  template <int BITS>
+  static inline ireg decode(const uint32_t* w, int shift) {
+    const __m256i sh = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(shift));
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[0])), sh), one);
+    for (int j = 1; j < BITS; ++j) {
+      const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[j])), sh), one);
+      c = _mm256_or_si256(c, _mm256_sllv_epi32(bit, _mm256_set1_epi32(j)));
+    }
+    return c;
+  }
+  template <int BITS>
+  static inline reg lookup(const reg* lv, ireg c) {
+    const __m256 lo = _mm256_permutevar8x32_ps(lv[0], c);
+    if (BITS <= 3) return lo;
+    // bit 3 of the code picks the upper table; blendv reads the sign bit
+    const __m256 hi = _mm256_permutevar8x32_ps(lv[1], c);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+  }
+  static inline reg load_bf16(const uint16_t* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+  static inline void store_bf16(uint16_t* p, reg a) {
+    const __m256i u = _mm256_castps_si256(a);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    // 32 -> 16 bits: packus works per 128-bit half, permute4x64 puts the two halves together
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  static inline reg load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline void store_f16(uint16_t* p, reg a) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
 #endif

@@ -9,7 +9,8 @@ transpose, dW only on the mask.
     >>> y = layer(torch.randn(8, 1024))
 """
 
-from . import formats, masks, ops, patterns, reference  # noqa: F401
+from . import fewbit, formats, masks, ops, patterns, reference  # noqa: F401
+from . import nn  # noqa: F401
 from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
 from .api import sparsify_
@@ -25,6 +26,8 @@ __all__ = [
     "NM",
     "FanIn",
     "masks",
+    "fewbit",
+    "nn",
     "formats",
     "patterns",
     "ops",

@@ -30,7 +30,8 @@ def _seed():
 def _poison_empty(monkeypatch):
     """Allocations made through torch.empty* inside sparseops come back filled with NaN.
 
-    An output element that no kernel writes then fails every comparison.
+    An output element that no kernel writes then fails every comparison. Integer buffers
+    (index arrays, few-bit codes) are filled with 0x5A5A5A5A-style garbage for the same reason.
     """
     import sys
 
@@ -39,6 +40,8 @@ def _poison_empty(monkeypatch):
             t = fn(*args, **kwargs)
             if t.is_floating_point() and t.numel():
                 t.fill_(float("nan"))
+            elif t.dtype in (torch.int32, torch.int64) and t.numel():
+                t.fill_(0x5A5A5A5A)
             return t
 
         return poisoned

@@ -1,5 +1,14 @@
 """torch.autograd.Function per layer kind, written in terms of sparseops ops."""
 
 from .csr import SparseLinearFunction, check_input, sparse_linear
+from .fewbit import FewBitActivationFunction, SparseLinearFewBitFunction, fewbit_activation, sparse_linear_fewbit
 
-__all__ = ["SparseLinearFunction", "check_input", "sparse_linear"]
+__all__ = [
+    "SparseLinearFunction",
+    "check_input",
+    "sparse_linear",
+    "FewBitActivationFunction",
+    "SparseLinearFewBitFunction",
+    "fewbit_activation",
+    "sparse_linear_fewbit",
+]

@@ -28,18 +28,27 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, values, crow, col, row, t_crow, t_row, t_perm = ctx.saved_tensors
-        need_x, need_v, need_b = ctx.needs_input_grad[:3]
-        dx = dv = db = None
-        if need_x and need_v:
-            # one pass packs dy for both products
-            dx, dv = csr_ops.backward(dy, x, values, crow, col, row, t_crow, t_row, t_perm)
-        elif need_x:
-            dx = csr_ops.dsd(dy, values, t_crow, t_row, t_perm, ctx.in_features)
-        elif need_v:
-            dv = csr_ops.sdd(dy, x, crow, col, row)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
+        dx, dv, db = linear_grads(
+            ctx.needs_input_grad[:3], dy, x, values, crow, col, row, t_crow, t_row, t_perm, ctx.in_features,
+            ctx.has_bias,
+        )
         return dx, dv, db, None, None, None, None, None, None, None, None
+
+
+def linear_grads(needs, dy, x, values, crow, col, row, t_crow, t_row, t_perm, in_features: int, has_bias: bool):
+    """``(dx, dvalues, dbias)`` of ``y = x Wᵀ + b`` for the gradients ``needs`` asks for (else None)."""
+    need_x, need_v, need_b = needs
+    dx = dv = db = None
+    if need_x and need_v:
+        # one pass packs dy for both products
+        dx, dv = csr_ops.backward(dy, x, values, crow, col, row, t_crow, t_row, t_perm)
+    elif need_x:
+        dx = csr_ops.dsd(dy, values, t_crow, t_row, t_perm, in_features)
+    elif need_v:
+        dv = csr_ops.sdd(dy, x, crow, col, row)
+    if need_b and has_bias:
+        db = dy.sum(0)
+    return dx, dv, db
 
 
 def check_input(x, in_features: int, values: Tensor) -> None:

@@ -1,5 +1,45 @@
 """Modules: SparseLinear and the sparse/few-bit layers that build on it."""
 
+from .activation import (
+    FewBitActivation,
+    FewBitCELU,
+    FewBitELU,
+    FewBitGELU,
+    FewBitHardsigmoid,
+    FewBitHardswish,
+    FewBitHardtanh,
+    FewBitLeakyReLU,
+    FewBitLogSigmoid,
+    FewBitMish,
+    FewBitReLU,
+    FewBitReLU6,
+    FewBitSELU,
+    FewBitSigmoid,
+    FewBitSiLU,
+    FewBitSoftplus,
+    FewBitSoftsign,
+    FewBitTanh,
+)
 from .linear import SparseLinear
 
-__all__ = ["SparseLinear"]
+__all__ = [
+    "SparseLinear",
+    "FewBitActivation",
+    "FewBitGELU",
+    "FewBitSiLU",
+    "FewBitTanh",
+    "FewBitSigmoid",
+    "FewBitSoftplus",
+    "FewBitELU",
+    "FewBitSELU",
+    "FewBitCELU",
+    "FewBitMish",
+    "FewBitLogSigmoid",
+    "FewBitHardswish",
+    "FewBitSoftsign",
+    "FewBitReLU",
+    "FewBitLeakyReLU",
+    "FewBitReLU6",
+    "FewBitHardtanh",
+    "FewBitHardsigmoid",
+]

@@ -7,7 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..autograd import sparse_linear
+from ..autograd import sparse_linear, sparse_linear_fewbit
+from ..fewbit.functional import check_bits, default_bits, table_bits
+from ..fewbit.table import ACTIVATIONS
 from ..formats import INDEX_DTYPE, CSRWeight
 from ..masks import for_pattern
 from ..patterns import as_pattern
@@ -51,6 +53,10 @@ class SparseLinear(nn.Module):
             must satisfy ``pattern``.
         pattern: ``"unstructured"`` (the default), ``NM(n, m, transposable=False)`` or ``"n:m"``,
             or ``FanIn(k)``. Every pattern is stored as CSR for now.
+        activation: None, or a name of ``sparseops.fewbit.ACTIVATIONS`` (torch's default
+            parameters): the layer then computes ``act(x Wᵀ + b)`` in one op and saves the
+            ``act_bits``-bit codes of ``x Wᵀ + b`` for backward instead of the pre-activation.
+        act_bits: 1 to 4; default 2, or the exact count (1 or 2) for piecewise-linear activations.
         device, dtype: as ``nn.Linear``.
 
     Raises:
@@ -66,10 +72,13 @@ class SparseLinear(nn.Module):
         sparsity: float | None = None,
         mask: Tensor | None = None,
         pattern="unstructured",
+        activation: str | None = None,
+        act_bits: int | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        self._set_activation(activation, act_bits, device)
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.pattern = as_pattern(pattern)
@@ -86,6 +95,21 @@ class SparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._pack(weight, mask)
+
+    def _set_activation(self, activation, act_bits, device) -> None:
+        if activation is None:
+            if act_bits is not None:
+                raise ValueError("act_bits: only meaningful with an activation, got activation=None")
+            self.activation, self.act_bits = None, None
+            return
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.act_bits = check_bits(default_bits(activation) if act_bits is None else act_bits, "act_bits")
+        borders, levels = table_bits(activation, self.act_bits)
+        # fp32 bit patterns in int32: .to(dtype) must not round the table (see nn.activation)
+        self.register_buffer("act_borders_bits", borders.to(device), persistent=False)
+        self.register_buffer("act_levels_bits", levels.to(device), persistent=False)
 
     def _pack(self, weight: Tensor, mask: Tensor) -> None:
         fmt, values = CSRWeight.from_dense(weight.detach(), mask)
@@ -104,9 +128,18 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, linear: nn.Linear, sparsity: float | None = None, *, mask: Tensor | None = None, pattern="unstructured"
+        cls,
+        linear: nn.Linear,
+        sparsity: float | None = None,
+        *,
+        mask: Tensor | None = None,
+        pattern="unstructured",
+        activation: str | None = None,
+        act_bits: int | None = None,
     ) -> "SparseLinear":
         """Sparsify a trained ``nn.Linear``: magnitude-prune to ``sparsity``, or keep ``mask``.
+
+        ``activation``/``act_bits`` fuse a few-bit activation after it, as in the constructor.
 
         Returns:
             a SparseLinear on the linear's device and dtype, holding its weights on the mask and its bias.
@@ -125,6 +158,7 @@ class SparseLinear(nn.Module):
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.pattern = pat
+        layer._set_activation(activation, act_bits, w.device)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
         else:
@@ -159,7 +193,7 @@ class SparseLinear(nn.Module):
         return self.format.to_dense(self.values)
 
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with this layer's weights (zeros off the mask) and bias."""
+        """An ``nn.Linear`` with this layer's weights (zeros off the mask) and bias (without the activation)."""
         lin = nn.Linear(
             self.in_features,
             self.out_features,
@@ -174,12 +208,18 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
-        return sparse_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
+        if self.activation is None:
+            return sparse_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
+        return sparse_linear_fewbit(
+            x, self.values, self._index(), self.bias, self.out_features, self.in_features, self.activation,
+            self.act_borders_bits.view(torch.float32), self.act_levels_bits.view(torch.float32), self.act_bits,
+        )
 
     def extra_repr(self) -> str:
+        act = "" if self.activation is None else f", activation={self.activation}, act_bits={self.act_bits}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"pattern={self.pattern.name}, sparsity={self.sparsity:.4f}, nnz={self.nnz}"
+            f"pattern={self.pattern.name}, sparsity={self.sparsity:.4f}, nnz={self.nnz}{act}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

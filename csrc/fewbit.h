@@ -1,0 +1,35 @@
+// few-bit activation codes on raw pointers (Few-Bit Backward, Novikov et al. 2023). torch-free;
+// the binding checks every size before these run.
+//
+// layout of the codes: elements are taken in groups of 32; group g owns the `bits` 32-bit words
+// codes[g*bits .. g*bits+bits), and bit i of word j is bit j of the code of element 32*g+i. that is
+// b bits an element (8 elements in b bytes), a group decodes with one broadcast and one shift per
+// bit plane, and the unused bits of the last group are zero.
+#pragma once
+
+#include <cstdint>
+
+namespace sparseops {
+
+// the element type of x / grad / out
+enum class FewbitDtype { f32 = 0, bf16 = 1, f16 = 2 };
+
+// codes = pack(code(x)), code(x) = number of borders b[k] with x > b[k] (nan -> 0). borders holds
+// 2^bits - 1 floats, sorted; bits in 1..4.
+void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
+                 int nthreads);
+
+// out[i] = grad[i] * levels[code(i)], the product rounded once to the element type. levels holds
+// 2^bits floats. out may not alias grad.
+void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n, const float* levels, int bits,
+                   void* out, int nthreads);
+
+// per-isa entry points (fewbit_avx2.cpp, fewbit_portable.cpp)
+void fewbit_pack_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
+void fewbit_unpack_portable(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
+#if defined(SPARSEOPS_HAVE_AVX2)
+void fewbit_pack_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
+void fewbit_unpack_avx2(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
+#endif
+
+}  // namespace sparseops

@@ -1,0 +1,156 @@
+// the few-bit kernels, written once over the vector type V of simd.h and instantiated per isa by
+// fewbit_avx2.cpp and fewbit_portable.cpp. both are one streaming pass: pack reads x and writes
+// bits/32 of its bytes, unpack reads grad and the codes and writes out.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "fewbit.h"
+#include "simd.h"
+
+namespace sparseops {
+namespace detail {
+
+// loads and stores of 8 elements of each element type, and scalar ones for the tail
+template <class V, FewbitDtype DT>
+struct Io;
+
+template <class V>
+struct Io<V, FewbitDtype::f32> {
+  using T = float;
+  static typename V::reg load(const T* p) { return V::load(p); }
+  static void store(T* p, const typename V::reg& a) { V::store(p, a); }
+  static float to_float(T v) { return v; }
+  static T from_float(float v) { return v; }
+};
+
+template <class V>
+struct Io<V, FewbitDtype::bf16> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_bf16(p); }
+  static void store(T* p, const typename V::reg& a) { V::store_bf16(p, a); }
+  static float to_float(T v) { return bf16_to_f32(v); }
+  static T from_float(float v) { return f32_to_bf16(v); }
+};
+
+template <class V>
+struct Io<V, FewbitDtype::f16> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_f16(p); }
+  static void store(T* p, const typename V::reg& a) { V::store_f16(p, a); }
+  static float to_float(T v) { return f16_to_f32(v); }
+  static T from_float(float v) { return f32_to_f16(v); }
+};
+
+// NOTE: a group of 32 elements is 128 bytes of fp32; 4096 groups (512 KiB in, 16 KiB of codes at
+// 1 bit) per chunk keep the openmp scheduling cost invisible next to the memory traffic.
+constexpr int64_t kGroupsPerChunk = 4096;
+
+template <class V, FewbitDtype DT, int BITS>
+void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads) {
+  using IO = Io<V, DT>;
+  using T = typename IO::T;
+  constexpr int NB = (1 << BITS) - 1;
+  const T* x = static_cast<const T*>(xv);
+  typename V::reg b[NB];
+  for (int k = 0; k < NB; ++k) b[k] = V::bcast(borders[k]);
+  const int64_t groups = (n + 31) / 32, full = n / 32;
+  const int64_t chunks = (groups + kGroupsPerChunk - 1) / kGroupsPerChunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t g1 = std::min(groups, (c + 1) * kGroupsPerChunk);
+    for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
+      uint32_t w[BITS] = {};
+      if (g < full) {
+        for (int q = 0; q < 4; ++q) {
+          const typename V::ireg code = V::count_gt(IO::load(x + g * 32 + q * 8), b, NB);
+          for (int j = 0; j < BITS; ++j) w[j] |= V::bitplane(code, j) << (8 * q);
+        }
+      } else {
+        // the tail: -inf is above no border, so the unused bits stay zero
+        alignas(32) float buf[32];
+        const int64_t rem = n - g * 32;
+        for (int64_t i = 0; i < 32; ++i)
+          buf[i] = i < rem ? IO::to_float(x[g * 32 + i]) : -std::numeric_limits<float>::infinity();
+        for (int q = 0; q < 4; ++q) {
+          const typename V::ireg code = V::count_gt(V::load(buf + q * 8), b, NB);
+          for (int j = 0; j < BITS; ++j) w[j] |= V::bitplane(code, j) << (8 * q);
+        }
+      }
+      for (int j = 0; j < BITS; ++j) codes[g * BITS + j] = w[j];
+    }
+  }
+}
+
+template <class V, FewbitDtype DT, int BITS>
+void unpack(const void* gv, const uint32_t* codes, int64_t n, const float* levels, void* ov, int nthreads) {
+  using IO = Io<V, DT>;
+  using T = typename IO::T;
+  const T* grad = static_cast<const T*>(gv);
+  T* out = static_cast<T*>(ov);
+  alignas(32) float table[16] = {};
+  for (int k = 0; k < (1 << BITS); ++k) table[k] = levels[k];
+  typename V::reg lv[2] = {V::load(table), V::load(table + 8)};
+  const int64_t groups = (n + 31) / 32, full = n / 32;
+  const int64_t chunks = (groups + kGroupsPerChunk - 1) / kGroupsPerChunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t g1 = std::min(groups, (c + 1) * kGroupsPerChunk);
+    for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
+      const uint32_t* w = codes + g * BITS;
+      if (g < full) {
+        for (int q = 0; q < 4; ++q) {
+          const typename V::reg level = V::template lookup<BITS>(lv, V::template decode<BITS>(w, 8 * q));
+          IO::store(out + g * 32 + q * 8, V::mul(IO::load(grad + g * 32 + q * 8), level));
+        }
+      } else {
+        const int64_t rem = n - g * 32;
+        for (int64_t i = 0; i < rem; ++i) {
+          int code = 0;
+          for (int j = 0; j < BITS; ++j) code |= static_cast<int>((w[j] >> i) & 1u) << j;
+          out[g * 32 + i] = IO::from_float(IO::to_float(grad[g * 32 + i]) * table[code]);
+        }
+      }
+    }
+  }
+}
+
+// bits and dtype are template parameters, so the inner loops are fully unrolled; this turns the
+// run-time pair into one of the 12 instantiations
+template <class F>
+void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
+  auto by_dt = [&](auto b) {
+    switch (dt) {
+      case FewbitDtype::f32: return f(b, std::integral_constant<FewbitDtype, FewbitDtype::f32>{});
+      case FewbitDtype::bf16: return f(b, std::integral_constant<FewbitDtype, FewbitDtype::bf16>{});
+      case FewbitDtype::f16: return f(b, std::integral_constant<FewbitDtype, FewbitDtype::f16>{});
+    }
+  };
+  switch (bits) {
+    case 1: return by_dt(std::integral_constant<int, 1>{});
+    case 2: return by_dt(std::integral_constant<int, 2>{});
+    case 3: return by_dt(std::integral_constant<int, 3>{});
+    default: return by_dt(std::integral_constant<int, 4>{});
+  }
+}
+
+}  // namespace detail
+
+#define SPARSEOPS_FEWBIT_INSTANTIATE(V, SUFFIX)                                                                   \
+  void fewbit_pack_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,            \
+                            uint32_t* codes, int nthreads) {                                                     \
+    detail::with_bits_dtype(bits, dt, [&](auto b, auto d) {                                                      \
+      detail::pack<V, decltype(d)::value, decltype(b)::value>(x, n, borders, codes, nthreads);                   \
+    });                                                                                                          \
+  }                                                                                                              \
+  void fewbit_unpack_##SUFFIX(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n,                \
+                              const float* levels, int bits, void* out, int nthreads) {                          \
+    detail::with_bits_dtype(bits, dt, [&](auto b, auto d) {                                                      \
+      detail::unpack<V, decltype(d)::value, decltype(b)::value>(grad, codes, n, levels, out, nthreads);          \
+    });                                                                                                          \
+  }
+
+}  // namespace sparseops

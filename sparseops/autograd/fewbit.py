@@ -1,0 +1,100 @@
+"""Autograd for few-bit activations, alone and fused after a sparse linear layer.
+
+Forward computes the activation exactly and saves only the packed b-bit codes of its input
+(``ceil(n / 32) * b`` int32 words: b/8 bytes an element) plus the ``2^b`` levels. Backward
+is ``grad_in = grad_out * levels[code]``. Nothing is written in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import fewbit as fewbit_ops
+from .csr import check_input, linear_grads
+
+
+class FewBitActivationFunction(torch.autograd.Function):
+    # the classic forward(ctx, ...) form, for the reason given in autograd/csr.py
+    @staticmethod
+    def forward(ctx, x, fn, borders, levels, bits: int):
+        y = fn(x)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(fewbit_ops.pack(x, borders, bits), levels)
+            ctx.bits = bits
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        codes, levels = ctx.saved_tensors
+        return fewbit_ops.unpack(dy, codes, levels, ctx.bits), None, None, None, None
+
+
+def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int) -> Tensor:
+    """``fn(x)``, differentiable in x through the few-bit table ``(borders, levels)``.
+
+    Args:
+        x: any shape, floating point.
+        fn: the exact forward (e.g. ``torch.nn.functional.gelu``).
+        borders: ``[2^bits - 1]`` fp32 on x's device; levels: ``[2^bits]`` fp32.
+        bits: 1 to 4.
+
+    Returns:
+        ``fn(x)``; its gradient is ``grad * levels[code(x)]``.
+
+    Raises:
+        TypeError: x is not a floating-point tensor.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    return FewBitActivationFunction.apply(x, fn, borders.to(x.device), levels.to(x.device), bits)
+
+
+class SparseLinearFewBitFunction(torch.autograd.Function):
+    """``act(x Wᵀ + b)`` with a CSR weight: saves x, the index and the codes, not ``x Wᵀ + b``."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int,
+                activation: str, borders, levels, bits: int):
+        y, codes = fewbit_ops.dds_fewbit(x, values, crow, col, bias, out_features, activation, borders, bits)
+        ctx.save_for_backward(x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels)
+        ctx.has_bias = bias is not None
+        ctx.in_features = in_features
+        ctx.bits = bits
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels = ctx.saved_tensors
+        dz = fewbit_ops.unpack(dy, codes, levels, ctx.bits)  # [B, out]
+        dx, dv, db = linear_grads(
+            ctx.needs_input_grad[:3], dz, x, values, crow, col, row, t_crow, t_row, t_perm, ctx.in_features,
+            ctx.has_bias,
+        )
+        return (dx, dv, db) + (None,) * 12
+
+
+def sparse_linear_fewbit(
+    x: Tensor, values: Tensor, index: dict, bias: Tensor | None, out_features: int, in_features: int,
+    activation: str, borders: Tensor, levels: Tensor, bits: int,
+) -> Tensor:
+    """``act(x Wᵀ + b)``: :func:`sparseops.autograd.csr.sparse_linear` followed by a few-bit activation, fused.
+
+    Args:
+        x: ``[*, in]``; values, index, bias, out_features, in_features: as ``sparse_linear``.
+        activation: a name of ``sparseops.fewbit.ACTIVATIONS`` (torch's default parameters).
+        borders, levels, bits: the activation's few-bit table (fp32, on x's device).
+
+    Returns:
+        ``[*, out]``.
+    """
+    check_input(x, in_features, values)
+    lead = x.shape[:-1]
+    x2 = x.reshape(lead.numel(), in_features)  # [B, in]
+    y = SparseLinearFewBitFunction.apply(
+        x2, values, bias, index["crow"], index["col"], index["row"], index["t_crow"], index["t_row"],
+        index["t_perm"], out_features, in_features, activation, borders, levels, bits,
+    )
+    return y.reshape(*lead, out_features)

@@ -1,0 +1,207 @@
+"""Functional few-bit activations: ``sparseops.fewbit.gelu(x, bits=2)`` and one per activation.
+
+Each returns exactly what ``torch.nn.functional``'s activation returns; only the gradient is
+approximated, through the activation's optimal table (see :func:`sparseops.fewbit.get_table`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd.fewbit import fewbit_activation
+from .table import ACTIVATIONS, activation_fn, get_table
+
+# the fewest bits that make each piecewise-linear activation's gradient exact
+EXACT_BITS = {"relu": 1, "leaky_relu": 1, "relu6": 2, "hardtanh": 2, "hardsigmoid": 2}
+DEFAULT_BITS = 2
+
+
+def default_bits(name: str) -> int:
+    """Bits a few-bit ``name`` uses unless told: the exact count for piecewise-linear ones, else 2."""
+    return EXACT_BITS.get(name, DEFAULT_BITS)
+
+
+def check_bits(bits, name: str = "bits") -> int:
+    """Return ``bits`` if it is an int in 1..4.
+
+    Raises:
+        TypeError: not an int; ValueError: out of range.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name}: expected an int in 1..4, got {type(bits).__name__}")
+    if not 1 <= bits <= 4:
+        raise ValueError(f"{name}: expected 1, 2, 3 or 4, got {bits}")
+    return bits
+
+
+def table_bits(name: str, bits: int, **params) -> tuple[Tensor, Tensor]:
+    """The table of ``name`` at ``bits`` as fp32 bit patterns in int32 ``(borders, levels)``.
+
+    Held as int32 so that a module's ``.to(dtype)`` / ``.half()`` moves them without rounding them;
+    ``.view(torch.float32)`` gives the values back.
+    """
+    t = get_table(name, bits, **params)
+    borders = torch.tensor(t.borders, dtype=torch.float32).view(torch.int32)
+    levels = torch.tensor(t.levels, dtype=torch.float32).view(torch.int32)
+    return borders, levels
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(name: str, bits: int, params: tuple, device: torch.device):
+    borders, levels = table_bits(name, bits, **dict(params))
+    return (
+        borders.view(torch.float32).to(device),
+        levels.view(torch.float32).to(device),
+        activation_fn(name, **dict(params)),
+    )
+
+
+def activation(x: Tensor, name: str, bits: int | None = None, **params) -> Tensor:
+    """``name(x)`` with a few-bit gradient.
+
+    Args:
+        x: any shape, fp32/bf16/fp16 (fp64 runs on the reference path).
+        name: one of :data:`sparseops.fewbit.ACTIVATIONS`.
+        bits: 1 to 4; default 2, or the exact count for piecewise-linear activations.
+        params: the activation's own parameters, as ``torch.nn.functional`` names them.
+
+    Returns:
+        ``torch.nn.functional.<name>(x, **params)``; backward saves ``bits`` bits an element.
+
+    Raises:
+        ValueError: unknown name or bits out of range; TypeError: x is not a floating-point tensor.
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"name: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    bits = check_bits(default_bits(name) if bits is None else bits)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    borders, levels, fn = _cached(name, bits, tuple(sorted(params.items())), x.device)
+    return fewbit_activation(x, fn, borders, levels, bits)
+
+
+def gelu(x: Tensor, bits: int = 2, approximate: str = "none") -> Tensor:
+    """``F.gelu(x, approximate=approximate)`` with a ``bits``-bit gradient."""
+    return activation(x, "gelu", bits, approximate=approximate)
+
+
+def silu(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.silu(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "silu", bits)
+
+
+def tanh(x: Tensor, bits: int = 2) -> Tensor:
+    """``torch.tanh(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "tanh", bits)
+
+
+def sigmoid(x: Tensor, bits: int = 2) -> Tensor:
+    """``torch.sigmoid(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "sigmoid", bits)
+
+
+def softplus(x: Tensor, bits: int = 2, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """``F.softplus(x, beta, threshold)`` with a ``bits``-bit gradient."""
+    return activation(x, "softplus", bits, beta=beta, threshold=threshold)
+
+
+def elu(x: Tensor, bits: int = 2, alpha: float = 1.0) -> Tensor:
+    """``F.elu(x, alpha)`` with a ``bits``-bit gradient."""
+    return activation(x, "elu", bits, alpha=alpha)
+
+
+def selu(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.selu(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "selu", bits)
+
+
+def celu(x: Tensor, bits: int = 2, alpha: float = 1.0) -> Tensor:
+    """``F.celu(x, alpha)`` with a ``bits``-bit gradient."""
+    return activation(x, "celu", bits, alpha=alpha)
+
+
+def mish(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.mish(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "mish", bits)
+
+
+def logsigmoid(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.logsigmoid(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "logsigmoid", bits)
+
+
+def hardswish(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.hardswish(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "hardswish", bits)
+
+
+def softsign(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.softsign(x)`` with a ``bits``-bit gradient."""
+    return activation(x, "softsign", bits)
+
+
+def relu(x: Tensor, bits: int = 1) -> Tensor:
+    """``F.relu(x)``; its gradient is exact at 1 bit (the sign mask)."""
+    return activation(x, "relu", bits)
+
+
+def leaky_relu(x: Tensor, bits: int = 1, negative_slope: float = 0.01) -> Tensor:
+    """``F.leaky_relu(x, negative_slope)``; exact at 1 bit."""
+    return activation(x, "leaky_relu", bits, negative_slope=negative_slope)
+
+
+def relu6(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.relu6(x)``; exact at 2 bits."""
+    return activation(x, "relu6", bits)
+
+
+def hardtanh(x: Tensor, bits: int = 2, min_val: float = -1.0, max_val: float = 1.0) -> Tensor:
+    """``F.hardtanh(x, min_val, max_val)``; exact at 2 bits."""
+    return activation(x, "hardtanh", bits, min_val=min_val, max_val=max_val)
+
+
+def hardsigmoid(x: Tensor, bits: int = 2) -> Tensor:
+    """``F.hardsigmoid(x)``; exact at 2 bits."""
+    return activation(x, "hardsigmoid", bits)
+
+
+def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
+    """Swap ``model``'s torch activation modules for few-bit ones, in place.
+
+    ``nn.GELU``, ``nn.SiLU``, ``nn.Tanh``, ... (every activation of
+    :data:`sparseops.fewbit.ACTIVATIONS`) become the matching ``sparseops.nn.FewBit*`` with the
+    same parameters. Smooth activations get ``bits``; piecewise-linear ones (ReLU, LeakyReLU,
+    ReLU6, Hardtanh, Hardsigmoid) get their exact table, which needs 1 or 2 bits whatever
+    ``bits`` says. Outputs are unchanged; only backward memory and the gradient change.
+
+    Args:
+        model: any module; the model itself is not replaced even if it is an activation.
+        bits: 1 to 4, for the smooth activations.
+        filter_fn: optional ``(qualified_name, module) -> bool``; only modules it accepts are swapped.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module; TypeError/ValueError: bad ``bits``.
+    """
+    from ..nn.activation import few_bit_from_torch
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_bits(bits)
+    swaps = []
+    for qual, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{qual}.{child_name}" if qual else child_name
+            new = few_bit_from_torch(child, bits)
+            if new is not None and (filter_fn is None or filter_fn(full, child)):
+                swaps.append((module, child_name, new))
+    # the tables follow the model's device (an activation module has no tensors to say so)
+    ref = next(iter([*model.parameters(), *model.buffers()]), None)
+    for parent, child_name, new in swaps:
+        setattr(parent, child_name, new if ref is None else new.to(ref.device))
+    return model

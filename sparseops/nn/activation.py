@@ -1,0 +1,260 @@
+"""Few-bit activation modules: ``FewBitGELU(bits=2)`` and one per torch activation.
+
+Each takes the constructor arguments of its torch counterpart plus ``bits``, returns exactly
+what the torch module returns, and saves ``bits`` bits an element for backward instead of its
+input. ``inplace=True`` is accepted for drop-in compatibility but never honoured: the input is
+not modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd.fewbit import fewbit_activation
+from ..fewbit.functional import EXACT_BITS, check_bits, default_bits, table_bits
+from ..fewbit.table import activation_fn
+
+
+class FewBitActivation(nn.Module):
+    """Base class: the activation ``name`` with the few-bit table at ``bits`` (see ``sparseops.fewbit``).
+
+    The table is held in two non-persistent int32 buffers (fp32 bit patterns): they follow
+    ``.to(device)``, are not rounded by ``.to(dtype)``/``.half()``, and add nothing to ``state_dict``,
+    so converting a model keeps its checkpoints loadable.
+    """
+
+    name = ""
+
+    def __init__(self, bits: int | None = None, **params):
+        super().__init__()
+        self.bits = check_bits(default_bits(self.name) if bits is None else bits)
+        self.params = dict(params)
+        borders, levels = table_bits(self.name, self.bits, **self.params)
+        self.register_buffer("borders_bits", borders, persistent=False)
+        self.register_buffer("levels_bits", levels, persistent=False)
+        self._fn = activation_fn(self.name, **self.params)
+
+    @property
+    def borders(self) -> Tensor:
+        """``[2^bits - 1]`` fp32: an input's code is how many of these it exceeds."""
+        return self.borders_bits.view(torch.float32)
+
+    @property
+    def levels(self) -> Tensor:
+        """``[2^bits]`` fp32: the derivative used on each interval."""
+        return self.levels_bits.view(torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fewbit_activation(x, self._fn, self.borders, self.levels, self.bits)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"{k}={v!r}" for k, v in self.params.items()] + [f"bits={self.bits}"])
+
+
+def _ignore_inplace(inplace) -> None:
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+
+
+class FewBitGELU(FewBitActivation):
+    """``nn.GELU(approximate)`` with a few-bit gradient (default 2 bits)."""
+
+    name = "gelu"
+
+    def __init__(self, approximate: str = "none", bits: int = 2):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+        super().__init__(bits, approximate=approximate)
+
+
+class FewBitSiLU(FewBitActivation):
+    """``nn.SiLU`` with a few-bit gradient."""
+
+    name = "silu"
+
+    def __init__(self, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+class FewBitTanh(FewBitActivation):
+    """``nn.Tanh`` with a few-bit gradient."""
+
+    name = "tanh"
+
+    def __init__(self, bits: int = 2):
+        super().__init__(bits)
+
+
+class FewBitSigmoid(FewBitActivation):
+    """``nn.Sigmoid`` with a few-bit gradient."""
+
+    name = "sigmoid"
+
+    def __init__(self, bits: int = 2):
+        super().__init__(bits)
+
+
+class FewBitSoftplus(FewBitActivation):
+    """``nn.Softplus(beta, threshold)`` with a few-bit gradient."""
+
+    name = "softplus"
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0, bits: int = 2):
+        super().__init__(bits, beta=float(beta), threshold=float(threshold))
+
+
+class FewBitELU(FewBitActivation):
+    """``nn.ELU(alpha)`` with a few-bit gradient."""
+
+    name = "elu"
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits, alpha=float(alpha))
+
+
+class FewBitSELU(FewBitActivation):
+    """``nn.SELU`` with a few-bit gradient."""
+
+    name = "selu"
+
+    def __init__(self, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+class FewBitCELU(FewBitActivation):
+    """``nn.CELU(alpha)`` with a few-bit gradient."""
+
+    name = "celu"
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits, alpha=float(alpha))
+
+
+class FewBitMish(FewBitActivation):
+    """``nn.Mish`` with a few-bit gradient."""
+
+    name = "mish"
+
+    def __init__(self, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+class FewBitLogSigmoid(FewBitActivation):
+    """``nn.LogSigmoid`` with a few-bit gradient."""
+
+    name = "logsigmoid"
+
+    def __init__(self, bits: int = 2):
+        super().__init__(bits)
+
+
+class FewBitHardswish(FewBitActivation):
+    """``nn.Hardswish`` with a few-bit gradient."""
+
+    name = "hardswish"
+
+    def __init__(self, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+class FewBitSoftsign(FewBitActivation):
+    """``nn.Softsign`` with a few-bit gradient."""
+
+    name = "softsign"
+
+    def __init__(self, bits: int = 2):
+        super().__init__(bits)
+
+
+class FewBitReLU(FewBitActivation):
+    """``nn.ReLU``; 1 bit (the sign mask) makes its gradient exact."""
+
+    name = "relu"
+
+    def __init__(self, inplace: bool = False, bits: int = 1):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+class FewBitLeakyReLU(FewBitActivation):
+    """``nn.LeakyReLU(negative_slope)``; exact at 1 bit."""
+
+    name = "leaky_relu"
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False, bits: int = 1):
+        _ignore_inplace(inplace)
+        super().__init__(bits, negative_slope=float(negative_slope))
+
+
+class FewBitReLU6(FewBitActivation):
+    """``nn.ReLU6``; exact at 2 bits."""
+
+    name = "relu6"
+
+    def __init__(self, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+class FewBitHardtanh(FewBitActivation):
+    """``nn.Hardtanh(min_val, max_val)``; exact at 2 bits."""
+
+    name = "hardtanh"
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits, min_val=float(min_val), max_val=float(max_val))
+
+
+class FewBitHardsigmoid(FewBitActivation):
+    """``nn.Hardsigmoid``; exact at 2 bits."""
+
+    name = "hardsigmoid"
+
+    def __init__(self, inplace: bool = False, bits: int = 2):
+        _ignore_inplace(inplace)
+        super().__init__(bits)
+
+
+# torch module -> (few-bit class, the constructor arguments read off the torch module)
+_FROM_TORCH = {
+    nn.GELU: (FewBitGELU, ("approximate",)),
+    nn.SiLU: (FewBitSiLU, ()),
+    nn.Tanh: (FewBitTanh, ()),
+    nn.Sigmoid: (FewBitSigmoid, ()),
+    nn.Softplus: (FewBitSoftplus, ("beta", "threshold")),
+    nn.ELU: (FewBitELU, ("alpha",)),
+    nn.SELU: (FewBitSELU, ()),
+    nn.CELU: (FewBitCELU, ("alpha",)),
+    nn.Mish: (FewBitMish, ()),
+    nn.LogSigmoid: (FewBitLogSigmoid, ()),
+    nn.Hardswish: (FewBitHardswish, ()),
+    nn.Softsign: (FewBitSoftsign, ()),
+    nn.ReLU: (FewBitReLU, ()),
+    nn.LeakyReLU: (FewBitLeakyReLU, ("negative_slope",)),
+    nn.ReLU6: (FewBitReLU6, ()),
+    nn.Hardsigmoid: (FewBitHardsigmoid, ()),
+    nn.Hardtanh: (FewBitHardtanh, ("min_val", "max_val")),
+}
+
+
+def few_bit_from_torch(module: nn.Module, bits: int) -> FewBitActivation | None:
+    """The few-bit twin of a torch activation module (None for anything else).
+
+    Smooth activations get ``bits``; piecewise-linear ones their exact bit count. The match is
+    on the exact type: torch makes ReLU6 a subclass of Hardtanh, and a user's subclass may
+    override forward.
+    """
+    entry = _FROM_TORCH.get(type(module))
+    if entry is None:
+        return None
+    cls, attrs = entry
+    kwargs = {a: getattr(module, a) for a in attrs}
+    return cls(**kwargs, bits=EXACT_BITS.get(cls.name, bits))

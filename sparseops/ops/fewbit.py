@@ -1,0 +1,221 @@
+"""torch.library ops for few-bit activation codes: schema, device dispatch, fake impls.
+
+- ``sparseops::fewbit_pack(x, borders, bits) -> codes``: the b-bit interval index of every
+  element, bit-packed (layout in :mod:`sparseops.reference.fewbit`).
+- ``sparseops::fewbit_unpack(grad, codes, levels, bits) -> grad_in``: ``grad * levels[code]``.
+- ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
+  one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
+
+Dispatch follows :mod:`sparseops.ops.csr`: each public op is a ``triton_op`` whose CUDA body
+launches the Triton kernels; elsewhere it calls an opaque host op whose CPU kernel is ``_C``
+(fp32, bf16 and fp16) and whose default is the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._cpp import _C
+from ..fewbit.table import activation_fn
+from ..reference.fewbit import num_words
+from .csr import _csr_dds_cpu
+
+_CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# NOTE: pack and unpack stream memory at ~10 GB/s a thread; below ~256k elements a second
+# thread costs more to wake than it saves.
+_MIN_ELEMS_PER_THREAD = 1 << 18
+
+
+def _threads(n: int) -> int:
+    return max(1, min(torch.get_num_threads(), n // _MIN_ELEMS_PER_THREAD))
+
+
+def _np_elems(t: Tensor):
+    # 16-bit floats cross into numpy as their int16 bit patterns; the binding is told the dtype
+    return (t if t.dtype == torch.float32 else t.view(torch.int16)).detach().numpy()
+
+
+def _use_cpp(t: Tensor) -> bool:
+    return _C is not None and t.device.type == "cpu" and t.dtype in _CPP_DTYPES
+
+
+# ---- host ops: cpu -> _C, anything else -> reference ----
+
+
+@torch.library.custom_op("sparseops::fewbit_pack_host", mutates_args=())
+def fewbit_pack_host(x: Tensor, borders: Tensor, bits: int) -> Tensor:
+    return reference.fewbit_pack(x, borders, bits)
+
+
+@fewbit_pack_host.register_kernel("cpu")
+def _fewbit_pack_cpu(x, borders, bits):
+    if not _use_cpp(x):
+        return reference.fewbit_pack(x, borders, bits)
+    x = x.contiguous()
+    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32)
+    b = borders.to(torch.float32).contiguous()
+    _C.fewbit_pack(_np_elems(x), _CPP_DTYPES[x.dtype], b.numpy(), bits, codes.numpy(), _threads(x.numel()))
+    return codes
+
+
+@fewbit_pack_host.register_fake
+def _(x, borders, bits):
+    return x.new_empty(num_words(x.numel(), bits), dtype=torch.int32)
+
+
+@torch.library.custom_op("sparseops::fewbit_unpack_host", mutates_args=())
+def fewbit_unpack_host(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
+    return reference.fewbit_unpack(grad, codes, levels, bits)
+
+
+@fewbit_unpack_host.register_kernel("cpu")
+def _fewbit_unpack_cpu(grad, codes, levels, bits):
+    if not _use_cpp(grad):
+        return reference.fewbit_unpack(grad, codes, levels, bits)
+    grad = grad.contiguous()
+    out = torch.empty(grad.shape, dtype=grad.dtype)
+    lv = levels.to(torch.float32).contiguous()
+    _C.fewbit_unpack(
+        _np_elems(grad), _CPP_DTYPES[grad.dtype], codes.contiguous().numpy(), lv.numpy(), bits, _np_elems(out),
+        _threads(grad.numel()),
+    )
+    return out
+
+
+@fewbit_unpack_host.register_fake
+def _(grad, codes, levels, bits):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+# ---- public ops: cuda -> triton, else -> host op ----
+
+
+@torch.library.triton_op("sparseops::fewbit_pack", mutates_args=())
+def fewbit_pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
+    """Bit-packed few-bit codes of ``x``.
+
+    Args:
+        x: any shape, fp32/bf16/fp16 (others take the reference path); read in row-major order.
+        borders: ``[2^bits - 1]`` sorted fp32 borders; an element's code is how many it exceeds.
+        bits: 1 to 4.
+
+    Returns:
+        ``[ceil(x.numel() / 32) * bits]`` int32 (layout in :mod:`sparseops.reference.fewbit`).
+    """
+    if x.device.type == "cuda":
+        from ..kernels import fewbit as K
+
+        return K.fewbit_pack(x, borders, bits)
+    return fewbit_pack_host(x, borders, bits)
+
+
+@torch.library.triton_op("sparseops::fewbit_unpack", mutates_args=())
+def fewbit_unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
+    """``grad * levels[code]`` elementwise: the few-bit backward of an activation.
+
+    Args:
+        grad: the output gradient, any shape, ``n`` elements.
+        codes: from :func:`fewbit_pack` of the activation's input (``n`` elements, ``bits``).
+        levels: ``[2^bits]`` fp32, the derivative's value on each interval.
+        bits: 1 to 4.
+
+    Returns:
+        grad's shape and dtype (contiguous); the product is taken in fp32 and rounded once.
+    """
+    if grad.device.type == "cuda":
+        from ..kernels import fewbit as K
+
+        return K.fewbit_unpack(grad, codes, levels, bits)
+    return fewbit_unpack_host(grad, codes, levels, bits)
+
+
+fewbit_pack.register_kernel("cpu")(_fewbit_pack_cpu)
+fewbit_unpack.register_kernel("cpu")(_fewbit_unpack_cpu)
+
+
+# ---- the fused sparse linear + activation ----
+
+
+def _dds_fewbit(z: Tensor, activation: str, borders: Tensor, bits: int, pack) -> tuple[Tensor, Tensor]:
+    # z is the op's own temporary: it is freed when the op returns, so only y and the codes live on
+    return activation_fn(activation)(z), pack(z, borders, bits)
+
+
+@torch.library.custom_op("sparseops::csr_dds_fewbit_host", mutates_args=())
+def csr_dds_fewbit_host(
+    x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int,
+    activation: str, borders: Tensor, bits: int,
+) -> tuple[Tensor, Tensor]:
+    z = reference.csr_dds(x, values, crow, col, bias, out_features)
+    return _dds_fewbit(z, activation, borders, bits, reference.fewbit_pack)
+
+
+@csr_dds_fewbit_host.register_kernel("cpu")
+def _csr_dds_fewbit_cpu(x, values, crow, col, bias, out_features, activation, borders, bits):
+    z = _csr_dds_cpu(x, values, crow, col, bias, out_features)
+    return _dds_fewbit(z, activation, borders, bits, _fewbit_pack_cpu)
+
+
+@csr_dds_fewbit_host.register_fake
+def _(x, values, crow, col, bias, out_features, activation, borders, bits):
+    return x.new_empty(x.shape[0], out_features), x.new_empty(num_words(x.shape[0] * out_features, bits), dtype=torch.int32)
+
+
+@torch.library.triton_op("sparseops::csr_dds_fewbit", mutates_args=())
+def csr_dds_fewbit(
+    x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int,
+    activation: str, borders: Tensor, bits: int,
+) -> tuple[Tensor, Tensor]:
+    """``y = act(x Wᵀ + b)`` for a CSR weight, and the few-bit codes of ``x Wᵀ + b``.
+
+    Args:
+        x, values, crow, col, bias, out_features: as :func:`sparseops.ops.csr.csr_dds`.
+        activation: a name of :data:`sparseops.fewbit.table.ACTIVATIONS` (torch's default parameters).
+        borders: ``[2^bits - 1]`` of the activation's table; bits: 1 to 4.
+
+    Returns:
+        ``(y [B, out], codes)``, codes as :func:`fewbit_pack` of the pre-activation.
+    """
+    if x.device.type == "cuda":
+        from ..kernels import csr as KC
+        from ..kernels import fewbit as KF
+
+        z = KC.csr_dds(x, values, crow, col, bias, out_features)
+        return _dds_fewbit(z, activation, borders, bits, KF.fewbit_pack)
+    return csr_dds_fewbit_host(x, values, crow, col, bias, out_features, activation, borders, bits)
+
+
+csr_dds_fewbit.register_kernel("cpu")(_csr_dds_fewbit_cpu)
+
+
+# ---- eager entry points for the autograd layer (see sparseops.ops.csr) ----
+
+
+def _eager_cpu(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
+    """:func:`fewbit_pack` for the autograd layer."""
+    if _eager_cpu(x):
+        return _fewbit_pack_cpu(x, borders, bits)
+    return torch.ops.sparseops.fewbit_pack(x, borders, bits)
+
+
+def unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
+    """:func:`fewbit_unpack` for the autograd layer."""
+    if _eager_cpu(grad):
+        return _fewbit_unpack_cpu(grad, codes, levels, bits)
+    return torch.ops.sparseops.fewbit_unpack(grad, codes, levels, bits)
+
+
+def dds_fewbit(x, values, crow, col, bias, out_features: int, activation: str, borders: Tensor, bits: int):
+    """:func:`csr_dds_fewbit` for the autograd layer."""
+    if _eager_cpu(x):
+        return _csr_dds_fewbit_cpu(x, values, crow, col, bias, out_features, activation, borders, bits)
+    return torch.ops.sparseops.csr_dds_fewbit(x, values, crow, col, bias, out_features, activation, borders, bits)
