@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..ops import fewbit as fewbit_ops
-from .csr import check_input, linear_grads
+from .csr import apply_flat, linear_grads
 
 
 class FewBitActivationFunction(torch.autograd.Function):
@@ -90,11 +90,7 @@ def sparse_linear_fewbit(
     Returns:
         ``[*, out]``.
     """
-    check_input(x, in_features, values)
-    lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), in_features)  # [B, in]
-    y = SparseLinearFewBitFunction.apply(
-        x2, values, bias, index["crow"], index["col"], index["row"], index["t_crow"], index["t_row"],
-        index["t_perm"], out_features, in_features, activation, borders, levels, bits,
+    return apply_flat(
+        SparseLinearFewBitFunction, x, values, index, bias, out_features, in_features, activation, borders, levels,
+        bits,
     )
-    return y.reshape(*lead, out_features)
