@@ -140,6 +140,15 @@ void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, i
   }
 }
 
+// t_perm [nnz] maps each transposed position to its row-major value: every entry must lie in [0, nnz)
+void check_perm(const int32_t* perm, int64_t nnz) {
+  if (indices_valid(perm, nnz, nnz)) return;
+  for (int64_t k = 0; k < nnz; ++k)
+    if (perm[k] < 0 || perm[k] >= nnz)
+      throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                            " is outside [0, " + std::to_string(nnz) + ")");
+}
+
 int threads(int n) { return n < 1 ? 1 : n; }
 
 void csr_dds(const py::array& x, const py::array& values, const py::array& crow, const py::array& col,
@@ -182,11 +191,7 @@ void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
   const float* vals = vector<float>(values, "values", "float32", nnz);
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
   check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row");
-  if (!indices_valid(perm, nnz, nnz))
-    for (int64_t k = 0; k < nnz; ++k)
-      if (perm[k] < 0 || perm[k] >= nnz)
-        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
-                              " is outside [0, " + std::to_string(nnz) + ")");
+  check_perm(perm, nnz);
   py::gil_scoped_release release;
   sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vals, perm, ptr, idx, n, nullptr, DX, threads(nthreads));
 }
@@ -236,11 +241,7 @@ void csr_backward(const py::array& dy, const py::array& x, const py::array& valu
   float* DV = float_output(dvalues, "dvalues", nnz, 0, 1);
   check_csr(ptr, D.cols, idx, nnz, X.cols, "crow", "col");
   check_csr(tptr, X.cols, tidx, nnz, D.cols, "t_crow", "t_row");
-  if (!indices_valid(perm, nnz, nnz))
-    for (int64_t k = 0; k < nnz; ++k)
-      if (perm[k] < 0 || perm[k] >= nnz)
-        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
-                              " is outside [0, " + std::to_string(nnz) + ")");
+  check_perm(perm, nnz);
   py::gil_scoped_release release;
   sparseops::csr_backward(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, vals, ptr, idx, tptr, tidx, perm,
                           DX, DV, threads(nthreads));
