@@ -14,6 +14,7 @@
 
 #include "csr.h"
 #include "fewbit.h"
+#include "nm.h"
 
 namespace py = pybind11;
 using sparseops::Isa;
@@ -318,6 +319,149 @@ void fewbit_unpack(const py::array& grad, const std::string& dtype, py::array& c
   sparseops::fewbit_unpack(grad.data(), dt, c, n, l, bits, out.mutable_data(), threads(nthreads));
 }
 
+// ---- N:M ----
+
+// the sizes of an N:M weight [rows, K] (see nm.h)
+struct NmDims {
+  int n, m;
+  int64_t rows, K, S, Sb;
+};
+
+NmDims nm_dims(int n, int m, int64_t rows, int64_t K) {
+  if (n < 1 || m > 16 || n >= m)
+    throw py::value_error("n, m: expected 1 <= n < m <= 16, got n=" + std::to_string(n) + ", m=" + std::to_string(m));
+  const int64_t S = (K + m - 1) / m * n;
+  if ((K + m - 1) / m * m > INT32_MAX) throw py::value_error("in_features: too large for int32 column offsets");
+  return {n, m, rows, K, S, (S + 1) / 2};
+}
+
+// idx [rows, Sb] uint8: every position a slot reads must be < m (the padding nibble of an odd S is ignored)
+const uint8_t* nm_index(const py::array& idx, const char* name, const NmDims& d) {
+  check_dtype<uint8_t>(idx, name, "uint8");
+  if (idx.ndim() != 2 || idx.shape(0) != d.rows || idx.shape(1) != d.Sb)
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(d.rows) + ", " +
+                          std::to_string(d.Sb) + ") for " + std::to_string(d.S) + " slots a row, got " + shape_str(idx));
+  if (!(idx.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  const uint8_t* p = static_cast<const uint8_t*>(idx.data());
+  if (d.m == 16) return p;
+  const unsigned m = static_cast<unsigned>(d.m);
+  const int64_t full = d.S / 2;  // bytes whose both nibbles are slots
+  unsigned bad = 0;
+  for (int64_t r = 0; r < d.rows; ++r) {
+    const uint8_t* row = p + r * d.Sb;
+    for (int64_t k = 0; k < full; ++k) bad |= static_cast<unsigned>((row[k] & 15u) >= m) | static_cast<unsigned>((row[k] >> 4) >= m);
+    if (d.S & 1) bad |= static_cast<unsigned>((row[full] & 15u) >= m);
+  }
+  if (bad)
+    for (int64_t r = 0; r < d.rows; ++r)
+      for (int64_t j = 0; j < d.S; ++j) {
+        const unsigned pos = (p[r * d.Sb + j / 2] >> (4 * (j & 1))) & 15u;
+        if (pos >= m)
+          throw py::value_error(std::string(name) + ": row " + std::to_string(r) + " slot " + std::to_string(j) +
+                                " holds position " + std::to_string(pos) + ", outside [0, m=" + std::to_string(d.m) + ")");
+      }
+  return p;
+}
+
+const float* nm_values(const py::array& values, const NmDims& d) {
+  check_dtype<float>(values, "values", "float32");
+  if (values.ndim() != 2 || values.shape(0) != d.rows || values.shape(1) != d.S)
+    throw py::value_error("values: expected shape (" + std::to_string(d.rows) + ", " + std::to_string(d.S) + "), got " +
+                          shape_str(values));
+  if (!(values.flags() & py::array::c_style)) throw py::value_error("values: must be C-contiguous");
+  check_aligned(values, "values");
+  return static_cast<const float*>(values.data());
+}
+
+void nm_dds(const py::array& x, const py::array& values, const py::array& idx, int n, int m, const py::object& bias,
+            py::array& y, int nthreads) {
+  const Mat X = float_matrix(x, "x");
+  if (idx.ndim() < 1) throw py::value_error("idx: expected a 2-D array, got shape " + shape_str(idx));
+  const NmDims d = nm_dims(n, m, idx.shape(0), X.cols);
+  const uint8_t* ip = nm_index(idx, "idx", d);
+  const float* vals = nm_values(values, d);
+  float* Y = float_output(y, "y", X.rows, d.rows, 2);
+  const float* b = nullptr;
+  py::object bias_keep;  // see csr_dds
+  if (!bias.is_none()) {
+    py::array arr = bias.cast<py::array>();
+    b = vector<float>(arr, "bias", "float32", d.rows);
+    bias_keep = std::move(arr);
+  }
+  py::gil_scoped_release release;
+  sparseops::nm_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ip, n, m, d.rows, b, Y, threads(nthreads));
+}
+
+// dx [B, in] = dy [B, out] @ W for a transposable weight: the N:M product over Wᵀ's index (t_idx [in, Sb_t])
+// with Wᵀ's values read as values.flat[t_perm] (t_perm [in, S_t], -1 for an empty slot)
+void nm_dsd(const py::array& dy, const py::array& values, const py::array& t_idx, const py::array& t_perm, int n,
+            int m, py::array& dx, int nthreads) {
+  const Mat D = float_matrix(dy, "dy");
+  if (t_idx.ndim() < 1) throw py::value_error("t_idx: expected a 2-D array, got shape " + shape_str(t_idx));
+  const NmDims d = nm_dims(n, m, t_idx.shape(0), D.cols);
+  const uint8_t* ip = nm_index(t_idx, "t_idx", d);
+  check_dtype<float>(values, "values", "float32");
+  if (!(values.flags() & py::array::c_style)) throw py::value_error("values: must be C-contiguous");
+  check_aligned(values, "values");
+  const int64_t nvals = static_cast<int64_t>(values.size());
+  check_dtype<int32_t>(t_perm, "t_perm", "int32");
+  if (t_perm.ndim() != 2 || t_perm.shape(0) != d.rows || t_perm.shape(1) != d.S)
+    throw py::value_error("t_perm: expected shape (" + std::to_string(d.rows) + ", " + std::to_string(d.S) + "), got " +
+                          shape_str(t_perm));
+  if (!(t_perm.flags() & py::array::c_style)) throw py::value_error("t_perm: must be C-contiguous");
+  check_aligned(t_perm, "t_perm");
+  const int32_t* perm = static_cast<const int32_t*>(t_perm.data());
+  const int64_t np = d.rows * d.S;
+  for (int64_t k = 0; k < np; ++k)
+    if (perm[k] < -1 || perm[k] >= nvals)
+      throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                            " is outside [-1, " + std::to_string(nvals) + ")");
+  float* DX = float_output(dx, "dx", D.rows, d.rows, 2);
+  py::gil_scoped_release release;
+  sparseops::nm_spmm(D.p, D.rows, D.cols, D.s0, D.s1, static_cast<const float*>(values.data()), perm, ip, n, m, d.rows,
+                     nullptr, DX, threads(nthreads));
+}
+
+// dx [B, in] = dy [B, out] @ W for any N:M weight, through the CSR of Wᵀ (t_crow [in+1], t_row [nnz]) whose
+// values are values.flat[t_perm] (t_perm [nnz] in [0, values.size))
+void nm_dsd_csr(const py::array& dy, const py::array& values, const py::array& t_crow, const py::array& t_row,
+                const py::array& t_perm, py::array& dx, int nthreads) {
+  const Mat D = float_matrix(dy, "dy");
+  const int32_t* ptr = vector<int32_t>(t_crow, "t_crow", "int32", -1);
+  if (t_crow.shape(0) < 1) throw py::value_error("t_crow: expected in_features + 1 >= 1 entries, got 0");
+  const int64_t n = t_crow.shape(0) - 1;
+  float* DX = float_output(dx, "dx", D.rows, n, 2);
+  const int32_t* idx = vector<int32_t>(t_row, "t_row", "int32", -1);
+  const int64_t nnz = t_row.shape(0);
+  check_dtype<float>(values, "values", "float32");
+  if (!(values.flags() & py::array::c_style)) throw py::value_error("values: must be C-contiguous");
+  check_aligned(values, "values");
+  const int64_t nvals = static_cast<int64_t>(values.size());
+  const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
+  check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row");
+  if (!indices_valid(perm, nnz, nvals))
+    for (int64_t k = 0; k < nnz; ++k)
+      if (perm[k] < 0 || perm[k] >= nvals)
+        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                              " is outside [0, " + std::to_string(nvals) + ")");
+  py::gil_scoped_release release;
+  sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, static_cast<const float*>(values.data()), perm, ptr, idx, n,
+                      nullptr, DX, threads(nthreads));
+}
+
+void nm_sdd(const py::array& dy, const py::array& x, const py::array& idx, int n, int m, py::array& dvalues,
+            int nthreads) {
+  const Mat D = float_matrix(dy, "dy");
+  const Mat X = float_matrix(x, "x");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
+  const NmDims d = nm_dims(n, m, D.cols, X.cols);
+  const uint8_t* ip = nm_index(idx, "idx", d);
+  float* DV = float_output(dvalues, "dvalues", d.rows, d.S, 2);
+  py::gil_scoped_release release;
+  sparseops::nm_sdd(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, ip, n, m, DV, threads(nthreads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -356,6 +500,20 @@ codes: int32 output of ceil(x.size / 32) * bits words; group g of 32 elements ow
 
 grad and out: C-contiguous arrays of the same dtype and size (see fewbit_pack); codes as made by
 fewbit_pack for that size and bits; levels: 2^bits float32.)");
+  m.def("nm_dds", &nm_dds, py::arg("x"), py::arg("values"), py::arg("idx"), py::arg("n"), py::arg("m"),
+        py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(y[B, out] = x[B, in] @ Wᵀ + bias for an N:M weight: values [out, S] float32 and idx [out, ceil(S/2)]
+uint8 (4-bit in-group positions, slot j in the low nibble when j is even), S = ceil(in/m) * n.)");
+  m.def("nm_dsd", &nm_dsd, py::arg("dy"), py::arg("values"), py::arg("t_idx"), py::arg("t_perm"), py::arg("n"),
+        py::arg("m"), py::arg("dx").noconvert(), py::arg("nthreads"),
+        R"(dx[B, in] = dy[B, out] @ W for a transposable N:M weight, through Wᵀ's N:M index t_idx [in, ceil(S_t/2)]
+and t_perm [in, S_t] (the flat position of each transposed slot in values, -1 for an empty slot).)");
+  m.def("nm_dsd_csr", &nm_dsd_csr, py::arg("dy"), py::arg("values"), py::arg("t_crow"), py::arg("t_row"),
+        py::arg("t_perm"), py::arg("dx").noconvert(), py::arg("nthreads"),
+        R"(dx[B, in] = dy[B, out] @ W for any N:M weight through the CSR of Wᵀ; t_perm indexes values.flat.)");
+  m.def("nm_sdd", &nm_sdd, py::arg("dy"), py::arg("x"), py::arg("idx"), py::arg("n"), py::arg("m"),
+        py::arg("dvalues").noconvert(), py::arg("nthreads"),
+        R"(dvalues[o, j] = sum_b dy[b, o] * x[b, col(o, j)]: the weight gradient on the N:M slots, [out, S].)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

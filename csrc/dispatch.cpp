@@ -5,6 +5,7 @@
 
 #include "csr.h"
 #include "fewbit.h"
+#include "nm.h"
 
 namespace sparseops {
 namespace {
@@ -89,6 +90,22 @@ void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int6
   if (active_isa() == Isa::avx2) return fewbit_unpack_avx2(grad, dt, codes, n, levels, bits, out, nthreads);
 #endif
   fewbit_unpack_portable(grad, dt, codes, n, levels, bits, out, nthreads);
+}
+
+void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+             const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return nm_spmm_avx2(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);
+#endif
+  nm_spmm_portable(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);
+}
+
+void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, int64_t x0,
+            int64_t x1, const uint8_t* idx, int n, int m, float* dvals, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return nm_sdd_avx2(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dvals, nthreads);
+#endif
+  nm_sdd_portable(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dvals, nthreads);
 }
 
 }  // namespace sparseops

@@ -1,6 +1,7 @@
 """torch.autograd.Function per layer kind, written in terms of sparseops ops."""
 
 from .csr import SparseLinearFunction, check_input, sparse_linear
+from .nm import NMLinearFunction, nm_linear
 from .fewbit import FewBitActivationFunction, SparseLinearFewBitFunction, fewbit_activation, sparse_linear_fewbit
 
 __all__ = [
@@ -11,4 +12,6 @@ __all__ = [
     "SparseLinearFewBitFunction",
     "fewbit_activation",
     "sparse_linear_fewbit",
+    "NMLinearFunction",
+    "nm_linear",
 ]

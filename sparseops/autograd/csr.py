@@ -88,14 +88,15 @@ def sparse_linear(x: Tensor, values: Tensor, index: dict, bias: Tensor | None, o
 _INDEX = ("crow", "col", "row", "t_crow", "t_row", "t_perm")
 
 
-def apply_flat(function, x, values, index: dict, bias, out_features: int, in_features: int, *extra):
+def apply_flat(function, x, values, index: dict, bias, out_features: int, in_features: int, *extra, names=None):
     """Run a sparse-linear autograd ``function`` on ``x [*, in]`` flattened to ``[B, in]``.
 
-    ``function.apply`` gets ``(x2, values, bias, *index tensors, out_features, in_features, *extra)``.
+    ``function.apply`` gets ``(x2, values, bias, *index tensors, out_features, in_features, *extra)``, the
+    index tensors in the order of ``names`` (default: the CSR names).
     """
     check_input(x, in_features, values)
     lead = x.shape[:-1]
     # an explicit row count: reshape(-1, 0) is ambiguous when in_features == 0
     x2 = x.reshape(lead.numel(), in_features)  # [B, in]
-    y = function.apply(x2, values, bias, *[index[k] for k in _INDEX], out_features, in_features, *extra)
+    y = function.apply(x2, values, bias, *[index[k] for k in (names or _INDEX)], out_features, in_features, *extra)
     return y.reshape(*lead, out_features)

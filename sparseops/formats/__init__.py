@@ -1,5 +1,6 @@
 """Weight formats: plain containers of index tensors, with validation and dense round trips."""
 
 from .csr import INDEX_DTYPE, CSRWeight, validate_csr
+from .nm import NMWeight
 
-__all__ = ["INDEX_DTYPE", "CSRWeight", "validate_csr"]
+__all__ = ["INDEX_DTYPE", "CSRWeight", "validate_csr", "NMWeight"]

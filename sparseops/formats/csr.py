@@ -140,6 +140,10 @@ class CSRWeight:
         fmt = cls.from_mask(mask)
         return fmt, weight[fmt.row.long(), fmt.col.long()]
 
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """``values [nnz]`` of a dense ``weight [out, in]`` (the layout the layer's ``values`` has)."""
+        return weight[self.row.long(), self.col.long()]
+
     def to_mask(self) -> torch.Tensor:
         """The bool pattern ``[out, in]``."""
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.device)

@@ -7,16 +7,19 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..autograd import sparse_linear, sparse_linear_fewbit
+from ..autograd import fewbit_activation, nm_linear, sparse_linear, sparse_linear_fewbit
 from ..fewbit.functional import check_bits, default_bits, table_bits
-from ..fewbit.table import ACTIVATIONS
-from ..formats import INDEX_DTYPE, CSRWeight
+from ..fewbit.table import ACTIVATIONS, activation_fn
+from ..formats import INDEX_DTYPE, CSRWeight, NMWeight
 from ..masks import for_pattern
-from ..patterns import as_pattern
+from ..patterns import NM, as_pattern
 
 # crow/col are the checkpointed structure; the rest is derived and rebuilt on load
 _PERSISTENT = ("crow", "col")
 _DERIVED = ("row", "t_crow", "t_row", "t_perm")
+# N:M: the slot positions and the empty slots are checkpointed, Wᵀ's index is rebuilt on load
+_NM_PERSISTENT = ("idx", "empty")
+_NM_DERIVED = ("t_crow", "t_row", "t_perm", "t_idx", "t_slot")
 
 
 def _check_features(name: str, n) -> int:
@@ -52,7 +55,8 @@ class SparseLinear(nn.Module):
         mask: bool ``[out, in]``; fixes the pattern exactly (exclusive with ``sparsity``), and
             must satisfy ``pattern``.
         pattern: ``"unstructured"`` (the default), ``NM(n, m, transposable=False)`` or ``"n:m"``,
-            or ``FanIn(k)``. Every pattern is stored as CSR for now.
+            or ``FanIn(k)``. N:M is stored compressed (``values [out, ceil(in/m)*n]`` plus 4-bit
+            positions, see ``formats.nm``); unstructured and fan-in as CSR (``values [nnz]``).
         activation: None, or a name of ``sparseops.fewbit.ACTIVATIONS`` (torch's default
             parameters): the layer then computes ``act(x Wᵀ + b)`` in one op and saves the
             ``act_bits``-bit codes of ``x Wᵀ + b`` for backward instead of the pre-activation.
@@ -111,19 +115,31 @@ class SparseLinear(nn.Module):
         self.register_buffer("act_borders_bits", borders.to(device), persistent=False)
         self.register_buffer("act_levels_bits", levels.to(device), persistent=False)
 
+    @property
+    def _is_nm(self) -> bool:
+        return isinstance(self.pattern, NM)
+
+    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (_NM_PERSISTENT, _NM_DERIVED) if self._is_nm else (_PERSISTENT, _DERIVED)
+
     def _pack(self, weight: Tensor, mask: Tensor) -> None:
-        fmt, values = CSRWeight.from_dense(weight.detach(), mask)
+        if self._is_nm:
+            p = self.pattern
+            fmt, values = NMWeight.from_dense(weight.detach(), mask, p.n, p.m, p.transposable)
+        else:
+            fmt, values = CSRWeight.from_dense(weight.detach(), mask)
         self._set_index(fmt)
         self.values = nn.Parameter(values.clone())
 
-    def _set_index(self, fmt: CSRWeight) -> None:
+    def _set_index(self, fmt) -> None:
         # [out, in], checkpointed so that a weight of another shape cannot load silently
         self.register_buffer(
             "dense_shape", torch.tensor([fmt.out_features, fmt.in_features], dtype=torch.int64, device=fmt.device)
         )
-        for name in _PERSISTENT:
+        persistent, derived = self._names()
+        for name in persistent:
             self.register_buffer(name, getattr(fmt, name), persistent=True)
-        for name in _DERIVED:
+        for name in derived:
             self.register_buffer(name, getattr(fmt, name), persistent=False)
 
     @classmethod
@@ -167,12 +183,16 @@ class SparseLinear(nn.Module):
         return layer
 
     @property
-    def format(self) -> CSRWeight:
-        """The index as a :class:`~sparseops.formats.CSRWeight` (views of the buffers)."""
+    def format(self):
+        """The index as a :class:`~sparseops.formats.CSRWeight` or :class:`~sparseops.formats.NMWeight` (views of the buffers)."""
+        if self._is_nm:
+            p = self.pattern
+            return NMWeight(self.out_features, self.in_features, p.n, p.m, p.transposable, **self._index())
         return CSRWeight(self.out_features, self.in_features, **self._index())
 
     def _index(self) -> dict:
-        return {name: getattr(self, name) for name in _PERSISTENT + _DERIVED}
+        persistent, derived = self._names()
+        return {name: getattr(self, name) for name in persistent + derived}
 
     @property
     def mask(self) -> Tensor:
@@ -181,7 +201,8 @@ class SparseLinear(nn.Module):
 
     @property
     def nnz(self) -> int:
-        return int(self.values.numel())
+        """Stored weights (N:M: the slots less the empty ones)."""
+        return int(self.values.numel()) - (int(self.empty.numel()) if self._is_nm else 0)
 
     @property
     def sparsity(self) -> float:
@@ -208,6 +229,17 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._is_nm:
+            p = self.pattern
+            y = nm_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features, p.n, p.m,
+                          p.transposable)
+            if self.activation is None:
+                return y
+            # not fused for N:M yet: the same few-bit activation as a separate op
+            return fewbit_activation(
+                y, activation_fn(self.activation), self.act_borders_bits.view(torch.float32),
+                self.act_levels_bits.view(torch.float32), self.act_bits,
+            )
         if self.activation is None:
             return sparse_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
         return sparse_linear_fewbit(
@@ -223,7 +255,6 @@ class SparseLinear(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
         values = state_dict.get(prefix + "values")
         shape = state_dict.get(prefix + "dense_shape")
         if shape is not None and [int(v) for v in shape.tolist()] != [self.out_features, self.in_features]:
@@ -233,6 +264,13 @@ class SparseLinear(nn.Module):
                 f"in_features={self.in_features}"
             )
             return
+        if self._is_nm:
+            self._load_nm_index(state_dict, prefix, values, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            return
+        crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
         if crow is not None and col is not None:
             # the structure comes from the checkpoint: rebuild the index, resize values, then load
             try:
@@ -256,3 +294,20 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _load_nm_index(self, state_dict, prefix, values, error_msgs) -> None:
+        idx, empty = state_dict.get(prefix + "idx"), state_dict.get(prefix + "empty")
+        if idx is None or empty is None:
+            return
+        p = self.pattern
+        try:
+            dev = self.idx.device
+            fmt = NMWeight.from_idx(
+                self.out_features, self.in_features, p.n, p.m, idx.to(dev), empty.to(dev), p.transposable
+            )
+            if values is not None and tuple(values.shape) != tuple(self.values.shape):
+                raise ValueError(f"values: checkpoint holds {tuple(values.shape)}, expected {tuple(self.values.shape)}")
+        except (TypeError, ValueError) as exc:
+            error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {exc}")
+            return
+        self._set_index(fmt)

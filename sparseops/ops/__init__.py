@@ -2,5 +2,6 @@
 
 from .csr import csr_backward, csr_dds, csr_dsd, csr_sdd
 from .fewbit import csr_dds_fewbit, fewbit_pack, fewbit_unpack
+from .nm import nm_dds, nm_dsd, nm_dsd_csr, nm_sdd
 
-__all__ = ["csr_dds", "csr_dsd", "csr_sdd", "csr_backward", "fewbit_pack", "fewbit_unpack", "csr_dds_fewbit"]
+__all__ = ["csr_dds", "csr_dsd", "csr_sdd", "csr_backward", "fewbit_pack", "fewbit_unpack", "csr_dds_fewbit", "nm_dds", "nm_sdd", "nm_dsd", "nm_dsd_csr"]

@@ -1,0 +1,34 @@
+// N:M products on raw pointers (fp32). torch-free; the binding validates every index first.
+//
+// format: W [rows, K] with at most n nonzeros in each group of m consecutive columns (1 <= n < m <= 16).
+// G = ceil(K / m) groups and S = G * n slots a row; vals [rows, S]; idx [rows, ceil(S / 2)] bytes holding
+// two 4-bit in-group positions each (slot j in the low nibble when j is even). slot j of a row sits at
+// column (j / n) * m + pos; columns in [K, G * m) read as zero (the kernels pad their copy of a).
+#pragma once
+
+#include <cstdint>
+
+namespace sparseops {
+
+// y [B, rows] = a [B, K] @ Wᵀ (+ bias [rows]); a is read through strides (s0, s1), y is contiguous.
+// vals is read as vals[perm[k]] when perm is given (perm[k] < 0 reads zero), else vals[k]: the
+// transposable backward runs this on Wᵀ's index with the values gathered through t_perm.
+void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+             const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads);
+
+// dvals [out, S] = sum_b dy[b, o] * x[b, col(o, j)] for every slot (0 where col >= in); dy and x strided.
+void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, int64_t x0,
+            int64_t x1, const uint8_t* idx, int n, int m, float* dvals, int nthreads);
+
+void nm_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const uint8_t*,
+                      int, int, int64_t, const float*, float*, int);
+void nm_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                     const uint8_t*, int, int, float*, int);
+#if defined(SPARSEOPS_HAVE_AVX2)
+void nm_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const uint8_t*, int,
+                  int, int64_t, const float*, float*, int);
+void nm_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                 const uint8_t*, int, int, float*, int);
+#endif
+
+}  // namespace sparseops

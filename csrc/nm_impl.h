@@ -1,0 +1,398 @@
+// N:M kernels, written once over a vector type V (see simd.h) and instantiated per ISA in
+// nm_avx2.cpp and nm_portable.cpp. they reuse the batch-major packing of csr_impl.h.
+//
+// batches of 8 or more: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with
+// the columns zero padded to G*m so that every slot's column is readable. every slot drives NV
+// contiguous FMAs over the batch lanes, exactly like the CSR kernel, but the column comes from a
+// 4-bit position and a running group base instead of a 32-bit index. the loops are ordered
+//   rows in blocks of NM_ROW_BLOCK -> batch tiles -> column chunks of NM_CHUNK_BYTES -> rows
+// so that one chunk of a tile stays in L1 while the block's rows sweep it, and each row's values
+// and positions are read from memory once per call (they stay in L2 across the tiles of the block)
+// with a software prefetch a few rows ahead (a block reads NM_ROW_BLOCK strided streams, more than
+// the hardware prefetcher follows).
+// NOTE: prototype, 1 thread, 2:4 4096x4096 B=256 forward (useful GF/s): tiles outermost with no
+// prefetch 22-33, rows-blocks outermost with tiles inside 35-40, plus prefetch 4 rows ahead 45-50;
+// with every operand L1/L2 resident 62. dense sgemm on the same core: 70.
+// batches under 8: a gather kernel, 8 slots at a time, with the positions decoded into columns.
+#pragma once
+
+#include "csr_impl.h"
+#include "nm.h"
+
+namespace sparseops {
+namespace detail {
+
+constexpr int64_t NM_CHUNK_BYTES = 16384;
+constexpr int64_t NM_ROW_BLOCK = 16;
+constexpr int64_t NM_PREFETCH_ROWS = 4;
+
+inline int nib(const uint8_t* ip, int64_t j) { return (ip[j >> 1] >> ((j & 1) << 2)) & 15; }
+
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+struct NmShape {
+  int n, m;
+  int64_t K, G, S, Sb, Kp;
+  NmShape(int n_, int m_, int64_t K_) : n(n_), m(m_), K(K_) {
+    G = (K + m - 1) / m;
+    S = G * n;
+    Sb = (S + 1) / 2;
+    Kp = G * m;
+  }
+};
+
+// slots per column chunk: whole groups, a chunk of one tile (columns x BT lanes) about NM_CHUNK_BYTES
+inline int64_t nm_chunk_slots(const NmShape& d, int BT) {
+  return std::max<int64_t>(1, NM_CHUNK_BYTES / (4 * BT) / d.m) * d.n;
+}
+
+// A [B, K] (strides s0, s1) -> P [T][Kp][BT], columns K..Kp zero; call inside a parallel region
+template <class V, int BT>
+void pack_padded(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, int64_t s1, float* p) {
+  const int64_t T = (B + BT - 1) / BT;
+  constexpr int64_t KB = 64;
+  const int64_t nkb = (Kp + KB - 1) / KB;
+#pragma omp for schedule(static) collapse(2)
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t k0 = kb * KB, k1 = std::min(Kp, k0 + KB), kr = std::min(K, k1);
+      float* pt = p + t * Kp * BT;
+      if (k0 < kr) pack_block<V, BT>(a, s0, s1, t * BT, std::min<int64_t>(BT, B - t * BT), k0, kr, pt);
+      for (int64_t k = std::max(k0, K); k < k1; ++k) std::memset(pt + k * BT, 0, sizeof(float) * BT);
+    }
+  }
+}
+
+// bi[l] (+)= sum over slots [j0, j1) of one row of v[j] * P[col(j)][l]
+template <class V, int NV>
+inline void nm_row(const float* pt, const float* v, const uint8_t* ip, int64_t j0, int64_t j1, int n, int m, float* bi,
+                   bool first) {
+  constexpr int BT = 8 * NV;
+  constexpr int U = NV >= 8 ? 1 : 8 / NV;  // 8 FMA chains in flight
+  typename V::reg acc[U][NV];
+  for (int v = 0; v < NV; ++v) acc[0][v] = first ? V::zero() : V::load(bi + 8 * v);
+  for (int u = 1; u < U; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
+  int64_t g = j0 / n;
+  int s = static_cast<int>(j0 - g * n);
+  int64_t base = g * m;
+  int64_t j = j0;
+  for (; j + U <= j1; j += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* xr = pt + (base + nib(ip, j + u)) * BT;
+      if (++s == n) {
+        s = 0;
+        base += m;
+      }
+      const typename V::reg w = V::bcast(v[j + u]);
+      for (int q = 0; q < NV; ++q) acc[u][q] = V::fma(w, V::load(xr + 8 * q), acc[u][q]);
+    }
+  }
+  for (; j < j1; ++j) {
+    const float* xr = pt + (base + nib(ip, j)) * BT;
+    if (++s == n) {
+      s = 0;
+      base += m;
+    }
+    const typename V::reg w = V::bcast(v[j]);
+    for (int q = 0; q < NV; ++q) acc[0][q] = V::fma(w, V::load(xr + 8 * q), acc[0][q]);
+  }
+  for (int u = 1; u < U; ++u)
+    for (int q = 0; q < NV; ++q) acc[0][q] = V::add(acc[0][q], acc[u][q]);
+  for (int q = 0; q < NV; ++q) V::store(bi + 8 * q, acc[0][q]);
+}
+
+inline void prefetch_row(const float* v, const uint8_t* ip, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 16) prefetch(v + j);
+  for (int64_t j = j0 / 2; j < (j1 + 1) / 2; j += 64) prefetch(ip + j);
+}
+
+// one thread's rows [r0, r1): buf [T][r1 - r0][BT]
+template <class V, int NV>
+void nm_rows(const float* p, int64_t T, const NmShape& d, const float* vals, const uint8_t* idx, int64_t r0,
+             int64_t r1, float* buf) {
+  constexpr int BT = 8 * NV;
+  const int64_t R = r1 - r0;
+  if (d.S == 0) {
+    std::memset(buf, 0, sizeof(float) * T * R * BT);
+    return;
+  }
+  const int64_t sc = nm_chunk_slots(d, BT);
+  for (int64_t q = r0; q < r1; q += NM_ROW_BLOCK) {
+    const int64_t qe = std::min(r1, q + NM_ROW_BLOCK);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* pt = p + t * d.Kp * BT;
+      float* bt = buf + t * R * BT;
+      for (int64_t c0 = 0; c0 < d.S; c0 += sc) {
+        const int64_t c1 = std::min(d.S, c0 + sc);
+        for (int64_t o = q; o < qe; ++o) {
+          if (t == 0 && o + NM_PREFETCH_ROWS < r1) {
+            const int64_t f = o + NM_PREFETCH_ROWS;
+            prefetch_row(vals + f * d.S, idx + f * d.Sb, c0, c1);
+          }
+          nm_row<V, NV>(pt, vals + o * d.S, idx + o * d.Sb, c0, c1, d.n, d.m, bt + (o - r0) * BT, c0 == 0);
+        }
+      }
+    }
+  }
+}
+
+template <class V, int NV>
+void nm_spmm_packed(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShape& d, const float* vals,
+                    const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+  constexpr int BT = 8 * NV;
+  const int64_t T = (B + BT - 1) / BT;
+  float* p = scratch(P, static_cast<size_t>(T * d.Kp * BT));
+  RegionError err;
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = thread_id(), nt = thread_count();
+    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+    float* buf = nullptr;
+    err.run([&] { buf = scratch(ACC, static_cast<size_t>(T * (r1 - r0) * BT)); });
+    pack_padded<V, BT>(a, B, d.K, d.Kp, s0, s1, p);  // ends in a barrier
+    if (!err.failed() && r1 > r0) {
+      nm_rows<V, NV>(p, T, d, vals, idx, r0, r1, buf);
+      for (int64_t t = 0; t < T; ++t)
+        store_tile<V, NV>(buf + t * (r1 - r0) * BT, r0, r1, bias, y + t * BT * rows, rows,
+                          std::min<int64_t>(BT, B - t * BT));
+    }
+  }
+  err.rethrow();
+}
+
+// a [B, K] (strided) -> contiguous [B, Kp], columns K..Kp zero
+inline float* padded_copy(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, int64_t s1, int slot) {
+  float* c = scratch(slot, static_cast<size_t>(std::max<int64_t>(1, B * Kp)));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) c[b * Kp + k] = a[b * s0 + k * s1];
+    for (int64_t k = K; k < Kp; ++k) c[b * Kp + k] = 0.f;
+  }
+  return c;
+}
+
+// the column of slot s of an 8-slot block jb = n*q + r is 8*m*q + tab[r][s] + pos
+struct BlockCols {
+  int32_t tab[16][8];
+  BlockCols(int n, int m) {
+    for (int r = 0; r < n; ++r)
+      for (int s = 0; s < 8; ++s) tab[r][s] = ((8 * r + s) / n) * m;
+  }
+  // cols[s] for the 8 slots from j (a multiple of 8) of a row with positions ip
+  inline void get(const uint8_t* ip, int64_t j, int64_t q, int r, int m, int32_t* cols) const {
+    uint32_t w;
+    std::memcpy(&w, ip + j / 2, 4);
+    const int32_t cb = static_cast<int32_t>(8 * m * q);
+    for (int s = 0; s < 8; ++s) cols[s] = cb + tab[r][s] + static_cast<int32_t>((w >> (4 * s)) & 15u);
+  }
+};
+
+// small batch: y[b, o] = sum_j v[o, j] * ap[b, col(o, j)] over the padded contiguous copy ap
+template <class V>
+void nm_gather(const float* ap, int64_t B, const NmShape& d, const float* v, const uint8_t* idx, int64_t rows,
+               const float* bias, float* y, int nthreads) {
+  const BlockCols bc(d.n, d.m);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t o = 0; o < rows; ++o) {
+    const float* vr = v + o * d.S;
+    const uint8_t* ir = idx + o * d.Sb;
+    typename V::reg acc[8];
+    for (int64_t b = 0; b < B; ++b) acc[b] = V::zero();
+    alignas(32) int32_t cols[8];
+    int64_t j = 0, q = 0;
+    int r = 0;
+    for (; j + 8 <= d.S; j += 8) {
+      bc.get(ir, j, q, r, d.m, cols);
+      if (++r == d.n) {
+        r = 0;
+        ++q;
+      }
+      const typename V::reg w = V::load(vr + j);
+      for (int64_t b = 0; b < B; ++b) acc[b] = V::fma(w, V::gather(ap + b * d.Kp, cols), acc[b]);
+    }
+    float res[8];
+    for (int64_t b = 0; b < B; ++b) res[b] = V::sum(acc[b]);
+    for (; j < d.S; ++j) {
+      const int64_t c = (j / d.n) * d.m + nib(ir, j);
+      for (int64_t b = 0; b < B; ++b) res[b] += vr[j] * ap[b * d.Kp + c];
+    }
+    const float bo = bias ? bias[o] : 0.f;
+    for (int64_t b = 0; b < B; ++b) y[b * rows + o] = res[b] + bo;
+  }
+}
+
+template <class V>
+void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+             const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+  const NmShape d(n, m, K);
+  if (rows == 0 || B == 0) return;
+  const float* v = vals;
+  if (perm) {
+    const int64_t total = rows * d.S;
+    float* g = scratch(VALS, static_cast<size_t>(std::max<int64_t>(1, total)));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < total; ++k) g[k] = perm[k] >= 0 ? vals[perm[k]] : 0.f;
+    v = g;
+  }
+  if (B < 8) {
+    const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
+    nm_gather<V>(ap, B, d, v, idx, rows, bias, y, nthreads);
+  } else {
+    with_tile_width(B, [&](auto nv) {
+      nm_spmm_packed<V, decltype(nv)::value>(a, B, s0, s1, d, v, idx, rows, bias, y, nthreads);
+    });
+  }
+}
+
+// one thread's rows [r0, r1) of dv [out, S] from the packed tiles of dy [T][out][BT] and x [T][Kp][BT]
+template <class V, int NV>
+void nm_sdd_rows(const float* pd, const float* px, int64_t T, int64_t out, const NmShape& d, const uint8_t* idx,
+                 int64_t r0, int64_t r1, float* dv) {
+  constexpr int BT = 8 * NV;
+  const int64_t sc = nm_chunk_slots(d, BT);
+  alignas(32) float tmp[8];
+  for (int64_t q0 = r0; q0 < r1; q0 += NM_ROW_BLOCK) {
+    const int64_t qe = std::min(r1, q0 + NM_ROW_BLOCK);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* dyt = pd + t * out * BT;
+      const float* xt = px + t * d.Kp * BT;
+      const bool first = t == 0;
+      for (int64_t c0 = 0; c0 < d.S; c0 += sc) {
+        const int64_t c1 = std::min(d.S, c0 + sc);
+        for (int64_t o = q0; o < qe; ++o) {
+          if (first && o + NM_PREFETCH_ROWS < r1) prefetch_row(dv + (o + NM_PREFETCH_ROWS) * d.S,
+                                                               idx + (o + NM_PREFETCH_ROWS) * d.Sb, c0, c1);
+          const uint8_t* ir = idx + o * d.Sb;
+          float* dvo = dv + o * d.S;
+          typename V::reg dr[NV];
+          for (int q = 0; q < NV; ++q) dr[q] = V::load(dyt + o * BT + 8 * q);
+          int64_t g = c0 / d.n;
+          int s = static_cast<int>(c0 - g * d.n);
+          int64_t base = g * d.m;
+          auto next_row = [&](int64_t j) {
+            const float* xr = xt + (base + nib(ir, j)) * BT;
+            if (++s == d.n) {
+              s = 0;
+              base += d.m;
+            }
+            return xr;
+          };
+          typename V::reg acc[8];
+          int64_t j = c0;
+          // 8 slots at a time: 8 independent dot products over the lanes, reduced by one hadd tree
+          for (; j + 8 <= c1; j += 8) {
+            for (int u = 0; u < 8; ++u) {
+              const float* xr = next_row(j + u);
+              acc[u] = V::fma(dr[0], V::load(xr), V::zero());
+              for (int q = 1; q < NV; ++q) acc[u] = V::fma(dr[q], V::load(xr + 8 * q), acc[u]);
+            }
+            typename V::reg sum = V::hsum8(acc);
+            if (!first) sum = V::add(sum, V::load(dvo + j));
+            V::store(dvo + j, sum);
+          }
+          if (j < c1) {
+            const int rem = static_cast<int>(c1 - j);
+            for (int u = 0; u < 8; ++u) {
+              acc[u] = V::zero();
+              if (u < rem) {
+                const float* xr = next_row(j + u);
+                for (int q = 0; q < NV; ++q) acc[u] = V::fma(dr[q], V::load(xr + 8 * q), acc[u]);
+              }
+            }
+            V::store(tmp, V::hsum8(acc));
+            for (int u = 0; u < rem; ++u) dvo[j + u] = first ? tmp[u] : dvo[j + u] + tmp[u];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class V, int NV>
+void nm_sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t x0,
+                   int64_t x1, const NmShape& d, const uint8_t* idx, float* dv, int nthreads) {
+  constexpr int BT = 8 * NV;
+  const int64_t T = (B + BT - 1) / BT;
+  float* pd = scratch(P, static_cast<size_t>(T * out * BT));
+  float* px = scratch(PX, static_cast<size_t>(T * d.Kp * BT));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = thread_id(), nt = thread_count();
+    const int64_t r0 = out * tid / nt, r1 = out * (tid + 1) / nt;
+    pack<V, BT>(dy, B, out, d0, d1, pd);  // ends in a barrier
+    pack_padded<V, BT>(x, B, d.K, d.Kp, x0, x1, px);
+    nm_sdd_rows<V, NV>(pd, px, T, out, d, idx, r0, r1, dv);
+  }
+}
+
+// small batch: dv[o, j] = sum_b dy[b, o] * xp[b, col(o, j)] over contiguous dy and the padded copy xp
+template <class V>
+void nm_sdd_gather(const float* dyc, const float* xp, int64_t B, int64_t out, const NmShape& d, const uint8_t* idx,
+                   float* dv, int nthreads) {
+  const BlockCols bc(d.n, d.m);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t o = 0; o < out; ++o) {
+    const uint8_t* ir = idx + o * d.Sb;
+    float* dvo = dv + o * d.S;
+    typename V::reg g[8];
+    for (int64_t b = 0; b < B; ++b) g[b] = V::bcast(dyc[b * out + o]);
+    alignas(32) int32_t cols[8];
+    int64_t j = 0, q = 0;
+    int r = 0;
+    for (; j + 8 <= d.S; j += 8) {
+      bc.get(ir, j, q, r, d.m, cols);
+      if (++r == d.n) {
+        r = 0;
+        ++q;
+      }
+      typename V::reg acc = V::zero();
+      for (int64_t b = 0; b < B; ++b) acc = V::fma(g[b], V::gather(xp + b * d.Kp, cols), acc);
+      V::store(dvo + j, acc);
+    }
+    for (; j < d.S; ++j) {
+      const int64_t c = (j / d.n) * d.m + nib(ir, j);
+      float s = 0.f;
+      for (int64_t b = 0; b < B; ++b) s += dyc[b * out + o] * xp[b * d.Kp + c];
+      dvo[j] = s;
+    }
+  }
+}
+
+template <class V>
+void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, int64_t x0,
+            int64_t x1, const uint8_t* idx, int n, int m, float* dv, int nthreads) {
+  const NmShape d(n, m, in);
+  if (out == 0 || d.S == 0) return;
+  if (B == 0) {
+    std::fill(dv, dv + out * d.S, 0.f);
+  } else if (B < 8) {
+    const float* dyc = contiguous(dy, B, out, d0, d1, COPY1);
+    const float* xp = padded_copy(x, B, in, d.Kp, x0, x1, COPY2);
+    nm_sdd_gather<V>(dyc, xp, B, out, d, idx, dv, nthreads);
+  } else {
+    with_tile_width(B, [&](auto nv) {
+      nm_sdd_packed<V, decltype(nv)::value>(dy, B, out, d0, d1, x, x0, x1, d, idx, dv, nthreads);
+    });
+  }
+}
+
+}  // namespace detail
+
+#define SPARSEOPS_NM_INSTANTIATE(V, SUFFIX)                                                                        \
+  void nm_spmm_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,            \
+                        const int32_t* perm, const uint8_t* idx, int n, int m, int64_t rows, const float* bias,    \
+                        float* y, int nthreads) {                                                                  \
+    detail::nm_spmm<V>(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);                           \
+  }                                                                                                                \
+  void nm_sdd_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, \
+                       int64_t x0, int64_t x1, const uint8_t* idx, int n, int m, float* dv, int nthreads) {         \
+    detail::nm_sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dv, nthreads);                                 \
+  }
+
+}  // namespace sparseops

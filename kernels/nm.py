@@ -1,0 +1,404 @@
+"""Triton kernels for N:M compressed weights, and their launchers.
+
+The format: a weight ``W [out, in]`` with at most ``n`` nonzeros in each group of ``m``
+consecutive entries of a row (``1 <= n < m <= 16``) has ``G = ceil(in / m)`` groups and
+``S = G * n`` slots per row. ``values [out, S]`` holds the slots' values and ``idx`` (uint8
+``[out, ceil(S / 2)]``) their 4-bit in-group positions, two a byte, slot ``j`` in the nibble
+``(idx[o, j // 2] >> (4 * (j % 2))) & 15``. Slot ``j`` of row ``o`` sits at column
+``(j // n) * m + pos``; a column ``>= in`` (only in the last, partial group) holds 0, and the
+kernels mask it: ``x`` is never read there.
+
+- ``dds``: ``y [B, out] = x [B, in] @ Wᵀ (+ bias)``. One program per ``[BB, BO]`` output
+  tile. It walks the input dim in ``BK``-column tiles (``BK`` is a power of two, so a group
+  of a non-power-of-two ``m`` may straddle two tiles: each column finds its own group).
+  For every column of the tile it reads the ``n`` slots of that column's group straight
+  from the compressed ``values``/``idx`` (the weight stays compressed in memory; a group's
+  slots are shared by its ``m`` columns, so they come from L1) and keeps the value whose
+  position matches, building a dense ``[BK, BO]`` tile of ``Wᵀ`` in registers, zeros
+  elsewhere. A ``tl.dot`` of the ``[BB, BK]`` tile of ``x`` with it accumulates into fp32.
+- ``sdd``: the weight gradient on the stored slots only,
+  ``dv[o, j] = sum_b dy[b, o] * x[b, col(o, j)]`` (0 when the column is ``>= in``). One
+  program per ``[BO, BS]`` tile of slots: it decodes the slots' columns once, then loops
+  over the batch in chunks of ``BB``, loading a ``[BB, BO]`` tile of ``dy`` and gathering a
+  ``[BB, BO, BS]`` tile of ``x``, and reduces each chunk over the batch into a ``[BO, BS]``
+  fp32 sum. No dense ``[out, in]`` gradient, nor a dense tile of one, is ever formed.
+- The transposed product (the input gradient of a *transposable* N:M weight) is ``dds`` on
+  ``Wᵀ``'s own ``(values, idx)``: ``dx = nm_dds(dy, t_values, t_idx, None, in, out, n, m)``.
+
+Precision: fp32 operands go through ``tl.dot`` with ``input_precision="ieee"`` (no TF32),
+so fp32 results match the fp32 FMA of :mod:`sparseops.kernels.csr`; bf16 and fp16 operands
+use the tensor cores in their own dtype. Either way the sum accumulates in fp32 and the
+output is rounded once to the input dtype. The interpreter's ``tl.dot`` gets bf16 wrong, so
+there bf16 tiles are upcast to fp32 before the dot.
+
+Every output element is owned by exactly one program and stored once: no atomics, no
+zero-fill, and autotuning may rerun a kernel freely. Addresses are computed in int64.
+
+The launchers only use torch ops and ``torch.library.wrap_triton`` launches, so each can be
+the body of a ``torch.library.triton_op``. They check shapes, dtypes and devices but not the
+nibbles: a position ``>= m`` points into the next group (or, in the last group, is masked).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .csr import _bucket, _features, _float, _out, _same_device, _tensor
+
+_IDX_DTYPE = torch.uint8
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# the interpreter cannot benchmark several configs. its cost grows with the number of
+# programs, so the tiles are wide; BK, BS and BB stay small so that test shapes of 37
+# still run several loop iterations with a masked tail. tl.dot needs every dim >= 16
+if _INTERPRET:
+    _DDS_CONFIGS = [triton.Config({"BB": 32, "BO": 32, "BK": 16}, num_warps=4)]
+    _SDD_CONFIGS = [triton.Config({"BB": 16, "BO": 32, "BS": 16}, num_warps=4)]
+else:
+    _DDS_CONFIGS = [
+        triton.Config({"BB": 16, "BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BB": 32, "BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BB": 64, "BO": 64, "BK": 32}, num_warps=4),
+        triton.Config({"BB": 64, "BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BB": 64, "BO": 128, "BK": 32}, num_warps=4),
+        triton.Config({"BB": 128, "BO": 64, "BK": 32}, num_warps=4),
+        triton.Config({"BB": 128, "BO": 128, "BK": 32}, num_warps=8),
+    ]
+    _SDD_CONFIGS = [
+        triton.Config({"BB": 16, "BO": 4, "BS": 128}, num_warps=4),
+        triton.Config({"BB": 16, "BO": 8, "BS": 64}, num_warps=4),
+        triton.Config({"BB": 16, "BO": 16, "BS": 32}, num_warps=4),
+        triton.Config({"BB": 32, "BO": 4, "BS": 64}, num_warps=4),
+        triton.Config({"BB": 32, "BO": 8, "BS": 64}, num_warps=8),
+        triton.Config({"BB": 8, "BO": 16, "BS": 64}, num_warps=4),
+    ]
+
+# the sizes are power-of-two buckets, so a new batch size does not retune every step;
+# n and m are constexpr (a separate compile each) and key their own tuning
+_DDS_KEYS = ["B_BUCKET", "OUT_BUCKET", "IN_BUCKET", "N", "M"]
+_SDD_KEYS = ["B_BUCKET", "OUT_BUCKET", "S_BUCKET", "N", "M"]
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.autotune(configs=_DDS_CONFIGS, key=_DDS_KEYS)
+@triton.jit
+def _nm_dds_kernel(
+    x_ptr,  # [B, in]
+    values_ptr,  # [out, S], contiguous
+    idx_ptr,  # [out, ceil(S / 2)] uint8, contiguous
+    bias_ptr,  # [out], read only when HAS_BIAS
+    out_ptr,  # [B, out]
+    B,
+    n_out,
+    n_in,
+    n_slots,  # S: the row stride of values
+    idx_cols,  # ceil(S / 2): the row stride of idx
+    stride_xb,
+    stride_xk,
+    stride_ob,
+    stride_on,
+    B_BUCKET,  # autotune key only
+    OUT_BUCKET,  # autotune key only
+    IN_BUCKET,  # autotune key only
+    N: tl.constexpr,
+    M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # bf16 under the interpreter: dot in fp32
+    IEEE: tl.constexpr,  # fp32 operands: no TF32
+    BB: tl.constexpr,
+    BO: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # output tiles vary fastest, so programs running together share one block of x in L2
+    n_oblk = tl.cdiv(n_out, BO)
+    oblk = pid % n_oblk
+    bblk = pid // n_oblk
+    offs_b = bblk.to(tl.int64) * BB + tl.arange(0, BB)  # [BB]
+    offs_o = oblk.to(tl.int64) * BO + tl.arange(0, BO)  # [BO]
+    mask_b = offs_b < B
+    mask_o = offs_o < n_out
+    x_rows = x_ptr + offs_b[:, None] * stride_xb  # [BB, 1]
+    v_rows = values_ptr + offs_o[None, :] * n_slots  # [1, BO]
+    i_rows = idx_ptr + offs_o[None, :] * idx_cols  # [1, BO]
+
+    acc = tl.zeros([BB, BO], dtype=tl.float32)
+    for k0 in range(0, n_in, BK):
+        # int64 before the add, so k0 + BK cannot wrap
+        offs_k = tl.arange(0, BK).to(tl.int64) + k0  # [BK]
+        mask_k = offs_k < n_in
+        # columns >= in are never read: x is 0 there
+        a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+
+        # decompress Wᵀ[k, o]: the slot of column k's group whose position is k % m
+        grp = offs_k // M  # [BK]
+        pos_k = (offs_k % M).to(tl.int32)[:, None]  # [BK, 1]
+        w_mask = mask_k[:, None] & mask_o[None, :]  # [BK, BO]
+        w = tl.zeros([BK, BO], dtype=values_ptr.dtype.element_ty)
+        for s in tl.static_range(N):
+            j = grp * N + s  # [BK] slot of column k's group
+            byte = tl.load(i_rows + (j // 2)[:, None], mask=w_mask, other=0).to(tl.int32)  # [BK, BO]
+            pos = (byte >> (4 * (j % 2)).to(tl.int32)[:, None]) & 15
+            v = tl.load(v_rows + j[:, None], mask=w_mask, other=0.0)  # [BK, BO]
+            # the positions of a group are distinct: at most one slot matches
+            w = tl.where(pos == pos_k, v, w)
+
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_b[:, None] * stride_ob + offs_o[None, :] * stride_on  # [BB, BO]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_o[None, :])
+
+
+@triton.autotune(configs=_SDD_CONFIGS, key=_SDD_KEYS)
+@triton.jit
+def _nm_sdd_kernel(
+    dy_ptr,  # [B, out]
+    x_ptr,  # [B, in]
+    idx_ptr,  # [out, ceil(S / 2)] uint8, contiguous
+    out_ptr,  # [out, S]
+    B,
+    n_out,
+    n_in,
+    n_slots,  # S
+    idx_cols,  # ceil(S / 2): the row stride of idx
+    stride_dyb,
+    stride_dyn,
+    stride_xb,
+    stride_xk,
+    stride_oo,
+    stride_os,
+    B_BUCKET,  # autotune key only
+    OUT_BUCKET,  # autotune key only
+    S_BUCKET,  # autotune key only
+    N: tl.constexpr,
+    M: tl.constexpr,
+    BB: tl.constexpr,
+    BO: tl.constexpr,
+    BS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # row tiles vary fastest, so programs running together gather the same columns of x
+    n_oblk = tl.cdiv(n_out, BO)
+    oblk = pid % n_oblk
+    sblk = pid // n_oblk
+    offs_o = oblk.to(tl.int64) * BO + tl.arange(0, BO)  # [BO]
+    offs_s = sblk.to(tl.int64) * BS + tl.arange(0, BS)  # [BS]
+    mask_o = offs_o < n_out
+    mask_os = mask_o[:, None] & (offs_s < n_slots)[None, :]  # [BO, BS]
+
+    # the slots' columns, decoded once
+    byte = tl.load(idx_ptr + offs_o[:, None] * idx_cols + (offs_s // 2)[None, :], mask=mask_os, other=0)
+    pos = (byte.to(tl.int32) >> (4 * (offs_s % 2)).to(tl.int32)[None, :]) & 15  # [BO, BS]
+    col = (offs_s // N * M)[None, :] + pos  # [BO, BS] int64
+    # a column >= in holds 0 and x is never read there
+    mask_c = mask_os & (col < n_in)
+    x_cols = x_ptr + col * stride_xk  # [BO, BS]
+    dy_cols = dy_ptr + offs_o * stride_dyn  # [BO]
+
+    acc = tl.zeros([BO, BS], dtype=tl.float32)
+    for b0 in range(0, B, BB):
+        # int64 before the add, so b0 + BB cannot wrap
+        offs_b = tl.arange(0, BB).to(tl.int64) + b0  # [BB]
+        mask_b = offs_b < B
+        g = tl.load(
+            dy_cols[None, :] + offs_b[:, None] * stride_dyb, mask=mask_b[:, None] & mask_o[None, :], other=0.0
+        )  # [BB, BO]
+        a = tl.load(
+            x_cols[None, :, :] + offs_b[:, None, None] * stride_xb,
+            mask=mask_b[:, None, None] & mask_c[None, :, :],
+            other=0.0,
+        )  # [BB, BO, BS]
+        acc += tl.sum(g.to(tl.float32)[:, :, None] * a.to(tl.float32), axis=0)
+
+    out = out_ptr + offs_o[:, None] * stride_oo + offs_s[None, :] * stride_os  # [BO, BS]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_os)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _nm(n, m) -> tuple[int, int]:
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if not 2 <= m <= 16:
+        raise ValueError(f"m: expected 2 <= m <= 16, got {m}")
+    if not 1 <= n < m:
+        raise ValueError(f"n: expected 1 <= n < m = {m}, got {n}")
+    return n, m
+
+
+def _slots(in_features, n: int, m: int) -> int:
+    return triton.cdiv(in_features, m) * n
+
+
+def _idx(t, rows, slots: int) -> torch.Tensor:
+    t = _tensor("idx", t, 2)
+    if t.dtype != _IDX_DTYPE:
+        raise TypeError(f"idx: expected dtype {_IDX_DTYPE}, got {t.dtype}")
+    shape = (rows, triton.cdiv(slots, 2))
+    if tuple(t.shape) != shape:
+        raise ValueError(f"idx: expected shape {shape} (two 4-bit positions a byte), got {tuple(t.shape)}")
+    return t
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def nm_dds(x, values, idx, bias, out_features, in_features, n, m, out=None):
+    """``y = x @ Wᵀ + bias`` with the N:M weight ``W [out, in]`` given by ``(values, idx)``.
+
+    Also the input gradient of a transposable N:M weight:
+    ``dx = nm_dds(dy, t_values, t_idx, None, in_features, out_features, n, m)`` with
+    ``(t_values, t_idx)`` the same format of ``Wᵀ``.
+
+    Args:
+        x: ``[B, in]`` float32, bfloat16 or float16 (any strides).
+        values: ``[out, S]`` in the dtype of ``x``, ``S = ceil(in / m) * n``.
+        idx: uint8 ``[out, ceil(S / 2)]``, two 4-bit in-group positions a byte (even slot low).
+        bias: ``[out]`` in the dtype of ``x``, or None.
+        out_features, in_features: ``out`` and ``in``.
+        n, m: at most ``n`` nonzeros per group of ``m`` (``1 <= n < m <= 16``).
+        out: optional ``[B, out]`` buffer in the dtype of ``x``; every element is written.
+
+    Returns:
+        ``[B, out]`` in ``x.dtype`` (``out`` when given).
+
+    Raises:
+        TypeError: a wrong type or dtype.
+        ValueError: a wrong shape, ``n``/``m`` or device.
+    """
+    x = _float("x", x, 2)
+    _features("out_features", out_features)
+    _features("in_features", in_features)
+    n, m = _nm(n, m)
+    if x.shape[1] != in_features:
+        raise ValueError(f"x: expected {in_features} columns (in_features), got shape {tuple(x.shape)}")
+    slots = _slots(in_features, n, m)
+    values = _float("values", values, 2, x.dtype)
+    if tuple(values.shape) != (out_features, slots):
+        raise ValueError(
+            f"values: expected shape {(out_features, slots)} (out, ceil(in / m) * n), got {tuple(values.shape)}"
+        )
+    idx = _idx(idx, out_features, slots)
+    if bias is not None:
+        bias = _float("bias", bias, 1, x.dtype)
+        if bias.numel() != out_features:
+            raise ValueError(f"bias: expected {out_features} entries, got {bias.numel()}")
+    _same_device(x, values=values, idx=idx, bias=bias)
+    B = x.shape[0]
+    out = _out(out, (B, out_features), x)
+    if B == 0 or out_features == 0:
+        return out
+    # in == 0 still launches: the loop is empty and every element gets the bias (or 0)
+    values, idx = values.contiguous(), idx.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+
+    def grid(meta):
+        return (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(B, meta["BB"]),)
+
+    torch.library.wrap_triton(_nm_dds_kernel)[grid](
+        x,
+        values,
+        idx,
+        bias,
+        out,
+        B,
+        out_features,
+        in_features,
+        slots,
+        idx.shape[1],
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        _bucket(B),
+        _bucket(out_features),
+        _bucket(in_features),
+        N=n,
+        M=m,
+        HAS_BIAS=bias is not None,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        IEEE=x.dtype == torch.float32,
+    )
+    return out
+
+
+def nm_sdd(dy, x, idx, n, m, in_features, out=None):
+    """Weight gradient on the stored slots: ``dv[o, j] = sum_b dy[b, o] * x[b, col(o, j)]``.
+
+    A slot whose column is ``>= in`` gets 0. No dense ``[out, in]`` gradient is formed.
+
+    Args:
+        dy: ``[B, out]``; x: ``[B, in]``; float32, bfloat16 or float16, same dtype, any strides.
+        idx: uint8 ``[out, ceil(S / 2)]`` of the weight, ``S = ceil(in / m) * n``.
+        n, m: at most ``n`` nonzeros per group of ``m`` (``1 <= n < m <= 16``).
+        in_features: ``in``.
+        out: optional ``[out, S]`` buffer in the dtype of ``x``; every element is written.
+
+    Returns:
+        ``[out, S]`` in ``x.dtype`` (``out`` when given).
+
+    Raises:
+        TypeError: a wrong type or dtype.
+        ValueError: a wrong shape, ``n``/``m`` or device.
+    """
+    x = _float("x", x, 2)
+    dy = _float("dy", dy, 2, x.dtype)
+    _features("in_features", in_features)
+    n, m = _nm(n, m)
+    if x.shape[1] != in_features:
+        raise ValueError(f"x: expected {in_features} columns (in_features), got shape {tuple(x.shape)}")
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy: expected {x.shape[0]} rows (the batch of x), got {dy.shape[0]}")
+    out_features = dy.shape[1]
+    slots = _slots(in_features, n, m)
+    idx = _idx(idx, out_features, slots)
+    _same_device(x, dy=dy, idx=idx)
+    out = _out(out, (out_features, slots), x)
+    if out_features == 0 or slots == 0:
+        return out
+    # B == 0 still launches: the loop is empty and every slot gets 0
+    idx = idx.contiguous()
+    B = x.shape[0]
+
+    def grid(meta):
+        return (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(slots, meta["BS"]),)
+
+    torch.library.wrap_triton(_nm_sdd_kernel)[grid](
+        dy,
+        x,
+        idx,
+        out,
+        B,
+        out_features,
+        in_features,
+        slots,
+        idx.shape[1],
+        dy.stride(0),
+        dy.stride(1),
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        _bucket(B),
+        _bucket(out_features),
+        _bucket(slots),
+        N=n,
+        M=m,
+    )
+    return out

@@ -1,0 +1,184 @@
+"""torch.library ops for N:M weights (see ``formats.nm`` for the layout), organised as ``ops.csr``.
+
+- ``sparseops::nm_dds``: forward ``y = x Wᵀ + b``;
+- ``sparseops::nm_sdd``: the weight gradient on the slots, ``[out, S]``;
+- ``sparseops::nm_dsd``: the input gradient of a transposable weight, on the N:M kernel over ``Wᵀ``;
+- ``sparseops::nm_dsd_csr``: the input gradient of any N:M weight, through the CSR of ``Wᵀ``.
+
+Each public op is a ``triton_op`` (CUDA: the Triton kernels of ``kernels.nm``); elsewhere a host op
+whose CPU kernel is the C++ extension (fp32) and whose default is the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._cpp import _C
+from .csr import _eager_cpu, _np, _threads, _use_cpp
+
+# ---- host ops ----
+
+
+@torch.library.custom_op("sparseops::nm_dds_host", mutates_args=())
+def nm_dds_host(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], n: int, m: int) -> Tensor:
+    return reference.nm_dds(x, values, idx, bias, n, m)
+
+
+@nm_dds_host.register_kernel("cpu")
+def _nm_dds_cpu(x, values, idx, bias, n, m):
+    if not _use_cpp(x, values, *(() if bias is None else (bias,))):
+        return reference.nm_dds(x, values, idx, bias, n, m)
+    y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
+    b = None if bias is None else _np(bias.contiguous())
+    _C.nm_dds(_np(x), _np(values.contiguous()), _np(idx), n, m, b, _np(y), _threads(x.shape[0] * values.numel()))
+    return y
+
+
+@nm_dds_host.register_fake
+def _(x, values, idx, bias, n, m):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.custom_op("sparseops::nm_sdd_host", mutates_args=())
+def nm_sdd_host(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
+    return reference.nm_sdd(dy, x, idx, n, m)
+
+
+@nm_sdd_host.register_kernel("cpu")
+def _nm_sdd_cpu(dy, x, idx, n, m):
+    if not _use_cpp(dy, x):
+        return reference.nm_sdd(dy, x, idx, n, m)
+    S = -(-x.shape[1] // m) * n
+    dv = torch.empty(dy.shape[1], S, dtype=torch.float32)
+    _C.nm_sdd(_np(dy), _np(x), _np(idx), n, m, _np(dv), _threads(x.shape[0] * dv.numel()))
+    return dv
+
+
+@nm_sdd_host.register_fake
+def _(dy, x, idx, n, m):
+    return x.new_empty(dy.shape[1], -(-x.shape[1] // m) * n)
+
+
+@torch.library.custom_op("sparseops::nm_dsd_host", mutates_args=())
+def nm_dsd_host(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: int, m: int) -> Tensor:
+    return reference.nm_dsd(dy, values, t_idx, t_slot, n, m)
+
+
+@nm_dsd_host.register_kernel("cpu")
+def _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m):
+    if not _use_cpp(dy, values):
+        return reference.nm_dsd(dy, values, t_idx, t_slot, n, m)
+    dx = torch.empty(dy.shape[0], t_idx.shape[0], dtype=torch.float32)
+    _C.nm_dsd(_np(dy), _np(values.contiguous()), _np(t_idx), _np(t_slot), n, m, _np(dx), _threads(dy.shape[0] * t_slot.numel()))
+    return dx
+
+
+@nm_dsd_host.register_fake
+def _(dy, values, t_idx, t_slot, n, m):
+    return dy.new_empty(dy.shape[0], t_idx.shape[0])
+
+
+@torch.library.custom_op("sparseops::nm_dsd_csr_host", mutates_args=())
+def nm_dsd_csr_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
+    return reference.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+@nm_dsd_csr_host.register_kernel("cpu")
+def _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features):
+    if not _use_cpp(dy, values):
+        return reference.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    _C.nm_dsd_csr(_np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx),
+                  _threads(dy.shape[0] * t_row.numel()))
+    return dx
+
+
+@nm_dsd_csr_host.register_fake
+def _(dy, values, t_crow, t_row, t_perm, in_features):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+# ---- public ops: cuda -> triton, else -> host op ----
+
+
+def _gather_t(values, t_slot):
+    s = t_slot.long()
+    flat = values.reshape(-1)
+    return torch.where(s >= 0, flat[s.clamp(min=0)], torch.zeros((), dtype=flat.dtype, device=flat.device))
+
+
+@torch.library.triton_op("sparseops::nm_dds", mutates_args=())
+def nm_dds(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], n: int, m: int) -> Tensor:
+    """Forward ``y [B, out] = x [B, in] @ Wᵀ + bias`` for an N:M weight (``values [out, S]``, ``idx``)."""
+    if x.device.type == "cuda":
+        from ..kernels import nm as K
+
+        return K.nm_dds(x, values, idx, bias, values.shape[0], x.shape[1], n, m)
+    return nm_dds_host(x, values, idx, bias, n, m)
+
+
+@torch.library.triton_op("sparseops::nm_sdd", mutates_args=())
+def nm_sdd(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
+    """Weight gradient on the slots: ``dvalues [out, S]``; no dense ``[out, in]`` gradient is formed."""
+    if x.device.type == "cuda":
+        from ..kernels import nm as K
+
+        return K.nm_sdd(dy, x, idx, n, m, x.shape[1])
+    return nm_sdd_host(dy, x, idx, n, m)
+
+
+@torch.library.triton_op("sparseops::nm_dsd", mutates_args=())
+def nm_dsd(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: int, m: int) -> Tensor:
+    """Input gradient ``dx [B, in] = dy @ W`` of a transposable weight, on the N:M kernel over ``Wᵀ``."""
+    if dy.device.type == "cuda":
+        from ..kernels import nm as K
+
+        return K.nm_dds(dy, _gather_t(values, t_slot), t_idx, None, t_idx.shape[0], dy.shape[1], n, m)
+    return nm_dsd_host(dy, values, t_idx, t_slot, n, m)
+
+
+@torch.library.triton_op("sparseops::nm_dsd_csr", mutates_args=())
+def nm_dsd_csr(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
+    """Input gradient ``dx [B, in] = dy @ W`` of any N:M weight, through the CSR of ``Wᵀ``."""
+    if dy.device.type == "cuda":
+        from ..kernels import csr as K
+
+        vt = values.reshape(-1)[t_perm.long()]
+        ident = torch.arange(t_perm.numel(), dtype=t_perm.dtype, device=t_perm.device)
+        return K.csr_dsd(dy, vt, t_crow, t_row, ident, in_features)
+    return nm_dsd_csr_host(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+# eager cpu calls go straight to the c++ kernels (see ops.csr)
+nm_dds.register_kernel("cpu")(_nm_dds_cpu)
+nm_sdd.register_kernel("cpu")(_nm_sdd_cpu)
+nm_dsd.register_kernel("cpu")(_nm_dsd_cpu)
+nm_dsd_csr.register_kernel("cpu")(_nm_dsd_csr_cpu)
+
+
+def dds(x, values, idx, bias, n: int, m: int) -> Tensor:
+    if _eager_cpu(x):
+        return _nm_dds_cpu(x, values, idx, bias, n, m)
+    return torch.ops.sparseops.nm_dds(x, values, idx, bias, n, m)
+
+
+def sdd(dy, x, idx, n: int, m: int) -> Tensor:
+    if _eager_cpu(x):
+        return _nm_sdd_cpu(dy, x, idx, n, m)
+    return torch.ops.sparseops.nm_sdd(dy, x, idx, n, m)
+
+
+def dsd(dy, values, t_idx, t_slot, n: int, m: int) -> Tensor:
+    if _eager_cpu(dy):
+        return _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m)
+    return torch.ops.sparseops.nm_dsd(dy, values, t_idx, t_slot, n, m)
+
+
+def dsd_csr(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
+    if _eager_cpu(dy):
+        return _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features)
+    return torch.ops.sparseops.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)
