@@ -4,6 +4,7 @@
     python bench/ratio.py --json run.json  # prints from an earlier --benchmark-json file
     python bench/ratio.py -k "B256"        # passes -k through to pytest
     python bench/ratio.py --suite fewbit   # bench_fewbit.py: torch's activation / few-bit one
+    python bench/ratio.py --suite nm       # bench_nm.py: dense / N:M, and the same mask as CSR
 
 For csr: dense/sparse and anchor/sparseops. For fewbit: torch time / few-bit time per bit count.
 
@@ -62,6 +63,33 @@ def render_fewbit(machine, table) -> str:
     return "\n".join(lines)
 
 
+def load_nm(json_path: Path):
+    data = json.loads(json_path.read_text())
+    table = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        table[(e["pattern"], e["batch"], e["in_f"], e["out_f"], e["mode"])][e["provider"]] = b["stats"]["median"] * 1e3
+    return data.get("machine_info", {}), table
+
+
+def render_nm(machine, table) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    lines = [
+        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratios > 1 mean N:M is faster",
+        "",
+        "| pattern | B | in→out | mode | dense ms | N:M ms | CSR ms | dense/N:M | CSR/N:M |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(table, key=lambda k: (k[4], -k[1], k[2], k[0])):
+        pat, b, i, o, mode = key
+        t = table[key]
+        d, nm, csr = t.get("dense"), t.get("sparseops"), t.get("sparseops_csr")
+        lines.append(
+            f"| {pat} | {b} | {i}→{o} | {mode} | {d:.2f} | {nm:.2f} | {csr:.2f} | {fmt_ratio(d, nm)} | {fmt_ratio(csr, nm)} |"
+        )
+    return "\n".join(lines)
+
+
 def load(json_path: Path):
     data = json.loads(json_path.read_text())
     table = defaultdict(dict)
@@ -102,7 +130,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running the suite")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     ap.add_argument("--save", type=Path, help="also write the JSON of the run here")
-    ap.add_argument("--suite", choices=["csr", "fewbit"], default="csr", help="which bench_<suite>.py (default csr)")
+    ap.add_argument("--suite", choices=["csr", "fewbit", "nm"], default="csr", help="which bench_<suite>.py (default csr)")
     args = ap.parse_args()
     if args.json:
         path = args.json
@@ -111,6 +139,8 @@ def main() -> None:
         run_suite(path.resolve(), args.keyword, args.suite)
     if args.suite == "fewbit":
         print(render_fewbit(*load_fewbit(path)))
+    elif args.suite == "nm":
+        print(render_nm(*load_nm(path)))
     else:
         print(render(*load(path)))
 

@@ -60,7 +60,7 @@ def pack_positions(pos: torch.Tensor) -> torch.Tensor:
 def unpack_positions(idx: torch.Tensor, slots: int) -> torch.Tensor:
     """Inverse of :func:`pack_positions`: ``[R, slots]`` int64."""
     lo, hi = (idx & 15).long(), (idx >> 4).long()
-    return torch.stack((lo, hi), dim=2).reshape(idx.shape[0], -1)[:, :slots]
+    return torch.stack((lo, hi), dim=2).reshape(idx.shape[0], 2 * idx.shape[1])[:, :slots]
 
 
 def _slots_of(mask: torch.Tensor, n: int, m: int):

@@ -265,7 +265,8 @@ class SparseLinear(nn.Module):
             )
             return
         if self._is_nm:
-            self._load_nm_index(state_dict, prefix, values, error_msgs)
+            if not self._load_nm_index(state_dict, prefix, values, error_msgs):
+                return
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
@@ -295,10 +296,11 @@ class SparseLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _load_nm_index(self, state_dict, prefix, values, error_msgs) -> None:
+    def _load_nm_index(self, state_dict, prefix, values, error_msgs) -> bool:
+        """Rebuild the index from the checkpoint's ``idx``/``empty``; False (and a message) when it is refused."""
         idx, empty = state_dict.get(prefix + "idx"), state_dict.get(prefix + "empty")
         if idx is None or empty is None:
-            return
+            return True
         p = self.pattern
         try:
             dev = self.idx.device
@@ -307,7 +309,10 @@ class SparseLinear(nn.Module):
             )
             if values is not None and tuple(values.shape) != tuple(self.values.shape):
                 raise ValueError(f"values: checkpoint holds {tuple(values.shape)}, expected {tuple(self.values.shape)}")
+            if values is not None and fmt.empty.numel() and bool(values.reshape(-1)[fmt.empty.to(values.device)].ne(0).any()):
+                raise ValueError("values: nonzero at an empty slot (a slot that holds no weight must be 0)")
         except (TypeError, ValueError) as exc:
             error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {exc}")
-            return
+            return False
         self._set_index(fmt)
+        return True
