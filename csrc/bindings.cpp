@@ -141,13 +141,14 @@ void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, i
   }
 }
 
-// t_perm [nnz] maps each transposed position to its row-major value: every entry must lie in [0, nnz)
-void check_perm(const int32_t* perm, int64_t nnz) {
-  if (indices_valid(perm, nnz, nnz)) return;
+// t_perm [nnz] maps each transposed position to its value: every entry must lie in [0, limit)
+// (limit = nnz for a CSR weight, the size of values for an N:M one)
+void check_perm(const int32_t* perm, int64_t nnz, int64_t limit) {
+  if (indices_valid(perm, nnz, limit)) return;
   for (int64_t k = 0; k < nnz; ++k)
-    if (perm[k] < 0 || perm[k] >= nnz)
+    if (perm[k] < 0 || perm[k] >= limit)
       throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
-                            " is outside [0, " + std::to_string(nnz) + ")");
+                            " is outside [0, " + std::to_string(limit) + ")");
 }
 
 int threads(int n) { return n < 1 ? 1 : n; }
@@ -192,7 +193,7 @@ void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
   const float* vals = vector<float>(values, "values", "float32", nnz);
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
   check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row");
-  check_perm(perm, nnz);
+  check_perm(perm, nnz, nnz);
   py::gil_scoped_release release;
   sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, vals, perm, ptr, idx, n, nullptr, DX, threads(nthreads));
 }
@@ -242,7 +243,7 @@ void csr_backward(const py::array& dy, const py::array& x, const py::array& valu
   float* DV = float_output(dvalues, "dvalues", nnz, 0, 1);
   check_csr(ptr, D.cols, idx, nnz, X.cols, "crow", "col");
   check_csr(tptr, X.cols, tidx, nnz, D.cols, "t_crow", "t_row");
-  check_perm(perm, nnz);
+  check_perm(perm, nnz, nnz);
   py::gil_scoped_release release;
   sparseops::csr_backward(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, vals, ptr, idx, tptr, tidx, perm,
                           DX, DV, threads(nthreads));
@@ -439,11 +440,7 @@ void nm_dsd_csr(const py::array& dy, const py::array& values, const py::array& t
   const int64_t nvals = static_cast<int64_t>(values.size());
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
   check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row");
-  if (!indices_valid(perm, nnz, nvals))
-    for (int64_t k = 0; k < nnz; ++k)
-      if (perm[k] < 0 || perm[k] >= nvals)
-        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
-                              " is outside [0, " + std::to_string(nvals) + ")");
+  check_perm(perm, nnz, nvals);
   py::gil_scoped_release release;
   sparseops::csr_spmm(D.p, D.rows, D.cols, D.s0, D.s1, static_cast<const float*>(values.data()), perm, ptr, idx, n,
                       nullptr, DX, threads(nthreads));
