@@ -5,6 +5,8 @@
     python bench/ratio.py -k "B256"        # passes -k through to pytest
     python bench/ratio.py --suite fewbit   # bench_fewbit.py: torch's activation / few-bit one
     python bench/ratio.py --suite nm       # bench_nm.py: dense / N:M, and the same mask as CSR
+    python bench/ratio.py --suite block    # bench_block.py: dense / BSR, butterfly, Pixelfly, Monarch
+    python bench/ratio.py --suite gpu      # bench_gpu.py (CUDA): dense / each provider, host and event times
 
 For csr: dense/sparse and anchor/sparseops. For fewbit: torch time / few-bit time per bit count.
 
@@ -90,6 +92,64 @@ def render_nm(machine, table) -> str:
     return "\n".join(lines)
 
 
+def load_block(json_path: Path):
+    data = json.loads(json_path.read_text())
+    table = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        table[(e["case"], e["batch"], e["in_f"], e["out_f"], e["mode"])][e["provider"]] = b["stats"]["median"] * 1e3
+    return data.get("machine_info", {}), table
+
+
+def render_block(machine, table) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    lines = [
+        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratio > 1 means the layer is faster",
+        "",
+        "| case | B | in→out | mode | dense ms | layer ms | dense/layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(table, key=lambda k: (k[4], -k[1], k[0])):
+        case, b, i, o, mode = key
+        t = table[key]
+        d, s = t.get("dense"), t.get("sparseops")
+        ds = f"{d:.2f}" if d else "-"
+        ss = f"{s:.2f}" if s else "-"
+        lines.append(f"| {case} | {b} | {i}→{o} | {mode} | {ds} | {ss} | {fmt_ratio(d, s)} |")
+    return "\n".join(lines)
+
+
+def load_gpu(json_path: Path):
+    data = json.loads(json_path.read_text())
+    table = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        key = (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"])
+        table[key][e["provider"]] = (b["stats"]["median"] * 1e3, e.get("event_ms"))
+    return data.get("machine_info", {}), table
+
+
+def render_gpu(machine, table) -> str:
+    gpu = machine.get("gpu", "CUDA GPU")
+    provs = ["dense", "nm24", "torch_semi24", "csr90", "torch_csr90"]
+    lines = [
+        f"machine: {gpu}; host = median wall time of a synchronised call (ms), event = CUDA-event "
+        "median (ms, L2 flushed); ratio = dense / provider, > 1 means faster than dense",
+        "",
+        "| case | dtype | B | in→out | " + " | ".join(f"{p} host/event ms" for p in provs) + " | "
+        + " | ".join(f"dense/{p} (event)" for p in provs[1:]) + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(provs) - 1),
+    ]
+    for key in sorted(table):
+        case, dtype, b, i, o = key
+        t = table[key]
+        cells = [f"{t[p][0]:.3f} / {t[p][1]:.3f}" if p in t and t[p][1] is not None else "-" for p in provs]
+        d = t.get("dense", (None, None))[1]
+        ratios = [fmt_ratio(d, t[p][1]) if p in t else "-" for p in provs[1:]]
+        lines.append(f"| {case} | {dtype} | {b} | {i}→{o} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
 def load(json_path: Path):
     data = json.loads(json_path.read_text())
     table = defaultdict(dict)
@@ -130,7 +190,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running the suite")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     ap.add_argument("--save", type=Path, help="also write the JSON of the run here")
-    ap.add_argument("--suite", choices=["csr", "fewbit", "nm"], default="csr", help="which bench_<suite>.py (default csr)")
+    ap.add_argument("--suite", choices=["csr", "fewbit", "nm", "block", "gpu"], default="csr", help="which bench_<suite>.py (default csr)")
     args = ap.parse_args()
     if args.json:
         path = args.json
@@ -139,6 +199,10 @@ def main() -> None:
         run_suite(path.resolve(), args.keyword, args.suite)
     if args.suite == "fewbit":
         print(render_fewbit(*load_fewbit(path)))
+    elif args.suite == "block":
+        print(render_block(*load_block(path)))
+    elif args.suite == "gpu":
+        print(render_gpu(*load_gpu(path)))
     elif args.suite == "nm":
         print(render_nm(*load_nm(path)))
     else:

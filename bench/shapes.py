@@ -23,3 +23,7 @@ def shape_id(batch: int, in_f: int, out_f: int, sparsity: float) -> str:
 NM_SHAPES = [(256, 4096, 4096), (64, 1024, 1024)]
 NM_PATTERNS = ["2:4", "1:4", "2:8", "2:4T"]
 NM_DECODE_SHAPES = [(1, 4096, 11008)]
+
+# block-sparse / butterfly / monarch (bench_block.py): the training shape and a smaller one
+BLOCK_SHAPES = [(256, 4096, 4096), (64, 1024, 1024)]
+BLOCK_CASES = ["bsr90", "butterfly", "pixelfly", "monarch4"]

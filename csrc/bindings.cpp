@@ -15,6 +15,7 @@
 #include "csr.h"
 #include "fewbit.h"
 #include "nm.h"
+#include "bsr.h"
 
 namespace py = pybind11;
 using sparseops::Isa;
@@ -459,6 +460,100 @@ void nm_sdd(const py::array& dy, const py::array& x, const py::array& idx, int n
   sparseops::nm_sdd(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, ip, n, m, DV, threads(nthreads));
 }
 
+// ---- block-sparse (BSR) ----
+
+int check_block(int b) {
+  if (b != 8 && b != 16 && b != 32 && b != 64)
+    throw py::value_error("block: expected 8, 16, 32 or 64, got " + std::to_string(b));
+  return b;
+}
+
+// a float32 activation [B, nb * b] whose rows are contiguous (any row stride); returns nb
+int64_t block_activation(const Mat& a, const char* name, int b) {
+  if (a.s1 != 1 && a.cols > 1)
+    throw py::value_error(std::string(name) + ": its rows must be contiguous (stride 1 along the features)");
+  if (a.cols % b != 0)
+    throw py::value_error(std::string(name) + ": expected a multiple of block=" + std::to_string(b) +
+                          " features (pad to whole blocks), got " + std::to_string(a.cols));
+  return a.cols / b;
+}
+
+// values / dvalues [nblk, b, b], C-contiguous float32
+const float* block_values(const py::array& v, const char* name, int64_t nblk, int b, bool output) {
+  check_dtype<float>(v, name, "float32");
+  if (v.ndim() != 3 || v.shape(0) != nblk || v.shape(1) != b || v.shape(2) != b)
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(nblk) + ", " + std::to_string(b) +
+                          ", " + std::to_string(b) + "), got " + shape_str(v));
+  if (!(v.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  if (output && !v.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+  check_aligned(v, name);
+  return static_cast<const float*>(v.data());
+}
+
+void bsr_dds(const py::array& x, const py::array& values, const py::array& crow, const py::array& col, int block,
+             const py::object& bias, py::array& y, int nthreads) {
+  const int b = check_block(block);
+  const Mat X = float_matrix(x, "x");
+  const int64_t nbc = block_activation(X, "x", b);
+  const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", -1);
+  if (crow.shape(0) < 1) throw py::value_error("crow: expected block rows + 1 >= 1 entries, got 0");
+  const int64_t nbr = crow.shape(0) - 1;
+  const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
+  const int64_t nblk = col.shape(0);
+  const float* vals = block_values(values, "values", nblk, b, false);
+  float* Y = float_output(y, "y", X.rows, nbr * b, 2);
+  const float* bp = nullptr;
+  py::object bias_keep;  // see csr_dds
+  if (!bias.is_none()) {
+    py::array arr = bias.cast<py::array>();
+    bp = vector<float>(arr, "bias", "float32", nbr * b);
+    bias_keep = std::move(arr);
+  }
+  check_csr(ptr, nbr, idx, nblk, nbc, "crow", "col");
+  py::gil_scoped_release release;
+  sparseops::bsr_dds(X.p, X.rows, X.s0, vals, ptr, idx, nbr, b, bp, Y, nbr * b, threads(nthreads));
+}
+
+void bsr_dsd(const py::array& dy, const py::array& values, const py::array& t_crow, const py::array& t_row,
+             const py::array& t_perm, int block, py::array& dx, int nthreads) {
+  const int b = check_block(block);
+  const Mat D = float_matrix(dy, "dy");
+  const int64_t nbr = block_activation(D, "dy", b);
+  const int32_t* ptr = vector<int32_t>(t_crow, "t_crow", "int32", -1);
+  if (t_crow.shape(0) < 1) throw py::value_error("t_crow: expected block columns + 1 >= 1 entries, got 0");
+  const int64_t nbc = t_crow.shape(0) - 1;
+  const int32_t* idx = vector<int32_t>(t_row, "t_row", "int32", -1);
+  const int64_t nblk = t_row.shape(0);
+  const float* vals = block_values(values, "values", nblk, b, false);
+  const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nblk);
+  float* DX = float_output(dx, "dx", D.rows, nbc * b, 2);
+  check_csr(ptr, nbc, idx, nblk, nbr, "t_crow", "t_row");
+  check_perm(perm, nblk, nblk);
+  py::gil_scoped_release release;
+  sparseops::bsr_dsd(D.p, D.rows, D.s0, vals, ptr, idx, perm, nbc, b, DX, nbc * b, threads(nthreads));
+}
+
+void bsr_sdd(const py::array& dy, const py::array& x, const py::array& row, const py::array& col, int block,
+             py::array& dvalues, int nthreads) {
+  const int b = check_block(block);
+  const Mat D = float_matrix(dy, "dy");
+  const Mat X = float_matrix(x, "x");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
+  const int64_t nbr = block_activation(D, "dy", b), nbc = block_activation(X, "x", b);
+  const int32_t* r = vector<int32_t>(row, "row", "int32", -1);
+  const int64_t nblk = row.shape(0);
+  const int32_t* c = vector<int32_t>(col, "col", "int32", nblk);
+  if (!indices_valid(r, nblk, nbr)) throw py::value_error("row: block rows must lie in [0, " + std::to_string(nbr) + ")");
+  if (!indices_valid(c, nblk, nbc))
+    throw py::value_error("col: block columns must lie in [0, " + std::to_string(nbc) + ")");
+  float* DV = const_cast<float*>(block_values(dvalues, "dvalues", nblk, b, true));
+  float* out = static_cast<float*>(dvalues.mutable_data());
+  (void)DV;
+  py::gil_scoped_release release;
+  sparseops::bsr_sdd(D.p, D.rows, D.s0, X.p, X.s0, r, c, nblk, b, out, threads(nthreads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -511,6 +606,16 @@ and t_perm [in, S_t] (the flat position of each transposed slot in values, -1 fo
   m.def("nm_sdd", &nm_sdd, py::arg("dy"), py::arg("x"), py::arg("idx"), py::arg("n"), py::arg("m"),
         py::arg("dvalues").noconvert(), py::arg("nthreads"),
         R"(dvalues[o, j] = sum_b dy[b, o] * x[b, col(o, j)]: the weight gradient on the N:M slots, [out, S].)");
+  m.def("bsr_dds", &bsr_dds, py::arg("x"), py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("block"),
+        py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(y[B, nbr*b] = x[B, nbc*b] @ Wᵀ + bias for a block-sparse W: values [nblk, b, b] float32 on the CSR
+index of its block grid (crow [nbr+1], col [nblk]). x's rows must be contiguous and padded to whole blocks.)");
+  m.def("bsr_dsd", &bsr_dsd, py::arg("dy"), py::arg("values"), py::arg("t_crow"), py::arg("t_row"), py::arg("t_perm"),
+        py::arg("block"), py::arg("dx").noconvert(), py::arg("nthreads"),
+        R"(dx[B, nbc*b] = dy[B, nbr*b] @ W through Wᵀ's block index (t_crow [nbc+1], t_row, t_perm [nblk]).)");
+  m.def("bsr_sdd", &bsr_sdd, py::arg("dy"), py::arg("x"), py::arg("row"), py::arg("col"), py::arg("block"),
+        py::arg("dvalues").noconvert(), py::arg("nthreads"),
+        R"(dvalues[k] = dy[:, row[k] block]ᵀ @ x[:, col[k] block]: the weight gradient on the stored blocks.)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

@@ -6,6 +6,7 @@
 #include "csr.h"
 #include "fewbit.h"
 #include "nm.h"
+#include "bsr.h"
 
 namespace sparseops {
 namespace {
@@ -106,6 +107,31 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
   if (active_isa() == Isa::avx2) return nm_sdd_avx2(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dvals, nthreads);
 #endif
   nm_sdd_portable(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dvals, nthreads);
+}
+
+void bsr_dds(const float* x, int64_t B, int64_t ldx, const float* vals, const int32_t* crow, const int32_t* col,
+             int64_t nbr, int b, const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return bsr_dds_avx2(x, B, ldx, vals, crow, col, nbr, b, bias, y, ldy, nthreads);
+#endif
+  bsr_dds_portable(x, B, ldx, vals, crow, col, nbr, b, bias, y, ldy, nthreads);
+}
+
+void bsr_dsd(const float* dy, int64_t B, int64_t ldd, const float* vals, const int32_t* t_crow, const int32_t* t_row,
+             const int32_t* t_perm, int64_t nbc, int b, float* dx, int64_t ldx, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2)
+    return bsr_dsd_avx2(dy, B, ldd, vals, t_crow, t_row, t_perm, nbc, b, dx, ldx, nthreads);
+#endif
+  bsr_dsd_portable(dy, B, ldd, vals, t_crow, t_row, t_perm, nbc, b, dx, ldx, nthreads);
+}
+
+void bsr_sdd(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t ldx, const int32_t* row,
+             const int32_t* col, int64_t nblk, int b, float* dvals, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return bsr_sdd_avx2(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nthreads);
+#endif
+  bsr_sdd_portable(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nthreads);
 }
 
 }  // namespace sparseops

@@ -14,17 +14,21 @@ from . import nn  # noqa: F401
 from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
 from .api import sparsify_
-from .nn import SparseLinear
-from .patterns import NM, FanIn, Unstructured
+from .nn import MonarchLinear, SparseLinear
+from .patterns import NM, Block, Butterfly, FanIn, Monarch, Unstructured
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseLinear",
+    "MonarchLinear",
     "sparsify_",
     "Unstructured",
     "NM",
     "FanIn",
+    "Block",
+    "Butterfly",
+    "Monarch",
     "masks",
     "fewbit",
     "nn",

@@ -9,7 +9,7 @@ from torch import nn
 
 from .masks import for_pattern, global_magnitude
 from .nn import SparseLinear
-from .patterns import Unstructured, as_pattern, check_sparsity
+from .patterns import Monarch, Unstructured, as_pattern, check_sparsity
 
 
 def _targets(model: nn.Module, filter_fn):
@@ -38,9 +38,12 @@ def sparsify_(
 
     Args:
         model: the model to modify.
-        sparsity: fraction of zeros in [0, 1) for the unstructured pattern (or carried by it);
-            N:M and fan-in fix their own.
-        pattern: ``"unstructured"``, ``NM(n, m)`` / ``"n:m"``, or ``FanIn(k)``.
+        sparsity: fraction of zeros in [0, 1) for the unstructured pattern, or of zero blocks for
+            ``Block`` (or carried by the pattern); N:M, fan-in and butterfly fix their own.
+        pattern: ``"unstructured"``, ``NM(n, m)`` / ``"n:m"``, ``FanIn(k)``, ``Block(size)`` /
+            ``"block:32"``, ``Butterfly(...)`` (Pixelfly with ``rank > 0``), or ``Monarch(nblocks)`` /
+            ``"monarch:4"``, which swaps in an ``nn.MonarchLinear`` projected from each weight (layers
+            with ``min(in, out) < nblocks`` stay ``nn.Linear``).
         filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it is True are swapped.
         scope: ``"layer"`` prunes each layer to ``sparsity``; ``"global"`` ranks magnitudes across
             all swapped layers, so the total sparsity is ``sparsity`` and layers differ.
@@ -67,12 +70,26 @@ def sparsify_(
             f"scope: 'global' ranks magnitudes across layers, which only the unstructured pattern allows, not {pat.name}"
         )
     targets = _targets(model, filter_fn)
+    if isinstance(pat, Monarch):
+        if sparsity is not None:
+            raise ValueError("sparsity: the Monarch pattern fixes its own structure; pass the pattern alone")
+        from .nn.monarch import MonarchLinear
+
+        # a layer narrower than nblocks has no Monarch form: it stays an nn.Linear
+        targets = [(fqn, m) for fqn, m in targets if min(m.in_features, m.out_features) >= pat.nblocks]
+        with torch.no_grad():
+            new = [MonarchLinear.from_dense(m, pat.nblocks) for _, m in targets]
+        return _swap(model, targets, new)
     if scope == "global":
         masks = global_magnitude([m.weight for _, m in targets], sparsity)
     else:
         masks = [for_pattern(pat, m.weight.detach(), sparsity) for _, m in targets]
     with torch.no_grad():
         new = [SparseLinear.from_dense(m, mask=mk, pattern=pat) for (_, m), mk in zip(targets, masks)]
+    return _swap(model, targets, new)
+
+
+def _swap(model: nn.Module, targets, new) -> nn.Module:
     for (fqn, _), layer in zip(targets, new):
         if fqn == "":
             return layer

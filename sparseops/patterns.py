@@ -2,7 +2,7 @@
 
 A pattern says *which* structure a sparse weight has; ``sparsity=`` or ``mask=`` says how
 much of it, or exactly where. Strings are accepted as shorthand: ``"unstructured"``,
-``"2:4"`` (``NM(2, 4)``), ``"fanin:128"`` (``FanIn(128)``). N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``).
+``"2:4"`` (``NM(2, 4)``), ``"fanin:128"`` (``FanIn(128)``), ``"block:32"`` (``Block(32)``), ``"monarch:4"`` (``Monarch(4)``). N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,117 @@ class FanIn:
         return f"fanin{self.k}"
 
 
-Pattern = Union[Unstructured, NM, FanIn]
+_BLOCKS = (8, 16, 32, 64)
+
+
+def _check_int(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name}: expected >= {lo}, got {v}")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Square blocks of ``size`` (8, 16, 32 or 64), stored as BSR (see ``formats.bsr``).
+
+    Args:
+        size: the block side.
+        sparsity: fraction of zero *blocks* in [0, 1) for block-magnitude pruning, or None to
+            take it from the caller / mask.
+    """
+
+    size: int = 32
+    sparsity: float | None = None
+
+    def __post_init__(self):
+        _check_int("size", self.size, 1)
+        if self.size not in _BLOCKS:
+            raise ValueError(f"size: expected one of {_BLOCKS}, got {self.size}")
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+
+    @property
+    def block(self) -> int:
+        return self.size
+
+    @property
+    def name(self) -> str:
+        return f"block{self.size}"
+
+
+@dataclass(frozen=True)
+class Butterfly:
+    """Pixelated Butterfly: a flat block-butterfly mask (``masks.flat_block_butterfly``), stored as
+    BSR, plus an optional trainable low-rank term ``U Vᵀ`` of rank ``rank`` (Pixelfly).
+
+    Args:
+        butterfly_size: ``n``, a power of two >= 2: the side of the base pattern.
+        n_factors: ``k``, 1 <= 2**(k-1) < n: butterfly factors flattened into the pattern; density (k+1)/n.
+        block: the BSR block side (8, 16, 32 or 64).
+        rank: rank of the low-rank term (0: none).
+        global_size: the first ``global_size`` rows and columns are dense.
+        shuffle: permute the base pattern's rows at random (torch's RNG), so the pattern is not tied to the diagonal.
+    """
+
+    butterfly_size: int = 16
+    n_factors: int = 2
+    block: int = 32
+    rank: int = 0
+    global_size: int = 0
+    shuffle: bool = False
+
+    def __post_init__(self):
+        _check_int("butterfly_size", self.butterfly_size, 2)
+        if self.butterfly_size & (self.butterfly_size - 1):
+            raise ValueError(f"butterfly_size: expected a power of two, got {self.butterfly_size}")
+        _check_int("n_factors", self.n_factors, 1)
+        if (1 << (self.n_factors - 1)) >= self.butterfly_size:
+            raise ValueError(
+                f"n_factors: expected 2**(n_factors-1) < butterfly_size={self.butterfly_size}, got {self.n_factors}"
+            )
+        _check_int("block", self.block, 1)
+        if self.block not in _BLOCKS:
+            raise ValueError(f"block: expected one of {_BLOCKS}, got {self.block}")
+        _check_int("rank", self.rank, 0)
+        _check_int("global_size", self.global_size, 0)
+        if not isinstance(self.shuffle, bool):
+            raise TypeError(f"shuffle: expected a bool, got {type(self.shuffle).__name__}")
+
+    @property
+    def sparsity(self) -> None:
+        # fixed by the pattern and the layer's shape
+        return None
+
+    @property
+    def name(self) -> str:
+        lr = f"+r{self.rank}" if self.rank else ""
+        return f"butterfly{self.butterfly_size}x{self.n_factors}b{self.block}{lr}"
+
+
+@dataclass(frozen=True)
+class Monarch:
+    """A Monarch weight (``nn.MonarchLinear``): two block-diagonal factors of ``nblocks`` blocks.
+
+    Only ``sparsify_`` takes it (it swaps in a ``MonarchLinear``, projected from the dense weight);
+    a Monarch matrix is dense, so it has no mask and no ``SparseLinear``.
+    """
+
+    nblocks: int = 4
+
+    def __post_init__(self):
+        _check_int("nblocks", self.nblocks, 1)
+
+    @property
+    def sparsity(self) -> None:
+        return None
+
+    @property
+    def name(self) -> str:
+        return f"monarch{self.nblocks}"
+
+
+Pattern = Union[Unstructured, NM, FanIn, Block, Butterfly, Monarch]
 
 _SHORTHANDS = {"unstructured": Unstructured, "csr": Unstructured}
 
@@ -115,7 +225,7 @@ def as_pattern(pattern) -> Pattern:
         ValueError: an unknown shorthand.
         TypeError: neither a pattern nor a string.
     """
-    if isinstance(pattern, (Unstructured, NM, FanIn)):
+    if isinstance(pattern, (Unstructured, NM, FanIn, Block, Butterfly, Monarch)):
         return pattern
     if isinstance(pattern, str):
         key = pattern.strip().lower()
@@ -126,8 +236,12 @@ def as_pattern(pattern) -> Pattern:
             return NM(int(parts[0]), int(parts[1]))
         if len(parts) == 2 and parts[0] == "fanin" and parts[1].isdigit():
             return FanIn(int(parts[1]))
+        if len(parts) == 2 and parts[0] == "block" and parts[1].isdigit():
+            return Block(int(parts[1]))
+        if len(parts) == 2 and parts[0] == "monarch" and parts[1].isdigit():
+            return Monarch(int(parts[1]))
         raise ValueError(
             f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)}, 'N:M' such as '2:4', "
-            "or 'fanin:K'"
+            "'fanin:K', 'block:B' or 'monarch:K'"
         )
     raise TypeError(f"pattern: expected a pattern object or a string, got {type(pattern).__name__}")

@@ -1,10 +1,13 @@
 """torch.autograd.Function per layer kind, written in terms of sparseops ops."""
 
+from .bsr import BlockLinearFunction, block_linear
 from .csr import SparseLinearFunction, check_input, sparse_linear
 from .nm import NMLinearFunction, nm_linear
 from .fewbit import FewBitActivationFunction, SparseLinearFewBitFunction, fewbit_activation, sparse_linear_fewbit
 
 __all__ = [
+    "BlockLinearFunction",
+    "block_linear",
     "SparseLinearFunction",
     "check_input",
     "sparse_linear",

@@ -4,6 +4,7 @@ N:M groups run along the last (input) dim. Every producer returns a new bool ten
 weight's shape and device, and leaves the weight untouched. The math is in ``docs/masks.md``.
 """
 
+from .block import block_magnitude, flat_block_butterfly, is_block_sparse
 from .erk import erk, erk_densities, random
 from .fan_in import fan_in, is_fan_in
 from .magnitude import global_magnitude, magnitude
@@ -14,6 +15,9 @@ from .transposable import is_transposable_nm, transposable_nm
 from .wanda import activation_norms, wanda
 
 __all__ = [
+    "block_magnitude",
+    "flat_block_butterfly",
+    "is_block_sparse",
     "for_pattern",
     "magnitude",
     "global_magnitude",

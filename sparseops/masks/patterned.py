@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import NM, FanIn, Unstructured, as_pattern, check_sparsity
+from ..patterns import NM, Block, Butterfly, FanIn, Monarch, Unstructured, as_pattern, check_sparsity
+from .block import block_magnitude, flat_block_butterfly, is_block_sparse
 from .fan_in import fan_in, is_fan_in
 from .magnitude import magnitude
 from .nm import is_nm, nm
@@ -31,7 +32,7 @@ def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, ma
             a ``mask`` that breaks the pattern, or ``k > in_features``.
     """
     pat = as_pattern(pattern)
-    if sparsity is None and isinstance(pat, Unstructured):
+    if sparsity is None and isinstance(pat, (Unstructured, Block)):
         sparsity = pat.sparsity
     if mask is not None and sparsity is not None:
         raise ValueError("sparsity: give either sparsity= or mask=, not both")
@@ -39,6 +40,14 @@ def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, ma
         if mask is None and sparsity is None:
             raise ValueError("sparsity: give sparsity= (a float in [0, 1)) or mask= to fix the pattern")
         return magnitude(weight, check_sparsity(sparsity)) if mask is None else mask
+    if isinstance(pat, Block):
+        if mask is None and sparsity is None:
+            raise ValueError("sparsity: give sparsity= (the fraction of zero blocks) or mask= for a Block pattern")
+        if mask is None:
+            return block_magnitude(weight, check_sparsity(sparsity), pat.size)
+        if not is_block_sparse(mask, pat.size):
+            raise ValueError(f"mask: is not constant on {pat.size}x{pat.size} blocks (the Block({pat.size}) pattern)")
+        return mask
     if sparsity is not None:
         raise ValueError(f"sparsity: the {pat.name} pattern fixes its own sparsity; pass the pattern alone")
     if isinstance(pat, NM):
@@ -57,4 +66,18 @@ def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, ma
         if not is_fan_in(mask, pat.k):
             raise ValueError(f"mask: does not have exactly k={pat.k} nonzeros in every row")
         return mask
+    if isinstance(pat, Butterfly):
+        if mask is None:
+            out_f, in_f = weight.shape
+            return flat_block_butterfly(
+                out_f, in_f, butterfly_size=pat.butterfly_size, n_factors=pat.n_factors, block=pat.block,
+                global_size=pat.global_size, shuffle=pat.shuffle, device=weight.device,
+            )
+        if not is_block_sparse(mask, pat.block):
+            raise ValueError(f"mask: is not constant on {pat.block}x{pat.block} blocks (the butterfly's block)")
+        return mask
+    if isinstance(pat, Monarch):
+        raise ValueError(
+            "pattern: Monarch has no mask; use sparseops.nn.MonarchLinear (or sparsify_(model, pattern='monarch:4'))"
+        )
     raise TypeError(f"pattern: unsupported pattern {pat!r}")

@@ -21,9 +21,11 @@ from .activation import (
     FewBitTanh,
 )
 from .linear import SparseLinear
+from .monarch import MonarchLinear
 
 __all__ = [
     "SparseLinear",
+    "MonarchLinear",
     "FewBitActivation",
     "FewBitGELU",
     "FewBitSiLU",

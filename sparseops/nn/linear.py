@@ -7,12 +7,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..autograd import fewbit_activation, nm_linear, sparse_linear, sparse_linear_fewbit
+from ..autograd import block_linear, fewbit_activation, nm_linear, sparse_linear, sparse_linear_fewbit
 from ..fewbit.functional import check_bits, default_bits, table_bits
 from ..fewbit.table import ACTIVATIONS, activation_fn
-from ..formats import INDEX_DTYPE, CSRWeight, NMWeight
+from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, NMWeight
+from ..formats.bsr import grid_shape
 from ..masks import for_pattern
-from ..patterns import NM, as_pattern
+from ..patterns import NM, Block, Butterfly, as_pattern
 
 # crow/col are the checkpointed structure; the rest is derived and rebuilt on load
 _PERSISTENT = ("crow", "col")
@@ -55,8 +56,12 @@ class SparseLinear(nn.Module):
         mask: bool ``[out, in]``; fixes the pattern exactly (exclusive with ``sparsity``), and
             must satisfy ``pattern``.
         pattern: ``"unstructured"`` (the default), ``NM(n, m, transposable=False)`` or ``"n:m"``,
-            or ``FanIn(k)``. N:M is stored compressed (``values [out, ceil(in/m)*n]`` plus 4-bit
-            positions, see ``formats.nm``); unstructured and fan-in as CSR (``values [nnz]``).
+            ``FanIn(k)``, ``Block(size)`` or ``"block:32"``, or ``Butterfly(...)``. N:M is stored
+            compressed (``values [out, ceil(in/m)*n]`` plus 4-bit positions, see ``formats.nm``);
+            Block and Butterfly as BSR (``values [nblk, b, b]``, see ``formats.bsr``; ``sparsity``
+            then counts zero blocks); unstructured and fan-in as CSR (``values [nnz]``). A Butterfly
+            with ``rank > 0`` adds a trainable low-rank term ``lr_u [out, r] @ lr_v [r, in]``
+            (Pixelfly), initialised from the top singular pairs of the weight the mask drops.
         activation: None, or a name of ``sparseops.fewbit.ACTIVATIONS`` (torch's default
             parameters): the layer then computes ``act(x Wᵀ + b)`` in one op and saves the
             ``act_bits``-bit codes of ``x Wᵀ + b`` for backward instead of the pre-activation.
@@ -119,17 +124,48 @@ class SparseLinear(nn.Module):
     def _is_nm(self) -> bool:
         return isinstance(self.pattern, NM)
 
+    @property
+    def _block(self) -> int:
+        """The BSR block side, or 0 for a layer that is not block-sparse."""
+        p = self.pattern
+        return p.size if isinstance(p, Block) else p.block if isinstance(p, Butterfly) else 0
+
+    @property
+    def _rank(self) -> int:
+        return self.pattern.rank if isinstance(self.pattern, Butterfly) else 0
+
     def _names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (_NM_PERSISTENT, _NM_DERIVED) if self._is_nm else (_PERSISTENT, _DERIVED)
 
     def _pack(self, weight: Tensor, mask: Tensor) -> None:
+        w = weight.detach()
         if self._is_nm:
             p = self.pattern
-            fmt, values = NMWeight.from_dense(weight.detach(), mask, p.n, p.m, p.transposable)
+            fmt, values = NMWeight.from_dense(w, mask, p.n, p.m, p.transposable)
+        elif self._block:
+            fmt, values = BSRWeight.from_dense(w, mask, self._block)
         else:
-            fmt, values = CSRWeight.from_dense(weight.detach(), mask)
+            fmt, values = CSRWeight.from_dense(w, mask)
         self._set_index(fmt)
         self.values = nn.Parameter(values.clone())
+        if self._rank:
+            self._init_low_rank(torch.where(mask, torch.zeros_like(w), w))
+
+    def _init_low_rank(self, residual: Tensor) -> None:
+        # the best rank-r approximation of what the mask drops (randomised svd: a full one of a
+        # 4096 x 4096 weight takes seconds)
+        r = self._rank
+        out_f, in_f = residual.shape
+        u = residual.new_zeros(out_f, r)
+        v = residual.new_zeros(r, in_f)
+        q = min(r, out_f, in_f)
+        if q:
+            U, S, V = torch.svd_lowrank(residual.float(), q=min(q + 8, out_f, in_f), niter=2)
+            root = S[:q].sqrt()
+            u[:, :q] = (U[:, :q] * root).to(residual.dtype)
+            v[:q] = (V[:, :q] * root).t().to(residual.dtype)
+        self.lr_u = nn.Parameter(u)
+        self.lr_v = nn.Parameter(v)
 
     def _set_index(self, fmt) -> None:
         # [out, in], checkpointed so that a weight of another shape cannot load silently
@@ -137,10 +173,11 @@ class SparseLinear(nn.Module):
             "dense_shape", torch.tensor([fmt.out_features, fmt.in_features], dtype=torch.int64, device=fmt.device)
         )
         persistent, derived = self._names()
+        src = fmt.grid if isinstance(fmt, BSRWeight) else fmt
         for name in persistent:
-            self.register_buffer(name, getattr(fmt, name), persistent=True)
+            self.register_buffer(name, getattr(src, name), persistent=True)
         for name in derived:
-            self.register_buffer(name, getattr(fmt, name), persistent=False)
+            self.register_buffer(name, getattr(src, name), persistent=False)
 
     @classmethod
     def from_dense(
@@ -184,10 +221,15 @@ class SparseLinear(nn.Module):
 
     @property
     def format(self):
-        """The index as a :class:`~sparseops.formats.CSRWeight` or :class:`~sparseops.formats.NMWeight` (views of the buffers)."""
+        """The index as a :class:`~sparseops.formats.CSRWeight`, :class:`~sparseops.formats.NMWeight` or
+        :class:`~sparseops.formats.BSRWeight` (views of the buffers)."""
         if self._is_nm:
             p = self.pattern
             return NMWeight(self.out_features, self.in_features, p.n, p.m, p.transposable, **self._index())
+        if self._block:
+            b = self._block
+            grid = CSRWeight(*grid_shape(self.out_features, self.in_features, b), **self._index())
+            return BSRWeight(self.out_features, self.in_features, b, grid)
         return CSRWeight(self.out_features, self.in_features, **self._index())
 
     def _index(self) -> dict:
@@ -196,12 +238,14 @@ class SparseLinear(nn.Module):
 
     @property
     def mask(self) -> Tensor:
-        """The bool pattern ``[out, in]``."""
+        """The bool pattern ``[out, in]`` of the sparse weight (a Pixelfly's low-rank term is dense and not in it)."""
         return self.format.to_mask()
 
     @property
     def nnz(self) -> int:
-        """Stored weights (N:M: the slots less the empty ones)."""
+        """Stored weights of the sparse part (N:M: the slots less the empty ones; BSR: block padding excluded)."""
+        if self._block:
+            return self.format.nnz
         return int(self.values.numel()) - (int(self.empty.numel()) if self._is_nm else 0)
 
     @property
@@ -210,8 +254,10 @@ class SparseLinear(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def dense_weight(self) -> Tensor:
-        """The weight as a dense ``[out, in]`` tensor, zeros off the mask (differentiable in ``values``)."""
-        return self.format.to_dense(self.values)
+        """The weight as a dense ``[out, in]`` tensor, zeros off the mask (differentiable in ``values``),
+        plus the low-rank term of a Pixelfly."""
+        w = self.format.to_dense(self.values)
+        return w + self.lr_u @ self.lr_v if self._rank else w
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with this layer's weights (zeros off the mask) and bias (without the activation)."""
@@ -223,19 +269,25 @@ class SparseLinear(nn.Module):
             dtype=self.values.dtype,
         )
         with torch.no_grad():
-            lin.weight.copy_(self.format.to_dense(self.values.detach()))
+            lin.weight.copy_(self.dense_weight().detach())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._is_nm:
-            p = self.pattern
-            y = nm_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features, p.n, p.m,
-                          p.transposable)
+        if self._is_nm or self._block:
+            if self._is_nm:
+                p = self.pattern
+                y = nm_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features, p.n,
+                              p.m, p.transposable)
+            else:
+                y = block_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
+                if self._rank:
+                    # [*, in] @ [in, r] @ [r, out]: two thin dense products
+                    y = y + (x @ self.lr_v.t()) @ self.lr_u.t()
             if self.activation is None:
                 return y
-            # not fused for N:M yet: the same few-bit activation as a separate op
+            # not fused for N:M and BSR yet: the same few-bit activation as a separate op
             return fewbit_activation(
                 y, activation_fn(self.activation), self.act_borders_bits.view(torch.float32),
                 self.act_levels_bits.view(torch.float32), self.act_bits,
@@ -272,26 +324,33 @@ class SparseLinear(nn.Module):
             )
             return
         crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
+        b = self._block
+        rows = grid_shape(self.out_features, self.in_features, b)[0] if b else self.out_features
         if crow is not None and col is not None:
             # the structure comes from the checkpoint: rebuild the index, resize values, then load
             try:
                 if crow.dtype != INDEX_DTYPE or col.dtype != INDEX_DTYPE:
                     raise TypeError(f"crow/col: expected dtype {INDEX_DTYPE}, got {crow.dtype}/{col.dtype}")
-                if crow.dim() != 1 or crow.numel() != self.out_features + 1:
+                if crow.dim() != 1 or crow.numel() != rows + 1:
+                    what = f"block rows, this layer has {rows} (block={b})" if b else "output rows, this layer has"
                     raise ValueError(
-                        f"crow: checkpoint holds {crow.numel() - 1} output rows, this layer has "
-                        f"out_features={self.out_features}"
+                        f"crow: checkpoint holds {crow.numel() - 1} {what} out_features={self.out_features}"
                     )
-                if values is not None and values.shape != col.shape:
-                    raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values for {col.numel()} indices")
+                vshape = (col.numel(), b, b) if b else tuple(col.shape)
+                if values is not None and tuple(values.shape) != vshape:
+                    raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values, expected {vshape}")
                 dev = self.crow.device
-                fmt = CSRWeight.from_crow_col(self.out_features, self.in_features, crow.to(dev), col.to(dev))
+                if b:
+                    fmt = BSRWeight.from_crow_col(self.out_features, self.in_features, b, crow.to(dev), col.to(dev))
+                else:
+                    fmt = CSRWeight.from_crow_col(self.out_features, self.in_features, crow.to(dev), col.to(dev))
             except (TypeError, ValueError) as exc:
                 error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {exc}")
                 return
             self._set_index(fmt)
-            if self.values.shape != col.shape:
-                self.values.data = self.values.data.new_empty(col.shape)
+            vshape = (col.numel(), b, b) if b else tuple(col.shape)
+            if tuple(self.values.shape) != vshape:
+                self.values.data = self.values.data.new_empty(vshape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

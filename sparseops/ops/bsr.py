@@ -1,0 +1,163 @@
+"""torch.library ops for block-sparse weights (see ``formats.bsr`` for the layout), organised as ``ops.csr``.
+
+- ``sparseops::bsr_dds``: forward ``y [B, out] = x [B, in] @ Wᵀ + b``;
+- ``sparseops::bsr_dsd``: the input gradient ``dx [B, in] = dy @ W``, through Wᵀ's block index;
+- ``sparseops::bsr_sdd``: the weight gradient on the stored blocks, ``[nblk, b, b]``.
+
+The block size is ``values.shape[-1]`` (``bsr_sdd`` takes it as ``block``). Each public op is a
+``triton_op`` (CUDA: the Triton kernels of ``kernels.bsr``, which mask the ragged last block);
+elsewhere a host op whose CPU kernel is the C++ extension (fp32: it pads the activations to whole
+blocks, runs, and slices) and whose default is the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from .._cpp import _C
+from .csr import _eager_cpu, _np, _threads, _use_cpp
+
+
+def _padded(a: Tensor, n: int) -> Tensor:
+    """``a [B, k]`` with zero columns up to ``n`` and contiguous rows (no copy when it already is)."""
+    if a.shape[1] != n:
+        return F.pad(a, (0, n - a.shape[1])).contiguous()
+    return a if a.stride(1) == 1 or a.shape[1] <= 1 else a.contiguous()
+
+
+def _cut(a: Tensor, n: int) -> Tensor:
+    return a if a.shape[1] == n else a[:, :n].contiguous()
+
+
+# ---- host ops ----
+
+
+@torch.library.custom_op("sparseops::bsr_dds_host", mutates_args=())
+def bsr_dds_host(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    return reference.bsr_dds(x, values, crow, col, bias, out_features)
+
+
+@bsr_dds_host.register_kernel("cpu")
+def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
+    if not _use_cpp(x, values, *(() if bias is None else (bias,))):
+        return reference.bsr_dds(x, values, crow, col, bias, out_features)
+    b = values.shape[-1]
+    nbr = crow.shape[0] - 1
+    xp = _padded(x, -(-x.shape[1] // b) * b)
+    y = torch.empty(x.shape[0], nbr * b, dtype=torch.float32)
+    bp = None if bias is None else _np(F.pad(bias, (0, nbr * b - bias.shape[0])).contiguous())
+    _C.bsr_dds(_np(xp), _np(values.contiguous()), _np(crow), _np(col), b, bp, _np(y),
+               _threads(x.shape[0] * values.numel()))
+    return _cut(y, out_features)
+
+
+@bsr_dds_host.register_fake
+def _(x, values, crow, col, bias, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("sparseops::bsr_dsd_host", mutates_args=())
+def bsr_dsd_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
+    return reference.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+@bsr_dsd_host.register_kernel("cpu")
+def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
+    if not _use_cpp(dy, values):
+        return reference.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+    b = values.shape[-1]
+    nbc = t_crow.shape[0] - 1
+    dyp = _padded(dy, -(-dy.shape[1] // b) * b)
+    dx = torch.empty(dy.shape[0], nbc * b, dtype=torch.float32)
+    _C.bsr_dsd(_np(dyp), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), b, _np(dx),
+               _threads(dy.shape[0] * values.numel()))
+    return _cut(dx, in_features)
+
+
+@bsr_dsd_host.register_fake
+def _(dy, values, t_crow, t_row, t_perm, in_features):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+@torch.library.custom_op("sparseops::bsr_sdd_host", mutates_args=())
+def bsr_sdd_host(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) -> Tensor:
+    return reference.bsr_sdd(dy, x, row, col, block)
+
+
+@bsr_sdd_host.register_kernel("cpu")
+def _bsr_sdd_cpu(dy, x, row, col, block):
+    if not _use_cpp(dy, x):
+        return reference.bsr_sdd(dy, x, row, col, block)
+    b = block
+    dyp = _padded(dy, -(-dy.shape[1] // b) * b)
+    xp = _padded(x, -(-x.shape[1] // b) * b)
+    dv = torch.empty(row.shape[0], b, b, dtype=torch.float32)
+    _C.bsr_sdd(_np(dyp), _np(xp), _np(row), _np(col), b, _np(dv), _threads(x.shape[0] * dv.numel()))
+    return dv
+
+
+@bsr_sdd_host.register_fake
+def _(dy, x, row, col, block):
+    return x.new_empty(row.shape[0], block, block)
+
+
+# ---- public ops: cuda -> triton, else -> host op ----
+
+
+@torch.library.triton_op("sparseops::bsr_dds", mutates_args=())
+def bsr_dds(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    """Forward ``y [B, out] = x [B, in] @ Wᵀ + bias`` for a block-sparse weight (``values [nblk, b, b]``)."""
+    if x.device.type == "cuda":
+        from ..kernels import bsr as K
+
+        return K.bsr_dds(x, values, crow, col, bias, out_features)
+    return bsr_dds_host(x, values, crow, col, bias, out_features)
+
+
+@torch.library.triton_op("sparseops::bsr_dsd", mutates_args=())
+def bsr_dsd(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
+    """Input gradient ``dx [B, in] = dy [B, out] @ W`` through Wᵀ's block index."""
+    if dy.device.type == "cuda":
+        from ..kernels import bsr as K
+
+        return K.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+    return bsr_dsd_host(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+@torch.library.triton_op("sparseops::bsr_sdd", mutates_args=())
+def bsr_sdd(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) -> Tensor:
+    """Weight gradient on the stored blocks, ``dvalues [nblk, b, b]``; no dense ``[out, in]`` gradient."""
+    if x.device.type == "cuda":
+        from ..kernels import bsr as K
+
+        return K.bsr_sdd(dy, x, row, col, block)
+    return bsr_sdd_host(dy, x, row, col, block)
+
+
+# eager cpu calls go straight to the c++ kernels (see ops.csr)
+bsr_dds.register_kernel("cpu")(_bsr_dds_cpu)
+bsr_dsd.register_kernel("cpu")(_bsr_dsd_cpu)
+bsr_sdd.register_kernel("cpu")(_bsr_sdd_cpu)
+
+
+def dds(x, values, crow, col, bias, out_features: int) -> Tensor:
+    if _eager_cpu(x):
+        return _bsr_dds_cpu(x, values, crow, col, bias, out_features)
+    return torch.ops.sparseops.bsr_dds(x, values, crow, col, bias, out_features)
+
+
+def dsd(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
+    if _eager_cpu(dy):
+        return _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features)
+    return torch.ops.sparseops.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
+
+
+def sdd(dy, x, row, col, block: int) -> Tensor:
+    if _eager_cpu(x):
+        return _bsr_sdd_cpu(dy, x, row, col, block)
+    return torch.ops.sparseops.bsr_sdd(dy, x, row, col, block)
