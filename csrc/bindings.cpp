@@ -470,7 +470,7 @@ int check_block(int b) {
 
 // a float32 activation [B, nb * b] whose rows are contiguous (any row stride); returns nb
 int64_t block_activation(const Mat& a, const char* name, int b) {
-  if (a.s1 != 1 && a.cols > 1)
+  if (a.rows > 0 && a.s1 != 1 && a.cols > 1)
     throw py::value_error(std::string(name) + ": its rows must be contiguous (stride 1 along the features)");
   if (a.cols % b != 0)
     throw py::value_error(std::string(name) + ": expected a multiple of block=" + std::to_string(b) +

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "bsr.h"
@@ -123,24 +124,42 @@ void bsr_dsd_t(const float* dy, int64_t B, int64_t ldd, const float* vals, const
   }
 }
 
+// rows [0, B) x columns [c0, c0 + b) of a (row stride ld) -> p [B][b], contiguous
+inline void bsr_pack_panel(const float* a, int64_t B, int64_t ld, int64_t c0, int b, float* p) {
+  for (int64_t i = 0; i < B; ++i) std::memcpy(p + i * b, a + i * ld + c0, sizeof(float) * b);
+}
+
 template <class V, int NV>
 void bsr_sdd_t(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t ldx, const int32_t* row,
                const int32_t* col, int64_t nblk, int b, float* dvals, int nthreads) {
   constexpr int W = 8 * NV;
   const int64_t bb = static_cast<int64_t>(b) * b;
-  // blocks come in block-row order, so neighbouring blocks of a thread share dy's panel in cache
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
-  for (int64_t k = 0; k < nblk; ++k) {
-    const float* a = dy + static_cast<int64_t>(row[k]) * b;
-    const float* xb = x + static_cast<int64_t>(col[k]) * b;
-    float* out = dvals + k * bb;
-    for (int o0 = 0; o0 < b; o0 += MR) {
-      const int R = std::min(MR, b - o0);
-      for (int p = 0; p < b; p += W) {
-        typename V::reg acc[MR][2];
-        bsr_zero<V>(acc);
-        bsr_micro_rows<V, NV>(R, a + o0, 1, ldd, xb + p, ldx, B, acc);
-        bsr_store<V, NV>(R, acc, nullptr, out + static_cast<int64_t>(o0) * b + p, b);
+  // the batch is the inner dimension here, so the tile would walk dy and x down their columns: rows
+  // ld apart, all in one l1 set when ld is a multiple of 4 KB. each thread copies the block's
+  // [B, b] panels of x and dy into contiguous buffers first (dy's once per block row, since blocks
+  // come in block-row order), and the tile then streams them.
+  // NOTE: 4096x4096 B=256, 10% of 32-blocks, 1 thread: 29 GF/s reading x and dy in place.
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> dp(static_cast<size_t>(std::max<int64_t>(1, B * b)));
+    std::vector<float> xp(dp.size());
+    int64_t packed_row = -1;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t k = 0; k < nblk; ++k) {
+      if (row[k] != packed_row) {
+        packed_row = row[k];
+        bsr_pack_panel(dy, B, ldd, packed_row * b, b, dp.data());
+      }
+      bsr_pack_panel(x, B, ldx, static_cast<int64_t>(col[k]) * b, b, xp.data());
+      float* out = dvals + k * bb;
+      for (int o0 = 0; o0 < b; o0 += MR) {
+        const int R = std::min(MR, b - o0);
+        for (int p = 0; p < b; p += W) {
+          typename V::reg acc[MR][2];
+          bsr_zero<V>(acc);
+          bsr_micro_rows<V, NV>(R, dp.data() + o0, 1, b, xp.data() + p, b, B, acc);
+          bsr_store<V, NV>(R, acc, nullptr, out + static_cast<int64_t>(o0) * b + p, b);
+        }
       }
     }
   }

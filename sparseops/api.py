@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from .masks import for_pattern, global_magnitude
 from .nn import SparseLinear
-from .patterns import Monarch, Unstructured, as_pattern, check_sparsity
+from .patterns import Block, Monarch, Unstructured, as_pattern, check_sparsity
 
 
 def _targets(model: nn.Module, filter_fn):
@@ -84,8 +85,10 @@ def sparsify_(
         masks = global_magnitude([m.weight for _, m in targets], sparsity)
     else:
         masks = [for_pattern(pat, m.weight.detach(), sparsity) for _, m in targets]
+    # the masks carry the pattern's own sparsity now: the layers get the pattern without it
+    layer_pat = dataclasses.replace(pat, sparsity=None) if isinstance(pat, (Unstructured, Block)) else pat
     with torch.no_grad():
-        new = [SparseLinear.from_dense(m, mask=mk, pattern=pat) for (_, m), mk in zip(targets, masks)]
+        new = [SparseLinear.from_dense(m, mask=mk, pattern=layer_pat) for (_, m), mk in zip(targets, masks)]
     return _swap(model, targets, new)
 
 
