@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.bsr import check_block, grid_shape
+from ..formats.bsr import BSRWeight, block_view, check_block, grid_shape
 from ..patterns import Butterfly, check_sparsity
 from ._checks import check_int, check_weight
 from .magnitude import _keep_largest, _n_keep, _rank_dtype
@@ -59,8 +59,6 @@ def block_magnitude(weight: torch.Tensor, sparsity: float, block: int = 32) -> t
     b = check_block(block)
     out_f, in_f = w.shape
     nbr, nbc = grid_shape(out_f, in_f, b)
-    from ..formats.bsr import block_view
-
     norms = block_view(w.to(_rank_dtype(w)).square(), b).sum((2, 3)).reshape(-1)
     keep = _keep_largest(norms, _n_keep(norms.numel(), s)).reshape(nbr, nbc)
     return _expand_blocks(keep, out_f, in_f, b)
@@ -121,16 +119,12 @@ def flat_block_butterfly(
         full[:g, :] = True
         full[:, :g] = True
     b = pat.block
-    from ..formats.bsr import block_view
-
     on = block_view(full.to(torch.uint8), b).amax((2, 3)).bool()
     return _expand_blocks(on, out_f, in_f, b)
 
 
 def is_block_sparse(mask: torch.Tensor, block: int) -> bool:
     """Whether the bool ``mask [out, in]`` is constant on every ``block x block`` block (ragged edges included)."""
-    from ..formats.bsr import BSRWeight
-
     try:
         BSRWeight.from_mask(mask, block)
     except ValueError:
