@@ -35,13 +35,18 @@ def run_suite(json_path: Path, keyword: str | None, suite: str = "csr") -> None:
     subprocess.run(cmd, check=True, cwd=HERE)
 
 
-def load_fewbit(json_path: Path):
+def _load_table(json_path: Path, key, value=lambda b: b["stats"]["median"] * 1e3):
+    """``(machine_info, {key(extra_info): {provider: value(benchmark)}})`` of a pytest-benchmark JSON."""
     data = json.loads(json_path.read_text())
     table = defaultdict(dict)
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        table[(e["activation"], e["dtype"], e["n"])][e["provider"]] = b["stats"]["median"] * 1e3
+        table[key(e)][e["provider"]] = value(b)
     return data.get("machine_info", {}), table
+
+
+def load_fewbit(json_path: Path):
+    return _load_table(json_path, lambda e: (e["activation"], e["dtype"], e["n"]))
 
 
 def render_fewbit(machine, table) -> str:
@@ -66,12 +71,7 @@ def render_fewbit(machine, table) -> str:
 
 
 def load_nm(json_path: Path):
-    data = json.loads(json_path.read_text())
-    table = defaultdict(dict)
-    for b in data["benchmarks"]:
-        e = b["extra_info"]
-        table[(e["pattern"], e["batch"], e["in_f"], e["out_f"], e["mode"])][e["provider"]] = b["stats"]["median"] * 1e3
-    return data.get("machine_info", {}), table
+    return _load_table(json_path, lambda e: (e["pattern"], e["batch"], e["in_f"], e["out_f"], e["mode"]))
 
 
 def render_nm(machine, table) -> str:
@@ -93,12 +93,7 @@ def render_nm(machine, table) -> str:
 
 
 def load_block(json_path: Path):
-    data = json.loads(json_path.read_text())
-    table = defaultdict(dict)
-    for b in data["benchmarks"]:
-        e = b["extra_info"]
-        table[(e["case"], e["batch"], e["in_f"], e["out_f"], e["mode"])][e["provider"]] = b["stats"]["median"] * 1e3
-    return data.get("machine_info", {}), table
+    return _load_table(json_path, lambda e: (e["case"], e["batch"], e["in_f"], e["out_f"], e["mode"]))
 
 
 def render_block(machine, table) -> str:
@@ -120,13 +115,7 @@ def render_block(machine, table) -> str:
 
 
 def load_gpu(json_path: Path):
-    data = json.loads(json_path.read_text())
-    table = defaultdict(dict)
-    for b in data["benchmarks"]:
-        e = b["extra_info"]
-        key = (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"])
-        table[key][e["provider"]] = (b["stats"]["median"] * 1e3, e.get("event_ms"))
-    return data.get("machine_info", {}), table
+    return _load_table(json_path, lambda e: (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"]), lambda b: (b["stats"]["median"] * 1e3, b["extra_info"].get("event_ms")))
 
 
 def render_gpu(machine, table) -> str:
@@ -151,13 +140,7 @@ def render_gpu(machine, table) -> str:
 
 
 def load(json_path: Path):
-    data = json.loads(json_path.read_text())
-    table = defaultdict(dict)
-    for b in data["benchmarks"]:
-        e = b["extra_info"]
-        key = (e["batch"], e["in_f"], e["out_f"], e["sparsity"], e["mode"])
-        table[key][e["provider"]] = b["stats"]["median"] * 1e3
-    return data.get("machine_info", {}), table
+    return _load_table(json_path, lambda e: (e["batch"], e["in_f"], e["out_f"], e["sparsity"], e["mode"]))
 
 
 def fmt_ratio(a, b):
