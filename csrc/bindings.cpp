@@ -16,6 +16,7 @@
 #include "fewbit.h"
 #include "nm.h"
 #include "bsr.h"
+#include "act.h"
 
 namespace py = pybind11;
 using sparseops::Isa;
@@ -554,6 +555,93 @@ void bsr_sdd(const py::array& dy, const py::array& x, const py::array& row, cons
   sparseops::bsr_sdd(D.p, D.rows, D.s0, X.p, X.s0, r, c, nblk, b, out, threads(nthreads));
 }
 
+// ---- activation-sparse: no index comes from the caller, so shapes, dtypes and strides are all there is ----
+
+// a float32 matrix whose rows are contiguous (column stride 1), rows ld >= cols apart
+Mat row_matrix(const py::array& a, const char* name) {
+  const Mat m = float_matrix(a, name);
+  if (m.cols > 1 && m.s1 != 1) throw py::value_error(std::string(name) + ": rows must be contiguous (column stride 1)");
+  if (m.rows > 1 && m.s0 < m.cols)
+    throw py::value_error(std::string(name) + ": rows must not overlap (row stride >= columns)");
+  if (m.cols > INT32_MAX) throw py::value_error(std::string(name) + ": at most 2^31 - 1 columns");
+  return m;
+}
+
+sparseops::ActSel act_sel(const py::array& threshold, int64_t K, bool relu) {
+  const float* t = vector<float>(threshold, "threshold", "float32", -1);
+  if (threshold.shape(0) != 1 && threshold.shape(0) != K)
+    throw py::value_error("threshold: expected 1 entry (one threshold) or " + std::to_string(K) +
+                          " (one per input), got " + std::to_string(threshold.shape(0)));
+  return {t, threshold.shape(0) != 1, relu};
+}
+
+const float* act_weight(const py::array& wt, int64_t K) {
+  const Mat W = row_matrix(wt, "weight_t");
+  if (W.rows != K)
+    throw py::value_error("weight_t: expected " + std::to_string(K) + " rows (one per input), got " +
+                          std::to_string(W.rows));
+  if (W.rows > 1 && W.s0 != W.cols) throw py::value_error("weight_t: must be C-contiguous");
+  return W.p;
+}
+
+template <class F>
+int64_t act_forward(F kernel, const py::array& x, const py::array& threshold, bool relu, const py::array& weight_t,
+                    const py::object& bias, py::array& y, int nthreads) {
+  const Mat X = row_matrix(x, "x");
+  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
+  const float* W = act_weight(weight_t, X.cols);
+  const int64_t N = weight_t.shape(1);
+  float* Y = float_output(y, "y", X.rows, N, 2);
+  const float* bp = nullptr;
+  py::object bias_keep;  // see csr_dds
+  if (!bias.is_none()) {
+    py::array arr = bias.cast<py::array>();
+    bp = vector<float>(arr, "bias", "float32", N);
+    bias_keep = std::move(arr);
+  }
+  py::gil_scoped_release release;
+  return kernel(X.p, X.rows, X.cols, X.s0, sel, W, N, bp, Y, N, threads(nthreads));
+}
+
+int64_t act_gemv(const py::array& x, const py::array& threshold, bool relu, const py::array& weight_t,
+                 const py::object& bias, py::array& y, int nthreads) {
+  return act_forward(sparseops::act_gemv, x, threshold, relu, weight_t, bias, y, nthreads);
+}
+
+int64_t act_spmm(const py::array& x, const py::array& threshold, bool relu, const py::array& weight_t,
+                 const py::object& bias, py::array& y, int nthreads) {
+  return act_forward(sparseops::act_spmm, x, threshold, relu, weight_t, bias, y, nthreads);
+}
+
+void act_dsd(const py::array& dy, const py::array& x, const py::array& threshold, bool relu,
+             const py::array& weight_t, py::array& dx, int nthreads) {
+  const Mat X = row_matrix(x, "x");
+  const Mat D = row_matrix(dy, "dy");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
+  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
+  const float* W = act_weight(weight_t, X.cols);
+  if (weight_t.shape(1) != D.cols)
+    throw py::value_error("dy: expected " + std::to_string(weight_t.shape(1)) + " columns (weight_t's), got " +
+                          std::to_string(D.cols));
+  float* DX = float_output(dx, "dx", X.rows, X.cols, 2);
+  py::gil_scoped_release release;
+  sparseops::act_dsd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, W, DX, X.cols, threads(nthreads));
+}
+
+void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold, bool relu, py::array& dweight_t,
+             int nthreads) {
+  const Mat X = row_matrix(x, "x");
+  const Mat D = row_matrix(dy, "dy");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
+  if (D.rows > INT32_MAX) throw py::value_error("dy: at most 2^31 - 1 rows");
+  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
+  float* DW = float_output(dweight_t, "dweight_t", X.cols, D.cols, 2);
+  py::gil_scoped_release release;
+  sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -616,6 +704,20 @@ index of its block grid (crow [nbr+1], col [nblk]). x's rows must be contiguous 
   m.def("bsr_sdd", &bsr_sdd, py::arg("dy"), py::arg("x"), py::arg("row"), py::arg("col"), py::arg("block"),
         py::arg("dvalues").noconvert(), py::arg("nthreads"),
         R"(dvalues[k] = dy[:, row[k] block]ᵀ @ x[:, col[k] block]: the weight gradient on the stored blocks.)");
+  m.def("act_gemv", &act_gemv, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("weight_t"),
+        py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(y[T, out] = s(x)[T, in] @ weight_t[in, out] + bias, reading only the rows of weight_t that at least one
+row of x activates (their union). s: v = relu ? max(x, 0) : x, kept where |v| > threshold (threshold: 1 or
+in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous. Returns the union's size.)");
+  m.def("act_spmm", &act_spmm, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("weight_t"),
+        py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(The act_gemv product for any batch, each row through its own active inputs (s(x) as CSR). Returns nnz.)");
+  m.def("act_dsd", &act_dsd, py::arg("dy"), py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("weight_t"),
+        py::arg("dx").noconvert(), py::arg("nthreads"),
+        R"(dx[B, in] = (dy[B, out] @ weight_tᵀ) masked to s(x)'s active entries, computed on those entries only.)");
+  m.def("act_sdd", &act_sdd, py::arg("dy"), py::arg("x"), py::arg("threshold"), py::arg("relu"),
+        py::arg("dweight_t").noconvert(), py::arg("nthreads"),
+        R"(dweight_t[in, out] = s(x)ᵀ @ dy through s(x)'s nonzeros; rows of inputs no row activates are 0.)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

@@ -7,6 +7,7 @@
 #include "fewbit.h"
 #include "nm.h"
 #include "bsr.h"
+#include "act.h"
 
 namespace sparseops {
 namespace {
@@ -132,6 +133,38 @@ void bsr_sdd(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t ld
   if (active_isa() == Isa::avx2) return bsr_sdd_avx2(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nthreads);
 #endif
   bsr_sdd_portable(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nthreads);
+}
+
+int64_t act_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
+                 const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return act_gemv_avx2(x, T, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
+#endif
+  return act_gemv_portable(x, T, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
+}
+
+int64_t act_spmm(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
+                 const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return act_spmm_avx2(x, B, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
+#endif
+  return act_spmm_portable(x, B, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
+}
+
+void act_dsd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx, ActSel sel,
+             const float* wt, float* dx, int64_t lddx, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return act_dsd_avx2(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, nthreads);
+#endif
+  act_dsd_portable(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, nthreads);
+}
+
+void act_sdd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx, ActSel sel,
+             float* dwt, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return act_sdd_avx2(dy, B, N, ldd, x, K, ldx, sel, dwt, nthreads);
+#endif
+  act_sdd_portable(dy, B, N, ldd, x, K, ldx, sel, dwt, nthreads);
 }
 
 }  // namespace sparseops

@@ -13,14 +13,17 @@ from . import fewbit, formats, masks, ops, patterns, reference  # noqa: F401
 from . import nn  # noqa: F401
 from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
-from .api import sparsify_
-from .nn import MonarchLinear, SparseLinear
+from .api import sparsify_, sparsify_activations_
+from .nn import ActivationSparseLinear, MonarchLinear, SparseLinear, calibrate_
 from .patterns import NM, Block, Butterfly, FanIn, Monarch, Unstructured
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseLinear",
+    "ActivationSparseLinear",
+    "calibrate_",
+    "sparsify_activations_",
     "MonarchLinear",
     "sparsify_",
     "Unstructured",

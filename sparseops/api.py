@@ -1,4 +1,5 @@
-"""Model-level API: ``sparsify_`` swaps ``nn.Linear`` layers for sparse ones in place."""
+"""Model-level API: ``sparsify_`` swaps ``nn.Linear`` layers for sparse ones in place;
+``sparsify_activations_`` swaps them for activation-sparse ones."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from .masks import for_pattern, global_magnitude
-from .nn import SparseLinear
+from .nn import ActivationSparseLinear, SparseLinear
+from .nn.act import _check_mode, _check_sparsity
 from .patterns import Block, Monarch, Unstructured, as_pattern, check_sparsity
 
 
@@ -98,3 +100,35 @@ def _swap(model: nn.Module, targets, new) -> nn.Module:
             return layer
         _replace(model, fqn, layer)
     return model
+
+
+def sparsify_activations_(
+    model: nn.Module,
+    sparsity: float = 0.5,
+    *,
+    mode: str = "tensor",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Swap every ``nn.Linear`` and :class:`SparseLinear` of ``model`` for an
+    :class:`~sparseops.nn.ActivationSparseLinear`, in place; then :func:`calibrate_` it.
+
+    Args:
+        model: the model to modify.
+        sparsity: target fraction of inputs to drop, in [0, 1).
+        mode: ``"relu"``, ``"tensor"``, ``"channel"`` or ``"topk"``.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it is True are swapped.
+
+    Returns:
+        ``model`` (or, if ``model`` is itself a linear layer, its replacement).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ValueError: bad sparsity or mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_sparsity(sparsity)
+    _check_mode(mode)
+    targets = [(fqn, m) for fqn, m in model.named_modules()
+               if type(m) in (nn.Linear, SparseLinear) and (filter_fn is None or filter_fn(m, fqn))]
+    new = [ActivationSparseLinear.from_dense(m, sparsity, mode) for _, m in targets]
+    return _swap(model, targets, new)

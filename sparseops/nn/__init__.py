@@ -20,10 +20,13 @@ from .activation import (
     FewBitSoftsign,
     FewBitTanh,
 )
+from .act import ActivationSparseLinear, calibrate_
 from .linear import SparseLinear
 from .monarch import MonarchLinear
 
 __all__ = [
+    "ActivationSparseLinear",
+    "calibrate_",
     "SparseLinear",
     "MonarchLinear",
     "FewBitActivation",

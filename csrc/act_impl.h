@@ -1,0 +1,412 @@
+// activation-sparse kernels, written once over a vector type V (see simd.h) and instantiated per ISA in
+// act_avx2.cpp and act_portable.cpp.
+//
+// - gemv (1 to ~32 rows): one serial pass over x builds the union of the rows' active inputs and packs
+//   their values [nnz][T]. the output columns are split between the threads (no reduction, no atomics);
+//   each thread sweeps its columns in tiles of OT, accumulating [T][OT] in an l1 buffer, and for every
+//   input in the union streams the OT contiguous weights of that input's row of wt once, for all rows.
+//   rows of wt outside the union are never touched; the next rows are prefetched, since the hardware
+//   cannot guess where a sparse walk jumps.
+// - spmm (any batch): s(x) as CSR rows (two parallel passes: count, fill), then C [R, N] = A_csr @ D
+//   with the rows of A split between the threads by nonzeros. each thread walks its rows in 64-column
+//   strips of C held in 8 registers, and within a strip in chunks of KC rows of D, so that the [KC, 64]
+//   panel of D the rows gather from stays in l2 while every row of the thread passes over it (a
+//   cursor per row remembers where its sorted indices left off).
+// - dsd: the same walk, but each active (b, j) reduces dy's strip against wt's strip (sampled dense-dense):
+//   eight nonzeros at a time, reduced with one horizontal 8x8 sum, accumulated over the strips.
+// - sdd: dwt = s(x)ᵀ @ dy is the spmm above on s(x)'s transpose (CSR of columns, by a counting sort).
+// everything sits in an unnamed namespace, so the avx2 and portable translation units keep their own
+// copies (no inline function compiled with -mavx2 can be merged into the portable path).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "act.h"
+#include "simd.h"
+
+namespace sparseops {
+namespace {
+
+constexpr int64_t KC = 256;  // rows of D per panel: 256 x 64 x 4 B = 64 KB, an l2-resident panel
+constexpr int STRIP = 8;     // vectors per strip of C (64 floats)
+
+inline int act_tid() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int act_nt() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+inline float act_value(float x, float thr, bool relu) {
+  const float v = relu ? (x > 0.f ? x : 0.f) : x;
+  return std::fabs(v) > thr ? v : 0.f;
+}
+
+inline float act_thr(const ActSel& s, int64_t j) { return s.per_channel ? s.thr[j] : s.thr[0]; }
+
+// s(x) as CSR rows: ptr [B+1], idx, val
+struct ActCSR {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+};
+
+void act_csr(const float* x, int64_t B, int64_t K, int64_t ldx, const ActSel& sel, ActCSR& c, int nthreads) {
+  c.ptr.assign(static_cast<size_t>(B + 1), 0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * ldx;
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; ++j) n += act_value(xr[j], act_thr(sel, j), sel.relu) != 0.f;
+    c.ptr[b + 1] = n;
+  }
+  for (int64_t b = 0; b < B; ++b) c.ptr[b + 1] += c.ptr[b];
+  c.idx.resize(static_cast<size_t>(std::max<int64_t>(1, c.ptr[B])));
+  c.val.resize(c.idx.size());
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * ldx;
+    int64_t p = c.ptr[b];
+    for (int64_t j = 0; j < K; ++j) {
+      const float v = act_value(xr[j], act_thr(sel, j), sel.relu);
+      if (v != 0.f) {
+        c.idx[p] = static_cast<int32_t>(j);
+        c.val[p++] = v;
+      }
+    }
+  }
+}
+
+// the transpose of a CSR [R, K] (sorted columns) as CSR [K, R] (sorted rows), by a counting sort
+void act_transpose(const ActCSR& a, int64_t R, int64_t K, ActCSR& t) {
+  const int64_t nnz = a.ptr[R];
+  t.ptr.assign(static_cast<size_t>(K + 1), 0);
+  for (int64_t p = 0; p < nnz; ++p) ++t.ptr[a.idx[p] + 1];
+  for (int64_t j = 0; j < K; ++j) t.ptr[j + 1] += t.ptr[j];
+  t.idx.resize(static_cast<size_t>(std::max<int64_t>(1, nnz)));
+  t.val.resize(t.idx.size());
+  std::vector<int64_t> next(t.ptr.begin(), t.ptr.end() - 1);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
+      const int64_t q = next[a.idx[p]]++;
+      t.idx[q] = static_cast<int32_t>(r);
+      t.val[q] = a.val[p];
+    }
+}
+
+// rows [r0, r1) of thread tid of nt, balancing nonzeros plus a per-row cost (a row's strip is written
+// even when it is empty)
+inline void act_rows(const std::vector<int64_t>& ptr, int64_t R, int64_t row_cost, int tid, int nt, int64_t* r0,
+                     int64_t* r1) {
+  const int64_t total = ptr[R] + row_cost * R;
+  auto cut = [&](int k) -> int64_t {
+    if (k <= 0) return 0;
+    if (k >= nt) return R;
+    const int64_t target = total * k / nt;
+    int64_t lo = 0, hi = R;  // first r with cost(r) >= target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (ptr[mid] + row_cost * mid < target)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    return lo;
+  };
+  *r0 = cut(tid);
+  *r1 = cut(tid + 1);
+}
+
+// ---- spmm: C[r, c0 : c0 + 8 NV] (+)= sum_p val[p] * D[idx[p], c0 : ...] for r in [r0, r1) ----
+
+template <class V, int NV>
+void spmm_strip(const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
+                const float* bias, float* C, int64_t ldc, int64_t* cur) {
+  using reg = typename V::reg;
+  for (int64_t r = r0; r < r1; ++r) {
+    cur[r - r0] = a.ptr[r];
+    float* c = C + r * ldc + c0;
+    for (int v = 0; v < NV; ++v) V::store(c + 8 * v, bias ? V::load(bias + c0 + 8 * v) : V::zero());
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int32_t k1 = static_cast<int32_t>(std::min(K, k0 + KC));
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t p = cur[r - r0];
+      const int64_t pe = a.ptr[r + 1];
+      if (p >= pe || a.idx[p] >= k1) continue;
+      float* c = C + r * ldc + c0;
+      reg acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = V::load(c + 8 * v);
+      for (; p < pe && a.idx[p] < k1; ++p) {
+        const reg s = V::bcast(a.val[p]);
+        const float* d = D + static_cast<int64_t>(a.idx[p]) * ldd + c0;
+        for (int v = 0; v < NV; ++v) acc[v] = V::fma(s, V::load(d + 8 * v), acc[v]);
+      }
+      for (int v = 0; v < NV; ++v) V::store(c + 8 * v, acc[v]);
+      cur[r - r0] = p;
+    }
+  }
+}
+
+template <class V>
+void spmm_strip_n(int nv, const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd,
+                  int64_t c0, const float* bias, float* C, int64_t ldc, int64_t* cur) {
+  switch (nv) {
+    case 8: return spmm_strip<V, 8>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 7: return spmm_strip<V, 7>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 6: return spmm_strip<V, 6>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 5: return spmm_strip<V, 5>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 4: return spmm_strip<V, 4>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 3: return spmm_strip<V, 3>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 2: return spmm_strip<V, 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    default: return spmm_strip<V, 1>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+  }
+}
+
+// the last N % 8 columns, scalar
+inline void spmm_tail(const ActCSR& a, int64_t r0, int64_t r1, const float* D, int64_t ldd, int64_t c0, int64_t N,
+                      const float* bias, float* C, int64_t ldc) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = c0; c < N; ++c) {
+      float s = bias ? bias[c] : 0.f;
+      for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) s += a.val[p] * D[static_cast<int64_t>(a.idx[p]) * ldd + c];
+      C[r * ldc + c] = s;
+    }
+}
+
+template <class V>
+void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int64_t ldd, const float* bias, float* C,
+          int64_t ldc, int nthreads) {
+  const int64_t N8 = N / 8 * 8;
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t r0, r1;
+    act_rows(a.ptr, R, 8, act_tid(), act_nt(), &r0, &r1);
+    std::vector<int64_t> cur(static_cast<size_t>(std::max<int64_t>(1, r1 - r0)));
+    for (int64_t c0 = 0; c0 < N8; c0 += 8 * STRIP) {
+      const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
+      spmm_strip_n<V>(nv, a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur.data());
+    }
+    if (N8 < N) spmm_tail(a, r0, r1, D, ldd, N8, N, bias, C, ldc);
+  }
+}
+
+// ---- dsd: out[p] += <P[r, c0 : c0 + 8 NV], Q[idx[p], c0 : ...]> for the nonzeros of rows [r0, r1) ----
+
+template <class V, int NV>
+void sddmm_strip(const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp, const float* Q,
+                 int64_t ldq, int64_t c0, float* out, int64_t* cur) {
+  using reg = typename V::reg;
+  for (int64_t r = r0; r < r1; ++r) cur[r - r0] = a.ptr[r];
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int32_t k1 = static_cast<int32_t>(std::min(K, k0 + KC));
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t p = cur[r - r0];
+      const int64_t pe = a.ptr[r + 1];
+      if (p >= pe || a.idx[p] >= k1) continue;
+      reg pv[NV];
+      for (int v = 0; v < NV; ++v) pv[v] = V::load(P + r * ldp + c0 + 8 * v);
+      int64_t q = p;
+      while (q < pe && a.idx[q] < k1) ++q;
+      // eight nonzeros at a time: eight partial vectors, one horizontal sum
+      for (; p < q; p += 8) {
+        const int g = static_cast<int>(std::min<int64_t>(8, q - p));
+        reg part[8];
+        for (int i = 0; i < 8; ++i) {
+          if (i < g) {
+            const float* d = Q + static_cast<int64_t>(a.idx[p + i]) * ldq + c0;
+            reg s0 = V::mul(pv[0], V::load(d));
+            reg s1 = NV > 1 ? V::mul(pv[1], V::load(d + 8)) : V::zero();
+            for (int v = 2; v + 1 < NV; v += 2) {
+              s0 = V::fma(pv[v], V::load(d + 8 * v), s0);
+              s1 = V::fma(pv[v + 1], V::load(d + 8 * v + 8), s1);
+            }
+            if (NV > 2 && NV % 2) s0 = V::fma(pv[NV - 1], V::load(d + 8 * (NV - 1)), s0);
+            part[i] = V::add(s0, s1);
+          } else {
+            part[i] = V::zero();
+          }
+        }
+        alignas(32) float h[8];
+        V::store(h, V::hsum8(part));
+        for (int i = 0; i < g; ++i) out[p + i] += h[i];
+      }
+      cur[r - r0] = q;
+    }
+  }
+}
+
+template <class V>
+void sddmm_strip_n(int nv, const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
+                   const float* Q, int64_t ldq, int64_t c0, float* out, int64_t* cur) {
+  switch (nv) {
+    case 8: return sddmm_strip<V, 8>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 7: return sddmm_strip<V, 7>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 6: return sddmm_strip<V, 6>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 5: return sddmm_strip<V, 5>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 4: return sddmm_strip<V, 4>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 3: return sddmm_strip<V, 3>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 2: return sddmm_strip<V, 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    default: return sddmm_strip<V, 1>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+  }
+}
+
+// ---- entry points ----
+
+template <class V>
+int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
+                   const float* bias, float* y, int64_t ldy, int nthreads) {
+  using reg = typename V::reg;
+  // the union and its values, [nnz][T]
+  std::vector<int32_t> idx;
+  std::vector<float> xs;
+  idx.reserve(static_cast<size_t>(K));
+  std::vector<float> col(static_cast<size_t>(std::max<int64_t>(1, T)));
+  for (int64_t j = 0; j < K; ++j) {
+    const float thr = act_thr(sel, j);
+    bool any = false;
+    for (int64_t t = 0; t < T; ++t) {
+      col[t] = act_value(x[t * ldx + j], thr, sel.relu);
+      any |= col[t] != 0.f;
+    }
+    if (any) {
+      idx.push_back(static_cast<int32_t>(j));
+      xs.insert(xs.end(), col.begin(), col.begin() + T);
+    }
+  }
+  const int64_t nnz = static_cast<int64_t>(idx.size());
+  // [T][OT] accumulators in about 8 KB of l1
+  const int64_t OT = std::max<int64_t>(64, std::min<int64_t>(1024, 2048 / std::max<int64_t>(1, T) / 8 * 8));
+  const int64_t N8 = N / 8 * 8;
+  const int64_t lines = OT / 16;  // 64-byte lines of one tile row of wt
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = act_tid(), nt = act_nt();
+    // whole vectors per thread; the scalar tail goes to the last thread
+    const int64_t nvec = N8 / 8;
+    const int64_t c_begin = nvec * tid / nt * 8, c_end = tid == nt - 1 ? N : nvec * (tid + 1) / nt * 8;
+    std::vector<float> acc(static_cast<size_t>(T * OT + 8));
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += OT) {
+      const int64_t w = std::min(OT, c_end - c0);
+      const int64_t w8 = std::min(w, std::max<int64_t>(0, N8 - c0)) / 8 * 8;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < w; ++c) acc[t * OT + c] = bias ? bias[c0 + c] : 0.f;
+      for (int64_t q = 0; q < nnz; ++q) {
+        if (q + 2 < nnz) {
+          const char* pf = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[q + 2]) * N + c0);
+          for (int64_t l = 0; l < std::min<int64_t>(lines, (w + 15) / 16); ++l) __builtin_prefetch(pf + 64 * l, 0, 0);
+        }
+        const float* wr = wt + static_cast<int64_t>(idx[q]) * N + c0;
+        const float* xv = xs.data() + q * T;
+        int64_t t = 0;
+        // four rows at a time share each load of wt
+        for (; t + 4 <= T; t += 4) {
+          const reg a0 = V::bcast(xv[t]), a1 = V::bcast(xv[t + 1]), a2 = V::bcast(xv[t + 2]),
+                    a3 = V::bcast(xv[t + 3]);
+          float *o0 = acc.data() + t * OT, *o1 = o0 + OT, *o2 = o1 + OT, *o3 = o2 + OT;
+          for (int64_t c = 0; c < w8; c += 8) {
+            const reg wv = V::load(wr + c);
+            V::store(o0 + c, V::fma(a0, wv, V::load(o0 + c)));
+            V::store(o1 + c, V::fma(a1, wv, V::load(o1 + c)));
+            V::store(o2 + c, V::fma(a2, wv, V::load(o2 + c)));
+            V::store(o3 + c, V::fma(a3, wv, V::load(o3 + c)));
+          }
+        }
+        for (; t < T; ++t) {
+          const reg a = V::bcast(xv[t]);
+          float* o = acc.data() + t * OT;
+          for (int64_t c = 0; c < w8; c += 8) V::store(o + c, V::fma(a, V::load(wr + c), V::load(o + c)));
+        }
+        for (int64_t c = w8; c < w; ++c)
+          for (int64_t u = 0; u < T; ++u) acc[u * OT + c] += xv[u] * wr[c];
+      }
+      for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + c0, acc.data() + t * OT, sizeof(float) * w);
+    }
+  }
+  return nnz;
+}
+
+template <class V>
+int64_t act_spmm_t(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
+                   const float* bias, float* y, int64_t ldy, int nthreads) {
+  ActCSR a;
+  act_csr(x, B, K, ldx, sel, a, nthreads);
+  spmm<V>(a, B, K, wt, N, N, bias, y, ldy, nthreads);
+  return a.ptr[B];
+}
+
+template <class V>
+void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx,
+               ActSel sel, const float* wt, float* dx, int64_t lddx, int nthreads) {
+  ActCSR a;
+  act_csr(x, B, K, ldx, sel, a, nthreads);
+  std::vector<float> dv(a.idx.size(), 0.f);
+  const int64_t N8 = N / 8 * 8;
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t r0, r1;
+    act_rows(a.ptr, B, 8, act_tid(), act_nt(), &r0, &r1);
+    std::vector<int64_t> cur(static_cast<size_t>(std::max<int64_t>(1, r1 - r0)));
+    for (int64_t c0 = 0; c0 < N8; c0 += 8 * STRIP) {
+      const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
+      sddmm_strip_n<V>(nv, a, r0, r1, K, dy, ldd, wt, N, c0, dv.data(), cur.data());
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      float* d = dx + r * lddx;
+      std::memset(d, 0, sizeof(float) * K);
+      for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
+        float s = dv[p];
+        const float* q = wt + static_cast<int64_t>(a.idx[p]) * N;
+        for (int64_t c = N8; c < N; ++c) s += dy[r * ldd + c] * q[c];
+        d[a.idx[p]] = s;
+      }
+    }
+  }
+}
+
+template <class V>
+void act_sdd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx,
+               ActSel sel, float* dwt, int nthreads) {
+  ActCSR a, t;
+  act_csr(x, B, K, ldx, sel, a, nthreads);
+  act_transpose(a, B, K, t);
+  spmm<V>(t, K, B, dy, N, ldd, nullptr, dwt, N, nthreads);
+}
+
+}  // namespace
+}  // namespace sparseops
+
+#define SPARSEOPS_ACT_INSTANTIATE(V, suffix)                                                                      \
+  int64_t act_gemv_##suffix(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt,       \
+                            int64_t N, const float* bias, float* y, int64_t ldy, int nt) {                        \
+    return act_gemv_t<V>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt);                                             \
+  }                                                                                                               \
+  int64_t act_spmm_##suffix(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt,       \
+                            int64_t N, const float* bias, float* y, int64_t ldy, int nt) {                        \
+    return act_spmm_t<V>(x, B, K, ldx, sel, wt, N, bias, y, ldy, nt);                                             \
+  }                                                                                                               \
+  void act_dsd_##suffix(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K,            \
+                        int64_t ldx, ActSel sel, const float* wt, float* dx, int64_t lddx, int nt) {              \
+    act_dsd_t<V>(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, nt);                                                \
+  }                                                                                                               \
+  void act_sdd_##suffix(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K,            \
+                        int64_t ldx, ActSel sel, float* dwt, int nt) {                                            \
+    act_sdd_t<V>(dy, B, N, ldd, x, K, ldx, sel, dwt, nt);                                                         \
+  }

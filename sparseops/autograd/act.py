@@ -1,0 +1,54 @@
+"""Autograd for the activation-sparse linear layer ``y = s(x) @ Wᵀ + b`` (see ``reference.act``).
+
+- forward: ``act_dds``, which skips the rows of ``Wᵀ`` whose input is inactive; saves x (not s(x)).
+- dX: ``act_dsd``, ``(dy @ W) ⊙ mask``, one dot product per *active* input and nothing for the rest:
+  the sparsifier's own derivative is its mask (``s`` is the identity or ReLU on the active set and
+  constant off it), so a ReLU in front of the layer costs nothing extra in backward.
+- dW: ``act_sdd``, ``s(x)ᵀ @ dy`` through s(x)'s nonzeros only, returned as the gradient of the
+  transposed weight ``Wᵀ [in, out]`` (the layout the layer stores).
+- the bias gradient is a sum over rows; the threshold gets none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import act as act_ops
+
+
+class ActLinearFunction(torch.autograd.Function):
+    # the classic forward(ctx, ...) form, for the reason given in autograd.csr
+    @staticmethod
+    def forward(ctx, x, weight_t, bias, threshold, relu: bool):
+        ctx.save_for_backward(x, weight_t, threshold)
+        ctx.has_bias = bias is not None
+        ctx.relu = relu
+        return act_ops.dds(x, weight_t, bias, threshold, relu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight_t, threshold = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx = act_ops.dsd(dy, x, weight_t, threshold, ctx.relu)
+        if need_w:
+            dw = act_ops.sdd(dy, x, threshold, ctx.relu)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, None, None
+
+
+def act_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: Tensor, relu: bool) -> Tensor:
+    """``x [*, in] -> [*, out]``: ``s(x) @ weight_t + bias``, differentiable in x, weight_t and bias.
+
+    ``weight_t`` is ``Wᵀ [in, out]``; a non-contiguous one is copied first (the kernels stream its rows).
+    """
+    in_features, out_features = weight_t.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(lead.numel(), in_features)  # [B, in]
+    if not weight_t.is_contiguous():
+        weight_t = weight_t.contiguous()
+    y = ActLinearFunction.apply(x2, weight_t, bias, threshold, relu)
+    return y.reshape(*lead, out_features)

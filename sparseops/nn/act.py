@@ -1,0 +1,322 @@
+"""ActivationSparseLinear: a linear layer that skips the weight columns whose input is inactive right now.
+
+Weight sparsity skips weights that are zero forever; activation sparsity skips, per call, the inputs
+that are zero or small (TEAL, CHESS, R-Sparse). Decoding is memory-bound, so each skipped input is a
+skipped read of one column of W: the layer stores W transposed (``weight`` is an ``[out, in]``
+parameter whose memory is ``Wᵀ [in, out]``, so ``weight.t()`` is contiguous and column j of W is one
+contiguous row).
+
+Modes (the sparsifier ``s``; an input is active when ``|v| > threshold``):
+
+- ``"relu"``: ``v = relu(x)``, threshold 0: exact zeros. For an input that is already a ReLU (or ReLU²)
+  output this changes nothing in forward (ReLU is idempotent) nor in backward (the upstream ReLU's
+  derivative is zero exactly where this one's is).
+- ``"tensor"`` (TEAL): one magnitude threshold for the whole tensor, calibrated so that a target
+  fraction of inputs is zeroed.
+- ``"channel"`` (CHESS): one threshold per input channel, each calibrated to the same target.
+- ``"topk"``: per row, keep the ``round((1 - sparsity) * in)`` inputs of largest magnitude.
+
+``threshold`` is a registered buffer: 0-d in ``relu``/``tensor``/``topk`` mode (``topk`` does not use
+it), ``[in]`` in ``channel`` mode. Until calibrated it is 0, so only exact zeros are skipped and the
+output equals the dense layer's.
+
+In training the layer is ``y = s(x) Wᵀ + b`` with the true derivative: ``dx = (dy W) ⊙ mask``, computed
+on the active inputs only, and ``dW = dyᵀ s(x)`` through s(x)'s nonzeros (see ``autograd.act``).
+
+Weight sparsity composes: ``from_dense`` of a :class:`~sparseops.SparseLinear` keeps it as ``sparse``
+and runs it on ``s(x)``. That path saves the weight sparsity's work only; a kernel that also skips the
+inactive inputs of a sparse weight is not written yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd import act_linear, check_input
+from ..reference.act import act_mask
+from .linear import SparseLinear, _check_features
+
+MODES = ("relu", "tensor", "channel", "topk")
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity: expected a float in [0, 1), got {type(sparsity).__name__}")
+    if not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity: expected a float in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def _check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+class ActivationSparseLinear(nn.Module):
+    """``y = s(x) Wᵀ + b``, reading only the columns of W whose input ``s`` keeps.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear`` (same initialisation).
+        sparsity: target fraction of inputs to drop, in [0, 1): what :meth:`calibrate` aims for, and
+            the dropped share per row in ``topk`` mode.
+        mode: ``"relu"``, ``"tensor"``, ``"channel"`` or ``"topk"`` (see the module docstring).
+
+    Raises:
+        TypeError, ValueError: bad sizes, sparsity or mode (the message names the argument).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float = 0.5,
+                 mode: str = "tensor", device=None, dtype=None):
+        super().__init__()
+        self.in_features = _check_features("in_features", in_features)
+        self.out_features = _check_features("out_features", out_features)
+        factory = {"device": device, "dtype": dtype}
+        # [out, in] with Wᵀ's memory: weight.t() is contiguous
+        weight = torch.empty(in_features, out_features, **factory).t()
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.weight = nn.Parameter(weight)
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.sparse = None
+        self._calibrating = False
+        self.set_mode(mode, sparsity)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Module, sparsity: float = 0.5, mode: str = "tensor") -> "ActivationSparseLinear":
+        """Wrap a trained ``nn.Linear`` (its weight copied into the transposed layout) or a
+        :class:`~sparseops.SparseLinear` (kept as is, as ``self.sparse``). Call :meth:`calibrate` next
+        (``relu`` and ``topk`` need no calibration).
+
+        Raises:
+            TypeError: ``linear`` is neither; ValueError: bad sparsity or mode.
+        """
+        if not isinstance(linear, (nn.Linear, SparseLinear)):
+            raise TypeError(f"linear: expected an nn.Linear or a SparseLinear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer._calibrating = False
+        if isinstance(linear, SparseLinear):
+            layer.register_parameter("weight", None)
+            layer.register_parameter("bias", None)
+            layer.sparse = linear
+            device = linear.values.device
+        else:
+            w = linear.weight.detach()
+            layer.weight = nn.Parameter(w.t().contiguous().t())
+            layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+            layer.sparse = None
+            device = w.device
+        layer.set_mode(mode, sparsity, device=device)
+        return layer
+
+    def set_mode(self, mode: str, sparsity: float | None = None, *, device=None) -> None:
+        """Change the sparsifier (and the target sparsity); the threshold resets to 0 (uncalibrated)."""
+        self.mode = _check_mode(mode)
+        if sparsity is not None:
+            self.sparsity = _check_sparsity(sparsity)
+        if device is None:
+            ref = self.weight if self.weight is not None else self.sparse.values
+            device = ref.device
+        shape = (self.in_features,) if mode == "channel" else ()
+        self.register_buffer("threshold", torch.zeros(shape, dtype=torch.float32, device=device))
+
+    @property
+    def keep(self) -> int:
+        """Inputs a row keeps in ``topk`` mode."""
+        return self.in_features - int(round(self.sparsity * self.in_features))
+
+    def _sparsifier(self, x: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """``(x', threshold, relu)`` such that ``s(x) = act_mask(x', threshold, relu)``."""
+        if self.mode == "topk":
+            k = self.keep
+            if k >= self.in_features:
+                return x, self.threshold.new_full((), -1.0), False
+            keep = torch.zeros_like(x, dtype=torch.bool)
+            if k > 0:
+                keep.scatter_(-1, x.detach().abs().topk(k, dim=-1).indices, True)
+            # what top-k drops is zero in x', and x' is active exactly where nonzero
+            return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), self.threshold, False
+        return x, self.threshold, self.mode == "relu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        ref = self.weight if self.sparse is None else self.sparse.values
+        check_input(x, self.in_features, ref)
+        if self._calibrating:
+            self._seen.append(x.detach().reshape(-1, self.in_features))
+            return self.sparse(x) if self.sparse is not None else nn.functional.linear(x, self.weight, self.bias)
+        x, thr, relu = self._sparsifier(x)
+        if self.sparse is not None:
+            return self.sparse(act_mask(x, thr, relu)[0])
+        return act_linear(x, self.weight.t(), self.bias, thr, relu)
+
+    @torch.no_grad()
+    def calibrate(self, samples) -> float:
+        """Set ``threshold`` so that ``sparsity`` of the inputs in ``samples`` are dropped.
+
+        ``tensor``: the ``sparsity``-quantile of ``|x|`` over all entries; ``channel``: over each input
+        channel's entries. ``relu`` and ``topk`` have nothing to calibrate.
+
+        Args:
+            samples: ``[N, in]`` (or ``[..., in]``) inputs of this layer, or an iterable of them.
+
+        Returns:
+            the fraction of entries of ``samples`` the calibrated layer drops.
+
+        Raises:
+            TypeError, ValueError: samples that are not tensors, have the wrong width, or are empty.
+        """
+        if isinstance(samples, Tensor):
+            samples = [samples]
+        parts = []
+        for i, s in enumerate(samples):
+            if not isinstance(s, Tensor):
+                raise TypeError(f"samples: expected tensors of shape [N, {self.in_features}], got {type(s).__name__}")
+            if s.dim() == 0 or s.shape[-1] != self.in_features:
+                raise ValueError(f"samples: expected last dimension in_features={self.in_features}, got shape "
+                                 f"{tuple(s.shape)} (item {i})")
+            parts.append(s.detach().reshape(-1, self.in_features).to(self.threshold.device))
+        a = torch.cat(parts) if parts else None
+        if a is None or a.shape[0] == 0:
+            raise ValueError("samples: calibration needs at least one row of inputs, got none")
+        v = (torch.relu(a) if self.mode == "relu" else a).abs().float()
+        if self.mode in ("tensor", "channel"):
+            if self.mode == "tensor":
+                k = int(round(self.sparsity * v.numel()))
+                thr = v.new_zeros(()) if k == 0 else v.flatten().kthvalue(k).values
+            else:
+                k = int(round(self.sparsity * v.shape[0]))
+                thr = v.new_zeros(self.in_features) if k == 0 else v.kthvalue(k, dim=0).values
+            self.threshold.copy_(thr)
+        return self.measure(a)
+
+    @torch.no_grad()
+    def measure(self, x: Tensor) -> float:
+        """The fraction of the entries of ``x [..., in]`` this layer drops now."""
+        x2 = x.detach().reshape(-1, self.in_features)
+        if x2.numel() == 0:
+            return 0.0
+        xs, thr, relu = self._sparsifier(x2)
+        return 1.0 - act_mask(xs, thr, relu)[1].float().mean().item()
+
+    @torch.no_grad()
+    def union_density(self, x: Tensor) -> float:
+        """The fraction of W's columns a call on ``x [..., in]`` reads: inputs active in at least one row
+        (BlockFFN's chunk-level sparsity; per-row density for a single row)."""
+        x2 = x.detach().reshape(-1, self.in_features)
+        if x2.numel() == 0:
+            return 0.0
+        xs, thr, relu = self._sparsifier(x2)
+        return act_mask(xs, thr, relu)[1].any(0).float().mean().item()
+
+    def to_dense(self) -> nn.Module:
+        """The wrapped layer without the sparsifier: an ``nn.Linear`` with the same weights, or the
+        ``SparseLinear`` it wraps."""
+        if self.sparse is not None:
+            return self.sparse
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
+                        dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def get_extra_state(self) -> dict:
+        # the sparsifier travels with the checkpoint: loading restores mode and sparsity first, so the
+        # threshold buffer has the shape the checkpoint's has
+        return {"mode": self.mode, "sparsity": self.sparsity}
+
+    def set_extra_state(self, state) -> None:
+        # applied by _load_from_state_dict before the buffers load (see there)
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and extra.get("mode") in MODES:
+            try:
+                sparsity = _check_sparsity(extra.get("sparsity"))
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{prefix}_extra_state: {exc}")
+            else:
+                if (extra["mode"], sparsity) != (self.mode, self.sparsity):
+                    self.set_mode(extra["mode"], sparsity, device=self.threshold.device)
+        thr = state_dict.get(prefix + "threshold")
+        if isinstance(thr, Tensor) and tuple(thr.shape) != tuple(self.threshold.shape):
+            error_msgs.append(
+                f"{prefix}threshold: the checkpoint's has shape {tuple(thr.shape)}, this layer's mode "
+                f"{self.mode!r} needs {tuple(self.threshold.shape)} (set_mode to the checkpoint's mode first)")
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "threshold"}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        weight = "sparse" if self.sparse is not None else "dense"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={(self.bias is not None) if self.sparse is None else self.sparse.bias is not None}, "
+                f"mode={self.mode}, sparsity={self.sparsity}, weight={weight}")
+
+
+def _run(model: nn.Module, batch) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = None, mode: str | None = None) -> dict:
+    """Calibrate every :class:`ActivationSparseLinear` of ``model`` on ``batches``, in place.
+
+    The batches run through the model once with every such layer computing its dense product (as TEAL
+    calibrates, on the dense model's activations), each layer records its inputs, and then each sets
+    its threshold from them (:meth:`ActivationSparseLinear.calibrate`).
+
+    Args:
+        model: a module containing ActivationSparseLinear layers.
+        batches: an iterable of model inputs (a tensor, a tuple of positional args, or a dict of kwargs).
+        sparsity, mode: when given, set on every layer first (a mode change resets its threshold).
+
+    Returns:
+        ``{module name: the sparsity it reaches on the calibration inputs}``.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module; ValueError: no such layer, no batches, bad sparsity/mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if sparsity is not None:
+        _check_sparsity(sparsity)
+    if mode is not None:
+        _check_mode(mode)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ActivationSparseLinear)}
+    if not layers:
+        raise ValueError("model: has no ActivationSparseLinear to calibrate (see sparseops.sparsify_activations_)")
+    for m in layers.values():
+        if mode is not None or sparsity is not None:
+            m.set_mode(mode or m.mode, sparsity)
+        m._seen = []
+        m._calibrating = True
+    n = 0
+    try:
+        for batch in batches:
+            _run(model, batch)
+            n += 1
+    finally:
+        for m in layers.values():
+            m._calibrating = False
+    seen = {name: m.__dict__.pop("_seen") for name, m in layers.items()}
+    if n == 0:
+        raise ValueError("batches: calibration needs at least one batch, got none")
+    return {name: m.calibrate(seen[name]) for name, m in layers.items()}

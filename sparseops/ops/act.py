@@ -1,0 +1,157 @@
+"""torch.library ops for activation-sparse linear layers (see ``reference.act`` for the math).
+
+- ``sparseops::act_dds``: forward ``y [B, out] = s(x) @ weight_t + bias``, skipping inactive inputs;
+- ``sparseops::act_dsd``: input gradient ``(dy @ weight_tᵀ) ⊙ mask``, computed on the active entries only;
+- ``sparseops::act_sdd``: weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy`` through s(x)'s nonzeros.
+
+``weight_t`` is ``Wᵀ [in, out]``, contiguous, and the sparsifier is ``(threshold, relu)``: a 0-d or
+``[in]`` threshold, active when ``|v| > threshold`` with ``v = relu(x)`` or ``x``.
+
+CPU (fp32, C++): up to ``GEMV_MAX_ROWS`` rows, the forward reads each row of ``weight_t`` that *any* row
+activates once (the union, for decode and small batches); above, each row walks its own active set.
+CUDA: the forward is the Triton split-K GEMV of ``kernels.act`` (the union again); the two gradients run
+the reference (dense GEMMs masked), since GPU training with a sparse input has no kernel here yet.
+Other dtypes and devices take the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._cpp import _C
+from .csr import _eager_cpu, _np, _threads, _use_cpp
+
+# rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
+# of weight_t for all rows) rather than each row's own; the issue's decode range is 1 to 32 tokens
+GEMV_MAX_ROWS = 32
+
+
+def _thr(threshold: Tensor) -> Tensor:
+    return threshold.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _rows(a: Tensor) -> Tensor:
+    # the kernels read contiguous rows, any row stride
+    return a if a.shape[-1] <= 1 or a.stride(-1) == 1 else a.contiguous()
+
+
+# ---- host ops: cpu -> _C, anything else -> reference ----
+
+
+@torch.library.custom_op("sparseops::act_dds_host", mutates_args=())
+def act_dds_host(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold: Tensor, relu: bool) -> Tensor:
+    return reference.act_dds(x, weight_t, bias, threshold, relu)
+
+
+@act_dds_host.register_kernel("cpu")
+def _act_dds_cpu(x, weight_t, bias, threshold, relu):
+    if not _use_cpp(x, weight_t, *(() if bias is None else (bias,))):
+        return reference.act_dds(x, weight_t, bias, threshold, relu)
+    B, K = x.shape
+    N = weight_t.shape[1]
+    y = torch.empty(B, N, dtype=torch.float32)
+    b = None if bias is None else _np(bias.contiguous())
+    kernel = _C.act_gemv if B <= GEMV_MAX_ROWS else _C.act_spmm
+    kernel(_np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), b, _np(y), _threads(B * K * N))
+    return y
+
+
+@act_dds_host.register_fake
+def _(x, weight_t, bias, threshold, relu):
+    return x.new_empty(x.shape[0], weight_t.shape[1])
+
+
+@torch.library.custom_op("sparseops::act_dsd_host", mutates_args=())
+def act_dsd_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> Tensor:
+    return reference.act_dsd(dy, x, weight_t, threshold, relu)
+
+
+@act_dsd_host.register_kernel("cpu")
+def _act_dsd_cpu(dy, x, weight_t, threshold, relu):
+    if not _use_cpp(dy, x, weight_t):
+        return reference.act_dsd(dy, x, weight_t, threshold, relu)
+    dx = torch.empty(x.shape, dtype=torch.float32)
+    _C.act_dsd(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), _np(dx),
+               _threads(x.numel() * dy.shape[1]))
+    return dx
+
+
+@act_dsd_host.register_fake
+def _(dy, x, weight_t, threshold, relu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sparseops::act_sdd_host", mutates_args=())
+def act_sdd_host(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor:
+    return reference.act_sdd(dy, x, threshold, relu)
+
+
+@act_sdd_host.register_kernel("cpu")
+def _act_sdd_cpu(dy, x, threshold, relu):
+    if not _use_cpp(dy, x):
+        return reference.act_sdd(dy, x, threshold, relu)
+    dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32)
+    _C.act_sdd(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(dw), _threads(x.numel() * dy.shape[1]))
+    return dw
+
+
+@act_sdd_host.register_fake
+def _(dy, x, threshold, relu):
+    return dy.new_empty(x.shape[1], dy.shape[1])
+
+
+# ---- public ops: cuda -> triton (forward) or reference (gradients), else -> host op ----
+
+
+@torch.library.triton_op("sparseops::act_dds", mutates_args=())
+def act_dds(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold: Tensor, relu: bool) -> Tensor:
+    """Forward ``y [B, out] = s(x) [B, in] @ weight_t [in, out] + bias``, reading only active rows of ``weight_t``."""
+    if x.device.type == "cuda":
+        from ..kernels import act as K
+
+        return K.act_dds(x, weight_t, bias, threshold, relu)
+    return act_dds_host(x, weight_t, bias, threshold, relu)
+
+
+@torch.library.triton_op("sparseops::act_dsd", mutates_args=())
+def act_dsd(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> Tensor:
+    """Input gradient ``dx [B, in] = (dy @ weight_tᵀ) ⊙ mask``: the sparsifier's derivative is its mask."""
+    if dy.device.type == "cuda":
+        return reference.act_dsd(dy, x, weight_t, threshold, relu)
+    return act_dsd_host(dy, x, weight_t, threshold, relu)
+
+
+@torch.library.triton_op("sparseops::act_sdd", mutates_args=())
+def act_sdd(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor:
+    """Weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy``; rows of inputs that no row activates are 0."""
+    if dy.device.type == "cuda":
+        return reference.act_sdd(dy, x, threshold, relu)
+    return act_sdd_host(dy, x, threshold, relu)
+
+
+# eager cpu calls go straight to the c++ kernels (see ops.csr)
+act_dds.register_kernel("cpu")(_act_dds_cpu)
+act_dsd.register_kernel("cpu")(_act_dsd_cpu)
+act_sdd.register_kernel("cpu")(_act_sdd_cpu)
+
+
+def dds(x, weight_t, bias, threshold, relu: bool) -> Tensor:
+    if _eager_cpu(x):
+        return _act_dds_cpu(x, weight_t, bias, threshold, relu)
+    return torch.ops.sparseops.act_dds(x, weight_t, bias, threshold, relu)
+
+
+def dsd(dy, x, weight_t, threshold, relu: bool) -> Tensor:
+    if _eager_cpu(dy):
+        return _act_dsd_cpu(dy, x, weight_t, threshold, relu)
+    return torch.ops.sparseops.act_dsd(dy, x, weight_t, threshold, relu)
+
+
+def sdd(dy, x, threshold, relu: bool) -> Tensor:
+    if _eager_cpu(dy):
+        return _act_sdd_cpu(dy, x, threshold, relu)
+    return torch.ops.sparseops.act_sdd(dy, x, threshold, relu)

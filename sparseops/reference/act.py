@@ -1,0 +1,69 @@
+"""Pure-torch activation-sparse products: the oracle for tests and the fallback.
+
+An activation-sparse linear layer computes ``y = s(x) @ Wᵀ + b`` where ``s`` zeroes the inputs
+that are *inactive* right now. Every op here takes the sparsifier as ``(threshold, relu)``:
+
+- ``v = relu(x)`` when ``relu`` is true, else ``v = x``;
+- input ``j`` of a row is active when ``|v[j]| > threshold`` (``threshold`` is a 0-d tensor, one
+  threshold for the tensor, or ``[in]``, one per input channel);
+- ``s(x) = v`` where active, ``0`` elsewhere. Its derivative is the active mask itself (``s`` is
+  ``x`` or ``relu(x)`` on the active set and constant elsewhere), so the input gradient is
+  ``(dy @ W) ⊙ mask``: the activation's own derivative masks it.
+
+The weight is passed as ``weight_t = Wᵀ [in, out]``: row ``j`` is the column of W that input ``j``
+multiplies, contiguous, so a kernel that skips an inactive input skips one contiguous row.
+
+- ``act_dds``: forward, ``y [B, out] = s(x) @ weight_t (+ bias)``;
+- ``act_dsd``: input gradient on the active set, ``dx = (dy @ weight_tᵀ) ⊙ mask``;
+- ``act_sdd``: weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy``; rows of inputs that no row of
+  the batch activates are exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def act_mask(x: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    """``(s(x), mask)`` for ``x [B, in]``: the sparsified input (in ``x.dtype``) and the bool active mask."""
+    v = torch.relu(x) if relu else x
+    mask = v.abs() > threshold.to(v.dtype)
+    return torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device)), mask
+
+
+def act_dds(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold: Tensor, relu: bool) -> Tensor:
+    acc = _acc(x.dtype)
+    xs, _ = act_mask(x, threshold, relu)
+    y = xs.to(acc) @ weight_t.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def act_dsd(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> Tensor:
+    acc = _acc(dy.dtype)
+    _, mask = act_mask(x, threshold, relu)
+    dx = (dy.to(acc) @ weight_t.to(acc).t()) * mask
+    return dx.to(x.dtype)
+
+
+def act_sdd(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor:
+    acc = _acc(dy.dtype)
+    xs, _ = act_mask(x, threshold, relu)
+    return (xs.to(acc).t() @ dy.to(acc)).to(dy.dtype)
+
+
+def union_density(x: Tensor, threshold: Tensor, relu: bool) -> float:
+    """Fraction of the ``in`` inputs that at least one row of ``x [B, in]`` activates: the share of
+    weight columns a multi-token (chunk-level) kernel must read."""
+    _, mask = act_mask(x, threshold, relu)
+    if mask.shape[-1] == 0:
+        return 0.0
+    return mask.reshape(-1, mask.shape[-1]).any(0).float().mean().item()
