@@ -37,6 +37,7 @@ namespace {
 
 constexpr int64_t KC = 256;  // rows of D per panel: 256 x 64 x 4 B = 64 KB, an l2-resident panel
 constexpr int STRIP = 8;     // vectors per strip of C (64 floats)
+constexpr int64_t PREFETCH = 4;  // rows of wt the gemv prefetches ahead
 
 inline int act_tid() {
 #if defined(_OPENMP)
@@ -111,6 +112,43 @@ void act_transpose(const ActCSR& a, int64_t R, int64_t K, ActCSR& t) {
     }
 }
 
+// the same nonzeros regrouped panel by panel: chunk c (columns [c KC, c KC + KC)) of row r is
+// [ptr[c R + r], ptr[c R + r + 1]). a kernel that sweeps the rows once per panel then reads idx and val
+// front to back; walking the row-major CSR instead jumps between R far-apart places per panel, which
+// no prefetcher follows (NOTE: 256 x 16384 at 10%, 1 thread: a cache miss per row and panel, and about
+// twice the time of the inner loop itself)
+struct ActChunks {
+  int64_t R = 0, nch = 1;
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+};
+
+void act_chunk(const ActCSR& a, int64_t R, int64_t K, ActChunks& ch, int nthreads) {
+  ch.R = R;
+  ch.nch = std::max<int64_t>(1, (K + KC - 1) / KC);
+  const int64_t n = ch.nch * R;
+  ch.ptr.assign(static_cast<size_t>(n + 1), 0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) ++ch.ptr[(a.idx[p] / KC) * R + r + 1];
+  for (int64_t i = 0; i < n; ++i) ch.ptr[i + 1] += ch.ptr[i];
+  ch.idx.resize(a.idx.size());
+  ch.val.resize(a.val.size());
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t c = -1, q = 0;
+    for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
+      if (a.idx[p] / KC != c) {
+        c = a.idx[p] / KC;
+        q = ch.ptr[c * R + r];
+      }
+      ch.idx[q] = a.idx[p];
+      ch.val[q++] = a.val[p];
+    }
+  }
+}
+
 // rows [r0, r1) of thread tid of nt, balancing nonzeros plus a per-row cost (a row's strip is written
 // even when it is empty)
 inline void act_rows(const std::vector<int64_t>& ptr, int64_t R, int64_t row_cost, int tid, int nt, int64_t* r0,
@@ -134,49 +172,81 @@ inline void act_rows(const std::vector<int64_t>& ptr, int64_t R, int64_t row_cos
   *r1 = cut(tid + 1);
 }
 
-// ---- spmm: C[r, c0 : c0 + 8 NV] (+)= sum_p val[p] * D[idx[p], c0 : ...] for r in [r0, r1) ----
+// per-thread buffers: the packed panel of D, the strip of C while it accumulates over panels, cursors
+struct ActWork {
+  std::vector<float> panel, cbuf;
+};
+
+// rows [k0, k1) x columns [c0, c0 + w) of D (row stride ldd) -> p [k1 - k0][w], contiguous. the rows of
+// D are often a multiple of 4 KB apart, which puts a panel read in place into a handful of cache sets
+// (it thrashed l1 and l2 alike: 4096-wide rows, 315 ms packed-free against 100 ms packed, 1 thread)
+// a 64-byte aligned pointer into v (sized n + 16 floats)
+inline float* act_aligned(std::vector<float>& v, size_t n) {
+  v.resize(n + 16);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<float*>((a + 63) & ~static_cast<uintptr_t>(63));
+}
+
+inline void act_pack(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_t c0, int w, float* p) {
+  for (int64_t k = k0; k < k1; ++k) std::memcpy(p + (k - k0) * w, D + k * ldd + c0, sizeof(float) * w);
+}
+
+// ---- spmm: C[r, c0 : c0 + 8 NV] = bias + sum_p val[p] * D[idx[p], c0 : ...] for r in [r0, r1) ----
 
 template <class V, int NV>
-void spmm_strip(const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
-                const float* bias, float* C, int64_t ldc, int64_t* cur) {
+void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
+                const float* bias, float* C, int64_t ldc, ActWork& ws) {
   using reg = typename V::reg;
-  for (int64_t r = r0; r < r1; ++r) {
-    cur[r - r0] = a.ptr[r];
-    float* c = C + r * ldc + c0;
-    for (int v = 0; v < NV; ++v) V::store(c + 8 * v, bias ? V::load(bias + c0 + 8 * v) : V::zero());
+  constexpr int W = 8 * NV;
+  const bool single = K <= KC;  // one panel: the accumulators go straight to C
+  const int64_t nr = r1 - r0;
+  float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
+  reg bv[NV];
+  for (int v = 0; v < NV; ++v) bv[v] = bias ? V::load(bias + c0 + 8 * v) : V::zero();
+  float* cb = nullptr;
+  if (!single) {
+    cb = act_aligned(ws.cbuf, static_cast<size_t>(nr * W));
+    for (int64_t i = 0; i < nr; ++i)
+      for (int v = 0; v < NV; ++v) V::store(cb + i * W + 8 * v, bv[v]);
   }
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int32_t k1 = static_cast<int32_t>(std::min(K, k0 + KC));
+  const int32_t* idx = a.idx.data();
+  const float* val = a.val.data();
+  for (int64_t c = 0; c < a.nch; ++c) {
+    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+    act_pack(D, ldd, k0, k1, c0, W, pbuf);
+    const float* panel = pbuf - k0 * W;
+    const int64_t* cp = a.ptr.data() + c * a.R;
     for (int64_t r = r0; r < r1; ++r) {
-      int64_t p = cur[r - r0];
-      const int64_t pe = a.ptr[r + 1];
-      if (p >= pe || a.idx[p] >= k1) continue;
-      float* c = C + r * ldc + c0;
+      int64_t p = cp[r];
+      const int64_t pe = cp[r + 1];
+      if (p == pe && !single) continue;
+      float* out = single ? C + r * ldc + c0 : cb + (r - r0) * W;
       reg acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = V::load(c + 8 * v);
-      for (; p < pe && a.idx[p] < k1; ++p) {
-        const reg s = V::bcast(a.val[p]);
-        const float* d = D + static_cast<int64_t>(a.idx[p]) * ldd + c0;
-        for (int v = 0; v < NV; ++v) acc[v] = V::fma(s, V::load(d + 8 * v), acc[v]);
+      for (int v = 0; v < NV; ++v) acc[v] = single ? bv[v] : V::load(out + 8 * v);
+      for (; p < pe; ++p) {
+        const reg sv = V::bcast(val[p]);
+        const float* d = panel + static_cast<int64_t>(idx[p]) * W;
+        for (int v = 0; v < NV; ++v) acc[v] = V::fma(sv, V::load(d + 8 * v), acc[v]);
       }
-      for (int v = 0; v < NV; ++v) V::store(c + 8 * v, acc[v]);
-      cur[r - r0] = p;
+      for (int v = 0; v < NV; ++v) V::store(out + 8 * v, acc[v]);
     }
   }
+  if (!single)
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(C + r * ldc + c0, cb + (r - r0) * W, sizeof(float) * W);
 }
 
 template <class V>
-void spmm_strip_n(int nv, const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd,
-                  int64_t c0, const float* bias, float* C, int64_t ldc, int64_t* cur) {
+void spmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd,
+                  int64_t c0, const float* bias, float* C, int64_t ldc, ActWork& ws) {
   switch (nv) {
-    case 8: return spmm_strip<V, 8>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    case 7: return spmm_strip<V, 7>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    case 6: return spmm_strip<V, 6>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    case 5: return spmm_strip<V, 5>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    case 4: return spmm_strip<V, 4>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    case 3: return spmm_strip<V, 3>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    case 2: return spmm_strip<V, 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
-    default: return spmm_strip<V, 1>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur);
+    case 8: return spmm_strip<V, 8>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 7: return spmm_strip<V, 7>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 6: return spmm_strip<V, 6>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 5: return spmm_strip<V, 5>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 4: return spmm_strip<V, 4>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 3: return spmm_strip<V, 3>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 2: return spmm_strip<V, 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    default: return spmm_strip<V, 1>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
   }
 }
 
@@ -191,47 +261,64 @@ inline void spmm_tail(const ActCSR& a, int64_t r0, int64_t r1, const float* D, i
     }
 }
 
+// the threads split the strips when D spans several panels, there are enough strips and every row's
+// strip fits a small buffer (D, the big operand then, is read once in all); else they split the rows
+// by nonzeros, and each writes whole rows of C (NOTE: dwt [16384, 4096] split by strips took 3x as
+// long with 2 threads as with 1: both threads first-touch every page of the fresh output)
 template <class V>
 void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int64_t ldd, const float* bias, float* C,
           int64_t ldc, int nthreads) {
+  ActChunks ch;
+  act_chunk(a, R, K, ch, nthreads);
   const int64_t N8 = N / 8 * 8;
+  const int64_t W = 8 * STRIP, nstrips = (N8 + W - 1) / W;
+  const bool by_strip = nstrips >= 4 * nthreads && K > KC && R * W * 4 <= (256 << 10);
 #pragma omp parallel num_threads(nthreads)
   {
-    int64_t r0, r1;
-    act_rows(a.ptr, R, 8, act_tid(), act_nt(), &r0, &r1);
-    std::vector<int64_t> cur(static_cast<size_t>(std::max<int64_t>(1, r1 - r0)));
-    for (int64_t c0 = 0; c0 < N8; c0 += 8 * STRIP) {
-      const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
-      spmm_strip_n<V>(nv, a, r0, r1, K, D, ldd, c0, bias, C, ldc, cur.data());
+    const int tid = act_tid(), nt = act_nt();
+    int64_t r0 = 0, r1 = R, s0 = 0, s1 = nstrips;
+    if (by_strip) {
+      s0 = nstrips * tid / nt;
+      s1 = nstrips * (tid + 1) / nt;
+    } else {
+      act_rows(a.ptr, R, 8, tid, nt, &r0, &r1);
     }
-    if (N8 < N) spmm_tail(a, r0, r1, D, ldd, N8, N, bias, C, ldc);
+    ActWork ws;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t c0 = s * W;
+      const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
+      spmm_strip_n<V>(nv, ch, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    }
+    if (N8 < N && (!by_strip || tid == nt - 1)) spmm_tail(a, r0, r1, D, ldd, N8, N, bias, C, ldc);
   }
 }
 
 // ---- dsd: out[p] += <P[r, c0 : c0 + 8 NV], Q[idx[p], c0 : ...]> for the nonzeros of rows [r0, r1) ----
 
 template <class V, int NV>
-void sddmm_strip(const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp, const float* Q,
-                 int64_t ldq, int64_t c0, float* out, int64_t* cur) {
+void sddmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp, const float* Q,
+                 int64_t ldq, int64_t c0, float* out, ActWork& ws) {
   using reg = typename V::reg;
-  for (int64_t r = r0; r < r1; ++r) cur[r - r0] = a.ptr[r];
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int32_t k1 = static_cast<int32_t>(std::min(K, k0 + KC));
+  constexpr int W = 8 * NV;
+  float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
+  for (int64_t c = 0; c < a.nch; ++c) {
+    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+    act_pack(Q, ldq, k0, k1, c0, W, pbuf);
+    const float* panel = pbuf - k0 * W;
+    const int64_t* cp = a.ptr.data() + c * a.R;
     for (int64_t r = r0; r < r1; ++r) {
-      int64_t p = cur[r - r0];
-      const int64_t pe = a.ptr[r + 1];
-      if (p >= pe || a.idx[p] >= k1) continue;
+      int64_t p = cp[r];
+      const int64_t q = cp[r + 1];
+      if (p == q) continue;
       reg pv[NV];
       for (int v = 0; v < NV; ++v) pv[v] = V::load(P + r * ldp + c0 + 8 * v);
-      int64_t q = p;
-      while (q < pe && a.idx[q] < k1) ++q;
       // eight nonzeros at a time: eight partial vectors, one horizontal sum
       for (; p < q; p += 8) {
         const int g = static_cast<int>(std::min<int64_t>(8, q - p));
         reg part[8];
         for (int i = 0; i < 8; ++i) {
           if (i < g) {
-            const float* d = Q + static_cast<int64_t>(a.idx[p + i]) * ldq + c0;
+            const float* d = panel + static_cast<int64_t>(a.idx[p + i]) * W;
             reg s0 = V::mul(pv[0], V::load(d));
             reg s1 = NV > 1 ? V::mul(pv[1], V::load(d + 8)) : V::zero();
             for (int v = 2; v + 1 < NV; v += 2) {
@@ -248,23 +335,22 @@ void sddmm_strip(const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float
         V::store(h, V::hsum8(part));
         for (int i = 0; i < g; ++i) out[p + i] += h[i];
       }
-      cur[r - r0] = q;
     }
   }
 }
 
 template <class V>
-void sddmm_strip_n(int nv, const ActCSR& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
-                   const float* Q, int64_t ldq, int64_t c0, float* out, int64_t* cur) {
+void sddmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
+                   const float* Q, int64_t ldq, int64_t c0, float* out, ActWork& ws) {
   switch (nv) {
-    case 8: return sddmm_strip<V, 8>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    case 7: return sddmm_strip<V, 7>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    case 6: return sddmm_strip<V, 6>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    case 5: return sddmm_strip<V, 5>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    case 4: return sddmm_strip<V, 4>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    case 3: return sddmm_strip<V, 3>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    case 2: return sddmm_strip<V, 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
-    default: return sddmm_strip<V, 1>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, cur);
+    case 8: return sddmm_strip<V, 8>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    case 7: return sddmm_strip<V, 7>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    case 6: return sddmm_strip<V, 6>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    case 5: return sddmm_strip<V, 5>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    case 4: return sddmm_strip<V, 4>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    case 3: return sddmm_strip<V, 3>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    case 2: return sddmm_strip<V, 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    default: return sddmm_strip<V, 1>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
   }
 }
 
@@ -292,10 +378,9 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
     }
   }
   const int64_t nnz = static_cast<int64_t>(idx.size());
-  // [T][OT] accumulators in about 8 KB of l1
-  const int64_t OT = std::max<int64_t>(64, std::min<int64_t>(1024, 2048 / std::max<int64_t>(1, T) / 8 * 8));
+  // [T][OT] accumulators in 8 KB of l1 (OT = 2048 for one or two rows: 8 KB segments of a row of wt)
+  const int64_t OT = std::max<int64_t>(64, std::min<int64_t>(2048, 2048 / std::max<int64_t>(1, T) / 8 * 8));
   const int64_t N8 = N / 8 * 8;
-  const int64_t lines = OT / 16;  // 64-byte lines of one tile row of wt
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
@@ -306,36 +391,46 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
     for (int64_t c0 = c_begin; c0 < c_end; c0 += OT) {
       const int64_t w = std::min(OT, c_end - c0);
       const int64_t w8 = std::min(w, std::max<int64_t>(0, N8 - c0)) / 8 * 8;
+      const int64_t lines = (w + 15) / 16;  // 64-byte lines of one tile row of wt
       for (int64_t t = 0; t < T; ++t)
         for (int64_t c = 0; c < w; ++c) acc[t * OT + c] = bias ? bias[c0 + c] : 0.f;
-      for (int64_t q = 0; q < nnz; ++q) {
-        if (q + 2 < nnz) {
-          const char* pf = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[q + 2]) * N + c0);
-          for (int64_t l = 0; l < std::min<int64_t>(lines, (w + 15) / 16); ++l) __builtin_prefetch(pf + 64 * l, 0, 0);
+      // two rows of wt per pass over the accumulators, so each accumulator load and store serves two fmas
+      for (int64_t q = 0; q < nnz; q += 2) {
+        const bool two = q + 1 < nnz;
+        // the walk jumps between rows, which no hardware prefetcher can guess: fetch the rows
+        // PREFETCH ahead (NOTE: 4096->11008, B=1, 2 threads: distance 4 beat 0, 1 and 2)
+        for (int64_t u = q + PREFETCH; u < std::min(nnz, q + PREFETCH + 2); ++u) {
+          const char* pf = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[u]) * N + c0);
+          for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(pf + 64 * l, 0, 0);
         }
-        const float* wr = wt + static_cast<int64_t>(idx[q]) * N + c0;
-        const float* xv = xs.data() + q * T;
+        const float* w0 = wt + static_cast<int64_t>(idx[q]) * N + c0;
+        const float* w1 = two ? wt + static_cast<int64_t>(idx[q + 1]) * N + c0 : w0;
+        const float* x0 = xs.data() + q * T;
+        const float* x1 = two ? x0 + T : nullptr;
+        auto xa = [&](int64_t t) { return V::bcast(x0[t]); };
+        auto xb = [&](int64_t t) { return V::bcast(two ? x1[t] : 0.f); };
         int64_t t = 0;
-        // four rows at a time share each load of wt
+        // four rows of x at a time share each load of wt
         for (; t + 4 <= T; t += 4) {
-          const reg a0 = V::bcast(xv[t]), a1 = V::bcast(xv[t + 1]), a2 = V::bcast(xv[t + 2]),
-                    a3 = V::bcast(xv[t + 3]);
+          const reg a0 = xa(t), a1 = xa(t + 1), a2 = xa(t + 2), a3 = xa(t + 3);
+          const reg b0 = xb(t), b1 = xb(t + 1), b2 = xb(t + 2), b3 = xb(t + 3);
           float *o0 = acc.data() + t * OT, *o1 = o0 + OT, *o2 = o1 + OT, *o3 = o2 + OT;
           for (int64_t c = 0; c < w8; c += 8) {
-            const reg wv = V::load(wr + c);
-            V::store(o0 + c, V::fma(a0, wv, V::load(o0 + c)));
-            V::store(o1 + c, V::fma(a1, wv, V::load(o1 + c)));
-            V::store(o2 + c, V::fma(a2, wv, V::load(o2 + c)));
-            V::store(o3 + c, V::fma(a3, wv, V::load(o3 + c)));
+            const reg u = V::load(w0 + c), v = V::load(w1 + c);
+            V::store(o0 + c, V::fma(b0, v, V::fma(a0, u, V::load(o0 + c))));
+            V::store(o1 + c, V::fma(b1, v, V::fma(a1, u, V::load(o1 + c))));
+            V::store(o2 + c, V::fma(b2, v, V::fma(a2, u, V::load(o2 + c))));
+            V::store(o3 + c, V::fma(b3, v, V::fma(a3, u, V::load(o3 + c))));
           }
         }
         for (; t < T; ++t) {
-          const reg a = V::bcast(xv[t]);
+          const reg a = xa(t), b = xb(t);
           float* o = acc.data() + t * OT;
-          for (int64_t c = 0; c < w8; c += 8) V::store(o + c, V::fma(a, V::load(wr + c), V::load(o + c)));
+          for (int64_t c = 0; c < w8; c += 8)
+            V::store(o + c, V::fma(b, V::load(w1 + c), V::fma(a, V::load(w0 + c), V::load(o + c))));
         }
         for (int64_t c = w8; c < w; ++c)
-          for (int64_t u = 0; u < T; ++u) acc[u * OT + c] += xv[u] * wr[c];
+          for (int64_t u = 0; u < T; ++u) acc[u * OT + c] += x0[u] * w0[c] + (two ? x1[u] * w1[c] : 0.f);
       }
       for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + c0, acc.data() + t * OT, sizeof(float) * w);
     }
@@ -357,26 +452,30 @@ void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
                ActSel sel, const float* wt, float* dx, int64_t lddx, int nthreads) {
   ActCSR a;
   act_csr(x, B, K, ldx, sel, a, nthreads);
-  std::vector<float> dv(a.idx.size(), 0.f);
+  ActChunks ch;
+  act_chunk(a, B, K, ch, nthreads);
+  // the dot products, in ch's order
+  std::vector<float> dv(ch.idx.size(), 0.f);
   const int64_t N8 = N / 8 * 8;
 #pragma omp parallel num_threads(nthreads)
   {
     int64_t r0, r1;
     act_rows(a.ptr, B, 8, act_tid(), act_nt(), &r0, &r1);
-    std::vector<int64_t> cur(static_cast<size_t>(std::max<int64_t>(1, r1 - r0)));
+    ActWork ws;
     for (int64_t c0 = 0; c0 < N8; c0 += 8 * STRIP) {
       const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
-      sddmm_strip_n<V>(nv, a, r0, r1, K, dy, ldd, wt, N, c0, dv.data(), cur.data());
+      sddmm_strip_n<V>(nv, ch, r0, r1, K, dy, ldd, wt, N, c0, dv.data(), ws);
     }
     for (int64_t r = r0; r < r1; ++r) {
       float* d = dx + r * lddx;
       std::memset(d, 0, sizeof(float) * K);
-      for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
-        float s = dv[p];
-        const float* q = wt + static_cast<int64_t>(a.idx[p]) * N;
-        for (int64_t c = N8; c < N; ++c) s += dy[r * ldd + c] * q[c];
-        d[a.idx[p]] = s;
-      }
+      for (int64_t c = 0; c < ch.nch; ++c)
+        for (int64_t p = ch.ptr[c * B + r]; p < ch.ptr[c * B + r + 1]; ++p) {
+          float s = dv[p];
+          const float* q = wt + static_cast<int64_t>(ch.idx[p]) * N;
+          for (int64_t j = N8; j < N; ++j) s += dy[r * ldd + j] * q[j];
+          d[ch.idx[p]] = s;
+        }
     }
   }
 }

@@ -1,0 +1,326 @@
+"""Triton kernel for the activation-sparse forward, and its launcher.
+
+The product is :func:`sparseops.reference.act.act_dds` (the oracle):
+``y [T, out] = s(x) [T, in] @ weight_t [in, out] (+ bias)``, where ``v = relu(x)`` when
+``relu`` is set (else ``v = x``), input ``j`` of a token is active when
+``|v[j]| > threshold`` (one threshold, or one per input channel) and ``s(x)`` is ``v`` on
+the active inputs and 0 elsewhere. ``weight_t = Wᵀ``: row ``j`` holds the weights that
+input ``j`` multiplies, contiguous.
+
+The algorithm, a split-K GEMV in the style of TEAL, made to serve a few tokens at once:
+
+- **Chunk-level sparsity.** The point is memory traffic: at decode the weight is read once
+  per step and nothing is reused. A program takes a ``[BT, BK]`` tile of ``x``, applies the
+  sparsifier in registers, and ORs the active mask over its ``BT`` tokens (the union of
+  BlockFFN's chunk-level sparsity). The ``[BK, BO]`` tile of ``weight_t`` is then loaded with
+  that union as its row mask, so a row that no token of the tile activates is never read
+  from memory. A token for which a read row is inactive multiplies it by ``s(x) = 0``. The
+  union is taken per token tile, not over all ``T`` tokens, so a large ``T`` loses no more
+  sparsity than one tile's worth.
+- **Split-K.** The grid is (output tiles of ``BO`` columns × token tiles of ``BT`` rows,
+  ``SPLIT``). Split ``s`` owns a contiguous run of whole ``BK`` chunks of the input dim and
+  loops over it. With ``SPLIT == 1`` the program adds the bias and writes ``y`` in the dtype
+  of ``x``. With ``SPLIT > 1`` every split writes its fp32 partial sum to a
+  ``[SPLIT, T, out]`` buffer (a split whose run is empty writes zeros) and torch sums the
+  partials: deterministic, no atomics and no zero-fill, so autotuning may rerun the kernel.
+  ``SPLIT`` comes from the shape: enough programs to fill the GPU when there are few output
+  and token tiles, and never less than ``_MIN_SPLIT_K`` inputs a split.
+- **The product of a tile.** For ``T <= 8`` (decode) the ``BT`` tile is ``T`` rounded up to a
+  power of two (1, 2, 4 or 8) and the tile product is an elementwise multiply and sum,
+  ``tl.sum(xs[:, :, None] * w[None, :, :], axis=1)``, in fp32: ``tl.dot`` needs 16 rows and
+  would waste 15 of them at ``T = 1``. For ``T > 8`` the kernel uses ``tl.dot`` with a
+  ``BT`` of 16 or more (autotuned), which any ``T`` tiles into.
+
+Precision: the sum accumulates in fp32 and the output is rounded once to the input dtype.
+fp32 operands go through ``tl.dot`` with ``input_precision="ieee"`` (no TF32); bf16 and fp16
+operands use the tensor cores in their own dtype (``s(x)`` is ``x`` or 0, so it is exact in
+that dtype). The interpreter's ``tl.dot`` gets bf16 wrong, so there bf16 tiles are upcast to
+fp32 before the dot; its fp32 to bf16 cast truncates, so there the launcher rounds a fp32
+threshold to bf16 with torch. The threshold is rounded to the dtype of ``x`` before the comparison, as
+the reference does.
+
+Addresses are computed in int64 and every dimension is masked.
+
+The launcher only uses torch ops and ``torch.library.wrap_triton`` launches, so it can be the
+body of a ``torch.library.triton_op``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .csr import _bucket, _float, _out, _same_device
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# the largest T served by the multiply-and-sum tile product; above it, tl.dot
+_MAX_FMA_T = 8
+
+# the interpreter cannot benchmark several configs. its cost grows with the number of
+# programs, so the tiles are wide; BK stays small so that test shapes of 37 still run
+# several loop iterations with a masked tail. tl.dot needs every dim >= 16
+if _INTERPRET:
+    _FMA_CONFIGS = [triton.Config({"BO": 32, "BK": 32}, num_warps=4)]
+    _DOT_CONFIGS = [triton.Config({"BT": 16, "BO": 32, "BK": 32}, num_warps=4)]
+    # a few programs are enough to run the split path on test shapes
+    _TARGET_PROGRAMS, _MIN_SPLIT_K, _NOMINAL_BO = 16, 64, 32
+else:
+    # the fma product is a [BT, BK, BO] tile, BT <= 8: the small tiles are there for BT = 8,
+    # the wide ones for BT = 1, and the T bucket keys the choice
+    _FMA_CONFIGS = [
+        triton.Config({"BO": 32, "BK": 64}, num_warps=4),
+        triton.Config({"BO": 64, "BK": 32}, num_warps=4),
+        triton.Config({"BO": 32, "BK": 128}, num_warps=4),
+        triton.Config({"BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BO": 64, "BK": 128}, num_warps=8),
+        triton.Config({"BO": 128, "BK": 32}, num_warps=4),
+        triton.Config({"BO": 128, "BK": 64}, num_warps=8),
+        triton.Config({"BO": 256, "BK": 32}, num_warps=8),
+    ]
+    _DOT_CONFIGS = [
+        triton.Config({"BT": 16, "BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BT": 16, "BO": 128, "BK": 64}, num_warps=4),
+        triton.Config({"BT": 32, "BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BT": 64, "BO": 64, "BK": 64}, num_warps=4),
+        triton.Config({"BT": 64, "BO": 128, "BK": 32}, num_warps=4),
+        triton.Config({"BT": 128, "BO": 128, "BK": 32}, num_warps=8),
+    ]
+    # two programs for each of an H100's 132 SMs, so that one program's loads wait while
+    # the other's run; a split reads at least 256 rows of weight_t, a few BK chunks
+    _TARGET_PROGRAMS, _MIN_SPLIT_K, _NOMINAL_BO = 264, 256, 64
+
+# a split is one grid dim: the cap keeps it well inside CUDA's 65535
+_MAX_SPLIT = 64
+
+# the sizes are power-of-two buckets, so a new token count does not retune every step
+_DDS_KEYS = ["T_BUCKET", "IN_BUCKET", "OUT_BUCKET"]
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _act_dds_tile_kernel(
+    x_ptr,  # [T, in]
+    w_ptr,  # [in, out], unit column stride
+    thr_ptr,  # [in] or one element (stride_thr == 0)
+    bias_ptr,  # [out], read only when HAS_BIAS
+    out_ptr,  # [T, out] y (SPLIT == 1) or [SPLIT, T, out] fp32 partials
+    T,
+    n_in,
+    n_out,
+    stride_xt,
+    stride_xk,
+    stride_wk,
+    stride_thr,
+    stride_os,
+    stride_ot,
+    stride_oo,
+    T_BUCKET,  # autotune key only
+    IN_BUCKET,  # autotune key only
+    OUT_BUCKET,  # autotune key only
+    RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT: tl.constexpr,  # tl.dot (BT >= 16) instead of multiply and sum
+    UPCAST: tl.constexpr,  # bf16 under the interpreter: dot in fp32
+    IEEE: tl.constexpr,  # fp32 operands: no TF32
+    BT: tl.constexpr,
+    BO: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    # output tiles vary fastest, so programs running together share one tile of x in L2
+    n_oblk = tl.cdiv(n_out, BO)
+    oblk = pid % n_oblk
+    tblk = pid // n_oblk
+    offs_t = tblk.to(tl.int64) * BT + tl.arange(0, BT)  # [BT]
+    offs_o = oblk.to(tl.int64) * BO + tl.arange(0, BO)  # [BO]
+    mask_t = offs_t < T
+    mask_o = offs_o < n_out
+    x_rows = x_ptr + offs_t[:, None] * stride_xt  # [BT, 1]
+    w_cols = w_ptr + offs_o[None, :]  # [1, BO]
+
+    # this split's run of whole BK chunks; the last runs may be short or empty
+    per_split = tl.cdiv(tl.cdiv(n_in, BK), n_split).to(tl.int64) * BK
+    k_start = split.to(tl.int64) * per_split
+    k_end = tl.minimum(k_start + per_split, n_in)
+
+    acc = tl.zeros([BT, BO], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)  # [BK] int64
+        mask_k = offs_k < k_end
+        tile_mask = mask_t[:, None] & mask_k[None, :]  # [BT, BK]
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=tile_mask, other=0.0)  # [BT, BK]
+        v = x.to(tl.float32)
+        if RELU:
+            v = tl.where(v > 0, v, 0.0)
+        # rounded to the dtype of x first, as the reference compares in that dtype
+        thr = tl.load(thr_ptr + offs_k * stride_thr, mask=mask_k, other=0.0)  # [BK]
+        thr = thr.to(x_ptr.dtype.element_ty).to(tl.float32)
+        # the padding is never active, even when the threshold is negative
+        active = (tl.abs(v) > thr[None, :]) & tile_mask  # [BT, BK]
+        xs = tl.where(active, v, 0.0)  # [BT, BK] s(x)
+        # the union over the tile's tokens: a row that none activates is never read
+        rows = tl.max(active.to(tl.int32), axis=0) > 0  # [BK]
+        w = tl.load(
+            w_cols + offs_k[:, None] * stride_wk, mask=rows[:, None] & mask_o[None, :], other=0.0
+        )  # [BK, BO]
+        if DOT:
+            if UPCAST:
+                w = w.to(tl.float32)
+            else:
+                # exact: s(x) is x or 0
+                xs = xs.to(w.dtype)
+            if IEEE:
+                acc = tl.dot(xs, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, w, acc)
+        else:
+            acc += tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + split.to(tl.int64) * stride_os + offs_t[:, None] * stride_ot + offs_o[None, :] * stride_oo
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_o[None, :])
+
+
+# two tuners over one body: the fma path takes BT from the launcher (T rounded up to a
+# power of two), the dot path tunes it, and each keeps its own tuning cache
+_act_dds_kernel = triton.autotune(configs=_FMA_CONFIGS, key=_DDS_KEYS)(_act_dds_tile_kernel)
+_act_dds_dot_kernel = triton.autotune(configs=_DOT_CONFIGS, key=_DDS_KEYS)(_act_dds_tile_kernel)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _threshold(t, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"threshold: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, dtype):
+        raise TypeError(f"threshold: expected dtype float32 or {dtype} (the dtype of x), got {t.dtype}")
+    if tuple(t.shape) not in ((), (in_features,)):
+        raise ValueError(f"threshold: expected shape () or ({in_features},) (one per input), got {tuple(t.shape)}")
+    return t
+
+
+def _split(T: int, in_features: int, out_features: int, bt: int) -> int:
+    """How many K splits: enough programs to fill the GPU, each split at least ``_MIN_SPLIT_K`` inputs."""
+    tiles = triton.cdiv(out_features, _NOMINAL_BO) * triton.cdiv(T, bt)
+    want = triton.cdiv(_TARGET_PROGRAMS, tiles)
+    return max(1, min(want, in_features // _MIN_SPLIT_K, _MAX_SPLIT))
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def act_dds(x, weight_t, bias, threshold, relu: bool, out=None):
+    """``y = s(x) @ weight_t + bias``, reading only the rows of ``weight_t`` that some token activates.
+
+    ``v = relu(x)`` if ``relu`` else ``x``; input ``j`` of a token is active when
+    ``|v[j]| > threshold`` (the threshold rounded to the dtype of ``x``); ``s(x)`` is ``v``
+    there and 0 elsewhere.
+
+    Args:
+        x: ``[T, in]`` float32, bfloat16 or float16, any strides; any ``T >= 0`` (built for 1 to 32).
+        weight_t: ``[in, out]`` = ``Wᵀ`` in the dtype of ``x``, ``stride(1) == 1``, any row stride.
+        bias: ``[out]`` in the dtype of ``x``, or None.
+        threshold: ``[]`` (one for all inputs) or ``[in]`` (one per input channel), float32 or
+            the dtype of ``x``.
+        relu: apply ReLU before thresholding.
+        out: optional ``[T, out]`` buffer in the dtype of ``x`` (any strides); every element is written.
+
+    Returns:
+        ``[T, out]`` in ``x.dtype`` (``out`` when given).
+
+    Raises:
+        TypeError: a wrong type or dtype.
+        ValueError: a wrong shape, stride or device.
+    """
+    x = _float("x", x, 2)
+    T, in_features = x.shape
+    weight_t = _float("weight_t", weight_t, 2, x.dtype)
+    if weight_t.shape[0] != in_features:
+        raise ValueError(
+            f"weight_t: expected {in_features} rows (the columns of x), got shape {tuple(weight_t.shape)}"
+        )
+    out_features = weight_t.shape[1]
+    if out_features > 1 and weight_t.stride(1) != 1:
+        raise ValueError(f"weight_t: expected stride(1) == 1 (contiguous rows), got strides {weight_t.stride()}")
+    if bias is not None:
+        bias = _float("bias", bias, 1, x.dtype)
+        if bias.numel() != out_features:
+            raise ValueError(f"bias: expected {out_features} entries (the columns of weight_t), got {bias.numel()}")
+    threshold = _threshold(threshold, in_features, x.dtype)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool, got {type(relu).__name__}")
+    _same_device(x, weight_t=weight_t, bias=bias, threshold=threshold)
+    out = _out(out, (T, out_features), x)
+    if T == 0 or out_features == 0:
+        return out
+    if in_features == 0:
+        # no inputs: y is the bias, or 0
+        if bias is None:
+            out.zero_()
+        else:
+            out.copy_(bias.expand(T, out_features))
+        return out
+
+    if T <= _MAX_FMA_T:
+        kernel, bt, consts = _act_dds_kernel, triton.next_power_of_2(T), {"BT": triton.next_power_of_2(T)}
+    else:
+        # the nominal token tile of the dot configs, for the split count only
+        kernel, bt, consts = _act_dds_dot_kernel, 32, {}
+    split = _split(T, in_features, out_features, bt)
+    if _INTERPRET and x.dtype == torch.bfloat16:
+        # the interpreter rounds fp32 to bf16 toward zero (the GPU to nearest even), which
+        # moves a threshold like 0.6 to the next bf16 below it: round it here, like the reference
+        threshold = threshold.to(x.dtype)
+    stride_thr = threshold.stride(0) if threshold.dim() else 0
+
+    if split == 1:
+        # one program owns each output element: bias and rounding in the kernel
+        dst, has_bias, strides = out, bias is not None, (0, out.stride(0), out.stride(1))
+    else:
+        dst = torch.empty((split, T, out_features), dtype=torch.float32, device=x.device)
+        has_bias, strides = False, dst.stride()
+
+    def grid(meta):
+        return (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(T, meta["BT"]), split)
+
+    torch.library.wrap_triton(kernel)[grid](
+        x,
+        weight_t,
+        threshold,
+        bias if has_bias else None,
+        dst,
+        T,
+        in_features,
+        out_features,
+        x.stride(0),
+        x.stride(1),
+        weight_t.stride(0),
+        stride_thr,
+        *strides,
+        _bucket(T),
+        _bucket(in_features),
+        _bucket(out_features),
+        RELU=relu,
+        HAS_BIAS=has_bias,
+        DOT=T > _MAX_FMA_T,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        IEEE=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16),
+        **consts,
+    )
+    if split > 1:
+        # the deterministic reduction of the splits, in fp32
+        y = dst.sum(0)  # [T, out]
+        if bias is not None:
+            y += bias
+        out.copy_(y)
+    return out
