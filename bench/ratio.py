@@ -6,6 +6,7 @@
     python bench/ratio.py --suite fewbit   # bench_fewbit.py: torch's activation / few-bit one
     python bench/ratio.py --suite nm       # bench_nm.py: dense / N:M, and the same mask as CSR
     python bench/ratio.py --suite block    # bench_block.py: dense / BSR, butterfly, Pixelfly, Monarch
+    python bench/ratio.py --suite act      # bench_act.py: dense / activation-sparse (decode and ReLU training)
     python bench/ratio.py --suite gpu      # bench_gpu.py (CUDA): dense / each provider, host and event times
 
 For csr: dense/sparse and anchor/sparseops. For fewbit: torch time / few-bit time per bit count.
@@ -114,6 +115,33 @@ def render_block(machine, table) -> str:
     return "\n".join(lines)
 
 
+def load_act(json_path: Path):
+    return _load_table(
+        json_path, lambda e: (e["case"], e["batch"], e["in_f"], e["out_f"], e["sparsity"], e["mode"]),
+        lambda b: (b["stats"]["median"] * 1e3, b["extra_info"].get("achieved"), b["extra_info"].get("union_density")),
+    )
+
+
+def render_act(machine, table) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    lines = [
+        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratio > 1 means the "
+        "activation-sparse layer is faster; achieved = inputs dropped per row, union = share of W's columns read",
+        "",
+        "| case | B | in→out | target | achieved | union | mode | dense ms | sparse ms | dense/sparse |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(table, key=lambda k: (k[0], k[1], k[2], k[4], k[5])):
+        case, b, i, o, s, mode = key
+        t = table[key]
+        d = t.get("dense", (None,))[0]
+        so, ach, uni = t.get("sparseops", (None, None, None))
+        f = lambda v, fmt: fmt.format(v) if v is not None else "-"  # noqa: E731
+        lines.append(f"| {case} | {b} | {i}→{o} | {s} | {f(ach, '{:.3f}')} | {f(uni, '{:.3f}')} | {mode} "
+                     f"| {f(d, '{:.2f}')} | {f(so, '{:.2f}')} | {fmt_ratio(d, so)} |")
+    return "\n".join(lines)
+
+
 def load_gpu(json_path: Path):
     return _load_table(json_path, lambda e: (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"]), lambda b: (b["stats"]["median"] * 1e3, b["extra_info"].get("event_ms")))
 
@@ -173,7 +201,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running the suite")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     ap.add_argument("--save", type=Path, help="also write the JSON of the run here")
-    ap.add_argument("--suite", choices=["csr", "fewbit", "nm", "block", "gpu"], default="csr", help="which bench_<suite>.py (default csr)")
+    ap.add_argument("--suite", choices=["csr", "fewbit", "nm", "block", "act", "gpu"], default="csr", help="which bench_<suite>.py (default csr)")
     args = ap.parse_args()
     if args.json:
         path = args.json
@@ -184,6 +212,8 @@ def main() -> None:
         print(render_fewbit(*load_fewbit(path)))
     elif args.suite == "block":
         print(render_block(*load_block(path)))
+    elif args.suite == "act":
+        print(render_act(*load_act(path)))
     elif args.suite == "gpu":
         print(render_gpu(*load_gpu(path)))
     elif args.suite == "nm":

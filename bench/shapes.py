@@ -27,3 +27,10 @@ NM_DECODE_SHAPES = [(1, 4096, 11008)]
 # block-sparse / butterfly / monarch (bench_block.py): the training shape and a smaller one
 BLOCK_SHAPES = [(256, 4096, 4096), (64, 1024, 1024)]
 BLOCK_CASES = ["bsr90", "butterfly", "pixelfly", "monarch4"]
+
+# activation sparsity (bench_act.py): decode GEMV of a Llama MLP (batch 1, and 8 tokens whose active
+# sets are unioned), and the second layer of a ReLU MLP in training (about 90% zeros after the ReLU)
+ACT_DECODE_SHAPES = [(1, 4096, 11008), (1, 11008, 4096)]
+ACT_DECODE_SPARSITIES = [0.5, 0.7, 0.9]
+ACT_UNION_SHAPES = [(8, 4096, 11008), (8, 11008, 4096)]
+ACT_TRAIN_SHAPES = [(256, 16384, 4096)]

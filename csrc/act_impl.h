@@ -55,10 +55,10 @@ inline int act_nt() {
 #endif
 }
 
-inline float act_value(float x, float thr, bool relu) {
-  const float v = relu ? (x > 0.f ? x : 0.f) : x;
-  return std::fabs(v) > thr ? v : 0.f;
-}
+// input x (threshold thr) is active when |v| > thr, v = relu ? max(x, 0) : x, and, under relu, x > 0:
+// exactly where s has derivative 1. a negative threshold makes every input active (every one under
+// relu that is positive), zeros included: their gradient is not zero
+inline bool act_active(float x, float thr, bool relu) { return relu ? (x > 0.f && x > thr) : std::fabs(x) > thr; }
 
 inline float act_thr(const ActSel& s, int64_t j) { return s.per_channel ? s.thr[j] : s.thr[0]; }
 
@@ -75,7 +75,7 @@ void act_csr(const float* x, int64_t B, int64_t K, int64_t ldx, const ActSel& se
   for (int64_t b = 0; b < B; ++b) {
     const float* xr = x + b * ldx;
     int64_t n = 0;
-    for (int64_t j = 0; j < K; ++j) n += act_value(xr[j], act_thr(sel, j), sel.relu) != 0.f;
+    for (int64_t j = 0; j < K; ++j) n += act_active(xr[j], act_thr(sel, j), sel.relu);
     c.ptr[b + 1] = n;
   }
   for (int64_t b = 0; b < B; ++b) c.ptr[b + 1] += c.ptr[b];
@@ -86,10 +86,9 @@ void act_csr(const float* x, int64_t B, int64_t K, int64_t ldx, const ActSel& se
     const float* xr = x + b * ldx;
     int64_t p = c.ptr[b];
     for (int64_t j = 0; j < K; ++j) {
-      const float v = act_value(xr[j], act_thr(sel, j), sel.relu);
-      if (v != 0.f) {
+      if (act_active(xr[j], act_thr(sel, j), sel.relu)) {
         c.idx[p] = static_cast<int32_t>(j);
-        c.val[p++] = v;
+        c.val[p++] = xr[j];
       }
     }
   }
@@ -369,8 +368,10 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
     const float thr = act_thr(sel, j);
     bool any = false;
     for (int64_t t = 0; t < T; ++t) {
-      col[t] = act_value(x[t * ldx + j], thr, sel.relu);
-      any |= col[t] != 0.f;
+      const float v = x[t * ldx + j];
+      const bool on = act_active(v, thr, sel.relu);
+      col[t] = on ? v : 0.f;
+      any |= on;
     }
     if (any) {
       idx.push_back(static_cast<int32_t>(j));

@@ -560,7 +560,9 @@ void bsr_sdd(const py::array& dy, const py::array& x, const py::array& row, cons
 // a float32 matrix whose rows are contiguous (column stride 1), rows ld >= cols apart
 Mat row_matrix(const py::array& a, const char* name) {
   const Mat m = float_matrix(a, name);
-  if (m.cols > 1 && m.s1 != 1) throw py::value_error(std::string(name) + ": rows must be contiguous (column stride 1)");
+  // an empty matrix has nothing to read (numpy gives a 0-row array strides of 0)
+  if (m.rows > 0 && m.cols > 1 && m.s1 != 1)
+    throw py::value_error(std::string(name) + ": rows must be contiguous (column stride 1)");
   if (m.rows > 1 && m.s0 < m.cols)
     throw py::value_error(std::string(name) + ": rows must not overlap (row stride >= columns)");
   if (m.cols > INT32_MAX) throw py::value_error(std::string(name) + ": at most 2^31 - 1 columns");

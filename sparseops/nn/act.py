@@ -87,7 +87,8 @@ class ActivationSparseLinear(nn.Module):
             self.register_parameter("bias", None)
         self.sparse = None
         self._calibrating = False
-        self.set_mode(mode, sparsity)
+        self.sparsity = _check_sparsity(sparsity)
+        self.set_mode(mode)
 
     @classmethod
     def from_dense(cls, linear: nn.Module, sparsity: float = 0.5, mode: str = "tensor") -> "ActivationSparseLinear":
@@ -104,6 +105,7 @@ class ActivationSparseLinear(nn.Module):
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer._calibrating = False
+        layer.sparsity = _check_sparsity(sparsity)
         if isinstance(linear, SparseLinear):
             layer.register_parameter("weight", None)
             layer.register_parameter("bias", None)
@@ -115,7 +117,7 @@ class ActivationSparseLinear(nn.Module):
             layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
             layer.sparse = None
             device = w.device
-        layer.set_mode(mode, sparsity, device=device)
+        layer.set_mode(mode, device=device)
         return layer
 
     def set_mode(self, mode: str, sparsity: float | None = None, *, device=None) -> None:

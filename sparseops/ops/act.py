@@ -35,8 +35,11 @@ def _thr(threshold: Tensor) -> Tensor:
 
 
 def _rows(a: Tensor) -> Tensor:
-    # the kernels read contiguous rows, any row stride
-    return a if a.shape[-1] <= 1 or a.stride(-1) == 1 else a.contiguous()
+    # the kernels read contiguous, non-overlapping rows at any row stride; anything else (a transposed
+    # view, the stride-0 rows autograd hands back for a sum over the batch) is copied
+    if a.shape[0] <= 1 or a.shape[1] <= 1 or (a.stride(1) == 1 and a.stride(0) >= a.shape[1]):
+        return a
+    return a.contiguous()
 
 
 # ---- host ops: cpu -> _C, anything else -> reference ----

@@ -5,7 +5,8 @@ that are *inactive* right now. Every op here takes the sparsifier as ``(threshol
 
 - ``v = relu(x)`` when ``relu`` is true, else ``v = x``;
 - input ``j`` of a row is active when ``|v[j]| > threshold`` (``threshold`` is a 0-d tensor, one
-  threshold for the tensor, or ``[in]``, one per input channel);
+  threshold for the tensor, or ``[in]``, one per input channel) and, with ``relu``, ``x[j] > 0``. A
+  negative threshold makes every input active, exact zeros included (their gradient is not 0);
 - ``s(x) = v`` where active, ``0`` elsewhere. Its derivative is the active mask itself (``s`` is
   ``x`` or ``relu(x)`` on the active set and constant elsewhere), so the input gradient is
   ``(dy @ W) ⊙ mask``: the activation's own derivative masks it.
@@ -35,6 +36,9 @@ def act_mask(x: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
     """``(s(x), mask)`` for ``x [B, in]``: the sparsified input (in ``x.dtype``) and the bool active mask."""
     v = torch.relu(x) if relu else x
     mask = v.abs() > threshold.to(v.dtype)
+    if relu:
+        # relu(x) has derivative 0 where x <= 0, even when a negative threshold keeps everything
+        mask = mask & (x > 0)
     return torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device)), mask
 
 
