@@ -194,12 +194,13 @@ inline void act_pack(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_
 
 template <class V, int NV>
 void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
-                const float* bias, float* C, int64_t ldc, ActWork& ws) {
+                const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
   using reg = typename V::reg;
   constexpr int W = 8 * NV;
   const bool single = K <= KC;  // one panel: the accumulators go straight to C
   const int64_t nr = r1 - r0;
-  float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
+  // packed: the whole [K, W] panel, already packed by the caller (single-panel products only)
+  float* pbuf = packed ? nullptr : act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
   reg bv[NV];
   for (int v = 0; v < NV; ++v) bv[v] = bias ? V::load(bias + c0 + 8 * v) : V::zero();
   float* cb = nullptr;
@@ -212,8 +213,8 @@ void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const flo
   const float* val = a.val.data();
   for (int64_t c = 0; c < a.nch; ++c) {
     const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
-    act_pack(D, ldd, k0, k1, c0, W, pbuf);
-    const float* panel = pbuf - k0 * W;
+    if (!packed) act_pack(D, ldd, k0, k1, c0, W, pbuf);
+    const float* panel = packed ? packed : pbuf - k0 * W;
     const int64_t* cp = a.ptr.data() + c * a.R;
     for (int64_t r = r0; r < r1; ++r) {
       int64_t p = cp[r];
@@ -236,16 +237,16 @@ void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const flo
 
 template <class V>
 void spmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd,
-                  int64_t c0, const float* bias, float* C, int64_t ldc, ActWork& ws) {
+                  int64_t c0, const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
   switch (nv) {
-    case 8: return spmm_strip<V, 8>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    case 7: return spmm_strip<V, 7>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    case 6: return spmm_strip<V, 6>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    case 5: return spmm_strip<V, 5>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    case 4: return spmm_strip<V, 4>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    case 3: return spmm_strip<V, 3>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    case 2: return spmm_strip<V, 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
-    default: return spmm_strip<V, 1>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    case 8: return spmm_strip<V, 8>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 7: return spmm_strip<V, 7>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 6: return spmm_strip<V, 6>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 5: return spmm_strip<V, 5>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 4: return spmm_strip<V, 4>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 3: return spmm_strip<V, 3>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 2: return spmm_strip<V, 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    default: return spmm_strip<V, 1>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
   }
 }
 
@@ -263,7 +264,11 @@ inline void spmm_tail(const ActCSR& a, int64_t r0, int64_t r1, const float* D, i
 // the threads split the strips when D spans several panels, there are enough strips and every row's
 // strip fits a small buffer (D, the big operand then, is read once in all); else they split the rows
 // by nonzeros, and each writes whole rows of C (NOTE: dwt [16384, 4096] split by strips took 3x as
-// long with 2 threads as with 1: both threads first-touch every page of the fresh output)
+// long with 2 threads as with 1: both threads first-touch every page of the fresh output).
+// a product whose D is one panel (the weight gradient: K is the batch) packs all of D once, and walks
+// its rows in blocks of RB, every strip of a block before the next: the block's rows of C are written
+// front to back, a few pages at a time, not 256 bytes of every row of C per strip
+// NOTE: dwt [16384, 4096] from a batch of 256, 2 threads: strip-major 175 ms
 template <class V>
 void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int64_t ldd, const float* bias, float* C,
           int64_t ldc, int nthreads) {
@@ -272,6 +277,20 @@ void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int6
   const int64_t N8 = N / 8 * 8;
   const int64_t W = 8 * STRIP, nstrips = (N8 + W - 1) / W;
   const bool by_strip = nstrips >= 4 * nthreads && K > KC && R * W * 4 <= (256 << 10);
+  const bool single = K <= KC && !by_strip;
+  std::vector<float> all;
+  float* packed = nullptr;
+  if (single && nstrips > 0) {
+    // strip s at packed + s K W, rows (8 nv floats) contiguous
+    packed = act_aligned(all, static_cast<size_t>(std::max<int64_t>(1, nstrips * K * W)));
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t s = 0; s < nstrips; ++s) {
+      const int64_t c0 = s * W;
+      const int w = static_cast<int>(std::min<int64_t>(W, N8 - c0));
+      act_pack(D, ldd, 0, K, c0, w, packed + s * K * W);
+    }
+  }
+  constexpr int64_t RB = 256;
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
@@ -283,12 +302,24 @@ void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int6
       act_rows(a.ptr, R, 8, tid, nt, &r0, &r1);
     }
     ActWork ws;
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t c0 = s * W;
-      const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
-      spmm_strip_n<V>(nv, ch, r0, r1, K, D, ldd, c0, bias, C, ldc, ws);
+    if (single) {
+      for (int64_t b0 = r0; b0 < r1; b0 += RB) {
+        const int64_t b1 = std::min(r1, b0 + RB);
+        for (int64_t s = 0; s < nstrips; ++s) {
+          const int64_t c0 = s * W;
+          const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
+          spmm_strip_n<V>(nv, ch, b0, b1, K, D, ldd, c0, bias, C, ldc, ws, packed + s * K * W);
+        }
+        if (N8 < N) spmm_tail(a, b0, b1, D, ldd, N8, N, bias, C, ldc);
+      }
+    } else {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t c0 = s * W;
+        const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
+        spmm_strip_n<V>(nv, ch, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, nullptr);
+      }
+      if (N8 < N && (!by_strip || tid == nt - 1)) spmm_tail(a, r0, r1, D, ldd, N8, N, bias, C, ldc);
     }
-    if (N8 < N && (!by_strip || tid == nt - 1)) spmm_tail(a, r0, r1, D, ldd, N8, N, bias, C, ldc);
   }
 }
 
