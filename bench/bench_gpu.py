@@ -13,7 +13,9 @@ Cases:
   sparseops 2:4, torch ``to_sparse_semi_structured`` 2:4 (cuSPARSELt/CUTLASS), sparseops CSR
   at 90% and torch CSR at 90%;
 - training step (fwd+bwd) 4096², 4096 tokens, bf16 and fp32: dense, sparseops 2:4, sparseops
-  CSR at 90%.
+  CSR at 90%;
+- activation-sparse decode GEMV 4096→11008, batch 1 and 8, bf16: dense against ``ActivationSparseLinear``
+  at 40/50/70/90% (tensor threshold), the TEAL comparison.
 Every provider's output is checked against the dense fp64 product before it is timed.
 """
 
@@ -150,3 +152,37 @@ def test_train_step(benchmark, provider, dtype):
         y.backward(dy)
 
     _timed(benchmark, fn, rounds=30)
+
+
+ACT_PROVIDERS = ["dense", "act40", "act50", "act70", "act90"]
+
+
+@pytest.mark.parametrize("provider", ACT_PROVIDERS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_act_decode(benchmark, provider, batch):
+    """Activation-sparse decode GEMV (Triton split-K over the union of the tokens' active rows), bf16,
+    against dense ``F.linear``; TEAL reports 1.53x at 40% and 1.8x at 50% for its batch-1 fp16 kernel."""
+    in_f, out_f = DEC_SHAPE
+    dtype = torch.bfloat16
+    lin, _ = _masked_linear(in_f, out_f, dtype, "dense")
+    xs = [torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)]
+    if provider == "dense":
+        layer = lin
+    else:
+        layer = sparseops.ActivationSparseLinear.from_dense(lin, sparsity=int(provider[3:]) / 100, mode="tensor")
+        layer.calibrate(torch.randn(256, in_f, device="cuda", dtype=dtype))
+        with torch.no_grad():
+            xs_ = sparseops.reference.act_mask(xs[0].double(), layer.threshold.double(), False)[0]
+            ref = torch.nn.functional.linear(xs_, lin.weight.double())
+            err = ((layer(xs[0]).double() - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, f"output off by relative error {err:.2e}"
+    benchmark.group = f"act-decode-B{batch}"
+    benchmark.extra_info.update(case="act-decode", provider=provider, batch=batch, in_f=in_f, out_f=out_f, dtype="bf16")
+    state = {"i": 0}
+
+    def fn():
+        state["i"] += 1
+        with torch.no_grad():
+            return layer(xs[state["i"] % len(xs)])
+
+    _timed(benchmark, fn, rounds=200)
