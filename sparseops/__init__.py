@@ -13,7 +13,9 @@ from . import fewbit, formats, masks, ops, patterns, reference  # noqa: F401
 from . import nn  # noqa: F401
 from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
+from . import pruning  # noqa: F401
 from .api import sparsify_, sparsify_activations_
+from .pruning import GradualPruner
 from .nn import ActivationSparseLinear, MonarchLinear, SparseLinear, calibrate_
 from .patterns import NM, Block, Butterfly, FanIn, Monarch, Unstructured
 
@@ -24,6 +26,8 @@ __all__ = [
     "ActivationSparseLinear",
     "calibrate_",
     "sparsify_activations_",
+    "GradualPruner",
+    "pruning",
     "MonarchLinear",
     "sparsify_",
     "Unstructured",

@@ -13,7 +13,11 @@ from ..fewbit.table import ACTIVATIONS, activation_fn
 from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, NMWeight
 from ..formats.bsr import grid_shape
 from ..masks import for_pattern
-from ..patterns import NM, Block, Butterfly, as_pattern
+from ._optim import replace_parameter
+from ..masks.fan_in import is_fan_in
+from ..masks.nm import is_nm
+from ..masks.transposable import is_transposable_nm
+from ..patterns import NM, Block, Butterfly, FanIn, as_pattern
 
 # crow/col are the checkpointed structure; the rest is derived and rebuilt on load
 _PERSISTENT = ("crow", "col")
@@ -219,6 +223,43 @@ class SparseLinear(nn.Module):
         layer._pack(w, mask)
         return layer
 
+    @torch.no_grad()
+    def update_mask_(self, mask: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-pack the layer in place onto ``mask``: the same module, a new index and new ``values``.
+
+        Weights on both the old and the new mask keep their values; newly grown positions start at 0.
+        ``values`` becomes a new Parameter (a resized one would keep autograd's record of the old
+        shape while an earlier graph is alive): pass the ``optimizer`` that trains it, and the new
+        Parameter takes the old one's place there, with every state tensor of its shape (Adam's
+        moments, SGD's momentum) following the surviving weights the same way and 0 for grown ones;
+        scalars such as Adam's ``step`` are kept.
+
+        CSR layers (unstructured, fan-in) map old to new positions by a sorted-key search, without a
+        dense ``[out, in]`` tensor; N:M and block layers go through a dense scatter/gather.
+
+        Raises:
+            TypeError, ValueError: ``mask`` is not a bool ``[out, in]`` tensor, or breaks the pattern.
+        """
+        mask = _check_mask(mask, self.out_features, self.in_features, self.values.device)
+        old = self.format
+        if self._is_nm:
+            p = self.pattern
+            if not (is_transposable_nm(mask, p.n, p.m) if p.transposable else is_nm(mask, p.n, p.m)):
+                raise ValueError(f"mask: breaks the layer's pattern {p.name}")
+            new = NMWeight.from_mask(mask, p.n, p.m, p.transposable)
+        elif self._block:
+            new = BSRWeight.from_mask(mask, self._block)
+        else:
+            if isinstance(self.pattern, FanIn) and not is_fan_in(mask, self.pattern.k):
+                raise ValueError(f"mask: breaks the layer's pattern {self.pattern.name}")
+            new = CSRWeight.from_mask(mask)
+        remap = _remapper(old, new, self.in_features)
+        old_param = self.values
+        self._set_index(new)
+        self.values = nn.Parameter(remap(old_param.detach()), requires_grad=old_param.requires_grad)
+        if optimizer is not None:
+            replace_parameter(optimizer, old_param, self.values, remap)
+
     @property
     def format(self):
         """The index as a :class:`~sparseops.formats.CSRWeight`, :class:`~sparseops.formats.NMWeight` or
@@ -375,3 +416,20 @@ class SparseLinear(nn.Module):
             return False
         self._set_index(fmt)
         return True
+
+
+def _remapper(old, new, in_features: int):
+    """``f(t)``: a tensor laid out like ``old``'s values, re-laid on ``new``'s positions (0 where new)."""
+    if isinstance(old, CSRWeight) and isinstance(new, CSRWeight):
+        ok = old.row.long() * in_features + old.col.long()  # sorted: CSR order is row-major
+        nk = new.row.long() * in_features + new.col.long()
+        pos = torch.searchsorted(ok, nk).clamp_max(max(ok.numel() - 1, 0))
+        found = (ok[pos] == nk) if ok.numel() else torch.zeros_like(nk, dtype=torch.bool)
+
+        def remap(t):
+            if not ok.numel():
+                return t.new_zeros(nk.shape)
+            return torch.where(found, t[pos], torch.zeros((), dtype=t.dtype, device=t.device))
+
+        return remap
+    return lambda t: new.gather(old.to_dense(t))

@@ -1,0 +1,30 @@
+"""Keeping an optimizer consistent when a layer's parameters are replaced (swaps and re-packs)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
+                      remap: Callable[[Tensor], Tensor] | None = None) -> bool:
+    """Put ``new`` where ``old`` sits in ``optimizer``'s param groups and move its state.
+
+    State tensors shaped like ``old`` go through ``remap`` (default: as they are); others (``step``)
+    move unchanged. Returns whether ``old`` was found.
+    """
+    found = False
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+                found = True
+    state = optimizer.state.pop(old, None)
+    if found and state:
+        optimizer.state[new] = {
+            k: (remap(v) if remap is not None and isinstance(v, Tensor) and v.shape == old.shape else v)
+            for k, v in state.items()
+        }
+    return found

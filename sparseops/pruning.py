@@ -1,0 +1,177 @@
+"""Gradual magnitude pruning ("To prune or not to prune", Zhu & Gupta 2017) on sparseops layers.
+
+The zero fraction of the targeted linear weights follows the cubic schedule
+
+    s(t) = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3        for t0 <= t <= t1,
+
+``s_i`` before ``t0`` and ``s_f`` after ``t1``, re-pruned by magnitude every ``every`` steps (and at
+``t1``). The training loop calls :meth:`GradualPruner.step` after each optimizer step.
+
+- A dense ``nn.Linear`` is pruned by a mask the pruner keeps and re-applies after every step (the
+  optimizer may move a pruned weight; the pruner sets it back to 0).
+- Once the schedule reaches ``convert_at`` (0.8 by default: on the project's CPU the CSR layer beats
+  ``nn.Linear`` from about there on, see the README's table), the layer is swapped for a
+  :class:`~sparseops.SparseLinear` on its mask, and later prunes re-pack it in place
+  (:meth:`SparseLinear.update_mask_`).
+
+The optimizer: a swap replaces the layer's ``weight`` Parameter by the SparseLinear's ``values`` (and
+its ``bias`` by the new layer's). Pass the optimizer to the pruner and it edits the param groups and
+moves the state for you: the moments of ``weight`` are gathered on the mask, the bias's move as they
+are, and in-place re-packs re-map them to the surviving weights (0 for none grown: pruning only
+drops). Without it, build a new optimizer over ``model.parameters()`` after any step that reports a
+swap (``step()`` returns the names swapped).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .masks import global_magnitude, magnitude
+from .nn import SparseLinear
+from .nn._optim import replace_parameter
+from .patterns import Unstructured, check_sparsity
+
+
+def cubic_sparsity(step: int, final_sparsity: float, start_step: int, end_step: int,
+                   initial_sparsity: float = 0.0) -> float:
+    """The schedule's sparsity at ``step`` (see the module docstring)."""
+    if step <= start_step:
+        return initial_sparsity
+    if step >= end_step:
+        return final_sparsity
+    frac = (step - start_step) / (end_step - start_step)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3
+
+
+def _linear_targets(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module]]:
+    out = []
+    for fqn, mod in model.named_modules():
+        ok = type(mod) is nn.Linear or (isinstance(mod, SparseLinear) and isinstance(mod.pattern, Unstructured))
+        if ok and (filter_fn is None or filter_fn(mod, fqn)):
+            out.append((fqn, mod))
+    return out
+
+
+class GradualPruner:
+    """Prune the linear layers of ``model`` to ``final_sparsity`` on the cubic schedule.
+
+    Args:
+        model: the model; its ``nn.Linear`` layers and unstructured ``SparseLinear`` layers (those for
+            which ``filter_fn(module, fqn)`` is True) are pruned.
+        final_sparsity: ``s_f`` in [0, 1).
+        start_step, end_step: ``t0 < t1``; ``step()`` counts optimizer steps from 0.
+        every: re-prune every this many steps between ``t0`` and ``t1``.
+        initial_sparsity: ``s_i`` (default 0).
+        optimizer: the model's optimizer, kept consistent across swaps and re-packs (see above).
+        scope: ``"layer"`` (each layer to ``s(t)``) or ``"global"`` (one magnitude threshold across
+            the layers; each keeps at least one weight).
+        convert_at: swap a dense layer for a SparseLinear once ``s(t) >= convert_at``; None never swaps.
+
+    Raises:
+        TypeError, ValueError: bad arguments (named in the message), or no layer to prune.
+    """
+
+    def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int = 100,
+                 *, initial_sparsity: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+                 scope: str = "layer", filter_fn=None, convert_at: float | None = 0.8):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        self.final_sparsity = check_sparsity(final_sparsity)
+        self.initial_sparsity = check_sparsity(initial_sparsity)
+        for name, v in (("start_step", start_step), ("end_step", end_step), ("every", every)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if start_step < 0 or end_step <= start_step:
+            raise ValueError(f"end_step: expected 0 <= start_step < end_step, got {start_step} and {end_step}")
+        if every < 1:
+            raise ValueError(f"every: expected >= 1, got {every}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
+        if convert_at is not None:
+            check_sparsity(convert_at)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.start_step, self.end_step, self.every = start_step, end_step, every
+        self.scope, self.convert_at = scope, convert_at
+        self.names = [fqn for fqn, _ in _linear_targets(model, filter_fn)]
+        if not self.names:
+            raise ValueError("model: has no nn.Linear or unstructured SparseLinear to prune")
+        self.masks: dict[str, Tensor] = {}  # the dense layers' masks
+        self.step_count = 0
+        self.sparsity = self.initial_sparsity if start_step == 0 else 0.0
+
+    def sparsity_at(self, step: int) -> float:
+        return cubic_sparsity(step, self.final_sparsity, self.start_step, self.end_step, self.initial_sparsity)
+
+    def _prune_now(self, t: int) -> bool:
+        if t < self.start_step or t > self.end_step:
+            return False
+        return (t - self.start_step) % self.every == 0 or t == self.end_step
+
+    def step(self) -> list[str]:
+        """Advance one optimizer step: re-prune when the schedule says so, re-apply the dense masks.
+
+        Returns:
+            the names of the layers swapped for SparseLinear during this step (usually none).
+        """
+        t = self.step_count = self.step_count + 1
+        swapped = []
+        if self._prune_now(t):
+            swapped = self._prune(self.sparsity_at(t))
+        with torch.no_grad():
+            for fqn, mask in self.masks.items():
+                self.model.get_submodule(fqn).weight.mul_(mask)
+        return swapped
+
+    @torch.no_grad()
+    def _prune(self, s: float) -> list[str]:
+        self.sparsity = s
+        layers = [(fqn, self.model.get_submodule(fqn)) for fqn in self.names]
+        # scores: |w| on the current mask, strictly above every position off it (never regrown)
+        scores = []
+        for fqn, mod in layers:
+            if isinstance(mod, SparseLinear):
+                w, on = mod.format.to_dense(mod.values.detach()), mod.format.to_mask()
+            else:
+                w, on = mod.weight.detach(), self.masks.get(fqn)
+            sc = w.abs().double() + 1.0
+            scores.append(sc if on is None else sc * on)
+        if self.scope == "global":
+            masks = global_magnitude(scores, s)
+        else:
+            masks = [magnitude(sc, s) for sc in scores]
+        swapped = []
+        for (fqn, mod), mask in zip(layers, masks):
+            if isinstance(mod, SparseLinear):
+                mod.update_mask_(mask, self.optimizer)
+            elif self.convert_at is not None and s >= self.convert_at:
+                self._swap(fqn, mod, mask)
+                swapped.append(fqn)
+            else:
+                self.masks[fqn] = mask
+                mod.weight.mul_(mask)
+        return swapped
+
+    def _swap(self, fqn: str, lin: nn.Linear, mask: Tensor) -> None:
+        layer = SparseLinear.from_dense(lin, mask=mask)
+        if self.optimizer is not None:
+            # CSR order is row-major, the order of a boolean index
+            replace_parameter(self.optimizer, lin.weight, layer.values, lambda t: t[mask])
+            if lin.bias is not None:
+                replace_parameter(self.optimizer, lin.bias, layer.bias)
+        parent, _, child = fqn.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
+        self.masks.pop(fqn, None)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "sparsity": self.sparsity,
+                "masks": {k: v.clone() for k, v in self.masks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.sparsity = float(state["sparsity"])
+        self.masks = {k: v.clone() for k, v in state["masks"].items()}
