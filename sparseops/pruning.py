@@ -175,3 +175,99 @@ class GradualPruner:
         self.step_count = int(state["step_count"])
         self.sparsity = float(state["sparsity"])
         self.masks = {k: v.clone() for k, v in state["masks"].items()}
+
+
+class IterativeMagnitudePruning:
+    """Iterative magnitude pruning with rewinding (the lottery ticket procedure).
+
+    Train, prune the smallest surviving weights, rewind every parameter to an early snapshot, keep the
+    mask, train again::
+
+        imp = IterativeMagnitudePruning(model)          # snapshot now (rewind to init), or:
+        ...train k steps...; imp.snapshot()              # rewind to step k (Frankle et al., 2020)
+        for s in imp.schedule(final_sparsity=0.9, rounds=4):
+            ...train...
+            model = imp.prune_and_rewind(s)              # then build a fresh optimizer
+            optimizer = torch.optim.SGD(model.parameters(), lr=...)
+
+    Each round ranks the magnitudes of the *trained* weights on the current mask (``scope`` as in
+    :class:`GradualPruner`), then rewinds all parameters of the model to the snapshot and makes each
+    targeted layer a :class:`~sparseops.SparseLinear` holding its snapshot weights on the new mask.
+
+    Args:
+        model: the model; ``nn.Linear`` and unstructured ``SparseLinear`` layers are targeted (those for
+            which ``filter_fn(module, fqn)`` is True).
+        scope: ``"global"`` (the lottery-ticket default) or ``"layer"``.
+    """
+
+    def __init__(self, model: nn.Module, *, scope: str = "global", filter_fn=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
+        self.model, self.scope = model, scope
+        self.names = [fqn for fqn, _ in _linear_targets(model, filter_fn)]
+        if not self.names:
+            raise ValueError("model: has no nn.Linear or unstructured SparseLinear to prune")
+        self.snapshot()
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Remember the model's parameters now: the point :meth:`prune_and_rewind` goes back to."""
+        self._weights, self._biases = {}, {}
+        for fqn in self.names:
+            mod = self.model.get_submodule(fqn)
+            w = mod.dense_weight() if isinstance(mod, SparseLinear) else mod.weight
+            self._weights[fqn] = w.detach().clone()
+            self._biases[fqn] = None if mod.bias is None else mod.bias.detach().clone()
+        # every other parameter (norms, embeddings, ...) rewinds too; a model that is itself the
+        # targeted layer has none
+        prefixes = tuple(f"{fqn}." for fqn in self.names)
+        self._others = {} if "" in self.names else {
+            name: p.detach().clone() for name, p in self.model.named_parameters() if not name.startswith(prefixes)
+        }
+
+    @staticmethod
+    def schedule(final_sparsity: float, rounds: int) -> list[float]:
+        """Per-round sparsities that remove the same fraction of the survivors each round:
+        ``1 - (1 - final) ** (r / rounds)`` for ``r = 1 .. rounds``."""
+        s = check_sparsity(final_sparsity)
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
+        return [1.0 - (1.0 - s) ** (r / rounds) for r in range(1, rounds + 1)]
+
+    @torch.no_grad()
+    def prune_and_rewind(self, sparsity: float) -> nn.Module:
+        """Prune the targeted layers to ``sparsity`` by trained magnitude, then rewind.
+
+        Returns:
+            the model (or the replacement, if the model itself is a targeted layer). Its targeted layers
+            are new SparseLinear modules: build a new optimizer over ``model.parameters()``.
+        """
+        s = check_sparsity(sparsity)
+        layers = [(fqn, self.model.get_submodule(fqn)) for fqn in self.names]
+        scores = []
+        for _, mod in layers:
+            if isinstance(mod, SparseLinear):
+                w, on = mod.format.to_dense(mod.values.detach()), mod.format.to_mask()
+                scores.append((w.abs().double() + 1.0) * on)
+            else:
+                scores.append(mod.weight.detach().abs().double() + 1.0)
+        masks = global_magnitude(scores, s) if self.scope == "global" else [magnitude(sc, s) for sc in scores]
+        for name, p in self.model.named_parameters():
+            if name in self._others:
+                p.copy_(self._others[name])
+        for (fqn, mod), mask in zip(layers, masks):
+            w0 = self._weights[fqn]
+            lin = nn.Linear(w0.shape[1], w0.shape[0], bias=self._biases[fqn] is not None, device=w0.device,
+                            dtype=w0.dtype)
+            lin.weight.copy_(w0)
+            if lin.bias is not None:
+                lin.bias.copy_(self._biases[fqn])
+            layer = SparseLinear.from_dense(lin, mask=mask)
+            if fqn == "":
+                self.model = layer
+            else:
+                parent, _, child = fqn.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
+        return self.model
