@@ -11,7 +11,7 @@ from torch import nn
 
 from .masks import for_pattern, global_magnitude
 from .nn import ActivationSparseLinear, SparseLinear
-from .nn.act import _check_mode, _check_sparsity
+from .nn.act import _check_mode
 from .patterns import Block, Monarch, Unstructured, as_pattern, check_sparsity
 
 
@@ -126,7 +126,7 @@ def sparsify_activations_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     _check_mode(mode)
     targets = [(fqn, m) for fqn, m in model.named_modules()
                if type(m) in (nn.Linear, SparseLinear) and (filter_fn is None or filter_fn(m, fqn))]

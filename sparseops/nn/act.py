@@ -38,17 +38,10 @@ from torch import Tensor, nn
 
 from ..autograd import act_linear, check_input
 from ..reference.act import act_mask
+from ..patterns import check_sparsity
 from .linear import SparseLinear, _check_features
 
 MODES = ("relu", "tensor", "channel", "topk")
-
-
-def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity: expected a float in [0, 1), got {type(sparsity).__name__}")
-    if not (0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity: expected a float in [0, 1), got {sparsity}")
-    return float(sparsity)
 
 
 def _check_mode(mode) -> str:
@@ -87,7 +80,7 @@ class ActivationSparseLinear(nn.Module):
             self.register_parameter("bias", None)
         self.sparse = None
         self._calibrating = False
-        self.sparsity = _check_sparsity(sparsity)
+        self.sparsity = check_sparsity(sparsity)
         self.set_mode(mode)
 
     @classmethod
@@ -105,7 +98,7 @@ class ActivationSparseLinear(nn.Module):
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer._calibrating = False
-        layer.sparsity = _check_sparsity(sparsity)
+        layer.sparsity = check_sparsity(sparsity)
         if isinstance(linear, SparseLinear):
             layer.register_parameter("weight", None)
             layer.register_parameter("bias", None)
@@ -124,7 +117,7 @@ class ActivationSparseLinear(nn.Module):
         """Change the sparsifier (and the target sparsity); the threshold resets to 0 (uncalibrated)."""
         self.mode = _check_mode(mode)
         if sparsity is not None:
-            self.sparsity = _check_sparsity(sparsity)
+            self.sparsity = check_sparsity(sparsity)
         if device is None:
             ref = self.weight if self.weight is not None else self.sparse.values
             device = ref.device
@@ -246,7 +239,7 @@ class ActivationSparseLinear(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, dict) and extra.get("mode") in MODES:
             try:
-                sparsity = _check_sparsity(extra.get("sparsity"))
+                sparsity = check_sparsity(extra.get("sparsity"))
             except (TypeError, ValueError) as exc:
                 error_msgs.append(f"{prefix}_extra_state: {exc}")
             else:
@@ -299,7 +292,7 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if sparsity is not None:
-        _check_sparsity(sparsity)
+        check_sparsity(sparsity)
     if mode is not None:
         _check_mode(mode)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, ActivationSparseLinear)}
