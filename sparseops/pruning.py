@@ -19,7 +19,8 @@ its ``bias`` by the new layer's). Pass the optimizer to the pruner and it edits 
 moves the state for you: the moments of ``weight`` are gathered on the mask, the bias's move as they
 are, and in-place re-packs re-map them to the surviving weights (0 for none grown: pruning only
 drops). Without it, build a new optimizer over ``model.parameters()`` after any step that reports a
-swap (``step()`` returns the names swapped).
+layer (``step()`` returns the names of the layers whose Parameters were replaced: swapped, or re-packed,
+which also makes new ``values``).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class GradualPruner:
                  scope: str = "layer", filter_fn=None, convert_at: float | None = 0.8):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        self.final_sparsity = check_sparsity(final_sparsity)
-        self.initial_sparsity = check_sparsity(initial_sparsity)
+        self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         for name, v in (("start_step", start_step), ("end_step", end_step), ("every", every)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -91,7 +92,7 @@ class GradualPruner:
         if scope not in ("layer", "global"):
             raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
         if convert_at is not None:
-            check_sparsity(convert_at)
+            check_sparsity(convert_at, "convert_at")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
@@ -116,7 +117,8 @@ class GradualPruner:
         """Advance one optimizer step: re-prune when the schedule says so, re-apply the dense masks.
 
         Returns:
-            the names of the layers swapped for SparseLinear during this step (usually none).
+            the names of the layers whose Parameters this step replaced (swapped for a SparseLinear, or
+            re-packed); usually none. Without an ``optimizer`` given to the pruner, rebuild yours then.
         """
         t = self.step_count = self.step_count + 1
         swapped = []
@@ -148,6 +150,7 @@ class GradualPruner:
         for (fqn, mod), mask in zip(layers, masks):
             if isinstance(mod, SparseLinear):
                 mod.update_mask_(mask, self.optimizer)
+                swapped.append(fqn)
             elif self.convert_at is not None and s >= self.convert_at:
                 self._swap(fqn, mod, mask)
                 swapped.append(fqn)
@@ -231,7 +234,7 @@ class IterativeMagnitudePruning:
     def schedule(final_sparsity: float, rounds: int) -> list[float]:
         """Per-round sparsities that remove the same fraction of the survivors each round:
         ``1 - (1 - final) ** (r / rounds)`` for ``r = 1 .. rounds``."""
-        s = check_sparsity(final_sparsity)
+        s = check_sparsity(final_sparsity, "final_sparsity")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds: expected an int >= 1, got {rounds!r}")
         return [1.0 - (1.0 - s) ** (r / rounds) for r in range(1, rounds + 1)]
