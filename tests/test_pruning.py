@@ -845,3 +845,103 @@ def test_gradual_pruner_state_dict_round_trip():
             assert torch.equal(model.get_submodule(n).weight, model2.get_submodule(n).weight)
     assert pruner2.step_count == 16
     assert _zeros(model2[0]) == round(SF * NUMEL["0"])
+
+
+# ---- iterative magnitude pruning with rewinding ----
+
+
+def _imp_model():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, OUT), nn.LayerNorm(OUT))
+
+
+def _train(model, x, y, steps=5):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_imp_schedule_removes_the_same_share_each_round():
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    s = IMP.schedule(0.9, 3)
+    assert s[-1] == pytest.approx(0.9)
+    keep = [1.0] + [1.0 - v for v in s]
+    ratios = [keep[i + 1] / keep[i] for i in range(3)]
+    assert ratios == pytest.approx([0.1 ** (1 / 3)] * 3)
+    with pytest.raises(ValueError, match="rounds"):
+        IMP.schedule(0.9, 0)
+    with pytest.raises(ValueError, match="final_sparsity"):
+        IMP.schedule(1.0, 2)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_imp_prune_and_rewind(scope):
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    model = _imp_model()
+    x, y = _data()
+    imp = IMP(model, scope=scope)
+    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in NAMES}
+    b0 = {n: model.get_submodule(n).bias.detach().clone() for n in NAMES}
+    ln0 = model[3].weight.detach().clone()
+    prev = None
+    for s in IMP.schedule(0.8, 3):
+        _train(model, x, y)
+        trained = {n: _dense_w(model.get_submodule(n)).clone() for n in NAMES}
+        assert not torch.equal(model[3].weight.detach(), ln0)
+        model = imp.prune_and_rewind(s)
+        total = sum(NUMEL.values())
+        zeros = sum(NUMEL[n] - model.get_submodule(n).nnz for n in NAMES)
+        if scope == "global":
+            assert zeros == round(s * total)
+        else:
+            for n in NAMES:
+                assert NUMEL[n] - model.get_submodule(n).nnz == round(s * NUMEL[n])
+        for n in NAMES:
+            mod = model.get_submodule(n)
+            assert isinstance(mod, SparseLinear)
+            mask = mod.mask
+            # rewound: the snapshot's weights on the mask, zeros off it, the snapshot's bias
+            assert torch.equal(mod.dense_weight().detach(), torch.where(mask, w0[n], torch.zeros(())))
+            assert torch.equal(mod.bias.detach(), b0[n])
+            if prev is not None:
+                assert not bool((mask & ~prev[n]).any()), "a later round must only drop weights"
+            # the kept weights are the largest trained magnitudes on the previous mask
+            dropped = (prev[n] if prev is not None else torch.ones_like(mask)) & ~mask
+            if scope == "layer" and dropped.any() and mask.any():
+                assert trained[n].abs()[dropped].max() <= trained[n].abs()[mask].min()
+        # every other parameter is rewound too
+        assert torch.equal(model[3].weight.detach(), ln0)
+        prev = {n: model.get_submodule(n).mask for n in NAMES}
+
+
+def test_imp_snapshot_later_rewinds_there():
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    model = _imp_model()
+    x, y = _data()
+    imp = IMP(model)
+    _train(model, x, y, 3)
+    w3 = model[0].weight.detach().clone()
+    imp.snapshot()
+    _train(model, x, y, 3)
+    model = imp.prune_and_rewind(0.5)
+    assert torch.equal(model[0].dense_weight().detach(), torch.where(model[0].mask, w3, torch.zeros(())))
+
+
+def test_imp_bad_arguments():
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    with pytest.raises(TypeError, match="model"):
+        IMP("not a model")
+    with pytest.raises(ValueError, match="scope"):
+        IMP(_imp_model(), scope="row")
+    with pytest.raises(ValueError, match="model"):
+        IMP(nn.Sequential(nn.ReLU()))
+    imp = IMP(_imp_model())
+    with pytest.raises(ValueError, match="sparsity"):
+        imp.prune_and_rewind(1.0)
