@@ -47,6 +47,15 @@ def cubic_sparsity(step: int, final_sparsity: float, start_step: int, end_step: 
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3
 
 
+def _keep_top(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest entries of a 1-D ``scores`` (ties to the lower index)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    k = max(0, min(int(k), scores.numel()))
+    if k:
+        keep[torch.topk(scores, k, sorted=False).indices] = True
+    return keep
+
+
 def _linear_targets(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module]]:
     out = []
     for fqn, mod in model.named_modules():
@@ -133,25 +142,38 @@ class GradualPruner:
     def _prune(self, s: float) -> list[str]:
         self.sparsity = s
         layers = [(fqn, self.model.get_submodule(fqn)) for fqn in self.names]
-        # scores: |w| on the current mask, strictly above every position off it (never regrown)
-        scores = []
+        # candidates: a dense layer's entries on its mask, a SparseLinear's stored values (never the
+        # positions off its mask: pruning only drops); each layer keeps numel - round(s * numel)
+        scores, sizes = [], []
         for fqn, mod in layers:
             if isinstance(mod, SparseLinear):
-                w, on = mod.format.to_dense(mod.values.detach()), mod.format.to_mask()
+                scores.append(mod.values.detach().abs().double())
             else:
-                w, on = mod.weight.detach(), self.masks.get(fqn)
-            sc = w.abs().double() + 1.0
-            scores.append(sc if on is None else sc * on)
+                on = self.masks.get(fqn)
+                sc = mod.weight.detach().abs().double().flatten()
+                scores.append(sc if on is None else torch.where(on.flatten(), sc, -1.0))
+            sizes.append(mod.in_features * mod.out_features)
         if self.scope == "global":
-            masks = global_magnitude(scores, s)
+            k = sum(sizes) - round(s * sum(sizes))
+            flat = torch.cat(scores)
+            keep_all = _keep_top(flat, k)
+            keeps, start = [], 0
+            for sc in scores:
+                kp = keep_all[start:start + sc.numel()].clone()
+                if sc.numel() and not kp.any():
+                    kp[sc.argmax()] = True  # no layer is pruned to nothing
+                keeps.append(kp)
+                start += sc.numel()
         else:
-            masks = [magnitude(sc, s) for sc in scores]
+            keeps = [_keep_top(sc, n - round(s * n)) for sc, n in zip(scores, sizes)]
         swapped = []
-        for (fqn, mod), mask in zip(layers, masks):
+        for (fqn, mod), keep in zip(layers, keeps):
             if isinstance(mod, SparseLinear):
-                mod.update_mask_(mask, self.optimizer)
+                mod.prune_(keep, self.optimizer)
                 swapped.append(fqn)
-            elif self.convert_at is not None and s >= self.convert_at:
+                continue
+            mask = keep.view(mod.out_features, mod.in_features)
+            if self.convert_at is not None and s >= self.convert_at:
                 self._swap(fqn, mod, mask)
                 swapped.append(fqn)
             else:

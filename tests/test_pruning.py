@@ -855,7 +855,7 @@ def _imp_model():
     return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, OUT), nn.LayerNorm(OUT))
 
 
-def _train(model, x, y, steps=5):
+def _imp_train(model, x, y, steps=5):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         loss = F.mse_loss(model(x), y)
@@ -890,7 +890,7 @@ def test_imp_prune_and_rewind(scope):
     ln0 = model[3].weight.detach().clone()
     prev = None
     for s in IMP.schedule(0.8, 3):
-        _train(model, x, y)
+        _imp_train(model, x, y)
         trained = {n: _dense_w(model.get_submodule(n)).clone() for n in NAMES}
         assert not torch.equal(model[3].weight.detach(), ln0)
         model = imp.prune_and_rewind(s)
@@ -925,10 +925,10 @@ def test_imp_snapshot_later_rewinds_there():
     model = _imp_model()
     x, y = _data()
     imp = IMP(model)
-    _train(model, x, y, 3)
+    _imp_train(model, x, y, 3)
     w3 = model[0].weight.detach().clone()
     imp.snapshot()
-    _train(model, x, y, 3)
+    _imp_train(model, x, y, 3)
     model = imp.prune_and_rewind(0.5)
     assert torch.equal(model[0].dense_weight().detach(), torch.where(model[0].mask, w3, torch.zeros(())))
 

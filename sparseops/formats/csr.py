@@ -128,6 +128,39 @@ class CSRWeight:
             t_perm=order.to(INDEX_DTYPE),
         )
 
+    def select(self, keep: torch.Tensor) -> "CSRWeight":
+        """The index of the stored entries for which ``keep [nnz]`` (bool, CSR order) is True.
+
+        Both orientations are filtered, not rebuilt: no dense mask and no sort, O(nnz) (a drop-only
+        mask update of a 4096² layer at 90% takes milliseconds instead of the ~100 ms of
+        :meth:`from_mask`). The kept values are ``values[keep]``.
+
+        Raises:
+            TypeError, ValueError: ``keep`` is not a bool ``[nnz]`` tensor.
+        """
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise TypeError(f"keep: expected a bool torch.Tensor, got {getattr(keep, 'dtype', type(keep).__name__)}")
+        if tuple(keep.shape) != (self.nnz,):
+            raise ValueError(f"keep: expected shape ({self.nnz},) (one per stored weight), got {tuple(keep.shape)}")
+        keep = keep.to(self.col.device)
+        newpos = torch.cumsum(keep.to(torch.int64), 0) - 1  # new position of each kept entry
+        # kept entries before each old pointer: the new pointers
+        seen = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep.to(torch.int64), 0)])
+        crow = seen[self.crow.long()]
+        t_keep = keep[self.t_perm.long()]
+        t_seen = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(t_keep.to(torch.int64), 0)])
+        t_crow = t_seen[self.t_crow.long()]
+        return CSRWeight(
+            out_features=self.out_features,
+            in_features=self.in_features,
+            crow=crow.to(INDEX_DTYPE),
+            col=self.col[keep],
+            row=self.row[keep],
+            t_crow=t_crow.to(INDEX_DTYPE),
+            t_row=self.t_row[t_keep],
+            t_perm=newpos[self.t_perm.long()][t_keep].to(INDEX_DTYPE),
+        )
+
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> tuple["CSRWeight", torch.Tensor]:
         """Pack a dense weight ``[out, in]``; ``mask`` defaults to ``weight != 0``.

@@ -260,6 +260,28 @@ class SparseLinear(nn.Module):
         if optimizer is not None:
             replace_parameter(optimizer, old_param, self.values, remap)
 
+    @torch.no_grad()
+    def prune_(self, keep: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Drop the stored weights where ``keep [nnz]`` (bool, in ``values`` order) is False, in place.
+
+        The drop-only case of :meth:`update_mask_` for unstructured layers, with no dense mask: the
+        index is filtered (``CSRWeight.select``) rather than rebuilt, and ``values`` and the optimizer's
+        state tensors of its shape become their ``[keep]`` entries (a new Parameter, as there).
+
+        Raises:
+            TypeError: the layer is not unstructured (N:M, fan-in and block patterns would break), or
+                ``keep`` is not bool; ValueError: ``keep`` has the wrong shape.
+        """
+        if self._is_nm or self._block or isinstance(self.pattern, FanIn):
+            raise TypeError(f"prune_: only unstructured layers drop freely; use update_mask_ for {self.pattern.name}")
+        new = self.format.select(keep)
+        keep = keep.to(self.values.device)
+        old_param = self.values
+        self._set_index(new)
+        self.values = nn.Parameter(old_param.detach()[keep], requires_grad=old_param.requires_grad)
+        if optimizer is not None:
+            replace_parameter(optimizer, old_param, self.values, lambda t: t[keep])
+
     @property
     def format(self):
         """The index as a :class:`~sparseops.formats.CSRWeight`, :class:`~sparseops.formats.NMWeight` or
