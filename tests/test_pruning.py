@@ -945,3 +945,70 @@ def test_imp_bad_arguments():
     imp = IMP(_imp_model())
     with pytest.raises(ValueError, match="sparsity"):
         imp.prune_and_rewind(1.0)
+
+
+# ---- drop-only re-packs: CSRWeight.select and SparseLinear.prune_ ----
+
+
+@pytest.mark.parametrize("out_f,in_f,density", [
+    pytest.param(7, 9, 0.4, id="7x9-d0.4"), pytest.param(1, 1, 1.0, id="1x1-full"),
+    pytest.param(5, 3, 0.0, id="5x3-empty"), pytest.param(37, 50, 0.1, id="37x50-d0.1"),
+    pytest.param(0, 3, 0.5, id="0x3"), pytest.param(3, 0, 0.5, id="3x0"),
+])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0], ids=lambda p: f"keep{p}")
+def test_csr_select_equals_a_rebuilt_index(out_f, in_f, density, p):
+    from sparseops.formats import CSRWeight
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(out_f, in_f, generator=g) < density
+    if out_f:
+        m[0] = False  # an empty first row
+    if in_f > 1:
+        m[:, 0] = False  # and an empty first column
+    f = CSRWeight.from_mask(m)
+    keep = torch.rand(f.nnz, generator=g) < p
+    got = f.select(keep)
+    sub = torch.zeros(out_f * in_f, dtype=torch.bool)
+    sub[(f.row.long() * in_f + f.col.long())[keep]] = True
+    want = CSRWeight.from_mask(sub.view(out_f, in_f))
+    for name in ("crow", "col", "row", "t_crow", "t_row", "t_perm"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_csr_select_bad_keep():
+    from sparseops.formats import CSRWeight
+
+    f = CSRWeight.from_mask(torch.rand(4, 5) < 0.5)
+    with pytest.raises(TypeError, match="keep"):
+        f.select(torch.ones(f.nnz))
+    with pytest.raises(ValueError, match="keep"):
+        f.select(torch.ones(f.nnz + 1, dtype=torch.bool))
+
+
+def test_prune_drops_values_and_optimizer_state():
+    torch.manual_seed(2)
+    layer = SparseLinear(16, 8, sparsity=0.5)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(5, 16)
+    layer(x).pow(2).mean().backward()
+    opt.step()
+    old = layer.values
+    st = {k: v.clone() for k, v in opt.state[old].items()}
+    dense_before = layer.dense_weight().detach().clone()
+    keep = torch.rand(layer.nnz) < 0.6
+    layer.prune_(keep, opt)
+    assert layer.values is not old and any(p is layer.values for p in _opt_params(opt))
+    assert torch.equal(layer.values.detach(), old.detach()[keep])
+    assert torch.equal(opt.state[layer.values]["exp_avg"], st["exp_avg"][keep])
+    assert torch.equal(opt.state[layer.values]["exp_avg_sq"], st["exp_avg_sq"][keep])
+    assert torch.equal(opt.state[layer.values]["step"], st["step"])
+    mask = layer.mask
+    assert torch.equal(layer.dense_weight().detach(), torch.where(mask, dense_before, torch.zeros(())))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+
+
+def test_prune_refuses_structured_layers():
+    layer = SparseLinear(8, 16, pattern=NM(2, 4))
+    with pytest.raises(TypeError, match="prune_"):
+        layer.prune_(torch.ones(layer.values.numel(), dtype=torch.bool))
