@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .masks import global_magnitude, magnitude
+from .masks.magnitude import _keep_largest, _n_keep
 from .nn import SparseLinear
 from .nn._optim import replace_parameter
 from .patterns import Unstructured, check_sparsity
@@ -45,15 +46,6 @@ def cubic_sparsity(step: int, final_sparsity: float, start_step: int, end_step: 
         return final_sparsity
     frac = (step - start_step) / (end_step - start_step)
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3
-
-
-def _keep_top(scores: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` largest entries of a 1-D ``scores`` (ties to the lower index)."""
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    k = max(0, min(int(k), scores.numel()))
-    if k:
-        keep[torch.topk(scores, k, sorted=False).indices] = True
-    return keep
 
 
 def _linear_targets(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module]]:
@@ -154,9 +146,9 @@ class GradualPruner:
                 scores.append(sc if on is None else torch.where(on.flatten(), sc, -1.0))
             sizes.append(mod.in_features * mod.out_features)
         if self.scope == "global":
-            k = sum(sizes) - round(s * sum(sizes))
+            k = _n_keep(sum(sizes), s)
             flat = torch.cat(scores)
-            keep_all = _keep_top(flat, k)
+            keep_all = _keep_largest(flat, k)
             keeps, start = [], 0
             for sc in scores:
                 kp = keep_all[start:start + sc.numel()].clone()
@@ -165,7 +157,7 @@ class GradualPruner:
                 keeps.append(kp)
                 start += sc.numel()
         else:
-            keeps = [_keep_top(sc, n - round(s * n)) for sc, n in zip(scores, sizes)]
+            keeps = [_keep_largest(sc, _n_keep(n, s)) for sc, n in zip(scores, sizes)]
         swapped = []
         for (fqn, mod), keep in zip(layers, keeps):
             if isinstance(mod, SparseLinear):
