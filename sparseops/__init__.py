@@ -13,7 +13,8 @@ from . import fewbit, formats, masks, ops, patterns, reference  # noqa: F401
 from . import nn  # noqa: F401
 from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
-from . import pruning  # noqa: F401
+from . import dst, pruning  # noqa: F401
+from .dst import SET, RigL, SRigL
 from .api import sparsify_, sparsify_activations_
 from .pruning import GradualPruner
 from .nn import ActivationSparseLinear, MonarchLinear, SparseLinear, calibrate_
@@ -27,6 +28,10 @@ __all__ = [
     "calibrate_",
     "sparsify_activations_",
     "GradualPruner",
+    "RigL",
+    "SET",
+    "SRigL",
+    "dst",
     "pruning",
     "MonarchLinear",
     "sparsify_",
