@@ -13,7 +13,7 @@ from . import fewbit, formats, masks, ops, patterns, reference  # noqa: F401
 from . import nn  # noqa: F401
 from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
-from . import dst, pruning  # noqa: F401
+from . import data, dst, pruning  # noqa: F401
 from .dst import SET, RigL, SRigL
 from .api import sparsify_, sparsify_activations_
 from .pruning import GradualPruner

@@ -64,6 +64,7 @@ class _DynamicSparse:
         self.step_count = 0
         self._hooks: list = []
         self._seen: dict[str, dict] = {}
+        self._rearm()
 
     # ---- schedule ----
 
@@ -98,6 +99,12 @@ class _DynamicSparse:
             h.remove()
         self._hooks = []
 
+    def _rearm(self) -> None:
+        # record the coming step when it ends in an update (RigL); otherwise record nothing
+        self._disarm()
+        if self.grows_by_gradient and self._updates_at(self.step_count + 1):
+            self._arm()
+
     def step(self) -> bool:
         """Advance one optimizer step; update the masks when due. Returns whether it did."""
         t = self.step_count = self.step_count + 1
@@ -107,8 +114,7 @@ class _DynamicSparse:
             self.update(self.fraction_at(t))
             self._seen = {}
             updated = True
-        if self.grows_by_gradient and self._updates_at(t + 1):
-            self._arm()
+        self._rearm()
         return updated
 
     def _dense_grad(self, fqn: str) -> Tensor:
@@ -153,6 +159,8 @@ class _DynamicSparse:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
+        self._seen = {}
+        self._rearm()
 
 
 class SET(_DynamicSparse):

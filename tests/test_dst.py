@@ -1,0 +1,541 @@
+"""Dynamic sparse training: SET, RigL and SRigL (sparseops.dst) on SparseLinear layers.
+
+Drop/grow decisions are checked against an independent top-k written here: magnitudes of the stored
+weights for the drop, and for RigL/SRigL the dense weight gradient ``dL/dW = dyᵀ x`` recomputed with
+torch autograd on a dense copy of the model, on the same batch, before the optimizer step.
+The optimizer-state checks run the same Adam training on a dense twin whose masks the test applies
+itself (taken from the sparse run after each update); sparse state is compared with the twin's state
+gathered at the mask (row-major, ``t[mask]``).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_rms
+from torch import nn
+
+import sparseops
+from sparseops import SET, RigL, SparseLinear, SRigL
+from sparseops.patterns import FanIn
+
+# ---- shared set-up ----
+
+IN, HID, OUT, BATCH = 16, 32, 8, 8
+NAMES = ["0", "2"]
+SPARSITY = 0.8  # unstructured: nnz 102 and 51
+K = 8  # FanIn(8): 8 of 16 and 8 of 32 per row
+EVERY, END, DROP = 3, 30, 0.5  # updates at 3, 6, 9, 12 with fractions 0.488, 0.452, 0.397, 0.327
+N_STEPS = 12
+UPDATES = [t for t in range(1, N_STEPS + 1) if t % EVERY == 0]
+
+METHODS = [
+    pytest.param(SET, "unstructured", id="SET-unstructured-sp0.8"),
+    pytest.param(RigL, "unstructured", id="RigL-unstructured-sp0.8"),
+    pytest.param(SRigL, "fanin", id=f"SRigL-fanin{K}"),
+]
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+
+
+def _model(kind):
+    if kind == "fanin":
+        return sparseops.sparsify_(_mlp(), pattern=FanIn(K))
+    return sparseops.sparsify_(_mlp(), SPARSITY)
+
+
+def _batch(t):
+    """A different batch at every step, so a gradient taken from the wrong step shows."""
+    g = torch.Generator().manual_seed(1000 + t)
+    return torch.randn(BATCH, IN, generator=g), torch.randn(BATCH, OUT, generator=g)
+
+
+def _train_step(model, opt, t):
+    x, y = _batch(t)
+    loss = F.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _make(cls, kind, seed=0, **kw):
+    model = _model(kind)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    args = {"update_every": EVERY, "drop_fraction": DROP, "end_step": END,
+            "generator": torch.Generator().manual_seed(seed)}
+    args.update(kw)
+    return model, opt, cls(model, opt, **args)
+
+
+def _ref_fraction(t, f=DROP, end=END):
+    """RigL's cosine schedule: f/2 (1 + cos(pi t / end)), 0 at and after end; f without end."""
+    if end is None:
+        return f
+    if t >= end:
+        return 0.0
+    return f / 2 * (1 + math.cos(math.pi * t / end))
+
+
+def _masks(model):
+    return {n: model.get_submodule(n).mask.clone() for n in NAMES}
+
+
+def _opt_params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _assert_optimizer_holds_exactly(opt, model, where=""):
+    """The optimizer's params are the model's params (by identity), and its state has no stale key."""
+    held = _opt_params(opt)
+    params = list(model.parameters())
+    assert len(held) == len(params), f"{where}: optimizer holds {len(held)} params, model has {len(params)}"
+    stale = [tuple(p.shape) for p in held if not any(p is q for q in params)]
+    assert not stale, f"{where}: the optimizer holds {len(stale)} stale Parameter(s) of shapes {stale}"
+    for p in opt.state:
+        assert any(p is q for q in params), f"{where}: optimizer state holds a Parameter no longer in the model"
+
+
+def _dense_grads(model, x, y):
+    """dL/dW of every SparseLinear as a dense [out, in] tensor: autograd through an fp64 dense copy of
+    the model (mask zeros included as ordinary weights), i.e. the full dyᵀ x, recomputed independently."""
+    h, leaves = x.to(torch.float64), {}
+    for name, mod in model.named_children():
+        if isinstance(mod, SparseLinear):
+            w = mod.dense_weight().detach().to(torch.float64).requires_grad_(True)
+            leaves[name] = w
+            h = F.linear(h, w, mod.bias.detach().to(torch.float64))
+        else:
+            h = mod(h)
+    loss = F.mse_loss(h, y.to(torch.float64))
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _assert_top_set(chosen, score, among, k, name, atol=0.0):
+    """``chosen`` is the k largest ``score`` among ``among`` (1-D bool/float tensors), compared with an
+    independent ``torch.topk``; a position may differ only if its score ties the k-th within ``atol``."""
+    assert not (chosen & ~among).any(), f"{name}: chose {int((chosen & ~among).sum())} position(s) outside the candidates"
+    assert int(chosen.sum()) == k, f"{name}: chose {int(chosen.sum())}, expected {k}"
+    if k == 0:
+        return
+    s = torch.where(among, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
+    ref = torch.zeros_like(chosen)
+    ref[torch.topk(s, k).indices] = True
+    if torch.equal(ref, chosen):
+        return
+    kth = torch.topk(s, k).values.min()
+    diff = ref ^ chosen
+    far = diff & ((s - kth).abs() > atol)
+    assert not far.any(), (
+        f"{name}: {int(diff.sum())} position(s) differ from the reference top-{k}, "
+        f"e.g. index {int(far.nonzero()[0])} with score {float(s[far][0]):.6g} vs the k-th {float(kth):.6g}"
+    )
+
+
+# ---- 1. constant parameter budget, optimizer identity ----
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+def test_step_keeps_nnz_and_optimizer_in_sync(cls, kind):
+    model, opt, dst = _make(cls, kind)
+    assert dst.names == NAMES
+    nnz0 = {n: model.get_submodule(n).nnz for n in NAMES}
+    changes = 0
+    for t in range(1, N_STEPS + 1):
+        loss = _train_step(model, opt, t)
+        assert torch.isfinite(loss)
+        before = _masks(model)
+        updated = dst.step()
+        assert dst.step_count == t
+        assert updated == (t % EVERY == 0), f"step {t}: step() returned {updated}"
+        for n in NAMES:
+            mod = model.get_submodule(n)
+            mask = mod.mask
+            assert mod.nnz == nnz0[n] and int(mask.sum()) == nnz0[n], f"step {t}: {n} nnz {mod.nnz} != {nnz0[n]}"
+            assert mod.values.numel() == nnz0[n]
+            if kind == "fanin":
+                assert (mask.sum(1) == K).all(), f"step {t}: {n} rows hold {mask.sum(1).tolist()}, expected {K}"
+            changed = not torch.equal(mask, before[n])
+            if updated:
+                assert changed, f"step {t}: {n}'s mask did not change at an update"
+                changes += 1
+            else:
+                assert not changed, f"step {t}: {n}'s mask changed off an update step"
+            st = opt.state[mod.values]
+            assert st["exp_avg"].shape == st["exp_avg_sq"].shape == mod.values.shape
+        _assert_optimizer_holds_exactly(opt, model, where=f"step {t}")
+    assert changes == len(UPDATES) * len(NAMES)
+    # training still runs on the re-packed layers
+    assert torch.isfinite(_train_step(model, opt, N_STEPS + 1))
+
+
+# ---- 2. drop / grow against an independent top-k ----
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+def test_drop_and_grow_match_independent_top_k(cls, kind):
+    model, opt, dst = _make(cls, kind)
+    by_grad = cls is not SET
+    checked = 0
+    for t in range(1, N_STEPS + 1):
+        x, y = _batch(t)
+        if by_grad and t % EVERY == 0:
+            ref_grad = _dense_grads(model, x, y)  # same batch, weights before this step's optimizer step
+        _train_step(model, opt, t)
+        old = _masks(model)
+        w_old = {n: model.get_submodule(n).dense_weight().detach().clone() for n in NAMES}
+        if not dst.step():
+            continue
+        f = _ref_fraction(t)
+        assert dst.fraction_at(t) == pytest.approx(f, abs=1e-12)
+        for n in NAMES:
+            mod = model.get_submodule(n)
+            o, new = old[n], mod.mask
+            kept, grown = o & new, new & ~o
+            w_new = mod.dense_weight().detach()
+            where = f"step {t} layer {n}"
+            # survivors keep their values; grown weights start at exactly 0; nothing off the mask
+            assert torch.equal(w_new[kept], w_old[n][kept]), f"{where}: surviving weights changed"
+            assert (w_new[grown] == 0).all(), f"{where}: grown weights are not 0: {w_new[grown]}"
+            assert (w_new[~new] == 0).all()
+            mag = w_old[n].abs()
+            score = ref_grad[n].abs() if by_grad else None
+            atol = 1e-5 * float(score.max()) if by_grad else 0.0  # fp32 dyᵀx vs fp64 autograd
+            if kind == "fanin":
+                nk = round(f * K)
+                assert nk > 0
+                for r in range(o.shape[0]):
+                    _assert_top_set(kept[r], mag[r], o[r], K - nk, f"{where} row {r} kept")
+                    _assert_top_set(grown[r], score[r], ~o[r], nk, f"{where} row {r} grown", atol)
+            else:
+                nnz = int(o.sum())
+                nk = round(f * nnz)
+                assert nk > 0
+                _assert_top_set(kept.flatten(), mag.flatten(), o.flatten(), nnz - nk, f"{where} kept")
+                if by_grad:
+                    _assert_top_set(grown.flatten(), score.flatten(), (~o).flatten(), nk, f"{where} grown", atol)
+                else:
+                    assert not (grown & o).any() and int(grown.sum()) == nk, f"{where}: SET grew {int(grown.sum())}"
+            checked += 1
+    assert checked == len(UPDATES) * len(NAMES)
+
+
+@pytest.mark.parametrize("cls,kind", METHODS[1:])
+def test_rigl_grows_by_the_update_steps_batch(cls, kind):
+    """The grown set follows the gradient of the batch of the update step, not of an earlier one:
+    two runs that differ only in that batch grow differently, each matching its own gradient."""
+    grown = []
+    for variant in range(2):
+        model, opt, dst = _make(cls, kind)
+        for t in range(1, EVERY + 1):
+            x, y = _batch(t if t < EVERY or variant == 0 else 999)
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            old = _masks(model)
+            dst.step()
+        grown.append({n: model.get_submodule(n).mask & ~old[n] for n in NAMES})
+    assert any(not torch.equal(grown[0][n], grown[1][n]) for n in NAMES)
+
+
+# ---- 3. optimizer state against a dense-masked twin ----
+
+
+def _twin_of(model):
+    twin = _mlp()
+    with torch.no_grad():
+        for n in NAMES:
+            mod, lin = model.get_submodule(n), twin.get_submodule(n)
+            lin.weight.copy_(mod.dense_weight())
+            lin.bias.copy_(mod.bias)
+    return twin
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+def test_adam_state_matches_dense_masked_twin(cls, kind):
+    model, opt, dst = _make(cls, kind)
+    twin = _twin_of(model)
+    topt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    tmasks = _masks(model)
+    compared = 0
+    for t in range(1, N_STEPS + 1):
+        x, y = _batch(t)
+        out, tout = model(x), twin(x)
+        assert_close_rms(out, tout, name=f"step {t} output")
+        for o_, p_ in ((opt, out), (topt, tout)):
+            loss = F.mse_loss(p_, y)
+            o_.zero_grad()
+            loss.backward()
+            o_.step()
+        with torch.no_grad():
+            for n in NAMES:
+                twin.get_submodule(n).weight.mul_(tmasks[n])
+        pre = {n: {k: v.clone() for k, v in opt.state[model.get_submodule(n).values].items()} for n in NAMES}
+        updated = dst.step()
+        for n in NAMES:
+            mod, lin = model.get_submodule(n), twin.get_submodule(n)
+            st, tst = opt.state[mod.values], topt.state[lin.weight]
+            if updated:
+                old, new = tmasks[n], mod.mask
+                kept, grown = old & new, new & ~old
+                # the sparse re-map on its own: survivors' moments exact, grown ones exactly 0
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(st[key][kept[new]], pre[n][key][kept[old]]), f"step {t} {n}.{key} survivors"
+                    assert (st[key][grown[new]] == 0).all(), f"step {t} {n}.{key} grown not 0"
+                assert torch.equal(st["step"], pre[n]["step"]), f"step {t} {n}: Adam's step not preserved"
+                with torch.no_grad():
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        tst[key][old ^ new] = 0  # grown and dropped positions start afresh
+                    lin.weight.mul_(new)
+                tmasks[n] = new.clone()
+                compared += 1
+            mask = tmasks[n]
+            assert torch.equal(mod.mask, mask)
+            assert set(st) == set(tst)
+            assert torch.equal(st["step"], tst["step"]), f"step {t} {n}: step {st['step']} != {tst['step']}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert st[key].shape == mod.values.shape
+                assert_close_rms(st[key], tst[key][mask], name=f"step {t} {n}.{key}")
+                bst, tbst = opt.state[mod.bias], topt.state[lin.bias]
+                assert_close_rms(bst[key], tbst[key], name=f"step {t} {n}.bias {key}")
+            assert_close_rms(mod.values, lin.weight[mask], name=f"step {t} {n}.values")
+    assert compared == len(UPDATES) * len(NAMES)
+    x, _ = _batch(0)
+    assert_close_rms(model(x), twin(x), name="final output")
+
+
+# ---- 4. schedule ----
+
+FRACTION_T = [0, 1, 5, 10, 15, 19, 20, 21, 100]
+
+
+@pytest.mark.parametrize("t", FRACTION_T, ids=[f"t{t}" for t in FRACTION_T])
+def test_fraction_at_matches_cosine_formula(t):
+    _, _, dst = _make(SET, "unstructured", drop_fraction=0.3, end_step=20)
+    assert dst.fraction_at(t) == pytest.approx(_ref_fraction(t, 0.3, 20), abs=1e-12)
+    if t >= 20:
+        assert dst.fraction_at(t) == 0.0
+    if t == 0:
+        assert dst.fraction_at(t) == pytest.approx(0.3, abs=1e-15)
+    if t == 10:
+        assert dst.fraction_at(t) == pytest.approx(0.15, abs=1e-12)
+
+
+def test_fraction_at_without_end_step_is_constant():
+    _, _, dst = _make(SET, "unstructured", drop_fraction=0.3, end_step=None)
+    assert all(dst.fraction_at(t) == 0.3 for t in [0, 1, 7, 100, 10**6])
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+def test_no_update_at_or_after_end_step(cls, kind):
+    model, opt, dst = _make(cls, kind, update_every=2, end_step=7)
+    seen = []
+    for t in range(1, 13):
+        _train_step(model, opt, t)
+        before = _masks(model)
+        if dst.step():
+            seen.append(t)
+        if t >= 7:
+            assert all(torch.equal(model.get_submodule(n).mask, before[n]) for n in NAMES), f"mask changed at {t}"
+            if cls is not SET:
+                # nothing is recorded once no update is due
+                assert all(not model.get_submodule(n)._forward_hooks for n in NAMES)
+    assert seen == [2, 4, 6]
+
+
+@pytest.mark.parametrize("every", [1, 4], ids=["every1", "every4"])
+def test_set_update_every_and_constant_fraction(every):
+    model, opt, dst = _make(SET, "unstructured", update_every=every, drop_fraction=0.25, end_step=None)
+    nnz = {n: model.get_submodule(n).nnz for n in NAMES}
+    seen = []
+    for t in range(1, 9):
+        _train_step(model, opt, t)
+        before = _masks(model)
+        if dst.step():
+            seen.append(t)
+            for n in NAMES:
+                # drop n and grow n elsewhere: the masks differ in 2 n positions, n = round(0.25 nnz) every time
+                moved = int((model.get_submodule(n).mask ^ before[n]).sum())
+                assert moved == 2 * round(0.25 * nnz[n]), f"step {t} layer {n}: {moved} positions moved"
+    assert seen == [t for t in range(1, 9) if t % every == 0]
+
+
+def test_rigl_records_only_on_the_step_before_an_update():
+    model, opt, dst = _make(RigL, "unstructured", update_every=4, end_step=None)
+    for t in range(1, 10):
+        _train_step(model, opt, t)
+        dst.step()
+        armed = [bool(model.get_submodule(n)._forward_hooks) for n in NAMES]
+        assert armed == [(t + 1) % 4 == 0] * 2, f"after step {t}: hooks armed {armed}"
+
+
+# ---- 5. RigL needs a forward and backward before an update ----
+
+
+@pytest.mark.parametrize("cls,kind", METHODS[1:])
+def test_rigl_without_training_raises(cls, kind):
+    model, opt, dst = _make(cls, kind)
+    before = _masks(model)
+    for _ in range(EVERY - 1):
+        assert dst.step() is False
+    with pytest.raises(RuntimeError, match="no gradient was recorded"):
+        dst.step()
+    assert all(torch.equal(model.get_submodule(n).mask, before[n]) for n in NAMES)
+
+
+@pytest.mark.parametrize("cls,kind", METHODS[1:])
+def test_rigl_forward_without_backward_raises(cls, kind):
+    model, opt, dst = _make(cls, kind)
+    for t in range(1, EVERY):
+        _train_step(model, opt, t)
+        dst.step()
+    with torch.no_grad():
+        model(_batch(EVERY)[0])
+    with pytest.raises(RuntimeError, match="no gradient was recorded"):
+        dst.step()
+
+
+@pytest.mark.parametrize("cls,kind", METHODS[1:])
+def test_rigl_update_every_1_updates_at_the_first_step(cls, kind):
+    """update_every=1 is accepted, so step 1 is an update: its gradient must be recorded (the hook must
+    be armed at construction, as step 0 is the step before it). Forward and backward did happen."""
+    model, opt, dst = _make(cls, kind, update_every=1, end_step=None)
+    for t in range(1, 4):
+        _train_step(model, opt, t)
+        before = _masks(model)
+        assert dst.step() is True
+        assert all(not torch.equal(model.get_submodule(n).mask, before[n]) for n in NAMES)
+
+
+@pytest.mark.parametrize("cls,kind", METHODS[1:])
+def test_rigl_resumed_from_state_dict_just_before_an_update(cls, kind):
+    """Resuming with load_state_dict at step update_every - 1 (the step before an update) must arm the
+    recording, as an uninterrupted run would have; the next trained step then updates."""
+    model, opt, dst = _make(cls, kind)
+    for t in range(1, EVERY):
+        _train_step(model, opt, t)
+        dst.step()
+    state = dst.state_dict()
+    assert state == {"step_count": EVERY - 1}
+    model2, opt2, dst2 = _make(cls, kind)
+    dst2.load_state_dict(state)
+    assert dst2.step_count == EVERY - 1
+    _train_step(model2, opt2, EVERY)
+    before = _masks(model2)
+    assert dst2.step() is True
+    assert all(not torch.equal(model2.get_submodule(n).mask, before[n]) for n in NAMES)
+
+
+# ---- 6. bad arguments, layer selection ----
+
+BAD_ARGS = [
+    pytest.param({"update_every": 0}, (ValueError,), "update_every", id="update_every-0"),
+    pytest.param({"update_every": -2}, (ValueError,), "update_every", id="update_every-neg"),
+    pytest.param({"update_every": 2.5}, (TypeError, ValueError), "update_every", id="update_every-float"),
+    pytest.param({"update_every": "3"}, (TypeError, ValueError), "update_every", id="update_every-str"),
+    pytest.param({"update_every": True}, (TypeError, ValueError), "update_every", id="update_every-bool"),
+    pytest.param({"drop_fraction": 0}, (ValueError,), "drop_fraction", id="drop_fraction-0"),
+    pytest.param({"drop_fraction": 1}, (ValueError,), "drop_fraction", id="drop_fraction-1"),
+    pytest.param({"drop_fraction": 1.0}, (ValueError,), "drop_fraction", id="drop_fraction-1.0"),
+    pytest.param({"drop_fraction": -0.1}, (ValueError,), "drop_fraction", id="drop_fraction-neg"),
+    pytest.param({"drop_fraction": float("nan")}, (ValueError,), "drop_fraction", id="drop_fraction-nan"),
+    pytest.param({"drop_fraction": "0.3"}, (TypeError, ValueError), "drop_fraction", id="drop_fraction-str"),
+    pytest.param({"drop_fraction": None}, (TypeError, ValueError), "drop_fraction", id="drop_fraction-none"),
+    pytest.param({"end_step": 0}, (ValueError,), "end_step", id="end_step-0"),
+    pytest.param({"end_step": -5}, (ValueError,), "end_step", id="end_step-neg"),
+    pytest.param({"end_step": 10.0}, (TypeError, ValueError), "end_step", id="end_step-float"),
+]
+
+
+@pytest.mark.parametrize("cls", [SET, RigL], ids=["SET", "RigL"])
+@pytest.mark.parametrize("kwargs,exc,name", BAD_ARGS)
+def test_bad_arguments(cls, kwargs, exc, name):
+    model = _model("unstructured")
+    opt = torch.optim.Adam(model.parameters())
+    args = {"update_every": 3, "drop_fraction": 0.3, "end_step": 20}
+    args.update(kwargs)
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        cls(model, opt, **args)
+
+
+@pytest.mark.parametrize("cls", [SET, RigL, SRigL], ids=["SET", "RigL", "SRigL"])
+def test_bad_model_and_optimizer_types(cls):
+    model = _model("fanin" if cls is SRigL else "unstructured")
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(TypeError, match=r"\bmodel\b"):
+        cls(model[0].values, opt)
+    with pytest.raises(TypeError, match=r"\boptimizer\b"):
+        cls(model, "adam")
+    with pytest.raises(TypeError, match=r"\boptimizer\b"):
+        cls(model, list(model.parameters()))
+
+
+def _no_target(case):
+    if case == "dense":
+        return _mlp()
+    if case == "unstructured":
+        return _model("unstructured")
+    if case == "fanin":
+        return _model("fanin")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "cls,case",
+    [
+        pytest.param(SET, "dense", id="SET-dense-only"),
+        pytest.param(RigL, "dense", id="RigL-dense-only"),
+        pytest.param(SRigL, "dense", id="SRigL-dense-only"),
+        pytest.param(SRigL, "unstructured", id="SRigL-on-unstructured"),
+        pytest.param(SET, "fanin", id="SET-on-fanin"),
+        pytest.param(RigL, "fanin", id="RigL-on-fanin"),
+    ],
+)
+def test_model_without_eligible_layer_raises(cls, case):
+    model = _no_target(case)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"\bmodel\b"):
+        cls(model, opt)
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+def test_filter_fn_restricts_layers(cls, kind):
+    model, opt, dst = _make(cls, kind, filter_fn=lambda mod, fqn: fqn == "2")
+    assert dst.names == ["2"]
+    first = model[0].mask.clone()
+    for t in range(1, 2 * EVERY + 1):
+        _train_step(model, opt, t)
+        before = model[2].mask.clone()
+        if dst.step():
+            assert not torch.equal(model[2].mask, before)
+        assert torch.equal(model[0].mask, first), f"step {t}: the excluded layer's mask changed"
+    _assert_optimizer_holds_exactly(opt, model)
+    with pytest.raises(ValueError, match=r"\bmodel\b"):
+        cls(model, opt, filter_fn=lambda mod, fqn: False)
+
+
+# ---- 7. determinism ----
+
+
+def _set_run(seed):
+    torch.manual_seed(0)
+    model, opt, dst = _make(SET, "unstructured", seed=seed)
+    out = []
+    for t in range(1, N_STEPS + 1):
+        _train_step(model, opt, t)
+        if dst.step():
+            out.append(_masks(model))
+    return out
+
+
+def test_set_same_generator_seed_gives_identical_masks():
+    a, b, c = _set_run(7), _set_run(7), _set_run(8)
+    assert len(a) == len(UPDATES)
+    for i in range(len(a)):
+        for n in NAMES:
+            assert torch.equal(a[i][n], b[i][n]), f"update {i} layer {n}: same seed, different masks"
+    assert any(not torch.equal(a[i][n], c[i][n]) for i in range(len(a)) for n in NAMES), "seed has no effect"
