@@ -1,0 +1,61 @@
+"""The cost of a mask update against a training step, fp32 CPU, 2 threads.
+
+Run: ``pytest bench/bench_dst.py --benchmark-only``. For a ``[W, W]`` unstructured SparseLinear at 90%
+with Adam, batch 256: ``step`` is one forward+backward+Adam step; ``set`` and ``rigl`` one SET / RigL
+update (drop 30%, grow as many, re-pack, re-map the moments; RigL's includes its dense ``dyᵀx``);
+``prune`` one GradualPruner re-pack that drops 1% of the weights. The issue asks for updates far
+cheaper than a step: compare the medians within a width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparseops
+
+THREADS = 2
+
+
+def _setup(width):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width))
+    sparseops.sparsify_(model, 0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(256, width)
+
+    def step():
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return model, opt, step
+
+
+@pytest.mark.parametrize("width", [2048, 4096])
+@pytest.mark.parametrize("what", ["step", "set", "rigl", "prune"])
+def test_dst_update_cost(benchmark, width, what):
+    torch.set_num_threads(THREADS)
+    model, opt, step = _setup(width)
+    step()
+    if what == "step":
+        run = step
+    elif what in ("set", "rigl"):
+        cls = sparseops.SET if what == "set" else sparseops.RigL
+        d = cls(model, opt, update_every=1, drop_fraction=0.3)
+        step()  # the recorded step RigL grows from
+
+        def run():
+            d.update(0.3)
+    else:
+        sl = model[0]
+
+        def run():
+            keep = torch.rand(sl.nnz) > 0.01
+            sl.prune_(keep, opt)
+
+    benchmark.group = f"dst-{width}"
+    benchmark.extra_info.update(provider=what, width=width)
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
