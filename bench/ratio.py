@@ -143,27 +143,34 @@ def render_act(machine, table) -> str:
 
 
 def load_gpu(json_path: Path):
-    return _load_table(json_path, lambda e: (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"]), lambda b: (b["stats"]["median"] * 1e3, b["extra_info"].get("event_ms")))
+    return _load_table(
+        json_path, lambda e: (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"]),
+        lambda b: (b["stats"]["median"] * 1e3, b["extra_info"].get("event_ms"), b["extra_info"].get("graph_ms")),
+    )
 
 
 def render_gpu(machine, table) -> str:
     gpu = machine.get("gpu", "CUDA GPU")
-    provs = ["dense", "nm24", "torch_semi24", "csr90", "torch_csr90"]
     lines = [
-        f"machine: {gpu}; host = median wall time of a synchronised call (ms), event = CUDA-event "
-        "median (ms, L2 flushed); ratio = dense / provider, > 1 means faster than dense",
+        f"machine: {gpu}; host = median wall time of a synchronised eager call, event = CUDA-event median "
+        "(L2 flushed), graph = the same over a CUDA-graph replay (no launch overhead); ms. "
+        "ratio = dense / provider, > 1 means faster than dense",
         "",
-        "| case | dtype | B | in→out | " + " | ".join(f"{p} host/event ms" for p in provs) + " | "
-        + " | ".join(f"dense/{p} (event)" for p in provs[1:]) + " |",
-        "|---|---|---|---|" + "---|" * (2 * len(provs) - 1),
+        "| case | dtype | B | in→out | provider | host ms | event ms | graph ms | dense/provider (event) "
+        "| dense/provider (graph) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    f = lambda v: "-" if v is None or v != v else f"{v:.3f}"  # noqa: E731 - NaN prints as -
+    r = lambda a, b: "-" if a is None or b is None or a != a or b != b else fmt_ratio(a, b)  # noqa: E731
     for key in sorted(table):
         case, dtype, b, i, o = key
         t = table[key]
-        cells = [f"{t[p][0]:.3f} / {t[p][1]:.3f}" if p in t and t[p][1] is not None else "-" for p in provs]
-        d = t.get("dense", (None, None))[1]
-        ratios = [fmt_ratio(d, t[p][1]) if p in t else "-" for p in provs[1:]]
-        lines.append(f"| {case} | {dtype} | {b} | {i}→{o} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        d = t.get("dense", (None, None, None))
+        for p in ["dense"] + sorted(k for k in t if k != "dense"):
+            if p not in t:
+                continue
+            h, e, g = t[p]
+            lines.append(f"| {case} | {dtype} | {b} | {i}→{o} | {p} | {f(h)} | {f(e)} | {f(g)} | {r(d[1], e)} | {r(d[2], g)} |")
     return "\n".join(lines)
 
 

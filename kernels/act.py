@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _float, _out, _same_device
+from .csr import _bucket, _tune, _float, _out, _same_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -192,8 +192,8 @@ def _act_dds_tile_kernel(
 
 # two tuners over one body: the fma path takes BT from the launcher (T rounded up to a
 # power of two), the dot path tunes it, and each keeps its own tuning cache
-_act_dds_kernel = triton.autotune(configs=_FMA_CONFIGS, key=_DDS_KEYS)(_act_dds_tile_kernel)
-_act_dds_dot_kernel = triton.autotune(configs=_DOT_CONFIGS, key=_DDS_KEYS)(_act_dds_tile_kernel)
+_act_dds_kernel = triton.autotune(configs=_tune(_FMA_CONFIGS), key=_DDS_KEYS)(_act_dds_tile_kernel)
+_act_dds_dot_kernel = triton.autotune(configs=_tune(_DOT_CONFIGS), key=_DDS_KEYS)(_act_dds_tile_kernel)
 
 
 # --------------------------------------------------------------------------- checks

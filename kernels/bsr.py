@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _features, _float, _index, _out, _same_device
+from .csr import _bucket, _tune, _features, _float, _index, _out, _same_device
 
 BLOCK_SIZES = (8, 16, 32, 64)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -161,11 +161,11 @@ def _bsr_row_kernel(
 
 
 # two tuners over one body: dds and dsd keep separate tuning caches
-_bsr_dds_kernel = triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS)(_bsr_row_kernel)
-_bsr_dsd_kernel = triton.autotune(configs=_ROW_CONFIGS, key=_ROW_KEYS)(_bsr_row_kernel)
+_bsr_dds_kernel = triton.autotune(configs=_tune(_ROW_CONFIGS), key=_ROW_KEYS)(_bsr_row_kernel)
+_bsr_dsd_kernel = triton.autotune(configs=_tune(_ROW_CONFIGS), key=_ROW_KEYS)(_bsr_row_kernel)
 
 
-@triton.autotune(configs=_SDD_CONFIGS, key=_SDD_KEYS)
+@triton.autotune(configs=_tune(_SDD_CONFIGS), key=_SDD_KEYS)
 @triton.jit
 def _bsr_sdd_kernel(
     dy_ptr,  # [B, out]

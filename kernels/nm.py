@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _features, _float, _out, _same_device, _tensor
+from .csr import _bucket, _tune, _features, _float, _out, _same_device, _tensor
 
 _IDX_DTYPE = torch.uint8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -59,14 +59,16 @@ if _INTERPRET:
     _DDS_CONFIGS = [triton.Config({"BB": 32, "BO": 32, "BK": 16}, num_warps=4)]
     _SDD_CONFIGS = [triton.Config({"BB": 16, "BO": 32, "BS": 16}, num_warps=4)]
 else:
+    # two stages: the n gathers of each k step are pipelined, and at 7:16 three stages of
+    # them needed 254 KB of shared memory (an H100 has 227 KB)
     _DDS_CONFIGS = [
-        triton.Config({"BB": 16, "BO": 64, "BK": 64}, num_warps=4),
-        triton.Config({"BB": 32, "BO": 64, "BK": 64}, num_warps=4),
-        triton.Config({"BB": 64, "BO": 64, "BK": 32}, num_warps=4),
-        triton.Config({"BB": 64, "BO": 64, "BK": 64}, num_warps=4),
-        triton.Config({"BB": 64, "BO": 128, "BK": 32}, num_warps=4),
-        triton.Config({"BB": 128, "BO": 64, "BK": 32}, num_warps=4),
-        triton.Config({"BB": 128, "BO": 128, "BK": 32}, num_warps=8),
+        triton.Config({"BB": 16, "BO": 64, "BK": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 32, "BO": 64, "BK": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 64, "BO": 64, "BK": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 64, "BO": 64, "BK": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 64, "BO": 128, "BK": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 128, "BO": 64, "BK": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=2),
     ]
     _SDD_CONFIGS = [
         triton.Config({"BB": 16, "BO": 4, "BS": 128}, num_warps=4),
@@ -75,6 +77,18 @@ else:
         triton.Config({"BB": 32, "BO": 4, "BS": 64}, num_warps=4),
         triton.Config({"BB": 32, "BO": 8, "BS": 64}, num_warps=8),
         triton.Config({"BB": 8, "BO": 16, "BS": 64}, num_warps=4),
+    ]
+
+# the tensor-core weight gradient (power-of-two m): BK = BG * m columns a tile
+if _INTERPRET:
+    _SDD_DOT_CONFIGS = [triton.Config({"BB": 16, "BO": 16, "BK": 32}, num_warps=4)]
+else:
+    _SDD_DOT_CONFIGS = [
+        triton.Config({"BB": 32, "BO": 64, "BK": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BB": 64, "BO": 128, "BK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BB": 64, "BO": 64, "BK": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BB": 64, "BO": 128, "BK": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BB": 32, "BO": 128, "BK": 128}, num_warps=8, num_stages=4),
     ]
 
 # the sizes are power-of-two buckets, so a new batch size does not retune every step;
@@ -86,7 +100,7 @@ _SDD_KEYS = ["B_BUCKET", "OUT_BUCKET", "S_BUCKET", "N", "M"]
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=_DDS_CONFIGS, key=_DDS_KEYS)
+@triton.autotune(configs=_tune(_DDS_CONFIGS), key=_DDS_KEYS)
 @triton.jit
 def _nm_dds_kernel(
     x_ptr,  # [B, in]
@@ -163,7 +177,7 @@ def _nm_dds_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_o[None, :])
 
 
-@triton.autotune(configs=_SDD_CONFIGS, key=_SDD_KEYS)
+@triton.autotune(configs=_tune(_SDD_CONFIGS), key=_SDD_KEYS)
 @triton.jit
 def _nm_sdd_kernel(
     dy_ptr,  # [B, out]
@@ -226,6 +240,86 @@ def _nm_sdd_kernel(
 
     out = out_ptr + offs_o[:, None] * stride_oo + offs_s[None, :] * stride_os  # [BO, BS]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_os)
+
+
+@triton.autotune(configs=_tune(_SDD_DOT_CONFIGS), key=["B_BUCKET", "OUT_BUCKET", "S_BUCKET", "N", "M"])
+@triton.jit
+def _nm_sdd_dot_kernel(
+    dy_ptr,  # [B, out]
+    x_ptr,  # [B, in]
+    idx_ptr,  # [out, ceil(S / 2)] uint8, contiguous
+    out_ptr,  # [out, S]
+    B,
+    n_out,
+    n_in,
+    n_slots,  # S
+    idx_cols,  # ceil(S / 2): the row stride of idx
+    stride_dyb,
+    stride_dyn,
+    stride_xb,
+    stride_xk,
+    stride_oo,
+    stride_os,
+    B_BUCKET,  # autotune key only
+    OUT_BUCKET,  # autotune key only
+    S_BUCKET,  # autotune key only
+    N: tl.constexpr,
+    M: tl.constexpr,  # a power of two
+    UPCAST: tl.constexpr,  # bf16 under the interpreter: dot in fp32
+    IEEE: tl.constexpr,  # fp32 operands: no TF32
+    BB: tl.constexpr,
+    BO: tl.constexpr,
+    BK: tl.constexpr,  # columns a tile: BK // M whole groups
+):
+    """``dv[o, j] = sum_b dy[b, o] x[b, col(o, j)]`` for a [BO, BK] tile of ``W``'s positions.
+
+    The tile's product ``dyᵀ x`` is accumulated on the tensor cores over the batch, then each
+    slot reads its group's entry at its position (a compare-and-sum over the group's m columns).
+    Only the slots are written: no ``[out, in]`` buffer exists, though the tile's arithmetic is
+    dense (m / n times the slots'); a dot per slot on the CUDA cores ran 100x slower (H100).
+    """
+    pid = tl.program_id(0)
+    n_oblk = tl.cdiv(n_out, BO)
+    oblk = pid % n_oblk
+    gblk = pid // n_oblk
+    offs_o = oblk.to(tl.int64) * BO + tl.arange(0, BO)  # [BO]
+    offs_k = gblk.to(tl.int64) * BK + tl.arange(0, BK)  # [BK]
+    mask_o = offs_o < n_out
+    mask_k = offs_k < n_in  # x is 0 past in: those columns' slots get 0
+
+    acc = tl.zeros([BO, BK], dtype=tl.float32)
+    for b0 in range(0, B, BB):
+        offs_b = tl.arange(0, BB).to(tl.int64) + b0  # [BB]
+        mask_b = offs_b < B
+        g = tl.load(
+            dy_ptr + offs_o[:, None] * stride_dyn + offs_b[None, :] * stride_dyb,
+            mask=mask_o[:, None] & mask_b[None, :],
+            other=0.0,
+        )  # [BO, BB] = dyᵀ
+        a = tl.load(
+            x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk,
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [BB, BK]
+        if UPCAST:
+            g = g.to(tl.float32)
+            a = a.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(g, a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, a, acc)
+
+    acc3 = tl.reshape(acc, [BO, BK // M, M])  # [BO, group, position]
+    offs_g = gblk.to(tl.int64) * (BK // M) + tl.arange(0, BK // M)  # [BK // M] global group
+    ar_m = tl.arange(0, M)
+    for t in tl.static_range(N):
+        j = offs_g * N + t  # [BG] slot t of each group
+        mask_j = mask_o[:, None] & (j < n_slots)[None, :]  # [BO, BK // M]
+        byte = tl.load(idx_ptr + offs_o[:, None] * idx_cols + (j // 2)[None, :], mask=mask_j, other=0)
+        pos = (byte.to(tl.int32) >> (4 * (j % 2)).to(tl.int32)[None, :]) & 15  # [BO, BK // M]
+        v = tl.sum(tl.where(pos[:, :, None] == ar_m[None, None, :], acc3, 0.0), axis=2)  # [BO, BK // M]
+        out = out_ptr + offs_o[:, None] * stride_oo + j[None, :] * stride_os
+        tl.store(out, v.to(out_ptr.dtype.element_ty), mask=mask_j)
 
 
 # --------------------------------------------------------------------------- checks
@@ -375,6 +469,20 @@ def nm_sdd(dy, x, idx, n, m, in_features, out=None):
     # B == 0 still launches: the loop is empty and every slot gets 0
     idx = idx.contiguous()
     B = x.shape[0]
+    if m & (m - 1) == 0:
+        # power-of-two m: tensor-core tiles (a tile's columns are whole groups)
+        def grid_dot(meta):
+            return (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(triton.cdiv(in_features, m) * m, meta["BK"]),)
+
+        torch.library.wrap_triton(_nm_sdd_dot_kernel)[grid_dot](
+            dy, x, idx, out, B, out_features, in_features, slots, idx.shape[1],
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            _bucket(B), _bucket(out_features), _bucket(slots),
+            N=n, M=m,
+            UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+            IEEE=x.dtype == torch.float32 or (_INTERPRET and x.dtype == torch.bfloat16),
+        )  # fmt: skip
+        return out
 
     def grid(meta):
         return (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(slots, meta["BS"]),)

@@ -45,7 +45,11 @@ def _param(T, in_f, out_f, chan, relu):
 
 # T <= 8 runs the multiply-and-sum path (a T tile of 1, 2, 4 or 8), T > 8 the tl.dot path
 # (16-token tiles under the interpreter, 37 leaves a masked tail); 37 inputs are two 32-wide
-# chunks with a tail; in = 300 runs the split-K path (3 or 4 splits with a short last one)
+# chunks with a tail; SPLIT_IN runs the split-K path
+# the split-K shapes: room for four splits of at least _MIN_SPLIT_K inputs and a ragged end
+# (300 under the interpreter, 1068 on a GPU)
+SPLIT_IN = 4 * K._MIN_SPLIT_K + 44
+
 SHAPES = [
     _param(1, 1, 1, False, False),
     _param(1, 37, 100, False, True),
@@ -55,9 +59,9 @@ SHAPES = [
     _param(32, 100, 3, False, False),
     _param(37, 37, 37, True, True),
     _param(37, 1, 100, False, True),
-    _param(1, 300, 3, False, True),
-    _param(4, 300, 200, True, True),
-    _param(37, 300, 37, False, False),
+    _param(1, SPLIT_IN, 3, False, True),
+    _param(4, SPLIT_IN, 200, True, True),
+    _param(37, SPLIT_IN, 37, False, False),
 ]
 
 
@@ -68,9 +72,9 @@ def test_split_choice():
     # the shapes above run the split path where they should
     assert K._split(1, 37, 100, 1) == 1
     assert K._split(37, 100, 37, 32) == 1
-    assert K._split(1, 300, 3, 1) > 1
-    assert K._split(4, 300, 200, 4) > 1
-    assert K._split(37, 300, 37, 32) > 1
+    assert K._split(1, SPLIT_IN, 3, 1) > 1
+    assert K._split(4, SPLIT_IN, 200, 4) > 1
+    assert K._split(37, SPLIT_IN, 37, 32) > 1
     assert 1 < K._split(1, 10**6, 1, 1) <= K._MAX_SPLIT
 
 
@@ -86,7 +90,7 @@ def test_act_dds(T, in_f, out_f, chan, relu, bias):
 HALF_SHAPES = [
     _param(3, 100, 37, True, True),
     _param(37, 37, 37, False, False),
-    _param(4, 300, 200, True, False),
+    _param(4, SPLIT_IN, 200, True, False),
 ]
 
 
@@ -103,7 +107,7 @@ def test_half_dtypes(T, in_f, out_f, chan, relu, dtype, thr_dtype):
 EXTREME_SHAPES = [
     pytest.param(3, 37, 37, id="T3-in37-out37"),
     pytest.param(37, 37, 37, id="T37-in37-out37"),
-    pytest.param(4, 300, 37, id="T4-in300-out37"),
+    pytest.param(4, SPLIT_IN, 37, id="T4-insplit-out37"),
 ]
 
 
@@ -135,7 +139,7 @@ def test_sparsity_extremes(T, in_f, out_f, dtype):
     [
         pytest.param(3, 37, 37, id="T3-in37-out37"),
         pytest.param(37, 37, 37, id="T37-in37-out37"),
-        pytest.param(4, 300, 37, id="T4-in300-out37"),
+        pytest.param(4, SPLIT_IN, 37, id="T4-insplit-out37"),
     ],
 )
 def test_noncontiguous_inputs(T, in_f, out_f):
@@ -165,7 +169,7 @@ def test_noncontiguous_inputs(T, in_f, out_f):
         pytest.param(1, 37, 100, id="T1-in37-out100"),
         pytest.param(3, 100, 37, id="T3-in100-out37"),
         pytest.param(37, 100, 37, id="T37-in100-out37"),
-        pytest.param(4, 300, 200, id="T4-in300-out200"),
+        pytest.param(4, SPLIT_IN, 200, id="T4-insplit-out200"),
     ],
 )
 @pytest.mark.parametrize("chan", [False, True], ids=["scalar", "chan"])
@@ -200,7 +204,7 @@ def test_forced_split(split, monkeypatch):
 
 @pytest.mark.parametrize(
     "T, in_f, out_f",
-    [pytest.param(3, 37, 37, id="T3-in37-out37-nosplit"), pytest.param(4, 300, 37, id="T4-in300-out37-split")],
+    [pytest.param(3, 37, 37, id="T3-in37-out37-nosplit"), pytest.param(4, SPLIT_IN, 37, id="T4-insplit-out37-split")],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_out_buffer_fully_written(T, in_f, out_f, dtype):

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One device-machine call: build, run the GPU tests, run the GPU bench. Writes logs under $OUT.
-#   bash bench/gpu/run.sh [tests|bench|all] [pytest -k expression for the tests]
+# One device-machine call: build, run the GPU tests, the GPU bench and the profiler. Logs go under $OUT.
+#   bash bench/gpu/run.sh [tests|bench|profile|all] [pytest -k expression for the tests]
+# Env: TEST_LIMIT / BENCH_LIMIT / PROFILE_LIMIT (seconds), BENCH_K (pytest -k for the bench).
+# The tests run with one autotune config per kernel (SPARSEOPS_TRITON_AUTOTUNE=0): autotuning every
+# odd test shape costs minutes; the bench autotunes.
 set -uo pipefail
 what=${1:-all}
 kexpr=${2:-}
@@ -10,13 +13,20 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if ! python3 -c "import sparseops._C" 2>/dev/null; then
-  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
 fi
 if [[ $what == tests || $what == all ]]; then
-  args=(tests/test_kernels_csr.py tests/test_kernels_nm.py tests/test_kernels_fewbit.py)
+  args=(tests/test_kernels_*.py $(ls tests/test_gpu*.py 2>/dev/null))
   [[ -n $kexpr ]] && args+=(-k "$kexpr")
-  timeout 400 python3 -m pytest "${args[@]}" -q -p no:cacheprovider -n 8 --maxfail=30 -rf 2>&1 | tee "$OUT/tests.log" | tail -40
+  SPARSEOPS_TRITON_AUTOTUNE=0 timeout "${TEST_LIMIT:-300}" python3 -m pytest "${args[@]}" -v -p no:cacheprovider -n 16 -rf \
+    --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -60
 fi
 if [[ $what == bench || $what == all ]]; then
-  timeout 300 python3 bench/ratio.py --suite gpu --save "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -30
+  timeout "${BENCH_LIMIT:-240}" python3 -m pytest bench/bench_gpu.py --benchmark-only -s -q -p no:cacheprovider -p no:xdist \
+    ${BENCH_K:+-k "$BENCH_K"} --benchmark-json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" | grep -E "RESULT|Error|FAIL|assert" | tail -60
+  [[ -s $OUT/gpu.json ]] && python3 bench/ratio.py --suite gpu --json "$OUT/gpu.json" | tail -40
+fi
+if [[ $what == profile || $what == all ]]; then
+  timeout "${PROFILE_LIMIT:-150}" python3 -m sparseops --device cuda --patterns unstructured,2:4 --sparsity 0.5,0.9 \
+    --out "$OUT/profile" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -30
 fi

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from . import _gpu
 
 
 # NOTE: an openmp region costs a wake-up of every thread, and on a loaded 2-core machine one
@@ -153,6 +154,9 @@ def csr_dds(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional
         ``[B, out]`` in ``x.dtype`` (fp32 accumulation).
     """
     if x.device.type == "cuda":
+        if _gpu.use_dense(x.shape[0], "csr"):
+            w = _gpu.csr_weight(values, crow, col, out_features, x.shape[1])
+            return torch.nn.functional.linear(x, w, bias)
         from ..kernels import csr as K
 
         return K.csr_dds(x, values, crow, col, bias, out_features)
@@ -171,6 +175,8 @@ def csr_dsd(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: T
         ``[B, in]`` in ``dy.dtype``.
     """
     if dy.device.type == "cuda":
+        if _gpu.use_dense(dy.shape[0], "csr"):
+            return dy @ _gpu.csr_weight_t(values, t_crow, t_row, t_perm, dy.shape[1]).t()
         from ..kernels import csr as K
 
         return K.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
@@ -208,7 +214,11 @@ def csr_backward(
     if x.device.type == "cuda":
         from ..kernels import csr as K
 
-        return K.csr_dsd(dy, values, t_crow, t_row, t_perm, x.shape[1]), K.csr_sdd(dy, x, row, col)
+        if _gpu.use_dense(dy.shape[0], "csr"):
+            dx = dy @ _gpu.csr_weight_t(values, t_crow, t_row, t_perm, dy.shape[1]).t()
+        else:
+            dx = K.csr_dsd(dy, values, t_crow, t_row, t_perm, x.shape[1])
+        return dx, K.csr_sdd(dy, x, row, col)
     return csr_backward_host(dy, x, values, crow, col, row, t_crow, t_row, t_perm)
 
 

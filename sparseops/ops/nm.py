@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from . import _gpu
 from .csr import _eager_cpu, _np, _threads, _use_cpp
 
 # ---- host ops ----
@@ -115,6 +116,9 @@ def _gather_t(values, t_slot):
 def nm_dds(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], n: int, m: int) -> Tensor:
     """Forward ``y [B, out] = x [B, in] @ Wᵀ + bias`` for an N:M weight (``values [out, S]``, ``idx``)."""
     if x.device.type == "cuda":
+        if _gpu.use_dense(x.shape[0], "nm"):
+            w = _gpu.nm_weight(values, idx, n, m, x.shape[1])
+            return torch.nn.functional.linear(x, w, bias)
         from ..kernels import nm as K
 
         return K.nm_dds(x, values, idx, bias, values.shape[0], x.shape[1], n, m)
@@ -135,6 +139,8 @@ def nm_sdd(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
 def nm_dsd(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: int, m: int) -> Tensor:
     """Input gradient ``dx [B, in] = dy @ W`` of a transposable weight, on the N:M kernel over ``Wᵀ``."""
     if dy.device.type == "cuda":
+        if _gpu.use_dense(dy.shape[0], "nm"):
+            return dy @ _gpu.nm_weight(_gather_t(values, t_slot), t_idx, n, m, dy.shape[1]).t()
         from ..kernels import nm as K
 
         return K.nm_dds(dy, _gather_t(values, t_slot), t_idx, None, t_idx.shape[0], dy.shape[1], n, m)
@@ -145,6 +151,8 @@ def nm_dsd(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: int, m:
 def nm_dsd_csr(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
     """Input gradient ``dx [B, in] = dy @ W`` of any N:M weight, through the CSR of ``Wᵀ``."""
     if dy.device.type == "cuda":
+        if _gpu.use_dense(dy.shape[0], "nm"):
+            return dy @ _gpu.csr_weight_t(values.reshape(-1), t_crow, t_row, t_perm, dy.shape[1]).t()
         from ..kernels import csr as K
 
         vt = values.reshape(-1)[t_perm.long()]
