@@ -13,7 +13,13 @@
 // NOTE: prototype, 1 thread, 2:4 4096x4096 B=256 forward (useful GF/s): tiles outermost with no
 // prefetch 22-33, rows-blocks outermost with tiles inside 35-40, plus prefetch 4 rows ahead 45-50;
 // with every operand L1/L2 resident 62. dense sgemm on the same core: 70.
-// batches under 8: a gather kernel, 8 slots at a time, with the positions decoded into columns.
+// batches under 8: 8 slots at a time, the positions decoded into 8 lanes. when an 8-slot block's
+// columns span at most 32 (2:4, 1:4, 2:8, 4:8, 3:4, 15:16, ...) x is read from 2 or 4 registers
+// loaded at the block's first group and picked by permutes (nm_window; 2:4 has its own in-lane
+// kernel, nm_window24); wider spans (1:8, 1:16, ...) use the AVX2 gather (nm_gather).
+// measured (bench/bench_nm.py, 2:4, B=1, 4096x11008 fp32, 2 threads): gather 21.3 ms, window 10.9,
+// window with the batch as a template argument 8.8, the in-lane 2:4 kernel 8.2, plus a software
+// prefetch 2 KB ahead 6.7 to 7.9 (dense 8.4 to 10.2 in the same runs).
 #pragma once
 
 #include "csr_impl.h"
@@ -227,6 +233,185 @@ void nm_gather(const float* ap, int64_t B, const NmShape& d, const float* v, con
   }
 }
 
+alignas(32) inline constexpr int32_t kZeroLanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+
+// registers of x an 8-slot block's columns span (2 or 4), or 0 when they span more than 32 columns
+inline int nm_window_regs(const NmShape& d, const BlockCols& bc) {
+  int w = 0;
+  for (int r = 0; r < d.n; ++r) w = std::max(w, bc.tab[r][7] - bc.tab[r][0] + d.m);
+  return w <= 16 ? 2 : w <= 32 ? 4 : 0;
+}
+
+// small batch, narrow windows (2:4, 1:4, 2:8, 4:8, 3:4, ...): the 8 slots of a block read their x
+// from NW registers loaded at the block's first group, picked by permutes on the decoded positions
+// (no gather). ap is [BB, lda] with lda >= Kp + 8 * NW and zeros past Kp, so a window never leaves it.
+// BB (the batch, 1 to 7) is a template argument so that the accumulators stay in registers: with a
+// runtime batch they went through the stack, and the FMA chain through store forwarding ran 2:4 at
+// B=1 4096x11008 at 10.9 ms (dense: 10.5). two accumulators per row alternate blocks.
+template <class V, int NW, int BB>
+void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& bc, const float* v, const uint8_t* idx,
+               int64_t rows, const float* bias, float* y, int nthreads) {
+  alignas(32) int32_t offs[16][8];
+  for (int r = 0; r < d.n; ++r)
+    for (int s = 0; s < 8; ++s) offs[r][s] = bc.tab[r][s] - bc.tab[r][0];
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t o = 0; o < rows; ++o) {
+    const float* vr = v + o * d.S;
+    const uint8_t* ir = idx + o * d.Sb;
+    typename V::reg acc[2][BB];
+    for (int h = 0; h < 2; ++h)
+      for (int b = 0; b < BB; ++b) acc[h][b] = V::zero();
+    int64_t j = 0, q = 0;
+    int r = 0;
+    auto block = [&](int h) {
+      uint32_t word;
+      std::memcpy(&word, ir + j / 2, 4);
+      const typename V::ireg c = V::nib8(word, V::iload(offs[r]));
+      const float* xb = ap + 8 * d.m * q + bc.tab[r][0];
+      if (++r == d.n) {
+        r = 0;
+        ++q;
+      }
+      const typename V::reg w = V::load(vr + j);
+      for (int b = 0; b < BB; ++b) {
+        typename V::reg xw[NW];
+        for (int k = 0; k < NW; ++k) xw[k] = V::load(xb + b * lda + 8 * k);
+        acc[h][b] = V::fma(w, V::template select<NW>(xw, c), acc[h][b]);
+      }
+      j += 8;
+    };
+    while (j + 16 <= d.S) {
+      block(0);
+      block(1);
+    }
+    if (j + 8 <= d.S) block(0);
+    float res[BB];
+    for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
+    for (; j < d.S; ++j) {
+      const int64_t col = (j / d.n) * d.m + nib(ir, j);
+      for (int b = 0; b < BB; ++b) res[b] += vr[j] * ap[b * lda + col];
+    }
+    const float bo = bias ? bias[o] : 0.f;
+    for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
+  }
+}
+
+// 2:4, small batch: each 8-slot block covers 4 groups (16 columns). x is re-laid out once per call
+// as xr = [g0 | g2], [g1 | g3] per 16 columns, so that a block's slots (g0 g0 g1 g1 | g2 g2 g3 g3)
+// pick their x with two in-lane permutes (vpermilps, the position's low 2 bits) and a fixed blend:
+// no lane-crossing permute and no offset arithmetic. the values stream is prefetched 2 KB ahead:
+// without it one thread read about 9.6 GB/s where a plain streaming sum reads 18.
+template <class V, int BB>
+void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v, const uint8_t* idx, int64_t rows,
+                 const float* bias, float* y, int nthreads) {
+  const int64_t nb = d.S / 8;  // whole blocks; the rest of the slots go through ap
+  float* xr = scratch(COPY2, static_cast<size_t>(std::max<int64_t>(1, BB * nb * 16)));
+  for (int b = 0; b < BB; ++b)
+    for (int64_t k = 0; k < nb; ++k) {
+      const float* src = ap + b * lda + 16 * k;
+      float* dst = xr + (b * nb + k) * 16;
+      for (int t = 0; t < 4; ++t) {
+        dst[t] = src[t];            // g0
+        dst[4 + t] = src[8 + t];    // g2
+        dst[8 + t] = src[4 + t];    // g1
+        dst[12 + t] = src[12 + t];  // g3
+      }
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t o = 0; o < rows; ++o) {
+    const float* vr = v + o * d.S;
+    const uint8_t* ir = idx + o * d.Sb;
+    typename V::reg acc[2][BB];
+    for (int h = 0; h < 2; ++h)
+      for (int b = 0; b < BB; ++b) acc[h][b] = V::zero();
+    const typename V::ireg zero_off = V::iload(kZeroLanes);
+    int64_t k = 0;
+    for (; k + 4 <= nb; k += 4) {
+      prefetch(vr + 8 * k + 512);
+      prefetch(vr + 8 * k + 528);
+      if ((k & 15) == 0) prefetch(ir + 4 * k + 256);
+      uint64_t wa, wb;
+      std::memcpy(&wa, ir + 4 * k, 8);
+      std::memcpy(&wb, ir + 4 * k + 8, 8);
+      const typename V::ireg c0 = V::nib8(static_cast<uint32_t>(wa), zero_off);
+      const typename V::ireg c1 = V::nib8(static_cast<uint32_t>(wa >> 32), zero_off);
+      const typename V::ireg c2 = V::nib8(static_cast<uint32_t>(wb), zero_off);
+      const typename V::ireg c3 = V::nib8(static_cast<uint32_t>(wb >> 32), zero_off);
+      const float* vk = vr + 8 * k;
+      for (int b = 0; b < BB; ++b) {
+        const float* xb = xr + (b * nb + k) * 16;
+        const typename V::reg s0 = V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0));
+        const typename V::reg s1 = V::blend_cc(V::permil(V::load(xb + 16), c1), V::permil(V::load(xb + 24), c1));
+        const typename V::reg s2 = V::blend_cc(V::permil(V::load(xb + 32), c2), V::permil(V::load(xb + 40), c2));
+        const typename V::reg s3 = V::blend_cc(V::permil(V::load(xb + 48), c3), V::permil(V::load(xb + 56), c3));
+        acc[0][b] = V::fma(V::load(vk), s0, acc[0][b]);
+        acc[1][b] = V::fma(V::load(vk + 8), s1, acc[1][b]);
+        acc[0][b] = V::fma(V::load(vk + 16), s2, acc[0][b]);
+        acc[1][b] = V::fma(V::load(vk + 24), s3, acc[1][b]);
+      }
+    }
+    for (; k + 2 <= nb; k += 2) {
+      prefetch(vr + 8 * k + 512);
+      if ((k & 15) == 0) prefetch(ir + 4 * k + 256);
+      uint64_t word;
+      std::memcpy(&word, ir + 4 * k, 8);
+      const typename V::ireg c0 = V::nib8(static_cast<uint32_t>(word), zero_off);
+      const typename V::ireg c1 = V::nib8(static_cast<uint32_t>(word >> 32), zero_off);
+      const typename V::reg w0 = V::load(vr + 8 * k), w1 = V::load(vr + 8 * k + 8);
+      for (int b = 0; b < BB; ++b) {
+        const float* xb = xr + (b * nb + k) * 16;
+        const typename V::reg s0 = V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0));
+        const typename V::reg s1 = V::blend_cc(V::permil(V::load(xb + 16), c1), V::permil(V::load(xb + 24), c1));
+        acc[0][b] = V::fma(w0, s0, acc[0][b]);
+        acc[1][b] = V::fma(w1, s1, acc[1][b]);
+      }
+    }
+    for (; k < nb; ++k) {
+      uint32_t word;
+      std::memcpy(&word, ir + 4 * k, 4);
+      const typename V::ireg c0 = V::nib8(word, zero_off);
+      const typename V::reg w0 = V::load(vr + 8 * k);
+      for (int b = 0; b < BB; ++b) {
+        const float* xb = xr + (b * nb + k) * 16;
+        acc[0][b] = V::fma(w0, V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0)), acc[0][b]);
+      }
+    }
+    float res[BB];
+    for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
+    for (int64_t j = 8 * nb; j < d.S; ++j) {
+      const int64_t col = (j / 2) * 4 + nib(ir, j);
+      for (int b = 0; b < BB; ++b) res[b] += vr[j] * ap[b * lda + col];
+    }
+    const float bo = bias ? bias[o] : 0.f;
+    for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
+  }
+}
+
+template <class V, int NW>
+void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, const BlockCols& bc, const float* v,
+                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+  if (d.n == 2 && d.m == 4) {
+    switch (B) {
+      case 1: return nm_window24<V, 1>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 2: return nm_window24<V, 2>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 3: return nm_window24<V, 3>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 4: return nm_window24<V, 4>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 5: return nm_window24<V, 5>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 6: return nm_window24<V, 6>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      default: return nm_window24<V, 7>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+    }
+  }
+  switch (B) {
+    case 1: return nm_window<V, NW, 1>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 2: return nm_window<V, NW, 2>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 3: return nm_window<V, NW, 3>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 4: return nm_window<V, NW, 4>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 5: return nm_window<V, NW, 5>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 6: return nm_window<V, NW, 6>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    default: return nm_window<V, NW, 7>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+  }
+}
+
 template <class V>
 void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
              const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
@@ -241,8 +426,24 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
     v = g;
   }
   if (B < 8) {
-    const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
-    nm_gather<V>(ap, B, d, v, idx, rows, bias, y, nthreads);
+    const BlockCols bc(d.n, d.m);
+    const int nw = nm_window_regs(d, bc);
+    if (nw) {
+      // a padded copy 32 columns wider than Kp: the zeros past Kp are read by the last windows
+      const int64_t lda = d.Kp + 32;
+      float* ap = scratch(COPY1, static_cast<size_t>(B * lda));
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t k = 0; k < K; ++k) ap[b * lda + k] = a[b * s0 + k * s1];
+        for (int64_t k = K; k < lda; ++k) ap[b * lda + k] = 0.f;
+      }
+      if (nw == 2)
+        nm_window_b<V, 2>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
+      else
+        nm_window_b<V, 4>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
+    } else {
+      const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
+      nm_gather<V>(ap, B, d, v, idx, rows, bias, y, nthreads);
+    }
   } else {
     with_tile_width(B, [&](auto nv) {
       nm_spmm_packed<V, decltype(nv)::value>(a, B, s0, s1, d, v, idx, rows, bias, y, nthreads);

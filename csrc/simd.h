@@ -171,6 +171,38 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = lv[c.v[i] >> 3].v[c.v[i] & 7];
     return r;
   }
+
+  // ---- N:M positions (see nm_impl.h) ----
+  // lane i: nibble i of w, plus off.v[i]
+  static inline ireg nib8(uint32_t w, const ireg& off) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) c.v[i] = static_cast<int32_t>((w >> (4 * i)) & 15u) + off.v[i];
+    return c;
+  }
+  static inline ireg iload(const int32_t* p) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) c.v[i] = p[i];
+    return c;
+  }
+  // lane i: a.v[4 * (i / 4) + (c.v[i] & 3)] (a permute within each 128-bit half)
+  static inline reg permil(const reg& a, const ireg& c) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[4 * (i / 4) + (c.v[i] & 3)];
+    return r;
+  }
+  // lanes 0, 1, 4, 5 from a, lanes 2, 3, 6, 7 from b
+  static inline reg blend_cc(const reg& a, const reg& b) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = (i & 2) ? b.v[i] : a.v[i];
+    return r;
+  }
+  // lane i: x[c.v[i]] from NW loaded registers x[0..8*NW), c < 8 * NW (NW = 2 or 4)
+  template <int NW>
+  static inline reg select(const reg* x, const ireg& c) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = x[c.v[i] >> 3].v[c.v[i] & 7];
+    return r;
+  }
   static inline reg load_bf16(const uint16_t* p) {
     reg r;
     for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_f32(p[i]);
@@ -272,6 +304,25 @@ struct VecAVX2 {
     // bit 3 of the code picks the upper table; blendv reads the sign bit
     const __m256 hi = _mm256_permutevar8x32_ps(lv[1], c);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+  }
+
+  // ---- N:M positions (see VecPortable for the meaning of each) ----
+  static inline ireg nib8(uint32_t w, ireg off) {
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), sh), _mm256_set1_epi32(15));
+    return _mm256_add_epi32(c, off);
+  }
+  static inline ireg iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline reg permil(reg a, ireg c) { return _mm256_permutevar_ps(a, c); }
+  static inline reg blend_cc(reg a, reg b) { return _mm256_blend_ps(a, b, 0xCC); }
+  template <int NW>
+  static inline reg select(const reg* x, ireg c) {
+    // vpermps reads the low 3 bits; blendv picks by the sign bit of bit 3 (then bit 4) moved up
+    const __m256 m3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));
+    const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x[0], c), _mm256_permutevar8x32_ps(x[1], c), m3);
+    if (NW == 2) return lo;
+    const __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x[2], c), _mm256_permutevar8x32_ps(x[3], c), m3);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 27)));
   }
   static inline reg load_bf16(const uint16_t* p) {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
