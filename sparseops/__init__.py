@@ -16,6 +16,7 @@ from ._cpp import isa, set_isa
 from . import data, dst, pruning  # noqa: F401
 from .dst import SET, RigL, SRigL
 from .api import sparsify_, sparsify_activations_
+from .autoselect import explain
 from .pruning import GradualPruner
 from .nn import ActivationSparseLinear, MonarchLinear, SparseLinear, calibrate_
 from .patterns import NM, Block, Butterfly, FanIn, Monarch, Unstructured
@@ -35,6 +36,7 @@ __all__ = [
     "pruning",
     "MonarchLinear",
     "sparsify_",
+    "explain",
     "Unstructured",
     "NM",
     "FanIn",

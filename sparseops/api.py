@@ -36,6 +36,11 @@ def sparsify_(
     pattern="unstructured",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     scope: str = "layer",
+    only_if_faster: bool = False,
+    batch: int | None = None,
+    mode: str | None = None,
+    timer=None,
+    cache=True,
 ) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`SparseLinear`, in place.
 
@@ -50,15 +55,37 @@ def sparsify_(
         filter_fn: ``filter_fn(module, fqn) -> bool``; only layers for which it is True are swapped.
         scope: ``"layer"`` prunes each layer to ``sparsity``; ``"global"`` ranks magnitudes across
             all swapped layers, so the total sparsity is ``sparsity`` and layers differ.
+        only_if_faster: time each layer dense and sparse at its own shape on this machine (its
+            device, dtype and ``torch.get_num_threads()``) and keep it dense where the sparse
+            layer is not faster; see :mod:`sparseops.autoselect` for the method and the cache,
+            and :func:`sparseops.explain` for the choices.
+        batch: rows per call (tokens: batch x sequence) to decide at; required with ``only_if_faster``.
+        mode: ``"fwd"`` or ``"fwdbwd"`` (forward + backward); default ``"fwdbwd"`` if
+            ``model.training`` else ``"fwd"``.
+        timer: ``timer(layer, step) -> ms`` replaces the measurement (tests inject one).
+        cache: ``True`` (the user cache directory), ``False`` (measure every time), or a directory.
 
     Returns:
         ``model`` (or, if ``model`` is itself an ``nn.Linear``, its replacement).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``; ValueError: bad sparsity or scope.
+        TypeError: ``model`` is not an ``nn.Module``; ValueError: bad sparsity, scope, batch or mode.
+        RuntimeError: with ``only_if_faster``, a sparse layer whose output disagrees with its
+            dense weight (it is never timed; the model is left unchanged).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(only_if_faster, bool):
+        raise TypeError(f"only_if_faster: expected a bool, got {type(only_if_faster).__name__}")
+    if only_if_faster:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: only_if_faster needs the rows per call to decide at, an int >= 1; got {batch!r}")
+        mode = mode if mode is not None else ("fwdbwd" if model.training else "fwd")
+        if mode not in ("fwd", "fwdbwd"):
+            raise ValueError(f"mode: expected 'fwd' or 'fwdbwd', got {mode!r}")
+        if timer is not None and not callable(timer):
+            raise TypeError(f"timer: expected a callable timer(layer, step) -> ms, got {type(timer).__name__}")
+        cache = _cache_dir(cache)
     pat = as_pattern(pattern)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
@@ -82,6 +109,8 @@ def sparsify_(
         targets = [(fqn, m) for fqn, m in targets if min(m.in_features, m.out_features) >= pat.nblocks]
         with torch.no_grad():
             new = [MonarchLinear.from_dense(m, pat.nblocks) for _, m in targets]
+        if only_if_faster:
+            targets, new = _keep_faster(targets, new, batch, mode, timer, cache)
         return _swap(model, targets, new)
     if scope == "global":
         masks = global_magnitude([m.weight for _, m in targets], sparsity)
@@ -91,7 +120,43 @@ def sparsify_(
     layer_pat = dataclasses.replace(pat, sparsity=None) if isinstance(pat, (Unstructured, Block)) else pat
     with torch.no_grad():
         new = [SparseLinear.from_dense(m, mask=mk, pattern=layer_pat) for (_, m), mk in zip(targets, masks)]
+    if only_if_faster:
+        targets, new = _keep_faster(targets, new, batch, mode, timer, cache)
     return _swap(model, targets, new)
+
+
+def _cache_dir(cache):
+    from pathlib import Path
+
+    from .autoselect import default_cache_dir
+
+    if cache is True:
+        return default_cache_dir()
+    if cache is False or cache is None:
+        return None
+    if isinstance(cache, (str, Path)):
+        return Path(cache)
+    raise TypeError(f"cache: expected True, False or a directory path, got {type(cache).__name__}")
+
+
+def _keep_faster(targets, new, batch, mode, timer, cache):
+    """The targets whose sparse layer won (each layer, swapped or not, carries its Decision).
+
+    Every layer is decided before any is swapped or marked: an error leaves the model unchanged.
+    """
+    from .autoselect import ATTR, decide
+
+    decisions = [decide(fqn, m, s, batch=batch, mode=mode, timer=timer, cache=cache)
+                 for (fqn, m), s in zip(targets, new)]
+    keep_t, keep_n = [], []
+    for (fqn, m), s, dec in zip(targets, new, decisions):
+        if dec.chose == "sparse":
+            setattr(s, ATTR, dec)
+            keep_t.append((fqn, m))
+            keep_n.append(s)
+        else:
+            setattr(m, ATTR, dec)
+    return keep_t, keep_n
 
 
 def _swap(model: nn.Module, targets, new) -> nn.Module:
