@@ -1,8 +1,10 @@
 """N:M sparse linear: dense nn.Linear vs sparseops N:M vs the same mask as unstructured CSR, fp32 CPU.
 
 Run: ``pytest bench/bench_nm.py --benchmark-only`` (``python bench/ratio.py --suite nm`` prints the ratios).
-"2:4T" is a transposable 2:4 mask, whose input gradient runs on the N:M kernel. Each case is
-checked against dense once before it is timed.
+"2:4T" is a transposable 2:4 mask, whose input gradient runs on the N:M kernel. "fanin:K" is
+constant fan-in (exactly K nonzeros a row; K = in/10 is the issue's 90%-equivalent case), whose
+"sparseops_csr" twin is the same mask as an unstructured layer. Each case is checked against dense
+once before it is timed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ THREADS = 2
 PROVIDERS = ["dense", "sparseops", "sparseops_csr"]
 
 
-def _pattern(name: str) -> sparseops.NM:
+def _pattern(name: str):
+    if name.startswith("fanin:"):
+        return sparseops.FanIn(int(name.split(":")[1]))
     n, m = (int(v) for v in name.rstrip("T").split(":"))
     return sparseops.NM(n, m, transposable=name.endswith("T"))
 
@@ -52,6 +56,10 @@ CASES = [
 ] + [
     pytest.param(b, i, o, "2:4", "fwd", id=f"B{b}-in{i}-out{o}-2:4-fwd")
     for (b, i, o) in NM_DECODE_SHAPES
+] + [
+    pytest.param(b, i, o, f"fanin:{i // 10}", mode, id=f"B{b}-in{i}-out{o}-fanin{i // 10}-{mode}")
+    for (b, i, o) in NM_SHAPES
+    for mode in ("fwdbwd", "fwd")
 ]
 
 
