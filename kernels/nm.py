@@ -242,7 +242,7 @@ def _nm_sdd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_os)
 
 
-@triton.autotune(configs=_tune(_SDD_DOT_CONFIGS), key=["B_BUCKET", "OUT_BUCKET", "S_BUCKET", "N", "M"])
+@triton.autotune(configs=_tune(_SDD_DOT_CONFIGS), key=_SDD_KEYS)
 @triton.jit
 def _nm_sdd_dot_kernel(
     dy_ptr,  # [B, out]
