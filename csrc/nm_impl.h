@@ -233,8 +233,6 @@ void nm_gather(const float* ap, int64_t B, const NmShape& d, const float* v, con
   }
 }
 
-alignas(32) inline constexpr int32_t kZeroLanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-
 // registers of x an 8-slot block's columns span (2 or 4), or 0 when they span more than 32 columns
 inline int nm_window_regs(const NmShape& d, const BlockCols& bc) {
   int w = 0;
@@ -324,7 +322,6 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
     typename V::reg acc[2][BB];
     for (int h = 0; h < 2; ++h)
       for (int b = 0; b < BB; ++b) acc[h][b] = V::zero();
-    const typename V::ireg zero_off = V::iload(kZeroLanes);
     int64_t k = 0;
     for (; k + 4 <= nb; k += 4) {
       prefetch(vr + 8 * k + 512);
@@ -333,10 +330,10 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
       uint64_t wa, wb;
       std::memcpy(&wa, ir + 4 * k, 8);
       std::memcpy(&wb, ir + 4 * k + 8, 8);
-      const typename V::ireg c0 = V::nib8(static_cast<uint32_t>(wa), zero_off);
-      const typename V::ireg c1 = V::nib8(static_cast<uint32_t>(wa >> 32), zero_off);
-      const typename V::ireg c2 = V::nib8(static_cast<uint32_t>(wb), zero_off);
-      const typename V::ireg c3 = V::nib8(static_cast<uint32_t>(wb >> 32), zero_off);
+      const typename V::ireg c0 = V::shr4x8(static_cast<uint32_t>(wa));
+      const typename V::ireg c1 = V::shr4x8(static_cast<uint32_t>(wa >> 32));
+      const typename V::ireg c2 = V::shr4x8(static_cast<uint32_t>(wb));
+      const typename V::ireg c3 = V::shr4x8(static_cast<uint32_t>(wb >> 32));
       const float* vk = vr + 8 * k;
       for (int b = 0; b < BB; ++b) {
         const float* xb = xr + (b * nb + k) * 16;
@@ -355,8 +352,8 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
       if ((k & 15) == 0) prefetch(ir + 4 * k + 256);
       uint64_t word;
       std::memcpy(&word, ir + 4 * k, 8);
-      const typename V::ireg c0 = V::nib8(static_cast<uint32_t>(word), zero_off);
-      const typename V::ireg c1 = V::nib8(static_cast<uint32_t>(word >> 32), zero_off);
+      const typename V::ireg c0 = V::shr4x8(static_cast<uint32_t>(word));
+      const typename V::ireg c1 = V::shr4x8(static_cast<uint32_t>(word >> 32));
       const typename V::reg w0 = V::load(vr + 8 * k), w1 = V::load(vr + 8 * k + 8);
       for (int b = 0; b < BB; ++b) {
         const float* xb = xr + (b * nb + k) * 16;
@@ -369,7 +366,7 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
     for (; k < nb; ++k) {
       uint32_t word;
       std::memcpy(&word, ir + 4 * k, 4);
-      const typename V::ireg c0 = V::nib8(word, zero_off);
+      const typename V::ireg c0 = V::shr4x8(word);
       const typename V::reg w0 = V::load(vr + 8 * k);
       for (int b = 0; b < BB; ++b) {
         const float* xb = xr + (b * nb + k) * 16;

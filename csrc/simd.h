@@ -179,6 +179,12 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) c.v[i] = static_cast<int32_t>((w >> (4 * i)) & 15u) + off.v[i];
     return c;
   }
+  // lane i: w >> (4 * i), the higher nibbles left in (for permil, which reads the low 2 bits)
+  static inline ireg shr4x8(uint32_t w) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) c.v[i] = static_cast<int32_t>(w >> (4 * i));
+    return c;
+  }
   static inline ireg iload(const int32_t* p) {
     ireg c;
     for (int i = 0; i < 8; ++i) c.v[i] = p[i];
@@ -311,6 +317,9 @@ struct VecAVX2 {
     const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), sh), _mm256_set1_epi32(15));
     return _mm256_add_epi32(c, off);
+  }
+  static inline ireg shr4x8(uint32_t w) {
+    return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
   }
   static inline ireg iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static inline reg permil(reg a, ireg c) { return _mm256_permutevar_ps(a, c); }
