@@ -1147,3 +1147,39 @@ def test_nm_binding_rejects_malformed_arguments(op, name, exc, changes):
         _call(op, a, out)
     base = out.base if out.base is not None else out
     assert np.isnan(base).all(), "the output was written although an error was raised"
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 5), (7, 16), (1, 2)])
+@pytest.mark.parametrize("transposable", [False, True], ids=["plain", "transposable"])
+def test_from_mask_layout_by_its_definition(n, m, transposable):
+    # an independent per-group oracle of the layout: a group's slots hold its kept positions, then
+    # the smallest unused ones, ascending; t_row/t_perm list Wᵀ's nonzeros row by row with their slot
+    from sparseops.formats.nm import NMWeight, unpack_positions
+
+    torch.manual_seed(1)
+    out_f, in_f = 13, 37
+    w = torch.randn(out_f, in_f)
+    mask = sparseops.masks.transposable_nm(w, n, m) if transposable else sparseops.masks.nm(w, n, m)
+    mask &= torch.rand(out_f, in_f) > 0.3
+    f = NMWeight.from_mask(mask, n, m, transposable)
+    G = -(-in_f // m)
+    S = G * n
+    pos = unpack_positions(f.idx, S)
+    empty = set(f.empty.tolist())
+    for r in range(out_f):
+        for g in range(G):
+            cols = range(g * m, min(in_f, g * m + m))
+            kept = [c - g * m for c in cols if mask[r, c]]
+            unused = [p for p in range(m) if p not in kept]
+            want = sorted(kept + unused[: n - len(kept)])
+            assert pos[r, g * n : g * n + n].tolist() == want, (r, g)
+            for j, p in enumerate(want):
+                assert ((r * S + g * n + j) in empty) == (p not in kept)
+    t_crow, t_row, t_perm = f.t_crow.long(), f.t_row.long(), f.t_perm.long()
+    for c in range(in_f):
+        rows = t_row[t_crow[c] : t_crow[c + 1]].tolist()
+        assert rows == mask[:, c].nonzero().flatten().tolist()
+        for k in range(int(t_crow[c]), int(t_crow[c + 1])):
+            s = int(t_perm[k])
+            r, j = divmod(s, S)
+            assert r == rows[k - int(t_crow[c])] and (j // n) * m + int(pos[r, j]) == c

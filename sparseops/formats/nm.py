@@ -63,15 +63,45 @@ def unpack_positions(idx: torch.Tensor, slots: int) -> torch.Tensor:
     return torch.stack((lo, hi), dim=2).reshape(idx.shape[0], 2 * idx.shape[1])[:, :slots]
 
 
-def _slots_of(mask: torch.Tensor, n: int, m: int):
-    """Positions ``[R, G, n]`` (int64, ascending per group) and their validity for a mask ``[R, K]``."""
+def _cumsum_m(t: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumsum over the last (short, m <= 16) dim as m slice adds: torch's cumsum over a
+    4-wide last dim of a 4096x11008 mask took 0.5 s, the slices a few ms each."""
+    out = torch.empty_like(t)
+    out[..., 0] = t[..., 0]
+    for p in range(1, t.shape[-1]):
+        torch.add(out[..., p - 1], t[..., p], out=out[..., p])
+    return out
+
+
+def _select(mask: torch.Tensor, n: int, m: int):
+    """The slot layout of a mask ``[R, K]``: ``(mg [R, G, m], sel, srank)``.
+
+    A group's slots hold its kept positions and then the smallest unused ones, all ascending:
+    ``sel`` marks the ``n`` selected positions of each group and ``srank`` (int16) is each selected
+    position's slot within the group. Elementwise work over slices of ``m``: no sort.
+    """
     R, K = mask.shape
     G = -(-K // m)
     mg = F.pad(mask, (0, G * m - K)).view(R, G, m)
-    ar = torch.arange(m, device=mask.device)
-    # kept positions first, then the unused ones, each ascending; the first n are the slots
-    key = (~mg).long() * m + ar
-    pos = torch.sort(torch.argsort(key, dim=2)[:, :, :n], dim=2).values
+    kept = _cumsum_m(mg.to(torch.int16))  # kept positions up to and including p
+    cnt = kept[:, :, -1:]  # kept in the group (<= n)
+    ar = torch.arange(1, m + 1, device=mask.device, dtype=torch.int16)
+    # an unused position is selected while the unused ones up to it fill the group's n - cnt free slots
+    sel = mg | ((ar - kept) <= (n - cnt))
+    srank = _cumsum_m(sel.to(torch.int16)).sub_(1)
+    return mg, sel, srank
+
+
+def _slots_of(mask: torch.Tensor, n: int, m: int, layout=None):
+    """Positions ``[R, G, n]`` (int64, ascending per group) and their validity for a mask ``[R, K]``."""
+    mg, sel, srank = layout if layout is not None else _select(mask, n, m)
+    R, G, _ = mg.shape
+    pos = torch.zeros(R, G, n, dtype=torch.int64, device=mask.device)
+    # slot j holds the selected position whose rank is j: exactly one per (group, j)
+    slot = torch.arange(n, device=mask.device, dtype=torch.int16)
+    for p in range(1, m):  # position 0 adds nothing
+        hit = sel[:, :, p : p + 1] & (srank[:, :, p : p + 1] == slot)
+        pos.add_(hit.to(torch.int64) * p)
     return pos, mg.gather(2, pos)
 
 
@@ -133,22 +163,26 @@ class NMWeight:
                 f"(use sparseops.masks.transposable_nm)"
             )
         out_f, in_f = mask.shape
-        pos, valid = _slots_of(mask, n, m)
+        dev = mask.device
+        layout = _select(mask, n, m)
+        pos, valid = _slots_of(mask, n, m, layout)
         S = pos.shape[1] * n
         flat_valid = valid.reshape(out_f, S)
         empty = (~flat_valid).reshape(-1).nonzero().flatten()
         idx = pack_positions(pos.reshape(out_f, S))
-        # slot number of every stored weight, as a dense map (only read on the mask)
-        cols = (torch.arange(pos.shape[1], device=mask.device).view(1, -1, 1) * m + pos).reshape(out_f, S)
-        slot_ids = torch.arange(out_f * S, device=mask.device).view(out_f, S)
-        rows, ccols = mask.nonzero(as_tuple=True)
-        slot_map = torch.full((out_f, max(in_f, 1) if in_f else 0), -1, dtype=torch.int64, device=mask.device)
-        vr, vc = flat_valid.nonzero(as_tuple=True)
-        slot_map[vr, cols[vr, vc]] = slot_ids[vr, vc]
-        order = torch.sort(ccols, stable=True).indices
-        t_crow = torch.zeros(in_f + 1, dtype=torch.int64, device=mask.device)
-        t_crow[1:] = torch.cumsum(torch.bincount(ccols, minlength=in_f), 0)
-        dev = mask.device
+        # the slot of every position (r, c): r * S + (c // m) * n + its rank among the group's
+        # slots (read on the mask only); int32 where the slot count allows
+        sdt = torch.int32 if out_f * S < 2**31 else torch.int64
+        slot_of = (layout[2].reshape(out_f, pos.shape[1] * m)[:, :in_f].to(sdt)
+                   + (torch.arange(in_f, device=dev, dtype=sdt) // m * n).view(1, -1)
+                   + (torch.arange(out_f, device=dev, dtype=sdt) * S).view(-1, 1))
+
+        # the nonzeros of Wᵀ in its row-major order are W's sorted by column, then row: t_row and
+        # t_perm straight from mask.t(), with no sort
+        tc, tr = mask.t().nonzero(as_tuple=True)  # tc: column of W (row of Wᵀ), tr: row of W
+        t_crow = torch.zeros(in_f + 1, dtype=torch.int64, device=dev)
+        t_crow[1:] = torch.cumsum(torch.bincount(tc, minlength=in_f), 0)
+        t_row, t_perm = tr, slot_of.t()[mask.t()]
         if transposable:
             tpos, tvalid = _slots_of(mask.t(), n, m)
             St = tpos.shape[1] * n
@@ -157,7 +191,7 @@ class NMWeight:
             # padded rows of Wᵀ (columns of W >= out) are never valid slots
             t_slot = torch.full((in_f, St), -1, dtype=torch.int64, device=dev)
             ti, tj = tvalid.reshape(in_f, St).nonzero(as_tuple=True)
-            t_slot[ti, tj] = slot_map.t()[ti, tcols[ti, tj]]
+            t_slot[ti, tj] = slot_of[tcols[ti, tj], ti].long()
         else:
             t_idx = torch.zeros(0, 0, dtype=torch.uint8, device=dev)
             t_slot = torch.zeros(0, 0, dtype=torch.int64, device=dev)
@@ -170,8 +204,8 @@ class NMWeight:
             idx=idx,
             empty=empty,
             t_crow=t_crow.to(INDEX_DTYPE),
-            t_row=rows[order].to(INDEX_DTYPE),
-            t_perm=slot_map[rows, ccols][order].to(INDEX_DTYPE),
+            t_row=t_row.to(INDEX_DTYPE),
+            t_perm=t_perm.to(INDEX_DTYPE),
             t_idx=t_idx,
             t_slot=t_slot.to(INDEX_DTYPE).contiguous(),
         )
