@@ -182,3 +182,14 @@ def test_bad_timer_value_and_wrong_kernel_leave_the_model_unchanged(tmp_path, mo
         sparseops.sparsify_(model, 0.5, only_if_faster=True, batch=2, mode="fwd",
                             timer=_timer(lambda m: True), cache=tmp_path)
     assert all(type(m) is nn.Linear for m in (model.wide, model.narrow, model.head))
+
+
+def test_timing_backward_leaves_no_gradients(tmp_path):
+    # fwdbwd timing runs backward: the kept layers' .grad must be what it was, the new ones' None
+    model = Net()
+    model.head.weight.grad = torch.full_like(model.head.weight, 7.0)
+    sparseops.sparsify_(model, 0.5, only_if_faster=True, batch=3, mode="fwdbwd",
+                        timer=_timer(lambda layer: layer.in_features == 64), cache=tmp_path)
+    assert type(model.head) is nn.Linear and torch.equal(model.head.weight.grad, torch.full_like(model.head.weight, 7.0))
+    assert type(model.narrow) is nn.Linear and model.narrow.weight.grad is None and model.narrow.bias.grad is None
+    assert isinstance(model.wide, SparseLinear) and all(p.grad is None for p in model.wide.parameters())
