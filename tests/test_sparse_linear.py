@@ -430,3 +430,23 @@ def test_global_magnitude_never_empties_a_layer():
     assert masks[1].sum() == 1 and masks[1].view(-1)[tiny.abs().argmax()]
     assert masks[0].sum() == (2500 + 12) - round(0.9 * (2500 + 12))
     assert [m.shape for m in masks] == [big.shape, tiny.shape]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:8"])
+def test_no_grad_forward_skips_autograd_function_and_matches(pattern, monkeypatch):
+    # under no_grad (or with nothing requiring grad) the layer runs its forward op directly; the
+    # output is the autograd path's, bit for bit
+    from sparseops.autograd import bsr, csr, nm
+
+    lin = torch.nn.Linear(40, 24)
+    layer = sparseops.SparseLinear.from_dense(lin, pattern=pattern, sparsity=0.5 if pattern != "2:4" else None)
+    x = torch.randn(3, 5, 40)
+    with_grad = layer(x)
+    assert with_grad.requires_grad
+    for fn in (csr.SparseLinearFunction, nm.NMLinearFunction, bsr.BlockLinearFunction):
+        monkeypatch.setattr(fn, "apply", lambda *a: pytest.fail("autograd.Function ran without a gradient to track"))
+    with torch.no_grad():
+        y = layer(x)
+    assert not y.requires_grad and torch.equal(y, with_grad.detach())
+    layer.requires_grad_(False)
+    assert torch.equal(layer(x), with_grad.detach())  # grad mode on, but nothing requires grad

@@ -25,6 +25,11 @@ class BlockLinearFunction(torch.autograd.Function):
         return bsr_ops.dds(x, values, crow, col, bias, out_features)
 
     @staticmethod
+    def infer(x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):
+        """The forward alone, for calls that need no gradient (see ``autograd.csr.apply_flat``)."""
+        return bsr_ops.dds(x, values, crow, col, bias, out_features)
+
+    @staticmethod
     def backward(ctx, dy):
         x, values, col, row, t_crow, t_row, t_perm = ctx.saved_tensors
         need_x, need_v, need_b = ctx.needs_input_grad[:3]

@@ -27,6 +27,12 @@ class NMLinearFunction(torch.autograd.Function):
         return nm_ops.dds(x, values, idx, bias, n, m)
 
     @staticmethod
+    def infer(x, values, bias, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot, out_features: int,
+              in_features: int, n: int, m: int, transposable: bool):
+        """The forward alone, for calls that need no gradient (see ``autograd.csr.apply_flat``)."""
+        return nm_ops.dds(x, values, idx, bias, n, m)
+
+    @staticmethod
     def backward(ctx, dy):
         x, values, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot = ctx.saved_tensors
         in_features, n, m, transposable = ctx.cfg
