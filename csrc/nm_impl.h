@@ -240,6 +240,22 @@ inline int nm_window_regs(const NmShape& d, const BlockCols& bc) {
   return w <= 16 ? 2 : w <= 32 ? 4 : 0;
 }
 
+// the end of a row of the window kernels: sum the two accumulators, add the slots [j, S) that
+// fill no 8-slot block, the bias, and store y[b, o]
+template <class V, int BB>
+inline void window_row_end(const typename V::reg (*acc)[BB], const float* vr, const uint8_t* ir, int64_t j,
+                           const NmShape& d, const float* ap, int64_t lda, const float* bias, int64_t o, int64_t rows,
+                           float* y) {
+  float res[BB];
+  for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
+  for (; j < d.S; ++j) {
+    const int64_t col = (j / d.n) * d.m + nib(ir, j);
+    for (int b = 0; b < BB; ++b) res[b] += vr[j] * ap[b * lda + col];
+  }
+  const float bo = bias ? bias[o] : 0.f;
+  for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
+}
+
 // small batch, narrow windows (2:4, 1:4, 2:8, 4:8, 3:4, ...): the 8 slots of a block read their x
 // from NW registers loaded at the block's first group, picked by permutes on the decoded positions
 // (no gather). ap is [BB, lda] with lda >= Kp + 8 * NW and zeros past Kp, so a window never leaves it.
@@ -283,14 +299,7 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
       block(1);
     }
     if (j + 8 <= d.S) block(0);
-    float res[BB];
-    for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
-    for (; j < d.S; ++j) {
-      const int64_t col = (j / d.n) * d.m + nib(ir, j);
-      for (int b = 0; b < BB; ++b) res[b] += vr[j] * ap[b * lda + col];
-    }
-    const float bo = bias ? bias[o] : 0.f;
-    for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
+    window_row_end<V, BB>(acc, vr, ir, j, d, ap, lda, bias, o, rows, y);
   }
 }
 
@@ -373,14 +382,7 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
         acc[0][b] = V::fma(w0, V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0)), acc[0][b]);
       }
     }
-    float res[BB];
-    for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
-    for (int64_t j = 8 * nb; j < d.S; ++j) {
-      const int64_t col = (j / 2) * 4 + nib(ir, j);
-      for (int b = 0; b < BB; ++b) res[b] += vr[j] * ap[b * lda + col];
-    }
-    const float bo = bias ? bias[o] : 0.f;
-    for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
+    window_row_end<V, BB>(acc, vr, ir, 8 * nb, d, ap, lda, bias, o, rows, y);
   }
 }
 
