@@ -928,7 +928,7 @@ def test_calibrate_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="^batches:"):
         calibrate_(model, [])
     assert not any(getattr(m, "_calibrating", False) for m in model.modules())
-    with pytest.raises(ValueError, match="^samples:"):
+    with pytest.raises(ValueError, match="^batches: layer '0' saw no input rows"):
         calibrate_(model, [torch.zeros(0, 16)])
     with pytest.raises(ValueError, match="^model:"):
         calibrate_(_mlp(), [torch.randn(2, 16)])

@@ -1,6 +1,7 @@
 """Bad arguments raise ValueError/TypeError naming the argument, and leave everything unmodified."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -292,3 +293,693 @@ def test_set_isa_rejects_unknown_name():
     with pytest.raises(ValueError, match="^isa:"):
         sparseops.set_isa("avx512-or-so")
     assert sparseops.isa() == prev
+
+
+# ---- catalogue, continued: every argument a user hands the library, and what must not change ----
+#
+# Each case names the exception type, matches the argument's name at the start of the message, and checks
+# that nothing changed: the module's state (parameters, buffers, Parameter objects), the optimizer's state,
+# and the tensors the caller passed in.
+
+
+def _bits(t):
+    """A tensor's exact bits (NaN-safe equality; torch.equal says NaN != NaN)."""
+    t = t.detach()
+    if t.is_floating_point():
+        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).clone()
+    return t.clone()
+
+
+def _full_state(module):
+    """Every parameter and buffer (the non-persistent index too), bit for bit, and the Parameter objects."""
+    out = {f"p:{n}": _bits(p) for n, p in module.named_parameters()}
+    out.update({f"b:{n}": _bits(b) for n, b in module.named_buffers()})
+    out.update({f"t:{n}": type(m) for n, m in module.named_modules()})
+    out["ids"] = [id(p) for p in module.parameters()]
+    out.update({f"mode:{n}": (m.mode, m.sparsity) for n, m in module.named_modules()
+                if isinstance(m, sparseops.ActivationSparseLinear)})
+    return out
+
+
+def _assert_same_state(module, before):
+    after = _full_state(module)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        if isinstance(v, torch.Tensor):
+            assert after[k].shape == v.shape and torch.equal(after[k], v), f"{k} changed"
+        else:
+            assert after[k] == v, f"{k} changed"
+
+
+def _trained(layer):
+    """``layer`` with an Adam that has state (moments, step) for its parameters."""
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(torch.randn(4, layer.in_features)).square().sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def _opt_snapshot(opt):
+    return {
+        "groups": [[id(p) for p in g["params"]] for g in opt.param_groups],
+        "state": {id(p): {k: _bits(torch.as_tensor(v)) for k, v in s.items()} for p, s in opt.state.items()},
+    }
+
+
+def _assert_opt_same(opt, before):
+    after = _opt_snapshot(opt)
+    assert after["groups"] == before["groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for pid, s in before["state"].items():
+        for k, v in s.items():
+            assert torch.equal(after["state"][pid][k], v), f"optimizer state {k} changed"
+
+
+def _nm_break(out_f, in_f):
+    mask = sparseops.masks.nm(torch.randn(out_f, in_f), 2, 4)
+    mask[0, :3] = True  # three in the first group of four
+    return mask
+
+
+def _block_partial():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:8, :8] = True
+    mask[0, 8] = True  # one element of the next 8x8 block
+    return mask
+
+
+def _not_transposable():
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:4, :2] = True  # 2:4 along every row, but column 0 holds 4 in its first group of rows
+    return mask
+
+
+def _fan_in_break():
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:, :2] = True
+    mask[1, 5] = True  # row 1 has 3, not k=2
+    return mask
+
+
+# ---- bad structured masks: constructor, from_dense, update_mask_ ----
+
+STRUCTURED = [
+    pytest.param("2:4", 8, 4, lambda: _nm_break(4, 8), r"^mask: .*2:4", id="nm-3-in-a-group-of-4"),
+    pytest.param(sparseops.NM(2, 4, transposable=True), 8, 8, _not_transposable, r"^mask: .*transposable 2:4",
+                 id="nm-not-transposable"),
+    pytest.param(sparseops.FanIn(2), 8, 4, _fan_in_break, r"^mask: .*k=2", id="fanin-row-of-3"),
+    pytest.param(sparseops.Block(8), 16, 16, _block_partial, r"^mask: .*8x8 blocks", id="block-partly-on"),
+]
+
+
+@pytest.mark.parametrize("pattern,in_f,out_f,make_mask,match", STRUCTURED)
+def test_mask_that_breaks_the_pattern_is_refused(pattern, in_f, out_f, make_mask, match):
+    mask = make_mask()
+    mask_before = mask.clone()
+    with pytest.raises(ValueError, match=match):
+        SparseLinear(in_f, out_f, pattern=pattern, mask=mask)
+    linear = nn.Linear(in_f, out_f)
+    before = _full_state(linear)
+    with pytest.raises(ValueError, match=match):
+        SparseLinear.from_dense(linear, pattern=pattern, mask=mask)
+    _assert_same_state(linear, before)
+    assert torch.equal(mask, mask_before)
+
+
+UPDATE_MASKS = [
+    pytest.param("2:4", lambda: _nm_break(4, 8), ValueError, r"^mask: breaks the layer's pattern 2:4", id="2:4-broken"),
+    pytest.param(sparseops.FanIn(2), _fan_in_break, ValueError, r"^mask: breaks the layer's pattern fanin2",
+                 id="fanin-broken"),
+    pytest.param("unstructured", lambda: torch.full((4, 8), math.nan), TypeError, r"^mask: expected dtype torch\.bool",
+                 id="nan-float-mask"),
+    pytest.param("unstructured", lambda: torch.full((4, 8), math.inf), TypeError, r"^mask: expected dtype torch\.bool",
+                 id="inf-float-mask"),
+    pytest.param("2:4", lambda: torch.ones(4, 8, dtype=torch.bool, device="meta"), ValueError, r"^mask: .*meta",
+                 id="meta-mask"),
+    pytest.param("unstructured", lambda: torch.ones(8, 4, dtype=torch.bool), ValueError, r"^mask: expected shape \(4, 8\)",
+                 id="transposed"),
+    pytest.param("unstructured", lambda: torch.ones(32, dtype=torch.bool), ValueError, r"^mask: expected shape",
+                 id="1-d"),
+    pytest.param("unstructured", lambda: np.ones((4, 8), bool), TypeError, r"^mask: expected a bool torch\.Tensor",
+                 id="numpy"),
+]
+
+
+@pytest.mark.parametrize("pattern,make_mask,exc,match", UPDATE_MASKS)
+def test_update_mask_refuses_and_leaves_layer_and_optimizer_alone(pattern, make_mask, exc, match):
+    kw = {"sparsity": 0.5} if pattern == "unstructured" else {}
+    layer = SparseLinear(8, 4, pattern=pattern, **kw)
+    opt = _trained(layer)
+    before, opt_before = _full_state(layer), _opt_snapshot(opt)
+    mask = make_mask()
+    with pytest.raises(exc, match=match):
+        layer.update_mask_(mask, opt)
+    _assert_same_state(layer, before)
+    _assert_opt_same(opt, opt_before)
+
+
+@pytest.mark.parametrize("keep,exc,match", [
+    pytest.param(lambda n: torch.ones(n + 1, dtype=torch.bool), ValueError, r"^keep: expected shape", id="too-long"),
+    pytest.param(lambda n: torch.ones(n), TypeError, r"^keep: expected a bool", id="float"),
+    pytest.param(lambda n: torch.ones(1, n, dtype=torch.bool), ValueError, r"^keep: expected shape", id="2-d"),
+])
+def test_prune_refuses_bad_keep(keep, exc, match):
+    layer = SparseLinear(8, 4, sparsity=0.5)
+    opt = _trained(layer)
+    before, opt_before = _full_state(layer), _opt_snapshot(opt)
+    with pytest.raises(exc, match=match):
+        layer.prune_(keep(layer.nnz), opt)
+    _assert_same_state(layer, before)
+    _assert_opt_same(opt, opt_before)
+
+
+def test_prune_refuses_structured_layer():
+    layer = SparseLinear(8, 4, pattern="2:4")
+    before = _full_state(layer)
+    with pytest.raises(TypeError, match=r"^prune_: .*2:4"):
+        layer.prune_(torch.ones(layer.values.numel(), dtype=torch.bool))
+    _assert_same_state(layer, before)
+
+
+@pytest.mark.parametrize("fn,exc,name", [
+    pytest.param(lambda m: sparseops.masks.is_nm(m, 2, 4), TypeError, "mask", id="is_nm"),
+    pytest.param(lambda m: CSRWeight.from_mask(m), TypeError, "mask", id="CSRWeight.from_mask"),
+    pytest.param(lambda m: sparseops.formats.NMWeight.from_mask(m, 2, 4), TypeError, "mask", id="NMWeight.from_mask"),
+    pytest.param(lambda m: sparseops.formats.BSRWeight.from_mask(m, 8), TypeError, "mask", id="BSRWeight.from_mask"),
+    pytest.param(lambda m: SparseLinear(8, 4, mask=m), TypeError, "mask", id="SparseLinear"),
+])
+@pytest.mark.parametrize("fill", [math.nan, math.inf], ids=["nan", "inf"])
+def test_nan_or_inf_float_mask_is_refused(fn, exc, name, fill):
+    mask = torch.full((4, 8), fill)
+    with pytest.raises(exc, match=f"^{name}: "):
+        fn(mask)
+    assert torch.equal(_bits(mask), _bits(torch.full((4, 8), fill)))
+
+
+# ---- NaN and Inf weights ----
+#
+# NaN cannot be ranked: every producer that ranks magnitudes (magnitude, N:M, fan-in, block, Wanda, the global
+# ranking of sparsify_) refuses it, as do the SVDs of MonarchLinear.from_dense and a Pixelfly's low-rank term.
+# ±Inf ranks as the largest magnitude (tests/test_masks.py keeps it), so magnitude pruning accepts it. With an
+# explicit mask nothing is ranked: from_dense copies the weights as they are, as nn.Linear would hold them.
+
+
+def _poisoned_mlp(value, where=(0, 0)):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    with torch.no_grad():
+        model[0].weight[where] = value
+    return model
+
+
+@pytest.mark.parametrize("kw,name", [
+    pytest.param(dict(sparsity=0.5), "weight", id="unstructured"),
+    pytest.param(dict(pattern="2:4"), "weight", id="2:4"),
+    pytest.param(dict(pattern=sparseops.NM(2, 4, transposable=True)), "weight", id="2:4T"),
+    pytest.param(dict(pattern=sparseops.FanIn(4)), "weight", id="fanin"),
+    pytest.param(dict(sparsity=0.5, pattern=sparseops.Block(8)), "weight", id="block"),
+    pytest.param(dict(sparsity=0.5, scope="global"), "weights", id="global"),
+    pytest.param(dict(pattern="monarch:4"), "weight", id="monarch"),
+])
+def test_sparsify_refuses_nan_weights_and_changes_nothing(kw, name):
+    model = _poisoned_mlp(math.nan)
+    before = _full_state(model)
+    with pytest.raises(ValueError, match=f"^{name}: .*NaN"):
+        sparsify_(model, **kw)
+    _assert_same_state(model, before)
+
+
+def test_monarch_and_pixelfly_refuse_inf_weights():
+    linear = _poisoned_mlp(math.inf)[0]
+    before = _full_state(linear)
+    with pytest.raises(ValueError, match=r"^weight: contains NaN or Inf"):
+        sparseops.MonarchLinear.from_dense(linear, 4)
+    # a butterfly mask keeps the diagonal blocks: put the Inf where it drops weights
+    with torch.no_grad():
+        linear.weight[0, 0] = 0.0
+        linear.weight[0, 31] = math.inf
+    before = _full_state(linear)
+    with pytest.raises(ValueError, match=r"^weight: contains NaN or Inf where the butterfly mask drops it"):
+        SparseLinear.from_dense(linear, pattern=sparseops.Butterfly(4, 2, 8, rank=2))
+    _assert_same_state(linear, before)
+
+
+def test_wanda_refuses_nan_activation_norm():
+    w, norm = torch.randn(4, 8), torch.full((8,), math.nan)
+    before = [_bits(w), _bits(norm)]
+    with pytest.raises(ValueError, match=r"^activation_norm: contains NaN"):
+        sparseops.masks.wanda(w, norm, 0.5)
+    assert torch.equal(_bits(w), before[0]) and torch.equal(_bits(norm), before[1])
+
+
+def test_inf_weight_ranks_largest_and_explicit_mask_copies_nan():
+    # the documented acceptances: Inf is rankable, and a given mask needs no ranking
+    layer = SparseLinear.from_dense(_poisoned_mlp(math.inf)[0], sparsity=0.9)
+    assert layer.mask[0, 0] and math.isinf(layer.dense_weight()[0, 0].item())
+    linear = _poisoned_mlp(math.nan)[0]
+    mask = torch.ones(32, 32, dtype=torch.bool)
+    layer = SparseLinear.from_dense(linear, mask=mask)
+    assert torch.equal(_bits(layer.dense_weight()), _bits(linear.weight))
+
+
+# ---- constructing layers ----
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, dtype=torch.int32), TypeError, r"^dtype: .*floating",
+                 id="SparseLinear-int32"),
+    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, dtype=torch.bool), TypeError, r"^dtype: ", id="SparseLinear-bool"),
+    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, device="meta"), ValueError, r"^device: .*meta",
+                 id="SparseLinear-meta"),
+    pytest.param(lambda: SparseLinear(7, 5, pattern=sparseops.FanIn(8)), ValueError, r"^k: expected k <= in_features=7",
+                 id="fanin-k-past-in"),
+    pytest.param(lambda: SparseLinear(7, 5, pattern="2:4", sparsity=0.5), ValueError, r"^sparsity: the 2:4 pattern",
+                 id="nm-with-sparsity"),
+    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, act_bits=2), ValueError, r"^act_bits: ",
+                 id="act_bits-without-activation"),
+    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, activation="swish"), ValueError, r"^activation: ",
+                 id="unknown-activation"),
+    pytest.param(lambda: sparseops.ActivationSparseLinear(7, 5, dtype=torch.int64), TypeError, r"^dtype: ",
+                 id="ActivationSparseLinear-int64"),
+    pytest.param(lambda: sparseops.ActivationSparseLinear(7, 5, sparsity=1.0), ValueError, r"^sparsity: ",
+                 id="ActivationSparseLinear-sparsity-1"),
+    pytest.param(lambda: sparseops.ActivationSparseLinear(7, 5, sparsity=-0.1), ValueError, r"^sparsity: ",
+                 id="ActivationSparseLinear-sparsity-negative"),
+    pytest.param(lambda: sparseops.ActivationSparseLinear(7, 5, mode="bogus"), ValueError, r"^mode: ",
+                 id="ActivationSparseLinear-mode"),
+    pytest.param(lambda: sparseops.ActivationSparseLinear.from_dense(nn.Conv1d(3, 4, 1)), TypeError, r"^linear: ",
+                 id="ActivationSparseLinear-from-conv"),
+    pytest.param(lambda: sparseops.MonarchLinear(7, 5, nblocks=6), ValueError, r"^nblocks: expected <= ",
+                 id="Monarch-nblocks-past-min"),
+    pytest.param(lambda: sparseops.MonarchLinear(7, 5, nblocks=0), ValueError, r"^nblocks: ", id="Monarch-nblocks-0"),
+    pytest.param(lambda: sparseops.MonarchLinear(7, 5, nblocks=2.0), TypeError, r"^nblocks: ", id="Monarch-nblocks-float"),
+    pytest.param(lambda: sparseops.MonarchLinear(8, 8, dtype=torch.int32), TypeError, r"^dtype: ", id="Monarch-int32"),
+])
+def test_layer_constructor_refuses(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+@pytest.mark.parametrize("make,exc,name", [
+    pytest.param(lambda: sparseops.NM(4, 4), ValueError, "n", id="NM-n-equals-m"),
+    pytest.param(lambda: sparseops.NM(2, 17), ValueError, "n", id="NM-m-17"),
+    pytest.param(lambda: sparseops.NM(2.0, 4), TypeError, "n", id="NM-float"),
+    pytest.param(lambda: sparseops.FanIn(0), ValueError, "k", id="FanIn-0"),
+    pytest.param(lambda: sparseops.Block(12), ValueError, "size", id="Block-12"),
+    pytest.param(lambda: sparseops.Block(8, sparsity=1.0), ValueError, "sparsity", id="Block-sparsity-1"),
+    pytest.param(lambda: sparseops.Butterfly(butterfly_size=6), ValueError, "butterfly_size", id="Butterfly-size-6"),
+    pytest.param(lambda: sparseops.Butterfly(rank=-1), ValueError, "rank", id="Butterfly-rank-negative"),
+    pytest.param(lambda: sparseops.Monarch(0), ValueError, "nblocks", id="Monarch-0"),
+    pytest.param(lambda: sparseops.masks.nm(torch.randn(4, 8), 0, 4), ValueError, "n", id="masks.nm-n-0"),
+    pytest.param(lambda: sparseops.masks.nm(torch.tensor(1.0), 2, 4), ValueError, "weight", id="masks.nm-0-d"),
+    pytest.param(lambda: sparseops.masks.fan_in(torch.randn(4, 8), 9), ValueError, "k", id="masks.fan_in-k-past-in"),
+    pytest.param(lambda: sparseops.masks.block_magnitude(torch.randn(16, 16), 0.5, 12), ValueError, "block",
+                 id="masks.block_magnitude-12"),
+    pytest.param(lambda: sparseops.GradualPruner(nn.Linear(4, 4), 1.0, 0, 10), ValueError, "final_sparsity",
+                 id="GradualPruner-1.0"),
+])
+def test_pattern_and_mask_producer_arguments(make, exc, name):
+    with pytest.raises(exc, match=f"^{name}: "):
+        make()
+
+
+def test_dynamic_sparse_training_refuses_bad_fraction_and_changes_nothing():
+    model = sparsify_(nn.Sequential(nn.Linear(8, 8)), 0.5)
+    opt = _trained(model[0])
+    before, opt_before = _full_state(model), _opt_snapshot(opt)
+    for frac in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="^drop_fraction: "):
+            sparseops.RigL(model, opt, drop_fraction=frac)
+    with pytest.raises(ValueError, match="^update_every: "):
+        sparseops.SET(model, opt, update_every=0)
+    _assert_same_state(model, before)
+    _assert_opt_same(opt, opt_before)
+
+
+# ---- activation sparsity and calibration ----
+
+
+def _act_model(mode="tensor"):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    sparseops.sparsify_activations_(model, 0.5, mode=mode)
+    sparseops.calibrate_(model, [torch.randn(8, 7)])
+    return model
+
+
+@pytest.mark.parametrize("batches,kw,exc,match", [
+    pytest.param(lambda: [], {}, ValueError, r"^batches: .*at least one batch", id="empty-list"),
+    pytest.param(lambda: iter(()), {}, ValueError, r"^batches: .*at least one batch", id="empty-iterator"),
+    pytest.param(lambda: [], dict(sparsity=0.3, mode="channel"), ValueError, r"^batches: ",
+                 id="empty-list-with-new-mode"),
+    pytest.param(lambda: [torch.empty(0, 7)], {}, ValueError, r"^batches: layer '0' saw no input rows",
+                 id="empty-tensor"),
+    pytest.param(lambda: [torch.empty(0, 7)], dict(sparsity=0.9), ValueError, r"^batches: ",
+                 id="empty-tensor-with-new-sparsity"),
+    pytest.param(lambda: [torch.randn(4, 7), torch.randn(4, 8)], {}, ValueError, r"^x: ", id="second-batch-too-wide"),
+    pytest.param(lambda: [torch.randn(4, 7)], dict(sparsity=1.0), ValueError, r"^sparsity: ", id="sparsity-1.0"),
+    pytest.param(lambda: [torch.randn(4, 7)], dict(sparsity=math.nan), ValueError, r"^sparsity: ", id="sparsity-nan"),
+    pytest.param(lambda: [torch.randn(4, 7)], dict(mode="teal"), ValueError, r"^mode: ", id="mode"),
+])
+def test_calibrate_refuses_and_leaves_every_layer_alone(batches, kw, exc, match):
+    model = _act_model()
+    before = _full_state(model)
+    with pytest.raises(exc, match=match):
+        sparseops.calibrate_(model, batches(), **kw)
+    _assert_same_state(model, before)
+    assert not any(hasattr(m, "_seen") or getattr(m, "_calibrating", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("samples,exc,match", [
+    pytest.param(lambda: torch.empty(0, 7), ValueError, r"^samples: .*at least one row", id="empty-tensor"),
+    pytest.param(lambda: [], ValueError, r"^samples: .*at least one row", id="empty-list"),
+    pytest.param(lambda: torch.randn(4, 6), ValueError, r"^samples: .*in_features=7", id="too-narrow"),
+    pytest.param(lambda: torch.tensor(1.0), ValueError, r"^samples: ", id="0-d"),
+    pytest.param(lambda: [np.zeros((4, 7), np.float32)], TypeError, r"^samples: ", id="numpy"),
+])
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+def test_layer_calibrate_refuses_and_keeps_threshold(samples, exc, match, mode):
+    layer = _act_model(mode)[0]
+    before = _full_state(layer)
+    s = samples()
+    with pytest.raises(exc, match=match):
+        layer.calibrate(s)
+    _assert_same_state(layer, before)
+
+
+@pytest.mark.parametrize("make_x,exc,match", [
+    pytest.param(lambda: torch.randn(3, 8), ValueError, r"^x: .*in_features=7", id="too-wide"),
+    pytest.param(lambda: torch.ones(3, 7, dtype=torch.int32), TypeError, r"^x: .*dtype", id="int32"),
+    pytest.param(lambda: torch.randn(3, 7, dtype=torch.float64), TypeError, r"^x: .*dtype", id="float64"),
+    pytest.param(lambda: torch.randn(3, 7, device="meta"), ValueError, r"^x: .*device", id="meta"),
+    pytest.param(lambda: torch.tensor(1.0), ValueError, r"^x: ", id="0-d"),
+])
+@pytest.mark.parametrize("kind", ["act", "monarch", "fused"])
+def test_other_layers_forward_rejects_bad_x(make_x, exc, match, kind):
+    if kind == "act":
+        layer = _act_model()[0]
+    elif kind == "monarch":
+        layer = sparseops.MonarchLinear(7, 6, nblocks=2)
+    else:
+        layer = SparseLinear(7, 6, sparsity=0.5, activation="gelu", act_bits=2)
+    before = _full_state(layer)
+    x = make_x()
+    with pytest.raises(exc, match=match):
+        layer(x)
+    _assert_same_state(layer, before)
+
+
+def test_sparsify_activations_refuses_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    before = _full_state(model)
+    for s in (-0.1, 1.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="^sparsity: "):
+            sparseops.sparsify_activations_(model, s)
+    with pytest.raises(ValueError, match="^mode: "):
+        sparseops.sparsify_activations_(model, 0.5, mode="bogus")
+    with pytest.raises(TypeError, match="^model: "):
+        sparseops.sparsify_activations_(model.state_dict(), 0.5)
+    _assert_same_state(model, before)
+
+
+# ---- few-bit activations: bits outside 1 to 4 ----
+
+
+@pytest.mark.parametrize("bits,exc", [
+    pytest.param(0, ValueError, id="0"),
+    pytest.param(5, ValueError, id="5"),
+    pytest.param(-1, ValueError, id="-1"),
+    pytest.param(2.0, TypeError, id="float"),
+    pytest.param(True, TypeError, id="bool"),
+])
+def test_fewbit_refuses_bits_outside_1_to_4(bits, exc):
+    x = torch.randn(4, 8, requires_grad=True)
+    x_before = _bits(x)
+    with pytest.raises(exc, match="^bits: "):
+        sparseops.nn.FewBitGELU(bits=bits)
+    with pytest.raises(exc, match="^bits: "):
+        sparseops.fewbit.gelu(x, bits=bits)
+    with pytest.raises(exc, match="^bits: "):
+        sparseops.fewbit.activation(x, "silu", bits=bits)
+    assert torch.equal(_bits(x), x_before) and x.grad is None
+    with pytest.raises(exc, match="^act_bits: "):
+        SparseLinear(8, 4, sparsity=0.5, activation="gelu", act_bits=bits)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2), nn.SiLU())
+    before = _full_state(model)
+    with pytest.raises(exc, match="^bits: "):
+        sparseops.fewbit.convert_(model, bits=bits)
+    _assert_same_state(model, before)
+
+
+def test_fewbit_refuses_bad_x_and_name():
+    with pytest.raises(TypeError, match="^x: "):
+        sparseops.fewbit.gelu(torch.ones(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="^x: "):
+        sparseops.fewbit.gelu(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="^name: "):
+        sparseops.fewbit.activation(torch.randn(3), "swish")
+    with pytest.raises(ValueError, match="^approximate: "):
+        sparseops.nn.FewBitGELU(approximate="fast")
+
+
+# ---- malformed hand-built formats ----
+
+
+def _csr():
+    torch.manual_seed(3)
+    return CSRWeight.from_mask(torch.rand(5, 7) > 0.4)
+
+
+def _first_row_with(fmt, n):
+    counts = fmt.crow.long().diff()
+    return int((counts >= n).nonzero()[0, 0])
+
+
+def _csr_broken(kind):
+    f = _csr()
+    r = _first_row_with(f, 2)
+    s = int(f.crow[r])
+    col = f.col.clone()
+    if kind == "out-of-range":
+        col[s] = 7
+    elif kind == "negative":
+        col[s] = -1
+    elif kind == "unsorted":
+        col[s], col[s + 1] = f.col[s + 1], f.col[s]
+    elif kind == "duplicated":
+        col[s + 1] = col[s]
+    return dataclasses.replace(f, col=col)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    pytest.param(lambda: _csr_broken("out-of-range"), ValueError, r"^col: indices must lie in \[0, 7\)", id="col-past-in"),
+    pytest.param(lambda: _csr_broken("negative"), ValueError, r"^col: indices must lie in", id="col-negative"),
+    pytest.param(lambda: _csr_broken("unsorted"), ValueError, r"^col: indices must be sorted and unique", id="col-unsorted"),
+    pytest.param(lambda: _csr_broken("duplicated"), ValueError, r"^col: indices must be sorted and unique",
+                 id="col-duplicated"),
+    pytest.param(lambda: dataclasses.replace(_csr(), t_perm=_csr().t_perm.flip(0)), ValueError, r"^t_perm: ",
+                 id="t_perm-inconsistent"),
+    pytest.param(lambda: dataclasses.replace(_csr(), crow=_csr().crow.long()), TypeError, r"^crow: expected dtype",
+                 id="crow-int64"),
+    pytest.param(lambda: dataclasses.replace(_csr(), row=_csr().row[:-1]), ValueError, r"^row: expected nnz",
+                 id="row-short"),
+])
+def test_hand_built_csr_weight_validate(make, exc, match):
+    fmt = make()
+    tensors = {k: v.clone() for k, v in fmt.tensors().items()}
+    with pytest.raises(exc, match=match):
+        fmt.validate()
+    for k, v in tensors.items():
+        assert torch.equal(getattr(fmt, k), v)
+
+
+def _nm():
+    torch.manual_seed(4)
+    return sparseops.formats.NMWeight.from_mask(sparseops.masks.nm(torch.randn(4, 8), 2, 4), 2, 4)
+
+
+def _nm_idx(byte0):
+    f = _nm()
+    idx = f.idx.clone()
+    idx[0, 0] = byte0
+    return dataclasses.replace(f, idx=idx)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    pytest.param(lambda: _nm_idx(0x07), ValueError, r"^idx: positions must lie in \[0, m=4\)", id="position-7-of-4"),
+    pytest.param(lambda: _nm_idx(0x01), ValueError, r"^idx: positions must be strictly increasing", id="unsorted"),
+    pytest.param(lambda: _nm_idx(0x11), ValueError, r"^idx: positions must be strictly increasing", id="duplicated"),
+    pytest.param(lambda: dataclasses.replace(_nm(), idx=_nm().idx.long()), TypeError, r"^idx: expected a uint8",
+                 id="idx-int64"),
+    pytest.param(lambda: dataclasses.replace(_nm(), idx=_nm().idx[:, :1]), ValueError, r"^idx: expected shape",
+                 id="idx-short"),
+    pytest.param(lambda: dataclasses.replace(_nm(), empty=torch.tensor([99])), ValueError, r"^empty: slot numbers",
+                 id="empty-out-of-range"),
+    pytest.param(lambda: dataclasses.replace(_nm(), t_perm=_nm().t_perm.flip(0)), ValueError, r"^t_perm: does not match",
+                 id="t_perm-inconsistent"),
+])
+def test_hand_built_nm_weight_validate(make, exc, match):
+    fmt = make()
+    tensors = {k: v.clone() for k, v in fmt.tensors().items()}
+    with pytest.raises(exc, match=match):
+        fmt.validate()
+    for k, v in tensors.items():
+        assert torch.equal(getattr(fmt, k), v), k
+    _nm().validate()
+
+
+def test_hand_built_bsr_weight_validate():
+    from sparseops.formats import BSRWeight
+
+    good = BSRWeight.from_block_mask(torch.tensor([[True, False], [True, True]]), 16, 16, 8)
+    good.validate()
+    col = good.grid.col.clone()
+    col[0] = 2
+    with pytest.raises(ValueError, match=r"^col: indices must lie in \[0, 2\)"):
+        BSRWeight(16, 16, 8, dataclasses.replace(good.grid, col=col)).validate()
+    with pytest.raises(ValueError, match=r"^grid: expected a \(4, 2\) block grid"):
+        BSRWeight(32, 16, 8, good.grid).validate()
+    with pytest.raises(ValueError, match=r"^block: "):
+        BSRWeight(16, 16, 12, good.grid).validate()
+    with pytest.raises(ValueError, match=r"^col: indices must lie in \[0, 2\)"):
+        BSRWeight.from_crow_col(16, 16, 8, good.grid.crow, col)
+    with pytest.raises(ValueError, match=r"^block_mask: expected shape"):
+        BSRWeight.from_block_mask(torch.ones(3, 2, dtype=torch.bool), 16, 16, 8)
+
+
+# ---- the ops and the C++ binding, fed hand-built index tensors ----
+# the fp32 CPU path: sparseops._C checks every index before a kernel runs (bindings.cpp is the gatekeeper)
+
+
+def _op_cases():
+    f = _csr()
+    x, v = torch.randn(3, 7), torch.randn(f.nnz)
+    cases = {}
+    for kind in ("out-of-range", "negative", "unsorted", "duplicated"):
+        b = _csr_broken(kind)
+        cases[f"csr_dds-col-{kind}"] = (torch.ops.sparseops.csr_dds, (x, v, b.crow, b.col, None, 5), r"^col: ")
+    crow = f.crow.clone()
+    crow[2] = crow[3] + 1
+    cases["csr_dds-crow-decreasing"] = (torch.ops.sparseops.csr_dds, (x, v, crow, f.col, None, 5), r"^crow: ")
+    cases["csr_dds-values-short"] = (torch.ops.sparseops.csr_dds, (x, v[:-1], f.crow, f.col, None, 5), r"^values: ")
+    perm = f.t_perm.clone()
+    perm[0] = f.nnz
+    cases["csr_dsd-t_perm-out-of-range"] = (
+        torch.ops.sparseops.csr_dsd, (torch.randn(3, 5), v, f.t_crow, f.t_row, perm, 7), r"^t_perm: ")
+    cases["csr_sdd-col-out-of-range"] = (
+        torch.ops.sparseops.csr_sdd, (torch.randn(3, 5), x, f.crow, _csr_broken("out-of-range").col, f.row), r"^col: ")
+    n = _nm()
+    idx = n.idx.clone()
+    idx[0, 0] = 0x07
+    cases["nm_dds-position-past-m"] = (
+        torch.ops.sparseops.nm_dds, (torch.randn(3, 8), torch.randn(4, 4), idx, None, 2, 4), r"^idx: ")
+    cases["nm_dds-idx-wrong-shape"] = (
+        torch.ops.sparseops.nm_dds, (torch.randn(3, 8), torch.randn(4, 4), n.idx[:, :1].contiguous(), None, 2, 4),
+        r"^idx: ")
+    from sparseops.formats import BSRWeight
+
+    g = BSRWeight.from_block_mask(torch.tensor([[True, False], [True, True]]), 16, 16, 8).grid
+    bcol = g.col.clone()
+    bcol[0] = 2
+    cases["bsr_dds-col-out-of-range"] = (
+        torch.ops.sparseops.bsr_dds, (torch.randn(2, 16), torch.randn(3, 8, 8), g.crow, bcol, None, 16), r"^col: ")
+    return cases
+
+
+OP_CASES = sorted(_op_cases())
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_ops_refuse_malformed_index_on_the_cpp_path(case):
+    if not sparseops.cpp_available():
+        pytest.skip("sparseops._C is not built: the reference path does not validate indices")
+    op, args, match = _op_cases()[case]
+    before = [_bits(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(ValueError, match=match):
+        op(*args)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(_bits(a), b)
+
+
+def _c_cases():
+    f = _csr()
+    x, v = torch.randn(3, 7).numpy(), torch.randn(f.nnz).numpy()
+    y = lambda: np.full((3, 5), 7.0, np.float32)  # noqa: E731
+    n = _nm()
+    idx = n.idx.clone()
+    idx[0, 0] = 0x07
+    from sparseops.formats import BSRWeight
+
+    g = BSRWeight.from_block_mask(torch.tensor([[True, False], [True, True]]), 16, 16, 8).grid
+    bcol = g.col.clone()
+    bcol[0] = 2
+    return {
+        "csr_dds-col-out-of-range": (lambda o: _C().csr_dds(x, v, f.crow.numpy(), _csr_broken("out-of-range").col.numpy(),
+                                                             None, o, 1), y, ValueError, r"^col: index 7"),
+        "csr_dds-col-unsorted": (lambda o: _C().csr_dds(x, v, f.crow.numpy(), _csr_broken("unsorted").col.numpy(), None,
+                                                         o, 1), y, ValueError, r"^col: indices must be sorted"),
+        "csr_dds-col-duplicated": (lambda o: _C().csr_dds(x, v, f.crow.numpy(), _csr_broken("duplicated").col.numpy(),
+                                                           None, o, 1), y, ValueError, r"^col: indices must be sorted"),
+        "csr_dds-y-float64": (lambda o: _C().csr_dds(x, v, f.crow.numpy(), f.col.numpy(), None, o, 1),
+                              lambda: np.full((3, 5), 7.0), TypeError, r"^y: expected dtype float32"),
+        "csr_dds-y-wrong-shape": (lambda o: _C().csr_dds(x, v, f.crow.numpy(), f.col.numpy(), None, o, 1),
+                                  lambda: np.full((3, 4), 7.0, np.float32), ValueError, r"^y: expected shape \(3, 5\)"),
+        "csr_dds-crow-int64": (lambda o: _C().csr_dds(x, v, f.crow.long().numpy(), f.col.numpy(), None, o, 1), y,
+                               TypeError, r"^crow: expected dtype int32"),
+        "nm_dds-position-past-m": (lambda o: _C().nm_dds(torch.randn(3, 8).numpy(), torch.randn(4, 4).numpy(),
+                                                          idx.numpy(), 2, 4, None, o, 1),
+                                   lambda: np.full((3, 4), 7.0, np.float32), ValueError, r"^idx: row 0 slot 0"),
+        "nm_dds-n-equals-m": (lambda o: _C().nm_dds(torch.randn(3, 8).numpy(), torch.randn(4, 4).numpy(),
+                                                     n.idx.numpy(), 4, 4, None, o, 1),
+                              lambda: np.full((3, 4), 7.0, np.float32), ValueError, r"^n, m: "),
+        "bsr_dds-col-out-of-range": (lambda o: _C().bsr_dds(torch.randn(2, 16).numpy(), torch.randn(3, 8, 8).numpy(),
+                                                             g.crow.numpy(), bcol.numpy(), 8, None, o, 1),
+                                     lambda: np.full((2, 16), 7.0, np.float32), ValueError, r"^col: index 2"),
+        "bsr_dds-block-12": (lambda o: _C().bsr_dds(torch.randn(2, 16).numpy(), torch.randn(3, 8, 8).numpy(),
+                                                     g.crow.numpy(), g.col.numpy(), 12, None, o, 1),
+                             lambda: np.full((2, 16), 7.0, np.float32), ValueError, r"^block: "),
+        "bsr_sdd-col-out-of-range": (lambda o: _C().bsr_sdd(torch.randn(2, 16).numpy(), torch.randn(2, 16).numpy(),
+                                                             g.row.numpy(), bcol.numpy(), 8, o, 1),
+                                     lambda: np.full((3, 8, 8), 7.0, np.float32), ValueError, r"^col: block columns"),
+        "fewbit_pack-bits-5": (lambda o: _C().fewbit_pack(torch.randn(8).numpy(), "float32",
+                                                           torch.randn(31).sort().values.numpy(), 5, o, 1),
+                               lambda: np.full(8, 7, np.int32), ValueError, r"^bits: expected 1, 2, 3 or 4"),
+    }
+
+
+def _C():
+    from sparseops._cpp import _C as ext
+
+    return ext
+
+
+@pytest.mark.parametrize("case", sorted(_c_cases()))
+def test_cpp_binding_raises_and_writes_nothing(case):
+    if not sparseops.cpp_available():
+        pytest.skip("sparseops._C is not built")
+    call, make_out, exc, match = _c_cases()[case]
+    out = make_out()
+    before = out.copy()
+    with pytest.raises(exc, match=match):
+        call(out)
+    # validation runs before any kernel: the output buffer is untouched
+    assert np.array_equal(out, before)
+
+
+@pytest.mark.parametrize("kw,name", [
+    pytest.param(dict(sparsity=0.5), "weight", id="unstructured"),
+    pytest.param(dict(sparsity=0.5, scope="global"), r"weights\[0\]", id="global"),
+    pytest.param(dict(pattern="2:4"), "weight", id="2:4"),
+    pytest.param(dict(pattern=sparseops.FanIn(2)), "weight", id="fanin"),
+    pytest.param(dict(sparsity=0.5, pattern=sparseops.Block(8)), "weight", id="block"),
+    pytest.param(dict(pattern="monarch:2"), "weight", id="monarch"),
+])
+def test_sparsify_refuses_meta_weights_and_changes_nothing(kw, name):
+    model = nn.Sequential(nn.Linear(8, 4, device="meta"))
+    with pytest.raises(ValueError, match=f"^{name}: .*meta device"):
+        sparsify_(model, **kw)
+    assert type(model[0]) is nn.Linear and model[0].weight.device.type == "meta"
+    for kw in (dict(sparsity=0.5), dict(mask=torch.ones(4, 8, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="^linear: .*meta device"):
+            SparseLinear.from_dense(model[0], **kw)

@@ -245,6 +245,22 @@ class NMWeight:
                              "the smallest positions unused in their group")
         return fmt
 
+    def validate(self) -> None:
+        """Check every invariant a kernel relies on, for a hand-built index: ``idx``/``empty`` as
+        :meth:`from_idx` checks them, and every derived tensor equal to the one they imply.
+
+        Raises:
+            TypeError, ValueError: a dtype, shape, position, empty slot or derived tensor that breaks the layout.
+        """
+        ref = NMWeight.from_idx(self.out_features, self.in_features, self.n, self.m, self.idx, self.empty,
+                                self.transposable)
+        for name in _INDEX_NAMES[1:]:
+            t, want = getattr(self, name), getattr(ref, name)
+            if not (isinstance(t, torch.Tensor) and t.dtype == want.dtype and t.shape == want.shape
+                    and torch.equal(t, want)):
+                raise ValueError(f"{name}: does not match the index that idx/empty describe (rebuild it with "
+                                 "NMWeight.from_idx)")
+
     def columns(self) -> torch.Tensor:
         """The column of every slot, ``[out, S]`` int64 (columns ``>= in`` only for empty slots)."""
         return _columns(self.idx, self.slots, self.n, self.m)

@@ -17,6 +17,8 @@ def check_weight(weight, name: str = "weight", min_dim: int = 1) -> torch.Tensor
         raise TypeError(f"{name}: expected a floating-point torch.Tensor, got {getattr(weight, 'dtype', type(weight))}")
     if weight.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data, got one on the meta device (nothing to rank)")
     w = weight.detach()
     if torch.isnan(w).any():
         raise ValueError(f"{name}: contains NaN; magnitudes cannot be ranked")

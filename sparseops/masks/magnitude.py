@@ -55,6 +55,8 @@ def magnitude(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight: expected a floating-point torch.Tensor, got {getattr(weight, 'dtype', type(weight))}")
     s = check_sparsity(sparsity)
+    if weight.device.type == "meta":
+        raise ValueError("weight: expected a tensor with data, got one on the meta device (nothing to rank)")
     w = weight.detach()
     if torch.isnan(w).any():
         raise ValueError("weight: contains NaN; magnitudes cannot be ranked")
@@ -81,6 +83,8 @@ def global_magnitude(weights: Sequence[torch.Tensor], sparsity: float) -> list[t
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise TypeError(f"weights[{i}]: expected a floating-point torch.Tensor")
+        if w.device.type == "meta":
+            raise ValueError(f"weights[{i}]: expected a tensor with data, got one on the meta device (nothing to rank)")
     rank = _rank_dtype(*weights)
     flat = torch.cat([w.detach().abs().flatten().to(rank) for w in weights])
     if torch.isnan(flat).any():

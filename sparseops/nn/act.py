@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from ..autograd import act_linear, check_input
 from ..reference.act import act_mask
 from ..patterns import check_sparsity
-from .linear import SparseLinear, _check_features
+from ._load import restore, snapshot
+from .linear import SparseLinear, _check_dtype, _check_features
 
 MODES = ("relu", "tensor", "channel", "topk")
 
@@ -68,6 +69,7 @@ class ActivationSparseLinear(nn.Module):
         super().__init__()
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
+        _check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         # [out, in] with Wᵀ's memory: weight.t() is contiguous
         weight = torch.empty(in_features, out_features, **factory).t()
@@ -82,6 +84,7 @@ class ActivationSparseLinear(nn.Module):
         self._calibrating = False
         self.sparsity = check_sparsity(sparsity)
         self.set_mode(mode)
+        self._register_load_guard()
 
     @classmethod
     def from_dense(cls, linear: nn.Module, sparsity: float = 0.5, mode: str = "tensor") -> "ActivationSparseLinear":
@@ -111,6 +114,7 @@ class ActivationSparseLinear(nn.Module):
             layer.sparse = None
             device = w.device
         layer.set_mode(mode, device=device)
+        layer._register_load_guard()
         return layer
 
     def set_mode(self, mode: str, sparsity: float | None = None, *, device=None) -> None:
@@ -236,15 +240,32 @@ class ActivationSparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # all or nothing over this layer and the SparseLinear it wraps, which loads after it: the post-hook
+        # (_undo_failed_load) restores both when any message was added by then (see nn._load)
+        snaps = [(self, snapshot(self, ("mode", "sparsity")))]
+        if self.sparse is not None:
+            snaps.append((self.sparse, snapshot(self.sparse)))
+        self.__dict__["_load_guard"] = (error_msgs, len(error_msgs), snaps)
+        wrapped = any(k.startswith(prefix + "sparse.") for k in state_dict)
+        if wrapped != (self.sparse is not None) and (wrapped or prefix + "weight" in state_dict):
+            have = "a SparseLinear (sparse.*)" if wrapped else "a dense weight (weight)"
+            mine = "wraps a SparseLinear" if self.sparse is not None else "holds a dense weight"
+            error_msgs.append(f"While loading {prefix or 'ActivationSparseLinear'}: the checkpoint holds {have}, this "
+                              f"layer {mine}; build it the way the checkpoint's was")
+            return
         extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, dict) and extra.get("mode") in MODES:
+        if extra is not None and not (isinstance(extra, dict) and extra.get("mode") in MODES):
+            error_msgs.append(f"{prefix}_extra_state: expected {{'mode': one of {MODES}, 'sparsity': float}}, "
+                              f"got {extra!r}")
+            return
+        if extra is not None:
             try:
                 sparsity = check_sparsity(extra.get("sparsity"))
             except (TypeError, ValueError) as exc:
                 error_msgs.append(f"{prefix}_extra_state: {exc}")
-            else:
-                if (extra["mode"], sparsity) != (self.mode, self.sparsity):
-                    self.set_mode(extra["mode"], sparsity, device=self.threshold.device)
+                return
+            if (extra["mode"], sparsity) != (self.mode, self.sparsity):
+                self.set_mode(extra["mode"], sparsity, device=self.threshold.device)
         thr = state_dict.get(prefix + "threshold")
         if isinstance(thr, Tensor) and tuple(thr.shape) != tuple(self.threshold.shape):
             error_msgs.append(
@@ -254,11 +275,21 @@ class ActivationSparseLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _register_load_guard(self) -> None:
+        self.register_load_state_dict_post_hook(_undo_failed_load)
+
     def extra_repr(self) -> str:
         weight = "sparse" if self.sparse is not None else "dense"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={(self.bias is not None) if self.sparse is None else self.sparse.bias is not None}, "
                 f"mode={self.mode}, sparsity={self.sparsity}, weight={weight}")
+
+
+def _undo_failed_load(module: "ActivationSparseLinear", incompatible_keys) -> None:
+    guard = module.__dict__.pop("_load_guard", None)
+    if guard is not None and len(guard[0]) > guard[1]:
+        for m, snap in guard[2]:
+            restore(m, snap)
 
 
 def _run(model: nn.Module, batch) -> None:
@@ -287,7 +318,8 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
         ``{module name: the sparsity it reaches on the calibration inputs}``.
 
     Raises:
-        TypeError: ``model`` is not an nn.Module; ValueError: no such layer, no batches, bad sparsity/mode.
+        TypeError: ``model`` is not an nn.Module; ValueError: no such layer, no batches, a layer that saw no
+            input rows, bad sparsity/mode. On any error every layer is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -298,9 +330,9 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
     layers = {name: m for name, m in model.named_modules() if isinstance(m, ActivationSparseLinear)}
     if not layers:
         raise ValueError("model: has no ActivationSparseLinear to calibrate (see sparseops.sparsify_activations_)")
+    # record first, change nothing until every layer has inputs: an error leaves every layer as it was (the
+    # recording pass computes each layer's dense product, which does not depend on mode or threshold)
     for m in layers.values():
-        if mode is not None or sparsity is not None:
-            m.set_mode(mode or m.mode, sparsity)
         m._seen = []
         m._calibrating = True
     n = 0
@@ -309,9 +341,17 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
             _run(model, batch)
             n += 1
     finally:
-        for m in layers.values():
+        seen = {}
+        for name, m in layers.items():
             m._calibrating = False
-    seen = {name: m.__dict__.pop("_seen") for name, m in layers.items()}
+            seen[name] = m.__dict__.pop("_seen", [])
     if n == 0:
         raise ValueError("batches: calibration needs at least one batch, got none")
+    for name, s in seen.items():
+        if sum(t.shape[0] for t in s) == 0:
+            raise ValueError(f"batches: layer {name!r} saw no input rows in {n} batch(es) (empty batches, or a layer "
+                             "the batches do not reach)")
+    for m in layers.values():
+        if mode is not None or sparsity is not None:
+            m.set_mode(mode or m.mode, sparsity)
     return {name: m.calibrate(seen[name]) for name, m in layers.items()}

@@ -13,6 +13,7 @@ from ..fewbit.table import ACTIVATIONS, activation_fn
 from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, NMWeight
 from ..formats.bsr import grid_shape
 from ..masks import for_pattern
+from ._load import restore, snapshot
 from ._optim import replace_parameter
 from ..masks.fan_in import is_fan_in
 from ..masks.nm import is_nm
@@ -35,11 +36,20 @@ def _check_features(name: str, n) -> int:
     return n
 
 
+def _check_dtype(dtype) -> None:
+    # nn.init fails on an integer dtype with a NotImplementedError that names no argument
+    dt = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dt}")
+
+
 def _check_mask(mask, out_features: int, in_features: int, device) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask: expected a bool torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+    if mask.device.type == "meta":
+        raise ValueError("mask: expected a tensor with data (cpu or cuda), got one on the meta device")
     if tuple(mask.shape) != (out_features, in_features):
         raise ValueError(f"mask: expected shape ({out_features}, {in_features}) = (out, in), got {tuple(mask.shape)}")
     return mask.to(device)
@@ -95,8 +105,12 @@ class SparseLinear(nn.Module):
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.pattern = as_pattern(pattern)
+        _check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         weight = torch.empty(out_features, in_features, **factory)
+        if weight.device.type == "meta":
+            raise ValueError("device: a SparseLinear builds its index from a mask, which needs data; the meta device "
+                             "holds none (build it on cpu or cuda)")
         # the same initialisation as nn.Linear.reset_parameters
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         if mask is not None:
@@ -163,6 +177,9 @@ class SparseLinear(nn.Module):
         u = residual.new_zeros(out_f, r)
         v = residual.new_zeros(r, in_f)
         q = min(r, out_f, in_f)
+        if q and not bool(torch.isfinite(residual).all()):
+            raise ValueError("weight: contains NaN or Inf where the butterfly mask drops it; the low-rank term is an "
+                             "SVD of those weights and needs finite values")
         if q:
             U, S, V = torch.svd_lowrank(residual.float(), q=min(q + 8, out_f, in_f), niter=2)
             root = S[:q].sqrt()
@@ -208,6 +225,9 @@ class SparseLinear(nn.Module):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         pat = as_pattern(pattern)
         w = linear.weight.detach()
+        if w.device.type == "meta":
+            raise ValueError("linear: its weight is on the meta device, with no data to prune or pack; materialize it "
+                             "first (to_empty, then load_state_dict)")
         if mask is not None:
             mask = _check_mask(mask, *w.shape, w.device)
         mask = for_pattern(pat, w, sparsity, mask)
@@ -370,11 +390,61 @@ class SparseLinear(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # all or nothing: a refused checkpoint leaves the layer as it was (see nn._load)
+        n_err = len(error_msgs)
+        snap = snapshot(self)
+        self._load_checked(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if len(error_msgs) > n_err:
+            restore(self, snap)
+
+    def _kind(self) -> str:
+        if self._is_nm:
+            return "an N:M index (idx/empty)"
+        if self._block:
+            return f"a block-sparse index with {self._block}x{self._block} blocks (crow/col, values [nblk, b, b])"
+        return "a CSR index (crow/col, values [nnz])"
+
+    def _check_kind(self, state_dict, prefix) -> str | None:
+        """Why the checkpoint under ``prefix`` cannot be this layer's, judged by its keys and shapes; or None."""
+        def get(key):
+            return state_dict.get(prefix + key)
+
+        values = get("values")
+        keys = "crow, col, values"
+        if get("idx") is not None or get("empty") is not None:
+            kind, keys = "an N:M index (idx/empty)", "idx, empty"
+        elif get("crow") is not None or get("col") is not None:
+            if get("crow") is None or get("col") is None or values is None:
+                return "crow, col and values: the checkpoint holds only part of a CSR/BSR index and its values"
+            b = values.shape[-1] if values.dim() == 3 else 0
+            kind = (f"a block-sparse index with {b}x{b} blocks (crow/col, values [nblk, b, b])" if b
+                    else "a CSR index (crow/col, values [nnz])")
+        elif get("blkdiag1") is not None or get("blkdiag2") is not None:
+            kind, keys = "Monarch factors (blkdiag1/blkdiag2)", "blkdiag1, blkdiag2"
+        elif get("weight") is not None:
+            kind, keys = "a dense weight (weight)", "weight"
+        else:
+            return None
+        if kind != self._kind():
+            return (f"{keys}: the checkpoint holds {kind}, this layer is {self.pattern.name}, stored as "
+                    f"{self._kind()}; build the layer with the checkpoint's pattern")
+        if self._is_nm and (get("idx") is None or get("empty") is None or values is None):
+            return "idx, empty and values: the checkpoint holds only part of an N:M index and its values"
+        if (get("lr_u") is not None or get("lr_v") is not None) and not self._rank:
+            return (f"lr_u/lr_v: the checkpoint has a low-rank term, this layer ({self.pattern.name}) has none; "
+                    "build it with the checkpoint's Butterfly(rank=...)")
+        return None
+
+    def _load_checked(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        why = self._check_kind(state_dict, prefix)
+        if why is not None:
+            error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {why}")
+            return
         values = state_dict.get(prefix + "values")
         shape = state_dict.get(prefix + "dense_shape")
         if shape is not None and [int(v) for v in shape.tolist()] != [self.out_features, self.in_features]:
             error_msgs.append(
-                f"While loading {prefix or 'SparseLinear'}: the checkpoint's weight is [out, in] = "
+                f"While loading {prefix or 'SparseLinear'}: the checkpoint's weight ({prefix}dense_shape) is [out, in] = "
                 f"{[int(v) for v in shape.tolist()]}, this layer has out_features={self.out_features}, "
                 f"in_features={self.in_features}"
             )
@@ -399,6 +469,9 @@ class SparseLinear(nn.Module):
                     raise ValueError(
                         f"crow: checkpoint holds {crow.numel() - 1} {what} out_features={self.out_features}"
                     )
+                if isinstance(self.pattern, FanIn) and not bool((crow.long().diff() == self.pattern.k).all()):
+                    raise ValueError(f"crow: the checkpoint's rows do not all hold k={self.pattern.k} weights "
+                                     f"(this layer is {self.pattern.name})")
                 vshape = (col.numel(), b, b) if b else tuple(col.shape)
                 if values is not None and tuple(values.shape) != vshape:
                     raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values, expected {vshape}")
@@ -408,7 +481,7 @@ class SparseLinear(nn.Module):
                 else:
                     fmt = CSRWeight.from_crow_col(self.out_features, self.in_features, crow.to(dev), col.to(dev))
             except (TypeError, ValueError) as exc:
-                error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {exc}")
+                error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({self.pattern.name}): {exc}")
                 return
             self._set_index(fmt)
             vshape = (col.numel(), b, b) if b else tuple(col.shape)
@@ -434,7 +507,7 @@ class SparseLinear(nn.Module):
             if values is not None and fmt.empty.numel() and bool(values.reshape(-1)[fmt.empty.to(values.device)].ne(0).any()):
                 raise ValueError("values: nonzero at an empty slot (a slot that holds no weight must be 0)")
         except (TypeError, ValueError) as exc:
-            error_msgs.append(f"While loading {prefix or 'SparseLinear'}: {exc}")
+            error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({p.name}): {exc}")
             return False
         self._set_index(fmt)
         return True

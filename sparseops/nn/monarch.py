@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..autograd import check_input
+from ._load import restore, snapshot
+from .linear import _check_dtype
 
 
 def _check_int(name: str, n, low: int) -> int:
@@ -223,13 +225,17 @@ def monarch_project(weight: Tensor, nblocks: int) -> tuple[Tensor, Tensor]:
         ``(blkdiag1 [k, m, p], blkdiag2 [k, q, m])`` in ``weight``'s dtype and device.
 
     Raises:
-        TypeError, ValueError: a bad weight or nblocks.
+        TypeError, ValueError: a bad weight (not floating point, not 2-d, NaN or Inf) or nblocks.
     """
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, Tensor) else type(weight).__name__
         raise TypeError(f"weight: expected a floating-point torch.Tensor, got {got}")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-d [out, in], got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError("weight: expected a tensor with data, got one on the meta device (nothing to project)")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight: contains NaN or Inf; the Monarch projection (an SVD per block pair) needs finite values")
     out_f, in_f = weight.shape
     p, q, m = monarch_sizes(in_f, out_f, nblocks)
     k = nblocks
@@ -274,6 +280,7 @@ class MonarchLinear(nn.Module):
                  dtype=None):
         super().__init__()
         p, q, m = monarch_sizes(in_features, out_features, nblocks)
+        _check_dtype(dtype)
         self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
         factory = {"device": device, "dtype": dtype}
         k = nblocks
@@ -356,8 +363,26 @@ class MonarchLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name in ("blkdiag1", "blkdiag2"):
+        # all or nothing: a refused checkpoint leaves the layer as it was (see nn._load)
+        n_err = len(error_msgs)
+        snap = snapshot(self)
+        self._load_checked(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if len(error_msgs) > n_err:
+            restore(self, snap)
+
+    def _load_checked(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        other = [k for k in ("values", "crow", "col", "idx", "empty", "weight") if prefix + k in state_dict]
+        if other:
+            error_msgs.append(
+                f"While loading {prefix or 'MonarchLinear'}: the checkpoint holds a sparse or dense weight "
+                f"({', '.join(prefix + k for k in other)}), this layer is Monarch (blkdiag1/blkdiag2); build the "
+                "layer with the checkpoint's pattern"
+            )
+            return
+        for name in ("blkdiag1", "blkdiag2", "bias"):
             t = state_dict.get(prefix + name)
+            if getattr(self, name) is None:
+                continue
             want = tuple(getattr(self, name).shape)
             if t is not None and tuple(t.shape) != want:
                 error_msgs.append(
