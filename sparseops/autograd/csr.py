@@ -113,4 +113,6 @@ def apply_flat(function, x, values, index: dict, bias, out_features: int, in_fea
     ):
         infer = getattr(function, "infer", None)
     y = infer(*args) if infer is not None else function.apply(*args)
-    return y.reshape(*lead, out_features)
+    # a 2-d input gets the op's own output, not a view of it (as nn.Linear): FSDP2 warns about a module
+    # that returns a view, since an in-place op on it would drop its pre-backward hook
+    return y if x.dim() == 2 else y.reshape(*lead, out_features)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,9 +38,40 @@ def _use_cpp(*tensors: Tensor) -> bool:
     return _C is not None and all(t.dtype == torch.float32 for t in tensors)
 
 
+class _ArrayView:
+    """An ``__array_interface__`` over a tensor's memory; it keeps the tensor alive as the array's base."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+
+# numpy type strings of the dtypes the bindings take; any other dtype goes through Tensor.numpy()
+_TYPESTR = {
+    t: np.dtype(n).str
+    for t, n in ((torch.float32, np.float32), (torch.float64, np.float64), (torch.int16, np.int16),
+                 (torch.int32, np.int32), (torch.int64, np.int64), (torch.uint8, np.uint8), (torch.bool, np.bool_))
+}
+
+
 def _np(t: Tensor):
-    # zero-copy view; the binding reads strides, so only a dense-in-memory layout is required
-    return t.detach().numpy()
+    """A zero-copy numpy view of ``t`` (the binding reads strides: only a dense-in-memory layout is required).
+
+    Not ``Tensor.numpy()``: that marks the tensor's storage non-resizable for good, and FSDP2 (and FSDP1)
+    frees an all-gathered parameter after use by resizing its storage to 0, which then raises
+    "Trying to resize storage that is not resizable".
+    """
+    typestr = _TYPESTR.get(t.dtype)
+    if typestr is None:
+        return t.detach().numpy()
+    view = _ArrayView()
+    view.tensor = t
+    # NOTE: as cheap as Tensor.numpy(): 3.2-4.9 us an array against its 2.8-5.0 us (5 runs, 2 loaded cores),
+    # because it skips detach() and passes strides None (C order) when contiguous; with both on every
+    # call it took ~1.7x as long
+    view.__array_interface__ = {
+        "version": 3, "shape": t.shape, "typestr": typestr, "data": (t.data_ptr(), False),
+        "strides": None if t.is_contiguous() else tuple(s * t.element_size() for s in t.stride()),
+    }
+    return np.asarray(view)
 
 
 # ---- host ops: cpu -> _C, anything else -> reference ----
