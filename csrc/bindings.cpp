@@ -582,7 +582,7 @@ const float* act_weight(const py::array& wt, int64_t K) {
   if (W.rows != K)
     throw py::value_error("weight_t: expected " + std::to_string(K) + " rows (one per input), got " +
                           std::to_string(W.rows));
-  if (W.rows > 1 && W.s0 != W.cols) throw py::value_error("weight_t: must be C-contiguous");
+  if (W.rows > 1 && W.cols > 0 && W.s0 != W.cols) throw py::value_error("weight_t: must be C-contiguous");
   return W.p;
 }
 

@@ -35,9 +35,12 @@ def _thr(threshold: Tensor) -> Tensor:
 
 
 def _rows(a: Tensor) -> Tensor:
-    # the kernels read contiguous, non-overlapping rows at any row stride; anything else (a transposed
-    # view, the stride-0 rows autograd hands back for a sum over the batch) is copied
-    if a.shape[0] <= 1 or a.shape[1] <= 1 or (a.stride(1) == 1 and a.stride(0) >= a.shape[1]):
+    # the kernels read contiguous, non-overlapping rows at any row stride (the binding's rule: column
+    # stride 1 unless a row holds at most one element, row stride >= columns when there are 2+ rows);
+    # anything else (a transposed view, a step slice even of a single row, the stride-0 rows autograd
+    # hands back for a sum over the batch, a single column among them) is copied
+    rows, cols = a.shape
+    if rows == 0 or ((cols <= 1 or a.stride(1) == 1) and (rows <= 1 or a.stride(0) >= cols)):
         return a
     return a.contiguous()
 
