@@ -15,7 +15,8 @@ from ._cpp import available as cpp_available
 from ._cpp import isa, set_isa
 from . import data, dst, pruning  # noqa: F401
 from .dst import SET, RigL, SRigL
-from .api import sparsify_, sparsify_activations_
+from .api import densify_, sparsify_, sparsify_activations_
+from .checkpoint import load_safetensors, save_safetensors
 from .autoselect import explain
 from .pruning import GradualPruner
 from .nn import ActivationSparseLinear, MonarchLinear, SparseLinear, calibrate_
@@ -36,6 +37,9 @@ __all__ = [
     "pruning",
     "MonarchLinear",
     "sparsify_",
+    "densify_",
+    "save_safetensors",
+    "load_safetensors",
     "explain",
     "Unstructured",
     "NM",

@@ -1,9 +1,10 @@
 """Model-level API: ``sparsify_`` swaps ``nn.Linear`` layers for sparse ones in place;
-``sparsify_activations_`` swaps them for activation-sparse ones."""
+``sparsify_activations_`` swaps them for activation-sparse ones; ``densify_`` swaps either back."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 import torch
@@ -15,10 +16,27 @@ from .nn.act import _check_mode
 from .patterns import Block, Monarch, Unstructured, as_pattern, check_sparsity
 
 
-def _targets(model: nn.Module, filter_fn):
-    out = []
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Parameters reachable under more than one name (tied weights, or one module registered twice)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _targets(model: nn.Module, filter_fn, types=(nn.Linear,)):
+    out, tied = [], _shared_weights(model)
     for fqn, mod in model.named_modules():
-        if type(mod) is nn.Linear and (filter_fn is None or filter_fn(mod, fqn)):
+        if type(mod) in types and (filter_fn is None or filter_fn(mod, fqn)):
+            if type(mod) is nn.Linear and id(mod.weight) in tied:
+                # a sparse copy would silently untie it (e.g. an lm_head tied to the input embedding)
+                warnings.warn(
+                    f"sparsify: left {fqn or 'the model'} dense: its weight is shared "
+                    f"({', '.join(tied[id(mod.weight)])}), and a sparse layer would untie it; untie it first "
+                    "(e.g. tie_word_embeddings=False) to sparsify it",
+                    stacklevel=3,
+                )
+                continue
             out.append((fqn, mod))
     return out
 
@@ -167,6 +185,71 @@ def _swap(model: nn.Module, targets, new) -> nn.Module:
     return model
 
 
+def _torch_activation(name: str) -> nn.Module:
+    """The torch module of a fused activation name (torch's default parameters, as the fused op uses)."""
+    from .nn.activation import _FROM_TORCH
+
+    return next(t() for t, (fb, _) in _FROM_TORCH.items() if fb.name == name)
+
+
+def _dense_of(mod: nn.Module) -> nn.Module | None:
+    from .nn.monarch import MonarchLinear
+
+    if isinstance(mod, ActivationSparseLinear):
+        inner = mod.to_dense()
+        new = _dense_of(inner) if isinstance(inner, SparseLinear) else inner
+    elif isinstance(mod, SparseLinear):
+        new = mod.to_dense()
+        if mod.activation is not None:
+            new = nn.Sequential(new, _torch_activation(mod.activation))
+    elif isinstance(mod, MonarchLinear):
+        new = mod.to_dense()
+    else:
+        return None
+    return new.train(mod.training)
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Swap every :class:`SparseLinear`, :class:`~sparseops.nn.MonarchLinear` and
+    :class:`~sparseops.nn.ActivationSparseLinear` of ``model`` for a dense ``nn.Linear`` holding the same
+    weight, in place: e.g. to load a sparse checkpoint (into a model ``sparsify_``-ed the same way) and then
+    run or export it with dense kernels only.
+
+    - ``SparseLinear``: its ``to_dense()``, zeros off the mask (plus a Pixelfly's low-rank term); one with a
+      fused ``activation`` becomes ``nn.Sequential(linear, <the torch activation>)``, so the output is the
+      same (its few-bit backward becomes torch's exact one).
+    - ``MonarchLinear``: its ``to_dense()``, the product of the two factors.
+    - ``ActivationSparseLinear``: the layer without its input sparsifier (a wrapped ``SparseLinear`` is then
+      densified too). Its output becomes the dense product on every input, what the layer computed before
+      ``sparsify_activations_``, not its sparsified output.
+
+    The new modules are on the old ones' device and dtype, in their train/eval mode. Optimizers that held
+    the old parameters do not see the new ones.
+
+    Returns:
+        ``model`` (or, if ``model`` is itself one of those layers, its replacement).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    targets, new = [], []
+
+    def walk(mod: nn.Module, fqn: str) -> None:
+        dense = _dense_of(mod)
+        if dense is not None:
+            targets.append((fqn, mod))
+            new.append(dense)
+            return
+        for name, child in mod.named_children():
+            walk(child, f"{fqn}.{name}" if fqn else name)
+
+    with torch.no_grad():
+        walk(model, "")
+    return _swap(model, targets, new)
+
+
 def sparsify_activations_(
     model: nn.Module,
     sparsity: float = 0.5,
@@ -193,7 +276,6 @@ def sparsify_activations_(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_sparsity(sparsity)
     _check_mode(mode)
-    targets = [(fqn, m) for fqn, m in model.named_modules()
-               if type(m) in (nn.Linear, SparseLinear) and (filter_fn is None or filter_fn(m, fqn))]
+    targets = _targets(model, filter_fn, (nn.Linear, SparseLinear))
     new = [ActivationSparseLinear.from_dense(m, sparsity, mode) for _, m in targets]
     return _swap(model, targets, new)

@@ -450,3 +450,18 @@ def test_no_grad_forward_skips_autograd_function_and_matches(pattern, monkeypatc
     assert not y.requires_grad and torch.equal(y, with_grad.detach())
     layer.requires_grad_(False)
     assert torch.equal(layer(x), with_grad.detach())  # grad mode on, but nothing requires grad
+
+
+@pytest.mark.parametrize("swap", ["sparsify_", "sparsify_activations_"])
+def test_tied_linear_is_left_dense_with_a_warning(swap):
+    # an lm_head tied to the input embedding: a sparse copy would silently untie the two
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 8), "body": nn.Linear(8, 8), "head": nn.Linear(8, 10, bias=False)})
+    model["head"].weight = model["emb"].weight
+    with pytest.warns(UserWarning, match=r"left head dense: its weight is shared \(emb.weight, head.weight\)"):
+        if swap == "sparsify_":
+            sparseops.sparsify_(model, sparsity=0.5)
+        else:
+            sparseops.sparsify_activations_(model, 0.5, mode="relu")
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
+    assert type(model["body"]) is not nn.Linear  # the untied layer was swapped
