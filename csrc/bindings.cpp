@@ -291,20 +291,45 @@ uint32_t* codes_array(py::array& codes, int64_t n, int bits, bool output) {
   return static_cast<uint32_t*>(output ? codes.mutable_data() : const_cast<void*>(codes.data()));
 }
 
-void fewbit_pack(const py::array& x, const std::string& dtype, const py::array& borders, int bits, py::array& codes,
-                 int nthreads) {
-  const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
-  check_bits(bits);
-  const int64_t n = element_array(x, "x", dt);
+const float* border_array(const py::array& borders, int bits) {
   const int64_t nb = (int64_t{1} << bits) - 1;
   const float* b = vector<float>(borders, "borders", "float32", nb);
   for (int64_t k = 0; k < nb; ++k) {
     if (std::isnan(b[k])) throw py::value_error("borders: entry " + std::to_string(k) + " is nan");
     if (k && b[k] < b[k - 1]) throw py::value_error("borders: must be sorted (non-decreasing) at " + std::to_string(k));
   }
+  return b;
+}
+
+void fewbit_pack(const py::array& x, const std::string& dtype, const py::array& borders, int bits, py::array& codes,
+                 int nthreads) {
+  const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
+  check_bits(bits);
+  const int64_t n = element_array(x, "x", dt);
+  const float* b = border_array(borders, bits);
   uint32_t* c = codes_array(codes, n, bits, true);
   py::gil_scoped_release release;
   sparseops::fewbit_pack(x.data(), dt, n, b, bits, c, threads(nthreads));
+}
+
+void fewbit_pack_pwl(const py::array& x, const std::string& dtype, const py::array& borders, int bits,
+                     py::array& codes, const std::string& kind, float a, float b, py::array& y, int nthreads) {
+  const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
+  check_bits(bits);
+  sparseops::FewbitPwl k;
+  if (kind == "clamp") k = sparseops::FewbitPwl::clamp;
+  else if (kind == "leaky") k = sparseops::FewbitPwl::leaky;
+  else throw py::value_error("kind: expected 'clamp' or 'leaky', got '" + kind + "'");
+  if (std::isnan(a) || std::isnan(b)) throw py::value_error("a, b: expected numbers, got nan");
+  const int64_t n = element_array(x, "x", dt);
+  const float* bd = border_array(borders, bits);
+  uint32_t* c = codes_array(codes, n, bits, true);
+  if (element_array(y, "y", dt) != n || !y.dtype().is(x.dtype()))
+    throw py::value_error("y: expected " + std::to_string(n) + " elements of x's dtype, got " +
+                          std::to_string(y.size()) + " of " + std::string(py::str(y.dtype())));
+  if (!y.writeable()) throw py::value_error("y: must be writeable");
+  py::gil_scoped_release release;
+  sparseops::fewbit_pack_pwl(x.data(), dt, n, bd, bits, c, k, a, b, y.mutable_data(), threads(nthreads));
 }
 
 void fewbit_unpack(const py::array& grad, const std::string& dtype, py::array& codes, const py::array& levels, int bits,
@@ -676,6 +701,12 @@ x: C-contiguous float32 array, or an int16/uint16 view of bfloat16/float16 data 
 The code of an element is the number of borders [2^bits - 1, sorted float32] it exceeds (nan -> 0).
 codes: int32 output of ceil(x.size / 32) * bits words; group g of 32 elements owns words
 [g*bits, g*bits + bits), and bit i of word j is bit j of element 32g+i's code.)");
+  m.def("fewbit_pack_pwl", &fewbit_pack_pwl, py::arg("x"), py::arg("dtype"), py::arg("borders"), py::arg("bits"),
+        py::arg("codes").noconvert(), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("y").noconvert(),
+        py::arg("nthreads"),
+        R"(fewbit_pack plus, in the same pass, a piecewise-linear activation of x into y (same dtype and size):
+kind 'clamp': y = min(max(x, a), b) (relu: a=0, b=inf; relu6; hardtanh); kind 'leaky': y = x if x > 0
+else x * a. Computed in float32, rounded once to the dtype; nan and -0 pass through as torch's do.)");
   m.def("fewbit_unpack", &fewbit_unpack, py::arg("grad"), py::arg("dtype"), py::arg("codes"), py::arg("levels"),
         py::arg("bits"), py::arg("out").noconvert(), py::arg("nthreads"),
         R"(out = grad * levels[code] elementwise, the product rounded once to grad's dtype.

@@ -19,6 +19,13 @@ enum class FewbitDtype { f32 = 0, bf16 = 1, f16 = 2 };
 void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
                  int nthreads);
 
+// the fused forward of a piecewise-linear activation: pack as above, and in the same pass
+// y[i] = clamp(x[i], a, b) (kind clamp: relu, relu6, hardtanh) or x[i] > 0 ? x[i] : x[i] * a (kind
+// leaky), computed in float and rounded once to the element type. nan and -0 pass through, as in torch.
+enum class FewbitPwl { clamp = 1, leaky = 2 };
+void fewbit_pack_pwl(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
+                     FewbitPwl kind, float a, float b, void* y, int nthreads);
+
 // out[i] = grad[i] * levels[code(i)], the product rounded once to the element type. levels holds
 // 2^bits floats. out may not alias grad.
 void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n, const float* levels, int bits,
@@ -26,9 +33,13 @@ void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int6
 
 // per-isa entry points (fewbit_avx2.cpp, fewbit_portable.cpp)
 void fewbit_pack_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
+void fewbit_pack_pwl_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitPwl, float,
+                              float, void*, int);
 void fewbit_unpack_portable(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #if defined(SPARSEOPS_HAVE_AVX2)
 void fewbit_pack_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
+void fewbit_pack_pwl_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitPwl, float, float,
+                          void*, int);
 void fewbit_unpack_avx2(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #endif
 

@@ -49,12 +49,32 @@ struct Io<V, FewbitDtype::f16> {
 // 1 bit) per chunk keep the openmp scheduling cost invisible next to the memory traffic.
 constexpr int64_t kGroupsPerChunk = 4096;
 
-template <class V, FewbitDtype DT, int BITS>
-void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads) {
+// y = f(x) of the fused forward (PWL 0: none; else a FewbitPwl), on a vector and on one element
+template <class V, int PWL>
+inline typename V::reg pwl(const typename V::reg& x, const typename V::reg& a, const typename V::reg& b) {
+  if constexpr (PWL == static_cast<int>(FewbitPwl::clamp)) return V::min2(b, V::max2(a, x));
+  else return V::leaky(x, a);
+}
+
+template <int PWL>
+inline float pwl1(float x, float a, float b) {
+  if constexpr (PWL == static_cast<int>(FewbitPwl::clamp)) {
+    const float lo = a > x ? a : x;
+    return b < lo ? b : lo;
+  } else {
+    return x > 0.0f ? x : x * a;
+  }
+}
+
+template <class V, FewbitDtype DT, int BITS, int PWL = 0>
+void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads, float pa = 0.0f,
+          float pb = 0.0f, void* yv = nullptr) {
   using IO = Io<V, DT>;
   using T = typename IO::T;
   constexpr int NB = (1 << BITS) - 1;
   const T* x = static_cast<const T*>(xv);
+  T* y = static_cast<T*>(yv);
+  const typename V::reg va = V::bcast(pa), vb = V::bcast(pb);
   typename V::reg b[NB];
   for (int k = 0; k < NB; ++k) b[k] = V::bcast(borders[k]);
   const int64_t groups = (n + 31) / 32, full = n / 32;
@@ -66,7 +86,9 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
       uint32_t w[BITS] = {};
       if (g < full) {
         for (int q = 0; q < 4; ++q) {
-          const typename V::ireg code = V::count_gt(IO::load(x + g * 32 + q * 8), b, NB);
+          const typename V::reg xr = IO::load(x + g * 32 + q * 8);
+          if constexpr (PWL != 0) IO::store(y + g * 32 + q * 8, pwl<V, PWL>(xr, va, vb));
+          const typename V::ireg code = V::count_gt(xr, b, NB);
           for (int j = 0; j < BITS; ++j) w[j] |= V::bitplane(code, j) << (8 * q);
         }
       } else {
@@ -75,6 +97,8 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         const int64_t rem = n - g * 32;
         for (int64_t i = 0; i < 32; ++i)
           buf[i] = i < rem ? IO::to_float(x[g * 32 + i]) : -std::numeric_limits<float>::infinity();
+        if constexpr (PWL != 0)
+          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(pwl1<PWL>(buf[i], pa, pb));
         for (int q = 0; q < 4; ++q) {
           const typename V::ireg code = V::count_gt(V::load(buf + q * 8), b, NB);
           for (int j = 0; j < BITS; ++j) w[j] |= V::bitplane(code, j) << (8 * q);
@@ -144,6 +168,17 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
                             uint32_t* codes, int nthreads) {                                                     \
     detail::with_bits_dtype(bits, dt, [&](auto b, auto d) {                                                      \
       detail::pack<V, decltype(d)::value, decltype(b)::value>(x, n, borders, codes, nthreads);                   \
+    });                                                                                                          \
+  }                                                                                                              \
+  void fewbit_pack_pwl_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,        \
+                                uint32_t* codes, FewbitPwl kind, float a, float b, void* y, int nthreads) {      \
+    detail::with_bits_dtype(bits, dt, [&](auto bt, auto d) {                                                     \
+      constexpr FewbitDtype DT = decltype(d)::value;                                                             \
+      constexpr int BITS = decltype(bt)::value;                                                                  \
+      if (kind == FewbitPwl::clamp)                                                                              \
+        detail::pack<V, DT, BITS, static_cast<int>(FewbitPwl::clamp)>(x, n, borders, codes, nthreads, a, b, y);  \
+      else                                                                                                       \
+        detail::pack<V, DT, BITS, static_cast<int>(FewbitPwl::leaky)>(x, n, borders, codes, nthreads, a, b, y);  \
     });                                                                                                          \
   }                                                                                                              \
   void fewbit_unpack_##SUFFIX(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n,                \

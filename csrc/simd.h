@@ -137,6 +137,24 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i];
     return r;
   }
+  // the piecewise-linear activations of the fused few-bit forward, with maxps/minps semantics: on a
+  // tie (+0 vs -0) or a nan the second operand comes back, so x's nan and -0 pass through as torch's do
+  static inline reg max2(const reg& a, const reg& b) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+    return r;
+  }
+  static inline reg min2(const reg& a, const reg& b) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i];
+    return r;
+  }
+  // x > 0 ? x : x * s
+  static inline reg leaky(const reg& x, const reg& s) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = x.v[i] > 0.0f ? x.v[i] : x.v[i] * s.v[i];
+    return r;
+  }
   // lane i: how many of the nb borders x.v[i] exceeds (false for nan)
   static inline ireg count_gt(const reg& x, const reg* b, int nb) {
     ireg c;
@@ -282,6 +300,11 @@ struct VecAVX2 {
   // ---- few-bit codes (see VecPortable for the meaning of each) ----
   using ireg = __m256i;
   static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg max2(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static inline reg min2(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static inline reg leaky(reg x, reg s) {
+    return _mm256_blendv_ps(_mm256_mul_ps(x, s), x, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
+  }
   static inline ireg count_gt(reg x, const reg* b, int nb) {
     // a true compare is all ones, i.e. -1: subtracting it counts
     __m256i c = _mm256_setzero_si256();

@@ -490,3 +490,65 @@ def test_binding_refuses_malformed_arguments():
     with pytest.raises(ValueError):
         _C.fewbit_pack(x, "float32", np.array([1, 0, 2], dtype=np.float32), 2, codes, 1)
     assert (codes == before).all(), "nothing is written when the arguments are refused"
+
+
+# ---- the fused piecewise-linear forward (one pass writes y and the codes) ----
+
+FUSED = ["relu", "leaky_relu", "relu6", "hardtanh"]
+
+
+def _bits_of(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("params", ["default", "custom"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_fused_pwl_forward_is_torch_bit_for_bit_and_codes_are_pack(isa, monkeypatch, name, params, dtype, n):
+    kw = _params_for(name) if params == "custom" else {}
+    fn = fewbit.activation_fn(name, **kw)
+    assert fn.pwl is not None
+    bits = 1 if name in ("relu", "leaky_relu") else 2  # the exact widths
+    borders, _ = _table(name, bits, **kw)
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 5).to(dtype)
+    sp = _specials(dtype)
+    x[: min(n, sp.numel())] = sp[: min(n, sp.numel())]
+    # the fused kernel, not fn + pack, must produce both
+    monkeypatch.setattr(fewbit_ops, "pack", lambda *a: pytest.fail("pack_pwl fell back to fn + pack"))
+    y, codes = fewbit_ops.pack_pwl(x, fn, borders, bits)
+    monkeypatch.undo()
+    ref_y = fn(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    # bit for bit, -0 and rounding included; nan where torch has nan (its payload is torch's own choice)
+    nan = torch.isnan(ref_y)
+    assert torch.equal(torch.isnan(y), nan)
+    bad = (_bits_of(y) != _bits_of(ref_y)) & ~nan
+    assert not bad.any(), (x[bad], y[bad], ref_y[bad])
+    assert torch.equal(codes, reference.fewbit_pack(x, borders, bits))
+
+
+def test_fused_pwl_non_contiguous_input_and_autograd(isa):
+    fn = fewbit.activation_fn("leaky_relu", negative_slope=0.1)
+    x = (torch.randn(64, 40) * 3)[:, ::2].t()  # non-contiguous [20, 64]
+    x.requires_grad_(True)
+    ref = x.detach().clone().requires_grad_(True)
+    y = fewbit.leaky_relu(x, negative_slope=0.1)
+    assert torch.equal(y, fn(ref))
+    gy = torch.randn(y.shape)
+    y.backward(gy)
+    fn(ref).backward(gy)
+    assert torch.equal(x.grad, ref.grad)
+
+
+def test_fused_pwl_is_used_by_modules_and_not_under_no_grad(isa, monkeypatch):
+    calls = []
+    real = _C.fewbit_pack_pwl
+    monkeypatch.setattr(_C, "fewbit_pack_pwl", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(100, requires_grad=True)
+    sparseops.nn.FewBitReLU()(x).sum().backward()
+    assert calls == [1]
+    with torch.no_grad():
+        sparseops.nn.FewBitReLU()(x)
+    assert calls == [1], "no gradient: the forward is torch's alone, nothing is packed"

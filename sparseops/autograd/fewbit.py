@@ -18,10 +18,12 @@ class FewBitActivationFunction(torch.autograd.Function):
     # the classic forward(ctx, ...) form, for the reason given in autograd/csr.py
     @staticmethod
     def forward(ctx, x, fn, borders, levels, bits: int):
-        y = fn(x)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(fewbit_ops.pack(x, borders, bits), levels)
-            ctx.bits = bits
+        if not ctx.needs_input_grad[0]:
+            return fn(x)
+        # relu-like fn on cpu: y and the codes in one pass (see ops.fewbit.pack_pwl)
+        y, codes = fewbit_ops.pack_pwl(x, fn, borders, bits)
+        ctx.save_for_backward(codes, levels)
+        ctx.bits = bits
         return y
 
     @staticmethod
@@ -49,6 +51,8 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return fn(x)  # no backward to save for (no_grad, inference): torch's forward alone
     return FewBitActivationFunction.apply(x, fn, borders.to(x.device), levels.to(x.device), bits)
 
 

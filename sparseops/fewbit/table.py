@@ -212,7 +212,17 @@ def activation_fn(name: str, **params) -> Callable:
         ValueError: ``name`` is unknown or a parameter value is invalid.
     """
     resolved = _resolve_params(name, params)
-    return functools.partial(_SPECS[name][0], **resolved)
+    fn = functools.partial(_SPECS[name][0], **resolved)
+    # the piecewise-linear ones tell the fused CPU kernel (ops.fewbit.pack_pwl) what they compute
+    if name == "relu":
+        fn.pwl = ("clamp", 0.0, math.inf)
+    elif name == "relu6":
+        fn.pwl = ("clamp", 0.0, 6.0)
+    elif name == "hardtanh":
+        fn.pwl = ("clamp", resolved["min_val"], resolved["max_val"])
+    elif name == "leaky_relu":
+        fn.pwl = ("leaky", resolved["negative_slope"], 0.0)
+    return fn
 
 
 def derivative(fn: Callable | str, x) -> torch.Tensor:

@@ -207,6 +207,27 @@ def pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     return torch.ops.sparseops.fewbit_pack(x, borders, bits)
 
 
+def pack_pwl(x: Tensor, fn, borders: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``(fn(x), pack(x, borders, bits))`` for the autograd layer.
+
+    For a piecewise-linear ``fn`` (one that carries ``fn.pwl``, see ``fewbit.table.activation_fn``: relu,
+    relu6, hardtanh, leaky_relu) on eager CPU with the C++ kernels, one pass reads x and writes both
+    (``_C.fewbit_pack_pwl``): the same values as torch's forward, bit for bit, a pass over x fewer.
+    Anything else runs ``fn`` and :func:`pack` one after the other.
+    """
+    pwl = getattr(fn, "pwl", None)
+    if pwl is None or not _eager_cpu(x) or not _use_cpp(x) or x.numel() == 0:
+        return fn(x), pack(x, borders, bits)
+    kind, a, b = pwl
+    x = x.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32)
+    bd = borders.to(torch.float32).contiguous()
+    _C.fewbit_pack_pwl(_np_elems(x), _CPP_DTYPES[x.dtype], bd.numpy(), bits, codes.numpy(), kind, a, b,
+                       _np_elems(y), _threads(x.numel()))
+    return y, codes
+
+
 def unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
     """:func:`fewbit_unpack` for the autograd layer."""
     if _eager_cpu(grad):
