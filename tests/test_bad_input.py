@@ -983,3 +983,82 @@ def test_sparsify_refuses_meta_weights_and_changes_nothing(kw, name):
     for kw in (dict(sparsity=0.5), dict(mask=torch.ones(4, 8, dtype=torch.bool))):
         with pytest.raises(ValueError, match="^linear: .*meta device"):
             SparseLinear.from_dense(model[0], **kw)
+
+
+# ---- hand-built indices on the reference path (dtypes other than fp32 skip the C++ binding's checks) ----
+
+
+def _csr_case():
+    torch.manual_seed(3)
+    mask = torch.rand(5, 7) > 0.4
+    mask[0, :3] = True  # row 0 holds at least 3 entries, so its columns can be reordered
+    return CSRWeight.from_mask(mask)
+
+
+def _corrupt(t, how):
+    t = t.clone()
+    if how == "out-of-range":
+        t[1] = 1000
+    elif how == "negative":
+        t[1] = -1
+    elif how == "unsorted":
+        t[0], t[1] = t[1].item(), t[0].item()
+    elif how == "duplicated":
+        t[1] = t[0]
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["csr_dds", "csr_sdd", "csr_backward", "bsr_dds"])
+@pytest.mark.parametrize("how", ["out-of-range", "negative", "unsorted", "duplicated"])
+def test_reference_path_rejects_malformed_col(dtype, op, how):
+    fmt = _csr_case()
+    x, dy = torch.randn(3, 7, dtype=dtype), torch.randn(3, 5, dtype=dtype)
+    v = torch.randn(fmt.nnz, dtype=dtype)
+    col = _corrupt(fmt.col, how)
+    inputs = [x, dy, v, col]
+    before = [t.clone() for t in inputs]
+    with pytest.raises(ValueError, match=r"^col: "):
+        if op == "csr_dds":
+            torch.ops.sparseops.csr_dds(x, v, fmt.crow, col, None, 5)
+        elif op == "csr_sdd":
+            torch.ops.sparseops.csr_sdd(dy, x, fmt.crow, col, fmt.row)
+        elif op == "csr_backward":
+            torch.ops.sparseops.csr_backward(dy, x, v, fmt.crow, col, fmt.row, fmt.t_crow, fmt.t_row, fmt.t_perm)
+        else:  # a 5x7 block grid of 1x1... blocks of 2: the same index on a [10, 14] weight
+            torch.ops.sparseops.bsr_dds(torch.randn(3, 14, dtype=dtype), torch.randn(fmt.nnz, 2, 2, dtype=dtype),
+                                        fmt.crow, col, None, 10)
+    for t, b in zip(inputs, before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("bad", ["t_row", "t_perm", "t_crow", "values"])
+def test_reference_path_rejects_malformed_transposed_index(dtype, bad):
+    fmt = _csr_case()
+    dy = torch.randn(3, 5, dtype=dtype)
+    v = torch.randn(fmt.nnz, dtype=dtype)
+    t_crow, t_row, t_perm = fmt.t_crow, fmt.t_row, fmt.t_perm
+    if bad == "t_row":
+        t_row = _corrupt(t_row, "out-of-range")
+    elif bad == "t_perm":
+        t_perm = _corrupt(t_perm, "out-of-range")
+    elif bad == "t_crow":
+        t_crow = t_crow.clone()
+        t_crow[-1] += 1
+    else:
+        v = v[:-1]
+    with pytest.raises(ValueError, match=rf"^{bad}: "):
+        torch.ops.sparseops.csr_dsd(dy, v, t_crow, t_row, t_perm, 7)
+    with pytest.raises(ValueError, match=rf"^{bad}: "):
+        torch.ops.sparseops.bsr_dsd(dy.repeat_interleave(2, 1), v[:, None, None].expand(-1, 2, 2).contiguous(),
+                                    t_crow, t_row, t_perm, 14)
+
+
+def test_reference_path_bsr_sdd_rejects_out_of_range_blocks():
+    fmt = _csr_case()
+    dy, x = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 14, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^row: "):
+        torch.ops.sparseops.bsr_sdd(dy, x, _corrupt(fmt.row, "out-of-range"), fmt.col, 2)
+    with pytest.raises(ValueError, match=r"^col: "):
+        torch.ops.sparseops.bsr_sdd(dy, x, fmt.row, _corrupt(fmt.col, "negative"), 2)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
-from .csr import _eager_cpu, _np, _threads, _use_cpp
+from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp
 
 
 def _padded(a: Tensor, n: int) -> Tensor:
@@ -45,6 +45,9 @@ def bsr_dds_host(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Opt
 @bsr_dds_host.register_kernel("cpu")
 def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
+        b = values.shape[-1]
+        _check_index("crow", crow, "col", col, -(-out_features // b), -(-x.shape[1] // b))
+        _check_values(values, col.numel())
         return reference.bsr_dds(x, values, crow, col, bias, out_features)
     b = values.shape[-1]
     nbr = crow.shape[0] - 1
@@ -69,6 +72,10 @@ def bsr_dsd_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_pe
 @bsr_dsd_host.register_kernel("cpu")
 def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
+        b = values.shape[-1]
+        _check_values(values, t_row.numel())
+        _check_index("t_crow", t_crow, "t_row", t_row, -(-in_features // b), -(-dy.shape[1] // b), perm=t_perm,
+                     nnz=values.shape[0])
         return reference.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
     b = values.shape[-1]
     nbc = t_crow.shape[0] - 1
@@ -92,6 +99,10 @@ def bsr_sdd_host(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) ->
 @bsr_sdd_host.register_kernel("cpu")
 def _bsr_sdd_cpu(dy, x, row, col, block):
     if not _use_cpp(dy, x):
+        for name, t, lim in (("row", row, -(-dy.shape[1] // block)), ("col", col, -(-x.shape[1] // block))):
+            if t.numel() != col.numel() or (t.numel() and (int(t.min()) < 0 or int(t.max()) >= lim)):
+                raise ValueError(f"{name}: expected {col.numel()} block indices in [0, {lim}), got {t.numel()} "
+                                 f"in [{int(t.min()) if t.numel() else 0}, {int(t.max()) if t.numel() else 0}]")
         return reference.bsr_sdd(dy, x, row, col, block)
     b = block
     dyp = _padded(dy, -(-dy.shape[1] // b) * b)

@@ -74,6 +74,39 @@ def _np(t: Tensor):
     return np.asarray(view)
 
 
+def _check_index(ptr_name, ptr, idx_name, idx, rows: int, cols: int, perm=None, nnz=None, row=None, out=None):
+    """The checks the C++ binding makes, for the calls that take the reference path instead (dtypes other
+    than fp32 on CPU): a hand-built index gets the same ``ValueError`` naming the tensor, not an
+    IndexError from deep inside torch or a silent sum over duplicated entries.
+
+    ``ptr [rows+1]`` / ``idx [nnz]`` is one orientation of the CSR index, ``idx`` in ``[0, cols)``, sorted
+    and unique within each row; ``perm`` (``t_perm``) must lie in ``[0, nnz)``; ``row`` (COO rows) in
+    ``[0, out)``.
+    """
+    from ..formats.csr import _check_idx, _check_ptr
+
+    for name, t in ((ptr_name, ptr), (idx_name, idx), ("t_perm", perm), ("row", row)):
+        if t is not None and (t.dim() != 1 or t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{name}: expected a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    _check_ptr(ptr_name, ptr, rows, idx.numel())
+    _check_idx(idx_name, ptr, idx, cols)
+    if perm is not None:
+        if perm.numel() != idx.numel():
+            raise ValueError(f"t_perm: expected {idx.numel()} entries, got {perm.numel()}")
+        if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= nnz):
+            raise ValueError(f"t_perm: entries must lie in [0, {nnz}), got [{int(perm.min())}, {int(perm.max())}]")
+    if row is not None:
+        if row.numel() != idx.numel():
+            raise ValueError(f"row: expected {idx.numel()} entries, got {row.numel()}")
+        if row.numel() and (int(row.min()) < 0 or int(row.max()) >= out):
+            raise ValueError(f"row: entries must lie in [0, {out}), got [{int(row.min())}, {int(row.max())}]")
+
+
+def _check_values(values, nnz: int) -> None:
+    if values.shape[0] != nnz:
+        raise ValueError(f"values: expected {nnz} entries (one per stored index), got {values.shape[0]}")
+
+
 # ---- host ops: cpu -> _C, anything else -> reference ----
 
 
@@ -87,6 +120,8 @@ def csr_dds_host(
 @csr_dds_host.register_kernel("cpu")
 def _csr_dds_cpu(x, values, crow, col, bias, out_features):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
+        _check_index("crow", crow, "col", col, out_features, x.shape[1])
+        _check_values(values, col.numel())
         return reference.csr_dds(x, values, crow, col, bias, out_features)
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     b = None if bias is None else _np(bias.contiguous())
@@ -109,6 +144,8 @@ def csr_dsd_host(
 @csr_dsd_host.register_kernel("cpu")
 def _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
+        _check_values(values, t_row.numel())
+        _check_index("t_crow", t_crow, "t_row", t_row, in_features, dy.shape[1], perm=t_perm, nnz=values.shape[0])
         return reference.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
     dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
     _C.csr_dsd(
@@ -130,6 +167,7 @@ def csr_sdd_host(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, row: Tensor) 
 @csr_sdd_host.register_kernel("cpu")
 def _csr_sdd_cpu(dy, x, crow, col, row):
     if not _use_cpp(dy, x):
+        _check_index("crow", crow, "col", col, dy.shape[1], x.shape[1], row=row, out=dy.shape[1])
         return reference.csr_sdd(dy, x, row, col)
     dv = torch.empty(col.shape[0], dtype=torch.float32)
     _C.csr_sdd(_np(dy), _np(x), _np(crow), _np(col), _np(dv), _threads(x.shape[0] * col.shape[0]))
@@ -156,6 +194,9 @@ def csr_backward_host(
 @csr_backward_host.register_kernel("cpu")
 def _csr_backward_cpu(dy, x, values, crow, col, row, t_crow, t_row, t_perm):
     if not _use_cpp(dy, x, values):
+        _check_index("crow", crow, "col", col, dy.shape[1], x.shape[1], row=row, out=dy.shape[1])
+        _check_index("t_crow", t_crow, "t_row", t_row, x.shape[1], dy.shape[1], perm=t_perm, nnz=col.numel())
+        _check_values(values, col.numel())
         return _backward_reference(dy, x, values, row, col, t_crow, t_row, t_perm)
     dx = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
     dv = torch.empty(col.shape[0], dtype=torch.float32)
