@@ -1062,3 +1062,35 @@ def test_reference_path_bsr_sdd_rejects_out_of_range_blocks():
         torch.ops.sparseops.bsr_sdd(dy, x, _corrupt(fmt.row, "out-of-range"), fmt.col, 2)
     with pytest.raises(ValueError, match=r"^col: "):
         torch.ops.sparseops.bsr_sdd(dy, x, fmt.row, _corrupt(fmt.col, "negative"), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("how", ["position-past-m", "idx-wrong-shape", "values-wrong-shape", "bad-n-m"])
+def test_reference_path_rejects_malformed_nm_index(dtype, how):
+    from sparseops.formats import NMWeight
+    from sparseops.masks import nm as nm_mask
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 12)
+    fmt = NMWeight.from_mask(nm_mask(w, 2, 4), 2, 4)
+    x, dy = torch.randn(3, 12, dtype=dtype), torch.randn(3, 6, dtype=dtype)
+    values = fmt.gather(w).to(dtype)
+    idx, n, m = fmt.idx, 2, 4
+    name = {"position-past-m": "idx", "idx-wrong-shape": "idx", "values-wrong-shape": "values", "bad-n-m": "n, m"}[how]
+    if how == "position-past-m":
+        idx = idx.clone()
+        idx[2, 1] = (idx[2, 1] & 0x0F) | (7 << 4)  # slot 3 of row 2 at position 7 of a group of 4
+    elif how == "idx-wrong-shape":
+        idx = idx[:, :-1]
+    elif how == "values-wrong-shape":
+        values = values[:, :-1]
+    else:
+        n, m = 4, 4
+    before = [t.clone() for t in (x, values, idx)]
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        torch.ops.sparseops.nm_dds(x, values, idx, None, n, m)
+    if how != "values-wrong-shape":
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            torch.ops.sparseops.nm_sdd(dy, x, idx, n, m)
+    for t, b in zip((x, values, idx), before):
+        assert torch.equal(t, b)
