@@ -525,16 +525,9 @@ def _inductor_single_thread(_fresh_dynamo):
         yield
 
 
-def test_sparsified_llama_decoder_layer_compile_fullgraph_aot_eager(_fresh_dynamo):
-    """One ``LlamaDecoderLayer`` whose seven projections are CSR, fan-in, Pixelfly, 2:4, transposable 2:8
-    and block sparse, compiled whole (rotary ``position_embeddings`` and a causal mask passed in, as
-    ``LlamaModel`` does): forward and backward (the input's and every parameter's gradient) as eager.
-
-    aot_eager traces what inductor would be given (dynamo, the ops' fake kernels, AOT autograd's joint
-    graph) without generating code: inductor's C++ compile of a whole block's backward costs more than
-    the forward's on the 2-core box, so inductor compiles the block's forward
-    (``test_sparsified_llama_decoder_layer_compile_fullgraph_inductor``) and the MLP's.
-    """
+def _mixed_llama_block():
+    """Llama's first decoder layer with CSR, fan-in, Pixelfly, 2:4, transposable 2:8 and block-sparse
+    projections, an input, and the keyword arguments ``LlamaModel`` passes (rotary embeddings, causal mask)."""
     model = copy.deepcopy(_original("llama"))
     _mixed_patterns(model, "model.layers.0.", {
         "self_attn.q_proj": ("unstructured", 0.5), "self_attn.k_proj": ("unstructured", 0.9),
@@ -549,6 +542,20 @@ def test_sparsified_llama_decoder_layer_compile_fullgraph_aot_eager(_fresh_dynam
     pe = model.model.rotary_emb(x, position_ids=pos)
     causal = torch.full((8, 8), float("-inf")).triu(1).expand(2, 1, 8, 8)
     kw = dict(attention_mask=causal, position_ids=pos, position_embeddings=pe)
+    return block, x, kw
+
+
+def test_sparsified_llama_decoder_layer_compile_fullgraph_aot_eager(_fresh_dynamo):
+    """One ``LlamaDecoderLayer`` whose seven projections are CSR, fan-in, Pixelfly, 2:4, transposable 2:8
+    and block sparse, compiled whole (rotary ``position_embeddings`` and a causal mask passed in, as
+    ``LlamaModel`` does): forward and backward (the input's and every parameter's gradient) as eager.
+
+    aot_eager traces what inductor would be given (dynamo, the ops' fake kernels, AOT autograd's joint
+    graph) without generating code: inductor's C++ compile of a whole block's backward costs more than
+    the forward's on the 2-core box, so inductor compiles the block's forward
+    (``test_sparsified_llama_decoder_layer_compile_fullgraph_inductor``) and the MLP's.
+    """
+    block, x, kw = _mixed_llama_block()
     _check_compiled_block(block, x, kw)
 
 
@@ -610,20 +617,7 @@ def test_sparsified_llama_mlp_compile_fullgraph_inductor(_inductor_single_thread
 def test_sparsified_llama_decoder_layer_compile_fullgraph_inductor(_inductor_single_thread):
     """The whole mixed-pattern ``LlamaDecoderLayer`` (as in the aot_eager test) compiled by inductor, the
     default backend: eager mode's output. Forward only; the backward's graph is the aot_eager test's."""
-    model = copy.deepcopy(_original("llama"))
-    _mixed_patterns(model, "model.layers.0.", {
-        "self_attn.q_proj": ("unstructured", 0.5), "self_attn.k_proj": ("unstructured", 0.9),
-        "self_attn.v_proj": (FanIn(16), None), "self_attn.o_proj": PATTERNS["pixelfly8x2b8-r4"],
-        "mlp.gate_proj": ("2:4", None), "mlp.up_proj": (NM(2, 8, transposable=True), None),
-        "mlp.down_proj": (Block(16), 0.5),
-    })
-    block = model.model.layers[0]
-    assert not any(type(m) is nn.Linear for m in block.modules())
-    x = torch.randn(2, 8, HIDDEN)
-    pos = torch.arange(8).unsqueeze(0)
-    pe = model.model.rotary_emb(x, position_ids=pos)
-    causal = torch.full((8, 8), float("-inf")).triu(1).expand(2, 1, 8, 8)
-    kw = dict(attention_mask=causal, position_ids=pos, position_embeddings=pe)
+    block, x, kw = _mixed_llama_block()
     with torch.no_grad():
         eager = block(x, **kw)
         compiled = torch.compile(block, fullgraph=True, backend="inductor")(x, **kw)
