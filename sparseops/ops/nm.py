@@ -18,30 +18,30 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
 from .csr import _check_index, _eager_cpu, _np, _threads, _use_cpp
 
 # ---- host ops ----
 
 
-def _check_nm(name: str, idx: Tensor, rows: int, K: int, n: int, m: int, values=None, vname="values") -> None:
+def _check_nm_index(name: str, idx: Tensor, rows: int, K: int, n: int, m: int, values=None, vname="values") -> None:
     """What the C++ binding checks, for the reference path (dtypes other than fp32): ``idx [rows, ceil(S/2)]``
     uint8 whose every slot's position is < m (S = ceil(K/m)·n), and ``values [rows, S]``."""
     if not (1 <= n < m <= 16):
         raise ValueError(f"n, m: expected 1 <= n < m <= 16, got n={n}, m={m}")
-    S = -(-K // m) * n
+    S = slots_per_row(K, n, m)
     Sb = (S + 1) // 2
     if idx.dtype != torch.uint8 or tuple(idx.shape) != (rows, Sb):
         raise ValueError(f"{name}: expected a uint8 tensor of shape ({rows}, {Sb}) for {S} slots a row, "
                          f"got {idx.dtype} of shape {tuple(idx.shape)}")
     if values is not None and tuple(values.shape) != (rows, S):
         raise ValueError(f"{vname}: expected shape ({rows}, {S}), got {tuple(values.shape)}")
-    pos = torch.stack([idx & 15, idx >> 4], -1).reshape(rows, 2 * Sb)[:, :S]
+    pos = unpack_positions(idx, S)
     bad = pos >= m
     if bool(bad.any()):
         r, j = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"{name}: row {r} slot {j} holds position {int(pos[r, j])}, outside [0, m={m})")
-
 
 
 @torch.library.custom_op("sparseops::nm_dds_host", mutates_args=())
@@ -52,7 +52,7 @@ def nm_dds_host(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], 
 @nm_dds_host.register_kernel("cpu")
 def _nm_dds_cpu(x, values, idx, bias, n, m):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
-        _check_nm("idx", idx, values.shape[0], x.shape[1], n, m, values)
+        _check_nm_index("idx", idx, values.shape[0], x.shape[1], n, m, values)
         return reference.nm_dds(x, values, idx, bias, n, m)
     y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
     b = None if bias is None else _np(bias.contiguous())
@@ -73,7 +73,7 @@ def nm_sdd_host(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
 @nm_sdd_host.register_kernel("cpu")
 def _nm_sdd_cpu(dy, x, idx, n, m):
     if not _use_cpp(dy, x):
-        _check_nm("idx", idx, dy.shape[1], x.shape[1], n, m)
+        _check_nm_index("idx", idx, dy.shape[1], x.shape[1], n, m)
         return reference.nm_sdd(dy, x, idx, n, m)
     S = -(-x.shape[1] // m) * n
     dv = torch.empty(dy.shape[1], S, dtype=torch.float32)
@@ -94,7 +94,7 @@ def nm_dsd_host(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: in
 @nm_dsd_host.register_kernel("cpu")
 def _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m):
     if not _use_cpp(dy, values):
-        _check_nm("t_idx", t_idx, t_idx.shape[0] if t_idx.dim() == 2 else -1, dy.shape[1], n, m, t_slot, "t_slot")
+        _check_nm_index("t_idx", t_idx, t_idx.shape[0] if t_idx.dim() == 2 else -1, dy.shape[1], n, m, t_slot, "t_slot")
         if t_slot.numel() and (int(t_slot.min()) < -1 or int(t_slot.max()) >= values.numel()):
             raise ValueError(f"t_slot: entries must lie in [-1, {values.numel()}), "
                              f"got [{int(t_slot.min())}, {int(t_slot.max())}]")
