@@ -17,6 +17,7 @@
 #include "nm.h"
 #include "bsr.h"
 #include "act.h"
+#include "dst.h"
 
 namespace py = pybind11;
 using sparseops::Isa;
@@ -669,6 +670,147 @@ void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold
   sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
 }
 
+// ---- mask updates (dst.h): index work only, no isa variants ----
+
+struct CsrIn {
+  const int32_t* ptr = nullptr;
+  const int32_t* idx = nullptr;
+  int64_t nnz = 0;
+};
+
+void check_dims(int64_t rows, int64_t cols) {
+  if (rows < 0 || cols < 0 || rows > INT32_MAX || cols > INT32_MAX)
+    throw py::value_error("shape: rows and cols must lie in [0, 2^31), got (" + std::to_string(rows) + ", " +
+                          std::to_string(cols) + ")");
+}
+
+// the CSR (crow [rows+1], col [nnz]) an update starts from, checked as the products check it
+CsrIn csr_in(const py::array& crow, const py::array& col, int64_t rows, int64_t cols) {
+  CsrIn c;
+  c.ptr = vector<int32_t>(crow, "crow", "int32", rows + 1);
+  c.idx = vector<int32_t>(col, "col", "int32", -1);
+  c.nnz = col.shape(0);
+  check_csr(c.ptr, rows, c.idx, c.nnz, cols, "crow", "col");
+  return c;
+}
+
+// a strictly increasing int64 list in [0, limit)
+const int64_t* positions(const py::array& a, const char* name, int64_t limit) {
+  const int64_t* p = vector<int64_t>(a, name, "int64", -1);
+  const int64_t n = a.shape(0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] < 0 || p[i] >= limit)
+      throw py::value_error(std::string(name) + ": position " + std::to_string(p[i]) + " at " + std::to_string(i) +
+                            " is outside [0, " + std::to_string(limit) + ")");
+    if (i && p[i] <= p[i - 1])
+      throw py::value_error(std::string(name) + ": positions must be strictly increasing (at " + std::to_string(i) +
+                            ")");
+  }
+  return p;
+}
+
+const float* score_matrix(const py::array& s) {
+  check_dtype<float>(s, "scores", "float32");
+  if (s.ndim() != 2) throw py::value_error("scores: expected a 2-D array, got shape " + shape_str(s));
+  if (!(s.flags() & py::array::c_style)) throw py::value_error("scores: must be C-contiguous");
+  check_aligned(s, "scores");
+  check_dims(s.shape(0), s.shape(1));
+  return static_cast<const float*>(s.data());
+}
+
+py::array_t<int64_t> dst_top_abs(const py::array& scores, const py::object& crow, const py::object& col, int64_t n,
+                                 int nthreads) {
+  const float* S = score_matrix(scores);
+  const int64_t rows = scores.shape(0), cols = scores.shape(1);
+  if (crow.is_none() != col.is_none()) throw py::value_error("crow, col: give both or neither");
+  CsrIn c;
+  py::array crow_a, col_a;  // outlive the kernel
+  if (!crow.is_none()) {
+    crow_a = crow.cast<py::array>();
+    col_a = col.cast<py::array>();
+    c = csr_in(crow_a, col_a, rows, cols);
+  }
+  const int64_t eligible = rows * cols - c.nnz;
+  if (n < 0 || n > eligible)
+    throw py::value_error("n: expected 0 <= n <= " + std::to_string(eligible) + " (the eligible entries), got " +
+                          std::to_string(n));
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(n));
+  int64_t* O = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, n, O, threads(nthreads));
+  }
+  return out;
+}
+
+py::array_t<int64_t> dst_top_abs_rows(const py::array& scores, const py::array& crow, const py::array& col,
+                                      const py::array& keep, const py::array& need, int nthreads) {
+  const float* S = score_matrix(scores);
+  const int64_t rows = scores.shape(0), cols = scores.shape(1);
+  const CsrIn c = csr_in(crow, col, rows, cols);
+  const bool* K = vector<bool>(keep, "keep", "bool", c.nnz);
+  const int64_t* N = vector<int64_t>(need, "need", "int64", rows + 1);
+  if (N[0] != 0) throw py::value_error("need: must start at 0, got " + std::to_string(N[0]));
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t kept = 0;
+    for (int64_t p = c.ptr[r]; p < c.ptr[r + 1]; ++p) kept += K[p] ? 1 : 0;
+    const int64_t m = N[r + 1] - N[r];
+    if (m < 0 || m > cols - kept)
+      throw py::value_error("need: row " + std::to_string(r) + " asks for " + std::to_string(m) +
+                            " positions, expected 0.." + std::to_string(cols - kept) + " (its columns not kept)");
+  }
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(N[rows]));
+  int64_t* O = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    sparseops::top_abs_rows(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(K), N, O,
+                            threads(nthreads));
+  }
+  return out;
+}
+
+py::array_t<int64_t> dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
+                                    int64_t n, uint64_t seed) {
+  check_dims(rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols);
+  const int64_t free = rows * cols - c.nnz;
+  if (n < 0 || n > free)
+    throw py::value_error("n: expected 0 <= n <= " + std::to_string(free) + " (the free positions), got " +
+                          std::to_string(n));
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(n));
+  int64_t* O = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    sparseops::sample_off(rows, cols, c.ptr, c.idx, n, seed, O);
+  }
+  return out;
+}
+
+py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
+                         const py::array& kept, const py::array& grown, int nthreads) {
+  check_dims(rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols);
+  const int64_t* K = positions(kept, "kept", c.nnz);
+  const int64_t* G = positions(grown, "grown", rows * cols);
+  const int64_t nk = kept.shape(0), ng = grown.shape(0), nn = nk + ng;
+  if (nn > INT32_MAX)
+    throw py::value_error("kept, grown: " + std::to_string(nn) + " entries exceed the int32 index limit");
+  auto vec32 = [](int64_t n) { return py::array_t<int32_t>(static_cast<py::ssize_t>(n)); };
+  py::array_t<int32_t> ncrow = vec32(rows + 1), ncol = vec32(nn), nrow = vec32(nn), t_crow = vec32(cols + 1),
+                       t_row = vec32(nn), t_perm = vec32(nn);
+  py::array_t<int64_t> src(static_cast<py::ssize_t>(nn));
+  bool ok;
+  {
+    int32_t *a = ncrow.mutable_data(), *b = ncol.mutable_data(), *d = nrow.mutable_data(),
+            *e = t_crow.mutable_data(), *f = t_row.mutable_data(), *g = t_perm.mutable_data();
+    int64_t* h = src.mutable_data();
+    py::gil_scoped_release release;
+    ok = sparseops::csr_repack(rows, cols, c.ptr, c.idx, K, nk, G, ng, a, b, d, e, f, g, h, threads(nthreads));
+  }
+  if (!ok) throw py::value_error("grown: a grown position is also a kept one");
+  return py::make_tuple(ncrow, ncol, nrow, t_crow, t_row, t_perm, src);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -751,6 +893,21 @@ in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous.
   m.def("act_sdd", &act_sdd, py::arg("dy"), py::arg("x"), py::arg("threshold"), py::arg("relu"),
         py::arg("dweight_t").noconvert(), py::arg("nthreads"),
         R"(dweight_t[in, out] = s(x)ᵀ @ dy through s(x)'s nonzeros; rows of inputs no row activates are 0.)");
+  m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
+        py::arg("nthreads"),
+        R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)
+that the CSR (crow, col; both None: none) does not hold; ties to the lower position, nan largest.)");
+  m.def("dst_top_abs_rows", &dst_top_abs_rows, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("keep"),
+        py::arg("need"), py::arg("nthreads"),
+        R"(Row r gets need[r+1] - need[r] flat positions (ascending): its largest |scores| off the CSR row, then
+the largest among its held entries whose keep flag is False; ties to the lower column.)");
+  m.def("dst_sample_off", &dst_sample_off, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
+        py::arg("n"), py::arg("seed"),
+        R"(n distinct flat positions (ascending) that the CSR does not hold, uniformly at random from seed.)");
+  m.def("dst_csr_repack", &dst_csr_repack, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
+        py::arg("kept"), py::arg("grown"), py::arg("nthreads"),
+        R"(The CSR of the entries at positions kept (ascending, into col) plus new ones at the flat positions
+grown (ascending): (crow, col, row, t_crow, t_row, t_perm) int32 and src int64 (old position, -1 if grown).)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

@@ -2,8 +2,8 @@
 
 Every ``update_every`` optimizer steps each targeted layer drops a fraction of its stored weights and
 grows as many elsewhere, so its nonzero count never changes; the layer is re-packed in place
-(:meth:`SparseLinear.update_mask_`) and the optimizer's state follows: the moments of surviving
-weights are kept, grown weights start at 0 with zero moments.
+(:meth:`SparseLinear.rewire_`: the same module, a new index, no dense mask) and the optimizer's state
+follows: the moments of surviving weights are kept, grown weights start at 0 with zero moments.
 
 - **SET** (Mocanu et al. 2018): drop the smallest magnitudes, grow uniformly at random.
 - **RigL** (Evci et al. 2020): drop the smallest magnitudes, grow where the *dense* gradient is largest.
@@ -11,10 +11,12 @@ weights are kept, grown weights start at 0 with zero moments.
   one step, which keeps the layer's input x and hooks its output for the gradient dy, and the update forms
   ``dyᵀ x`` [out, in] once: one dense GEMM and one dense ``[out, in]`` buffer per layer per update, the
   cost of a dense layer's weight gradient, paid every ``update_every`` steps and never in between.
-- **SRigL** (Lasby et al. 2024): RigL under a constant fan-in (every output row keeps exactly k
-  weights: drop and grow row by row). Layers must use ``FanIn(k)``. SRigL's neuron ablation (rows
-  with too few salient weights are removed and their budget spread over the others) is not
-  implemented yet.
+- **SRigL** (Lasby et al. 2024): RigL under a constant fan-in (``FanIn(k)`` layers), with neuron
+  ablation; see :class:`SRigL`.
+
+The index work of an update (ranking the stored magnitudes, choosing the grown positions, re-packing
+both orientations of the index, re-mapping the optimizer's state) runs in C++ on CPU
+(``csrc/dst.cpp``) and costs less than a training step; ``bench/bench_dst.py`` measures it.
 
 The drop fraction anneals with a cosine from ``drop_fraction`` at step 0 to 0 at ``end_step`` (RigL's
 schedule); without ``end_step`` it stays constant. Call ``step()`` after every optimizer step.
@@ -27,8 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .masks.magnitude import _keep_largest
 from .nn import SparseLinear
+from .ops.repack import sample_off, top_abs, top_abs_rows
 from .patterns import FanIn, Unstructured
 
 
@@ -132,31 +134,23 @@ class _DynamicSparse:
         """Drop ``fraction`` of every targeted layer's weights and grow as many (see the subclasses)."""
         for fqn in self.names:
             mod = self.model.get_submodule(fqn)
-            fmt = mod.format
-            keys = fmt.row.long() * mod.in_features + fmt.col.long()  # the stored positions, flat
-            new = self._new_mask(fqn, mod, keys, mod.values.detach(), fraction)
-            if new is not None:
-                mod.update_mask_(new, self.optimizer)
+            plan = self._plan(fqn, mod, fraction)
+            if plan is not None:
+                mod.rewire_(*plan, self.optimizer)
 
-    def _new_mask(self, fqn: str, mod: SparseLinear, keys: Tensor, values: Tensor, fraction: float):
-        numel = mod.out_features * mod.in_features
-        nnz = keys.numel()
-        n = min(int(round(fraction * nnz)), numel - nnz)
+    def _plan(self, fqn: str, mod: SparseLinear, fraction: float):
+        """(kept positions into ``values``, grown flat positions), or None for no change."""
+        fmt = mod.format
+        nnz = fmt.nnz
+        n = min(int(round(fraction * nnz)), mod.out_features * mod.in_features - nnz)
         if n <= 0:
             return None
-        kept = keys[_top_n(values.abs().float(), nnz - n)]
-        old = torch.zeros(numel, dtype=torch.bool, device=keys.device)
-        old[keys] = True
+        kept = top_abs(mod.values.detach().reshape(1, -1), nnz - n)
         if self.grows_by_gradient:
-            score = self._dense_grad(fqn).abs().flatten()
-            score[keys] = -1.0  # never a stored position
-            grown = _top_n(score, n).nonzero().flatten()
+            grown = top_abs(self._dense_grad(fqn), n, exclude=fmt)  # never a stored position
         else:
-            grown = _random_off(old, n, self.generator)
-        new = torch.zeros_like(old)
-        new[kept] = True
-        new[grown] = True
-        return new.view(mod.out_features, mod.in_features)
+            grown = sample_off(fmt, n, self.generator)
+        return kept, grown
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count}
@@ -190,54 +184,108 @@ class RigL(_DynamicSparse):
 
 
 class SRigL(RigL):
-    """RigL under a constant fan-in: each output row drops its ``round(fraction * k)`` smallest weights
-    and grows as many where the dense gradient is largest, so every row keeps exactly k (``FanIn(k)``
-    layers). Without SRigL's neuron ablation (see the module docstring)."""
+    """RigL under a constant fan-in, with neuron ablation (Lasby et al. 2024), on ``FanIn(k)`` layers.
+
+    An update of a layer with ``nnz`` weights and drop fraction f:
+
+    1. **Drop** the ``round(f * nnz)`` smallest magnitudes of the layer (one ranking for the whole layer).
+    2. **Ablate** (unless ``ablation`` is 0 or the layer is in ``no_ablation``): a weight is *salient* when
+       it survived the drop or is among the layer's ``round(f * nnz)`` largest dense-gradient magnitudes
+       (RigL's growth candidates, stored or not). A row with fewer than ``max(1, int(ablation * k0))``
+       salient weights is ablated: all its weights are dropped. ``k0`` is the fan-in the layer had when
+       SRigL was built; at least ``ceil(budget / in_features)`` rows stay active (the most salient ones).
+    3. **Re-balance**: the budget (the layer's nnz when SRigL was built) is spread over the ``a`` active
+       rows: the fan-in becomes ``k = min(in_features, budget // a)``, so the layer holds ``a * k <= budget``
+       weights (exactly the budget while no row is ablated). A row that kept more than k keeps its k
+       largest.
+    4. **Grow** every active row back to k where the dense gradient is largest, among the positions the
+       row did not hold (then, if those run out, among the ones just dropped).
+
+    Ablation is decided afresh at every update, so an ablated row whose gradient grows comes back. The
+    layer's pattern becomes ``FanIn(k)``; its ablated rows are empty (output = bias) and checkpoints load
+    back into a ``FanIn`` layer of any k.
+
+    Args:
+        ablation: the minimum share of ``k0`` a row's salient weights must reach to stay active
+            (``gamma_sal`` of the paper, 0.3 there); 0 turns ablation off (then every row keeps exactly k0).
+        no_ablation: fqns of targeted layers whose rows are never ablated, e.g. a classifier head.
+        The rest as :class:`SET`.
+    """
 
     constant_fan_in = True
 
-    def _new_mask(self, fqn: str, mod: SparseLinear, keys: Tensor, values: Tensor, fraction: float):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, update_every: int = 100,
+                 drop_fraction: float = 0.3, *, end_step: int | None = None, filter_fn=None,
+                 generator: torch.Generator | None = None, ablation: float = 0.3, no_ablation=()):
+        if isinstance(ablation, bool) or not isinstance(ablation, (int, float)) or not 0 <= ablation <= 1:
+            raise ValueError(f"ablation: expected a float in [0, 1], got {ablation!r}")
+        if isinstance(no_ablation, str):
+            raise TypeError("no_ablation: expected a collection of module names, got a str")
+        super().__init__(model, optimizer, update_every, drop_fraction, end_step=end_step, filter_fn=filter_fn,
+                         generator=generator)
+        self.ablation = float(ablation)
+        self.no_ablation = set(no_ablation)
+        unknown = sorted(self.no_ablation - set(self.names))
+        if unknown:
+            raise ValueError(f"no_ablation: {unknown} are not among the layers SRigL trains ({self.names})")
+        self.budgets = {fqn: self.model.get_submodule(fqn).nnz for fqn in self.names}
+
+    def ablated(self, fqn: str) -> Tensor:
+        """The indices of the rows of layer ``fqn`` that are ablated (hold no weight) now."""
+        mod = self.model.get_submodule(fqn)
+        return (mod.crow.long().diff() == 0).nonzero().flatten()
+
+    def _plan(self, fqn: str, mod: SparseLinear, fraction: float):
         out_f, in_f = mod.out_features, mod.in_features
-        old = mod.mask
-        k = int(old[0].sum()) if out_f else 0
-        n = min(int(round(fraction * k)), in_f - k)
-        if n <= 0 or k == 0:
+        fmt = mod.format
+        values = mod.values.detach()
+        nnz, budget = fmt.nnz, self.budgets[fqn]
+        n = int(round(fraction * nnz))
+        if n <= 0 or nnz == 0:
             return None
-        w = mod.format.to_dense(values)
-        mag = torch.where(old, w.abs().double() + 1.0, 0.0)
-        kept = torch.zeros_like(old).scatter_(1, torch.topk(mag, k - n, dim=1).indices, True)
-        cand = torch.where(old, -1.0, self._dense_grad(fqn).abs().double() + 1.0)
-        grown = torch.zeros_like(old).scatter_(1, torch.topk(cand, n, dim=1).indices, True)
-        return kept | grown
+        grad = self._dense_grad(fqn)
+        rows = fmt.row.long()
+        kept = top_abs(values.reshape(1, -1), nnz - n)
+        active = torch.ones(out_f, dtype=torch.bool, device=rows.device)
+        if self.ablation > 0 and fqn not in self.no_ablation:
+            k0 = max(1, budget // out_f)
+            cand = top_abs(grad, n).to(rows.device)  # RigL's growth candidates, stored or not
+            kept_keys = rows[kept] * in_f + fmt.col.long()[kept]  # ascending
+            pos = torch.searchsorted(kept_keys, cand).clamp_max(max(kept_keys.numel() - 1, 0))
+            dup = (kept_keys[pos] == cand) if kept_keys.numel() else torch.zeros_like(cand, dtype=torch.bool)
+            salient = torch.bincount(rows[kept], minlength=out_f) + torch.bincount(cand[~dup] // in_f, minlength=out_f)
+            active = salient >= max(1, int(self.ablation * k0))
+            least = -(-budget // in_f)  # rows needed to hold the budget at a fan-in of at most in_features
+            if int(active.sum()) < least:
+                order = torch.sort(salient, descending=True, stable=True).indices
+                active = torch.zeros_like(active)
+                active[order[:least]] = True
+        k = min(in_f, budget // int(active.sum()))
+        kept = kept[active[rows[kept]]]
+        counts = torch.bincount(rows[kept], minlength=out_f)
+        if bool((counts > k).any()):  # the fan-in fell (ablated rows came back): keep each row's k largest
+            kept = _largest_per_row(kept, rows, values, k)
+            counts = torch.bincount(rows[kept], minlength=out_f)
+        need = torch.where(active, k - counts, torch.zeros_like(counts))
+        keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
+        keep[kept] = True
+        grown = top_abs_rows(grad, fmt, keep, need)
+        return kept, grown
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "budgets": dict(self.budgets)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "budgets" in state:
+            self.budgets = {k: int(v) for k, v in state["budgets"].items()}
 
 
-def _top_n(scores: Tensor, n: int) -> Tensor:
-    """Bool mask of the ``n`` largest of a 1-D ``scores``, ties to the lower index (as
-    ``masks.magnitude``), without a top-k over all of it: a sampled quantile bounds the n-th largest
-    from below, and the exact selection runs on the entries above the bound (about n of them).
-    NOTE: 16M scores, 2 threads: a full top-k 470 ms, this ~60 ms."""
-    N = scores.numel()
-    if n <= 0 or n >= N or N < (1 << 16):
-        return _keep_largest(scores, n)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    sample = scores[torch.randint(N, (1 << 15,), generator=g).to(scores.device)]
-    q = max(0.0, 1.0 - n / N - 0.02)
-    bound = torch.quantile(sample.double(), q).to(scores.dtype)
-    cand = (scores >= bound).nonzero().flatten()
-    if cand.numel() < n:  # the sample missed: the exact way
-        return _keep_largest(scores, n)
-    keep = torch.zeros(N, dtype=torch.bool, device=scores.device)
-    keep[cand[_keep_largest(scores[cand], n)]] = True
-    return keep
-
-
-def _random_off(old: Tensor, n: int, generator) -> Tensor:
-    """``n`` distinct flat positions where ``old`` is False, uniformly at random, by rejection
-    (no random number per position: 16M of them took 160 ms)."""
-    N = old.numel()
-    chosen = torch.empty(0, dtype=torch.long, device=old.device)
-    while chosen.numel() < n:
-        draw = torch.randint(N, (2 * (n - chosen.numel()) + 64,), generator=generator).to(old.device)
-        chosen = torch.unique(torch.cat([chosen, draw[~old[draw]]]))
-    pick = torch.randperm(chosen.numel(), generator=generator)[:n].to(old.device)
-    return chosen[pick]
+def _largest_per_row(kept: Tensor, rows: Tensor, values: Tensor, k: int) -> Tensor:
+    """The positions of ``kept`` (ascending) that are among the ``k`` largest ``|values|`` of their row
+    (ties to the lower position)."""
+    order = torch.sort(values.abs().float()[kept], descending=True, stable=True).indices
+    order = order[torch.sort(rows[kept][order], stable=True).indices]  # by row, then by magnitude
+    r = rows[kept][order]
+    rank = torch.arange(r.numel(), device=r.device) - torch.searchsorted(r, r)
+    return kept[order[rank < k]].sort().values

@@ -339,7 +339,7 @@ MISMATCH = [
     pytest.param("2:4", "2:4T", r"0\. \(2:4T\): mask: .*not transposable", id="2:4-into-2:4T"),
     pytest.param("2:4T", "2:4", None, id="2:4T-into-2:4-loads"),
     pytest.param("fanin8", "csr", None, id="fanin-into-csr-loads"),
-    pytest.param("csr", "fanin8", r"0\. \(fanin8\): crow: the checkpoint's rows do not all hold k=8", id="csr-into-fanin"),
+    pytest.param("csr", "fanin8", r"0\. \(fanin8\): crow: the checkpoint's rows hold \[\d+, \d+", id="csr-into-fanin"),
     pytest.param("pixelfly-r4", "butterfly", r"0\.: lr_u/lr_v: the checkpoint has a low-rank term", id="pixelfly-into-butterfly"),
     pytest.param("pixelfly-r4", "pixelfly-r8", r"size mismatch for 0\.lr_u", id="rank4-into-rank8"),
     pytest.param("act-tensor", "act-over-2:4", r"0\.: the checkpoint holds a dense weight \(weight\), this layer wraps "

@@ -15,9 +15,9 @@ from ..formats.bsr import grid_shape
 from ..masks import for_pattern
 from ._load import restore, snapshot
 from ._optim import replace_parameter
-from ..masks.fan_in import is_fan_in
 from ..masks.nm import is_nm
 from ..masks.transposable import is_transposable_nm
+from ..ops.repack import repack
 from ..patterns import NM, Block, Butterfly, FanIn, as_pattern
 
 # crow/col are the checkpointed structure; the rest is derived and rebuilt on load
@@ -270,9 +270,11 @@ class SparseLinear(nn.Module):
         elif self._block:
             new = BSRWeight.from_mask(mask, self._block)
         else:
-            if isinstance(self.pattern, FanIn) and not is_fan_in(mask, self.pattern.k):
-                raise ValueError(f"mask: breaks the layer's pattern {self.pattern.name}")
+            pattern = self.pattern
+            if isinstance(pattern, FanIn):
+                pattern = _fan_in_of(mask.sum(1), pattern, "mask: its rows")
             new = CSRWeight.from_mask(mask)
+            self.pattern = pattern
         remap = _remapper(old, new, self.in_features)
         old_param = self.values
         self._set_index(new)
@@ -284,9 +286,9 @@ class SparseLinear(nn.Module):
     def prune_(self, keep: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Drop the stored weights where ``keep [nnz]`` (bool, in ``values`` order) is False, in place.
 
-        The drop-only case of :meth:`update_mask_` for unstructured layers, with no dense mask: the
-        index is filtered (``CSRWeight.select``) rather than rebuilt, and ``values`` and the optimizer's
-        state tensors of its shape become their ``[keep]`` entries (a new Parameter, as there).
+        The drop-only case of :meth:`rewire_` for unstructured layers, with no dense mask: ``values``
+        and the optimizer's state tensors of its shape become their ``[keep]`` entries (a new
+        Parameter, as in :meth:`update_mask_`).
 
         Raises:
             TypeError: the layer is not unstructured (N:M, fan-in and block patterns would break), or
@@ -294,13 +296,68 @@ class SparseLinear(nn.Module):
         """
         if self._is_nm or self._block or isinstance(self.pattern, FanIn):
             raise TypeError(f"prune_: only unstructured layers drop freely; use update_mask_ for {self.pattern.name}")
-        new = self.format.select(keep)
-        keep = keep.to(self.values.device)
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+            raise TypeError(f"keep: expected a bool torch.Tensor, got {getattr(keep, 'dtype', type(keep).__name__)}")
+        if tuple(keep.shape) != (self.nnz,):
+            raise ValueError(f"keep: expected shape ({self.nnz},) (one per stored weight), got {tuple(keep.shape)}")
+        kept = keep.to(self.crow.device).nonzero().flatten()
+        self.rewire_(kept, kept.new_zeros(0), optimizer)
+
+    @torch.no_grad()
+    def rewire_(self, kept: Tensor, grown: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Keep the stored weights at ``kept`` and add new ones at ``grown``, re-packing the index in place.
+
+        The mask update of dynamic sparse training without a dense mask: the C++ re-pack (CPU) merges the
+        kept and grown entries row by row and builds both orientations of the index in one pass. Kept
+        weights keep their values, grown ones start at 0; ``values`` becomes a new Parameter and the
+        ``optimizer``'s state follows as in :meth:`update_mask_` (moments of kept weights kept, 0 for
+        grown ones).
+
+        Args:
+            kept: int64 ``[nk]``, strictly ascending positions into ``values``.
+            grown: int64 ``[ng]``, strictly ascending flat positions ``row * in_features + col`` of the
+                new weights; none of them may be a kept one.
+            optimizer: the optimizer that trains ``values``, if any.
+
+        Raises:
+            TypeError: the layer is not unstructured or fan-in, or an argument is not an int64 tensor.
+            ValueError: a position out of range, out of order or grown twice; for a fan-in layer, rows that
+                would not all hold the same number of weights (a row may hold none: an ablated neuron).
+        """
+        if self._is_nm or self._block:
+            raise TypeError(f"rewire_: only unstructured and fan-in layers re-pack freely; use update_mask_ for "
+                            f"{self.pattern.name}")
+        dev = self.crow.device
+        for name, t in (("kept", kept), ("grown", grown)):
+            if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+                raise TypeError(f"{name}: expected a 1-D int64 torch.Tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+        kept, grown = kept.to(dev), grown.to(dev)
+        old = self.format
+        pattern = self.pattern
+        if isinstance(pattern, FanIn):
+            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= old.nnz):
+                raise ValueError(f"kept: positions must lie in [0, {old.nnz})")
+            if grown.numel() and (int(grown.min()) < 0 or int(grown.max()) >= self.out_features * self.in_features):
+                raise ValueError(f"grown: positions must lie in [0, {self.out_features * self.in_features})")
+            counts = torch.bincount(old.row[kept].long(), minlength=self.out_features)
+            counts += torch.bincount(grown // self.in_features, minlength=self.out_features)
+            pattern = _fan_in_of(counts, pattern, "kept, grown: the rows would")
+        new, src = repack(old, kept, grown)
+        new = new.to(dev)
+        src = src.to(self.values.device)
+        valid = src >= 0
+        gather = src.clamp(min=0)
+
+        def remap(t):
+            return torch.where(valid, t[gather], torch.zeros((), dtype=t.dtype, device=t.device))
+
         old_param = self.values
         self._set_index(new)
-        self.values = nn.Parameter(old_param.detach()[keep], requires_grad=old_param.requires_grad)
+        self.pattern = pattern
+        self.values = nn.Parameter(remap(old_param.detach()), requires_grad=old_param.requires_grad)
         if optimizer is not None:
-            replace_parameter(optimizer, old_param, self.values, lambda t: t[keep])
+            replace_parameter(optimizer, old_param, self.values, remap)
 
     @property
     def format(self):
@@ -392,7 +449,7 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # all or nothing: a refused checkpoint leaves the layer as it was (see nn._load)
         n_err = len(error_msgs)
-        snap = snapshot(self)
+        snap = snapshot(self, ("pattern",))
         self._load_checked(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if len(error_msgs) > n_err:
             restore(self, snap)
@@ -469,9 +526,10 @@ class SparseLinear(nn.Module):
                     raise ValueError(
                         f"crow: checkpoint holds {crow.numel() - 1} {what} out_features={self.out_features}"
                     )
-                if isinstance(self.pattern, FanIn) and not bool((crow.long().diff() == self.pattern.k).all()):
-                    raise ValueError(f"crow: the checkpoint's rows do not all hold k={self.pattern.k} weights "
-                                     f"(this layer is {self.pattern.name})")
+                fan_in = None
+                if isinstance(self.pattern, FanIn):
+                    # rows of k' weights or none (neurons SRigL ablated; k' then differs from the layer's k)
+                    fan_in = _fan_in_of(crow.long().diff(), self.pattern, "crow: the checkpoint's rows")
                 vshape = (col.numel(), b, b) if b else tuple(col.shape)
                 if values is not None and tuple(values.shape) != vshape:
                     raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values, expected {vshape}")
@@ -484,6 +542,8 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({self.pattern.name}): {exc}")
                 return
             self._set_index(fmt)
+            if fan_in is not None:
+                self.pattern = fan_in
             vshape = (col.numel(), b, b) if b else tuple(col.shape)
             if tuple(self.values.shape) != vshape:
                 self.values.data = self.values.data.new_empty(vshape)
@@ -511,6 +571,19 @@ class SparseLinear(nn.Module):
             return False
         self._set_index(fmt)
         return True
+
+
+def _fan_in_of(counts: Tensor, pattern: FanIn, what: str) -> FanIn:
+    """The fan-in pattern of rows holding ``counts`` weights: every row the same k, or none (an ablated
+    neuron, SRigL). ValueError naming ``what`` otherwise."""
+    held = counts[counts > 0]
+    if held.numel() == 0:
+        raise ValueError(f"{what} hold no weight at all (this layer is {pattern.name})")
+    k = int(held[0])
+    if not bool((held == k).all()):
+        raise ValueError(f"{what} hold {sorted(set(held.tolist()))[:6]} weights; the rows of a fan-in layer all "
+                         f"hold the same number, or none (this layer is {pattern.name})")
+    return pattern if k == pattern.k else FanIn(k)
 
 
 def _remapper(old, new, in_features: int):

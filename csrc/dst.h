@@ -1,0 +1,39 @@
+// index work of mask updates (dynamic sparse training, pruning) on a CSR weight [rows, cols]:
+// selecting by magnitude, sampling free positions, and re-packing both orientations. torch-free;
+// the binding validates every index before these run, the kernels trust them. the code is scalar
+// index work with no isa-specific path (the same code runs under SPARSEOPS_ISA=portable).
+#pragma once
+
+#include <cstdint>
+
+namespace sparseops {
+
+// the flat positions (r * cols + c) of the n largest |s| among the entries of s [rows, cols]
+// (contiguous) that the CSR (crow [rows+1], col) does not hold, crow null: none excluded. ties go to
+// the lower position; nan ranks above everything (as torch.topk). out [n], ascending.
+// requires 0 <= n <= the number of eligible entries.
+void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n,
+             int64_t* out, int nthreads);
+
+// row by row: row r gets need[r+1] - need[r] positions, written ascending to out[need[r] ...]: the
+// largest |s| among the positions the CSR row does not hold and then, when those run out, among the
+// held ones whose keep flag (keep [nnz]) is 0. ties to the lower column. requires each row's count to
+// be at most cols minus the row's kept entries.
+void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
+                  const uint8_t* keep, const int64_t* need, int64_t* out, int nthreads);
+
+// n distinct flat positions that the CSR does not hold, uniformly at random (a seeded splitmix64
+// stream), ascending. requires 0 <= n <= rows * cols - nnz.
+void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n, uint64_t seed,
+                int64_t* out);
+
+// the CSR of the old entries at positions kept [nk] (ascending indices into col) plus new entries at
+// the flat positions grown [ng] (ascending), both orientations at once: ncrow [rows+1], ncol, nrow
+// [nk+ng]; t_crow [cols+1], t_row, t_perm [nk+ng] (rows ascending within a column); src [nk+ng] the
+// old position of each new entry, -1 for a grown one. returns false (outputs unspecified) when a grown
+// position is also a kept one.
+bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
+                int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
+                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int64_t* src, int nthreads);
+
+}  // namespace sparseops

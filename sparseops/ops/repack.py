@@ -1,0 +1,143 @@
+"""Index work of mask updates on CSR weights: select by magnitude, sample free positions, re-pack.
+
+Dynamic sparse training and pruning change a layer's structure every few hundred steps. These helpers
+do it on the packed index, with no dense ``[out, in]`` mask: the C++ extension (``csrc/dst.cpp``) on
+CPU, and the pure-torch code below elsewhere (CUDA tensors, a build without C++), which is also the
+oracle of the tests. Positions are flat, ``row * in_features + col``, int64 and ascending.
+
+They are not ``torch.library`` ops: they run between training steps, under ``torch.no_grad``, and
+nothing traces them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._cpp import _C
+from ..formats.csr import CSRWeight
+from ..masks.magnitude import _keep_largest
+from .csr import _np, _threads
+
+
+def _cpp(*tensors: Tensor) -> bool:
+    return _C is not None and all(t.device.type == "cpu" for t in tensors)
+
+
+def _keys(fmt: CSRWeight) -> Tensor:
+    return fmt.row.long() * fmt.in_features + fmt.col.long()
+
+
+def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None) -> Tensor:
+    """The flat positions (ascending) of the ``n`` largest ``|scores|`` of a 2-D ``scores``, leaving out the
+    positions ``exclude`` stores. Ties go to the lower position; nan ranks above everything.
+
+    Raises:
+        ValueError: ``n`` is negative or more than the eligible entries.
+    """
+    rows, cols = scores.shape
+    nnz = exclude.nnz if exclude is not None else 0
+    if not 0 <= n <= rows * cols - nnz:
+        raise ValueError(f"n: expected 0 <= n <= {rows * cols - nnz} (the eligible entries), got {n}")
+    s = scores.detach().to(torch.float32).contiguous()
+    if _cpp(s):
+        ex = (None, None) if exclude is None else (_np(exclude.crow), _np(exclude.col))
+        return torch.from_numpy(_C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols)))
+    a = s.abs().flatten().double()
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    if exclude is not None:
+        a[_keys(exclude).to(a.device)] = -1.0
+    return _keep_largest(a, n).nonzero().flatten()
+
+
+def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> Tensor:
+    """Row ``r`` gets ``need[r]`` flat positions: its largest ``|scores|`` among the positions ``fmt`` does not
+    store, then (when those run out) among its stored entries whose ``keep`` flag is False. Ties to the
+    lower column; the result is ascending.
+
+    Args:
+        scores: ``[out, in]``; fmt: the layer's index; keep: bool ``[nnz]``; need: int ``[out]``.
+    """
+    rows, cols = scores.shape
+    ptr = torch.zeros(rows + 1, dtype=torch.int64, device=need.device)
+    ptr[1:] = torch.cumsum(need.long(), 0)
+    s = scores.detach().to(torch.float32).contiguous()
+    if _cpp(s, keep, need):
+        return torch.from_numpy(_C.dst_top_abs_rows(
+            _np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr), _threads(rows * cols)))
+    # the reference: free positions score |s| + 2, dropped ones |s| + 1 (below every free one), kept -1
+    a = s.abs().double()
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a) + 2.0
+    flat = a.flatten()
+    keys = _keys(fmt).to(a.device)
+    flat[keys] = torch.where(keep.to(a.device), torch.full_like(flat[keys], -1.0), flat[keys] - 1.0)
+    out = []
+    for r in range(rows):
+        m = int(need[r])
+        if m:
+            out.append(_keep_largest(a[r], m).nonzero().flatten() + r * cols)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=scores.device)
+
+
+def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` distinct flat positions that ``fmt`` does not store, uniformly at random, ascending.
+
+    The C++ path draws from a seed taken from ``generator`` (or torch's default one), so a seeded
+    generator gives the same positions again.
+
+    Raises:
+        ValueError: ``n`` is negative or more than the free positions.
+    """
+    rows, cols = fmt.shape
+    free = rows * cols - fmt.nnz
+    if not 0 <= n <= free:
+        raise ValueError(f"n: expected 0 <= n <= {free} (the free positions), got {n}")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    if _cpp(fmt.col):
+        return torch.from_numpy(_C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed))
+    held = torch.zeros(rows * cols, dtype=torch.bool, device=fmt.device)
+    held[_keys(fmt)] = True
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    chosen = torch.empty(0, dtype=torch.int64)
+    while chosen.numel() < n:  # rejection: no random number per position
+        draw = torch.randint(rows * cols, (2 * (n - chosen.numel()) + 64,), generator=g)
+        chosen = torch.unique(torch.cat([chosen, draw[~held.cpu()[draw]]]))
+    pick = torch.randperm(chosen.numel(), generator=g)[:n]
+    return chosen[pick].sort().values.to(fmt.device)
+
+
+def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tensor]:
+    """The index of the entries at positions ``kept`` (ascending indices into ``values``) plus new entries at
+    the flat positions ``grown`` (ascending), both orientations built in one pass, and ``src [nnz']``: the
+    old position of each new entry, -1 for a grown one.
+
+    Raises:
+        ValueError: ``kept``/``grown`` out of range, not strictly ascending, or a grown position that is
+            also a kept one.
+    """
+    rows, cols = fmt.shape
+    if _cpp(fmt.col, kept, grown):
+        out = _C.dst_csr_repack(rows, cols, _np(fmt.crow), _np(fmt.col), _np(kept.contiguous()),
+                                _np(grown.contiguous()), _threads(fmt.nnz))
+        crow, col, row, t_crow, t_row, t_perm, src = (torch.from_numpy(a) for a in out)
+        return CSRWeight(rows, cols, crow, col, row, t_crow, t_row, t_perm), src
+    _check_positions("kept", kept, fmt.nnz)
+    _check_positions("grown", grown, rows * cols)
+    old = _keys(fmt)[kept.long().to(fmt.device)]
+    grown = grown.long().to(fmt.device)
+    keys, order = torch.sort(torch.cat([old, grown]), stable=True)
+    if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
+        raise ValueError("grown: a grown position is also a kept one")
+    src = torch.cat([kept.long().to(fmt.device), torch.full_like(grown, -1)])[order]
+    new = CSRWeight._build(rows, cols, keys // cols, keys % cols)
+    return new, src
+
+
+def _check_positions(name: str, p: Tensor, limit: int) -> None:
+    if p.dtype != torch.int64 or p.dim() != 1:
+        raise TypeError(f"{name}: expected a 1-D int64 tensor, got {p.dtype} of shape {tuple(p.shape)}")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= limit):
+        raise ValueError(f"{name}: positions must lie in [0, {limit})")
+    if p.numel() > 1 and bool((p[1:] <= p[:-1]).any()):
+        raise ValueError(f"{name}: positions must be strictly increasing")
+
