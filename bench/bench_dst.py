@@ -1,10 +1,12 @@
 """The cost of a mask update against a training step, fp32 CPU, 2 threads.
 
-Run: ``pytest bench/bench_dst.py --benchmark-only``. For a ``[W, W]`` unstructured SparseLinear at 90%
-with Adam, batch 256: ``step`` is one forward+backward+Adam step; ``set`` and ``rigl`` one SET / RigL
-update (drop 30%, grow as many, re-pack, re-map the moments; RigL's includes its dense ``dyᵀx``);
-``prune`` one GradualPruner re-pack that drops 1% of the weights. The issue asks for updates far
-cheaper than a step: compare the medians within a width.
+Run: ``pytest bench/bench_dst.py --benchmark-only``. For a ``[W, W]`` SparseLinear at 90% with Adam,
+batch 256: ``step`` is one forward+backward+Adam step (unstructured); ``set``, ``rigl`` and ``srigl``
+one update (drop 30%, grow as many, re-pack, re-map the moments; RigL's and SRigL's include their dense
+``dyᵀx``, SRigL runs on a ``FanIn(W/10)`` layer with neuron ablation on); ``grad`` that ``dyᵀx`` GEMM
+alone, the part of a RigL update the issue allows (the rest is index work); ``prune`` one
+GradualPruner re-pack that drops 1% of the weights. The issue asks for updates far cheaper than a
+step: compare the medians within a width.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import sparseops
 THREADS = 2
 
 
-def _setup(width):
+def _setup(width, pattern=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width))
-    sparseops.sparsify_(model, 0.9)
+    if pattern is None:
+        sparseops.sparsify_(model, 0.9)
+    else:
+        sparseops.sparsify_(model, pattern=pattern)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(256, width)
 
@@ -35,20 +40,24 @@ def _setup(width):
 
 
 @pytest.mark.parametrize("width", [2048, 4096])
-@pytest.mark.parametrize("what", ["step", "set", "rigl", "prune"])
+@pytest.mark.parametrize("what", ["step", "set", "rigl", "srigl", "grad", "prune"])
 def test_dst_update_cost(benchmark, width, what):
     torch.set_num_threads(THREADS)
-    model, opt, step = _setup(width)
+    fan_in = sparseops.FanIn(width // 10) if what == "srigl" else None
+    model, opt, step = _setup(width, fan_in)
     step()
     if what == "step":
         run = step
-    elif what in ("set", "rigl"):
-        cls = sparseops.SET if what == "set" else sparseops.RigL
+    elif what in ("set", "rigl", "srigl", "grad"):
+        cls = {"set": sparseops.SET, "srigl": sparseops.SRigL}.get(what, sparseops.RigL)
         d = cls(model, opt, update_every=1, drop_fraction=0.3)
         step()  # the recorded step RigL grows from
 
         def run():
-            d.update(0.3)
+            if what == "grad":
+                d._dense_grad("0")
+            else:
+                d.update(0.3)
     else:
         sl = model[0]
 

@@ -694,6 +694,13 @@ CsrIn csr_in(const py::array& crow, const py::array& col, int64_t rows, int64_t 
   return c;
 }
 
+// every entry in [-1, limit): branch-free, so the common (valid) case is one vectorised pass
+bool indices64_valid(const int64_t* idx, int64_t n, int64_t limit) {
+  uint64_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint64_t>(idx[k]) + 1 >= static_cast<uint64_t>(limit) + 1;
+  return bad == 0;
+}
+
 // a strictly increasing int64 list in [0, limit)
 const int64_t* positions(const py::array& a, const char* name, int64_t limit) {
   const int64_t* p = vector<int64_t>(a, name, "int64", -1);
@@ -782,6 +789,41 @@ py::array_t<int64_t> dst_sample_off(int64_t rows, int64_t cols, const py::array&
   {
     py::gil_scoped_release release;
     sparseops::sample_off(rows, cols, c.ptr, c.idx, n, seed, O);
+  }
+  return out;
+}
+
+py::array_t<int64_t> dst_count_off_kept(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
+                                        const py::array& keep, const py::array& pos, int nthreads) {
+  check_dims(rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols);
+  const bool* K = vector<bool>(keep, "keep", "bool", c.nnz);
+  const int64_t* P = positions(pos, "pos", rows * cols);
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(rows));
+  int64_t* O = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    sparseops::count_off_kept(rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(K), P, pos.shape(0), O,
+                              threads(nthreads));
+  }
+  return out;
+}
+
+py::array_t<float> dst_gather(const py::array& src, const py::array& x, int nthreads) {
+  const int64_t* S = vector<int64_t>(src, "src", "int64", -1);
+  const float* X = vector<float>(x, "x", "float32", -1);
+  const int64_t n = src.shape(0), m = x.shape(0);
+  if (!indices64_valid(S, n, m)) {
+    for (int64_t i = 0; i < n; ++i)
+      if (S[i] < -1 || S[i] >= m)
+        throw py::value_error("src: index " + std::to_string(S[i]) + " at position " + std::to_string(i) +
+                              " is outside [-1, " + std::to_string(m) + ")");
+  }
+  py::array_t<float> out(static_cast<py::ssize_t>(n));
+  float* O = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    sparseops::gather_or_zero(S, n, X, O, threads(nthreads));
   }
   return out;
 }
@@ -904,6 +946,11 @@ the largest among its held entries whose keep flag is False; ties to the lower c
   m.def("dst_sample_off", &dst_sample_off, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("n"), py::arg("seed"),
         R"(n distinct flat positions (ascending) that the CSR does not hold, uniformly at random from seed.)");
+  m.def("dst_count_off_kept", &dst_count_off_kept, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
+        py::arg("keep"), py::arg("pos"), py::arg("nthreads"),
+        R"(Per row: how many of the flat positions pos (ascending) in it are not a stored entry flagged in keep.)");
+  m.def("dst_gather", &dst_gather, py::arg("src"), py::arg("x"), py::arg("nthreads"),
+        R"(out[i] = x[src[i]], or 0 where src[i] == -1 (float32; src int64 in [-1, x.size)).)");
   m.def("dst_csr_repack", &dst_csr_repack, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("kept"), py::arg("grown"), py::arg("nthreads"),
         R"(The CSR of the entries at positions kept (ascending, into col) plus new ones at the flat positions

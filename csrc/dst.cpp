@@ -115,12 +115,30 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
   const int T = chunks(N, nthreads);
   std::vector<int64_t> bnd(T + 1);
   for (int t = 0; t <= T; ++t) bnd[t] = N / T * t + std::min<int64_t>(t, N % T);
-  // 1: a histogram of the keys' top bits, one per chunk
+  // the excluded positions as a bitmap: the passes test a bit instead of walking the rows' columns
+  // (the walk broke every row into runs and cost as much as the pass itself)
+  std::vector<uint64_t> ex;
+  if (crow) {
+    ex.assign(static_cast<size_t>((N + 63) / 64), 0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
+        const int64_t x = r * cols + col[p];
+        ex[static_cast<size_t>(x >> 6)] |= uint64_t(1) << (x & 63);
+      }
+  }
+  const uint64_t* E = crow ? ex.data() : nullptr;
+  auto held = [E](int64_t i) -> bool { return E && ((E[i >> 6] >> (i & 63)) & 1); };
+  // 1: a histogram of the keys' top bits, one per chunk (branch-free: an excluded entry adds 0)
   std::vector<int64_t> hist(static_cast<size_t>(T) * NB, 0);
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     int64_t* h = hist.data() + static_cast<size_t>(t) * NB;
-    for_eligible(s, cols, crow, col, bnd[t], bnd[t + 1], [h](int64_t, uint32_t k) { ++h[k >> SHIFT]; });
+    if (E) {
+      for (int64_t i = bnd[t]; i < bnd[t + 1]; ++i)
+        h[mag(s[i]) >> SHIFT] += static_cast<int64_t>(1 - ((E[i >> 6] >> (i & 63)) & 1));
+    } else {
+      for (int64_t i = bnd[t]; i < bnd[t + 1]; ++i) ++h[mag(s[i]) >> SHIFT];
+    }
   }
   // 2: the bucket of the n-th largest: everything above it is taken, `need` of it
   int64_t above = 0, bucket = NB - 1;
@@ -142,9 +160,10 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
   for (int t = 0; t < T; ++t) {
     std::vector<Cand>& C = cand[t];
     C.reserve(static_cast<size_t>(hist[static_cast<size_t>(t) * NB + B]));
-    for_eligible(s, cols, crow, col, bnd[t], bnd[t + 1], [&C, B](int64_t i, uint32_t k) {
-      if ((k >> SHIFT) == B) C.push_back({k, i});
-    });
+    for (int64_t i = bnd[t]; i < bnd[t + 1]; ++i) {
+      const uint32_t k = mag(s[i]);
+      if ((k >> SHIFT) == B && !held(i)) C.push_back({k, i});
+    }
   }
   std::vector<Cand> all;
   for (int t = 0; t < T; ++t) all.insert(all.end(), cand[t].begin(), cand[t].end());
@@ -171,56 +190,95 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
     int64_t* o = out + start[t];
     const Cand* c = all.data() + first[t];
     const Cand* ce = all.data() + first[t + 1];
-    for_eligible(s, cols, crow, col, bnd[t], bnd[t + 1], [&o, &c, ce, B](int64_t i, uint32_t k) {
-      const uint32_t b = k >> SHIFT;
+    for (int64_t i = bnd[t]; i < bnd[t + 1]; ++i) {
+      const uint32_t b = mag(s[i]) >> SHIFT;
+      if (b < B) continue;
       if (b > B) {
-        *o++ = i;
-      } else if (b == B && c < ce && c->pos == i) {
+        if (!held(i)) *o++ = i;
+      } else if (c < ce && c->pos == i) {
         *o++ = i;
         ++c;
       }
-    });
+    }
   }
 }
 
 void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
                   const uint8_t* keep, const int64_t* need, int64_t* out, int nthreads) {
+  constexpr int RSHIFT = 20;                          // a row's buckets: the key's top 11 bits
+  constexpr int64_t RNB = int64_t(1) << (31 - RSHIFT);  // 2048 buckets, 8 KB of counts
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<uint64_t> off, dropped;
+    std::vector<uint64_t> buf, dropped;
+    std::vector<uint32_t> hist(RNB);
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t m = need[r + 1] - need[r];
       if (m <= 0) continue;
       const float* sr = s + r * cols;
-      off.clear();
-      dropped.clear();
-      int64_t p = crow[r];
-      const int64_t pe = crow[r + 1];
-      for (int64_t c = 0; c < cols; ++c) {
-        if (p < pe && col[p] == c) {
-          if (!keep[p]) dropped.push_back(pack(mag(sr[c]), c));
-          ++p;
-        } else {
-          off.push_back(pack(mag(sr[c]), c));
-        }
-      }
-      std::vector<uint64_t>* from = &off;
-      int64_t take = m;
-      if (static_cast<int64_t>(off.size()) < m) {  // every free position, then the best dropped ones
-        take = m - static_cast<int64_t>(off.size());
+      const int64_t p0 = crow[r], pe = crow[r + 1];
+      const int64_t nfree = cols - (pe - p0);
+      buf.clear();
+      // for_eligible over this row alone: the free positions, f(position - r * cols, key)
+      auto each_free = [&](auto&& f) {
+        for_eligible(s, cols, crow, col, r * cols, (r + 1) * cols,
+                     [&](int64_t i, uint32_t k) { f(i - r * cols, k); });
+      };
+      if (nfree <= m) {  // every free position, then the best dropped ones
+        each_free([&](int64_t c, uint32_t k) { buf.push_back(pack(k, c)); });
+        dropped.clear();
+        for (int64_t p = p0; p < pe; ++p)
+          if (!keep[p]) dropped.push_back(pack(mag(sr[col[p]]), col[p]));
+        const int64_t take = m - static_cast<int64_t>(buf.size());
         std::nth_element(dropped.begin(), dropped.begin() + take, dropped.end(), std::greater<uint64_t>());
-        off.insert(off.end(), dropped.begin(), dropped.begin() + take);
-        take = m;
-      } else if (static_cast<int64_t>(off.size()) > m) {
-        std::nth_element(off.begin(), off.begin() + m, off.end(), std::greater<uint64_t>());
+        buf.insert(buf.end(), dropped.begin(), dropped.begin() + take);
+      } else {
+        // the bucket of the m-th largest free key, then an exact selection among the keys from it up
+        std::fill(hist.begin(), hist.end(), 0u);
+        uint32_t* h = hist.data();
+        each_free([h](int64_t, uint32_t k) { ++h[k >> RSHIFT]; });
+        int64_t above = 0, b = RNB - 1;
+        for (; b > 0 && above + h[b] < m; --b) above += h[b];
+        const uint32_t lo = static_cast<uint32_t>(b) << RSHIFT;
+        buf.reserve(static_cast<size_t>(above + h[b]));
+        each_free([&buf, lo](int64_t c, uint32_t k) {
+          if (k >= lo) buf.push_back(pack(k, c));
+        });
+        if (static_cast<int64_t>(buf.size()) > m)
+          std::nth_element(buf.begin(), buf.begin() + m, buf.end(), std::greater<uint64_t>());
       }
       int64_t* o = out + need[r];
-      for (int64_t j = 0; j < take; ++j) o[j] = unpack_col((*from)[j]);
-      std::sort(o, o + take);
-      for (int64_t j = 0; j < take; ++j) o[j] += r * cols;
+      for (int64_t j = 0; j < m; ++j) o[j] = unpack_col(buf[j]);
+      std::sort(o, o + m);
+      for (int64_t j = 0; j < m; ++j) o[j] += r * cols;
     }
   }
+}
+
+int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const uint8_t* keep,
+                       const int64_t* pos, int64_t n, int64_t* counts, int nthreads) {
+  // where each row's positions start (pos ascending)
+  std::vector<int64_t> ps(rows + 1);
+  for (int64_t r = 0; r <= rows; ++r) ps[r] = std::lower_bound(pos, pos + n, r * cols) - pos;
+  int64_t total = 0;
+#pragma omp parallel for schedule(dynamic, 64) num_threads(nthreads) reduction(+ : total)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t c = 0, p = crow[r];
+    const int64_t pe = crow[r + 1];
+    for (int64_t j = ps[r]; j < ps[r + 1]; ++j) {
+      const int64_t x = pos[j] - r * cols;
+      while (p < pe && col[p] < x) ++p;
+      c += (p < pe && col[p] == x && keep[p]) ? 0 : 1;
+    }
+    counts[r] = c;
+    total += c;
+  }
+  return total;
+}
+
+void gather_or_zero(const int64_t* src, int64_t n, const float* x, float* out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t i = 0; i < n; ++i) out[i] = src[i] >= 0 ? x[src[i]] : 0.0f;
 }
 
 void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n, uint64_t seed,

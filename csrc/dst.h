@@ -22,6 +22,14 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
 void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
                   const uint8_t* keep, const int64_t* need, int64_t* out, int nthreads);
 
+// counts [rows]: for each row, how many of the flat positions pos [n] (ascending) in it are not a
+// stored entry whose keep flag (keep [nnz]) is set. returns their total.
+int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const uint8_t* keep,
+                       const int64_t* pos, int64_t n, int64_t* counts, int nthreads);
+
+// out [n] = x[src[i]], or 0 where src[i] < 0 (the re-map of values and optimizer state)
+void gather_or_zero(const int64_t* src, int64_t n, const float* x, float* out, int nthreads);
+
 // n distinct flat positions that the CSR does not hold, uniformly at random (a seeded splitmix64
 // stream), ascending. requires 0 <= n <= rows * cols - nnz.
 void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n, uint64_t seed,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SparseLinear
-from .ops.repack import sample_off, top_abs, top_abs_rows
+from .ops.repack import count_off_kept, sample_off, top_abs, top_abs_rows
 from .patterns import FanIn, Unstructured
 
 
@@ -246,14 +246,15 @@ class SRigL(RigL):
         grad = self._dense_grad(fqn)
         rows = fmt.row.long()
         kept = top_abs(values.reshape(1, -1), nnz - n)
+        kept_rows = rows[kept]
+        counts = torch.bincount(kept_rows, minlength=out_f)
         active = torch.ones(out_f, dtype=torch.bool, device=rows.device)
         if self.ablation > 0 and fqn not in self.no_ablation:
             k0 = max(1, budget // out_f)
             cand = top_abs(grad, n).to(rows.device)  # RigL's growth candidates, stored or not
-            kept_keys = rows[kept] * in_f + fmt.col.long()[kept]  # ascending
-            pos = torch.searchsorted(kept_keys, cand).clamp_max(max(kept_keys.numel() - 1, 0))
-            dup = (kept_keys[pos] == cand) if kept_keys.numel() else torch.zeros_like(cand, dtype=torch.bool)
-            salient = torch.bincount(rows[kept], minlength=out_f) + torch.bincount(cand[~dup] // in_f, minlength=out_f)
+            keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
+            keep[kept] = True
+            salient = counts + count_off_kept(fmt, keep, cand).to(rows.device)
             active = salient >= max(1, int(self.ablation * k0))
             least = -(-budget // in_f)  # rows needed to hold the budget at a fan-in of at most in_features
             if int(active.sum()) < least:
@@ -261,8 +262,9 @@ class SRigL(RigL):
                 active = torch.zeros_like(active)
                 active[order[:least]] = True
         k = min(in_f, budget // int(active.sum()))
-        kept = kept[active[rows[kept]]]
-        counts = torch.bincount(rows[kept], minlength=out_f)
+        if not bool(active.all()):
+            kept = kept[active[kept_rows]]
+            counts = torch.bincount(rows[kept], minlength=out_f)
         if bool((counts > k).any()):  # the fan-in fell (ablated rows came back): keep each row's k largest
             kept = _largest_per_row(kept, rows, values, k)
             counts = torch.bincount(rows[kept], minlength=out_f)

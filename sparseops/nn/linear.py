@@ -17,7 +17,7 @@ from ._load import restore, snapshot
 from ._optim import replace_parameter
 from ..masks.nm import is_nm
 from ..masks.transposable import is_transposable_nm
-from ..ops.repack import repack
+from ..ops.repack import gather, repack
 from ..patterns import NM, Block, Butterfly, FanIn, as_pattern
 
 # crow/col are the checkpointed structure; the rest is derived and rebuilt on load
@@ -346,11 +346,9 @@ class SparseLinear(nn.Module):
         new, src = repack(old, kept, grown)
         new = new.to(dev)
         src = src.to(self.values.device)
-        valid = src >= 0
-        gather = src.clamp(min=0)
 
         def remap(t):
-            return torch.where(valid, t[gather], torch.zeros((), dtype=t.dtype, device=t.device))
+            return gather(src, t)
 
         old_param = self.values
         self._set_index(new)

@@ -79,6 +79,28 @@ def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> 
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=scores.device)
 
 
+def count_off_kept(fmt: CSRWeight, keep: Tensor, pos: Tensor) -> Tensor:
+    """Per row of ``fmt``: how many of the flat positions ``pos`` (ascending) in it are not a stored entry
+    whose ``keep [nnz]`` flag is set (int64 ``[out]``)."""
+    rows, cols = fmt.shape
+    if _cpp(fmt.col, keep, pos):
+        return torch.from_numpy(_C.dst_count_off_kept(rows, cols, _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()),
+                                                      _np(pos.contiguous()), _threads(fmt.nnz + pos.numel())))
+    _check_positions("pos", pos, rows * cols)
+    kept_keys = _keys(fmt)[keep.to(fmt.device)]
+    hit = torch.isin(pos.to(fmt.device), kept_keys)
+    return torch.bincount(pos.to(fmt.device)[~hit] // cols, minlength=rows)
+
+
+def gather(src: Tensor, t: Tensor) -> Tensor:
+    """``t[src]``, with 0 where ``src`` is -1: a tensor laid out like the old ``values`` re-laid on the new
+    positions (``src`` from :func:`repack`)."""
+    if _cpp(src, t) and t.dtype == torch.float32 and t.dim() == 1:
+        return torch.from_numpy(_C.dst_gather(_np(src.contiguous()), _np(t.contiguous()), _threads(src.numel())))
+    src = src.to(t.device)
+    return torch.where(src >= 0, t[src.clamp(min=0)], torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None) -> Tensor:
     """``n`` distinct flat positions that ``fmt`` does not store, uniformly at random, ascending.
 
