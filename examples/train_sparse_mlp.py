@@ -1,4 +1,5 @@
-"""Train one MLP three ways on CPU and compare: dense, RigL at 90% from scratch, gradual pruning to 90%.
+"""Train one MLP four ways on CPU and compare: dense, RigL at 90% from scratch, SRigL (constant fan-in at
+90%, neuron ablation on) from scratch, and gradual pruning to 90%.
 
     python examples/train_sparse_mlp.py                 # the README's table (a few minutes on 2 cores)
     python examples/train_sparse_mlp.py --steps 20 --width 256   # a smoke run
@@ -7,7 +8,9 @@ The task is ``sparseops.data.synthetic_classification`` (labels from a random Re
 ``in → width → width → classes`` with ReLUs; the two hidden layers are the sparse ones (the 10-wide
 head stays dense in every run). Each run happens in its own process, so its peak resident memory
 (``ru_maxrss``) is its own. Step time is the median over the last quarter of the run, when the sparse
-runs are sparse (gradual pruning swaps its layers for SparseLinear at 80%).
+runs are sparse (gradual pruning swaps its layers for SparseLinear at 80%). ``update ms`` is the median
+time of the hook's ``step()`` at the steps where it changed the masks (a DST update or a prune), measured
+inside the training loop.
 """
 
 from __future__ import annotations
@@ -33,16 +36,21 @@ def run(kind: str, args) -> dict:
     hidden = lambda mod, fqn: fqn in ("0", "2")  # noqa: E731
     if kind == "rigl":
         sparseops.sparsify_(model, 0.9, filter_fn=hidden)
+    elif kind == "srigl":  # 10% of each hidden layer's inputs per output
+        for fqn in ("0", "2"):
+            lin = model.get_submodule(fqn)
+            model[int(fqn)] = sparseops.SparseLinear.from_dense(lin, pattern=sparseops.FanIn(max(1, lin.in_features // 10)))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     hook = None
-    if kind == "rigl":
-        hook = sparseops.RigL(model, opt, update_every=max(1, args.steps // 20), drop_fraction=0.3,
-                              end_step=int(0.75 * args.steps))
+    if kind in ("rigl", "srigl"):
+        cls = sparseops.RigL if kind == "rigl" else sparseops.SRigL
+        hook = cls(model, opt, update_every=max(1, args.steps // 20), drop_fraction=0.3,
+                   end_step=int(0.75 * args.steps))
     elif kind == "gradual":
         hook = sparseops.GradualPruner(model, 0.9, start_step=int(0.1 * args.steps), end_step=int(0.5 * args.steps),
                                        every=max(1, args.steps // 40), optimizer=opt, filter_fn=hidden)
     g = torch.Generator().manual_seed(2)
-    times = []
+    times, updates = [], []
     start = time.perf_counter()
     for _ in range(args.steps):
         idx = torch.randint(0, args.train, (args.batch,), generator=g)
@@ -53,14 +61,22 @@ def run(kind: str, args) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
         if hook is not None:
-            hook.step()
+            t0 = time.perf_counter()
+            before = getattr(hook, "sparsity", None)
+            changed = hook.step()
+            if kind == "gradual":  # it pruned when its schedule moved (it may also have swapped layers)
+                changed = bool(changed) or hook.sparsity != before
+            if changed:
+                updates.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     tail = sorted(times[-max(1, len(times) // 4):])
     nz = [m.sparsity if isinstance(m, sparseops.SparseLinear) else (m.weight == 0).float().mean().item()
           for m in (model[0], model[2])]
+    upd = sorted(updates)
     return {"run": kind, "accuracy": acc, "wall_s": wall, "step_ms": 1e3 * tail[len(tail) // 2],
+            "update_ms": 1e3 * upd[len(upd) // 2] if upd else float("nan"), "updates": len(upd),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "hidden_sparsity": sum(nz) / 2}
 
 
@@ -81,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     rows = []
-    for kind in ("dense", "rigl", "gradual"):
+    for kind in ("dense", "rigl", "srigl", "gradual"):
         q = ctx.Queue()
         p = ctx.Process(target=_child, args=(kind, args, q))
         p.start()
@@ -90,11 +106,14 @@ def main() -> None:
     dense_ms = rows[0]["step_ms"]
     print(f"MLP {args.features}→{args.width}→{args.width}→{args.classes}, batch {args.batch}, {args.steps} Adam steps, "
           f"{args.threads} threads")
-    print("| run | hidden sparsity | test accuracy | wall s | step ms (last quarter) | dense/step | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | hidden sparsity | test accuracy | wall s | step ms (last quarter) | dense/step | updates "
+          "| update ms (median) | update/step | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        upd = "-" if not r["updates"] else f"{r['update_ms']:.1f} | {r['update_ms'] / r['step_ms']:.2f}"
+        upd = "- | -" if upd == "-" else upd
         print(f"| {r['run']} | {r['hidden_sparsity']:.2f} | {r['accuracy']:.3f} | {r['wall_s']:.1f} | {r['step_ms']:.1f} "
-              f"| {dense_ms / r['step_ms']:.2f} | {r['peak_mib']:.0f} |")
+              f"| {dense_ms / r['step_ms']:.2f} | {r['updates']} | {upd} | {r['peak_mib']:.0f} |")
 
 
 if __name__ == "__main__":

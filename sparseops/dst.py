@@ -193,7 +193,7 @@ class SRigL(RigL):
        it survived the drop or is among the layer's ``round(f * nnz)`` largest dense-gradient magnitudes
        (RigL's growth candidates, stored or not). A row with fewer than ``max(1, int(ablation * k0))``
        salient weights is ablated: all its weights are dropped. ``k0`` is the fan-in the layer had when
-       SRigL was built; at least ``ceil(budget / in_features)`` rows stay active (the most salient ones).
+       SRigL was built (its ``pattern.k``, in the state dict with the budget); at least ``ceil(budget / in_features)`` rows stay active (the most salient ones).
     3. **Re-balance**: the budget (the layer's nnz when SRigL was built) is spread over the ``a`` active
        rows: the fan-in becomes ``k = min(in_features, budget // a)``, so the layer holds ``a * k <= budget``
        weights (exactly the budget while no row is ablated). A row that kept more than k keeps its k
@@ -229,6 +229,7 @@ class SRigL(RigL):
         if unknown:
             raise ValueError(f"no_ablation: {unknown} are not among the layers SRigL trains ({self.names})")
         self.budgets = {fqn: self.model.get_submodule(fqn).nnz for fqn in self.names}
+        self.fan_ins = {fqn: self.model.get_submodule(fqn).pattern.k for fqn in self.names}
 
     def ablated(self, fqn: str) -> Tensor:
         """The indices of the rows of layer ``fqn`` that are ablated (hold no weight) now."""
@@ -250,7 +251,7 @@ class SRigL(RigL):
         counts = torch.bincount(kept_rows, minlength=out_f)
         active = torch.ones(out_f, dtype=torch.bool, device=rows.device)
         if self.ablation > 0 and fqn not in self.no_ablation:
-            k0 = max(1, budget // out_f)
+            k0 = self.fan_ins[fqn]
             cand = top_abs(grad, n).to(rows.device)  # RigL's growth candidates, stored or not
             keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
             keep[kept] = True
@@ -275,12 +276,14 @@ class SRigL(RigL):
         return kept, grown
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "budgets": dict(self.budgets)}
+        return {"step_count": self.step_count, "budgets": dict(self.budgets), "fan_ins": dict(self.fan_ins)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "budgets" in state:
             self.budgets = {k: int(v) for k, v in state["budgets"].items()}
+        if "fan_ins" in state:
+            self.fan_ins = {k: int(v) for k, v in state["fan_ins"].items()}
 
 
 def _largest_per_row(kept: Tensor, rows: Tensor, values: Tensor, k: int) -> Tensor:

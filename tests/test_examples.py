@@ -1,4 +1,4 @@
-"""The end-to-end demo (examples/train_sparse_mlp.py) runs, at a smoke size, for each of its three runs."""
+"""The end-to-end demo (examples/train_sparse_mlp.py) runs, at a smoke size, for each of its four runs."""
 
 import argparse
 import importlib.util
@@ -18,14 +18,16 @@ def _demo():
     return mod
 
 
-@pytest.mark.parametrize("kind", ["dense", "rigl", "gradual"])
+@pytest.mark.parametrize("kind", ["dense", "rigl", "srigl", "gradual"])
 def test_train_sparse_mlp_smoke(kind):
     args = argparse.Namespace(steps=24, width=64, features=32, classes=4, batch=32, train=512, lr=1e-2, threads=1)
     r = _demo().run(kind, args)
     assert r["run"] == kind
     assert 0.0 <= r["accuracy"] <= 1.0 and r["step_ms"] > 0 and r["peak_mib"] > 0
-    # the sparse runs end at 90% in their hidden layers (the gradual one reaches it at half the run)
-    assert r["hidden_sparsity"] == pytest.approx(0.0 if kind == "dense" else 0.9, abs=0.01)
+    # the sparse runs end at 90% in their hidden layers (the gradual one reaches it at half the run;
+    # SRigL's ablation may leave a few weights of its budget unused)
+    assert r["hidden_sparsity"] == pytest.approx(0.0 if kind == "dense" else 0.9, abs=0.01 if kind != "srigl" else 0.02)
+    assert (r["updates"] > 0) == (kind != "dense")
 
 
 def test_synthetic_classification():

@@ -24,13 +24,19 @@ def _cpp(*tensors: Tensor) -> bool:
     return _C is not None and all(t.device.type == "cpu" for t in tensors)
 
 
+def _mag_keys(s: Tensor) -> Tensor:
+    """|s| as int64 keys ordered as the C++ ranks them: a float32's bits without the sign (nan above inf)."""
+    return (s.contiguous().view(torch.int32).long() & 0x7FFFFFFF)
+
+
 def _keys(fmt: CSRWeight) -> Tensor:
     return fmt.row.long() * fmt.in_features + fmt.col.long()
 
 
 def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None) -> Tensor:
     """The flat positions (ascending) of the ``n`` largest ``|scores|`` of a 2-D ``scores``, leaving out the
-    positions ``exclude`` stores. Ties go to the lower position; nan ranks above everything.
+    positions ``exclude`` stores. Ties go to the lower position; nan ranks above everything (NaNs among
+    themselves by their bits). Scores are ranked in float32.
 
     Raises:
         ValueError: ``n`` is negative or more than the eligible entries.
@@ -43,10 +49,9 @@ def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None) -> Tensor:
     if _cpp(s):
         ex = (None, None) if exclude is None else (_np(exclude.crow), _np(exclude.col))
         return torch.from_numpy(_C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols)))
-    a = s.abs().flatten().double()
-    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    a = _mag_keys(s).flatten()
     if exclude is not None:
-        a[_keys(exclude).to(a.device)] = -1.0
+        a[_keys(exclude).to(a.device)] = -1
     return _keep_largest(a, n).nonzero().flatten()
 
 
@@ -65,12 +70,12 @@ def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> 
     if _cpp(s, keep, need):
         return torch.from_numpy(_C.dst_top_abs_rows(
             _np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr), _threads(rows * cols)))
-    # the reference: free positions score |s| + 2, dropped ones |s| + 1 (below every free one), kept -1
-    a = s.abs().double()
-    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a) + 2.0
-    flat = a.flatten()
+    # the reference: a free position ranks by its key + 2^31 (above every dropped one), a dropped one by
+    # its key, a kept one -1
+    a = _mag_keys(s) + (1 << 31)
+    flat = a.view(-1)
     keys = _keys(fmt).to(a.device)
-    flat[keys] = torch.where(keep.to(a.device), torch.full_like(flat[keys], -1.0), flat[keys] - 1.0)
+    flat[keys] = torch.where(keep.to(a.device), torch.full_like(flat[keys], -1), flat[keys] - (1 << 31))
     out = []
     for r in range(rows):
         m = int(need[r])
