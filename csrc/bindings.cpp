@@ -726,26 +726,46 @@ const float* score_matrix(const py::array& s) {
 }
 
 py::array_t<int64_t> dst_top_abs(const py::array& scores, const py::object& crow, const py::object& col, int64_t n,
-                                 int nthreads) {
+                                 int nthreads, const py::object& eligible) {
   const float* S = score_matrix(scores);
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
   if (crow.is_none() != col.is_none()) throw py::value_error("crow, col: give both or neither");
   CsrIn c;
-  py::array crow_a, col_a;  // outlive the kernel
+  py::array crow_a, col_a, elig_a;  // outlive the kernel
   if (!crow.is_none()) {
     crow_a = crow.cast<py::array>();
     col_a = col.cast<py::array>();
     c = csr_in(crow_a, col_a, rows, cols);
   }
-  const int64_t eligible = rows * cols - c.nnz;
-  if (n < 0 || n > eligible)
-    throw py::value_error("n: expected 0 <= n <= " + std::to_string(eligible) + " (the eligible entries), got " +
+  const bool* M = nullptr;
+  int64_t count = rows * cols - c.nnz;
+  if (!eligible.is_none()) {
+    elig_a = eligible.cast<py::array>();
+    check_dtype<bool>(elig_a, "eligible", "bool");
+    if (elig_a.ndim() != 2 || elig_a.shape(0) != rows || elig_a.shape(1) != cols)
+      throw py::value_error("eligible: expected shape " + shape_str(scores) + ", got " + shape_str(elig_a));
+    if (!(elig_a.flags() & py::array::c_style)) throw py::value_error("eligible: must be C-contiguous");
+    M = static_cast<const bool*>(elig_a.data());
+    // the eligible entries: flagged and not stored
+    count = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool* m = M + r * cols;
+      int64_t row = 0;
+      for (int64_t j = 0; j < cols; ++j) row += m[j] ? 1 : 0;
+      if (c.ptr)
+        for (int64_t p = c.ptr[r]; p < c.ptr[r + 1]; ++p) row -= m[c.idx[p]] ? 1 : 0;
+      count += row;
+    }
+  }
+  const int64_t eligible_n = count;
+  if (n < 0 || n > eligible_n)
+    throw py::value_error("n: expected 0 <= n <= " + std::to_string(eligible_n) + " (the eligible entries), got " +
                           std::to_string(n));
   py::array_t<int64_t> out(static_cast<py::ssize_t>(n));
   int64_t* O = out.mutable_data();
   {
     py::gil_scoped_release release;
-    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, n, O, threads(nthreads));
+    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(M), n, O, threads(nthreads));
   }
   return out;
 }
@@ -936,9 +956,10 @@ in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous.
         py::arg("dweight_t").noconvert(), py::arg("nthreads"),
         R"(dweight_t[in, out] = s(x)ᵀ @ dy through s(x)'s nonzeros; rows of inputs no row activates are 0.)");
   m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
-        py::arg("nthreads"),
+        py::arg("nthreads"), py::arg("eligible") = py::none(),
         R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)
-that the CSR (crow, col; both None: none) does not hold; ties to the lower position, nan largest.)");
+that the CSR (crow, col; both None: none) does not hold and eligible (bool [rows, cols], None: all)
+flags; ties to the lower position, nan largest.)");
   m.def("dst_top_abs_rows", &dst_top_abs_rows, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("keep"),
         py::arg("need"), py::arg("nthreads"),
         R"(Row r gets need[r+1] - need[r] flat positions (ascending): its largest |scores| off the CSR row, then

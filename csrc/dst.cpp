@@ -108,8 +108,8 @@ inline int lowest_bit(uint64_t v) {
 
 }  // namespace
 
-void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n,
-             int64_t* out, int nthreads) {
+void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
+             const uint8_t* eligible, int64_t n, int64_t* out, int nthreads) {
   if (n <= 0 || rows <= 0 || cols <= 0) return;
   const int64_t N = rows * cols;
   const int T = chunks(N, nthreads);
@@ -118,15 +118,24 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
   // the excluded positions as a bitmap: the passes test a bit instead of walking the rows' columns
   // (the walk broke every row into runs and cost as much as the pass itself)
   std::vector<uint64_t> ex;
+  if (crow || eligible) ex.assign(static_cast<size_t>((N + 63) / 64), 0);
   if (crow) {
-    ex.assign(static_cast<size_t>((N + 63) / 64), 0);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
         const int64_t x = r * cols + col[p];
         ex[static_cast<size_t>(x >> 6)] |= uint64_t(1) << (x & 63);
       }
   }
-  const uint64_t* E = crow ? ex.data() : nullptr;
+  if (eligible) {
+#pragma omp parallel for schedule(static) num_threads(T)
+    for (int64_t w = 0; w < static_cast<int64_t>(ex.size()); ++w) {
+      uint64_t bits = 0;
+      const int64_t b = w * 64, e = std::min(N, b + 64);
+      for (int64_t i = b; i < e; ++i) bits |= static_cast<uint64_t>(eligible[i] == 0) << (i - b);
+      ex[static_cast<size_t>(w)] |= bits;
+    }
+  }
+  const uint64_t* E = ex.empty() ? nullptr : ex.data();
   auto held = [E](int64_t i) -> bool { return E && ((E[i >> 6] >> (i & 63)) & 1); };
   // 1: a histogram of the keys' top bits, one per chunk (branch-free: an excluded entry adds 0)
   std::vector<int64_t> hist(static_cast<size_t>(T) * NB, 0);

@@ -9,11 +9,11 @@
 namespace sparseops {
 
 // the flat positions (r * cols + c) of the n largest |s| among the entries of s [rows, cols]
-// (contiguous) that the CSR (crow [rows+1], col) does not hold, crow null: none excluded. ties go to
-// the lower position; nan ranks above everything (as torch.topk). out [n], ascending.
-// requires 0 <= n <= the number of eligible entries.
-void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n,
-             int64_t* out, int nthreads);
+// (contiguous) that the CSR (crow [rows+1], col) does not hold (crow null: none excluded) and that
+// eligible [rows * cols] flags (null: all). ties go to the lower position; nan ranks above everything
+// (as torch.topk). out [n], ascending. requires 0 <= n <= the number of eligible entries.
+void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
+             const uint8_t* eligible, int64_t n, int64_t* out, int nthreads);
 
 // row by row: row r gets need[r+1] - need[r] positions, written ascending to out[need[r] ...]: the
 // largest |s| among the positions the CSR row does not hold and then, when those run out, among the

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from .masks import global_magnitude, magnitude
-from .masks.magnitude import _keep_largest, _n_keep
+from .masks.magnitude import _n_keep
 from .nn import SparseLinear
 from .nn._optim import replace_parameter
+from .ops.repack import top_abs
 from .patterns import Unstructured, check_sparsity
 
 
@@ -136,28 +137,40 @@ class GradualPruner:
         layers = [(fqn, self.model.get_submodule(fqn)) for fqn in self.names]
         # candidates: a dense layer's entries on its mask, a SparseLinear's stored values (never the
         # positions off its mask: pruning only drops); each layer keeps numel - round(s * numel)
-        scores, sizes = [], []
+        # ranked by |w| in float32 (sparseops.ops.repack.top_abs: C++ on CPU), ties to the lower index
+        scores, on, sizes = [], [], []
         for fqn, mod in layers:
             if isinstance(mod, SparseLinear):
-                scores.append(mod.values.detach().abs().double())
+                scores.append(mod.values.detach().flatten())
+                on.append(None)
             else:
-                on = self.masks.get(fqn)
-                sc = mod.weight.detach().abs().double().flatten()
-                scores.append(sc if on is None else torch.where(on.flatten(), sc, -1.0))
+                scores.append(mod.weight.detach().flatten())
+                on.append(self.masks.get(fqn))
             sizes.append(mod.in_features * mod.out_features)
+
+        def keep_largest(sc: list, masks: list, k: int) -> Tensor:
+            flat = torch.cat([t.to(torch.float32) for t in sc]) if len(sc) > 1 else sc[0].to(torch.float32)
+            elig = None
+            if any(m is not None for m in masks):
+                elig = torch.cat([torch.ones(t.numel(), dtype=torch.bool, device=t.device) if m is None
+                                  else m.flatten() for t, m in zip(sc, masks)])
+                elig = elig.view(1, -1)
+            keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            keep[top_abs(flat.view(1, -1), k, eligible=elig).to(flat.device)] = True
+            return keep
+
         if self.scope == "global":
-            k = _n_keep(sum(sizes), s)
-            flat = torch.cat(scores)
-            keep_all = _keep_largest(flat, k)
+            keep_all = keep_largest(scores, on, _n_keep(sum(sizes), s))
             keeps, start = [], 0
-            for sc in scores:
+            for sc, m in zip(scores, on):
                 kp = keep_all[start:start + sc.numel()].clone()
                 if sc.numel() and not kp.any():
-                    kp[sc.argmax()] = True  # no layer is pruned to nothing
+                    # no layer is pruned to nothing: keep its largest weight (on its mask)
+                    kp[top_abs(sc.view(1, -1), 1, eligible=None if m is None else m.view(1, -1)).to(kp.device)] = True
                 keeps.append(kp)
                 start += sc.numel()
         else:
-            keeps = [_keep_largest(sc, _n_keep(n, s)) for sc, n in zip(scores, sizes)]
+            keeps = [keep_largest([sc], [m], _n_keep(n, s)) for sc, m, n in zip(scores, on, sizes)]
         swapped = []
         for (fqn, mod), keep in zip(layers, keeps):
             if isinstance(mod, SparseLinear):

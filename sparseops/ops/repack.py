@@ -33,25 +33,31 @@ def _keys(fmt: CSRWeight) -> Tensor:
     return fmt.row.long() * fmt.in_features + fmt.col.long()
 
 
-def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None) -> Tensor:
+def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None, eligible: Tensor | None = None) -> Tensor:
     """The flat positions (ascending) of the ``n`` largest ``|scores|`` of a 2-D ``scores``, leaving out the
-    positions ``exclude`` stores. Ties go to the lower position; nan ranks above everything (NaNs among
-    themselves by their bits). Scores are ranked in float32.
+    positions ``exclude`` stores and those where the bool ``eligible`` (``scores``' shape) is False. Ties go
+    to the lower position; nan ranks above everything (NaNs among themselves by their bits). Scores are
+    ranked in float32.
 
     Raises:
         ValueError: ``n`` is negative or more than the eligible entries.
     """
     rows, cols = scores.shape
-    nnz = exclude.nnz if exclude is not None else 0
-    if not 0 <= n <= rows * cols - nnz:
-        raise ValueError(f"n: expected 0 <= n <= {rows * cols - nnz} (the eligible entries), got {n}")
     s = scores.detach().to(torch.float32).contiguous()
+    if eligible is not None:
+        eligible = eligible.to(device=s.device, dtype=torch.bool).reshape(rows, cols).contiguous()
     if _cpp(s):
         ex = (None, None) if exclude is None else (_np(exclude.crow), _np(exclude.col))
-        return torch.from_numpy(_C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols)))
+        el = None if eligible is None else _np(eligible)
+        return torch.from_numpy(_C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols), el))
     a = _mag_keys(s).flatten()
     if exclude is not None:
         a[_keys(exclude).to(a.device)] = -1
+    if eligible is not None:
+        a[~eligible.flatten()] = -1
+    count = int((a >= 0).sum())
+    if not 0 <= n <= count:
+        raise ValueError(f"n: expected 0 <= n <= {count} (the eligible entries), got {n}")
     return _keep_largest(a, n).nonzero().flatten()
 
 
