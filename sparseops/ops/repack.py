@@ -76,18 +76,24 @@ def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> 
     if _cpp(s, keep, need):
         return torch.from_numpy(_C.dst_top_abs_rows(
             _np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr), _threads(rows * cols)))
+    kept_rows = torch.bincount(fmt.row.long()[keep.to(fmt.device)], minlength=rows).to(need.device)
+    bad = (need < 0) | (need > cols - kept_rows)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"need: row {r} asks for {int(need[r])} positions, expected 0..{cols - int(kept_rows[r])} "
+                         "(its columns not kept)")
     # the reference: a free position ranks by its key + 2^31 (above every dropped one), a dropped one by
-    # its key, a kept one -1
+    # its key, a kept one -1; each row sorted (stable: ties keep the lower column first) and cut at need
     a = _mag_keys(s) + (1 << 31)
     flat = a.view(-1)
     keys = _keys(fmt).to(a.device)
     flat[keys] = torch.where(keep.to(a.device), torch.full_like(flat[keys], -1), flat[keys] - (1 << 31))
-    out = []
-    for r in range(rows):
-        m = int(need[r])
-        if m:
-            out.append(_keep_largest(a[r], m).nonzero().flatten() + r * cols)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=scores.device)
+    order = torch.sort(a, dim=1, descending=True, stable=True).indices
+    take = torch.arange(cols, device=a.device)[None, :] < need.to(a.device).long()[:, None]
+    chosen = torch.where(take, order, torch.full_like(order, cols))  # cols: not chosen, sorts last
+    chosen = torch.sort(chosen, dim=1).values
+    pos = chosen + torch.arange(rows, device=a.device)[:, None] * cols
+    return pos[chosen < cols]
 
 
 def count_off_kept(fmt: CSRWeight, keep: Tensor, pos: Tensor) -> Tensor:
@@ -128,13 +134,13 @@ def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     if _cpp(fmt.col):
         return torch.from_numpy(_C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed))
-    held = torch.zeros(rows * cols, dtype=torch.bool, device=fmt.device)
-    held[_keys(fmt)] = True
+    held = torch.zeros(rows * cols, dtype=torch.bool)
+    held[_keys(fmt).cpu()] = True
     g = torch.Generator(device="cpu").manual_seed(seed)
     chosen = torch.empty(0, dtype=torch.int64)
     while chosen.numel() < n:  # rejection: no random number per position
         draw = torch.randint(rows * cols, (2 * (n - chosen.numel()) + 64,), generator=g)
-        chosen = torch.unique(torch.cat([chosen, draw[~held.cpu()[draw]]]))
+        chosen = torch.unique(torch.cat([chosen, draw[~held[draw]]]))
     pick = torch.randperm(chosen.numel(), generator=g)[:n]
     return chosen[pick].sort().values.to(fmt.device)
 
