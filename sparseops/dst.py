@@ -199,7 +199,8 @@ class SRigL(RigL):
        weights (exactly the budget while no row is ablated). A row that kept more than k keeps its k
        largest.
     4. **Grow** every active row back to k where the dense gradient is largest, among the positions the
-       row did not hold (then, if those run out, among the ones just dropped).
+       row did not hold (then, if those run out, among the ones just dropped: those keep their values
+       and optimizer state, as any position on both the old and the new mask).
 
     Ablation is decided afresh at every update, so an ablated row whose gradient grows comes back. The
     layer's pattern becomes ``FanIn(k)``; its ablated rows are empty (output = bias) and checkpoints load
@@ -272,7 +273,15 @@ class SRigL(RigL):
         need = torch.where(active, k - counts, torch.zeros_like(counts))
         keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
         keep[kept] = True
-        grown = top_abs_rows(grad, fmt, keep, need)
+        grown = top_abs_rows(grad, fmt, keep, need).to(rows.device)
+        # a row short of free positions takes back some it just dropped: those are not new weights, they
+        # keep their values and optimizer state (as any position on both the old and the new mask)
+        old_keys = rows * in_f + fmt.col.long()  # ascending
+        at = torch.searchsorted(old_keys, grown).clamp_max(max(nnz - 1, 0))
+        back = old_keys[at] == grown
+        if bool(back.any()):
+            kept = torch.sort(torch.cat([kept.to(rows.device), at[back]])).values
+            grown = grown[~back]
         return kept, grown
 
     def state_dict(self) -> dict:

@@ -260,9 +260,14 @@ def _twin_of(model):
     return twin
 
 
-@pytest.mark.parametrize("cls,kind", METHODS)
-def test_adam_state_matches_dense_masked_twin(cls, kind):
-    model, opt, dst = _make(cls, kind)
+TWIN_METHODS = [*(pytest.param(*p.values, {}, id=p.id) for p in METHODS),
+                # every row with fewer than k salient weights ablated: rows empty, k' grows, masks shift
+                pytest.param(SRigL, "fanin", {"ablation": 1.0}, id=f"SRigL-fanin{K}-ablation1.0")]
+
+
+@pytest.mark.parametrize("cls,kind,kw", TWIN_METHODS)
+def test_adam_state_matches_dense_masked_twin(cls, kind, kw):
+    model, opt, dst = _make(cls, kind, **kw)
     twin = _twin_of(model)
     topt = torch.optim.Adam(twin.parameters(), lr=1e-2)
     tmasks = _masks(model)
@@ -309,6 +314,12 @@ def test_adam_state_matches_dense_masked_twin(cls, kind):
                 assert_close_rms(bst[key], tbst[key], name=f"step {t} {n}.bias {key}")
             assert_close_rms(mod.values, lin.weight[mask], name=f"step {t} {n}.values")
     assert compared == len(UPDATES) * len(NAMES)
+    if kw.get("ablation"):  # the ablating run did ablate, and kept its rows at k' or empty
+        for n in NAMES:
+            counts = model.get_submodule(n).mask.sum(1)
+            assert len(dst.ablated(n)) > 0 or n == "2", f"{n}: no row was ablated"
+            assert set(counts.tolist()) <= {0, model.get_submodule(n).pattern.k}
+        assert any(len(dst.ablated(n)) for n in NAMES)
     x, _ = _batch(0)
     assert_close_rms(model(x), twin(x), name="final output")
 

@@ -1032,9 +1032,11 @@ def _check_srigl_layer(name, old_mask, w_old, g, new_mask, w_new, budget, f, abl
             f"{new_mask[r].nonzero().flatten().tolist()}")
         assert torch.equal(w_new[r][surv], w_old[r][surv]), f"{name} row {r}: a surviving weight changed"
         grown = new_mask[r] & ~surv
-        assert (w_new[r][grown] == 0).all(), f"{name} row {r}: grown weights not 0"
         need = k - int(surv.sum())
         free, dropped = ~old_mask[r], old_mask[r] & ~surv
+        assert (w_new[r][grown & free] == 0).all(), f"{name} row {r}: grown weights not 0"
+        # a dropped position taken back is on both masks: it keeps its value
+        assert torch.equal(w_new[r][grown & dropped], w_old[r][grown & dropped]), f"{name} row {r}: re-grown value"
         nf = int(free.sum())
         if need <= nf:
             _assert_top_set(grown, g[r].abs(), free, need, f"{name} row {r} grown", atol)
