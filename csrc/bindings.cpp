@@ -695,9 +695,11 @@ CsrIn csr_in(const py::array& crow, const py::array& col, int64_t rows, int64_t 
 }
 
 // every entry in [-1, limit): branch-free, so the common (valid) case is one vectorised pass
-bool indices64_valid(const int64_t* idx, int64_t n, int64_t limit) {
-  uint64_t bad = 0;
-  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint64_t>(idx[k]) + 1 >= static_cast<uint64_t>(limit) + 1;
+bool indices_or_none_valid(const int32_t* idx, int64_t n, int64_t limit) {
+  if (limit > INT32_MAX) limit = INT32_MAX;
+  const uint32_t lim = static_cast<uint32_t>(limit);
+  uint32_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) + 1u > lim);
   return bad == 0;
 }
 
@@ -829,23 +831,36 @@ py::array_t<int64_t> dst_count_off_kept(int64_t rows, int64_t cols, const py::ar
   return out;
 }
 
-py::array_t<float> dst_gather(const py::array& src, const py::array& x, int nthreads) {
-  const int64_t* S = vector<int64_t>(src, "src", "int64", -1);
-  const float* X = vector<float>(x, "x", "float32", -1);
-  const int64_t n = src.shape(0), m = x.shape(0);
-  if (!indices64_valid(S, n, m)) {
+py::list dst_gather(const py::array& src, const py::list& xs, int nthreads) {
+  const int32_t* S = vector<int32_t>(src, "src", "int32", -1);
+  const int64_t n = src.shape(0);
+  std::vector<py::array> keep;  // the arrays outlive the kernel
+  std::vector<const float*> in;
+  std::vector<float*> out;
+  py::list result;
+  int64_t m = -1;
+  for (const py::handle& h : xs) {
+    py::array x = py::reinterpret_borrow<py::object>(h).cast<py::array>();
+    const float* X = vector<float>(x, "xs", "float32", m);
+    m = x.shape(0);
+    py::array_t<float> o(static_cast<py::ssize_t>(n));
+    in.push_back(X);
+    out.push_back(o.mutable_data());
+    keep.push_back(x);
+    result.append(o);
+  }
+  if (m < 0) return result;
+  if (!indices_or_none_valid(S, n, m)) {
     for (int64_t i = 0; i < n; ++i)
       if (S[i] < -1 || S[i] >= m)
         throw py::value_error("src: index " + std::to_string(S[i]) + " at position " + std::to_string(i) +
                               " is outside [-1, " + std::to_string(m) + ")");
   }
-  py::array_t<float> out(static_cast<py::ssize_t>(n));
-  float* O = out.mutable_data();
   {
     py::gil_scoped_release release;
-    sparseops::gather_or_zero(S, n, X, O, threads(nthreads));
+    sparseops::gather_or_zero(S, n, in.data(), out.data(), static_cast<int>(in.size()), threads(nthreads));
   }
-  return out;
+  return result;
 }
 
 py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
@@ -860,12 +875,12 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
   auto vec32 = [](int64_t n) { return py::array_t<int32_t>(static_cast<py::ssize_t>(n)); };
   py::array_t<int32_t> ncrow = vec32(rows + 1), ncol = vec32(nn), nrow = vec32(nn), t_crow = vec32(cols + 1),
                        t_row = vec32(nn), t_perm = vec32(nn);
-  py::array_t<int64_t> src(static_cast<py::ssize_t>(nn));
+  py::array_t<int32_t> src = vec32(nn);
   bool ok;
   {
     int32_t *a = ncrow.mutable_data(), *b = ncol.mutable_data(), *d = nrow.mutable_data(),
             *e = t_crow.mutable_data(), *f = t_row.mutable_data(), *g = t_perm.mutable_data();
-    int64_t* h = src.mutable_data();
+    int32_t* h = src.mutable_data();
     py::gil_scoped_release release;
     ok = sparseops::csr_repack(rows, cols, c.ptr, c.idx, K, nk, G, ng, a, b, d, e, f, g, h, threads(nthreads));
   }
@@ -970,12 +985,13 @@ the largest among its held entries whose keep flag is False; ties to the lower c
   m.def("dst_count_off_kept", &dst_count_off_kept, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("keep"), py::arg("pos"), py::arg("nthreads"),
         R"(Per row: how many of the flat positions pos (ascending) in it are not a stored entry flagged in keep.)");
-  m.def("dst_gather", &dst_gather, py::arg("src"), py::arg("x"), py::arg("nthreads"),
-        R"(out[i] = x[src[i]], or 0 where src[i] == -1 (float32; src int64 in [-1, x.size)).)");
+  m.def("dst_gather", &dst_gather, py::arg("src"), py::arg("xs"), py::arg("nthreads"),
+        R"([x[src] for x in xs], with 0 where src[i] == -1, in one pass (float32 arrays of one size m; src int32
+in [-1, m)).)");
   m.def("dst_csr_repack", &dst_csr_repack, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("kept"), py::arg("grown"), py::arg("nthreads"),
         R"(The CSR of the entries at positions kept (ascending, into col) plus new ones at the flat positions
-grown (ascending): (crow, col, row, t_crow, t_row, t_perm) int32 and src int64 (old position, -1 if grown).)");
+grown (ascending): (crow, col, row, t_crow, t_row, t_perm, src) int32; src: old position, -1 if grown.)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

@@ -285,9 +285,13 @@ int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const in
   return total;
 }
 
-void gather_or_zero(const int64_t* src, int64_t n, const float* x, float* out, int nthreads) {
+void gather_or_zero(const int32_t* src, int64_t n, const float* const* xs, float* const* outs, int k, int nthreads) {
+  // one pass over src for every tensor: the re-map of values and of each optimizer state
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t i = 0; i < n; ++i) out[i] = src[i] >= 0 ? x[src[i]] : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t j = src[i];
+    for (int t = 0; t < k; ++t) outs[t][i] = j >= 0 ? xs[t][j] : 0.0f;
+  }
 }
 
 void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n, uint64_t seed,
@@ -326,7 +330,7 @@ void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
 
 bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
                 int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
-                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int64_t* src, int nthreads) {
+                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads) {
   // where each row's kept and grown entries start
   std::vector<int64_t> ks(rows + 1), gs(rows + 1);
   // a binary search a row, inside the window the row can span (a row keeps at most its old entries and
@@ -358,7 +362,7 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
       }
       if (ca < cg) {
         ncol[o] = static_cast<int32_t>(ca);
-        src[o] = kept[a++];
+        src[o] = static_cast<int32_t>(kept[a++]);
       } else {
         ncol[o] = static_cast<int32_t>(cg);
         src[o] = -1;

@@ -27,8 +27,9 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
 int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const uint8_t* keep,
                        const int64_t* pos, int64_t n, int64_t* counts, int nthreads);
 
-// out [n] = x[src[i]], or 0 where src[i] < 0 (the re-map of values and optimizer state)
-void gather_or_zero(const int64_t* src, int64_t n, const float* x, float* out, int nthreads);
+// outs[t][i] = xs[t][src[i]], or 0 where src[i] < 0, for t < k: the re-map of values and of every
+// optimizer state tensor in one pass over src
+void gather_or_zero(const int32_t* src, int64_t n, const float* const* xs, float* const* outs, int k, int nthreads);
 
 // n distinct flat positions that the CSR does not hold, uniformly at random (a seeded splitmix64
 // stream), ascending. requires 0 <= n <= rows * cols - nnz.
@@ -37,11 +38,11 @@ void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
 
 // the CSR of the old entries at positions kept [nk] (ascending indices into col) plus new entries at
 // the flat positions grown [ng] (ascending), both orientations at once: ncrow [rows+1], ncol, nrow
-// [nk+ng]; t_crow [cols+1], t_row, t_perm [nk+ng] (rows ascending within a column); src [nk+ng] the
+// [nk+ng]; t_crow [cols+1], t_row, t_perm [nk+ng] (rows ascending within a column); src [nk+ng] (int32) the
 // old position of each new entry, -1 for a grown one. returns false (outputs unspecified) when a grown
 // position is also a kept one.
 bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
                 int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
-                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int64_t* src, int nthreads);
+                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads);
 
 }  // namespace sparseops

@@ -404,7 +404,7 @@ def _check_repack(fmt, kept, grown, where):
     new, src = R.repack(fmt, kept, grown)
     ref, esrc = _expected_repack(fmt, kept, grown)
     _same_index(new, ref, where)
-    assert src.dtype == torch.int64, where
+    assert src.dtype == torch.int32, where
     assert torch.equal(src, esrc), f"{where}: src {src.tolist()[:20]} != {esrc.tolist()[:20]}"
     new.validate()
 
@@ -1205,3 +1205,118 @@ def test_srigl_bad_ablation_arguments(kwargs, exc, name):
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(exc, match=rf"\b{name}\b"):
         SRigL(model, opt, **kwargs)
+
+
+# ---- gather (the re-map of values and optimizer state) and count_off_kept ----
+
+
+@pytest.mark.parametrize("n_tensors", [1, 3])
+def test_gather_remaps_every_tensor_in_one_call(impl, n_tensors):
+    g = torch.Generator().manual_seed(21)
+    m, n = 37, 50
+    src = torch.randint(-1, m, (n,), generator=g).to(torch.int32)
+    src[:3] = -1
+    src[3] = m - 1
+    xs = [torch.randn(m, generator=g) for _ in range(n_tensors)]
+    outs = R.gather(src, xs)
+    assert len(outs) == n_tensors
+    for x, o in zip(xs, outs):
+        ref = torch.tensor([0.0 if int(j) < 0 else float(x[int(j)]) for j in src])
+        assert o.dtype == torch.float32 and o.shape == (n,)
+        assert torch.equal(o, ref)
+        assert o.data_ptr() != x.data_ptr()
+
+
+def test_gather_other_dtypes_take_the_torch_path():
+    src = torch.tensor([2, -1, 0], dtype=torch.int32)
+    x64 = torch.tensor([1.5, 2.5, 3.5], dtype=torch.float64)
+    xb = x64.to(torch.bfloat16)
+    o64, ob = R.gather(src, [x64, xb])
+    assert torch.equal(o64, torch.tensor([3.5, 0.0, 1.5], dtype=torch.float64))
+    assert ob.dtype == torch.bfloat16 and torch.equal(ob, torch.tensor([3.5, 0.0, 1.5], dtype=torch.bfloat16))
+
+
+def test_binding_gather_refuses_bad_input():
+    x = np.arange(5, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^src: index 5 at position 1 is outside \[-1, 5\)"):
+        _C.dst_gather(np.array([0, 5], np.int32), [x], 1)
+    with pytest.raises(ValueError, match=r"^src: index -2 at position 0"):
+        _C.dst_gather(np.array([-2], np.int32), [x], 1)
+    with pytest.raises(TypeError, match=r"^src: expected dtype int32"):
+        _C.dst_gather(np.array([0], np.int64), [x], 1)
+    with pytest.raises(TypeError, match=r"^xs: expected dtype float32"):
+        _C.dst_gather(np.array([0], np.int32), [x.astype(np.float64)], 1)
+    with pytest.raises(ValueError, match=r"^xs: expected 5 entries, got 4"):
+        _C.dst_gather(np.array([0], np.int32), [x, x[:4]], 1)
+    with pytest.raises(ValueError, match=r"^xs: must be contiguous"):
+        _C.dst_gather(np.array([0], np.int32), [np.arange(10, dtype=np.float32)[::2]], 1)
+    assert _C.dst_gather(np.array([0], np.int32), [], 1) == []
+
+
+def _ref_count_off_kept(mask, keep_dense, pos, cols):
+    counts = torch.zeros(mask.shape[0], dtype=torch.int64)
+    for p in pos.tolist():
+        r, c = divmod(p, cols)
+        if not (mask[r, c] and keep_dense[r, c]):
+            counts[r] += 1
+    return counts
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (40, 1), (13, 17), (64, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_count_off_kept_matches_reference(impl, shape):
+    rows, cols = shape
+    g = torch.Generator().manual_seed(rows * 100 + cols)
+    mask = torch.rand(rows, cols, generator=g) < 0.4
+    fmt = CSRWeight.from_mask(mask)
+    keep = torch.rand(fmt.nnz, generator=g) < 0.5
+    keep_dense = torch.zeros(rows, cols, dtype=torch.bool)
+    keep_dense[fmt.row.long(), fmt.col.long()] = keep
+    for frac in (0.0, 0.3, 1.0):
+        pos = (torch.rand(rows * cols, generator=g) < frac).nonzero().flatten()
+        got = R.count_off_kept(fmt, keep, pos)
+        assert torch.equal(got.long(), _ref_count_off_kept(mask, keep_dense, pos, cols)), (shape, frac)
+
+
+def test_binding_count_off_kept_refuses_bad_input():
+    fmt = CSRWeight.from_mask(torch.eye(4, dtype=torch.bool))
+    crow, col = fmt.crow.numpy(), fmt.col.numpy()
+    keep = np.ones(4, dtype=bool)
+    with pytest.raises(ValueError, match=r"^pos: positions must be strictly increasing"):
+        _C.dst_count_off_kept(4, 4, crow, col, keep, np.array([3, 3], np.int64), 1)
+    with pytest.raises(ValueError, match=r"^pos: position 16 at 0 is outside \[0, 16\)"):
+        _C.dst_count_off_kept(4, 4, crow, col, keep, np.array([16], np.int64), 1)
+    with pytest.raises(ValueError, match=r"^keep: expected 4 entries, got 3"):
+        _C.dst_count_off_kept(4, 4, crow, col, keep[:3], np.array([0], np.int64), 1)
+    with pytest.raises(ValueError, match=r"^col: index 9"):
+        _C.dst_count_off_kept(4, 4, crow, np.array([0, 1, 2, 9], np.int32), keep, np.array([0], np.int64), 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1000), (37, 3), (64, 100), (600, 600)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_top_abs_with_an_eligibility_mask(impl, shape):
+    """``eligible`` (GradualPruner's dense phase) leaves out the positions it flags False, on top of
+    ``exclude``; ties, nan and every count up to all eligible."""
+    rows, cols = shape
+    g = torch.Generator().manual_seed(_seed("elig", shape))
+    s = torch.randint(-4, 5, (rows, cols), generator=g).float() * 0.5
+    s[torch.rand(rows, cols, generator=g) < 0.01] = float("nan")
+    eligible = torch.rand(rows, cols, generator=g) < 0.6
+    stored = torch.rand(rows, cols, generator=g) < 0.2
+    for exclude in (None, stored):
+        out_mask = ~eligible if exclude is None else (~eligible | exclude)
+        count = int((~out_mask).sum())
+        fmt = None if exclude is None else CSRWeight.from_mask(exclude)
+        for n in sorted({0, min(1, count), count // 2, count}):
+            got = R.top_abs(s, n, exclude=fmt, eligible=eligible)
+            assert torch.equal(got, ref_top_abs(s, n, out_mask)), (shape, n, exclude is None)
+        with pytest.raises(ValueError, match=r"^n: expected 0 <= n <= %d" % count):
+            R.top_abs(s, count + 1, exclude=fmt, eligible=eligible)
+
+
+def test_binding_top_abs_refuses_a_bad_eligibility_mask():
+    s = np.zeros((3, 4), np.float32)
+    with pytest.raises(TypeError, match=r"^eligible: expected dtype bool"):
+        _C.dst_top_abs(s, None, None, 1, 1, np.ones((3, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"^eligible: expected shape \(3, 4\)"):
+        _C.dst_top_abs(s, None, None, 1, 1, np.ones((4, 3), bool))
+    with pytest.raises(ValueError, match=r"^eligible: must be C-contiguous"):
+        _C.dst_top_abs(s, None, None, 1, 1, np.ones((4, 3), bool).T)

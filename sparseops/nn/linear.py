@@ -347,14 +347,19 @@ class SparseLinear(nn.Module):
         new, src = repack(old, kept, grown)
         new = new.to(dev)
         src = src.to(self.values.device)
+        old_param = self.values
+        # values and every optimizer state tensor laid out like them, re-mapped in one pass
+        state = optimizer.state.get(old_param, {}) if optimizer is not None else {}
+        same = [v for v in state.values() if isinstance(v, Tensor) and v.shape == old_param.shape]
+        values, *rest = gather(src, [old_param.detach(), *same])
+        moved = {id(t): o for t, o in zip(same, rest)}
 
         def remap(t):
-            return gather(src, t)
+            return moved[id(t)] if id(t) in moved else gather(src, [t])[0]
 
-        old_param = self.values
         self._set_index(new)
         self.pattern = pattern
-        self.values = nn.Parameter(remap(old_param.detach()), requires_grad=old_param.requires_grad)
+        self.values = nn.Parameter(values, requires_grad=old_param.requires_grad)
         if optimizer is not None:
             replace_parameter(optimizer, old_param, self.values, remap)
 

@@ -109,13 +109,21 @@ def count_off_kept(fmt: CSRWeight, keep: Tensor, pos: Tensor) -> Tensor:
     return torch.bincount(pos.to(fmt.device)[~hit] // cols, minlength=rows)
 
 
-def gather(src: Tensor, t: Tensor) -> Tensor:
-    """``t[src]``, with 0 where ``src`` is -1: a tensor laid out like the old ``values`` re-laid on the new
-    positions (``src`` from :func:`repack`)."""
-    if _cpp(src, t) and t.dtype == torch.float32 and t.dim() == 1:
-        return torch.from_numpy(_C.dst_gather(_np(src.contiguous()), _np(t.contiguous()), _threads(src.numel())))
-    src = src.to(t.device)
-    return torch.where(src >= 0, t[src.clamp(min=0)], torch.zeros((), dtype=t.dtype, device=t.device))
+def gather(src: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``t[src]`` for each ``t`` (all laid out like the old ``values``), with 0 where ``src`` is -1: the old
+    tensors re-laid on the new positions (``src`` from :func:`repack`), in one pass over ``src`` on CPU."""
+    fp32 = [i for i, t in enumerate(tensors) if t.dtype == torch.float32 and t.dim() == 1]
+    out: list = [None] * len(tensors)
+    if fp32 and _cpp(src, *(tensors[i] for i in fp32)) and src.dtype == torch.int32:
+        res = _C.dst_gather(_np(src.contiguous()), [_np(tensors[i].contiguous()) for i in fp32],
+                            _threads(src.numel() * len(fp32)))
+        for i, a in zip(fp32, res):
+            out[i] = torch.from_numpy(a)
+    for i, t in enumerate(tensors):
+        if out[i] is None:
+            s = src.to(t.device).long()
+            out[i] = torch.where(s >= 0, t[s.clamp(min=0)], torch.zeros((), dtype=t.dtype, device=t.device))
+    return out
 
 
 def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -147,8 +155,8 @@ def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None)
 
 def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tensor]:
     """The index of the entries at positions ``kept`` (ascending indices into ``values``) plus new entries at
-    the flat positions ``grown`` (ascending), both orientations built in one pass, and ``src [nnz']``: the
-    old position of each new entry, -1 for a grown one.
+    the flat positions ``grown`` (ascending), both orientations built in one pass, and ``src [nnz']`` (int32):
+    the old position of each new entry, -1 for a grown one.
 
     Raises:
         ValueError: ``kept``/``grown`` out of range, not strictly ascending, or a grown position that is
@@ -167,7 +175,7 @@ def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tens
     keys, order = torch.sort(torch.cat([old, grown]), stable=True)
     if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
         raise ValueError("grown: a grown position is also a kept one")
-    src = torch.cat([kept.long().to(fmt.device), torch.full_like(grown, -1)])[order]
+    src = torch.cat([kept.long().to(fmt.device), torch.full_like(grown, -1)])[order].to(torch.int32)
     new = CSRWeight._build(rows, cols, keys // cols, keys % cols)
     return new, src
 
