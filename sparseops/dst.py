@@ -246,16 +246,16 @@ class SRigL(RigL):
         if n <= 0 or nnz == 0:
             return None
         grad = self._dense_grad(fqn)
-        rows = fmt.row.long()
-        kept = top_abs(values.reshape(1, -1), nnz - n)
-        kept_rows = rows[kept]
+        rows = fmt.row
+        kept = top_abs(values.reshape(1, -1), nnz - n).to(rows.device)
+        kept_rows = rows[kept].long()
         counts = torch.bincount(kept_rows, minlength=out_f)
+        keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
+        keep[kept] = True
         active = torch.ones(out_f, dtype=torch.bool, device=rows.device)
         if self.ablation > 0 and fqn not in self.no_ablation:
             k0 = self.fan_ins[fqn]
             cand = top_abs(grad, n).to(rows.device)  # RigL's growth candidates, stored or not
-            keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
-            keep[kept] = True
             salient = counts + count_off_kept(fmt, keep, cand).to(rows.device)
             active = salient >= max(1, int(self.ablation * k0))
             least = -(-budget // in_f)  # rows needed to hold the budget at a fan-in of at most in_features
@@ -264,23 +264,27 @@ class SRigL(RigL):
                 active = torch.zeros_like(active)
                 active[order[:least]] = True
         k = min(in_f, budget // int(active.sum()))
+        changed = False
         if not bool(active.all()):
             kept = kept[active[kept_rows]]
-            counts = torch.bincount(rows[kept], minlength=out_f)
+            changed = True
         if bool((counts > k).any()):  # the fan-in fell (ablated rows came back): keep each row's k largest
-            kept = _largest_per_row(kept, rows, values, k)
-            counts = torch.bincount(rows[kept], minlength=out_f)
+            kept = _largest_per_row(kept, rows.long(), values, k)
+            changed = True
+        if changed:
+            counts = torch.bincount(rows[kept].long(), minlength=out_f)
+            keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
+            keep[kept] = True
         need = torch.where(active, k - counts, torch.zeros_like(counts))
-        keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
-        keep[kept] = True
         grown = top_abs_rows(grad, fmt, keep, need).to(rows.device)
         # a row short of free positions takes back some it just dropped: those are not new weights, they
         # keep their values and optimizer state (as any position on both the old and the new mask)
-        old_keys = rows * in_f + fmt.col.long()  # ascending
-        at = torch.searchsorted(old_keys, grown).clamp_max(max(nnz - 1, 0))
-        back = old_keys[at] == grown
-        if bool(back.any()):
-            kept = torch.sort(torch.cat([kept.to(rows.device), at[back]])).values
+        held = fmt.crow.long().diff().to(need.device)
+        if bool((need > in_f - held).any()):
+            old_keys = rows.long() * in_f + fmt.col.long()  # ascending
+            at = torch.searchsorted(old_keys, grown).clamp_max(max(nnz - 1, 0))
+            back = old_keys[at] == grown
+            kept = torch.sort(torch.cat([kept, at[back]])).values
             grown = grown[~back]
         return kept, grown
 
