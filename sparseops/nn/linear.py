@@ -254,8 +254,8 @@ class SparseLinear(nn.Module):
         moments, SGD's momentum) following the surviving weights the same way and 0 for grown ones;
         scalars such as Adam's ``step`` are kept.
 
-        CSR layers (unstructured, fan-in) map old to new positions by a sorted-key search, without a
-        dense ``[out, in]`` tensor; N:M and block layers go through a dense scatter/gather.
+        CSR layers (unstructured, fan-in) go through :meth:`rewire_` (the C++ re-pack on CPU); N:M and
+        block layers through a dense scatter/gather.
 
         Raises:
             TypeError, ValueError: ``mask`` is not a bool ``[out, in]`` tensor, or breaks the pattern.
@@ -270,11 +270,16 @@ class SparseLinear(nn.Module):
         elif self._block:
             new = BSRWeight.from_mask(mask, self._block)
         else:
-            pattern = self.pattern
-            if isinstance(pattern, FanIn):
-                pattern = _fan_in_of(mask.sum(1), pattern, "mask: its rows")
-            new = CSRWeight.from_mask(mask)
-            self.pattern = pattern
+            if isinstance(self.pattern, FanIn):
+                _fan_in_of(mask.sum(1), self.pattern, "mask: its rows")
+            # the same re-pack as rewire_: keep the stored entries the mask keeps, grow the rest of it
+            flat = mask.to(self.crow.device).reshape(-1)
+            keys = old.row.long() * self.in_features + old.col.long()
+            kept = flat[keys].nonzero().flatten()
+            grown_mask = flat.clone()
+            grown_mask[keys] = False
+            self.rewire_(kept, grown_mask.nonzero().flatten(), optimizer)
+            return
         remap = _remapper(old, new, self.in_features)
         old_param = self.values
         self._set_index(new)
@@ -591,17 +596,5 @@ def _fan_in_of(counts: Tensor, pattern: FanIn, what: str) -> FanIn:
 
 
 def _remapper(old, new, in_features: int):
-    """``f(t)``: a tensor laid out like ``old``'s values, re-laid on ``new``'s positions (0 where new)."""
-    if isinstance(old, CSRWeight) and isinstance(new, CSRWeight):
-        ok = old.row.long() * in_features + old.col.long()  # sorted: CSR order is row-major
-        nk = new.row.long() * in_features + new.col.long()
-        pos = torch.searchsorted(ok, nk).clamp_max(max(ok.numel() - 1, 0))
-        found = (ok[pos] == nk) if ok.numel() else torch.zeros_like(nk, dtype=torch.bool)
-
-        def remap(t):
-            if not ok.numel():
-                return t.new_zeros(nk.shape)
-            return torch.where(found, t[pos], torch.zeros((), dtype=t.dtype, device=t.device))
-
-        return remap
+    """``f(t)``: a tensor laid out like ``old``'s values (N:M, BSR), re-laid on ``new``'s positions (0 where new)."""
     return lambda t: new.gather(old.to_dense(t))
