@@ -727,8 +727,47 @@ const float* score_matrix(const py::array& s) {
   return static_cast<const float*>(s.data());
 }
 
-py::array_t<int64_t> dst_top_abs(const py::array& scores, const py::object& crow, const py::object& col, int64_t n,
-                                 int nthreads, const py::object& eligible) {
+// a byte range of an array, to refuse outputs that overlap another argument
+struct Span {
+  const char* p;
+  size_t n;
+  const char* name;
+};
+
+Span span(const py::array& a, const char* name) {
+  return {static_cast<const char*>(a.data()), static_cast<size_t>(a.nbytes()), name};
+}
+
+// outputs must not share memory with any other argument: a kernel writing one would change what it
+// reads from another (an index it then follows)
+void check_disjoint(const std::vector<Span>& outs, const std::vector<Span>& all) {
+  for (const Span& o : outs)
+    for (const Span& a : all) {
+      if (o.p == a.p && o.n == a.n && o.name == a.name) continue;  // itself
+      if (o.n && a.n && o.p < a.p + a.n && a.p < o.p + o.n)
+        throw py::value_error(std::string(o.name) + ": shares memory with " + a.name);
+    }
+}
+
+// an output vector of n entries: the caller's array (dtype, 1-D, C-contiguous, writeable, aligned) or,
+// given None, a fresh one
+template <class T>
+py::array out_vector(const py::object& given, const char* name, const char* dtype, int64_t n) {
+  if (given.is_none()) return py::array_t<T>(static_cast<py::ssize_t>(n));
+  if (!py::isinstance<py::array>(given))
+    throw py::type_error(std::string(name) + ": expected a numpy array or None");
+  py::array a = py::reinterpret_borrow<py::array>(given);
+  check_dtype<T>(a, name, dtype);
+  if (a.ndim() != 1 || a.shape(0) != n)
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(n) + ",), got " + shape_str(a));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  if (!a.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+  check_aligned(a, name);
+  return a;
+}
+
+py::array dst_top_abs(const py::array& scores, const py::object& crow, const py::object& col, int64_t n,
+                      int nthreads, const py::object& eligible, const py::object& out_arg) {
   const float* S = score_matrix(scores);
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
   if (crow.is_none() != col.is_none()) throw py::value_error("crow, col: give both or neither");
@@ -763,8 +802,12 @@ py::array_t<int64_t> dst_top_abs(const py::array& scores, const py::object& crow
   if (n < 0 || n > eligible_n)
     throw py::value_error("n: expected 0 <= n <= " + std::to_string(eligible_n) + " (the eligible entries), got " +
                           std::to_string(n));
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(n));
-  int64_t* O = out.mutable_data();
+  py::array out = out_vector<int64_t>(out_arg, "out", "int64", n);
+  std::vector<Span> all = {span(out, "out"), span(scores, "scores")};
+  if (c.ptr) all.push_back(span(crow_a, "crow")), all.push_back(span(col_a, "col"));
+  if (M) all.push_back(span(elig_a, "eligible"));
+  check_disjoint({all[0]}, all);
+  int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
     sparseops::top_abs(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(M), n, O, threads(nthreads));
@@ -772,8 +815,8 @@ py::array_t<int64_t> dst_top_abs(const py::array& scores, const py::object& crow
   return out;
 }
 
-py::array_t<int64_t> dst_top_abs_rows(const py::array& scores, const py::array& crow, const py::array& col,
-                                      const py::array& keep, const py::array& need, int nthreads) {
+py::array dst_top_abs_rows(const py::array& scores, const py::array& crow, const py::array& col, const py::array& keep,
+                           const py::array& need, int nthreads, const py::object& out_arg) {
   const float* S = score_matrix(scores);
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
   const CsrIn c = csr_in(crow, col, rows, cols);
@@ -788,8 +831,11 @@ py::array_t<int64_t> dst_top_abs_rows(const py::array& scores, const py::array& 
       throw py::value_error("need: row " + std::to_string(r) + " asks for " + std::to_string(m) +
                             " positions, expected 0.." + std::to_string(cols - kept) + " (its columns not kept)");
   }
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(N[rows]));
-  int64_t* O = out.mutable_data();
+  py::array out = out_vector<int64_t>(out_arg, "out", "int64", N[rows]);
+  const std::vector<Span> all = {span(out, "out"), span(scores, "scores"), span(crow, "crow"), span(col, "col"),
+                                 span(keep, "keep"), span(need, "need")};
+  check_disjoint({all[0]}, all);
+  int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
     sparseops::top_abs_rows(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(K), N, O,
@@ -798,16 +844,18 @@ py::array_t<int64_t> dst_top_abs_rows(const py::array& scores, const py::array& 
   return out;
 }
 
-py::array_t<int64_t> dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
-                                    int64_t n, uint64_t seed) {
+py::array dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, const py::array& col, int64_t n,
+                         uint64_t seed, const py::object& out_arg) {
   check_dims(rows, cols);
   const CsrIn c = csr_in(crow, col, rows, cols);
   const int64_t free = rows * cols - c.nnz;
   if (n < 0 || n > free)
     throw py::value_error("n: expected 0 <= n <= " + std::to_string(free) + " (the free positions), got " +
                           std::to_string(n));
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(n));
-  int64_t* O = out.mutable_data();
+  py::array out = out_vector<int64_t>(out_arg, "out", "int64", n);
+  const std::vector<Span> all = {span(out, "out"), span(crow, "crow"), span(col, "col")};
+  check_disjoint({all[0]}, all);
+  int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
     sparseops::sample_off(rows, cols, c.ptr, c.idx, n, seed, O);
@@ -815,14 +863,17 @@ py::array_t<int64_t> dst_sample_off(int64_t rows, int64_t cols, const py::array&
   return out;
 }
 
-py::array_t<int64_t> dst_count_off_kept(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
-                                        const py::array& keep, const py::array& pos, int nthreads) {
+py::array dst_count_off_kept(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
+                             const py::array& keep, const py::array& pos, int nthreads, const py::object& out_arg) {
   check_dims(rows, cols);
   const CsrIn c = csr_in(crow, col, rows, cols);
   const bool* K = vector<bool>(keep, "keep", "bool", c.nnz);
   const int64_t* P = positions(pos, "pos", rows * cols);
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(rows));
-  int64_t* O = out.mutable_data();
+  py::array out = out_vector<int64_t>(out_arg, "out", "int64", rows);
+  const std::vector<Span> all = {span(out, "out"), span(crow, "crow"), span(col, "col"), span(keep, "keep"),
+                                 span(pos, "pos")};
+  check_disjoint({all[0]}, all);
+  int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
     sparseops::count_off_kept(rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(K), P, pos.shape(0), O,
@@ -831,29 +882,39 @@ py::array_t<int64_t> dst_count_off_kept(int64_t rows, int64_t cols, const py::ar
   return out;
 }
 
-py::list dst_gather(const py::array& src, const py::list& xs, int nthreads) {
+py::list dst_gather(const py::array& src, const py::list& xs, int nthreads, const py::object& outs_arg) {
   const int32_t* S = vector<int32_t>(src, "src", "int32", -1);
   const int64_t n = src.shape(0);
   std::vector<py::array> keep;  // the arrays outlive the kernel
   std::vector<const float*> in;
   std::vector<float*> out;
   py::list result;
+  std::vector<Span> all = {span(src, "src")}, written;
+  if (!outs_arg.is_none() && (!py::isinstance<py::list>(outs_arg) || py::len(outs_arg) != py::len(xs)))
+    throw py::value_error("outs: expected None or a list of " + std::to_string(py::len(xs)) + " arrays");
   int64_t m = -1;
+  size_t i = 0;
   for (const py::handle& h : xs) {
     py::array x = py::reinterpret_borrow<py::object>(h).cast<py::array>();
     const float* X = vector<float>(x, "xs", "float32", m);
     m = x.shape(0);
-    py::array_t<float> o(static_cast<py::ssize_t>(n));
+    py::object given = outs_arg.is_none() ? py::none() : py::reinterpret_borrow<py::object>(outs_arg[py::int_(i)]);
+    py::array o = out_vector<float>(given, "outs", "float32", n);
     in.push_back(X);
-    out.push_back(o.mutable_data());
+    out.push_back(static_cast<float*>(o.mutable_data()));
     keep.push_back(x);
+    all.push_back(span(x, "xs"));
+    written.push_back(span(o, "outs"));
     result.append(o);
+    ++i;
   }
   if (m < 0) return result;
+  all.insert(all.end(), written.begin(), written.end());
+  check_disjoint(written, all);
   if (!indices_or_none_valid(S, n, m)) {
-    for (int64_t i = 0; i < n; ++i)
-      if (S[i] < -1 || S[i] >= m)
-        throw py::value_error("src: index " + std::to_string(S[i]) + " at position " + std::to_string(i) +
+    for (int64_t j = 0; j < n; ++j)
+      if (S[j] < -1 || S[j] >= m)
+        throw py::value_error("src: index " + std::to_string(S[j]) + " at position " + std::to_string(j) +
                               " is outside [-1, " + std::to_string(m) + ")");
   }
   {
@@ -864,7 +925,7 @@ py::list dst_gather(const py::array& src, const py::list& xs, int nthreads) {
 }
 
 py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
-                         const py::array& kept, const py::array& grown, int nthreads) {
+                         const py::array& kept, const py::array& grown, int nthreads, const py::object& out_arg) {
   check_dims(rows, cols);
   const CsrIn c = csr_in(crow, col, rows, cols);
   const int64_t* K = positions(kept, "kept", c.nnz);
@@ -872,20 +933,30 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
   const int64_t nk = kept.shape(0), ng = grown.shape(0), nn = nk + ng;
   if (nn > INT32_MAX)
     throw py::value_error("kept, grown: " + std::to_string(nn) + " entries exceed the int32 index limit");
-  auto vec32 = [](int64_t n) { return py::array_t<int32_t>(static_cast<py::ssize_t>(n)); };
-  py::array_t<int32_t> ncrow = vec32(rows + 1), ncol = vec32(nn), nrow = vec32(nn), t_crow = vec32(cols + 1),
-                       t_row = vec32(nn), t_perm = vec32(nn);
-  py::array_t<int32_t> src = vec32(nn);
+  static const char* names[7] = {"out[0] (crow)", "out[1] (col)", "out[2] (row)", "out[3] (t_crow)",
+                                 "out[4] (t_row)", "out[5] (t_perm)", "out[6] (src)"};
+  const int64_t sizes[7] = {rows + 1, nn, nn, cols + 1, nn, nn, nn};
+  if (!out_arg.is_none() && (!py::isinstance<py::sequence>(out_arg) || py::len(out_arg) != 7))
+    throw py::value_error("out: expected None or 7 arrays (crow, col, row, t_crow, t_row, t_perm, src)");
+  std::vector<py::array> o;
+  std::vector<Span> written, all = {span(crow, "crow"), span(col, "col"), span(kept, "kept"), span(grown, "grown")};
+  for (int j = 0; j < 7; ++j) {
+    py::object given = out_arg.is_none() ? py::none() : py::reinterpret_borrow<py::object>(out_arg[py::int_(j)]);
+    o.push_back(out_vector<int32_t>(given, names[j], "int32", sizes[j]));
+    written.push_back(span(o.back(), names[j]));
+  }
+  all.insert(all.end(), written.begin(), written.end());
+  check_disjoint(written, all);
   bool ok;
   {
-    int32_t *a = ncrow.mutable_data(), *b = ncol.mutable_data(), *d = nrow.mutable_data(),
-            *e = t_crow.mutable_data(), *f = t_row.mutable_data(), *g = t_perm.mutable_data();
-    int32_t* h = src.mutable_data();
+    int32_t* p[7];
+    for (int j = 0; j < 7; ++j) p[j] = static_cast<int32_t*>(o[j].mutable_data());
     py::gil_scoped_release release;
-    ok = sparseops::csr_repack(rows, cols, c.ptr, c.idx, K, nk, G, ng, a, b, d, e, f, g, h, threads(nthreads));
+    ok = sparseops::csr_repack(rows, cols, c.ptr, c.idx, K, nk, G, ng, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
+                               threads(nthreads));
   }
   if (!ok) throw py::value_error("grown: a grown position is also a kept one");
-  return py::make_tuple(ncrow, ncol, nrow, t_crow, t_row, t_perm, src);
+  return py::make_tuple(o[0], o[1], o[2], o[3], o[4], o[5], o[6]);
 }
 
 }  // namespace
@@ -971,25 +1042,25 @@ in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous.
         py::arg("dweight_t").noconvert(), py::arg("nthreads"),
         R"(dweight_t[in, out] = s(x)ᵀ @ dy through s(x)'s nonzeros; rows of inputs no row activates are 0.)");
   m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
-        py::arg("nthreads"), py::arg("eligible") = py::none(),
+        py::arg("nthreads"), py::arg("eligible") = py::none(), py::arg("out") = py::none(),
         R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)
 that the CSR (crow, col; both None: none) does not hold and eligible (bool [rows, cols], None: all)
 flags; ties to the lower position, nan largest.)");
   m.def("dst_top_abs_rows", &dst_top_abs_rows, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("keep"),
-        py::arg("need"), py::arg("nthreads"),
+        py::arg("need"), py::arg("nthreads"), py::arg("out") = py::none(),
         R"(Row r gets need[r+1] - need[r] flat positions (ascending): its largest |scores| off the CSR row, then
 the largest among its held entries whose keep flag is False; ties to the lower column.)");
   m.def("dst_sample_off", &dst_sample_off, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
-        py::arg("n"), py::arg("seed"),
+        py::arg("n"), py::arg("seed"), py::arg("out") = py::none(),
         R"(n distinct flat positions (ascending) that the CSR does not hold, uniformly at random from seed.)");
   m.def("dst_count_off_kept", &dst_count_off_kept, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
-        py::arg("keep"), py::arg("pos"), py::arg("nthreads"),
+        py::arg("keep"), py::arg("pos"), py::arg("nthreads"), py::arg("out") = py::none(),
         R"(Per row: how many of the flat positions pos (ascending) in it are not a stored entry flagged in keep.)");
-  m.def("dst_gather", &dst_gather, py::arg("src"), py::arg("xs"), py::arg("nthreads"),
+  m.def("dst_gather", &dst_gather, py::arg("src"), py::arg("xs"), py::arg("nthreads"), py::arg("outs") = py::none(),
         R"([x[src] for x in xs], with 0 where src[i] == -1, in one pass (float32 arrays of one size m; src int32
 in [-1, m)).)");
   m.def("dst_csr_repack", &dst_csr_repack, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
-        py::arg("kept"), py::arg("grown"), py::arg("nthreads"),
+        py::arg("kept"), py::arg("grown"), py::arg("nthreads"), py::arg("out") = py::none(),
         R"(The CSR of the entries at positions kept (ascending, into col) plus new ones at the flat positions
 grown (ascending): (crow, col, row, t_crow, t_row, t_perm, src) int32; src: old position, -1 if grown.)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },

@@ -1320,3 +1320,79 @@ def test_binding_top_abs_refuses_a_bad_eligibility_mask():
         _C.dst_top_abs(s, None, None, 1, 1, np.ones((4, 3), bool))
     with pytest.raises(ValueError, match=r"^eligible: must be C-contiguous"):
         _C.dst_top_abs(s, None, None, 1, 1, np.ones((4, 3), bool).T)
+
+
+# ---- caller-given outputs: checked, and never sharing memory with another argument ----
+
+
+def _csr_np(mask):
+    fmt = CSRWeight.from_mask(mask)
+    return fmt, fmt.crow.numpy(), fmt.col.numpy()
+
+
+def test_binding_outputs_are_checked():
+    mask = torch.eye(4, dtype=torch.bool)
+    fmt, crow, col = _csr_np(mask)
+    s = np.arange(16, dtype=np.float32).reshape(4, 4)
+    with pytest.raises(ValueError, match=r"^out: expected shape \(2,\)"):
+        _C.dst_top_abs(s, crow, col, 2, 1, None, np.zeros(3, np.int64))
+    with pytest.raises(TypeError, match=r"^out: expected dtype int64"):
+        _C.dst_top_abs(s, crow, col, 2, 1, None, np.zeros(2, np.int32))
+    ro = np.zeros(2, np.int64)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^out: must be writeable"):
+        _C.dst_top_abs(s, crow, col, 2, 1, None, ro)
+    with pytest.raises(ValueError, match=r"^out: must be C-contiguous"):
+        _C.dst_top_abs(s, crow, col, 2, 1, None, np.zeros(4, np.int64)[::2])
+    with pytest.raises(TypeError, match=r"^out: expected a numpy array or None"):
+        _C.dst_top_abs(s, crow, col, 2, 1, None, [0, 0])
+    with pytest.raises(ValueError, match=r"^out: expected shape \(3,\)"):
+        _C.dst_sample_off(4, 4, crow, col, 3, 1, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"^out: expected shape \(4,\)"):
+        _C.dst_count_off_kept(4, 4, crow, col, np.ones(4, bool), np.array([1], np.int64), 1, np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"^outs: expected None or a list of 1 arrays"):
+        _C.dst_gather(np.array([0], np.int32), [np.ones(2, np.float32)], 1, [])
+    with pytest.raises(ValueError, match=r"^out: expected None or 7 arrays"):
+        _C.dst_csr_repack(4, 4, crow, col, np.arange(4, dtype=np.int64), np.zeros(0, np.int64), 1, [])
+    sizes = (5, 4, 4, 5, 4, 4, 4)
+    bad = [np.zeros(k, np.int32) for k in sizes]
+    bad[4] = np.zeros(5, np.int32)
+    with pytest.raises(ValueError, match=r"^out\[4\] \(t_row\): expected shape \(4,\)"):
+        _C.dst_csr_repack(4, 4, crow, col, np.arange(4, dtype=np.int64), np.zeros(0, np.int64), 1, bad)
+
+
+def test_binding_outputs_may_not_alias_an_argument():
+    """A kernel writing an output that shares memory with an index it follows could be sent out of bounds:
+    every such pair is refused, naming the output."""
+    mask = torch.eye(4, dtype=torch.bool)
+    fmt, crow, col = _csr_np(mask)
+    kept = np.arange(4, dtype=np.int64)
+    grown = np.array([1, 2], dtype=np.int64)
+
+    def outs(nn):
+        return [np.zeros(k, np.int32) for k in (5, nn, nn, 5, nn, nn, nn)]
+
+    over_input = outs(4)
+    over_input[1] = col  # the new col written over the old one while the merge reads it
+    with pytest.raises(ValueError, match=r"^out\[1\] \(col\): shares memory with col"):
+        _C.dst_csr_repack(4, 4, crow, col, kept, np.zeros(0, np.int64), 1, over_input)
+    big = np.zeros(12, np.int32)
+    over_each_other = outs(6)
+    over_each_other[4], over_each_other[5] = big[:6], big[3:9]  # t_row and t_perm overlap
+    with pytest.raises(ValueError, match=r"^out\[4\] \(t_row\): shares memory with out\[5\] \(t_perm\)"):
+        _C.dst_csr_repack(4, 4, crow, col, kept, grown, 1, over_each_other)
+    s = np.arange(16, dtype=np.float32).reshape(4, 4)
+    with pytest.raises(ValueError, match=r"^out: shares memory with scores"):
+        _C.dst_top_abs(s, None, None, 2, 1, None, s.reshape(-1)[:4].view(np.int64))
+    x = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"^outs: shares memory with xs"):
+        _C.dst_gather(np.array([0, 1, 2, 3], np.int32), [x], 1, [x])
+    # outputs that do not overlap are written as given: the two largest off the diagonal, ascending
+    o = np.full(2, -7, np.int64)
+    r = _C.dst_top_abs(s, crow, col, 2, 1, None, o)
+    assert np.shares_memory(r, o)
+    assert o.tolist() == [13, 14]
+    good = outs(6)
+    res = _C.dst_csr_repack(4, 4, crow, col, kept, grown, 1, good)
+    assert all(np.shares_memory(a, b) for a, b in zip(res, good))
+    assert good[1].tolist() == [0, 1, 2, 1, 2, 3] and good[6].tolist() == [0, -1, -1, 1, 2, 3]

@@ -2,7 +2,7 @@
 
 Dynamic sparse training and pruning change a layer's structure every few hundred steps. These helpers
 do it on the packed index, with no dense ``[out, in]`` mask: the C++ extension (``csrc/dst.cpp``) on
-CPU, and the pure-torch code below elsewhere (CUDA tensors, a build without C++), which is also the
+CPU, writing into tensors allocated here (torch owns every result), and the pure-torch code below elsewhere (CUDA tensors, a build without C++), which is also the
 oracle of the tests. Positions are flat, ``row * in_features + col``, int64 and ascending.
 
 They are not ``torch.library`` ops: they run between training steps, under ``torch.no_grad``, and
@@ -49,7 +49,11 @@ def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None, eligible: 
     if _cpp(s):
         ex = (None, None) if exclude is None else (_np(exclude.crow), _np(exclude.col))
         el = None if eligible is None else _np(eligible)
-        return torch.from_numpy(_C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols), el))
+        if n < 0:
+            raise ValueError(f"n: expected 0 <= n (the eligible entries), got {n}")
+        out = torch.empty(n, dtype=torch.int64)
+        _C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols), el, _np(out))
+        return out
     a = _mag_keys(s).flatten()
     if exclude is not None:
         a[_keys(exclude).to(a.device)] = -1
@@ -74,8 +78,10 @@ def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> 
     ptr[1:] = torch.cumsum(need.long(), 0)
     s = scores.detach().to(torch.float32).contiguous()
     if _cpp(s, keep, need):
-        return torch.from_numpy(_C.dst_top_abs_rows(
-            _np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr), _threads(rows * cols)))
+        out = torch.empty(max(int(ptr[-1]), 0), dtype=torch.int64)  # a bad need is refused by the binding
+        _C.dst_top_abs_rows(_np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr),
+                            _threads(rows * cols), _np(out))
+        return out
     kept_rows = torch.bincount(fmt.row.long()[keep.to(fmt.device)], minlength=rows).to(need.device)
     bad = (need < 0) | (need > cols - kept_rows)
     if bool(bad.any()):
@@ -101,8 +107,10 @@ def count_off_kept(fmt: CSRWeight, keep: Tensor, pos: Tensor) -> Tensor:
     whose ``keep [nnz]`` flag is set (int64 ``[out]``)."""
     rows, cols = fmt.shape
     if _cpp(fmt.col, keep, pos):
-        return torch.from_numpy(_C.dst_count_off_kept(rows, cols, _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()),
-                                                      _np(pos.contiguous()), _threads(fmt.nnz + pos.numel())))
+        out = torch.empty(rows, dtype=torch.int64)
+        _C.dst_count_off_kept(rows, cols, _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(pos.contiguous()),
+                              _threads(fmt.nnz + pos.numel()), _np(out))
+        return out
     _check_positions("pos", pos, rows * cols)
     kept_keys = _keys(fmt)[keep.to(fmt.device)]
     hit = torch.isin(pos.to(fmt.device), kept_keys)
@@ -115,10 +123,11 @@ def gather(src: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     fp32 = [i for i, t in enumerate(tensors) if t.dtype == torch.float32 and t.dim() == 1]
     out: list = [None] * len(tensors)
     if fp32 and _cpp(src, *(tensors[i] for i in fp32)) and src.dtype == torch.int32:
-        res = _C.dst_gather(_np(src.contiguous()), [_np(tensors[i].contiguous()) for i in fp32],
-                            _threads(src.numel() * len(fp32)))
-        for i, a in zip(fp32, res):
-            out[i] = torch.from_numpy(a)
+        res = [torch.empty(src.numel(), dtype=torch.float32) for _ in fp32]
+        _C.dst_gather(_np(src.contiguous()), [_np(tensors[i].contiguous()) for i in fp32],
+                      _threads(src.numel() * len(fp32)), [_np(t) for t in res])
+        for i, t in zip(fp32, res):
+            out[i] = t
     for i, t in enumerate(tensors):
         if out[i] is None:
             s = src.to(t.device).long()
@@ -141,7 +150,9 @@ def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None)
         raise ValueError(f"n: expected 0 <= n <= {free} (the free positions), got {n}")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     if _cpp(fmt.col):
-        return torch.from_numpy(_C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed))
+        out = torch.empty(n, dtype=torch.int64)
+        _C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed, _np(out))
+        return out
     held = torch.zeros(rows * cols, dtype=torch.bool)
     held[_keys(fmt).cpu()] = True
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -164,9 +175,13 @@ def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tens
     """
     rows, cols = fmt.shape
     if _cpp(fmt.col, kept, grown):
-        out = _C.dst_csr_repack(rows, cols, _np(fmt.crow), _np(fmt.col), _np(kept.contiguous()),
-                                _np(grown.contiguous()), _threads(fmt.nnz))
-        crow, col, row, t_crow, t_row, t_perm, src = (torch.from_numpy(a) for a in out)
+        nn = kept.numel() + grown.numel()
+        if nn > torch.iinfo(torch.int32).max:
+            raise ValueError(f"kept, grown: {nn} entries exceed the int32 index limit")
+        out = [torch.empty(k, dtype=torch.int32) for k in (rows + 1, nn, nn, cols + 1, nn, nn, nn)]
+        _C.dst_csr_repack(rows, cols, _np(fmt.crow), _np(fmt.col), _np(kept.contiguous()), _np(grown.contiguous()),
+                          _threads(fmt.nnz), [_np(t) for t in out])
+        crow, col, row, t_crow, t_row, t_perm, src = out
         return CSRWeight(rows, cols, crow, col, row, t_crow, t_row, t_perm), src
     _check_positions("kept", kept, fmt.nnz)
     _check_positions("grown", grown, rows * cols)
