@@ -1,4 +1,6 @@
-"""The one assert helper: RMS error relative to an fp64 reference, with a tolerance per dtype."""
+"""Assert helpers: RMS error relative to an fp64 reference (a tolerance per dtype), and a top-k set check."""
+
+import math
 
 import pytest
 import torch
@@ -51,3 +53,24 @@ def assert_close_rms(actual: torch.Tensor, expected: torch.Tensor, dtype=None, t
 def shape_param(batch, in_f, out_f, sparsity):
     """A ``pytest.param`` of a product's shape with a readable id, e.g. ``B37-in1000-out3-sp0.9``."""
     return pytest.param(batch, in_f, out_f, sparsity, id=f"B{batch}-in{in_f}-out{out_f}-sp{sparsity}")
+
+
+def assert_top_set(chosen, score, among, k, name, atol=0.0):
+    """``chosen`` is the k largest ``score`` among ``among`` (1-D bool/float tensors), compared with an
+    independent ``torch.topk``; a position may differ only if its score ties the k-th within ``atol``."""
+    assert not (chosen & ~among).any(), f"{name}: chose {int((chosen & ~among).sum())} position(s) outside the candidates"
+    assert int(chosen.sum()) == k, f"{name}: chose {int(chosen.sum())}, expected {k}"
+    if k == 0:
+        return
+    s = torch.where(among, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
+    ref = torch.zeros_like(chosen)
+    ref[torch.topk(s, k).indices] = True
+    if torch.equal(ref, chosen):
+        return
+    kth = torch.topk(s, k).values.min()
+    diff = ref ^ chosen
+    far = diff & ((s - kth).abs() > atol)
+    assert not far.any(), (
+        f"{name}: {int(diff.sum())} position(s) differ from the reference top-{k}, "
+        f"e.g. index {int(far.nonzero()[0])} with score {float(s[far][0]):.6g} vs the k-th {float(kth):.6g}"
+    )

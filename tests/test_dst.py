@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rms
+from helpers import assert_close_rms, assert_top_set
 from torch import nn
 
 import sparseops
@@ -116,27 +116,6 @@ def _dense_grads(model, x, y):
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-def _assert_top_set(chosen, score, among, k, name, atol=0.0):
-    """``chosen`` is the k largest ``score`` among ``among`` (1-D bool/float tensors), compared with an
-    independent ``torch.topk``; a position may differ only if its score ties the k-th within ``atol``."""
-    assert not (chosen & ~among).any(), f"{name}: chose {int((chosen & ~among).sum())} position(s) outside the candidates"
-    assert int(chosen.sum()) == k, f"{name}: chose {int(chosen.sum())}, expected {k}"
-    if k == 0:
-        return
-    s = torch.where(among, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
-    ref = torch.zeros_like(chosen)
-    ref[torch.topk(s, k).indices] = True
-    if torch.equal(ref, chosen):
-        return
-    kth = torch.topk(s, k).values.min()
-    diff = ref ^ chosen
-    far = diff & ((s - kth).abs() > atol)
-    assert not far.any(), (
-        f"{name}: {int(diff.sum())} position(s) differ from the reference top-{k}, "
-        f"e.g. index {int(far.nonzero()[0])} with score {float(s[far][0]):.6g} vs the k-th {float(kth):.6g}"
-    )
-
-
 # ---- 1. constant parameter budget, optimizer identity ----
 
 
@@ -211,17 +190,17 @@ def test_drop_and_grow_match_independent_top_k(cls, kind):
                 nnz = int(o.sum())
                 nk = round(f * nnz)
                 assert nk > 0
-                _assert_top_set(kept.flatten(), mag.flatten(), o.flatten(), nnz - nk, f"{where} kept")
+                assert_top_set(kept.flatten(), mag.flatten(), o.flatten(), nnz - nk, f"{where} kept")
                 for r in range(o.shape[0]):
                     g = K - int(kept[r].sum())
-                    _assert_top_set(grown[r], score[r], ~o[r], g, f"{where} row {r} grown", atol)
+                    assert_top_set(grown[r], score[r], ~o[r], g, f"{where} row {r} grown", atol)
             else:
                 nnz = int(o.sum())
                 nk = round(f * nnz)
                 assert nk > 0
-                _assert_top_set(kept.flatten(), mag.flatten(), o.flatten(), nnz - nk, f"{where} kept")
+                assert_top_set(kept.flatten(), mag.flatten(), o.flatten(), nnz - nk, f"{where} kept")
                 if by_grad:
-                    _assert_top_set(grown.flatten(), score.flatten(), (~o).flatten(), nk, f"{where} grown", atol)
+                    assert_top_set(grown.flatten(), score.flatten(), (~o).flatten(), nk, f"{where} grown", atol)
                 else:
                     assert not (grown & o).any() and int(grown.sum()) == nk, f"{where}: SET grew {int(grown.sum())}"
             checked += 1

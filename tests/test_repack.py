@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rms
+from helpers import assert_close_rms, assert_top_set
 from torch import nn
 
 import sparseops
@@ -964,23 +964,6 @@ def _train(model, opt, t):
     return ref
 
 
-def _assert_top_set(chosen, score, among, k, name, atol=0.0):
-    """``chosen`` (1-D bool) is the k largest ``score`` among ``among``; a position may differ from an
-    independent torch.topk only where its score ties the k-th within ``atol``."""
-    assert not (chosen & ~among).any(), f"{name}: chose {int((chosen & ~among).sum())} position(s) outside the candidates"
-    assert int(chosen.sum()) == k, f"{name}: chose {int(chosen.sum())}, expected {k}"
-    if k == 0:
-        return
-    s = torch.where(among, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
-    ref = torch.zeros_like(chosen)
-    ref[torch.topk(s, k).indices] = True
-    if torch.equal(ref, chosen):
-        return
-    kth = torch.topk(s, k).values.min()
-    far = (ref ^ chosen) & ((s - kth).abs() > atol)
-    assert not far.any(), f"{name}: differs from the reference top-{k} at {far.nonzero().flatten().tolist()}"
-
-
 def _srigl_reference(mask, w, g, budget, f, ablation, ablate=True, k0=None):
     """SRigL's update per its docstring, on dense tensors: (sure-active rows, active count, k', kept mask).
 
@@ -1039,10 +1022,10 @@ def _check_srigl_layer(name, old_mask, w_old, g, new_mask, w_new, budget, f, abl
         assert torch.equal(w_new[r][grown & dropped], w_old[r][grown & dropped]), f"{name} row {r}: re-grown value"
         nf = int(free.sum())
         if need <= nf:
-            _assert_top_set(grown, g[r].abs(), free, need, f"{name} row {r} grown", atol)
+            assert_top_set(grown, g[r].abs(), free, need, f"{name} row {r} grown", atol)
         else:
             assert torch.equal(grown & free, free), f"{name} row {r}: free positions left while re-growing dropped ones"
-            _assert_top_set(grown & dropped, g[r].abs(), dropped, need - nf, f"{name} row {r} re-grown", atol)
+            assert_top_set(grown & dropped, g[r].abs(), dropped, need - nf, f"{name} row {r} re-grown", atol)
     return now_active, k, salient
 
 
