@@ -193,7 +193,8 @@ class SRigL(RigL):
        it survived the drop or is among the layer's ``round(f * nnz)`` largest dense-gradient magnitudes
        (RigL's growth candidates, stored or not). A row with fewer than ``max(1, int(ablation * k0))``
        salient weights is ablated: all its weights are dropped. ``k0`` is the fan-in the layer had when
-       SRigL was built (its ``pattern.k``, in the state dict with the budget); at least ``ceil(budget / in_features)`` rows stay active (the most salient ones).
+       SRigL was built (its ``pattern.k``, in the state dict with the budget); at least
+       ``ceil(budget / in_features)`` rows stay active (the most salient ones).
     3. **Re-balance**: the budget (the layer's nnz when SRigL was built) is spread over the ``a`` active
        rows: the fan-in becomes ``k = min(in_features, budget // a)``, so the layer holds ``a * k <= budget``
        weights (exactly the budget while no row is ablated). A row that kept more than k keeps its k
