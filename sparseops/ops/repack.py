@@ -2,8 +2,9 @@
 
 Dynamic sparse training and pruning change a layer's structure every few hundred steps. These helpers
 do it on the packed index, with no dense ``[out, in]`` mask: the C++ extension (``csrc/dst.cpp``) on
-CPU, writing into tensors allocated here (torch owns every result), and the pure-torch code below elsewhere (CUDA tensors, a build without C++), which is also the
-oracle of the tests. Positions are flat, ``row * in_features + col``, int64 and ascending.
+CPU, writing into tensors allocated here (torch owns every result), and the pure-torch code below
+elsewhere (CUDA tensors, a build without C++), which is also the oracle of the tests. Positions are
+flat, ``row * in_features + col``, int64 and ascending.
 
 They are not ``torch.library`` ops: they run between training steps, under ``torch.no_grad``, and
 nothing traces them.
@@ -46,7 +47,7 @@ def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None, eligible: 
     s = scores.detach().to(torch.float32).contiguous()
     if eligible is not None:
         eligible = eligible.to(device=s.device, dtype=torch.bool).reshape(rows, cols).contiguous()
-    if _cpp(s):
+    if _cpp(s, *(() if exclude is None else (exclude.col,)), *(() if eligible is None else (eligible,))):
         ex = (None, None) if exclude is None else (_np(exclude.crow), _np(exclude.col))
         el = None if eligible is None else _np(eligible)
         if n < 0:
@@ -77,7 +78,7 @@ def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> 
     ptr = torch.zeros(rows + 1, dtype=torch.int64, device=need.device)
     ptr[1:] = torch.cumsum(need.long(), 0)
     s = scores.detach().to(torch.float32).contiguous()
-    if _cpp(s, keep, need):
+    if _cpp(s, fmt.col, keep, need):
         out = torch.empty(max(int(ptr[-1]), 0), dtype=torch.int64)  # a bad need is refused by the binding
         _C.dst_top_abs_rows(_np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr),
                             _threads(rows * cols), _np(out))
