@@ -71,12 +71,10 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
           float pb = 0.0f, void* yv = nullptr) {
   using IO = Io<V, DT>;
   using T = typename IO::T;
-  constexpr int NB = (1 << BITS) - 1;
   const T* x = static_cast<const T*>(xv);
   T* y = static_cast<T*>(yv);
   const typename V::reg va = V::bcast(pa), vb = V::bcast(pb);
-  typename V::reg b[NB];
-  for (int k = 0; k < NB; ++k) b[k] = V::bcast(borders[k]);
+  const typename V::template Borders<BITS> b(borders);
   const int64_t groups = (n + 31) / 32, full = n / 32;
   const int64_t chunks = (groups + kGroupsPerChunk - 1) / kGroupsPerChunk;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && chunks > 1)
@@ -88,8 +86,9 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         for (int q = 0; q < 4; ++q) {
           const typename V::reg xr = IO::load(x + g * 32 + q * 8);
           if constexpr (PWL != 0) IO::store(y + g * 32 + q * 8, pwl<V, PWL>(xr, va, vb));
-          const typename V::ireg code = V::count_gt(xr, b, NB);
-          for (int j = 0; j < BITS; ++j) w[j] |= V::bitplane(code, j) << (8 * q);
+          uint32_t m[BITS];
+          V::template planes<BITS>(xr, b, m);
+          for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
         }
       } else {
         // the tail: -inf is above no border, so the unused bits stay zero
@@ -100,8 +99,9 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         if constexpr (PWL != 0)
           for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(pwl1<PWL>(buf[i], pa, pb));
         for (int q = 0; q < 4; ++q) {
-          const typename V::ireg code = V::count_gt(V::load(buf + q * 8), b, NB);
-          for (int j = 0; j < BITS; ++j) w[j] |= V::bitplane(code, j) << (8 * q);
+          uint32_t m[BITS];
+          V::template planes<BITS>(V::load(buf + q * 8), b, m);
+          for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
         }
       }
       for (int j = 0; j < BITS; ++j) codes[g * BITS + j] = w[j];

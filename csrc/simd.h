@@ -5,7 +5,8 @@
 //   V::add(a, b), V::sum(a) -> float, V::gather(base, idx[8]),
 //   V::hsum8(a[8]) -> lane m holds the sum of a[m]'s lanes,
 //   V::transpose8(a[8]) -> in place, a[j].lane[m] becomes a[m].lane[j] (an 8x8 block),
-//   and for the few-bit codes: integer lanes (ireg), count_gt, bitplane, decode, lookup, and
+//   and for the few-bit codes: integer lanes (ireg), planes<BITS> (the code bit planes of x against
+//   sorted borders), decode, lookup, and
 //   loads/stores of bf16 and fp16 (the avx2 path needs f16c, checked with avx2 and fma).
 // VecAVX2 is compiled only in translation units built with -mavx2 -mfma; VecPortable
 // is plain C++ that any compiler vectorises for its baseline ISA. the choice between
@@ -171,6 +172,21 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) m |= ((static_cast<uint32_t>(c.v[i]) >> j) & 1u) << i;
     return m;
   }
+  // the 2^BITS - 1 sorted borders of a few-bit table, in the form planes() reads them
+  template <int BITS>
+  struct Borders {
+    reg b[(1 << BITS) - 1];
+    explicit Borders(const float* f) {
+      for (int k = 0; k < (1 << BITS) - 1; ++k) b[k] = bcast(f[k]);
+    }
+  };
+  // m[j] = bit plane j of the codes of x's 8 lanes: the code of a lane is the number of borders it
+  // exceeds (borders sorted non-decreasing; nan exceeds none)
+  template <int BITS>
+  static inline void planes(const reg& x, const Borders<BITS>& t, uint32_t* m) {
+    const ireg c = count_gt(x, t.b, (1 << BITS) - 1);
+    for (int j = 0; j < BITS; ++j) m[j] = bitplane(c, j);
+  }
   // lane i: sum_j bit (shift + i) of w[j], shifted to bit j
   template <int BITS>
   static inline ireg decode(const uint32_t* w, int shift) {
@@ -305,15 +321,32 @@ struct VecAVX2 {
   static inline reg leaky(reg x, reg s) {
     return _mm256_blendv_ps(_mm256_mul_ps(x, s), x, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
   }
-  static inline ireg count_gt(reg x, const reg* b, int nb) {
-    // a true compare is all ones, i.e. -1: subtracting it counts
-    __m256i c = _mm256_setzero_si256();
-    for (int k = 0; k < nb; ++k) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(x, b[k], _CMP_GT_OQ)));
-    return c;
-  }
-  static inline uint32_t bitplane(ireg c, int j) {
-    return static_cast<uint32_t>(
-        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_sll_epi32(c, _mm_cvtsi32_si128(31 - j)))));
+  // the codes by a binary search over the sorted borders: the compare at depth d is bit BITS-1-d of
+  // the code, made against the border the higher bits picked; its movemask is that bit plane. the
+  // candidates of a depth (at most 8) sit in one register, picked by a permute on the bits so far:
+  // BITS compares instead of 2^BITS - 1, and BITS registers instead of 2^BITS - 1 broadcasts
+  // NOTE: a blend tree over broadcast borders was slower at 4 bits than the compare chain (it spilled)
+  template <int BITS>
+  struct Borders {
+    __m256 cand[BITS];
+    explicit Borders(const float* f) {
+      for (int d = 0; d < BITS; ++d) {
+        alignas(32) float t[8] = {};
+        const int span = 1 << (BITS - d);
+        for (int j = 0; j < (1 << d); ++j) t[j] = f[j * span + span / 2 - 1];
+        cand[d] = d == 0 ? _mm256_set1_ps(t[0]) : _mm256_load_ps(t);
+      }
+    }
+  };
+  template <int BITS>
+  static inline void planes(reg x, const Borders<BITS>& t, uint32_t* m) {
+    __m256i prefix = _mm256_setzero_si256();
+    for (int d = 0; d < BITS; ++d) {
+      const __m256 border = d == 0 ? t.cand[0] : _mm256_permutevar8x32_ps(t.cand[d], prefix);
+      const __m256 gt = _mm256_cmp_ps(x, border, _CMP_GT_OQ);
+      m[BITS - 1 - d] = static_cast<uint32_t>(_mm256_movemask_ps(gt));
+      prefix = _mm256_or_si256(_mm256_slli_epi32(prefix, 1), _mm256_srli_epi32(_mm256_castps_si256(gt), 31));
+    }
   }
   template <int BITS>
   static inline ireg decode(const uint32_t* w, int shift) {

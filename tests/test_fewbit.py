@@ -60,6 +60,23 @@ def test_fewbit_codes_are_the_border_count_and_nan_is_zero():
     assert torch.equal(reference.fewbit.fewbit_unpack_codes(codes, x.numel(), 3), expect)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_fewbit_pack_border_ties_on_both_isas(isa, bits):
+    """Repeated borders, inputs exactly on a border, one ulp either side, ±inf and nan: the kernels' codes
+    (the AVX2 path finds them by a binary search, the portable one by counting) equal the border count,
+    in full 32-element groups and in the tail."""
+    g = torch.Generator().manual_seed(bits)
+    nb = 2**bits - 1
+    borders = torch.sort(torch.randint(-3, 4, (nb,), generator=g).float() * 0.5).values  # ties likely
+    on = borders[torch.randint(0, nb, (400,), generator=g)]
+    x = torch.cat([on, torch.nextafter(on, torch.tensor(float("inf"))), torch.nextafter(on, torch.tensor(-float("inf"))),
+                   torch.randn(300, generator=g) * 2,
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])])
+    x = x[torch.randperm(x.numel(), generator=g)]
+    codes = fewbit_ops.fewbit_pack(x, borders, bits)
+    assert torch.equal(reference.fewbit.fewbit_unpack_codes(codes, x.numel(), bits), reference.fewbit_codes(x, borders))
+
+
 def test_fewbit_pack_layout_is_bit_planes_of_32_elements():
     # element i of group 0 carries code i % 4 at 2 bits: plane 0 = 0b...1010, plane 1 = 0b...1100
     x = torch.tensor([float(i % 4) for i in range(40)])
