@@ -143,6 +143,15 @@ def render_act(machine, table) -> str:
 
 
 def load_gpu(json_path: Path):
+    if json_path.suffix == ".jsonl":
+        # bench_gpu.py's own per-case records (SPARSEOPS_GPU_RESULTS): there even when the run was cut short
+        table, machine = defaultdict(dict), {}
+        for line in json_path.read_text().splitlines():
+            e = json.loads(line)
+            machine["gpu"] = f"{e.get('gpu', 'CUDA GPU')}, torch {e.get('torch', '?')}"
+            key = (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"])
+            table[key][e["provider"]] = (e["host_ms"], e.get("event_ms"), e.get("graph_ms"))
+        return machine, table
     return _load_table(
         json_path, lambda e: (e["case"], e["dtype"], e["batch"], e["in_f"], e["out_f"]),
         lambda b: (b["stats"]["median"] * 1e3, b["extra_info"].get("event_ms"), b["extra_info"].get("graph_ms")),
@@ -154,7 +163,7 @@ def render_gpu(machine, table) -> str:
     lines = [
         f"machine: {gpu}; host = median wall time of a synchronised eager call, event = CUDA-event median "
         "(L2 flushed), graph = the same over a CUDA-graph replay (no launch overhead); ms. "
-        "ratio = dense / provider, > 1 means faster than dense",
+        "ratio = dense (torch's activation, for few-bit) / provider, > 1 means faster",
         "",
         "| case | dtype | B | in→out | provider | host ms | event ms | graph ms | dense/provider (event) "
         "| dense/provider (graph) |",
@@ -165,8 +174,10 @@ def render_gpu(machine, table) -> str:
     for key in sorted(table):
         case, dtype, b, i, o = key
         t = table[key]
-        d = t.get("dense", (None, None, None))
-        for p in ["dense"] + sorted(k for k in t if k != "dense"):
+        # the few-bit cases' baseline is torch's own activation
+        base = "dense" if "dense" in t else "torch"
+        d = t.get(base, (None, None, None))
+        for p in [base] + sorted(k for k in t if k != base):
             if p not in t:
                 continue
             h, e, g = t[p]

@@ -8,6 +8,11 @@ The products are those of :mod:`sparseops.reference.csr` (the oracle):
   values and keeps a ``[BM, BK]`` fp32 partial sum that is reduced once at the end.
 - ``dsd``: ``dx [B, in] = dy [B, out] @ W``. The same row kernel on the transposed
   index (``t_crow``, ``t_row``), with the values gathered through ``t_perm``.
+- At decode (``B <= 8``) both run a multi-row kernel instead: one program per ``RB``
+  sparse rows, all ``B`` dense rows at once. A step loads a ``[RB, BK]`` tile of each
+  row's next nonzeros (each value and index read once) and gathers a ``[B, RB, BK]`` tile
+  of the dense operand: ``RB`` times the bytes in flight of the one-row program, which at
+  ``B = 1`` is a latency-bound walk of one short row.
 - ``sdd``: ``dvalues[k] = sum_b dy[b, row[k]] * x[b, col[k]]``. One program per block
   of ``BN`` nonzeros, looping over the batch in chunks of ``BB``: it gathers ``[BB, BN]``
   tiles of ``dy`` and ``x``, multiplies them and reduces over the batch at the end.
@@ -53,7 +58,21 @@ def _tune(configs):
 if _INTERPRET:
     _ROW_CONFIGS = [triton.Config({"BM": 32, "BK": 16}, num_warps=4)]
     _SDD_CONFIGS = [triton.Config({"BB": 16, "BN": 32}, num_warps=4)]
+    _ROWS_CONFIGS = [triton.Config({"RB": 8, "BK": 16}, num_warps=4)]
 else:
+    # the decode kernel: RB rows a program, a [BT, RB, BK] gather a step (BT <= 16 tokens)
+    _ROWS_CONFIGS = [
+        triton.Config({"RB": 8, "BK": 32}, num_warps=4),
+        triton.Config({"RB": 16, "BK": 32}, num_warps=4),
+        triton.Config({"RB": 8, "BK": 64}, num_warps=4),
+        triton.Config({"RB": 16, "BK": 64}, num_warps=4),
+        triton.Config({"RB": 32, "BK": 32}, num_warps=8),
+        triton.Config({"RB": 4, "BK": 128}, num_warps=4),
+        triton.Config({"RB": 16, "BK": 128}, num_warps=8),
+        # for 16 tokens: a [16, RB, BK] gather a step
+        triton.Config({"RB": 4, "BK": 32}, num_warps=4),
+        triton.Config({"RB": 2, "BK": 64}, num_warps=4),
+    ]
     _ROW_CONFIGS = [
         triton.Config({"BM": 8, "BK": 128}, num_warps=4),
         triton.Config({"BM": 16, "BK": 64}, num_warps=4),
@@ -137,6 +156,68 @@ def _csr_row_kernel(
 # two tuners over one body: dds and dsd keep separate tuning caches
 _csr_dds_kernel = triton.autotune(configs=_tune(_ROW_CONFIGS), key=_ROW_KEYS)(_csr_row_kernel)
 _csr_dsd_kernel = triton.autotune(configs=_tune(_ROW_CONFIGS), key=_ROW_KEYS)(_csr_row_kernel)
+
+# the most rows of the dense operand the decode kernel takes. Measured on an H100 (bf16,
+# 4096→11008 at 90%, CUDA-graph replay; dense 0.047 ms): 1 row 0.028 ms against 0.055 for the
+# one-row kernel, 4 rows 0.037 against 0.058, 8 rows 0.073; 16 rows 0.183 against 0.118
+_MAX_ROWS_B = 8
+
+
+@triton.jit
+def _csr_rows_kernel(
+    a_ptr,  # [B, n_cols] dense operand: x (dds) or dy (dsd), B <= BT
+    values_ptr,  # [nnz]
+    ptr_ptr,  # [n_rows + 1] crow (dds) or t_crow (dsd)
+    idx_ptr,  # [nnz] col (dds) or t_row (dsd)
+    perm_ptr,  # [nnz] t_perm, read only when HAS_PERM
+    bias_ptr,  # [n_rows], read only when HAS_BIAS
+    out_ptr,  # [B, n_rows]
+    B,
+    n_rows,
+    stride_ab,
+    stride_ak,
+    stride_ob,
+    stride_on,
+    B_BUCKET,  # autotune key only
+    NNZ_BUCKET,  # autotune key only
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BT: tl.constexpr,  # B rounded up to a power of two
+    RB: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # RB sparse rows a program, all B (<= BT) rows of the dense operand at once: the values and
+    # indices of RB rows stream together (RB * BK in flight a step instead of BK), each read once
+    pid = tl.program_id(0)
+    offs_r = pid.to(tl.int64) * RB + tl.arange(0, RB)  # [RB]
+    mask_r = offs_r < n_rows
+    offs_t = tl.arange(0, BT)  # [BT]
+    mask_t = offs_t < B
+    start = tl.load(ptr_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)  # [RB]
+    end = tl.load(ptr_ptr + offs_r + 1, mask=mask_r, other=0).to(tl.int64)
+    longest = tl.max(end - start, axis=0)
+    a_rows = a_ptr + offs_t[:, None, None].to(tl.int64) * stride_ab  # [BT, 1, 1]
+    acc = tl.zeros([BT, RB], dtype=tl.float32)
+    for k0 in range(0, longest, BK):
+        offs_k = start[:, None] + k0 + tl.arange(0, BK)[None, :]  # [RB, BK]
+        mask_k = offs_k < end[:, None]
+        idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)  # [RB, BK]
+        if HAS_PERM:
+            pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+            v = tl.load(values_ptr + pos, mask=mask_k, other=0.0)
+        else:
+            v = tl.load(values_ptr + offs_k, mask=mask_k, other=0.0)
+        a = tl.load(a_rows + idx[None, :, :] * stride_ak, mask=mask_t[:, None, None] & mask_k[None, :, :], other=0.0)
+        acc += tl.sum(a.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)  # [BT, RB]
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_t[:, None].to(tl.int64) * stride_ob + offs_r[None, :] * stride_on  # [BT, RB]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+
+
+_csr_dds_rows_kernel = triton.autotune(configs=_tune(_ROWS_CONFIGS), key=_ROW_KEYS)(_csr_rows_kernel)
+_csr_dsd_rows_kernel = triton.autotune(configs=_tune(_ROWS_CONFIGS), key=_ROW_KEYS)(_csr_rows_kernel)
 
 
 @triton.autotune(configs=_tune(_SDD_CONFIGS), key=_SDD_KEYS)
@@ -248,6 +329,16 @@ def _launch_rows(kernel, a, values, ptr, idx, perm, bias, out, n_rows: int) -> N
     if B == 0 or n_rows == 0:
         return
     nnz = idx.numel()
+    if B <= _MAX_ROWS_B:
+        # decode: the multi-row kernel (see _csr_rows_kernel)
+        rows_kernel = _csr_dds_rows_kernel if kernel is _csr_dds_kernel else _csr_dsd_rows_kernel
+        torch.library.wrap_triton(rows_kernel)[lambda meta: (triton.cdiv(n_rows, meta["RB"]),)](
+            a, values, ptr, idx, perm, bias, out, B, n_rows,
+            a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+            _bucket(B), _bucket(triton.cdiv(nnz, n_rows)),
+            HAS_PERM=perm is not None, HAS_BIAS=bias is not None, BT=_bucket(B),
+        )
+        return
 
     def grid(meta):
         return (n_rows * triton.cdiv(B, meta["BM"]),)

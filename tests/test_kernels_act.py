@@ -47,8 +47,9 @@ def _param(T, in_f, out_f, chan, relu):
 # (16-token tiles under the interpreter, 37 leaves a masked tail); 37 inputs are two 32-wide
 # chunks with a tail; SPLIT_IN runs the split-K path
 # the split-K shapes: room for four splits of at least _MIN_SPLIT_K inputs and a ragged end
-# (300 under the interpreter, 1068 on a GPU)
-SPLIT_IN = 4 * K._MIN_SPLIT_K + 44
+# (300 under the interpreter); on a GPU also wide enough that 37 tokens' fp32 partials stay
+# under the cap on their bytes (a tenth of the weight's)
+SPLIT_IN = max(4 * K._MIN_SPLIT_K + 44, 3044 if K._CAP_PARTIALS else 0)
 
 SHAPES = [
     _param(1, 1, 1, False, False),

@@ -80,6 +80,9 @@ SHAPES = [
     shape_param(37, 37, 37, 0.0),
     shape_param(37, 37, 37, 0.99),
     shape_param(37, 100, 64, 0.5),
+    # the two sides of the decode kernel's limit (_MAX_ROWS_B rows of the dense operand)
+    shape_param(K._MAX_ROWS_B, 37, 37, 0.5),
+    shape_param(K._MAX_ROWS_B + 1, 37, 37, 0.5),
 ]
 
 

@@ -135,6 +135,9 @@ SHAPES = [
     pytest.param(3, 37, 3, id="B3-in37-out3"),
     pytest.param(33, 37, 37, id="B33-in37-out37"),
     pytest.param(33, 40, 3, id="B33-in40-out3"),
+    # the two sides of the decode kernel's limit (_MAX_GEMV_B rows of x)
+    pytest.param(K._MAX_GEMV_B, 37, 37, id="Bgemv-in37-out37"),
+    pytest.param(K._MAX_GEMV_B + 1, 40, 5, id="Bgemv+1-in40-out5"),
 ]
 
 
@@ -153,17 +156,19 @@ def test_sdd(n, m, batch, in_f, out_f):
     assert_close_rms(_sdd(t, n, m), _sdd_ref(t, ref, n, m), name="sdd")
 
 
+@pytest.mark.parametrize("batch", [3, 33], ids=["B3", "B33"])
 @pytest.mark.parametrize("drop", [0.0, 1.0], ids=["full-groups", "all-empty"])
-def test_full_and_empty_groups(drop):
-    t, ref = _case(37, 37, 33, 2, 4, drop=drop)
+def test_full_and_empty_groups(drop, batch):
+    t, ref = _case(37, 37, batch, 2, 4, drop=drop)
     assert_close_rms(_dds(t, 2, 4, True), _dds_ref(ref, True), name="dds")
     assert_close_rms(_sdd(t, 2, 4), _sdd_ref(t, ref, 2, 4), name="sdd")
 
 
+@pytest.mark.parametrize("batch", [3, 33], ids=["B3", "B33"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n, m", [pytest.param(2, 4, id="2:4"), pytest.param(3, 5, id="3:5")])
-def test_half_dtypes(n, m, dtype):
-    t, ref = _case(37, 37, 33, n, m, dtype)
+def test_half_dtypes(n, m, dtype, batch):
+    t, ref = _case(37, 37, batch, n, m, dtype)
     y, dv = _dds(t, n, m, True), _sdd(t, n, m)
     assert y.dtype == dv.dtype == dtype
     assert_close_rms(y, _dds_ref(ref, True), name="dds")
