@@ -2,7 +2,9 @@
 
 A pattern says *which* structure a sparse weight has; ``sparsity=`` or ``mask=`` says how
 much of it, or exactly where. Strings are accepted as shorthand: ``"unstructured"``,
-``"2:4"`` (``NM(2, 4)``), ``"fanin:128"`` (``FanIn(128)``), ``"block:32"`` (``Block(32)``), ``"monarch:4"`` (``Monarch(4)``). N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``).
+``"2:4"`` (``NM(2, 4)``), ``"2:4t"`` (``NM(2, 4, transposable=True)``), ``"fanin:128"`` (``FanIn(128)``),
+``"block:32"`` (``Block(32)``), ``"butterfly"`` (``Butterfly()``), ``"monarch:4"`` (``Monarch(4)``).
+N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``), and a butterfly's follows from its shape.
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ class Monarch:
 
 Pattern = Union[Unstructured, NM, FanIn, Block, Butterfly, Monarch]
 
-_SHORTHANDS = {"unstructured": Unstructured, "csr": Unstructured}
+_SHORTHANDS = {"unstructured": Unstructured, "csr": Unstructured, "butterfly": Butterfly}
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
@@ -234,6 +236,8 @@ def as_pattern(pattern) -> Pattern:
         parts = key.split(":")
         if len(parts) == 2 and all(p.isdigit() for p in parts):
             return NM(int(parts[0]), int(parts[1]))
+        if len(parts) == 2 and parts[0].isdigit() and parts[1][:-1].isdigit() and parts[1].endswith("t"):
+            return NM(int(parts[0]), int(parts[1][:-1]), transposable=True)
         if len(parts) == 2 and parts[0] == "fanin" and parts[1].isdigit():
             return FanIn(int(parts[1]))
         if len(parts) == 2 and parts[0] == "block" and parts[1].isdigit():
@@ -241,7 +245,8 @@ def as_pattern(pattern) -> Pattern:
         if len(parts) == 2 and parts[0] == "monarch" and parts[1].isdigit():
             return Monarch(int(parts[1]))
         raise ValueError(
-            f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)}, 'N:M' such as '2:4', "
+            f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)}, 'N:M' such as '2:4' "
+            "('2:4t' transposable), "
             "'fanin:K', 'block:B' or 'monarch:K'"
         )
     raise TypeError(f"pattern: expected a pattern object or a string, got {type(pattern).__name__}")

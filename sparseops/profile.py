@@ -28,10 +28,34 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .nn import SparseLinear
-from .patterns import Unstructured, as_pattern, check_sparsity
+from .nn import MonarchLinear, SparseLinear
+from .patterns import Block, FanIn, Monarch, Unstructured, as_pattern, check_sparsity
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+# every weight structure the package has: the ones that take a sparsity are swept, the others
+# (N:M, butterfly, Monarch) are one point each, at the sparsity their structure fixes
+DEFAULT_PATTERNS = "unstructured,2:4,1:4,2:8,2:4t,fanin,block:32,butterfly,monarch:4"
+
+
+class FanInSweep:
+    """``--patterns fanin`` (no k): constant fan-in at each swept sparsity, ``k = round(in * (1 - s))``."""
+
+    name = "fanin"
+
+    def __repr__(self) -> str:
+        return "FanInSweep()"
+
+
+def parse_patterns(text: str) -> list:
+    """``"unstructured,2:4,fanin"`` -> pattern objects (``fanin`` alone: a :class:`FanInSweep`)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            out.append(FanInSweep() if part.lower() == "fanin" else as_pattern(part))
+    if not out:
+        raise ValueError(f"--patterns: expected at least one pattern, got {text!r}")
+    return out
 DEFAULT_WIDTH = 1024
 QUICK_WIDTH = 128
 
@@ -50,6 +74,8 @@ class Measurement:
     weight_bytes: int = 0
     saved_bytes: int = 0
     rel_error: float = 0.0
+    # the swept sparsity asked for (None for a pattern that fixes its own); `sparsity` is the layer's
+    target_sparsity: float | None = None
 
 
 @dataclass
@@ -173,12 +199,27 @@ def _make_step(layer: nn.Module, x: torch.Tensor, mode: str):
 
 
 def _build_sparse(pattern, dense: nn.Linear, sparsity: float | None) -> nn.Module:
+    if isinstance(pattern, FanInSweep):
+        return SparseLinear.from_dense(dense, pattern=FanIn(max(1, round(dense.in_features * (1 - sparsity)))))
+    if isinstance(pattern, Monarch):
+        return MonarchLinear.from_dense(dense, nblocks=pattern.nblocks)
     return SparseLinear.from_dense(dense, sparsity=sparsity, pattern=pattern)
 
 
 def _sweep(pattern, sparsities: list[float]) -> list[float | None]:
-    # n:m and fan-in fix their own sparsity: one point each, not a sweep
-    return list(sparsities) if isinstance(pattern, Unstructured) else [None]
+    # unstructured, fan-in without k and block sparsity take a sparsity: a sweep. n:m, fan-in:k,
+    # butterfly and monarch fix their own: one point each
+    swept = isinstance(pattern, (Unstructured, FanInSweep)) or (isinstance(pattern, Block) and pattern.sparsity is None)
+    return list(sparsities) if swept else [None]
+
+
+def _layer_sparsity(layer: nn.Module) -> float:
+    """The fraction of the dense weight's entries the layer does not store (bias excluded)."""
+    s = getattr(layer, "sparsity", None)
+    if s is not None:
+        return float(s)
+    stored = sum(p.numel() for n, p in layer.named_parameters() if n != "bias")
+    return 1.0 - stored / (layer.in_features * layer.out_features)
 
 
 def profile_case(
@@ -190,6 +231,7 @@ def profile_case(
     warmup: int,
     repeats: int,
     on_step: Callable[[], None] = lambda: None,
+    on_skip: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> list[Measurement]:
     """Dense and each (pattern, sparsity) for one layer case, every mode; speedups against dense."""
     g = torch.Generator().manual_seed(0)
@@ -209,9 +251,16 @@ def profile_case(
         )
         on_step()
     for pattern in patterns:
-        for s in _sweep(pattern, sparsities):
-            layer = _build_sparse(pattern, dense, s)
-            s = layer.sparsity
+        for target in _sweep(pattern, sparsities):
+            try:
+                layer = _build_sparse(pattern, dense, target).to(device)
+            except ValueError as e:
+                # a structure that does not fit this shape (a butterfly wider than the layer, ...)
+                on_skip(f"{case.name} ({case.in_features}→{case.out_features}): {pattern.name} skipped: {e}")
+                for _ in modes:
+                    on_step()
+                continue
+            s = _layer_sparsity(layer)
             # checked against dense with the same masked weight before it is timed
             ref_layer = layer.to_dense()
             with torch.no_grad():
@@ -225,7 +274,7 @@ def profile_case(
                 out.append(
                     Measurement(case.name, case.in_features, case.out_features, case.batch, pattern.name, s, mode, t,
                                 dense_ms[mode] / t, weight_bytes(layer),
-                                saved_activation_bytes(layer, x) if mode == "fwdbwd" else 0, rel)
+                                saved_activation_bytes(layer, x) if mode == "fwdbwd" else 0, rel, target)
                 )
                 on_step()
     return out
@@ -262,7 +311,8 @@ def render_table(rows: list[Measurement], title: str) -> None:
 
 
 def write_chart(rows: list[Measurement], path: Path) -> bool:
-    """Speedup against sparsity, one line per (pattern, mode), geometric mean over layers; ideal 1/(1-s) dashed."""
+    """Speedup against sparsity: one panel per mode, one line per pattern (geometric mean over
+    layers), the ideal 1/(1-s) dashed. False (and nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -270,25 +320,40 @@ def write_chart(rows: list[Measurement], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sp_all = sorted({r.sparsity for r in rows if r.pattern != "dense"})
-    for (pattern, mode) in sorted({(r.pattern, r.mode) for r in rows if r.pattern != "dense"}):
-        xs, ys = [], []
-        for s in sp_all:
-            vals = [r.speedup for r in rows if r.pattern == pattern and r.mode == mode and r.sparsity == s]
-            if vals:
-                xs.append(s)
-                ys.append(math.exp(sum(math.log(v) for v in vals) / len(vals)))
-        ax.plot(xs, ys, marker="o", label=f"{pattern} {mode}")
-    if sp_all:
-        grid = [s / 100 for s in range(int(min(sp_all) * 100), int(max(sp_all) * 100) + 1)]
-        ax.plot(grid, [1 / (1 - s) for s in grid], "k--", label="ideal 1/(1-s)")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("speedup over dense (geometric mean over layers)")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
+    sparse = [r for r in rows if r.pattern != "dense"]
+    modes = [m for m in ("fwd", "fwdbwd") if any(r.mode == m for r in sparse)] or ["fwd"]
+    patterns = sorted({r.pattern for r in sparse})
+    colors = plt.get_cmap("tab10" if len(patterns) <= 10 else "tab20")
+    markers = "osD^v<>pPX*h"
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False, sharey=True)
+    sp_all = sorted({r.sparsity for r in sparse})
+    for ax, mode in zip(axes[0], modes):
+        for i, pattern in enumerate(patterns):
+            # one point per swept sparsity (or one for a pattern that fixes its own): the mean of the
+            # layers' actual sparsities against the geometric mean of their speedups
+            groups: dict = {}
+            for r in sparse:
+                if r.pattern == pattern and r.mode == mode:
+                    key = r.target_sparsity if r.target_sparsity is not None else -1.0
+                    groups.setdefault(key, []).append(r)
+            pts = sorted(
+                (sum(r.sparsity for r in g) / len(g), math.exp(sum(math.log(r.speedup) for r in g) / len(g)))
+                for g in groups.values()
+            )
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                        color=colors(i), label=pattern)
+        if sp_all:
+            lo, hi = min(sp_all), max(sp_all)
+            grid = [lo + (hi - lo) * t / 100 for t in range(101)]
+            ax.plot(grid, [1 / (1 - s) for s in grid], "k--", label="ideal 1/(1-s)")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_title("forward" if mode == "fwd" else "forward + backward")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("speedup over dense (geometric mean over layers)")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -331,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument(
         "--patterns",
-        default="unstructured",
-        help="comma-separated patterns: unstructured, N:M (e.g. 2:4), fanin:K (default: unstructured); "
-        "N:M and fan-in are measured at their own sparsity",
+        default=DEFAULT_PATTERNS,
+        help="comma-separated patterns: unstructured, N:M (e.g. 2:4; 2:4t transposable), fanin (at each "
+        "--sparsity) or fanin:K, block:B, butterfly, monarch:K (default: all of them, "
+        f"{DEFAULT_PATTERNS}); N:M, fanin:K, butterfly and monarch are measured at the sparsity they fix, "
+        "a pattern that does not fit a layer's shape is skipped with a note",
     )
     p.add_argument("--sparsity", default=None, help=f"comma-separated sparsities (default: {','.join(map(str, DEFAULT_SPARSITIES))})")
     p.add_argument("--batch", type=int, default=None, help="rows (tokens) per call for the built-in and --shapes cases (default 256)")
@@ -359,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise SystemExit("--threads: expected >= 1")
         torch.set_num_threads(args.threads)
-    patterns = [as_pattern(p) for p in args.patterns.split(",") if p.strip()]
+    patterns = parse_patterns(args.patterns)
     sparsities = [check_sparsity(s, "--sparsity") for s in _parse_list(args.sparsity, "--sparsity", float)] if args.sparsity else list(DEFAULT_SPARSITIES)
     modes = _parse_list(args.modes, "--modes", str)
     for m in modes:
@@ -393,18 +460,21 @@ def main(argv: list[str] | None = None) -> int:
         progress = Progress(transient=True)
     except ImportError:
         progress = None
+    skipped: list[str] = []
     if progress is not None:
         with progress:
             task = progress.add_task("profiling", total=total)
             for case in cases:
                 rows += profile_case(case, patterns, sparsities, modes, device, warmup, repeats,
-                                     lambda: progress.advance(task))
+                                     lambda: progress.advance(task), skipped.append)
     else:
         for i, case in enumerate(cases):
             print(f"[{i + 1}/{len(cases)}] {case.name} ...", file=sys.stderr)
-            rows += profile_case(case, patterns, sparsities, modes, device, warmup, repeats)
+            rows += profile_case(case, patterns, sparsities, modes, device, warmup, repeats, on_skip=skipped.append)
 
     render_table(rows, title)
+    for note in skipped:
+        print(note)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -416,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "statistic": "median",
         "cpu_isa": __import__("sparseops").isa(),
+        "skipped": skipped,
     }
     (out / "profile.json").write_text(json.dumps({"meta": meta, "measurements": [asdict(r) for r in rows]}, indent=1))
     wrote_png = write_chart(rows, out / "speedup.png")

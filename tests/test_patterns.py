@@ -71,6 +71,11 @@ def test_sparsify_nm_swaps_every_linear():
 
 def test_pattern_shorthand_and_names():
     assert as_pattern("2:4") == NM(2, 4)
+    assert as_pattern("2:8t") == as_pattern("2:8T") == NM(2, 8, transposable=True)
+    assert as_pattern("butterfly") == sparseops.Butterfly()
+    for bad in ("2:t", "t:4", "2:4tt", "2:4x"):
+        with pytest.raises(ValueError, match="unknown pattern"):
+            as_pattern(bad)
     assert NM(2, 8, transposable=True).name == "2:8T"
     assert "pattern=2:4" in repr(SparseLinear(8, 4, pattern="2:4"))
 

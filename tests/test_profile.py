@@ -21,13 +21,34 @@ def test_profile_quick_default(tmp_path, capsys):
     rows = data["measurements"]
     layers = {r["layer"] for r in rows}
     assert layers == {"attn.qkv", "attn.out", "mlp.up", "mlp.down"}
-    # dense plus each quick sparsity, both modes, for every layer
-    assert len(rows) == 4 * 2 * (1 + 2)
+    # every pattern the package has, by default: the swept ones at each quick sparsity (0.5, 0.9),
+    # the others once; dense too; both modes, every layer
+    swept = {"unstructured": 2, "fanin": 2, "block32": 2}
+    fixed = {"2:4": 1, "1:4": 1, "2:8": 1, "2:4T": 1, "butterfly16x2b32": 1, "monarch4": 1}
+    assert data["meta"]["skipped"] == []
+    count = {}
+    for r in rows:
+        count[(r["layer"], r["mode"], r["pattern"])] = count.get((r["layer"], r["mode"], r["pattern"]), 0) + 1
+    want = {(layer, mode, p): n for layer in layers for mode in ("fwd", "fwdbwd")
+            for p, n in {"dense": 1, **swept, **fixed}.items()}
+    assert count == want
     for r in rows:
         assert r["time_ms"] > 0
         if r["pattern"] != "dense":
             assert r["rel_error"] < 1e-3
-    sparse90 = [r for r in rows if r["sparsity"] == 0.9]
+        if r["pattern"] in swept:
+            # block sparsity comes in whole blocks: 16 of them in a 128x128 layer of 32-wide blocks
+            tol = 1 / 16 if r["pattern"] == "block32" else 0.02
+            assert r["target_sparsity"] in (0.5, 0.9) and r["sparsity"] == pytest.approx(r["target_sparsity"], abs=tol)
+        else:
+            assert r["target_sparsity"] is None
+    by = {(r["layer"], r["mode"], r["pattern"], r["target_sparsity"]): r for r in rows}
+    for layer in layers:
+        # the sparsity each fixed pattern stores: n:m exactly, Monarch's two factors, the butterfly's blocks
+        assert by[(layer, "fwd", "2:4", None)]["sparsity"] == pytest.approx(0.5)
+        assert by[(layer, "fwd", "1:4", None)]["sparsity"] == pytest.approx(0.75)
+        assert 0 < by[(layer, "fwd", "monarch4", None)]["sparsity"] < 1
+    sparse90 = [r for r in rows if r["target_sparsity"] == 0.9]
     dense = {(r["layer"], r["mode"]): r for r in rows if r["pattern"] == "dense"}
     # at 90% the stored values + index take less memory than the dense weight
     for r in sparse90:
@@ -78,3 +99,27 @@ def test_profile_fixed_sparsity_patterns(tmp_path):
     assert sorted(by_pattern["unstructured"]) == pytest.approx([0.5, 0.9], abs=0.01)
     assert by_pattern["2:4"] == [pytest.approx(0.5)]
     assert by_pattern["fanin8"] == [pytest.approx(1 - 8 / 64)]
+
+
+def test_profile_skips_a_pattern_that_does_not_fit(tmp_path, capsys):
+    # a fan-in of 100 does not fit a layer of 64 inputs: noted, not fatal
+    out = tmp_path / "prof"
+    code = profile.main(
+        ["--shapes", "64x64", "--batch", "4", "--patterns", "unstructured,fanin:100", "--sparsity", "0.5",
+         "--modes", "fwd", "--threads", "1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    )
+    assert code == 0
+    data = _load(out)
+    assert {r["pattern"] for r in data["measurements"]} == {"dense", "unstructured"}
+    assert len(data["meta"]["skipped"]) == 1 and "fanin100" in data["meta"]["skipped"][0]
+    assert "fanin100 skipped" in capsys.readouterr().out
+
+
+def test_parse_patterns():
+    ps = profile.parse_patterns(profile.DEFAULT_PATTERNS)
+    assert [p.name for p in ps] == ["unstructured", "2:4", "1:4", "2:8", "2:4T", "fanin", "block32",
+                                    "butterfly16x2b32", "monarch4"]
+    with pytest.raises(ValueError, match="--patterns"):
+        profile.parse_patterns(" , ")
+    with pytest.raises(ValueError, match="unknown pattern"):
+        profile.parse_patterns("unstructured,3:3x")
