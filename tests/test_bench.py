@@ -1,0 +1,91 @@
+"""The benchmark harness works end to end: pytest-benchmark's JSON, --benchmark-compare between two
+saved runs, and bench/ratio.py turning a JSON into the README's table, for every suite.
+
+Each case runs the smallest benchmark of a suite in a subprocess (as a user would) and checks what
+the tools print and write; no time is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def _run(args, cwd=ROOT, env=None, timeout=600):
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _bench(node_ids, tmp_path, *extra, env=None):
+    return _run(["-m", "pytest", *node_ids, "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                 f"--benchmark-storage=file://{tmp_path / 'storage'}", *extra], env=env)
+
+
+CSR = [f"bench/bench_csr.py::test_linear[B128-in512-out256-sp0.9-fwd-{p}]" for p in ("dense", "sparseops")]
+
+
+def test_benchmark_json_autosave_and_compare(tmp_path):
+    first = tmp_path / "first.json"
+    _bench(CSR, tmp_path, f"--benchmark-json={first}", "--benchmark-autosave")
+    data = json.loads(first.read_text())
+    assert {b["extra_info"]["provider"] for b in data["benchmarks"]} == {"dense", "sparseops"}
+    assert all(b["stats"]["median"] > 0 for b in data["benchmarks"])
+    saved = list((tmp_path / "storage").rglob("0001_*.json"))
+    assert len(saved) == 1
+    # the second run is compared with the first, saved one: both appear in the table it prints
+    out = _bench(CSR, tmp_path, "--benchmark-compare=0001", "--benchmark-columns=median")
+    assert "0001" in out and "NOW" in out, out[-2000:]
+    table = _run([str(BENCH / "ratio.py"), "--json", str(first)])
+    assert "| 128 | 512→256 | 0.9 | fwd |" in table
+
+
+# suite: (the start of the row the case gives, its node ids, how many of the row's cells are "-")
+SUITES = {
+    "nm": ("| 2:4 | 64 | 1024→1024 | fwd |",
+           [f"bench/bench_nm.py::test_nm_linear[B64-in1024-out1024-2:4-fwd-{p}]"
+            for p in ("dense", "sparseops", "sparseops_csr")], 0),
+    "block": ("| bsr90 | 64 | 1024→1024 | fwd |",
+              [f"bench/bench_block.py::test_block_linear[B64-in1024-out1024-bsr90-fwd-{p}]"
+               for p in ("dense", "sparseops")], 0),
+    "act": ("| decode | 1 | 4096→11008 | 0.9 |",
+            [f"bench/bench_act.py::test_act_decode[B1-in4096-out11008-sp0.9-{p}]" for p in ("dense", "sparseops")], 0),
+    "fewbit": ("| relu | float32 |",
+               # relu runs at 1 bit only: the 2- to 4-bit times and ratios are "-"
+               [f"bench/bench_fewbit.py::test_activation[torch.float32-relu-{p}]" for p in ("torch", "fewbit1")], 6),
+}
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_ratio_table_of_each_suite(suite, tmp_path):
+    row, nodes, dashes = SUITES[suite]
+    path = tmp_path / f"{suite}.json"
+    _bench(nodes, tmp_path, f"--benchmark-json={path}")
+    assert len(json.loads(path.read_text())["benchmarks"]) == len(nodes)
+    table = _run([str(BENCH / "ratio.py"), "--suite", suite, "--json", str(path)])
+    lines = [line for line in table.splitlines() if line.startswith(row)]
+    assert len(lines) == 1, table
+    # every provider of the case was measured: its time and ratio cells are numbers, not "-"
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert cells.count("-") == dashes, lines[0]
+
+
+def test_gpu_suite_dry_run_and_its_ratio_table(tmp_path):
+    # bench_gpu.py's own code (builders, checks, records) at tiny sizes on the CPU, and ratio.py
+    # reading the per-case JSONL records it writes
+    records = tmp_path / "gpu.jsonl"
+    env = {"SPARSEOPS_BENCH_GPU_DRY": "1", "SPARSEOPS_GPU_RESULTS": str(records)}
+    _bench(["bench/bench_gpu.py", "-k", "test_family_train or test_decode or test_fewbit"], tmp_path, env=env)
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+    assert {r["case"] for r in recs} >= {"family fwd", "family fwdbwd", "decode", "fewbit gelu"}
+    table = _run([str(BENCH / "ratio.py"), "--suite", "gpu", "--json", str(records)])
+    assert "| family fwdbwd | bf16 | 64 | 64→48 | monarch4 |" in table
