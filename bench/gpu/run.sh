@@ -9,7 +9,7 @@ what=${1:-all}
 kexpr=${2:-}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1
+export PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if ! python3 -c "import sparseops._C" 2>/dev/null; then
