@@ -6,6 +6,9 @@ ratios). The issue's cases:
   tensor threshold calibrated on held-out inputs; against ``F.linear`` with the same weight;
 - 8 tokens at 50% per token: the union of their active inputs is what the kernel reads (its density is
   recorded as ``union_density``);
+- both savings: a 90%-sparse unstructured weight (SparseLinear) behind the same activation sparsity,
+  batch 1, 4096→11008: ``ActivationSparseLinear.from_dense(sparse_linear)`` against the SparseLinear on
+  the sparsified input and against dense;
 - training: the second layer of a ReLU MLP (16384→4096, B=256, the pre-activation shifted so that about
   90% of the ReLU's outputs are 0), forward+backward of ReLU + Linear against ``mode="relu"``, which
   fuses the ReLU; both produce the gradient of the pre-activation, of W and of b.
@@ -84,6 +87,43 @@ def test_act_decode(benchmark, provider, batch, in_f, out_f, sparsity):
     benchmark.group = f"decode-B{batch}-in{in_f}-out{out_f}-sp{sparsity}"
     benchmark.extra_info.update(
         provider=provider, case="decode", batch=batch, in_f=in_f, out_f=out_f, sparsity=sparsity, mode="fwd",
+        achieved=sum(layer.measure(x) for x in xs) / len(xs),
+        union_density=sum(layer.union_density(x) for x in xs) / len(xs),
+    )
+    benchmark.pedantic(run, rounds=60, iterations=1, warmup_rounds=POOL)
+
+
+# ---- both savings: an unstructured 90%-sparse weight behind an activation-sparse input (decode) ----
+BOTH = [pytest.param(1, 4096, 11008, s, id=f"B1-in4096-out11008-w0.9-sp{s}") for s in ACT_DECODE_SPARSITIES]
+
+
+@pytest.mark.parametrize("provider", ["dense", "weight_only", "sparseops"])
+@pytest.mark.parametrize("batch,in_f,out_f,sparsity", BOTH)
+def test_act_both(benchmark, provider, batch, in_f, out_f, sparsity):
+    """``ActivationSparseLinear`` over a 90%-sparse ``SparseLinear`` (``sparseops``: both sparsities skipped)
+    against the SparseLinear on the sparsified input (``weight_only``: the weight's zeros skipped, every
+    input read) and dense ``F.linear`` with the same masked weight."""
+    torch.set_num_threads(THREADS)
+    g = torch.Generator().manual_seed(0)
+    lin = _weights(in_f, out_f, g)
+    sp = sparseops.SparseLinear.from_dense(lin, sparsity=0.9)
+    with torch.no_grad():
+        lin.weight.copy_(sp.to_dense().weight)
+    layer = sparseops.ActivationSparseLinear.from_dense(sp, sparsity=sparsity, mode="tensor")
+    layer.calibrate(torch.randn(256, in_f, generator=g))
+    xs = [torch.randn(batch, in_f, generator=g) for _ in range(POOL)]
+    _check_decode(lin, layer, xs[0])
+    thr = layer.threshold
+    w, b = lin.weight.detach(), lin.bias.detach()
+    fn = {
+        "dense": lambda x: F.linear(x, w, b),
+        "weight_only": lambda x: sp(sparseops.reference.act_mask(x, thr, False)[0]),
+        "sparseops": layer,
+    }[provider]
+    run = _cycle(fn, xs)
+    benchmark.group = f"both-B{batch}-in{in_f}-out{out_f}-sp{sparsity}"
+    benchmark.extra_info.update(
+        provider=provider, case="both (w 90%)", batch=batch, in_f=in_f, out_f=out_f, sparsity=sparsity, mode="fwd",
         achieved=sum(layer.measure(x) for x in xs) / len(xs),
         union_density=sum(layer.union_density(x) for x in xs) / len(xs),
     )

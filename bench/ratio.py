@@ -128,8 +128,9 @@ def render_act(machine, table) -> str:
         f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratio > 1 means the "
         "activation-sparse layer is faster; achieved = inputs dropped per row, union = share of W's columns read",
         "",
-        "| case | B | in→out | target | achieved | union | mode | dense ms | sparse ms | dense/sparse |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | B | in→out | target | achieved | union | mode | dense ms | sparse ms | dense/sparse "
+        "| weight-only ms | weight-only/sparse |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(table, key=lambda k: (k[0], k[1], k[2], k[4], k[5])):
         case, b, i, o, s, mode = key
@@ -137,8 +138,10 @@ def render_act(machine, table) -> str:
         d = t.get("dense", (None,))[0]
         so, ach, uni = t.get("sparseops", (None, None, None))
         f = lambda v, fmt: fmt.format(v) if v is not None else "-"  # noqa: E731
+        wo = t.get("weight_only", (None,))[0]
         lines.append(f"| {case} | {b} | {i}→{o} | {s} | {f(ach, '{:.3f}')} | {f(uni, '{:.3f}')} | {mode} "
-                     f"| {f(d, '{:.2f}')} | {f(so, '{:.2f}')} | {fmt_ratio(d, so)} |")
+                     f"| {f(d, '{:.2f}')} | {f(so, '{:.2f}')} | {fmt_ratio(d, so)} | {f(wo, '{:.2f}')} "
+                     f"| {fmt_ratio(wo, so)} |")
     return "\n".join(lines)
 
 

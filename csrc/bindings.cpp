@@ -17,6 +17,7 @@
 #include "nm.h"
 #include "bsr.h"
 #include "act.h"
+#include "act_csr.h"
 #include "dst.h"
 
 namespace py = pybind11;
@@ -670,6 +671,41 @@ void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold
   sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
 }
 
+// y = s(x) @ M + bias, M = Wᵀ as CSR [K, N] (ptr, col = output index, val): both sparsities skipped.
+// the kernel checks the index rows it follows (the union's) before it writes anything; when that fails,
+// check_csr runs over the whole index to name the first bad entry
+int64_t act_csr_gemv(const py::array& x, const py::array& threshold, bool relu, const py::array& t_crow,
+                     const py::array& t_col, const py::array& t_values, int64_t out_features, const py::object& bias,
+                     py::array& y, int nthreads) {
+  const Mat X = row_matrix(x, "x");
+  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
+  if (out_features < 0 || out_features > INT32_MAX)
+    throw py::value_error("out_features: expected 0 <= out_features < 2^31, got " + std::to_string(out_features));
+  const int32_t* ptr = vector<int32_t>(t_crow, "t_crow", "int32", X.cols + 1);
+  const int32_t* col = vector<int32_t>(t_col, "t_col", "int32", -1);
+  const int64_t nnz = t_col.shape(0);
+  const float* vals = vector<float>(t_values, "t_values", "float32", nnz);
+  float* Y = float_output(y, "y", X.rows, out_features, 2);
+  const float* bp = nullptr;
+  py::object bias_keep;  // see csr_dds
+  if (!bias.is_none()) {
+    py::array arr = bias.cast<py::array>();
+    bp = vector<float>(arr, "bias", "float32", out_features);
+    bias_keep = std::move(arr);
+  }
+  int64_t u;
+  {
+    py::gil_scoped_release release;
+    u = sparseops::act_csr_gemv(X.p, X.rows, X.cols, X.s0, sel, ptr, col, vals, nnz, out_features, bp, Y,
+                                out_features, threads(nthreads));
+  }
+  if (u < 0) {
+    check_csr(ptr, X.cols, col, nnz, out_features, "t_crow", "t_col");
+    throw py::value_error("t_col: invalid index in a row the input activates");
+  }
+  return u;
+}
+
 // ---- mask updates (dst.h): index work only, no isa variants ----
 
 struct CsrIn {
@@ -1041,6 +1077,9 @@ in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous.
   m.def("act_sdd", &act_sdd, py::arg("dy"), py::arg("x"), py::arg("threshold"), py::arg("relu"),
         py::arg("dweight_t").noconvert(), py::arg("nthreads"),
         R"(dweight_t[in, out] = s(x)ᵀ @ dy through s(x)'s nonzeros; rows of inputs no row activates are 0.)");
+  m.def("act_csr_gemv", &act_csr_gemv, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("t_crow"),
+        py::arg("t_col"), py::arg("t_values"), py::arg("out_features"), py::arg("bias"), py::arg("y").noconvert(),
+        py::arg("nthreads"));
   m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
         py::arg("nthreads"), py::arg("eligible") = py::none(), py::arg("out") = py::none(),
         R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)

@@ -23,9 +23,12 @@ output equals the dense layer's.
 In training the layer is ``y = s(x) Wᵀ + b`` with the true derivative: ``dx = (dy W) ⊙ mask``, computed
 on the active inputs only, and ``dW = dyᵀ s(x)`` through s(x)'s nonzeros (see ``autograd.act``).
 
-Weight sparsity composes: ``from_dense`` of a :class:`~sparseops.SparseLinear` keeps it as ``sparse``
-and runs it on ``s(x)``. That path saves the weight sparsity's work only; a kernel that also skips the
-inactive inputs of a sparse weight is not written yet.
+Weight sparsity composes: ``from_dense`` of a :class:`~sparseops.SparseLinear` keeps it as ``sparse``.
+At decode on CPU, without gradients (inference), an unstructured, fan-in or N:M weight runs
+``ops.act.csr_dds``, which skips both: it reads, for each input some row activates, only the stored
+weights of that input's column of W (the transposed CSR the layer keeps for its input gradient, with
+a cached copy of the values in that order). Otherwise (training, CUDA, block-sparse weights, more
+than ``ops.act.GEMV_MAX_ROWS`` rows) the SparseLinear runs on ``s(x)``: the weight sparsity's saving only.
 """
 
 from __future__ import annotations
@@ -154,8 +157,48 @@ class ActivationSparseLinear(nn.Module):
             return self.sparse(x) if self.sparse is not None else nn.functional.linear(x, self.weight, self.bias)
         x, thr, relu = self._sparsifier(x)
         if self.sparse is not None:
+            if self._skips_both(x):
+                return self._sparse_act_forward(x, thr, relu)
             return self.sparse(act_mask(x, thr, relu)[0])
         return act_linear(x, self.weight.t(), self.bias, thr, relu)
+
+    # ---- weight- and activation-sparse inference: both sparsities skipped ----
+
+    def _skips_both(self, x: Tensor) -> bool:
+        """Whether this call takes the kernel that skips both the weight's zeros and the inactive inputs:
+        an unstructured, fan-in or N:M weight without a fused activation, at decode (up to
+        ``ops.act.GEMV_MAX_ROWS`` rows) on eager CPU, with nothing to differentiate."""
+        from ..ops.act import GEMV_MAX_ROWS
+
+        sp = self.sparse
+        if sp._block or sp.activation is not None or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in sp.parameters())):
+            return False
+        return x.numel() <= GEMV_MAX_ROWS * self.in_features
+
+    def _transposed_values(self) -> Tensor:
+        """The stored weights in the order of Wᵀ's CSR (``values[t_perm]``), kept between calls and
+        rebuilt when the values or the index change (an optimizer step, a mask update, ``.to()``). This
+        copy of the values is the memory the two-way skip costs: 4 bytes a stored weight in fp32."""
+        sp = self.sparse
+        v = sp.values.detach()
+        key = (v.data_ptr(), v._version, v.dtype, sp.t_perm.data_ptr(), sp.t_perm.numel())
+        cache = getattr(self, "_tv_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, v.reshape(-1)[sp.t_perm.long()].contiguous())
+            self._tv_cache = cache
+        return cache[1]
+
+    def _sparse_act_forward(self, x: Tensor, thr: Tensor, relu: bool) -> Tensor:
+        from ..ops import act as act_ops
+
+        sp = self.sparse
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        b = None if sp.bias is None else sp.bias.detach()
+        y = act_ops.csr_dds(x2, sp.t_crow, sp.t_row, self._transposed_values(), b, thr, relu, self.out_features)
+        return y.reshape(*lead, self.out_features)
 
     @torch.no_grad()
     def calibrate(self, samples) -> float:

@@ -2,7 +2,9 @@
 
 - ``sparseops::act_dds``: forward ``y [B, out] = s(x) @ weight_t + bias``, skipping inactive inputs;
 - ``sparseops::act_dsd``: input gradient ``(dy @ weight_tᵀ) ⊙ mask``, computed on the active entries only;
-- ``sparseops::act_sdd``: weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy`` through s(x)'s nonzeros.
+- ``sparseops::act_sdd``: weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy`` through s(x)'s nonzeros;
+- ``sparseops::act_csr_dds``: the forward with an unstructured sparse weight, skipping both sparsities
+  (see the end of this file).
 
 ``weight_t`` is ``Wᵀ [in, out]``, contiguous, and the sparsifier is ``(threshold, relu)``: a 0-d or
 ``[in]`` threshold, active when ``|v| > threshold`` with ``v = relu(x)`` or ``x``.
@@ -161,3 +163,51 @@ def sdd(dy, x, threshold, relu: bool) -> Tensor:
     if _eager_cpu(dy):
         return _act_sdd_cpu(dy, x, threshold, relu)
     return torch.ops.sparseops.act_sdd(dy, x, threshold, relu)
+
+
+# ---- weight- and activation-sparse forward: s(x) @ Wᵀ with W unstructured (inference) ----
+#
+# ``sparseops::act_csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)``:
+# ``y = s(x) @ M + bias`` with ``M = Wᵀ [in, out]`` as CSR over the inputs (``t_crow [in+1]``, ``t_col``
+# the output of each stored weight, ascending within a row, ``t_values``). The CPU kernel (fp32, C++)
+# reads only the rows of M that some row of x activates, and in them only the stored weights: both
+# sparsities are skipped. Other dtypes and devices take the reference (a dense M). No autograd: the
+# layers call it without gradients only (their training path runs the weight-sparse kernels on s(x)).
+
+
+def _act_csr_dds_ref(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
+    # the reference, after the checks the binding makes (so a hand-made index gets the same ValueError)
+    from .csr import _check_index
+
+    _check_index("t_crow", t_crow, "t_col", t_col, x.shape[1], out_features)
+    if t_values.shape != t_col.shape:
+        raise ValueError(f"t_values: expected {t_col.numel()} entries (one per t_col), got {tuple(t_values.shape)}")
+    return reference.act_csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
+
+
+@torch.library.custom_op("sparseops::act_csr_dds", mutates_args=())
+def act_csr_dds(x: Tensor, t_crow: Tensor, t_col: Tensor, t_values: Tensor, bias: Optional[Tensor],
+                threshold: Tensor, relu: bool, out_features: int) -> Tensor:
+    return _act_csr_dds_ref(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
+
+
+@act_csr_dds.register_kernel("cpu")
+def _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
+    if not _use_cpp(x, t_values, *(() if bias is None else (bias,))):
+        return _act_csr_dds_ref(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    b = None if bias is None else _np(bias.contiguous())
+    _C.act_csr_gemv(_np(_rows(x)), _np(_thr(threshold)), relu, _np(t_crow.contiguous()), _np(t_col.contiguous()),
+                    _np(t_values.contiguous()), out_features, b, _np(y), _threads(x.shape[0] * t_values.numel()))
+    return y
+
+
+@act_csr_dds.register_fake
+def _(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu: bool, out_features: int) -> Tensor:
+    if _eager_cpu(x):
+        return _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
+    return torch.ops.sparseops.act_csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)

@@ -51,6 +51,23 @@ def act_dds(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold: Tens
     return y.to(x.dtype)
 
 
+def act_csr_dds(x: Tensor, t_crow: Tensor, t_col: Tensor, t_values: Tensor, bias: Optional[Tensor],
+                threshold: Tensor, relu: bool, out_features: int) -> Tensor:
+    """``s(x) @ M + bias`` with ``M = Wᵀ [in, out]`` given as CSR over the inputs: ``t_crow [in+1]``,
+    ``t_col`` (the output of each stored weight) and ``t_values``."""
+    acc = _acc(x.dtype)
+    K = x.shape[1]
+    rows = torch.repeat_interleave(torch.arange(K, device=x.device), (t_crow[1:] - t_crow[:-1]).long(),
+                                   output_size=t_col.numel())
+    m = torch.zeros(K, out_features, dtype=acc, device=x.device)
+    m.index_put_((rows, t_col.long()), t_values.to(acc))
+    xs, _ = act_mask(x, threshold, relu)
+    y = xs.to(acc) @ m
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
 def act_dsd(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> Tensor:
     acc = _acc(dy.dtype)
     _, mask = act_mask(x, threshold, relu)
