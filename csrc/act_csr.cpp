@@ -2,6 +2,7 @@
 // scatter, and one row of M writes distinct outputs, so a vector gather / fma / scalar store pays
 // nothing over it), so there is no isa variant.
 #include "act_csr.h"
+#include "act_union.h"
 
 #include <algorithm>
 #include <cmath>
@@ -16,8 +17,6 @@ namespace sparseops {
 namespace {
 
 constexpr int64_t PREFETCH_ROWS = 8;  // union rows of M fetched ahead of the scatter
-
-inline bool active(float x, float thr, bool relu) { return relu ? (x > 0.f && x > thr) : std::fabs(x) > thr; }
 
 // ptr must run from 0 to nnz without decreasing: then every row's segment lies inside col and val
 bool ptr_valid(const int32_t* ptr, int64_t K, int64_t nnz) {
@@ -70,22 +69,7 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
   // the union and its values, [u][T]
   std::vector<int32_t> rows;
   std::vector<float> xs;
-  rows.reserve(static_cast<size_t>(K));
-  std::vector<float> colv(static_cast<size_t>(std::max<int64_t>(1, T)));
-  for (int64_t j = 0; j < K; ++j) {
-    const float thr = sel.per_channel ? sel.thr[j] : sel.thr[0];
-    bool any = false;
-    for (int64_t t = 0; t < T; ++t) {
-      const float v = x[t * ldx + j];
-      const bool on = active(v, thr, sel.relu);
-      colv[t] = on ? v : 0.f;
-      any |= on;
-    }
-    if (any) {
-      rows.push_back(static_cast<int32_t>(j));
-      xs.insert(xs.end(), colv.begin(), colv.begin() + T);
-    }
-  }
+  act_union(x, T, K, ldx, sel, rows, xs);
   if (!ptr_valid(ptr, K, nnz)) return -1;
   const int64_t U = static_cast<int64_t>(rows.size());
   if (T == 0) return U;

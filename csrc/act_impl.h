@@ -30,6 +30,7 @@
 #endif
 
 #include "act.h"
+#include "act_union.h"
 #include "simd.h"
 
 namespace sparseops {
@@ -55,12 +56,6 @@ inline int act_nt() {
 #endif
 }
 
-// input x (threshold thr) is active when |v| > thr, v = relu ? max(x, 0) : x, and, under relu, x > 0:
-// exactly where s has derivative 1. a negative threshold makes every input active (every one under
-// relu that is positive), zeros included: their gradient is not zero
-inline bool act_active(float x, float thr, bool relu) { return relu ? (x > 0.f && x > thr) : std::fabs(x) > thr; }
-
-inline float act_thr(const ActSel& s, int64_t j) { return s.per_channel ? s.thr[j] : s.thr[0]; }
 
 // s(x) as CSR rows: ptr [B+1], idx, val
 struct ActCSR {
@@ -394,22 +389,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
   // the union and its values, [nnz][T]
   std::vector<int32_t> idx;
   std::vector<float> xs;
-  idx.reserve(static_cast<size_t>(K));
-  std::vector<float> col(static_cast<size_t>(std::max<int64_t>(1, T)));
-  for (int64_t j = 0; j < K; ++j) {
-    const float thr = act_thr(sel, j);
-    bool any = false;
-    for (int64_t t = 0; t < T; ++t) {
-      const float v = x[t * ldx + j];
-      const bool on = act_active(v, thr, sel.relu);
-      col[t] = on ? v : 0.f;
-      any |= on;
-    }
-    if (any) {
-      idx.push_back(static_cast<int32_t>(j));
-      xs.insert(xs.end(), col.begin(), col.begin() + T);
-    }
-  }
+  act_union(x, T, K, ldx, sel, idx, xs);
   const int64_t nnz = static_cast<int64_t>(idx.size());
   // [T][OT] accumulators in 8 KB of l1 (OT = 2048 for one or two rows: 8 KB segments of a row of wt)
   const int64_t OT = std::max<int64_t>(64, std::min<int64_t>(2048, 2048 / std::max<int64_t>(1, T) / 8 * 8));

@@ -164,6 +164,16 @@ _MAX_ROWS_B = 8
 
 
 @triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, offs_b, mask_b, offs_o, mask_o, stride_ob, stride_on, HAS_BIAS: tl.constexpr):
+    """``out[offs_b, offs_o] = acc (+ bias[offs_o])``, rounded once to out's dtype: the end of a
+    ``[rows of x, outputs]`` fp32 tile (``offs_b`` and ``offs_o`` int64 or castable to it)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_b[:, None].to(tl.int64) * stride_ob + offs_o[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_o[None, :])
+
+
+@triton.jit
 def _csr_rows_kernel(
     a_ptr,  # [B, n_cols] dense operand: x (dds) or dy (dsd), B <= BT
     values_ptr,  # [nnz]
@@ -210,10 +220,7 @@ def _csr_rows_kernel(
         a = tl.load(a_rows + idx[None, :, :] * stride_ak, mask=mask_t[:, None, None] & mask_k[None, :, :], other=0.0)
         acc += tl.sum(a.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)  # [BT, RB]
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_t[:, None].to(tl.int64) * stride_ob + offs_r[None, :] * stride_on  # [BT, RB]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+    _store_tile(acc, bias_ptr, out_ptr, offs_t, mask_t, offs_r, mask_r, stride_ob, stride_on, HAS_BIAS)
 
 
 _csr_dds_rows_kernel = triton.autotune(configs=_tune(_ROWS_CONFIGS), key=_ROW_KEYS)(_csr_rows_kernel)

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _tune, _features, _float, _out, _same_device, _tensor
+from .csr import _bucket, _features, _float, _out, _same_device, _store_tile, _tensor, _tune
 
 _IDX_DTYPE = torch.uint8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -177,10 +177,7 @@ def _nm_dds_kernel(
         else:
             acc = tl.dot(a, w, acc)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_b[:, None] * stride_ob + offs_o[None, :] * stride_on  # [BB, BO]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_o[None, :])
+    _store_tile(acc, bias_ptr, out_ptr, offs_b, mask_b, offs_o, mask_o, stride_ob, stride_on, HAS_BIAS)
 
 
 # the most rows of x the decode kernel takes. Measured on an H100 (2:4 bf16, 4096→11008,
@@ -259,10 +256,7 @@ def _nm_gemv_kernel(
         a = tl.load(x_rows + col[None, :, :] * stride_xk, mask=a_mask, other=0.0)  # [BT, RB, BS]
         acc += tl.sum(a.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_t[:, None].to(tl.int64) * stride_ob + offs_r[None, :] * stride_on  # [BT, RB]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+    _store_tile(acc, bias_ptr, out_ptr, offs_t, mask_t, offs_r, mask_r, stride_ob, stride_on, HAS_BIAS)
 
 
 @triton.autotune(configs=_tune(_SDD_CONFIGS), key=_SDD_KEYS)
