@@ -116,7 +116,10 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
       // checks the whole row, in the pass that reads it. an inactive row is never read nor checked: a
       // hand-made index whose bad entries all sit in rows no input activates gives what a clean one gives
       const int32_t* lo = tid == 0 ? cb : std::lower_bound(cb, ce, static_cast<int32_t>(o0));
-      const int32_t* hi = tid == nt - 1 ? ce : std::lower_bound(lo, ce, static_cast<int32_t>(o1));
+      // (hi searches the whole row, as the next thread's lo does: the two are equal even when a malformed
+      // row is not sorted, so the parts still cover the row; a part that comes out reversed covers
+      // nothing, and the entries between fall in both neighbours' parts, whose ranges one of them breaks)
+      const int32_t* hi = tid == nt - 1 ? ce : std::lower_bound(cb, ce, static_cast<int32_t>(o1));
       const float* v = val + (lo - col);
       const int64_t n = hi - lo;
       const float* xq = xs.data() + q * T;

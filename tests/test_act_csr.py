@@ -298,3 +298,26 @@ def test_layer_compiles_with_the_same_output():
         want = layer(x)
         got = torch.compile(layer, fullgraph=True)(x)
     assert_close_rms(got, want, name="torch.compile")
+
+
+@needs_cpp
+@pytest.mark.parametrize("nthreads", [1, 2, 3, 4])
+def test_act_csr_gemv_refuses_every_shuffled_active_row(nthreads):
+    # a row whose columns are a permutation of a clean row's: whatever the thread split finds by binary
+    # search in it, some thread sees an entry out of its range or out of order, and nothing is written
+    g = torch.Generator().manual_seed(nthreads)
+    w = torch.randn(64, 3)
+    t_crow, t_col, tv = _csr_t(w)
+    x = torch.tensor([[4.0, 0.0, 0.0]])
+    for trial in range(200):
+        col = t_col.clone()
+        s, e = int(t_crow[0]), int(t_crow[1])
+        perm = torch.randperm(e - s, generator=g)
+        if torch.equal(perm, torch.arange(e - s)):
+            continue
+        col[s:e] = col[s:e][perm]
+        y = np.full((1, 64), 7.0, dtype=np.float32)
+        with pytest.raises(ValueError, match="t_col"):
+            _C.act_csr_gemv(x.numpy(), np.array([0.5], dtype=np.float32), False, t_crow.numpy(), col.numpy(),
+                            tv.numpy(), 64, None, y, nthreads)
+        assert (y == 7.0).all(), f"trial {trial}: the output was modified"
