@@ -335,6 +335,9 @@ void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
   }
 }
 
+// columns the transposing scatter of csr_repack writes at once
+constexpr int64_t REPACK_COL_BLOCK = 256;
+
 bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
                 int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
                 int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads) {
@@ -402,15 +405,29 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
     }
     t_crow[c + 1] = static_cast<int32_t>(run);
   }
+  // the scatter, a block of REPACK_COL_BLOCK columns at a time: a thread walks its rows once per block,
+  // a cursor per row remembering where the row's (ascending) columns left off, so that it writes into
+  // REPACK_COL_BLOCK column runs at once instead of all of them (one cache line of t_row and t_perm
+  // each: every column at a time missed the cache on most writes). the same order within each column.
+  // NOTE: standalone, 2 threads, 10% dense: 2048^2 1.50 -> 1.17 ms, 4096^2 7.7 -> 3.7 ms
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     int64_t* at = cnt.data() + static_cast<size_t>(t) * cols;
-    for (int64_t r = rb[t]; r < rb[t + 1]; ++r)
-      for (int64_t k = ncrow[r]; k < ncrow[r + 1]; ++k) {
-        const int64_t pos = at[ncol[k]]++;
-        t_row[pos] = static_cast<int32_t>(r);
-        t_perm[pos] = static_cast<int32_t>(k);
+    std::vector<int64_t> cur(static_cast<size_t>(rb[t + 1] - rb[t]));
+    for (int64_t r = rb[t]; r < rb[t + 1]; ++r) cur[r - rb[t]] = ncrow[r];
+    for (int64_t c0 = 0; c0 < cols; c0 += REPACK_COL_BLOCK) {
+      const int64_t c1 = std::min(cols, c0 + REPACK_COL_BLOCK);
+      for (int64_t r = rb[t]; r < rb[t + 1]; ++r) {
+        int64_t k = cur[r - rb[t]];
+        const int64_t e = ncrow[r + 1];
+        for (; k < e && ncol[k] < c1; ++k) {
+          const int64_t pos = at[ncol[k]]++;
+          t_row[pos] = static_cast<int32_t>(r);
+          t_perm[pos] = static_cast<int32_t>(k);
+        }
+        cur[r - rb[t]] = k;
       }
+    }
   }
   return true;
 }
