@@ -14,6 +14,7 @@ reports the median of ``--repeats`` timed calls. On CUDA each call is bracketed 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import math
@@ -32,6 +33,7 @@ from .nn import MonarchLinear, SparseLinear
 from .patterns import Block, FanIn, Monarch, Unstructured, as_pattern, check_sparsity
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # every weight structure the package has: the ones that take a sparsity are swept, the others
 # (N:M, butterfly, Monarch) are one point each, at the sparsity their structure fixes
 DEFAULT_PATTERNS = "unstructured,2:4,1:4,2:8,2:4t,fanin,block:32,butterfly,monarch:4"
@@ -232,14 +234,20 @@ def profile_case(
     repeats: int,
     on_step: Callable[[], None] = lambda: None,
     on_skip: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    dtype: torch.dtype = torch.float32,
 ) -> list[Measurement]:
-    """Dense and each (pattern, sparsity) for one layer case, every mode; speedups against dense."""
+    """Dense and each (pattern, sparsity) for one layer case, every mode; speedups against dense.
+
+    The sparse layers are built from the fp32 dense layer (masks and projections in fp32), then every
+    layer and the input are cast to ``dtype``."""
     g = torch.Generator().manual_seed(0)
-    dense = nn.Linear(case.in_features, case.out_features).to(device)
+    dense32 = nn.Linear(case.in_features, case.out_features).to(device)
     if case.weight is not None:
         with torch.no_grad():
-            dense.weight.copy_(case.weight)
-    x = torch.randn(case.batch, case.in_features, generator=g).to(device)
+            dense32.weight.copy_(case.weight)
+    dense = copy.deepcopy(dense32).to(dtype)
+    x = torch.randn(case.batch, case.in_features, generator=g).to(device, dtype)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
     out: list[Measurement] = []
     dense_ms = {}
     for mode in modes:
@@ -253,7 +261,7 @@ def profile_case(
     for pattern in patterns:
         for target in _sweep(pattern, sparsities):
             try:
-                layer = _build_sparse(pattern, dense, target).to(device)
+                layer = _build_sparse(pattern, dense32, target).to(device, dtype)
             except ValueError as e:
                 # a structure that does not fit this shape (a butterfly wider than the layer, ...)
                 on_skip(f"{case.name} ({case.in_features}→{case.out_features}): {pattern.name} skipped: {e}")
@@ -267,7 +275,7 @@ def profile_case(
                 ref = ref_layer(x).double()
                 got = layer(x).double()
             rel = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-            if not rel < 1e-3:
+            if not rel < tol:
                 raise RuntimeError(f"{case.name} {pattern.name} sparsity {s}: output differs from dense by {rel:.2e}")
             for mode in modes:
                 t = median_time_ms(_make_step(layer, x, mode), device, warmup, repeats)
@@ -360,12 +368,13 @@ def write_chart(rows: list[Measurement], path: Path) -> bool:
     return True
 
 
-def write_trace(case: LayerCase, pattern, sparsity: float, device: torch.device, path: Path) -> None:
+def write_trace(case: LayerCase, pattern, sparsity: float, device: torch.device, path: Path,
+                dtype: torch.dtype = torch.float32) -> None:
     """A torch.profiler Chrome trace of one training step of the sparse layer."""
     dense = nn.Linear(case.in_features, case.out_features).to(device)
-    layer = _build_sparse(pattern, dense, sparsity)
+    layer = _build_sparse(pattern, dense, sparsity).to(device, dtype)
     opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
-    x = torch.randn(case.batch, case.in_features, device=device)
+    x = torch.randn(case.batch, case.in_features, device=device, dtype=dtype)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -394,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
+                   help="dtype of the layers and inputs (default float32; on CPU the C++ kernels are fp32, "
+                   "other dtypes run the pure-torch reference)")
     p.add_argument(
         "--patterns",
         default=DEFAULT_PATTERNS,
@@ -433,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in ("fwd", "fwdbwd"):
             raise SystemExit(f"--modes: expected fwd and/or fwdbwd, got {m!r}")
     warmup, repeats = args.warmup, args.repeats
+    dtype = _DTYPES[args.dtype]
     batch = args.batch or (16 if args.quick else 256)
     if args.quick:
         warmup, repeats = 1, 3
@@ -451,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = default_cases(width, batch)
         title = f"sparseops profile: transformer block projections, width {width}"
     title += f" on {device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f" on {torch.cuda.get_device_name(device)}"
+    title += f", {args.dtype}"
 
     total = len(cases) * len(modes) * (1 + sum(len(_sweep(p, sparsities)) for p in patterns))
     rows: list[Measurement] = []
@@ -466,11 +480,12 @@ def main(argv: list[str] | None = None) -> int:
             task = progress.add_task("profiling", total=total)
             for case in cases:
                 rows += profile_case(case, patterns, sparsities, modes, device, warmup, repeats,
-                                     lambda: progress.advance(task), skipped.append)
+                                     lambda: progress.advance(task), skipped.append, dtype)
     else:
         for i, case in enumerate(cases):
             print(f"[{i + 1}/{len(cases)}] {case.name} ...", file=sys.stderr)
-            rows += profile_case(case, patterns, sparsities, modes, device, warmup, repeats, on_skip=skipped.append)
+            rows += profile_case(case, patterns, sparsities, modes, device, warmup, repeats, on_skip=skipped.append,
+                                 dtype=dtype)
 
     render_table(rows, title)
     for note in skipped:
@@ -481,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "warmup": warmup,
         "repeats": repeats,
@@ -492,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     wrote_png = write_chart(rows, out / "speedup.png")
     print(f"wrote {out / 'profile.json'}" + (f" and {out / 'speedup.png'}" if wrote_png else " (matplotlib not installed: no PNG)"))
     if args.trace:
-        write_trace(cases[0], patterns[0], _sweep(patterns[0], sparsities)[-1], device, Path(args.trace))
+        write_trace(cases[0], patterns[0], _sweep(patterns[0], sparsities)[-1], device, Path(args.trace), dtype)
         print(f"wrote trace {args.trace}")
     return 0
 

@@ -123,3 +123,24 @@ def test_parse_patterns():
         profile.parse_patterns(" , ")
     with pytest.raises(ValueError, match="unknown pattern"):
         profile.parse_patterns("unstructured,3:3x")
+
+
+def test_profile_dtype(tmp_path):
+    # bfloat16 layers and inputs: every pattern checked against dense at a bf16 tolerance, the dtype recorded
+    out = tmp_path / "prof"
+    code = profile.main(
+        ["--shapes", "64x32", "--batch", "4", "--patterns", "unstructured,2:4,block:16,monarch:2", "--sparsity", "0.5",
+         "--modes", "fwd,fwdbwd", "--dtype", "bfloat16", "--threads", "1", "--warmup", "0", "--repeats", "1",
+         "--out", str(out), "--trace", str(tmp_path / "trace.json")]
+    )
+    assert code == 0
+    data = _load(out)
+    assert data["meta"]["dtype"] == "bfloat16"
+    rows = data["measurements"]
+    assert {r["pattern"] for r in rows} == {"dense", "unstructured", "2:4", "block16", "monarch2"}
+    assert all(r["rel_error"] < 2e-2 for r in rows if r["pattern"] != "dense")
+    # bf16 weights: half the bytes of the fp32 dense layer's 64*32*4 + 32*4
+    dense = [r for r in rows if r["pattern"] == "dense"][0]
+    assert dense["weight_bytes"] == (64 * 32 + 32) * 2
+    with pytest.raises(SystemExit):
+        profile.main(["--dtype", "float64", "--out", str(tmp_path)])
