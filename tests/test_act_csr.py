@@ -282,9 +282,10 @@ def test_layer_cached_values_follow_updates():
         # a mask update re-packs values and index: a new values Parameter and a new index
         sp.prune_(sp.values.abs() > sp.values.abs().median())
         assert_close_rms(layer(x), _layer_oracle(layer, x), name="after prune_")
-    # .to() a dtype: bf16 runs the reference path, still right
+    # .to() a dtype: bf16 keeps the SparseLinear on s(x) (the kernel is fp32), still right
     lb = layer.to(torch.bfloat16)
     with torch.no_grad():
+        assert not lb._skips_both(x.bfloat16())
         y = lb(x.bfloat16())
     assert y.dtype == torch.bfloat16
     assert_close_rms(y.float(), _layer_oracle(lb, x.bfloat16()).float(), name="bf16", dtype=torch.bfloat16)

@@ -24,11 +24,12 @@ In training the layer is ``y = s(x) Wᵀ + b`` with the true derivative: ``dx = 
 on the active inputs only, and ``dW = dyᵀ s(x)`` through s(x)'s nonzeros (see ``autograd.act``).
 
 Weight sparsity composes: ``from_dense`` of a :class:`~sparseops.SparseLinear` keeps it as ``sparse``.
-At decode on CPU, without gradients (inference), an unstructured, fan-in or N:M weight runs
+At decode on CPU in fp32, without gradients (inference), an unstructured, fan-in or N:M weight runs
 ``ops.act.csr_dds``, which skips both: it reads, for each input some row activates, only the stored
 weights of that input's column of W (the transposed CSR the layer keeps for its input gradient, with
-a cached copy of the values in that order). Otherwise (training, CUDA, block-sparse weights, more
-than ``ops.act.GEMV_MAX_ROWS`` rows) the SparseLinear runs on ``s(x)``: the weight sparsity's saving only.
+a cached copy of the values in that order). Otherwise (training, CUDA, other dtypes, block-sparse
+weights, more than ``ops.act.GEMV_MAX_ROWS`` rows) the SparseLinear runs on ``s(x)``: the weight
+sparsity's saving only.
 """
 
 from __future__ import annotations
@@ -166,12 +167,17 @@ class ActivationSparseLinear(nn.Module):
 
     def _skips_both(self, x: Tensor) -> bool:
         """Whether this call takes the kernel that skips both the weight's zeros and the inactive inputs:
-        an unstructured, fan-in or N:M weight without a fused activation, at decode (up to
-        ``ops.act.GEMV_MAX_ROWS`` rows) on eager CPU, with nothing to differentiate."""
+        an unstructured, fan-in or N:M fp32 weight without a fused activation, at decode (up to
+        ``ops.act.GEMV_MAX_ROWS`` rows) on eager CPU with the C++ extension, with nothing to differentiate."""
         from ..ops.act import GEMV_MAX_ROWS
+
+        from .._cpp import _C
 
         sp = self.sparse
         if sp._block or sp.activation is not None or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        # the kernel is fp32 C++; in other dtypes its reference would build a dense Wᵀ every call
+        if _C is None or x.dtype != torch.float32 or sp.values.dtype != torch.float32:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in sp.parameters())):
             return False
