@@ -24,8 +24,9 @@ The algorithm, a split-K GEMV in the style of TEAL, made to serve a few tokens a
   ``[SPLIT, T, out]`` buffer (a split whose run is empty writes zeros) and a second kernel
   sums the partials in split order, adds the bias and rounds once: deterministic, no
   atomics and no zero-fill, so autotuning may rerun the kernel.
-  ``SPLIT`` comes from the shape: enough programs to fill the GPU when there are few output
-  and token tiles, and never less than ``_MIN_SPLIT_K`` inputs a split.
+  ``SPLIT`` comes from the shape (see ``_split``): about 16 programs a SM (a program's loop is a
+  chain of dependent loads, so many must be in flight), never less than ``_MIN_SPLIT_K`` inputs a
+  split, and partials of at most a tenth of the weight's bytes.
 - **The product of a tile.** For ``T <= 8`` (decode) the ``BT`` tile is ``T`` rounded up to a
   power of two (1, 2, 4 or 8) and the tile product is an elementwise multiply and sum,
   ``tl.sum(xs[:, :, None] * w[None, :, :], axis=1)``, in fp32: ``tl.dot`` needs 16 rows and
