@@ -89,6 +89,17 @@ const T* vector(const py::array& a, const char* name, const char* dtype, int64_t
   return static_cast<const T*>(a.data());
 }
 
+// an optional float32 bias [n]: its data, or nullptr for None. bias.cast<py::array>() may make a new
+// array (from a list, or an object with __array__), which keep holds so that the pointer outlives the
+// kernel: the caller declares keep before it releases the gil
+const float* optional_bias(const py::object& bias, int64_t n, py::object& keep) {
+  if (bias.is_none()) return nullptr;
+  py::array arr = bias.cast<py::array>();
+  const float* p = vector<float>(arr, "bias", "float32", n);
+  keep = std::move(arr);
+  return p;
+}
+
 // ptr [n+1] must run from 0 to nnz without decreasing; idx [nnz] must lie in [0, limit)
 // and increase strictly inside each segment. this is all the kernels index through.
 // branch-free scan that the compiler vectorises: the common (valid) case costs a fraction of a
@@ -169,17 +180,12 @@ void csr_dds(const py::array& x, const py::array& values, const py::array& crow,
   const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
   const int64_t nnz = col.shape(0);
   const float* vals = vector<float>(values, "values", "float32", nnz);
-  const float* b = nullptr;
   // the array must outlive the kernel: bias.cast<py::array>() converts a non-array (a list of
   // float32 scalars, an object with __array__) into a new array that a temporary would free at
   // the end of the statement, leaving b dangling. declared before the gil release, it is
   // destroyed after the gil is taken back.
   py::object bias_keep;
-  if (!bias.is_none()) {
-    py::array arr = bias.cast<py::array>();
-    b = vector<float>(arr, "bias", "float32", n);
-    bias_keep = std::move(arr);
-  }
+  const float* b = optional_bias(bias, n, bias_keep);
   check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
   py::gil_scoped_release release;
   sparseops::csr_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ptr, idx, n, b, Y, threads(nthreads));
@@ -411,13 +417,8 @@ void nm_dds(const py::array& x, const py::array& values, const py::array& idx, i
   const uint8_t* ip = nm_index(idx, "idx", d);
   const float* vals = nm_values(values, d);
   float* Y = float_output(y, "y", X.rows, d.rows, 2);
-  const float* b = nullptr;
   py::object bias_keep;  // see csr_dds
-  if (!bias.is_none()) {
-    py::array arr = bias.cast<py::array>();
-    b = vector<float>(arr, "bias", "float32", d.rows);
-    bias_keep = std::move(arr);
-  }
+  const float* b = optional_bias(bias, d.rows, bias_keep);
   py::gil_scoped_release release;
   sparseops::nm_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ip, n, m, d.rows, b, Y, threads(nthreads));
 }
@@ -530,13 +531,8 @@ void bsr_dds(const py::array& x, const py::array& values, const py::array& crow,
   const int64_t nblk = col.shape(0);
   const float* vals = block_values(values, "values", nblk, b, false);
   float* Y = float_output(y, "y", X.rows, nbr * b, 2);
-  const float* bp = nullptr;
   py::object bias_keep;  // see csr_dds
-  if (!bias.is_none()) {
-    py::array arr = bias.cast<py::array>();
-    bp = vector<float>(arr, "bias", "float32", nbr * b);
-    bias_keep = std::move(arr);
-  }
+  const float* bp = optional_bias(bias, nbr * b, bias_keep);
   check_csr(ptr, nbr, idx, nblk, nbc, "crow", "col");
   py::gil_scoped_release release;
   sparseops::bsr_dds(X.p, X.rows, X.s0, vals, ptr, idx, nbr, b, bp, Y, nbr * b, threads(nthreads));
@@ -621,13 +617,8 @@ int64_t act_forward(F kernel, const py::array& x, const py::array& threshold, bo
   const float* W = act_weight(weight_t, X.cols);
   const int64_t N = weight_t.shape(1);
   float* Y = float_output(y, "y", X.rows, N, 2);
-  const float* bp = nullptr;
   py::object bias_keep;  // see csr_dds
-  if (!bias.is_none()) {
-    py::array arr = bias.cast<py::array>();
-    bp = vector<float>(arr, "bias", "float32", N);
-    bias_keep = std::move(arr);
-  }
+  const float* bp = optional_bias(bias, N, bias_keep);
   py::gil_scoped_release release;
   return kernel(X.p, X.rows, X.cols, X.s0, sel, W, N, bp, Y, N, threads(nthreads));
 }
@@ -686,13 +677,8 @@ int64_t act_csr_gemv(const py::array& x, const py::array& threshold, bool relu, 
   const int64_t nnz = t_col.shape(0);
   const float* vals = vector<float>(t_values, "t_values", "float32", nnz);
   float* Y = float_output(y, "y", X.rows, out_features, 2);
-  const float* bp = nullptr;
   py::object bias_keep;  // see csr_dds
-  if (!bias.is_none()) {
-    py::array arr = bias.cast<py::array>();
-    bp = vector<float>(arr, "bias", "float32", out_features);
-    bias_keep = std::move(arr);
-  }
+  const float* bp = optional_bias(bias, out_features, bias_keep);
   int64_t u;
   {
     py::gil_scoped_release release;
