@@ -1,7 +1,10 @@
 // N:M kernels, written once over a vector type V (see simd.h) and instantiated per ISA in
 // nm_avx2.cpp and nm_portable.cpp. they reuse the batch-major packing of csr_impl.h.
 //
-// batches of 8 or more: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with
+// batches of 8 or more: nm_spmm_csr / nm_sdd_csr (below) decode each thread's rows to int32 columns once
+// a call and run the CSR kernels' blocked walk, which measured faster (see the NOTE there); the walk
+// described next (nm_rows, nm_sdd_rows) remains for layers whose slots overflow int32 offsets.
+// that walk: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with
 // the columns zero padded to G*m so that every slot's column is readable. every slot drives NV
 // contiguous FMAs over the batch lanes, exactly like the CSR kernel, but the column comes from a
 // 4-bit position and a running group base instead of a 32-bit index. the loops are ordered
