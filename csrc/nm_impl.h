@@ -1,21 +1,12 @@
 // N:M kernels, written once over a vector type V (see simd.h) and instantiated per ISA in
 // nm_avx2.cpp and nm_portable.cpp. they reuse the batch-major packing of csr_impl.h.
 //
-// batches of 8 or more: nm_spmm_csr / nm_sdd_csr (below) decode each thread's rows to int32 columns once
-// a call and run the CSR kernels' blocked walk, which measured faster (see the NOTE there); the walk
-// described next (nm_rows, nm_sdd_rows) remains for layers whose slots overflow int32 offsets.
-// that walk: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with
-// the columns zero padded to G*m so that every slot's column is readable. every slot drives NV
-// contiguous FMAs over the batch lanes, exactly like the CSR kernel, but the column comes from a
-// 4-bit position and a running group base instead of a 32-bit index. the loops are ordered
-//   rows in blocks of NM_ROW_BLOCK -> batch tiles -> column chunks of NM_CHUNK_BYTES -> rows
-// so that one chunk of a tile stays in L1 while the block's rows sweep it, and each row's values
-// and positions are read from memory once per call (they stay in L2 across the tiles of the block)
-// with a software prefetch a few rows ahead (a block reads NM_ROW_BLOCK strided streams, more than
-// the hardware prefetcher follows).
-// NOTE: prototype, 1 thread, 2:4 4096x4096 B=256 forward (useful GF/s): tiles outermost with no
-// prefetch 22-33, rows-blocks outermost with tiles inside 35-40, plus prefetch 4 rows ahead 45-50;
-// with every operand L1/L2 resident 62. dense sgemm on the same core: 70.
+// batches of 8 or more: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with the
+// columns zero padded to G*m so that every slot's column is readable, and each thread decodes its rows'
+// 4-bit positions to int32 columns once a call and runs the CSR kernels' blocked walk (csr_impl.h:
+// block_rows, rows_tile, sdd_tile): every slot drives NV contiguous FMAs over the batch lanes.
+// NOTE: this replaced a walk of its own that decoded the positions once a batch tile, in row blocks
+// of 16 and column chunks of 16 KB; see nm_spmm_csr for the measurement.
 // batches under 8: 8 slots at a time, the positions decoded into 8 lanes. when an 8-slot block's
 // columns span at most 32 (2:4, 1:4, 2:8, 4:8, 3:4, 15:16, ...) x is read from 2 or 4 registers
 // loaded at the block's first group and picked by permutes (nm_window; 2:4 has its own in-lane
@@ -30,10 +21,6 @@
 
 namespace sparseops {
 namespace detail {
-
-constexpr int64_t NM_CHUNK_BYTES = 16384;
-constexpr int64_t NM_ROW_BLOCK = 16;
-constexpr int64_t NM_PREFETCH_ROWS = 4;
 
 inline int nib(const uint8_t* ip, int64_t j) { return (ip[j >> 1] >> ((j & 1) << 2)) & 15; }
 
@@ -56,11 +43,6 @@ struct NmShape {
   }
 };
 
-// slots per column chunk: whole groups, a chunk of one tile (columns x BT lanes) about NM_CHUNK_BYTES
-inline int64_t nm_chunk_slots(const NmShape& d, int BT) {
-  return std::max<int64_t>(1, NM_CHUNK_BYTES / (4 * BT) / d.m) * d.n;
-}
-
 // A [B, K] (strides s0, s1) -> P [T][Kp][BT], columns K..Kp zero; call inside a parallel region
 template <class V, int BT>
 void pack_padded(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, int64_t s1, float* p) {
@@ -78,110 +60,12 @@ void pack_padded(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, i
   }
 }
 
-// bi[l] (+)= sum over slots [j0, j1) of one row of v[j] * P[col(j)][l]
-template <class V, int NV>
-inline void nm_row(const float* pt, const float* v, const uint8_t* ip, int64_t j0, int64_t j1, int n, int m, float* bi,
-                   bool first) {
-  constexpr int BT = 8 * NV;
-  constexpr int U = NV >= 8 ? 1 : 8 / NV;  // 8 FMA chains in flight
-  typename V::reg acc[U][NV];
-  for (int v = 0; v < NV; ++v) acc[0][v] = first ? V::zero() : V::load(bi + 8 * v);
-  for (int u = 1; u < U; ++u)
-    for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
-  int64_t g = j0 / n;
-  int s = static_cast<int>(j0 - g * n);
-  int64_t base = g * m;
-  int64_t j = j0;
-  for (; j + U <= j1; j += U) {
-    for (int u = 0; u < U; ++u) {
-      const float* xr = pt + (base + nib(ip, j + u)) * BT;
-      if (++s == n) {
-        s = 0;
-        base += m;
-      }
-      const typename V::reg w = V::bcast(v[j + u]);
-      for (int q = 0; q < NV; ++q) acc[u][q] = V::fma(w, V::load(xr + 8 * q), acc[u][q]);
-    }
-  }
-  for (; j < j1; ++j) {
-    const float* xr = pt + (base + nib(ip, j)) * BT;
-    if (++s == n) {
-      s = 0;
-      base += m;
-    }
-    const typename V::reg w = V::bcast(v[j]);
-    for (int q = 0; q < NV; ++q) acc[0][q] = V::fma(w, V::load(xr + 8 * q), acc[0][q]);
-  }
-  for (int u = 1; u < U; ++u)
-    for (int q = 0; q < NV; ++q) acc[0][q] = V::add(acc[0][q], acc[u][q]);
-  for (int q = 0; q < NV; ++q) V::store(bi + 8 * q, acc[0][q]);
-}
-
-inline void prefetch_row(const float* v, const uint8_t* ip, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; j += 16) prefetch(v + j);
-  for (int64_t j = j0 / 2; j < (j1 + 1) / 2; j += 64) prefetch(ip + j);
-}
-
-// one thread's rows [r0, r1): buf [T][r1 - r0][BT]
-template <class V, int NV>
-void nm_rows(const float* p, int64_t T, const NmShape& d, const float* vals, const uint8_t* idx, int64_t r0,
-             int64_t r1, float* buf) {
-  constexpr int BT = 8 * NV;
-  const int64_t R = r1 - r0;
-  if (d.S == 0) {
-    std::memset(buf, 0, sizeof(float) * T * R * BT);
-    return;
-  }
-  const int64_t sc = nm_chunk_slots(d, BT);
-  for (int64_t q = r0; q < r1; q += NM_ROW_BLOCK) {
-    const int64_t qe = std::min(r1, q + NM_ROW_BLOCK);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* pt = p + t * d.Kp * BT;
-      float* bt = buf + t * R * BT;
-      for (int64_t c0 = 0; c0 < d.S; c0 += sc) {
-        const int64_t c1 = std::min(d.S, c0 + sc);
-        for (int64_t o = q; o < qe; ++o) {
-          if (t == 0 && o + NM_PREFETCH_ROWS < r1) {
-            const int64_t f = o + NM_PREFETCH_ROWS;
-            prefetch_row(vals + f * d.S, idx + f * d.Sb, c0, c1);
-          }
-          nm_row<V, NV>(pt, vals + o * d.S, idx + o * d.Sb, c0, c1, d.n, d.m, bt + (o - r0) * BT, c0 == 0);
-        }
-      }
-    }
-  }
-}
-
-template <class V, int NV>
-void nm_spmm_packed(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShape& d, const float* vals,
-                    const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
-  constexpr int BT = 8 * NV;
-  const int64_t T = (B + BT - 1) / BT;
-  float* p = scratch(P, static_cast<size_t>(T * d.Kp * BT));
-  RegionError err;
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = thread_id(), nt = thread_count();
-    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
-    float* buf = nullptr;
-    err.run([&] { buf = scratch(ACC, static_cast<size_t>(T * (r1 - r0) * BT)); });
-    pack_padded<V, BT>(a, B, d.K, d.Kp, s0, s1, p);  // ends in a barrier
-    if (!err.failed() && r1 > r0) {
-      nm_rows<V, NV>(p, T, d, vals, idx, r0, r1, buf);
-      for (int64_t t = 0; t < T; ++t)
-        store_tile<V, NV>(buf + t * (r1 - r0) * BT, r0, r1, bias, y + t * BT * rows, rows,
-                          std::min<int64_t>(BT, B - t * BT));
-    }
-  }
-  err.rethrow();
-}
-
 // rows [r0, r1) of an N:M index as a CSR over every slot of those rows, for the CSR kernels' blocked
 // walk (block_rows, rows_tile, sdd_tile): local row pointers (row r at r * S) and int32 columns in
 // [0, Kp). the 4-bit positions are then decoded once a call instead of once a batch tile, and the rows
 // are walked in the CSR kernels' large row blocks and L2-sized column chunks.
 // NOTE: 4096x4096 B=256, 2 threads, interleaved with the CSR kernels on the same mask (9 rounds,
-// median ratio): the nm_rows walk took 1.73x (dds) and 1.75x (sdd) the CSR kernels' time at 1:4,
+// median ratio): the former walk took 1.73x (dds) and 1.75x (sdd) the CSR kernels' time at 1:4,
 // 1.56x/1.69x at 2:8, 1.01x/1.09x at 2:4; row blocks of 64-256 and chunks of 32-64 KB left 1:4 at
 // 1.46-1.57x. slots past column K (the padding of the last group) hold zeros and read P's zero rows.
 struct NmCsr {
@@ -206,8 +90,8 @@ inline const NmCsr& nm_decode_rows(const NmShape& d, const uint8_t* idx, int64_t
   return c;
 }
 
-// the CSR walk fits int32 offsets when every row's slots together do
-inline bool nm_csr_fits(const NmShape& d, int64_t rows) { return rows * d.S < (int64_t(1) << 31) - 1; }
+// rows a thread decodes at a time, so that the walk's int32 offsets hold their slots
+inline int64_t nm_slice_rows(const NmShape& d) { return std::max<int64_t>(1, (int64_t(1) << 30) / std::max<int64_t>(1, d.S)); }
 
 template <class V, int NV>
 void nm_spmm_csr(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShape& d, const float* vals,
@@ -220,16 +104,17 @@ void nm_spmm_csr(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShap
   {
     const int tid = thread_id(), nt = thread_count();
     const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
-    Blocked m;
-    float* buf = nullptr;
-    err.run([&] {
-      const NmCsr& c = nm_decode_rows(d, idx, r0, r1);
-      m = block_rows(block_store(0), c.ptr.data(), c.col.data(), vals + r0 * d.S, nullptr, 0, r1 - r0, BT, T,
-                     chunk_rows(BT), block_rows_count(BT), d.Kp);
-      buf = scratch(ACC, static_cast<size_t>(std::max<int64_t>(1, (r1 - r0) * BT)));
-    });
     pack_padded<V, BT>(a, B, d.K, d.Kp, s0, s1, p);  // ends in a barrier
-    if (!err.failed() && r1 > r0) spmm_rows<V, NV>(p, B, d.Kp, m, r0, r1, rows, bias, y, buf);
+    for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += nm_slice_rows(d)) {
+      const int64_t q1 = std::min(r1, q0 + nm_slice_rows(d));
+      err.run([&] {
+        const NmCsr& c = nm_decode_rows(d, idx, q0, q1);
+        const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), vals + q0 * d.S, nullptr, 0, q1 - q0,
+                                     BT, T, chunk_rows(BT), block_rows_count(BT), d.Kp);
+        float* buf = scratch(ACC, static_cast<size_t>((q1 - q0) * BT));
+        spmm_rows<V, NV>(p, B, d.Kp, m, q0, q1, rows, bias, y, buf);
+      });
+    }
   }
   err.rethrow();
 }
@@ -506,96 +391,11 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
     }
   } else {
     with_tile_width(B, [&](auto nv) {
-      if (nm_csr_fits(d, rows))
-        nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, v, idx, rows, bias, y, nthreads);
-      else
-        nm_spmm_packed<V, decltype(nv)::value>(a, B, s0, s1, d, v, idx, rows, bias, y, nthreads);
+      nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, v, idx, rows, bias, y, nthreads);
     });
   }
 }
 
-// one thread's rows [r0, r1) of dv [out, S] from the packed tiles of dy [T][out][BT] and x [T][Kp][BT]
-template <class V, int NV>
-void nm_sdd_rows(const float* pd, const float* px, int64_t T, int64_t out, const NmShape& d, const uint8_t* idx,
-                 int64_t r0, int64_t r1, float* dv) {
-  constexpr int BT = 8 * NV;
-  const int64_t sc = nm_chunk_slots(d, BT);
-  alignas(32) float tmp[8];
-  for (int64_t q0 = r0; q0 < r1; q0 += NM_ROW_BLOCK) {
-    const int64_t qe = std::min(r1, q0 + NM_ROW_BLOCK);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* dyt = pd + t * out * BT;
-      const float* xt = px + t * d.Kp * BT;
-      const bool first = t == 0;
-      for (int64_t c0 = 0; c0 < d.S; c0 += sc) {
-        const int64_t c1 = std::min(d.S, c0 + sc);
-        for (int64_t o = q0; o < qe; ++o) {
-          if (first && o + NM_PREFETCH_ROWS < r1) prefetch_row(dv + (o + NM_PREFETCH_ROWS) * d.S,
-                                                               idx + (o + NM_PREFETCH_ROWS) * d.Sb, c0, c1);
-          const uint8_t* ir = idx + o * d.Sb;
-          float* dvo = dv + o * d.S;
-          typename V::reg dr[NV];
-          for (int q = 0; q < NV; ++q) dr[q] = V::load(dyt + o * BT + 8 * q);
-          int64_t g = c0 / d.n;
-          int s = static_cast<int>(c0 - g * d.n);
-          int64_t base = g * d.m;
-          auto next_row = [&](int64_t j) {
-            const float* xr = xt + (base + nib(ir, j)) * BT;
-            if (++s == d.n) {
-              s = 0;
-              base += d.m;
-            }
-            return xr;
-          };
-          typename V::reg acc[8];
-          int64_t j = c0;
-          // 8 slots at a time: 8 independent dot products over the lanes, reduced by one hadd tree
-          for (; j + 8 <= c1; j += 8) {
-            for (int u = 0; u < 8; ++u) {
-              const float* xr = next_row(j + u);
-              acc[u] = V::fma(dr[0], V::load(xr), V::zero());
-              for (int q = 1; q < NV; ++q) acc[u] = V::fma(dr[q], V::load(xr + 8 * q), acc[u]);
-            }
-            typename V::reg sum = V::hsum8(acc);
-            if (!first) sum = V::add(sum, V::load(dvo + j));
-            V::store(dvo + j, sum);
-          }
-          if (j < c1) {
-            const int rem = static_cast<int>(c1 - j);
-            for (int u = 0; u < 8; ++u) {
-              acc[u] = V::zero();
-              if (u < rem) {
-                const float* xr = next_row(j + u);
-                for (int q = 0; q < NV; ++q) acc[u] = V::fma(dr[q], V::load(xr + 8 * q), acc[u]);
-              }
-            }
-            V::store(tmp, V::hsum8(acc));
-            for (int u = 0; u < rem; ++u) dvo[j + u] = first ? tmp[u] : dvo[j + u] + tmp[u];
-          }
-        }
-      }
-    }
-  }
-}
-
-template <class V, int NV>
-void nm_sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t x0,
-                   int64_t x1, const NmShape& d, const uint8_t* idx, float* dv, int nthreads) {
-  constexpr int BT = 8 * NV;
-  const int64_t T = (B + BT - 1) / BT;
-  float* pd = scratch(P, static_cast<size_t>(T * out * BT));
-  float* px = scratch(PX, static_cast<size_t>(T * d.Kp * BT));
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = thread_id(), nt = thread_count();
-    const int64_t r0 = out * tid / nt, r1 = out * (tid + 1) / nt;
-    pack<V, BT>(dy, B, out, d0, d1, pd);  // ends in a barrier
-    pack_padded<V, BT>(x, B, d.K, d.Kp, x0, x1, px);
-    nm_sdd_rows<V, NV>(pd, px, T, out, d, idx, r0, r1, dv);
-  }
-}
-
-// small batch: dv[o, j] = sum_b dy[b, o] * xp[b, col(o, j)] over contiguous dy and the padded copy xp
 template <class V>
 void nm_sdd_gather(const float* dyc, const float* xp, int64_t B, int64_t out, const NmShape& d, const uint8_t* idx,
                    float* dv, int nthreads) {
@@ -641,24 +441,23 @@ void nm_sdd_csr(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
   {
     const int tid = thread_id(), nt = thread_count();
     const int64_t r0 = out * tid / nt, r1 = out * (tid + 1) / nt;
-    Blocked m;
-    float* bdv = nullptr;
-    err.run([&] {
-      const NmCsr& c = nm_decode_rows(d, idx, r0, r1);
-      m = block_rows(block_store(0), c.ptr.data(), c.col.data(), nullptr, nullptr, 0, r1 - r0, BT, T, chunk_rows(BT),
-                     block_rows_count(BT), d.Kp);
-      bdv = scratch(ACC, static_cast<size_t>(std::max<int64_t>(1, (r1 - r0) * d.S)));
-    });
     pack<V, BT>(dy, B, out, d0, d1, pd);  // ends in a barrier
     pack_padded<V, BT>(x, B, d.K, d.Kp, x0, x1, px);
-    if (!err.failed() && r1 > r0) {
-      float* dvr = dv + r0 * d.S;
-      float* acc = m.nch == 1 ? dvr : bdv;
-      for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * d.Kp * BT, m, r0, acc, t == 0);
-      if (m.nch > 1)
-        for (int64_t j = 0; j < m.nch * m.R; ++j)
-          if (m.off[j + 1] > m.off[j])
-            std::memcpy(dvr + m.src[j], bdv + m.off[j], static_cast<size_t>(m.off[j + 1] - m.off[j]) * sizeof(float));
+    for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += nm_slice_rows(d)) {
+      const int64_t q1 = std::min(r1, q0 + nm_slice_rows(d));
+      err.run([&] {
+        const NmCsr& c = nm_decode_rows(d, idx, q0, q1);
+        const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), nullptr, nullptr, 0, q1 - q0, BT, T,
+                                     chunk_rows(BT), block_rows_count(BT), d.Kp);
+        float* dvr = dv + q0 * d.S;
+        // one chunk: the sums go straight to dv; several: into bdv in the walk's order, copied back by runs
+        float* acc = m.nch == 1 ? dvr : scratch(ACC, static_cast<size_t>((q1 - q0) * d.S));
+        for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * d.Kp * BT, m, q0, acc, t == 0);
+        if (m.nch > 1)
+          for (int64_t j = 0; j < m.nch * m.R; ++j)
+            if (m.off[j + 1] > m.off[j])
+              std::memcpy(dvr + m.src[j], acc + m.off[j], static_cast<size_t>(m.off[j + 1] - m.off[j]) * sizeof(float));
+      });
     }
   }
   err.rethrow();
@@ -677,10 +476,7 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
     nm_sdd_gather<V>(dyc, xp, B, out, d, idx, dv, nthreads);
   } else {
     with_tile_width(B, [&](auto nv) {
-      if (nm_csr_fits(d, out))
-        nm_sdd_csr<V, decltype(nv)::value>(dy, B, out, d0, d1, x, x0, x1, d, idx, dv, nthreads);
-      else
-        nm_sdd_packed<V, decltype(nv)::value>(dy, B, out, d0, d1, x, x0, x1, d, idx, dv, nthreads);
+      nm_sdd_csr<V, decltype(nv)::value>(dy, B, out, d0, d1, x, x0, x1, d, idx, dv, nthreads);
     });
   }
 }
