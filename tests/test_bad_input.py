@@ -1094,3 +1094,33 @@ def test_reference_path_rejects_malformed_nm_index(dtype, how):
             torch.ops.sparseops.nm_sdd(dy, x, idx, n, m)
     for t, b in zip((x, values, idx), before):
         assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 8])
+@pytest.mark.parametrize("where", ["first", "word", "tail", "odd-last"])
+def test_nm_binding_finds_every_bad_position(m, where):
+    """The binding's position check (a word-wide AND for m = 2, 4, 8, a compare otherwise) finds a position
+    >= m wherever it sits: the first slot, inside the 8-byte words, in the bytes after them, or the last slot
+    of an odd row; the padding nibble of an odd row is never read."""
+    n, in_f, rows = 1, m * 37, 5  # S = 37 slots a row: 18 full bytes (2 words + 2 bytes) and a half byte
+    S = in_f // m * n
+    Sb = (S + 1) // 2
+    rng = np.random.default_rng(m)
+    pos = rng.integers(0, m, size=(rows, S))
+    packed = np.zeros((rows, Sb), np.uint8)
+    for j in range(S):
+        packed[:, j // 2] |= (pos[:, j] << (4 * (j % 2))).astype(np.uint8)
+    packed[:, -1] |= 0xF0  # the padding nibble of the odd row: garbage the kernel must ignore
+    x = torch.randn(3, in_f).numpy()
+    vals = torch.randn(rows, S).numpy()
+    y = np.full((3, rows), 7.0, np.float32)
+    _C().nm_dds(x, vals, packed, n, m, None, y, 1)  # well-formed: runs
+    slot = {"first": 0, "word": 11, "tail": 33, "odd-last": S - 1}[where]
+    bad = packed.copy()
+    shift = 4 * (slot % 2)
+    keep = 0xFF ^ (15 << shift)
+    bad[3, slot // 2] = (int(bad[3, slot // 2]) & keep) | (m << shift)  # position m: one past the group
+    y = np.full((3, rows), 7.0, np.float32)
+    with pytest.raises(ValueError, match=rf"^idx: row 3 slot {slot} holds position {m}, outside \[0, m={m}\)"):
+        _C().nm_dds(x, vals, bad, n, m, None, y, 1)
+    assert (y == 7.0).all()
