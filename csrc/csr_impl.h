@@ -202,7 +202,21 @@ constexpr int64_t SMALL_TILE_BYTES = 262144;
 // sdd 35.0 vs 46.8 unblocked. B=128 (4 tiles) blocked vs unblocked, 1 thread, same process:
 // 54.8/56.8/71.3 vs 53.4/50.5/65.7 ms for the three ops together, so 8 tiles stays the threshold.
 constexpr int64_t MIN_TILES = 8;
-inline int64_t chunk_rows(int BT) { return std::max<int64_t>(8, CHUNK_BYTES / (4 * BT)); }
+// P rows (columns of the activations) a chunk holds: enough that a (row, chunk) visit averages
+// CHUNK_NNZ nonzeros, from an L1-sized chunk (CHUNK_MIN_BYTES) up to CHUNK_BYTES. the density is
+// the whole matrix's, nnz / (rows * K).
+// NOTE: 4096x4096 B=256, 2 threads, ms dds/sdd/dsd(transposed CSR) with 16 KB vs 64 KB chunks (two
+// runs each, the dense GEMM 69-83 ms in the same runs): 2:4 mask (50%) 64-67/89-102/92-113 vs
+// 104-106/123-130/125-135; 1:4 (25%) 31-35/40-41/52-55 vs 42-44/48-52/58-63, 24 KB in between and
+// 8 KB worse (40-42/48-50/62-67); 2:8 likewise. at 90% the 16 KB chunk lost (NOTE above).
+constexpr int64_t CHUNK_MIN_BYTES = 16384;
+constexpr double CHUNK_NNZ = 40.0;
+inline int64_t chunk_rows_for(int BT, int64_t nnz, int64_t rows, int64_t K) {
+  const int64_t lo = std::max<int64_t>(8, CHUNK_MIN_BYTES / (4 * BT)), hi = std::max<int64_t>(8, CHUNK_BYTES / (4 * BT));
+  if (nnz <= 0 || rows <= 0 || K <= 0) return hi;
+  const double want = CHUNK_NNZ * static_cast<double>(rows) * static_cast<double>(K) / static_cast<double>(nnz);
+  return want <= static_cast<double>(lo) ? lo : want >= static_cast<double>(hi) ? hi : static_cast<int64_t>(want);
+}
 inline int64_t block_rows_count(int BT) { return std::max<int64_t>(8, BLOCK_BYTES / (4 * BT)); }
 
 // one thread's rows [r0, r1) of a CSR matrix, re-laid block- and chunk-major: local rows are
@@ -526,7 +540,8 @@ void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, c
     Blocked m;
     float* buf = nullptr;
     err.run([&] {
-      m = block_rows(block_store(0), ptr, idx, vals, perm, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT), K);
+      m = block_rows(block_store(0), ptr, idx, vals, perm, r0, r1, BT, T, chunk_rows_for(BT, ptr[n], n, K),
+                    block_rows_count(BT), K);
       buf = scratch(ACC, static_cast<size_t>((r1 - r0) * BT));
     });
     pack<V, BT>(a, B, K, s0, s1, p);  // ends in a barrier
@@ -583,7 +598,8 @@ void sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
     Blocked m;
     float* bdv = nullptr;
     err.run([&] {
-      m = block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT),
+      m = block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows_for(BT, crow[out], out, in),
+                     block_rows_count(BT),
                      in);
       bdv = scratch(ACC, static_cast<size_t>(crow[r1] - crow[r0]));
     });
@@ -633,9 +649,11 @@ void backward_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_
     float* buf = nullptr;
     float* bdv = nullptr;
     err.run([&] {
-      mt = block_rows(block_store(0), t_crow, t_row, vals, t_perm, a0, a1, BT, T, chunk_rows(BT), block_rows_count(BT),
+      mt = block_rows(block_store(0), t_crow, t_row, vals, t_perm, a0, a1, BT, T, chunk_rows_for(BT, t_crow[in], in, out),
+                      block_rows_count(BT),
                       out);
-      ms = block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows(BT), block_rows_count(BT),
+      ms = block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows_for(BT, crow[out], out, in),
+                      block_rows_count(BT),
                       in);
       buf = scratch(ACC, static_cast<size_t>((a1 - a0) * BT));
       bdv = scratch(ACC2, static_cast<size_t>(crow[r1] - crow[r0]));

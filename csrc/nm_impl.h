@@ -110,7 +110,7 @@ void nm_spmm_csr(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShap
       err.run([&] {
         const NmCsr& c = nm_decode_rows(d, idx, q0, q1);
         const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), vals + q0 * d.S, nullptr, 0, q1 - q0,
-                                     BT, T, chunk_rows(BT), block_rows_count(BT), d.Kp);
+                                     BT, T, chunk_rows_for(BT, rows * d.S, rows, d.Kp), block_rows_count(BT), d.Kp);
         float* buf = scratch(ACC, static_cast<size_t>((q1 - q0) * BT));
         spmm_rows<V, NV>(p, B, d.Kp, m, q0, q1, rows, bias, y, buf);
       });
@@ -448,7 +448,7 @@ void nm_sdd_csr(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
       err.run([&] {
         const NmCsr& c = nm_decode_rows(d, idx, q0, q1);
         const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), nullptr, nullptr, 0, q1 - q0, BT, T,
-                                     chunk_rows(BT), block_rows_count(BT), d.Kp);
+                                     chunk_rows_for(BT, out * d.S, out, d.Kp), block_rows_count(BT), d.Kp);
         float* dvr = dv + q0 * d.S;
         // one chunk: the sums go straight to dv; several: into bdv in the walk's order, copied back by runs
         float* acc = m.nch == 1 ? dvr : scratch(ACC, static_cast<size_t>((q1 - q0) * d.S));
