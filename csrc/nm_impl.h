@@ -450,7 +450,7 @@ void nm_sdd_csr(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
         const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), nullptr, nullptr, 0, q1 - q0, BT, T,
                                      chunk_rows_for(BT, out * d.S, out, d.Kp), block_rows_count(BT), d.Kp);
         float* dvr = dv + q0 * d.S;
-        // one chunk: the sums go straight to dv; several: into bdv in the walk's order, copied back by runs
+        // one chunk: the sums go straight to dv; several: into a scratch buffer in the walk's order, copied back by runs
         float* acc = m.nch == 1 ? dvr : scratch(ACC, static_cast<size_t>((q1 - q0) * d.S));
         for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * d.Kp * BT, m, q0, acc, t == 0);
         if (m.nch > 1)
