@@ -751,6 +751,12 @@ bool indices_or_none_valid(const int32_t* idx, int64_t n, int64_t limit) {
 const int64_t* positions(const py::array& a, const char* name, int64_t limit) {
   const int64_t* p = vector<int64_t>(a, name, "int64", -1);
   const int64_t n = a.shape(0);
+  // a branch-free pass first (it vectorises); the loop below only runs to name the first bad entry
+  uint64_t bad = n > 0 ? static_cast<uint64_t>(p[0]) >= static_cast<uint64_t>(limit) : 0;
+  for (int64_t i = 1; i < n; ++i)
+    bad |= static_cast<uint64_t>(static_cast<uint64_t>(p[i]) >= static_cast<uint64_t>(limit)) |
+           static_cast<uint64_t>(p[i] <= p[i - 1]);
+  if (!bad) return p;
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] < 0 || p[i] >= limit)
       throw py::value_error(std::string(name) + ": position " + std::to_string(p[i]) + " at " + std::to_string(i) +
@@ -811,7 +817,8 @@ py::array out_vector(const py::object& given, const char* name, const char* dtyp
 }
 
 py::array dst_top_abs(const py::array& scores, const py::object& crow, const py::object& col, int64_t n,
-                      int nthreads, const py::object& eligible, const py::object& out_arg) {
+                      int nthreads, const py::object& eligible, const py::object& out_arg, double z) {
+  if (!std::isfinite(z)) throw py::value_error("z: expected a finite float, got " + std::to_string(z));
   const float* S = score_matrix(scores);
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
   if (crow.is_none() != col.is_none()) throw py::value_error("crow, col: give both or neither");
@@ -854,7 +861,7 @@ py::array dst_top_abs(const py::array& scores, const py::object& crow, const py:
   int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
-    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(M), n, O, threads(nthreads));
+    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(M), n, O, threads(nthreads), z);
   }
   return out;
 }
@@ -889,7 +896,7 @@ py::array dst_top_abs_rows(const py::array& scores, const py::array& crow, const
 }
 
 py::array dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, const py::array& col, int64_t n,
-                         uint64_t seed, const py::object& out_arg) {
+                         uint64_t seed, const py::object& out_arg, int nthreads) {
   check_dims(rows, cols);
   const CsrIn c = csr_in(crow, col, rows, cols);
   const int64_t free = rows * cols - c.nnz;
@@ -902,7 +909,7 @@ py::array dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, cons
   int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
-    sparseops::sample_off(rows, cols, c.ptr, c.idx, n, seed, O);
+    sparseops::sample_off(rows, cols, c.ptr, c.idx, n, seed, O, threads(nthreads));
   }
   return out;
 }
@@ -1089,17 +1096,22 @@ in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous.
         py::arg("t_col"), py::arg("t_values"), py::arg("out_features"), py::arg("bias"), py::arg("y").noconvert(),
         py::arg("nthreads"));
   m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
-        py::arg("nthreads"), py::arg("eligible") = py::none(), py::arg("out") = py::none(),
+        py::arg("nthreads"), py::arg("eligible") = py::none(), py::arg("out") = py::none(), py::arg("z") = 4.0,
         R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)
 that the CSR (crow, col; both None: none) does not hold and eligible (bool [rows, cols], None: all)
-flags; ties to the lower position, nan largest.)");
+flags; ties to the lower position, nan largest.
+
+z: the margin, in standard deviations, of the sampled bound that lets large inputs be selected in one
+pass (0: the exact three-pass selection only; negative: the bound nearly always misses and the exact
+passes run after it). The result does not depend on z.)");
   m.def("dst_top_abs_rows", &dst_top_abs_rows, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("keep"),
         py::arg("need"), py::arg("nthreads"), py::arg("out") = py::none(),
         R"(Row r gets need[r+1] - need[r] flat positions (ascending): its largest |scores| off the CSR row, then
 the largest among its held entries whose keep flag is False; ties to the lower column.)");
   m.def("dst_sample_off", &dst_sample_off, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
-        py::arg("n"), py::arg("seed"), py::arg("out") = py::none(),
-        R"(n distinct flat positions (ascending) that the CSR does not hold, uniformly at random from seed.)");
+        py::arg("n"), py::arg("seed"), py::arg("out") = py::none(), py::arg("nthreads") = 1,
+        R"(n distinct flat positions (ascending) that the CSR does not hold, uniformly at random from seed.
+The positions depend on the seed alone, not on nthreads.)");
   m.def("dst_count_off_kept", &dst_count_off_kept, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("keep"), py::arg("pos"), py::arg("nthreads"), py::arg("out") = py::none(),
         R"(Per row: how many of the flat positions pos (ascending) in it are not a stored entry flagged in keep.)");

@@ -3,10 +3,15 @@
 #include "dst.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -106,36 +111,68 @@ inline int lowest_bit(uint64_t v) {
 #endif
 }
 
+// the set bits of v, branch-free (__builtin_popcountll is a library call without -mpopcnt, which a
+// portable build does not pass)
+inline int64_t popcount(uint64_t v) {
+  v = v - ((v >> 1) & 0x5555555555555555ull);
+  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+  v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
+  return static_cast<int64_t>((v * 0x0101010101010101ull) >> 56);
+}
+
 }  // namespace
 
-void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
-             const uint8_t* eligible, int64_t n, int64_t* out, int nthreads) {
-  if (n <= 0 || rows <= 0 || cols <= 0) return;
+namespace {
+
+// the positions [0, N) that top_abs may not choose, as a bitmap (empty: none): the CSR's stored
+// positions (built in parallel over rows; only the first and the last word of a thread's rows can be
+// shared with a neighbour, and those take an atomic or) and the entries that eligible flags 0
+std::vector<uint64_t> excluded(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
+                               const uint8_t* eligible, int nthreads) {
   const int64_t N = rows * cols;
-  const int T = chunks(N, nthreads);
-  std::vector<int64_t> bnd(T + 1);
-  for (int t = 0; t <= T; ++t) bnd[t] = N / T * t + std::min<int64_t>(t, N % T);
-  // the excluded positions as a bitmap: the passes test a bit instead of walking the rows' columns
-  // (the walk broke every row into runs and cost as much as the pass itself)
   std::vector<uint64_t> ex;
-  if (crow || eligible) ex.assign(static_cast<size_t>((N + 63) / 64), 0);
+  if (!crow && !eligible) return ex;
+  ex.assign(static_cast<size_t>((N + 63) / 64), 0);
+  uint64_t* X = ex.data();
   if (crow) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
-        const int64_t x = r * cols + col[p];
-        ex[static_cast<size_t>(x >> 6)] |= uint64_t(1) << (x & 63);
-      }
+    const int T = chunks(crow[rows], nthreads);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+    for (int t = 0; t < T; ++t) {
+      const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
+      if (r0 >= r1) continue;
+      const int64_t w0 = r0 * cols >> 6, w1 = (r1 * cols - 1) >> 6;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
+          const int64_t x = r * cols + col[p];
+          const int64_t w = x >> 6;
+          const uint64_t bit = uint64_t(1) << (x & 63);
+          if (w == w0 || w == w1) {
+#pragma omp atomic
+            X[w] |= bit;
+          } else {
+            X[w] |= bit;
+          }
+        }
+    }
   }
   if (eligible) {
-#pragma omp parallel for schedule(static) num_threads(T)
+#pragma omp parallel for schedule(static) num_threads(chunks(N, nthreads))
     for (int64_t w = 0; w < static_cast<int64_t>(ex.size()); ++w) {
       uint64_t bits = 0;
       const int64_t b = w * 64, e = std::min(N, b + 64);
       for (int64_t i = b; i < e; ++i) bits |= static_cast<uint64_t>(eligible[i] == 0) << (i - b);
-      ex[static_cast<size_t>(w)] |= bits;
+      X[w] |= bits;
     }
   }
-  const uint64_t* E = ex.empty() ? nullptr : ex.data();
+  return ex;
+}
+
+// the exact selection in three passes over s: a histogram of the keys' top bits per chunk, the
+// candidates of the bucket that holds the n-th largest, then the output. E: the excluded bitmap or null.
+void top_abs_exact(const float* s, int64_t N, const uint64_t* E, int64_t n, int64_t* out, int nthreads) {
+  const int T = chunks(N, nthreads);
+  std::vector<int64_t> bnd(T + 1);
+  for (int t = 0; t <= T; ++t) bnd[t] = N / T * t + std::min<int64_t>(t, N % T);
   auto held = [E](int64_t i) -> bool { return E && ((E[i >> 6] >> (i & 63)) & 1); };
   // 1: a histogram of the keys' top bits, one per chunk (branch-free: an excluded entry adds 0)
   std::vector<int64_t> hist(static_cast<size_t>(T) * NB, 0);
@@ -212,14 +249,302 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
   }
 }
 
+// the k-th largest of v (1 <= k <= v.size(), values below 2^31), by radix selection on the range
+// the values span: a 256-bucket histogram of (x - lo) >> shift, keep the bucket of the k-th, repeat
+// (at most 4 rounds). *above: how many values are strictly larger. v is reordered and shrunk. for the
+// few hundred keys of a row, where nth_element's and sort's mispredicted branches cost microseconds
+uint32_t kth_largest(std::vector<uint32_t>& v, int64_t k, int64_t* above) {
+  int64_t over = 0;
+  uint32_t lo = v[0], hi = v[0];
+  for (const uint32_t x : v) {
+    lo = std::min(lo, x);
+    hi = std::max(hi, x);
+  }
+  while (lo != hi) {
+    int shift = 0;
+    while (((hi - lo) >> shift) > 255u) ++shift;
+    int64_t cnt[256] = {0};
+    for (const uint32_t x : v) ++cnt[(x - lo) >> shift];
+    int b = 255;
+    for (; over + cnt[b] < k; --b) over += cnt[b];
+    size_t w = 0;
+    uint32_t nlo = hi, nhi = lo;
+    for (const uint32_t x : v)
+      if (((x - lo) >> shift) == static_cast<uint32_t>(b)) {
+        v[w++] = x;
+        nlo = std::min(nlo, x);
+        nhi = std::max(nhi, x);
+      }
+    v.resize(w);
+    lo = nlo;
+    hi = nhi;
+  }
+  *above = over;
+  return lo;
+}
+
+constexpr int64_t SAMPLE_GROUPS = 4096;
+constexpr int64_t FILTER_BLOCK = 16;
+
+// f(i, key) for every i in [b, e), ascending, whose (key ^ flip) >= lo as int32 (keys are below 2^31,
+// so both sides stay non-negative and flip = 0x7fffffff turns "at least" into "at most"). a run of
+// FILTER_BLOCK is tested at once (SSE2 where the target has it: x86-64 always does) and only the runs
+// holding one are looked into
+template <class F>
+void for_keys_past(const float* s, int64_t b, int64_t e, uint32_t flip, int32_t lo, F&& f) {
+  int64_t i = b;
+#if defined(__SSE2__) && !defined(SPARSEOPS_NO_SSE2_FILTER)
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(s);
+  const __m128i absmask = _mm_set1_epi32(0x7fffffff), fl = _mm_set1_epi32(static_cast<int>(flip)),
+                bound = _mm_set1_epi32(lo - 1);  // lo >= 0, so lo - 1 does not wrap
+  static_assert(FILTER_BLOCK == 16, "the SSE2 test covers 16 lanes");
+  for (; i + FILTER_BLOCK <= e; i += FILTER_BLOCK) {
+    unsigned bits = 0;
+    for (int j = 0; j < 4; ++j) {
+      __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i + 4 * j));
+      x = _mm_xor_si128(_mm_and_si128(x, absmask), fl);
+      bits |= static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(x, bound)))) << (4 * j);
+    }
+    while (bits) {
+      const int j = lowest_bit(bits);
+      f(i + j, mag(s[i + j]));
+      bits &= bits - 1;
+    }
+  }
+#endif
+  for (; i < e; i += FILTER_BLOCK) {
+    const int64_t stop = std::min(e, i + FILTER_BLOCK);
+    int any = 0;
+    for (int64_t j = i; j < stop; ++j) any |= static_cast<int32_t>(mag(s[j]) ^ flip) >= lo;
+    if (!any) continue;
+    for (int64_t j = i; j < stop; ++j) {
+      const uint32_t key = mag(s[j]);
+      if (static_cast<int32_t>(key ^ flip) >= lo) f(j, key);
+    }
+  }
+}
+
+// the candidates of s[b, e): each position whose (key ^ flip) >= lo and that E does not hold, appended
+// with its key to P and K (sized from cap, grown as needed) in ascending order; returns their count
+template <bool HasE>
+int64_t filter_chunk(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo, size_t cap,
+                     std::vector<int64_t>& P, std::vector<uint32_t>& K) {
+  P.resize(std::max<size_t>(cap, 1));
+  K.resize(P.size());
+  int64_t m = 0;
+  for_keys_past(s, b, e, flip, lo, [&](int64_t i, uint32_t key) {
+    if (HasE && ((E[i >> 6] >> (i & 63)) & 1)) return;
+    if (static_cast<size_t>(m) == P.size()) {
+      P.resize(P.size() * 2);
+      K.resize(K.size() * 2);
+    }
+    P[static_cast<size_t>(m)] = i;
+    K[static_cast<size_t>(m)] = key;
+    ++m;
+  });
+  return m;
+}
+
+// the selection in one pass over s, when a sample of s predicts the cut well: q = d / (eligible
+// entries) of them are chosen on one side (top: the d largest; otherwise the d smallest, the ones
+// *not* chosen, when n is more than half). a sample of SAMPLE_GROUPS random aligned runs of 16 bounds
+// the side's key with a margin of z standard deviations (a run's share is in [0, 1], so its variance
+// is at most q(1 - q) however the runs correlate); one pass gathers every eligible entry past that
+// bound (position and key, a chunk's in ascending order), an exact radix selection among them finds the
+// cut key and how many of its ties to take, and a last pass over the candidates (top) or over the
+// positions (bottom) writes out. returns false, having written nothing, when the bound let through
+// fewer than d entries (the caller then runs top_abs_exact) or the sample cannot bound q.
+bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligible_n, int64_t n, int64_t* out,
+                     int nthreads, double z) {
+  const bool top = n <= eligible_n - n;
+  const int64_t d = top ? n : eligible_n - n;  // chosen (top) or left out (bottom)
+  if (d <= 0 || N < 16 * SAMPLE_GROUPS) return false;
+  auto held = [E](int64_t i) -> bool { return E && ((E[i >> 6] >> (i & 63)) & 1); };
+  // the sample
+  std::vector<uint32_t> sk;
+  sk.reserve(16 * SAMPLE_GROUPS);
+  uint64_t state = 0x5eed5a3b1e5ull ^ static_cast<uint64_t>(n);
+  std::vector<int64_t> at(SAMPLE_GROUPS);
+  for (int64_t& b : at) b = static_cast<int64_t>(below(state, static_cast<uint64_t>(N / 16))) * 16;
+  std::sort(at.begin(), at.end());  // read in address order: random order missed the TLB at every run
+  for (const int64_t b : at)
+    for (int64_t i = b; i < b + 16; ++i)
+      if (!held(i)) sk.push_back(mag(s[i]));
+  const double q = static_cast<double>(d) / static_cast<double>(eligible_n);
+  const double qhi = q + z * std::sqrt(q * (1 - q) / SAMPLE_GROUPS) + 1.0 / SAMPLE_GROUPS;
+  const int64_t S = static_cast<int64_t>(sk.size());
+  const int64_t rank = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(qhi * static_cast<double>(S))));
+  if (qhi >= 0.5 || S < 16 || rank >= S) return false;
+  uint32_t bound;  // top: keys >= bound are candidates; bottom: keys <= bound
+  if (top) {
+    std::nth_element(sk.begin(), sk.begin() + rank, sk.end(), std::greater<uint32_t>());
+  } else {
+    std::nth_element(sk.begin(), sk.begin() + rank, sk.end());
+  }
+  bound = sk[static_cast<size_t>(rank)];
+  // the pass: each chunk's candidates, branch-free inside a run of FILTER_BLOCK that holds one
+  // chunks start on a multiple of 64, so that each owns whole words of a bitmap over the positions
+  const int T = chunks(N, nthreads);
+  std::vector<int64_t> bnd(T + 1);
+  for (int t = 0; t < T; ++t) bnd[t] = (N / T * t) & ~int64_t(63);
+  bnd[T] = N;
+  std::vector<std::vector<int64_t>> cpos(T);
+  std::vector<std::vector<uint32_t>> ckey(T);
+  std::vector<int64_t> cnt(T, 0), elig(T, 0);
+  // flips the comparison for the bottom side: a candidate's (key ^ flip) >= (bound ^ flip) as signed
+  // 32-bit integers (keys are below 2^31, so both sides stay non-negative)
+  const uint32_t flip = top ? 0u : 0x7fffffffu;
+  const int32_t lo = static_cast<int32_t>(bound ^ flip);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    const int64_t len = bnd[t + 1] - bnd[t];
+    const size_t cap = static_cast<size_t>(static_cast<double>(len) * std::min(1.0, std::max(0.0, qhi * 1.25))) + 4 * FILTER_BLOCK;
+    const int64_t m = E ? filter_chunk<true>(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t])
+                        : filter_chunk<false>(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t]);
+    cnt[t] = m;
+    int64_t ex = 0;  // the chunk's excluded entries
+    if (E && !top) {
+      for (int64_t i = bnd[t]; i < bnd[t + 1];) {
+        if ((i & 63) == 0 && i + 64 <= bnd[t + 1]) {
+          ex += popcount(E[i >> 6]);
+          i += 64;
+        } else {
+          ex += static_cast<int64_t>((E[i >> 6] >> (i & 63)) & 1);
+          ++i;
+        }
+      }
+    }
+    elig[t] = len - ex;
+  }
+  int64_t M = 0;
+  for (int t = 0; t < T; ++t) M += cnt[t];
+  if (M < d) return false;
+  // the exact cut among the candidates: the d-th by (key ^ flip) descending. a histogram of its top
+  // 15 bits, then the keys of the cut's bucket
+  std::vector<int64_t> th(static_cast<size_t>(T) * NB, 0), hist(NB, 0);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    int64_t* h = th.data() + static_cast<size_t>(t) * NB;
+    const uint32_t* K = ckey[t].data();
+    const int64_t c = cnt[t];  // a local: h's stores could alias cnt
+    for (int64_t j = 0; j < c; ++j) ++h[(K[j] ^ flip) >> SHIFT];
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t b = 0; b < NB; ++b) hist[static_cast<size_t>(b)] += th[static_cast<size_t>(t) * NB + b];
+  int64_t above = 0, bucket = NB - 1;
+  for (; bucket > 0 && above + hist[bucket] < d; --bucket) above += hist[bucket];
+  // the cut inside that bucket, by a second histogram over the key's low 16 bits (no sort: ties,
+  // e.g. the zeros of weights grown at the last update, fill a bucket with equal keys)
+  const int64_t need = d - above;  // 1 <= need <= hist[bucket]
+  constexpr int64_t NL = int64_t(1) << SHIFT;
+  std::vector<int64_t> tlow(static_cast<size_t>(T) * NL, 0), low(NL, 0);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    int64_t* h = tlow.data() + static_cast<size_t>(t) * NL;
+    const uint32_t* K = ckey[t].data();
+    const int64_t c = cnt[t];
+    for (int64_t j = 0; j < c; ++j) {
+      const uint32_t f = K[j] ^ flip;
+      h[f & 0xffffu] += static_cast<int64_t>((f >> SHIFT) == static_cast<uint32_t>(bucket));
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t b = 0; b < NL; ++b) low[static_cast<size_t>(b)] += tlow[static_cast<size_t>(t) * NL + b];
+  int64_t better = 0, lb = (int64_t(1) << SHIFT) - 1;  // better: the bucket's keys strictly past the cut
+  for (; lb > 0 && better + low[static_cast<size_t>(lb)] < need; --lb) better += low[static_cast<size_t>(lb)];
+  const uint32_t cut = (static_cast<uint32_t>(bucket) << SHIFT) | static_cast<uint32_t>(lb);
+  int64_t ties = need - better;  // how many entries with key ^ flip == cut the side takes
+  // per chunk: past the cut, equal to it; the ties go to the lower positions on the top side (which
+  // chooses them) and to the higher ones on the bottom side (which leaves them out)
+  std::vector<int64_t> gt(T, 0), eq(T, 0), tie(T, 0);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    int64_t a = 0, e = 0;
+    const uint32_t* K = ckey[t].data();
+    const int64_t c = cnt[t];
+    for (int64_t j = 0; j < c; ++j) {
+      const uint32_t f = K[j] ^ flip;
+      a += f > cut;
+      e += f == cut;
+    }
+    gt[t] = a;
+    eq[t] = e;
+  }
+  for (int i = 0; i < T; ++i) {
+    const int t = top ? i : T - 1 - i;
+    tie[t] = std::min(ties, eq[t]);
+    ties -= tie[t];
+  }
+  std::vector<uint64_t> gone(top ? 0 : static_cast<size_t>((N + 63) / 64));  // bottom: the left-out positions
+  std::vector<int64_t> start(T + 1, 0);
+  for (int t = 0; t < T; ++t) start[t + 1] = start[t] + (top ? gt[t] + tie[t] : elig[t] - gt[t] - tie[t]);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    int64_t* o = out + start[t];
+    const int64_t* P = cpos[t].data();
+    const uint32_t* K = ckey[t].data();
+    const int64_t c = cnt[t];
+    if (top) {
+      int64_t take = tie[t];
+      for (int64_t j = 0; j < c; ++j) {
+        const uint32_t f = K[j] ^ flip;
+        if (f > cut || (f == cut && take-- > 0)) *o++ = P[j];
+      }
+    } else {
+      // every eligible position of the chunk but the left-out candidates (past the cut, or among the
+      // chunk's last tie[t] equal to it): the left-out ones into a bitmap of the chunk's words, then
+      // the positions of its clear bits that E does not hold, a word at a time
+      int64_t skip = eq[t] - tie[t];  // equal ones, in order, that are kept before the left-out ties
+      const int64_t w0 = bnd[t] >> 6, w1 = (bnd[t + 1] + 63) >> 6;
+      uint64_t* D = gone.data();
+      std::fill(D + w0, D + w1, uint64_t(0));
+      for (int64_t j = 0; j < c; ++j) {
+        const uint32_t f = K[j] ^ flip;
+        const bool left_out = f > cut || (f == cut && skip-- <= 0);
+        D[P[j] >> 6] |= static_cast<uint64_t>(left_out) << (P[j] & 63);
+      }
+      for (int64_t w = w0; w < w1; ++w) {
+        uint64_t bits = ~(D[w] | (E ? E[w] : 0));
+        if (w == (N >> 6) && (N & 63)) bits &= (uint64_t(1) << (N & 63)) - 1;
+        while (bits) {
+          *o++ = w * 64 + lowest_bit(bits);
+          bits &= bits - 1;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
+             const uint8_t* eligible, int64_t n, int64_t* out, int nthreads, double z) {
+  if (n <= 0 || rows <= 0 || cols <= 0) return;
+  const int64_t N = rows * cols;
+  const std::vector<uint64_t> ex = excluded(rows, cols, crow, col, eligible, nthreads);
+  const uint64_t* E = ex.empty() ? nullptr : ex.data();
+  if (z != 0) {
+    int64_t held = 0;
+    if (E) {
+#pragma omp parallel for schedule(static) num_threads(chunks(N, nthreads)) reduction(+ : held)
+      for (int64_t w = 0; w < static_cast<int64_t>(ex.size()); ++w) held += popcount(ex[static_cast<size_t>(w)]);
+    }
+    if (top_abs_sampled(s, N, E, N - held, n, out, nthreads, z)) return;
+  }
+  top_abs_exact(s, N, E, n, out, nthreads);
+}
+
 void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
                   const uint8_t* keep, const int64_t* need, int64_t* out, int nthreads) {
   constexpr int RSHIFT = 20;                          // a row's buckets: the key's top 11 bits
   constexpr int64_t RNB = int64_t(1) << (31 - RSHIFT);  // 2048 buckets, 8 KB of counts
+  constexpr int64_t ROW_SAMPLE = 256;
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<uint64_t> buf, dropped, held;
-    std::vector<uint32_t> hist(RNB);
+    std::vector<uint32_t> hist(RNB), sk, ckeys;
+    std::vector<int64_t> cpos;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t m = need[r + 1] - need[r];
@@ -242,23 +567,74 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
         std::nth_element(dropped.begin(), dropped.begin() + take, dropped.end(), std::greater<uint64_t>());
         buf.insert(buf.end(), dropped.begin(), dropped.begin() + take);
       } else {
-        // the bucket of the m-th largest free key, then an exact selection among the keys from it up.
-        // the row's stored columns as a bitmap: both passes test a bit (branch-free in the histogram)
-        // instead of breaking the row into runs at every stored column
+        // the row's stored columns as a bitmap: the passes below test a bit (branch-free in the
+        // histogram) instead of breaking the row into runs at every stored column
         held.assign(static_cast<size_t>((cols + 63) / 64), 0);
         for (int64_t p = p0; p < pe; ++p) held[static_cast<size_t>(col[p] >> 6)] |= uint64_t(1) << (col[p] & 63);
         const uint64_t* H = held.data();
-        std::fill(hist.begin(), hist.end(), 0u);
-        uint32_t* h = hist.data();
-        for (int64_t c = 0; c < cols; ++c)
-          h[mag(sr[c]) >> RSHIFT] += static_cast<uint32_t>(1 - ((H[c >> 6] >> (c & 63)) & 1));
-        int64_t above = 0, b = RNB - 1;
-        for (; b > 0 && above + h[b] < m; --b) above += h[b];
-        const uint32_t lo = static_cast<uint32_t>(b) << RSHIFT;
-        buf.reserve(static_cast<size_t>(above + h[b]));
-        for (int64_t c = 0; c < cols; ++c) {
-          const uint32_t k = mag(sr[c]);
-          if (k >= lo && !((H[c >> 6] >> (c & 63)) & 1)) buf.push_back(pack(k, c));
+        auto is_held = [H](int64_t c) -> bool { return (H[c >> 6] >> (c & 63)) & 1; };
+        // first, one pass bounded by a sample of the row (top_abs_sampled's way, per row): ROW_SAMPLE
+        // random columns bound the m-th largest free key with a margin of 3 standard deviations, and
+        // every free column past the bound is a candidate. (the histogram alone chained its increments
+        // on a few hot buckets: 36 ms for a 4096^2 gradient.)
+        if (cols >= 4 * ROW_SAMPLE && 4 * m < nfree) {
+          // the sample reads at random: have the row's lines on their way first (in order, which the
+          // memory system streams), and the next row's, for the pass after this one
+#if defined(__GNUC__) || defined(__clang__)
+          for (int64_t c = 0; c < cols; c += 16) __builtin_prefetch(sr + c);
+          if (r + 1 < rows)
+            for (int64_t c = 0; c < cols; c += 16) __builtin_prefetch(sr + cols + c);
+#endif
+          sk.clear();
+          uint64_t st = 0x243f6a8885a308d3ull ^ (static_cast<uint64_t>(r) * 0x9e3779b97f4a7c15ull);
+          for (int64_t j = 0; j < ROW_SAMPLE; ++j) {
+            const int64_t c = static_cast<int64_t>(below(st, static_cast<uint64_t>(cols)));
+            if (!is_held(c)) sk.push_back(mag(sr[c]));
+          }
+          const double q = static_cast<double>(m) / static_cast<double>(nfree);
+          const double qhi = q + 3 * std::sqrt(q * (1 - q) / ROW_SAMPLE) + 1.0 / ROW_SAMPLE;
+          const int64_t S = static_cast<int64_t>(sk.size());
+          const int64_t rank = static_cast<int64_t>(std::ceil(qhi * static_cast<double>(S)));
+          if (S >= ROW_SAMPLE / 4 && rank < S) {
+            int64_t unused;
+            const uint32_t bound = kth_largest(sk, rank + 1, &unused);
+            cpos.clear();
+            ckeys.clear();
+            for_keys_past(sr, 0, cols, 0u, static_cast<int32_t>(bound), [&](int64_t c, uint32_t k) {
+              if (!is_held(c)) {
+                cpos.push_back(c);
+                ckeys.push_back(k);
+              }
+            });
+            if (static_cast<int64_t>(cpos.size()) >= m) {
+              // the cut among the candidates, then the candidates past it and the first of its ties,
+              // already in column order
+              sk.assign(ckeys.begin(), ckeys.end());
+              int64_t better;
+              const uint32_t cut = kth_largest(sk, m, &better);
+              int64_t ties = m - better;
+              int64_t* o = out + need[r];
+              for (size_t j = 0; j < cpos.size(); ++j)
+                if (ckeys[j] > cut || (ckeys[j] == cut && ties-- > 0)) *o++ = r * cols + cpos[j];
+              continue;
+            }
+          }
+        }
+        if (buf.empty()) {
+          // the exact way: the bucket of the m-th largest free key in a histogram of the top bits,
+          // then every free key from that bucket up
+          std::fill(hist.begin(), hist.end(), 0u);
+          uint32_t* h = hist.data();
+          for (int64_t c = 0; c < cols; ++c)
+            h[mag(sr[c]) >> RSHIFT] += static_cast<uint32_t>(1 - ((H[c >> 6] >> (c & 63)) & 1));
+          int64_t above = 0, b = RNB - 1;
+          for (; b > 0 && above + h[b] < m; --b) above += h[b];
+          const uint32_t lo = static_cast<uint32_t>(b) << RSHIFT;
+          buf.reserve(static_cast<size_t>(above + h[b]));
+          for (int64_t c = 0; c < cols; ++c) {
+            const uint32_t k = mag(sr[c]);
+            if (k >= lo && !is_held(c)) buf.push_back(pack(k, c));
+          }
         }
         if (static_cast<int64_t>(buf.size()) > m)
           std::nth_element(buf.begin(), buf.begin() + m, buf.end(), std::greater<uint64_t>());
@@ -273,9 +649,21 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
 
 int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const uint8_t* keep,
                        const int64_t* pos, int64_t n, int64_t* counts, int nthreads) {
-  // where each row's positions start (pos ascending)
+  // where each row's positions start (pos ascending): a binary search for each thread's first row,
+  // then a walk forward (a search per row missed the cache at every step)
   std::vector<int64_t> ps(rows + 1);
-  for (int64_t r = 0; r <= rows; ++r) ps[r] = std::lower_bound(pos, pos + n, r * cols) - pos;
+  const int T = chunks(n + rows, nthreads);
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
+    int64_t j = std::lower_bound(pos, pos + n, r0 * cols) - pos;
+    for (int64_t r = r0; r < r1; ++r) {
+      ps[r] = j;
+      const int64_t end = (r + 1) * cols;
+      while (j < n && pos[j] < end) ++j;
+    }
+  }
+  ps[rows] = n;
   int64_t total = 0;
 #pragma omp parallel for schedule(dynamic, 64) num_threads(nthreads) reduction(+ : total)
   for (int64_t r = 0; r < rows; ++r) {
@@ -302,35 +690,63 @@ void gather_or_zero(const int32_t* src, int64_t n, const float* const* xs, float
 }
 
 void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n, uint64_t seed,
-                int64_t* out) {
+                int64_t* out, int nthreads) {
   if (n <= 0) return;
   const int64_t N = rows * cols, F = N - crow[rows];
   const size_t words = static_cast<size_t>((N + 63) / 64);
-  std::vector<uint64_t> held(words, 0), pick(words, 0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t p = crow[r]; p < crow[r + 1]; ++p) {
-      const int64_t x = r * cols + col[p];
-      held[static_cast<size_t>(x >> 6)] |= uint64_t(1) << (x & 63);
-    }
-  // draw the smaller of the chosen set and its complement among the free positions, by rejection
+  // held: the stored positions; occ: held plus the picked ones, the one bitmap a draw tests
+  const std::vector<uint64_t> held = excluded(rows, cols, crow, col, nullptr, nthreads);
+  std::vector<uint64_t> occ(held);
+  // draw the smaller of the chosen set and its complement among the free positions, by rejection. a
+  // batch of draws is made ahead and its words prefetched, then the draws are tested in order: the
+  // same sequence, accepted the same way, as one at a time (whose every test missed the cache)
   const bool invert = n > F / 2;
   const int64_t draw = invert ? F - n : n;
   uint64_t state = seed;
+  constexpr int BATCH = 32;
+  uint64_t x[BATCH];
+  uint64_t* O = occ.data();
   for (int64_t got = 0; got < draw;) {
-    const uint64_t x = below(state, static_cast<uint64_t>(N));
-    const size_t w = static_cast<size_t>(x >> 6);
-    const uint64_t bit = uint64_t(1) << (x & 63);
-    if ((held[w] | pick[w]) & bit) continue;
-    pick[w] |= bit;
-    ++got;
+    for (int j = 0; j < BATCH; ++j) {
+      x[j] = below(state, static_cast<uint64_t>(N));
+#if defined(__GNUC__) || defined(__clang__)
+      __builtin_prefetch(O + (x[j] >> 6), 1);
+#endif
+    }
+    for (int j = 0; j < BATCH && got < draw; ++j) {
+      const size_t w = static_cast<size_t>(x[j] >> 6);
+      const uint64_t bit = uint64_t(1) << (x[j] & 63);
+      if (O[w] & bit) continue;
+      O[w] |= bit;
+      ++got;
+    }
   }
-  int64_t o = 0;
-  for (size_t w = 0; w < words; ++w) {
-    uint64_t bits = invert ? ~(held[w] | pick[w]) : pick[w];
+  // the output: a chunk of words per thread, each writing after the chunks before it
+  const int T = chunks(static_cast<int64_t>(words) * 64, nthreads);
+  std::vector<int64_t> wb(T + 1), start(T + 1, 0);
+  for (int t = 0; t <= T; ++t) wb[t] = static_cast<int64_t>(words) * t / T;
+  const uint64_t* H = held.data();
+  auto chosen = [&](size_t w) -> uint64_t {
+    uint64_t bits = invert ? ~O[w] : (O[w] & ~H[w]);
     if (w + 1 == words && (N & 63)) bits &= (uint64_t(1) << (N & 63)) - 1;
-    while (bits) {
-      out[o++] = static_cast<int64_t>(w) * 64 + lowest_bit(bits);
-      bits &= bits - 1;
+    return bits;
+  };
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    int64_t c = 0;
+    for (int64_t w = wb[t]; w < wb[t + 1]; ++w) c += popcount(chosen(static_cast<size_t>(w)));
+    start[t + 1] = c;
+  }
+  for (int t = 0; t < T; ++t) start[t + 1] += start[t];
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    int64_t* o = out + start[t];
+    for (int64_t w = wb[t]; w < wb[t + 1]; ++w) {
+      uint64_t bits = chosen(static_cast<size_t>(w));
+      while (bits) {
+        *o++ = w * 64 + lowest_bit(bits);
+        bits &= bits - 1;
+      }
     }
   }
 }
@@ -341,45 +757,61 @@ constexpr int64_t REPACK_COL_BLOCK = 256;
 bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
                 int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
                 int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads) {
-  // where each row's kept and grown entries start
+  const int64_t nn = nk + ng;
+  const int T = chunks(nn, nthreads);
+  // where each row's kept and grown entries start: each thread finds its first row's by a binary
+  // search, then walks both lists forward (a binary search a row missed the cache at every step)
   std::vector<int64_t> ks(rows + 1), gs(rows + 1);
-  // a binary search a row, inside the window the row can span (a row keeps at most its old entries and
-  // grows at most cols): a search over all of kept missed the cache at every step
-  ks[0] = gs[0] = 0;
-  for (int64_t r = 1; r <= rows; ++r) {
-    const int64_t kw = std::min(nk, ks[r - 1] + (crow[r] - crow[r - 1]));
-    ks[r] = std::lower_bound(kept + ks[r - 1], kept + kw, static_cast<int64_t>(crow[r])) - kept;
-    const int64_t gw = std::min(ng, gs[r - 1] + cols);
-    gs[r] = std::lower_bound(grown + gs[r - 1], grown + gw, r * cols) - grown;
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
+    const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
+    int64_t a = std::lower_bound(kept, kept + nk, static_cast<int64_t>(crow[r0])) - kept;
+    int64_t g = std::lower_bound(grown, grown + ng, r0 * cols) - grown;
+    for (int64_t r = r0; r < r1; ++r) {
+      ks[r] = a;
+      gs[r] = g;
+      const int64_t kend = crow[r + 1], gend = (r + 1) * cols;
+      while (a < nk && kept[a] < kend) ++a;
+      while (g < ng && grown[g] < gend) ++g;
+    }
   }
+  ks[rows] = nk;
+  gs[rows] = ng;
   ncrow[0] = 0;
   for (int64_t r = 0; r < rows; ++r)
     ncrow[r + 1] = static_cast<int32_t>(ncrow[r] + (ks[r + 1] - ks[r]) + (gs[r + 1] - gs[r]));
-  const int64_t nn = nk + ng;
-  const int T = chunks(nn, nthreads);
   int clash = 0;
-  // row-major: merge each row's kept columns with its grown ones
+  // row-major: merge each row's kept columns with its grown ones, branch-free (which list the next
+  // entry comes from is a coin toss the branch predictor lost half the time)
 #pragma omp parallel for schedule(dynamic, 64) num_threads(T) reduction(| : clash)
   for (int64_t r = 0; r < rows; ++r) {
     int64_t a = ks[r], g = gs[r], o = ncrow[r];
     const int64_t ae = ks[r + 1], ge = gs[r + 1], base = r * cols;
-    const int64_t none = std::numeric_limits<int64_t>::max();
-    while (a < ae || g < ge) {
-      const int64_t ca = a < ae ? col[kept[a]] : none, cg = g < ge ? grown[g] - base : none;
-      if (ca == cg) {
-        clash = 1;
-        break;
-      }
-      if (ca < cg) {
-        ncol[o] = static_cast<int32_t>(ca);
-        src[o] = static_cast<int32_t>(kept[a++]);
-      } else {
-        ncol[o] = static_cast<int32_t>(cg);
-        src[o] = -1;
-        ++g;
-      }
-      nrow[o++] = static_cast<int32_t>(r);
+    const int32_t rr = static_cast<int32_t>(r);
+    int c = 0;
+    while (a < ae && g < ge) {
+      const int64_t ka = kept[a];
+      const int64_t ca = col[ka], cg = grown[g] - base;
+      const bool from_kept = ca < cg;
+      c |= ca == cg;
+      ncol[o] = static_cast<int32_t>(from_kept ? ca : cg);
+      src[o] = from_kept ? static_cast<int32_t>(ka) : -1;
+      nrow[o] = rr;
+      ++o;
+      a += from_kept;
+      g += !from_kept;
     }
+    for (; a < ae; ++a, ++o) {
+      ncol[o] = col[kept[a]];
+      src[o] = static_cast<int32_t>(kept[a]);
+      nrow[o] = rr;
+    }
+    for (; g < ge; ++g, ++o) {
+      ncol[o] = static_cast<int32_t>(grown[g] - base);
+      src[o] = -1;
+      nrow[o] = rr;
+    }
+    clash |= c;
   }
   if (clash) return false;
   // column-major: a counting sort by column; each chunk of rows scatters after the chunks before it,
@@ -393,7 +825,8 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     int64_t* h = cnt.data() + static_cast<size_t>(t) * cols;
-    for (int64_t k = ncrow[rb[t]]; k < ncrow[rb[t + 1]]; ++k) ++h[ncol[k]];
+    const int64_t k0 = ncrow[rb[t]], k1 = ncrow[rb[t + 1]];  // locals: h's stores could alias rb
+    for (int64_t k = k0; k < k1; ++k) ++h[ncol[k]];
   }
   int64_t run = 0;
   t_crow[0] = 0;
@@ -413,19 +846,21 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     int64_t* at = cnt.data() + static_cast<size_t>(t) * cols;
-    std::vector<int64_t> cur(static_cast<size_t>(rb[t + 1] - rb[t]));
-    for (int64_t r = rb[t]; r < rb[t + 1]; ++r) cur[r - rb[t]] = ncrow[r];
+    const int64_t r0 = rb[t], r1 = rb[t + 1];  // locals: the stores through at could alias rb
+    std::vector<int32_t> cur(static_cast<size_t>(r1 - r0));
+    int32_t* cu = cur.data();
+    for (int64_t r = r0; r < r1; ++r) cu[r - r0] = ncrow[r];
     for (int64_t c0 = 0; c0 < cols; c0 += REPACK_COL_BLOCK) {
-      const int64_t c1 = std::min(cols, c0 + REPACK_COL_BLOCK);
-      for (int64_t r = rb[t]; r < rb[t + 1]; ++r) {
-        int64_t k = cur[r - rb[t]];
-        const int64_t e = ncrow[r + 1];
+      const int32_t c1 = static_cast<int32_t>(std::min(cols, c0 + REPACK_COL_BLOCK));
+      for (int64_t r = r0; r < r1; ++r) {
+        int32_t k = cu[r - r0];
+        const int32_t e = ncrow[r + 1];
         for (; k < e && ncol[k] < c1; ++k) {
           const int64_t pos = at[ncol[k]]++;
           t_row[pos] = static_cast<int32_t>(r);
-          t_perm[pos] = static_cast<int32_t>(k);
+          t_perm[pos] = k;
         }
-        cur[r - rb[t]] = k;
+        cu[r - r0] = k;
       }
     }
   }

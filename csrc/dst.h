@@ -12,8 +12,11 @@ namespace sparseops {
 // (contiguous) that the CSR (crow [rows+1], col) does not hold (crow null: none excluded) and that
 // eligible [rows * cols] flags (null: all). ties go to the lower position; nan ranks above everything
 // (as torch.topk). out [n], ascending. requires 0 <= n <= the number of eligible entries.
+// z != 0: first try one pass over s whose bound comes from a sample (z: the bound's margin in standard
+// deviations; when it lets through too few entries, the exact three passes run, which z == 0 asks for
+// outright; a negative z makes that fallback the rule, for tests). the result is the same either way.
 void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
-             const uint8_t* eligible, int64_t n, int64_t* out, int nthreads);
+             const uint8_t* eligible, int64_t n, int64_t* out, int nthreads, double z = 4.0);
 
 // row by row: row r gets need[r+1] - need[r] positions, written ascending to out[need[r] ...]: the
 // largest |s| among the positions the CSR row does not hold and then, when those run out, among the
@@ -34,7 +37,7 @@ void gather_or_zero(const int32_t* src, int64_t n, const float* const* xs, float
 // n distinct flat positions that the CSR does not hold, uniformly at random (a seeded splitmix64
 // stream), ascending. requires 0 <= n <= rows * cols - nnz.
 void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, int64_t n, uint64_t seed,
-                int64_t* out);
+                int64_t* out, int nthreads = 1);
 
 // the CSR of the old entries at positions kept [nk] (ascending indices into col) plus new entries at
 // the flat positions grown [ng] (ascending), both orientations at once: ncrow [rows+1], ncol, nrow

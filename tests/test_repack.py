@@ -238,6 +238,42 @@ def test_top_abs_binding_many_threads():
         assert np.array_equal(got, ref_top_abs(s, n).numpy()), f"n={n}"
 
 
+@needs_cpp
+@pytest.mark.parametrize("data", ["normal", "ties", "dead_rows"])
+def test_top_abs_sampled_pass_its_fallback_and_the_exact_passes_agree(data):
+    """From 65536 entries the kernel selects in one pass, bounded by a sample (z > 0). A negative z makes
+    that bound miss, so the exact passes run after it; z = 0 runs them alone. All three equal the
+    reference on both sides of the cut (n below half the eligible entries selects the largest, above
+    half it leaves out the smallest), with heavy ties at the cut, with exclusion and eligibility, and for
+    2 and 8 threads. 701 columns: the excluded bitmap's words straddle rows and threads."""
+    rows, cols = 300, 701
+    g = torch.Generator().manual_seed(_seed("sampled", data))
+    if data == "ties":
+        s = torch.randint(-3, 4, (rows, cols), generator=g).float() * 0.5
+    else:
+        s = torch.randn(rows, cols, generator=g)
+    if data == "dead_rows":
+        s[::5] = 0.0
+        s[torch.rand(rows, cols, generator=g) < 0.1] = -0.0
+    s[torch.rand(rows, cols, generator=g) < 0.001] = float("nan")
+    stored = _random_mask(rows, cols, 0.1, g, empty_rows=(0, 17, rows - 1))
+    fmt = CSRWeight.from_mask(stored)
+    eligible = torch.rand(rows, cols, generator=g) < 0.8
+    for exclude, elig in ((None, None), (fmt, None), (fmt, eligible)):
+        out_mask = torch.zeros(rows, cols, dtype=torch.bool) if exclude is None else stored.clone()
+        if elig is not None:
+            out_mask |= ~elig
+        count = int((~out_mask).sum())
+        crow, col = (None, None) if exclude is None else (fmt.crow.numpy(), fmt.col.numpy())
+        el = None if elig is None else elig.numpy()
+        for n in (1, 97, count // 10, count // 2, count // 2 + 1, count - count // 10, count - 1, count):
+            exp = ref_top_abs(s, n, out_mask).numpy()
+            for z in (4.0, -4.0, 0.0):
+                for threads in (2, 8):
+                    got = _C.dst_top_abs(s.numpy(), crow, col, n, threads, el, None, z)
+                    assert np.array_equal(got, exp), (data, exclude is None, elig is None, n, z, threads)
+
+
 def test_top_abs_bad_n(impl):
     s = torch.randn(4, 5)
     fmt = CSRWeight.from_mask(torch.rand(4, 5) < 0.5)
@@ -280,6 +316,41 @@ def test_top_abs_rows_matches_reference(impl, shape, kind):
         where = f"{impl} {shape} {kind} trial {trial} need={need.tolist()[:10]}"
         assert got.dtype == torch.int64, where
         assert torch.equal(got, exp), f"{where}: got {got.tolist()[:16]}, expected {exp.tolist()[:16]}"
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "special", "spiky"])
+def test_top_abs_rows_wide_rows_take_the_sampled_pass(impl, kind):
+    """Rows of 1024 columns or more that need under a quarter of their free positions are selected in
+    one pass bounded by a sample of the row; the other rows (and a row whose bound lets too few
+    through) take the histogram. Both against the reference, with SRigL's shape of a case: 10% stored,
+    about 70% of it kept. ``spiky``: each row a few huge values on a tiny floor, so the sample rarely
+    holds one."""
+    rows, cols = 40, 1500
+    g = torch.Generator().manual_seed(_seed("wide rows", kind))
+    if kind == "spiky":
+        s = torch.rand(rows, cols, generator=g) * 1e-3
+        s[torch.rand(rows, cols, generator=g) < 0.01] = 100.0
+    else:
+        s = _scores((rows, cols), kind, g)
+    mask = _random_mask(rows, cols, 0.1, g, empty_rows=(3,))
+    fmt = CSRWeight.from_mask(mask)
+    keep = torch.rand(fmt.nnz, generator=g) < 0.7
+    kept_mask = torch.zeros(rows, cols, dtype=torch.bool)
+    kept_mask[fmt.row.long()[keep], fmt.col.long()[keep]] = True
+    avail = cols - kept_mask.sum(1)
+    nfree = cols - mask.sum(1)
+    # most rows under a quarter of the free positions (the sampled pass), some at or past it
+    frac = torch.tensor([0.0, 0.0007, 0.01, 0.03, 0.1, 0.2, 0.249, 0.26, 0.6, 1.0])[torch.arange(rows) % 10]
+    need = torch.minimum((frac * nfree).long().clamp_min(1), avail)
+    need[0] = 1
+    got = R.top_abs_rows(s, fmt, keep, need)
+    exp = ref_top_abs_rows(s, mask, kept_mask, need)
+    assert torch.equal(got, exp), f"{impl} {kind}: first difference at {int((got != exp).nonzero()[0, 0]) if got.numel() == exp.numel() else 'size'}"
+    if impl == "cpp":
+        ptr = torch.zeros(rows + 1, dtype=torch.int64)
+        ptr[1:] = need.cumsum(0)
+        eight = _C.dst_top_abs_rows(s.numpy(), fmt.crow.numpy(), fmt.col.numpy(), keep.numpy(), ptr.numpy(), 8)
+        assert np.array_equal(eight, exp.numpy()), f"{kind}: 8 threads"
 
 
 def test_top_abs_rows_free_positions_come_first_whatever_their_magnitude(impl):

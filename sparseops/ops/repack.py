@@ -152,7 +152,7 @@ def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     if _cpp(fmt.col):
         out = torch.empty(n, dtype=torch.int64)
-        _C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed, _np(out))
+        _C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed, _np(out), _threads(rows * cols))
         return out
     held = torch.zeros(rows * cols, dtype=torch.bool)
     held[_keys(fmt).cpu()] = True
