@@ -283,7 +283,7 @@ uint32_t kth_largest(std::vector<uint32_t>& v, int64_t k, int64_t* above) {
   return lo;
 }
 
-constexpr int64_t SAMPLE_GROUPS = 4096;
+constexpr int64_t SAMPLE_GROUPS = 4096, SAMPLE_GROUPS_MIN = 256, SAMPLED_FROM = 65536;
 constexpr int64_t FILTER_BLOCK = 16;
 
 // f(i, key) for every i in [b, e), ascending, whose (key ^ flip) >= lo as int32 (keys are below 2^31,
@@ -347,7 +347,7 @@ int64_t filter_chunk(const float* s, const uint64_t* E, int64_t b, int64_t e, ui
 
 // the selection in one pass over s, when a sample of s predicts the cut well: q = d / (eligible
 // entries) of them are chosen on one side (top: the d largest; otherwise the d smallest, the ones
-// *not* chosen, when n is more than half). a sample of SAMPLE_GROUPS random aligned runs of 16 bounds
+// *not* chosen, when n is more than half). a sample of G random aligned runs of 16 bounds
 // the side's key with a margin of z standard deviations (a run's share is in [0, 1], so its variance
 // is at most q(1 - q) however the runs correlate); one pass gathers every eligible entry past that
 // bound (position and key, a chunk's in ascending order), an exact radix selection among them finds the
@@ -358,30 +358,30 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
                      int nthreads, double z) {
   const bool top = n <= eligible_n - n;
   const int64_t d = top ? n : eligible_n - n;  // chosen (top) or left out (bottom)
-  if (d <= 0 || N < 16 * SAMPLE_GROUPS) return false;
+  if (d <= 0 || N < SAMPLED_FROM) return false;
   auto held = [E](int64_t i) -> bool { return E && ((E[i >> 6] >> (i & 63)) & 1); };
-  // the sample
+  // flips the comparisons for the bottom side: a key k ranks by k ^ flip, larger first (keys are
+  // below 2^31, so both stay non-negative as int32)
+  const uint32_t flip = top ? 0u : 0x7fffffffu;
+  // the sample: G runs, one per 1024 entries between SAMPLE_GROUPS_MIN and SAMPLE_GROUPS (it cost a
+  // millisecond at 4096 runs, half a small layer's selection)
+  const int64_t G = std::min<int64_t>(SAMPLE_GROUPS, std::max<int64_t>(SAMPLE_GROUPS_MIN, N / 1024));
   std::vector<uint32_t> sk;
-  sk.reserve(16 * SAMPLE_GROUPS);
+  sk.reserve(static_cast<size_t>(16 * G));
   uint64_t state = 0x5eed5a3b1e5ull ^ static_cast<uint64_t>(n);
-  std::vector<int64_t> at(SAMPLE_GROUPS);
+  std::vector<int64_t> at(static_cast<size_t>(G));
   for (int64_t& b : at) b = static_cast<int64_t>(below(state, static_cast<uint64_t>(N / 16))) * 16;
   std::sort(at.begin(), at.end());  // read in address order: random order missed the TLB at every run
   for (const int64_t b : at)
     for (int64_t i = b; i < b + 16; ++i)
-      if (!held(i)) sk.push_back(mag(s[i]));
+      if (!held(i)) sk.push_back(mag(s[i]) ^ flip);
   const double q = static_cast<double>(d) / static_cast<double>(eligible_n);
-  const double qhi = q + z * std::sqrt(q * (1 - q) / SAMPLE_GROUPS) + 1.0 / SAMPLE_GROUPS;
+  const double qhi = q + z * std::sqrt(q * (1 - q) / static_cast<double>(G)) + 1.0 / static_cast<double>(G);
   const int64_t S = static_cast<int64_t>(sk.size());
   const int64_t rank = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(qhi * static_cast<double>(S))));
   if (qhi >= 0.5 || S < 16 || rank >= S) return false;
-  uint32_t bound;  // top: keys >= bound are candidates; bottom: keys <= bound
-  if (top) {
-    std::nth_element(sk.begin(), sk.begin() + rank, sk.end(), std::greater<uint32_t>());
-  } else {
-    std::nth_element(sk.begin(), sk.begin() + rank, sk.end());
-  }
-  bound = sk[static_cast<size_t>(rank)];
+  int64_t unused;
+  const int32_t lo = static_cast<int32_t>(kth_largest(sk, rank + 1, &unused));  // candidates: key ^ flip >= lo
   // the pass: each chunk's candidates, branch-free inside a run of FILTER_BLOCK that holds one
   // chunks start on a multiple of 64, so that each owns whole words of a bitmap over the positions
   const int T = chunks(N, nthreads);
@@ -391,10 +391,6 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
   std::vector<std::vector<int64_t>> cpos(T);
   std::vector<std::vector<uint32_t>> ckey(T);
   std::vector<int64_t> cnt(T, 0), elig(T, 0);
-  // flips the comparison for the bottom side: a candidate's (key ^ flip) >= (bound ^ flip) as signed
-  // 32-bit integers (keys are below 2^31, so both sides stay non-negative)
-  const uint32_t flip = top ? 0u : 0x7fffffffu;
-  const int32_t lo = static_cast<int32_t>(bound ^ flip);
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     const int64_t len = bnd[t + 1] - bnd[t];
