@@ -976,7 +976,8 @@ py::list dst_gather(const py::array& src, const py::list& xs, int nthreads, cons
 }
 
 py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
-                         const py::array& kept, const py::array& grown, int nthreads, const py::object& out_arg) {
+                         const py::array& kept, const py::array& grown, int nthreads, const py::object& out_arg,
+                         const py::object& xs_arg, const py::object& outs_arg) {
   check_dims(rows, cols);
   const CsrIn c = csr_in(crow, col, rows, cols);
   const int64_t* K = positions(kept, "kept", c.nnz);
@@ -996,7 +997,35 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
     o.push_back(out_vector<int32_t>(given, names[j], "int32", sizes[j]));
     written.push_back(span(o.back(), names[j]));
   }
-  all.insert(all.end(), written.begin(), written.end());
+  // the tensors to re-map in the merge (xs, laid out like the old values) and where (outs): both or neither
+  if (xs_arg.is_none() != outs_arg.is_none()) throw py::value_error("xs, outs: give both or neither");
+  std::vector<py::array> xa, oa;  // outlive the kernel
+  std::vector<const float*> xp;
+  std::vector<float*> op;
+  std::vector<std::string> xn, on;  // "xs[j]", "outs[j]": the spans name them (the same array twice is an overlap)
+  if (!xs_arg.is_none()) {
+    if (!py::isinstance<py::list>(xs_arg) || !py::isinstance<py::list>(outs_arg) ||
+        py::len(xs_arg) != py::len(outs_arg))
+      throw py::value_error("xs, outs: expected two lists of the same length");
+    const py::list xl = xs_arg.cast<py::list>(), ol = outs_arg.cast<py::list>();
+    const size_t m = py::len(xl);
+    xn.reserve(m);
+    on.reserve(m);
+    for (size_t j = 0; j < m; ++j) {
+      xn.push_back("xs[" + std::to_string(j) + "]");
+      on.push_back("outs[" + std::to_string(j) + "]");
+      py::array x = py::reinterpret_borrow<py::object>(xl[j]).cast<py::array>();
+      xp.push_back(vector<float>(x, "xs", "float32", c.nnz));
+      xa.push_back(x);
+      all.push_back(span(x, xn.back().c_str()));
+      py::array w = out_vector<float>(py::reinterpret_borrow<py::object>(ol[j]), "outs", "float32", nn);
+      op.push_back(static_cast<float*>(w.mutable_data()));
+      oa.push_back(w);
+      written.push_back(span(w, on.back().c_str()));
+    }
+    all.insert(all.end(), written.end() - static_cast<long>(oa.size()), written.end());
+  }
+  all.insert(all.end(), written.begin(), written.begin() + 7);
   check_disjoint(written, all);
   bool ok;
   {
@@ -1004,7 +1033,7 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
     for (int j = 0; j < 7; ++j) p[j] = static_cast<int32_t*>(o[j].mutable_data());
     py::gil_scoped_release release;
     ok = sparseops::csr_repack(rows, cols, c.ptr, c.idx, K, nk, G, ng, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
-                               threads(nthreads));
+                               threads(nthreads), xp.data(), op.data(), static_cast<int>(xp.size()));
   }
   if (!ok) throw py::value_error("grown: a grown position is also a kept one");
   return py::make_tuple(o[0], o[1], o[2], o[3], o[4], o[5], o[6]);
@@ -1120,8 +1149,12 @@ The positions depend on the seed alone, not on nthreads.)");
 in [-1, m)).)");
   m.def("dst_csr_repack", &dst_csr_repack, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("kept"), py::arg("grown"), py::arg("nthreads"), py::arg("out") = py::none(),
+        py::arg("xs") = py::none(), py::arg("outs") = py::none(),
         R"(The CSR of the entries at positions kept (ascending, into col) plus new ones at the flat positions
-grown (ascending): (crow, col, row, t_crow, t_row, t_perm, src) int32; src: old position, -1 if grown.)");
+grown (ascending): (crow, col, row, t_crow, t_row, t_perm, src) int32; src: old position, -1 if grown.
+
+xs, outs: lists of float32 arrays, xs laid out like the old values ([nnz]) and outs [nnz'] written in
+the merge: outs[j][i] = xs[j][src[i]], 0 for a grown entry (dst_gather fused into the re-pack).)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },

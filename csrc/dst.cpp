@@ -752,7 +752,8 @@ constexpr int64_t REPACK_COL_BLOCK = 256;
 
 bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
                 int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
-                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads) {
+                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads, const float* const* xs,
+                float* const* outs, int k) {
   const int64_t nn = nk + ng;
   const int T = chunks(nn, nthreads);
   // where each row's kept and grown entries start: each thread finds its first row's by a binary
@@ -793,6 +794,7 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
       ncol[o] = static_cast<int32_t>(from_kept ? ca : cg);
       src[o] = from_kept ? static_cast<int32_t>(ka) : -1;
       nrow[o] = rr;
+      for (int t = 0; t < k; ++t) outs[t][o] = from_kept ? xs[t][ka] : 0.0f;
       ++o;
       a += from_kept;
       g += !from_kept;
@@ -801,11 +803,13 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
       ncol[o] = col[kept[a]];
       src[o] = static_cast<int32_t>(kept[a]);
       nrow[o] = rr;
+      for (int t = 0; t < k; ++t) outs[t][o] = xs[t][kept[a]];
     }
     for (; g < ge; ++g, ++o) {
       ncol[o] = static_cast<int32_t>(grown[g] - base);
       src[o] = -1;
       nrow[o] = rr;
+      for (int t = 0; t < k; ++t) outs[t][o] = 0.0f;
     }
     clash |= c;
   }

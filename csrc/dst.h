@@ -42,10 +42,12 @@ void sample_off(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
 // the CSR of the old entries at positions kept [nk] (ascending indices into col) plus new entries at
 // the flat positions grown [ng] (ascending), both orientations at once: ncrow [rows+1], ncol, nrow
 // [nk+ng]; t_crow [cols+1], t_row, t_perm [nk+ng] (rows ascending within a column); src [nk+ng] (int32) the
-// old position of each new entry, -1 for a grown one. returns false (outputs unspecified) when a grown
-// position is also a kept one.
+// old position of each new entry, -1 for a grown one. with k > 0 the merge also re-maps k tensors laid
+// out like the old values: outs[t][i] = xs[t][src[i]], 0 for a grown entry (gather_or_zero fused, so
+// src is not read back). returns false (outputs unspecified) when a grown position is also a kept one.
 bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
                 int64_t nk, const int64_t* grown, int64_t ng, int32_t* ncrow, int32_t* ncol, int32_t* nrow,
-                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads);
+                int32_t* t_crow, int32_t* t_row, int32_t* t_perm, int32_t* src, int nthreads,
+                const float* const* xs = nullptr, float* const* outs = nullptr, int k = 0);
 
 }  // namespace sparseops

@@ -1415,6 +1415,61 @@ def test_binding_outputs_are_checked():
         _C.dst_csr_repack(4, 4, crow, col, np.arange(4, dtype=np.int64), np.zeros(0, np.int64), 1, bad)
 
 
+@needs_cpp
+def test_repack_remaps_tensors_in_its_merge():
+    """``xs``/``outs`` of the binding: each out equals ``x[src]`` with 0 for a grown entry (the reference:
+    numpy indexing through the ``src`` it returns), NaN-poisoned outputs fully written, 1 and 8 threads;
+    the wrapper's ``remap`` returns the same for float32 and takes the gather path for other dtypes."""
+    g = torch.Generator().manual_seed(31)
+    fmt = CSRWeight.from_mask(_random_mask(300, 701, 0.2, g, empty_rows=(5,)))
+    kept, grown = _repack_case(fmt, g, 0.7, 0.1, empty_rows=(9,))
+    xs = [np.random.default_rng(j).standard_normal(fmt.nnz).astype(np.float32) for j in range(3)]
+    nn = kept.numel() + grown.numel()
+    for threads in (1, 8):
+        outs = [np.full(nn, np.nan, np.float32) for _ in xs]
+        res = _C.dst_csr_repack(300, 701, fmt.crow.numpy(), fmt.col.numpy(), kept.numpy(), grown.numpy(), threads,
+                                None, xs, outs)
+        src = res[6]
+        for x, o in zip(xs, outs):
+            exp = np.where(src >= 0, x[np.maximum(src, 0)], np.float32(0))
+            assert np.array_equal(o, exp), threads
+    ref, esrc = _expected_repack(fmt, kept, grown)
+    v64 = torch.randn(fmt.nnz, generator=g, dtype=torch.float64)
+    v32 = torch.from_numpy(xs[0])
+    new, src, (a, b) = R.repack(fmt, kept, grown, [v32, v64])
+    assert torch.equal(src, esrc)
+    assert torch.equal(a, torch.where(esrc >= 0, v32[esrc.long().clamp(min=0)], torch.zeros(())))
+    assert b.dtype == torch.float64
+    assert torch.equal(b, torch.where(esrc >= 0, v64[esrc.long().clamp(min=0)], torch.zeros((), dtype=torch.float64)))
+
+
+@needs_cpp
+def test_binding_repack_refuses_bad_remap_arguments():
+    mask = torch.eye(4, dtype=torch.bool)
+    fmt, crow, col = _csr_np(mask)
+    kept, grown = np.arange(4, dtype=np.int64), np.array([1], dtype=np.int64)
+    x, o = np.ones(4, np.float32), np.zeros(5, np.float32)
+    call = lambda xs, outs: _C.dst_csr_repack(4, 4, crow, col, kept, grown, 1, None, xs, outs)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^xs, outs: give both or neither"):
+        call([x], None)
+    with pytest.raises(ValueError, match=r"^xs, outs: expected two lists of the same length"):
+        call([x], [o, o])
+    with pytest.raises(ValueError, match=r"^xs: expected 4 entries, got 3"):
+        call([np.ones(3, np.float32)], [o])
+    with pytest.raises(TypeError, match=r"^xs: expected dtype float32"):
+        call([np.ones(4, np.float64)], [o])
+    with pytest.raises(ValueError, match=r"^outs: expected shape \(5,\)"):
+        call([x], [np.zeros(4, np.float32)])
+    big = np.zeros(9, np.float32)
+    with pytest.raises(ValueError, match=r"^outs\[0\]: shares memory with xs\[0\]"):
+        call([big[:4]], [big[3:8]])
+    with pytest.raises(ValueError, match=r"^outs\[0\]: shares memory with outs\[1\]"):
+        call([x, x], [o, o])
+    ok = np.full(5, np.nan, np.float32)
+    call([np.arange(4, dtype=np.float32)], [ok])
+    assert ok.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0]  # row 0 keeps col 0 and grows col 1
+
+
 def test_binding_outputs_may_not_alias_an_argument():
     """A kernel writing an output that shares memory with an index it follows could be sent out of bounds:
     every such pair is refused, naming the output."""

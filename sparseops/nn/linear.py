@@ -349,14 +349,13 @@ class SparseLinear(nn.Module):
             counts = torch.bincount(old.row[kept].long(), minlength=self.out_features)
             counts += torch.bincount(grown // self.in_features, minlength=self.out_features)
             pattern = _fan_in_of(counts, pattern, "kept, grown: the rows would")
-        new, src = repack(old, kept, grown)
-        new = new.to(dev)
-        src = src.to(self.values.device)
         old_param = self.values
-        # values and every optimizer state tensor laid out like them, re-mapped in one pass
+        # values and every optimizer state tensor laid out like them, re-mapped in the re-pack's merge
         state = optimizer.state.get(old_param, {}) if optimizer is not None else {}
         same = [v for v in state.values() if isinstance(v, Tensor) and v.shape == old_param.shape]
-        values, *rest = gather(src, [old_param.detach(), *same])
+        new, src, (values, *rest) = repack(old, kept, grown, [old_param.detach(), *same])
+        new = new.to(dev)
+        src = src.to(self.values.device)
         moved = {id(t): o for t, o in zip(same, rest)}
 
         def remap(t):

@@ -165,10 +165,14 @@ def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None)
     return chosen[pick].sort().values.to(fmt.device)
 
 
-def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tensor]:
+def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor, remap: list[Tensor] | None = None):
     """The index of the entries at positions ``kept`` (ascending indices into ``values``) plus new entries at
     the flat positions ``grown`` (ascending), both orientations built in one pass, and ``src [nnz']`` (int32):
     the old position of each new entry, -1 for a grown one.
+
+    With ``remap`` (tensors laid out like the old ``values``) it returns ``(index, src, remapped)``, where
+    ``remapped`` is :func:`gather` of them through ``src``; on CPU the float32 ones are re-mapped inside the
+    re-pack's merge (no second pass over ``src``). Without it, ``(index, src)``.
 
     Raises:
         ValueError: ``kept``/``grown`` out of range, not strictly ascending, or a grown position that is
@@ -180,10 +184,23 @@ def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tens
         if nn > torch.iinfo(torch.int32).max:
             raise ValueError(f"kept, grown: {nn} entries exceed the int32 index limit")
         out = [torch.empty(k, dtype=torch.int32) for k in (rows + 1, nn, nn, cols + 1, nn, nn, nn)]
+        fused = [] if remap is None else [
+            i for i, t in enumerate(remap)
+            if t.dtype == torch.float32 and t.dim() == 1 and t.numel() == fmt.nnz and _cpp(t)]
+        xs = [remap[i].contiguous() for i in fused]
+        outs = [torch.empty(nn, dtype=torch.float32) for _ in fused]
         _C.dst_csr_repack(rows, cols, _np(fmt.crow), _np(fmt.col), _np(kept.contiguous()), _np(grown.contiguous()),
-                          _threads(fmt.nnz), [_np(t) for t in out])
+                          _threads(fmt.nnz), [_np(t) for t in out], [_np(t) for t in xs] if fused else None,
+                          [_np(t) for t in outs] if fused else None)
         crow, col, row, t_crow, t_row, t_perm, src = out
-        return CSRWeight(rows, cols, crow, col, row, t_crow, t_row, t_perm), src
+        new = CSRWeight(rows, cols, crow, col, row, t_crow, t_row, t_perm)
+        if remap is None:
+            return new, src
+        done = dict(zip(fused, outs))
+        rest = [i for i in range(len(remap)) if i not in done]
+        for i, t in zip(rest, gather(src, [remap[i] for i in rest])):
+            done[i] = t
+        return new, src, [done[i] for i in range(len(remap))]
     _check_positions("kept", kept, fmt.nnz)
     _check_positions("grown", grown, rows * cols)
     old = _keys(fmt)[kept.long().to(fmt.device)]
@@ -193,7 +210,7 @@ def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor) -> tuple[CSRWeight, Tens
         raise ValueError("grown: a grown position is also a kept one")
     src = torch.cat([kept.long().to(fmt.device), torch.full_like(grown, -1)])[order].to(torch.int32)
     new = CSRWeight._build(rows, cols, keys // cols, keys % cols)
-    return new, src
+    return (new, src) if remap is None else (new, src, gather(src, list(remap)))
 
 
 def _check_positions(name: str, p: Tensor, limit: int) -> None:
