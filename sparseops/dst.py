@@ -249,8 +249,10 @@ class SRigL(RigL):
         grad = self._dense_grad(fqn)
         rows = fmt.row
         kept = top_abs(values.reshape(1, -1), nnz - n).to(rows.device)
-        kept_rows = rows[kept].long()
-        counts = torch.bincount(kept_rows, minlength=out_f)
+        crow = fmt.crow.long().to(rows.device)
+        # per row, how many of its weights are kept: kept and the rows are both ascending, so a search of
+        # the row starts (out + 1 of them) rather than a gather and a bincount over every kept weight
+        counts = torch.searchsorted(kept, crow).diff()
         keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
         keep[kept] = True
         active = torch.ones(out_f, dtype=torch.bool, device=rows.device)
@@ -267,13 +269,13 @@ class SRigL(RigL):
         k = min(in_f, budget // int(active.sum()))
         changed = False
         if not bool(active.all()):
-            kept = kept[active[kept_rows]]
+            kept = kept[active[rows[kept].long()]]
             changed = True
         if bool((counts > k).any()):  # the fan-in fell (ablated rows came back): keep each row's k largest
             kept = _largest_per_row(kept, rows.long(), values, k)
             changed = True
         if changed:
-            counts = torch.bincount(rows[kept].long(), minlength=out_f)
+            counts = torch.searchsorted(kept, crow).diff()
             keep = torch.zeros(nnz, dtype=torch.bool, device=rows.device)
             keep[kept] = True
         need = torch.where(active, k - counts, torch.zeros_like(counts))

@@ -341,19 +341,15 @@ class SparseLinear(nn.Module):
         kept, grown = kept.to(dev), grown.to(dev)
         old = self.format
         pattern = self.pattern
-        if isinstance(pattern, FanIn):
-            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= old.nnz):
-                raise ValueError(f"kept: positions must lie in [0, {old.nnz})")
-            if grown.numel() and (int(grown.min()) < 0 or int(grown.max()) >= self.out_features * self.in_features):
-                raise ValueError(f"grown: positions must lie in [0, {self.out_features * self.in_features})")
-            counts = torch.bincount(old.row[kept].long(), minlength=self.out_features)
-            counts += torch.bincount(grown // self.in_features, minlength=self.out_features)
-            pattern = _fan_in_of(counts, pattern, "kept, grown: the rows would")
         old_param = self.values
         # values and every optimizer state tensor laid out like them, re-mapped in the re-pack's merge
         state = optimizer.state.get(old_param, {}) if optimizer is not None else {}
         same = [v for v in state.values() if isinstance(v, Tensor) and v.shape == old_param.shape]
+        # the re-pack validates the positions and builds the new index aside; nothing is replaced until the
+        # fan-in check below has passed on the new row lengths
         new, src, (values, *rest) = repack(old, kept, grown, [old_param.detach(), *same])
+        if isinstance(pattern, FanIn):
+            pattern = _fan_in_of(new.crow.long().diff(), pattern, "kept, grown: the rows would")
         new = new.to(dev)
         src = src.to(self.values.device)
         moved = {id(t): o for t, o in zip(same, rest)}
