@@ -382,8 +382,8 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
   if (qhi >= 0.5 || S < 16 || rank >= S) return false;
   int64_t unused;
   const int32_t lo = static_cast<int32_t>(kth_largest(sk, rank + 1, &unused));  // candidates: key ^ flip >= lo
-  // the pass: each chunk's candidates, branch-free inside a run of FILTER_BLOCK that holds one
-  // chunks start on a multiple of 64, so that each owns whole words of a bitmap over the positions
+  // the pass: each chunk's candidates (filter_chunk). chunks start on a multiple of 64, so that each
+  // owns whole words of a bitmap over the positions
   const int T = chunks(N, nthreads);
   std::vector<int64_t> bnd(T + 1);
   for (int t = 0; t < T; ++t) bnd[t] = (N / T * t) & ~int64_t(63);
@@ -394,7 +394,8 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     const int64_t len = bnd[t + 1] - bnd[t];
-    const size_t cap = static_cast<size_t>(static_cast<double>(len) * std::min(1.0, std::max(0.0, qhi * 1.25))) + 4 * FILTER_BLOCK;
+    const double share = std::min(1.0, std::max(0.0, qhi * 1.25));  // the expected candidates, and a margin
+    const size_t cap = static_cast<size_t>(static_cast<double>(len) * share) + 4 * FILTER_BLOCK;
     const int64_t m = E ? filter_chunk<true>(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t])
                         : filter_chunk<false>(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t]);
     cnt[t] = m;
@@ -416,7 +417,7 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
   for (int t = 0; t < T; ++t) M += cnt[t];
   if (M < d) return false;
   // the exact cut among the candidates: the d-th by (key ^ flip) descending. a histogram of its top
-  // 15 bits, then the keys of the cut's bucket
+  // 15 bits finds the cut's bucket
   std::vector<int64_t> th(static_cast<size_t>(T) * NB, 0), hist(NB, 0);
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
