@@ -262,3 +262,10 @@ def test_sparse_linear_leaves_parameter_storage_resizable(pattern):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    # every result is saved and the process group destroyed: leave without the interpreter's finalization,
+    # where gloo's threads may still be tearing down and abort the process ("terminate called without an
+    # active exception", once in a CI run after all six trainings had passed; pytorch/pytorch#179291
+    # describes the race). An exception in _worker still propagates above and exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
