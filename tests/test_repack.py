@@ -274,6 +274,82 @@ def test_top_abs_sampled_pass_its_fallback_and_the_exact_passes_agree(data):
                     assert np.array_equal(got, exp), (data, exclude is None, elig is None, n, z, threads)
 
 
+@pytest.mark.parametrize("kind", ["randn", "dead_units"])
+def test_top_abs_product_equals_top_abs_of_the_whole_product(impl, kind):
+    """RigL's growth, computed a block of rows of dyᵀx at a time (C++), against the reference ranking of
+    the whole product; the inputs are small integers so that every block's GEMM is exact (no rounding for
+    the blocking to change) and ties are plentiful. ``dead_units``: outputs whose dy is 0 (zero rows of the
+    product) and inputs that are 0 (zero columns). n from 1 to most of the eligible entries, a mask with
+    an empty row; a bound that lets too few through falls back to the whole product."""
+    g = torch.Generator().manual_seed(_seed("product", kind))
+    B, out_f, in_f = 16, 300, 257
+    dy = torch.randint(-3, 4, (B, out_f), generator=g).float()
+    x = torch.randint(-3, 4, (B, in_f), generator=g).float()
+    if kind == "dead_units":
+        dy[:, ::7] = 0.0
+        x[:, ::5] = 0.0
+    stored = _random_mask(out_f, in_f, 0.1, g, empty_rows=(2,))
+    fmt = CSRWeight.from_mask(stored)
+    whole = dy.t() @ x
+    eligible = out_f * in_f - fmt.nnz
+    blocks = []
+    if impl == "cpp":  # count the blocked passes: the C++ route must be the one taken for most n
+        real = R._C
+
+        class Spy:
+            def __getattr__(self, name):
+                f = getattr(real, name)
+                if name != "dst_collect_past":
+                    return f
+                return lambda *a: blocks.append(a[1]) or f(*a)
+
+        R._C = Spy()
+    try:
+        for n in (1, 50, eligible // 30, eligible // 3, eligible - 5):
+            got = R.top_abs_product(dy, x, n, fmt)
+            exp = ref_top_abs(whole, n, stored)
+            assert torch.equal(got, exp), (impl, kind, n)
+    finally:
+        if impl == "cpp":
+            R._C = real
+    if impl == "cpp":
+        assert len(blocks) >= 4 * 3, f"the blocked route ran for {len(blocks) // 3} of 5 counts"
+    with pytest.raises(ValueError, match=r"^n: expected 0 <= n <= %d" % eligible):
+        R.top_abs_product(dy, x, eligible + 1, fmt)
+
+
+@needs_cpp
+def test_binding_collect_past_refuses_bad_input():
+    fmt = CSRWeight.from_mask(torch.eye(4, dtype=torch.bool))
+    crow, col = fmt.crow.numpy(), fmt.col.numpy()
+    b = np.ones((2, 4), np.float32)
+    pos, val = np.zeros(8, np.int64), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match=r"^row0: the block's rows \[3, 5\)"):
+        _C.dst_collect_past(b, 3, 4, crow, col, 0, pos, val, 0, 1)
+    with pytest.raises(ValueError, match=r"^lo: expected a key"):
+        _C.dst_collect_past(b, 0, 4, crow, col, -1, pos, val, 0, 1)
+    with pytest.raises(ValueError, match=r"^start: expected 0 <= start <= 8"):
+        _C.dst_collect_past(b, 0, 4, crow, col, 0, pos, val, 9, 1)
+    with pytest.raises(ValueError, match=r"^val: expected shape \(8,\)"):
+        _C.dst_collect_past(b, 0, 4, crow, col, 0, pos, np.zeros(7, np.float32), 0, 1)
+    bad_col = col.copy()
+    bad_col[1] = 9
+    with pytest.raises(ValueError, match=r"^col: row 1 at position 1 is outside"):
+        _C.dst_collect_past(b, 0, 4, crow, bad_col, 0, pos, val, 0, 1)
+    bad_crow = crow.copy()
+    bad_crow[1] = 7
+    with pytest.raises(ValueError, match=r"^crow: row 0 spans"):
+        _C.dst_collect_past(b, 0, 4, bad_crow, col, 0, pos, val, 0, 1)
+    with pytest.raises(ValueError, match=r"^pos: shares memory with val|^val: shares memory with pos"):
+        both = np.zeros(16, np.int64)
+        _C.dst_collect_past(b, 0, 4, crow, col, 0, both[:8], both.view(np.float32)[:8], 0, 1)
+    # 2 rows x 4 columns, the diagonal stored: 6 candidates at key 0 (all), written from start=1, -1 past cap
+    pos[:] = -7
+    assert _C.dst_collect_past(b, 0, 4, crow, col, 0, pos, val, 1, 1) == 7
+    assert pos.tolist() == [-7, 1, 2, 3, 4, 6, 7, -7]
+    assert _C.dst_collect_past(b, 0, 4, crow, col, 0, pos[:6], val[:6], 1, 1) == -1
+
+
 def test_top_abs_bad_n(impl):
     s = torch.randn(4, 5)
     fmt = CSRWeight.from_mask(torch.rand(4, 5) < 0.5)
