@@ -975,45 +975,6 @@ py::list dst_gather(const py::array& src, const py::list& xs, int nthreads, cons
   return result;
 }
 
-int64_t dst_collect_past(const py::array& block, int64_t row0, int64_t rows, const py::array& crow, const py::array& col,
-                         int64_t lo, const py::array& pos, const py::array& val, int64_t start, int nthreads) {
-  const float* B = score_matrix(block);
-  const int64_t R = block.shape(0), cols = block.shape(1);
-  check_dims(rows, cols);
-  if (row0 < 0 || row0 + R > rows)
-    throw py::value_error("row0: the block's rows [" + std::to_string(row0) + ", " + std::to_string(row0 + R) +
-                          ") must lie in [0, " + std::to_string(rows) + ")");
-  if (lo < 0 || lo > INT32_MAX) throw py::value_error("lo: expected a key in [0, 2^31), got " + std::to_string(lo));
-  const int32_t* P = vector<int32_t>(crow, "crow", "int32", rows + 1);
-  const int32_t* C = vector<int32_t>(col, "col", "int32", -1);
-  const int64_t nnz = col.shape(0);
-  // the block's rows of the CSR only (the whole of it is checked by every product that uses it; the
-  // kernel reads these rows and nothing else)
-  for (int64_t r = row0; r < row0 + R; ++r) {
-    const int64_t s = P[r], e = P[r + 1];
-    if (s < 0 || e < s || e > nnz)
-      throw py::value_error("crow: row " + std::to_string(r) + " spans [" + std::to_string(s) + ", " +
-                            std::to_string(e) + "), outside [0, " + std::to_string(nnz) + "] or reversed");
-    for (int64_t k = s; k < e; ++k)
-      if (C[k] < 0 || C[k] >= cols || (k > s && C[k] <= C[k - 1]))
-        throw py::value_error("col: row " + std::to_string(r) + " at position " + std::to_string(k) +
-                              " is outside [0, " + std::to_string(cols) + ") or not increasing");
-  }
-  if (pos.ndim() != 1) throw py::value_error("pos: expected a 1-D array, got shape " + shape_str(pos));
-  const int64_t cap = pos.shape(0);
-  py::array po = out_vector<int64_t>(pos, "pos", "int64", cap);
-  py::array va = out_vector<float>(val, "val", "float32", cap);
-  int64_t* O = static_cast<int64_t*>(po.mutable_data());
-  float* V = static_cast<float*>(va.mutable_data());
-  if (start < 0 || start > cap)
-    throw py::value_error("start: expected 0 <= start <= " + std::to_string(cap) + ", got " + std::to_string(start));
-  check_disjoint({span(pos, "pos"), span(val, "val")},
-                 {span(pos, "pos"), span(val, "val"), span(block, "block"), span(crow, "crow"), span(col, "col")});
-  py::gil_scoped_release release;
-  return sparseops::collect_past(B, R, cols, row0, P, C, static_cast<uint32_t>(lo), O, V, start, cap,
-                                 threads(nthreads));
-}
-
 py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
                          const py::array& kept, const py::array& grown, int nthreads, const py::object& out_arg,
                          const py::object& xs_arg, const py::object& outs_arg) {
@@ -1186,11 +1147,6 @@ The positions depend on the seed alone, not on nthreads.)");
   m.def("dst_gather", &dst_gather, py::arg("src"), py::arg("xs"), py::arg("nthreads"), py::arg("outs") = py::none(),
         R"([x[src] for x in xs], with 0 where src[i] == -1, in one pass (float32 arrays of one size m; src int32
 in [-1, m)).)");
-  m.def("dst_collect_past", &dst_collect_past, py::arg("block"), py::arg("row0"), py::arg("rows"), py::arg("crow"),
-        py::arg("col"), py::arg("lo"), py::arg("pos"), py::arg("val"), py::arg("start"), py::arg("nthreads"),
-        R"(Append to pos/val (int64/float32 [cap], from index start) every flat position of rows [row0, row0 + R)
-of a [rows, cols] score matrix, given as block [R, cols], that the CSR does not hold and whose |score|
-key (float bits without the sign) is at least lo; returns the new count, or -1 (nothing written) past cap.)");
   m.def("dst_csr_repack", &dst_csr_repack, py::arg("rows"), py::arg("cols"), py::arg("crow"), py::arg("col"),
         py::arg("kept"), py::arg("grown"), py::arg("nthreads"), py::arg("out") = py::none(),
         py::arg("xs") = py::none(), py::arg("outs") = py::none(),

@@ -532,40 +532,6 @@ void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, co
   top_abs_exact(s, N, E, n, out, nthreads);
 }
 
-int64_t collect_past(const float* b, int64_t R, int64_t cols, int64_t row0, const int32_t* crow, const int32_t* col,
-                     uint32_t lo, int64_t* pos, float* val, int64_t start, int64_t cap, int nthreads) {
-  // each thread its own rows, in order, into a buffer of its own; then the buffers one after another
-  const int T = chunks(R * cols, nthreads);
-  std::vector<std::vector<int64_t>> P(T);
-  std::vector<std::vector<float>> V(T);
-#pragma omp parallel for schedule(static, 1) num_threads(T)
-  for (int t = 0; t < T; ++t) {
-    const int64_t r0 = R * t / T, r1 = R * (t + 1) / T;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* br = b + r * cols;
-      const int64_t g = row0 + r, base = g * cols;
-      int64_t p = crow[g];
-      const int64_t pe = crow[g + 1];
-      for_keys_past(br, 0, cols, 0u, static_cast<int32_t>(lo), [&](int64_t c, uint32_t) {
-        while (p < pe && col[p] < c) ++p;  // the row's stored columns, ascending as the candidates come
-        if (p < pe && col[p] == c) return;
-        P[t].push_back(base + c);
-        V[t].push_back(br[c]);
-      });
-    }
-  }
-  int64_t total = start;
-  for (int t = 0; t < T; ++t) total += static_cast<int64_t>(P[t].size());
-  if (total > cap) return -1;
-  int64_t o = start;
-  for (int t = 0; t < T; ++t) {
-    std::copy(P[t].begin(), P[t].end(), pos + o);
-    std::copy(V[t].begin(), V[t].end(), val + o);
-    o += static_cast<int64_t>(P[t].size());
-  }
-  return total;
-}
-
 void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
                   const uint8_t* keep, const int64_t* need, int64_t* out, int nthreads) {
   constexpr int RSHIFT = 20;                          // a row's buckets: the key's top 11 bits

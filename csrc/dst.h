@@ -18,14 +18,6 @@ namespace sparseops {
 void top_abs(const float* s, int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col,
              const uint8_t* eligible, int64_t n, int64_t* out, int nthreads, double z = 4.0);
 
-// the candidates among rows [row0, row0 + R) of a [rows, cols] score matrix, given as the block b [R, cols]
-// (C-contiguous): each flat position the CSR (crow, col) does not hold whose |score| key (the float's
-// bits without the sign) is at least lo, appended in ascending order with its score to pos / val from
-// index start. returns the new count, or -1, having written nothing, when it would pass cap. for a
-// selection over a product computed a block of rows at a time (RigL's dyᵀx, never whole).
-int64_t collect_past(const float* b, int64_t R, int64_t cols, int64_t row0, const int32_t* crow, const int32_t* col,
-                     uint32_t lo, int64_t* pos, float* val, int64_t start, int64_t cap, int nthreads);
-
 // row by row: row r gets need[r+1] - need[r] positions, written ascending to out[need[r] ...]: the
 // largest |s| among the positions the CSR row does not hold and then, when those run out, among the
 // held ones whose keep flag (keep [nnz]) is 0. ties to the lower column. requires each row's count to

@@ -9,16 +9,14 @@ follows: the moments of surviving weights are kept, grown weights start at 0 wit
 - **RigL** (Evci et al. 2020): drop the smallest magnitudes, grow where the *dense* gradient is largest.
   That gradient is computed only at update steps: the step before an update arms a forward hook for
   one step, which keeps the layer's input x and hooks its output for the gradient dy, and the update forms
-  ``dyᵀ x`` [out, in] once: the FLOPs of one dense GEMM per layer per update, the cost of a dense layer's
-  weight gradient, paid every ``update_every`` steps and never in between. On CPU it is formed 128 rows
-  at a time and only the entries past a sampled bound are kept (``ops.repack.top_abs_product``), so the
-  ``[out, in]`` buffer never exists; SRigL, which ranks it twice, still forms it whole.
+  ``dyᵀ x`` [out, in] once: one dense GEMM and one dense ``[out, in]`` buffer per layer per update, the
+  cost of a dense layer's weight gradient, paid every ``update_every`` steps and never in between.
 - **SRigL** (Lasby et al. 2024): RigL under a constant fan-in (``FanIn(k)`` layers), with neuron
   ablation; see :class:`SRigL`.
 
 The index work of an update (ranking the stored magnitudes, choosing the grown positions, re-packing
 both orientations of the index, re-mapping the optimizer's state) runs in C++ on CPU
-(``csrc/dst.cpp``); ``bench/bench_dst.py`` measures it against a training step (``docs/dst.md``).
+(``csrc/dst.cpp``) and costs less than a training step; ``bench/bench_dst.py`` measures it.
 
 The drop fraction anneals with a cosine from ``drop_fraction`` at step 0 to 0 at ``end_step`` (RigL's
 schedule); without ``end_step`` it stays constant. Call ``step()`` after every optimizer step.
@@ -32,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SparseLinear
-from .ops.repack import count_off_kept, sample_off, top_abs, top_abs_product, top_abs_rows
+from .ops.repack import count_off_kept, sample_off, top_abs, top_abs_rows
 from .patterns import FanIn, Unstructured
 
 
@@ -121,18 +119,13 @@ class _DynamicSparse:
         self._rearm()
         return updated
 
-    def _recorded(self, fqn: str) -> tuple[Tensor, Tensor]:
-        """The layer's output gradient dy [B, out] and input x [B, in] of the recorded step."""
+    def _dense_grad(self, fqn: str) -> Tensor:
         rec = self._seen.get(fqn, {})
         if "x" not in rec or "dy" not in rec:
             raise RuntimeError(
                 f"{type(self).__name__}: no gradient was recorded for layer {fqn!r} in the step before this "
                 "update; call step() after every optimizer step, and run forward and backward in between")
-        return rec["dy"], rec["x"]
-
-    def _dense_grad(self, fqn: str) -> Tensor:
-        dy, x = self._recorded(fqn)
-        return dy.t().to(torch.float32) @ x.to(torch.float32)  # [out, in]
+        return rec["dy"].t().to(torch.float32) @ rec["x"].to(torch.float32)  # [out, in]
 
     # ---- one update ----
 
@@ -154,8 +147,7 @@ class _DynamicSparse:
             return None
         kept = top_abs(mod.values.detach().reshape(1, -1), nnz - n)
         if self.grows_by_gradient:
-            dy, x = self._recorded(fqn)
-            grown = top_abs_product(dy, x, n, exclude=fmt)  # never a stored position; dyᵀx never whole
+            grown = top_abs(self._dense_grad(fqn), n, exclude=fmt)  # never a stored position
         else:
             grown = sample_off(fmt, n, self.generator)
         return kept, grown

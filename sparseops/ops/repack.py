@@ -12,8 +12,6 @@ nothing traces them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -66,74 +64,6 @@ def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None, eligible: 
     if not 0 <= n <= count:
         raise ValueError(f"n: expected 0 <= n <= {count} (the eligible entries), got {n}")
     return _keep_largest(a, n).nonzero().flatten()
-
-
-# rows of dyᵀx computed at a time by top_abs_product: a [PRODUCT_BLOCK_ROWS, in] block, reused
-PRODUCT_BLOCK_ROWS = 128
-# entries of dyᵀx sampled to bound the selection, and the bound's margin in standard deviations
-PRODUCT_SAMPLE, PRODUCT_Z = 8192, 4.0
-
-
-def top_abs_product(dy: Tensor, x: Tensor, n: int, exclude: CSRWeight) -> Tensor:
-    """:func:`top_abs` of ``dyᵀ x`` ([out, in], dy [B, out], x [B, in]) off ``exclude``'s positions, without
-    ever holding ``dyᵀ x`` whole: RigL's growth from the dense gradient.
-
-    On CPU the product is formed ``PRODUCT_BLOCK_ROWS`` rows at a time into one reused block, and each
-    block's entries past a bound go to a candidate list (C++). The bound comes from ``PRODUCT_SAMPLE``
-    entries of the product computed one by one (dot products of random columns): the share ``q`` of the
-    eligible entries to select, plus ``PRODUCT_Z`` standard deviations of a sample share, puts at least
-    ``n`` entries past it but in a vanishing fraction of cases. Those cases, and other devices, form the
-    product whole and run :func:`top_abs`. The candidates are few (about ``q`` plus the margin of all
-    entries); the exact ``n`` largest among them is :func:`top_abs` over their values, whose ties go to
-    the lower index, which is the lower position. Memory: one block and the candidates, not ``out * in``
-    floats. The result is :func:`top_abs`'s on the same values; blocks of rows may round differently
-    from one whole GEMM in the last bit, which can swap entries tied to within that bit.
-    """
-    out_f, in_f = dy.shape[1], x.shape[1]
-    eligible = out_f * in_f - exclude.nnz
-    if not 0 <= n <= eligible:
-        raise ValueError(f"n: expected 0 <= n <= {eligible} (the eligible entries), got {n}")
-    dy = dy.detach().to(torch.float32)
-    x = x.detach().to(torch.float32)
-    whole = lambda: top_abs(dy.t() @ x, n, exclude=exclude)  # noqa: E731
-    if n == 0 or not _cpp(dy, x, exclude.col) or out_f <= PRODUCT_BLOCK_ROWS or eligible < 4 * PRODUCT_SAMPLE:
-        return whole()
-    # the bound: |dyᵀx| at random positions off the mask, the sample's rank at q + margin
-    g = torch.Generator().manual_seed(0x5EED)  # its own stream: the result does not depend on the sample
-    i = torch.randint(0, out_f, (PRODUCT_SAMPLE,), generator=g)
-    j = torch.randint(0, in_f, (PRODUCT_SAMPLE,), generator=g)
-    keys = i * in_f + j
-    stored = _keys(exclude).cpu()
-    if stored.numel():
-        free = stored[torch.searchsorted(stored, keys).clamp_max(stored.numel() - 1)] != keys
-        i, j = i[free], j[free]
-    sample = _mag_keys((dy[:, i] * x[:, j]).sum(0))
-    S = sample.numel()
-    q = n / eligible
-    qhi = q + PRODUCT_Z * math.sqrt(q * (1 - q) / max(S, 1)) + 1 / max(S, 1)
-    rank = math.ceil(qhi * S)
-    if S < PRODUCT_SAMPLE // 2 or rank >= S or qhi >= 0.5:
-        return whole()
-    lo = int(torch.topk(sample, rank + 1).values[-1])
-    cap = int(1.5 * qhi * eligible) + 4096
-    pos = torch.empty(cap, dtype=torch.int64)
-    val = torch.empty(cap, dtype=torch.float32)
-    block = torch.empty(PRODUCT_BLOCK_ROWS, in_f, dtype=torch.float32)
-    crow, col, threads = _np(exclude.crow), _np(exclude.col), _threads(PRODUCT_BLOCK_ROWS * in_f)
-    m = 0
-    for r0 in range(0, out_f, PRODUCT_BLOCK_ROWS):
-        r1 = min(out_f, r0 + PRODUCT_BLOCK_ROWS)
-        b = block[: r1 - r0]
-        torch.mm(dy[:, r0:r1].t(), x, out=b)
-        got = _C.dst_collect_past(_np(b), r0, out_f, crow, col, lo, _np(pos), _np(val), m, threads)
-        while got < 0:  # more candidates than room: double it and collect the block again
-            pos = torch.cat([pos, torch.empty_like(pos)])
-            val = torch.cat([val, torch.empty_like(val)])
-            got = _C.dst_collect_past(_np(b), r0, out_f, crow, col, lo, _np(pos), _np(val), m, threads)
-        m = got
-    if m < n:  # the bound let too few through
-        return whole()
-    return pos[:m][top_abs(val[:m].reshape(1, -1), n)]
 
 
 def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> Tensor:
