@@ -90,3 +90,18 @@ def test_gpu_suite_dry_run_and_its_ratio_table(tmp_path):
     assert {r["case"] for r in recs} >= {"family fwd", "family fwdbwd", "decode", "fewbit gelu"}
     table = _run([str(BENCH / "ratio.py"), "--suite", "gpu", "--json", str(records)])
     assert "| family fwdbwd | bf16 | 64 | 64→48 | monarch4 |" in table
+
+
+def test_ab_dst_prints_a_row_per_build_and_case():
+    """bench/ab_dst.py, this checkout against itself on a small layer: a table row per (case, build) with
+    four numbers each (no time is asserted)."""
+    out = _run(["bench/ab_dst.py", "--before", ".", "--after", ".", "--widths", "256", "--methods", "set", "rigl",
+                "--pairs", "1"])
+    rows = [line for line in out.splitlines() if line.startswith("| 256 |")]
+    assert [r.split("|")[2:4] for r in rows] == [[" set ", " before "], [" set ", " after "],
+                                                 [" rigl ", " before "], [" rigl ", " after "]]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        step, upd, grad, ratio = (float(c) for c in cells[3:])
+        assert step > 0 and upd > 0 and ratio == ratio  # numbers, not nan
+        assert (grad > 0) == (cells[1] == "rigl")
