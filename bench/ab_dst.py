@@ -25,26 +25,12 @@ import time
 
 def worker(width: int, method: str) -> None:
     import torch
-    from torch import nn
 
     import sparseops
+    from bench_dst import THREADS, _setup  # the same layer, optimizer and step as bench_dst (this directory)
 
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(width, width))
-    if method == "srigl":
-        sparseops.sparsify_(model, pattern=sparseops.FanIn(width // 10))
-    else:
-        sparseops.sparsify_(model, 0.9)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(256, width)
-
-    def step():
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    torch.set_num_threads(THREADS)
+    model, opt, step = _setup(width, sparseops.FanIn(width // 10) if method == "srigl" else None)
     step()
     cls = {"set": sparseops.SET, "rigl": sparseops.RigL, "srigl": sparseops.SRigL}[method]
     d = cls(model, opt, update_every=1, drop_fraction=0.3)
