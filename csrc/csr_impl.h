@@ -306,13 +306,19 @@ inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx
         // an empty run: no copy, since a thread with no nonzeros has no buffer (memcpy from or to null is UB)
         if (len == 0) continue;
         std::memcpy(bidx.data() + d, idx + s, static_cast<size_t>(len) * sizeof(int32_t));
-        if (!vals) continue;
-        if (perm)
-          for (int64_t t = 0; t < len; ++t) bval[d + t] = vals[perm[s + t]];
-        else
-          std::memcpy(bval.data() + d, vals + s, static_cast<size_t>(len) * sizeof(float));
+        if (vals && !perm) std::memcpy(bval.data() + d, vals + s, static_cast<size_t>(len) * sizeof(float));
       }
   }
+  // values through perm (the transposed index: vals is W in row-major order) are gathered in the
+  // walk's order, chunk by chunk: a chunk's runs read W's rows [c*KC, (c+1)*KC) only, a few hundred
+  // pages, where the source order above reads every row of W for each row here (a TLB miss a value).
+  // NOTE: 4096x4096 B=256, 2 threads, the N:M input gradient through Wᵀ's CSR, in-process A/B (10
+  // alternations, median ratio): 1.33x faster at 2:4, 1.25x at 1:4, 1.23x at 2:8; unstructured 90% fwd+bwd 1.04x.
+  if (vals && perm)
+    for (int64_t j = 0; j < nch * R; ++j) {
+      const int64_t d = off[j], len = off[j + 1] - d, s = src[j];
+      for (int64_t t = 0; t < len; ++t) bval[d + t] = vals[perm[s + t]];
+    }
   b.off = off.data();
   b.idx = bidx.data();
   b.val = vals ? bval.data() : nullptr;

@@ -3,10 +3,12 @@
 //
 // batches of 8 or more: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with the
 // columns zero padded to G*m so that every slot's column is readable, and each thread decodes its rows'
-// 4-bit positions to int32 columns once a call and runs the CSR kernels' blocked walk (csr_impl.h:
-// block_rows, rows_tile, sdd_tile): every slot drives NV contiguous FMAs over the batch lanes.
+// 4-bit positions to int32 columns once a call, straight into the CSR kernels' chunk-major layout
+// (nm_block_rows), and runs their blocked walk (csr_impl.h: rows_tile, sdd_tile): every slot drives
+// NV contiguous FMAs over the batch lanes.
 // NOTE: this replaced a walk of its own that decoded the positions once a batch tile, in row blocks
-// of 16 and column chunks of 16 KB; see nm_spmm_csr for the measurement.
+// of 16 and column chunks of 16 KB: 4096x4096 B=256, 2 threads, interleaved with the CSR kernels on
+// the same mask, it took 1.73x (dds) and 1.75x (sdd) their time at 1:4, 1.56x/1.69x at 2:8.
 // batches under 8: 8 slots at a time, the positions decoded into 8 lanes. when an 8-slot block's
 // columns span at most 32 (2:4, 1:4, 2:8, 4:8, 3:4, 15:16, ...) x is read from 2 or 4 registers
 // loaded at the block's first group and picked by permutes (nm_window; 2:4 has its own in-lane
@@ -60,34 +62,90 @@ void pack_padded(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, i
   }
 }
 
-// rows [r0, r1) of an N:M index as a CSR over every slot of those rows, for the CSR kernels' blocked
-// walk (block_rows, rows_tile, sdd_tile): local row pointers (row r at r * S) and int32 columns in
-// [0, Kp). the 4-bit positions are then decoded once a call instead of once a batch tile, and the rows
-// are walked in the CSR kernels' large row blocks and L2-sized column chunks.
-// NOTE: 4096x4096 B=256, 2 threads, interleaved with the CSR kernels on the same mask (9 rounds,
-// median ratio): the former walk took 1.73x (dds) and 1.75x (sdd) the CSR kernels' time at 1:4,
-// 1.56x/1.69x at 2:8, 1.01x/1.09x at 2:4; row blocks of 64-256 and chunks of 32-64 KB left 1:4 at
-// 1.46-1.57x. slots past column K (the padding of the last group) hold zeros and read P's zero rows.
-struct NmCsr {
-  std::vector<int32_t> ptr, col;
+// rows [r0, r1) of an N:M index in the CSR kernels' blocked layout (see Blocked, block_rows), for their
+// walk (rows_tile, sdd_tile): int32 columns in [0, Kp), and the values copied alongside when given.
+// a chunk is GC whole groups, so every row has the same slots in it, [c*GC*n, (c+1)*GC*n): the run
+// bounds are arithmetic (block_rows finds them with a compare per nonzero) and the 4-bit positions are
+// decoded straight into their chunk-major place, two slots (one byte) at a time. GC*n is even, so a
+// run starts on a byte. slots past column K (the padding of the last group) hold zeros and read P's
+// zero rows.
+// NOTE: 4096x4096 B=256 2:4, 2 threads (perf, RelWithDebInfo): decoding every slot to a row-major
+// int32 copy and then block_rows' run scan and copy took ~28% of the forward, the walk the rest.
+// against that, in-process A/B (10 alternations, median old/new): forward 1.13x (2:4), 1.13x (1:4),
+// 1.19x (2:8); weight gradient 1.06x, 1.12x, 1.12x; transposable 2:4 input gradient 1.11x.
+// NOTE: a walk that decodes the positions inline from the row-major index (no copy at all; 2-3 rows
+// interleaved, 2:4) ran 10-20% below rows_tile over the chunk-major copy, standalone on one thread
+// over 8 tiles of 4096x4096 (36-51 vs 40-58 GF/s): its value reads jump a row's stride per visit.
+struct NmBlocks {
+  BlockStore store;
+  std::vector<int32_t> base;
 };
-inline NmCsr& nm_csr_store() {
-  thread_local NmCsr store;
-  return store;
+inline NmBlocks& nm_block_store() {
+  thread_local NmBlocks s;
+  return s;
 }
-inline const NmCsr& nm_decode_rows(const NmShape& d, const uint8_t* idx, int64_t r0, int64_t r1) {
-  NmCsr& c = nm_csr_store();
-  const int64_t R = r1 - r0;
-  c.ptr.resize(static_cast<size_t>(R + 1));
-  c.col.resize(static_cast<size_t>(std::max<int64_t>(1, R * d.S)));
-  for (int64_t r = 0; r <= R; ++r) c.ptr[r] = static_cast<int32_t>(r * d.S);
-  for (int64_t r = 0; r < R; ++r) {
-    const uint8_t* ip = idx + (r0 + r) * d.Sb;
-    int32_t* cr = c.col.data() + r * d.S;
-    for (int64_t g = 0, j = 0; g < d.G; ++g)
-      for (int s = 0; s < d.n; ++s, ++j) cr[j] = static_cast<int32_t>(g * d.m + nib(ip, j));
+inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* vals, const int32_t* perm, int64_t r0,
+                             int64_t r1, int BT, int64_t T, int64_t KC, int64_t RB) {
+  NmBlocks& nb = nm_block_store();
+  BlockStore& st = nb.store;
+  Blocked b;
+  b.R = r1 - r0;
+  b.RB = RB;
+  const int64_t R = b.R, S = d.S;
+  const bool split = d.Kp * 4 * BT > SMALL_TILE_BYTES && T >= MIN_TILES;
+  int64_t GC = split ? std::max<int64_t>(1, KC / d.m) : d.G;
+  if (split && (GC * d.n) % 2) ++GC;
+  const int64_t nch = split ? (d.G + GC - 1) / GC : 1, SC = GC * d.n;
+  b.nch = nch;
+  // base[j] = column of slot j of a chunk before its position: (j / n) * m
+  nb.base.resize(static_cast<size_t>(std::max<int64_t>(2, SC + 1)));
+  for (int64_t j = 0; j < SC; ++j) nb.base[j] = static_cast<int32_t>((j / d.n) * d.m);
+  st.off.resize(static_cast<size_t>(nch * R + 1));
+  if (nch > 1 && st.src.size() < static_cast<size_t>(nch * R)) st.src.resize(static_cast<size_t>(nch * R));
+  if (st.idx.size() < static_cast<size_t>(std::max<int64_t>(1, R * S))) st.idx.resize(static_cast<size_t>(std::max<int64_t>(1, R * S)));
+  const bool copy = vals && (nch > 1 || perm);
+  if (copy && st.val.size() < static_cast<size_t>(std::max<int64_t>(1, R * S)))
+    st.val.resize(static_cast<size_t>(std::max<int64_t>(1, R * S)));
+  int32_t* off = st.off.data();
+  int32_t* bidx = st.idx.data();
+  const int32_t* base = nb.base.data();
+  int64_t w = 0;
+  for (int64_t q = 0; q < R; q += RB) {
+    const int64_t RBs = std::min(RB, R - q);
+    for (int64_t c = 0; c < nch; ++c) {
+      const int64_t j0 = c * SC, len = std::min(S, j0 + SC) - j0;
+      const int32_t c0 = static_cast<int32_t>(c * GC * d.m);
+      for (int64_t r = q; r < q + RBs; ++r) {
+        const int64_t j = q * nch + c * RBs + (r - q);
+        off[j] = static_cast<int32_t>(w);
+        if (nch > 1) st.src[j] = static_cast<int32_t>(r * S + j0);
+        const uint8_t* ip = idx + (r0 + r) * d.Sb + j0 / 2;
+        int32_t* o = bidx + w;
+        int64_t t = 0;
+        for (; t + 2 <= len; t += 2) {
+          const int v = ip[t >> 1];
+          o[t] = c0 + base[t] + (v & 15);
+          o[t + 1] = c0 + base[t + 1] + (v >> 4);
+        }
+        if (t < len) o[t] = c0 + base[t] + (ip[t >> 1] & 15);
+        if (copy) {
+          float* dv = st.val.data() + w;
+          const int64_t s0 = (r0 + r) * S + j0;
+          if (perm)  // Wᵀ's values, gathered from W in this (chunk-major) order: see block_rows
+            for (int64_t t = 0; t < len; ++t) dv[t] = perm[s0 + t] >= 0 ? vals[perm[s0 + t]] : 0.f;
+          else
+            std::memcpy(dv, vals + s0, static_cast<size_t>(len) * sizeof(float));
+        }
+        w += len;
+      }
+    }
   }
-  return c;
+  off[nch * R] = static_cast<int32_t>(w);
+  b.off = off;
+  b.idx = bidx;
+  b.val = vals ? (copy ? st.val.data() : vals + r0 * S) : nullptr;
+  b.src = nch > 1 ? st.src.data() : nullptr;
+  return b;
 }
 
 // rows a thread decodes at a time, so that the walk's int32 offsets hold their slots
@@ -95,7 +153,7 @@ inline int64_t nm_slice_rows(const NmShape& d) { return std::max<int64_t>(1, (in
 
 template <class V, int NV>
 void nm_spmm_csr(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShape& d, const float* vals,
-                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+                 const int32_t* perm, const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
   constexpr int BT = 8 * NV;
   const int64_t T = (B + BT - 1) / BT;
   float* p = scratch(P, static_cast<size_t>(T * d.Kp * BT));
@@ -108,9 +166,8 @@ void nm_spmm_csr(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShap
     for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += nm_slice_rows(d)) {
       const int64_t q1 = std::min(r1, q0 + nm_slice_rows(d));
       err.run([&] {
-        const NmCsr& c = nm_decode_rows(d, idx, q0, q1);
-        const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), vals + q0 * d.S, nullptr, 0, q1 - q0,
-                                     BT, T, chunk_rows_for(BT, rows * d.S, rows, d.Kp), block_rows_count(BT), d.Kp);
+        const Blocked m = nm_block_rows(d, idx, vals, perm, q0, q1, BT, T, chunk_rows_for(BT, rows * d.S, rows, d.Kp),
+                                        block_rows_count(BT));
         float* buf = scratch(ACC, static_cast<size_t>((q1 - q0) * BT));
         spmm_rows<V, NV>(p, B, d.Kp, m, q0, q1, rows, bias, y, buf);
       });
@@ -363,7 +420,7 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
   const NmShape d(n, m, K);
   if (rows == 0 || B == 0) return;
   const float* v = vals;
-  if (perm) {
+  if (perm && B < 8) {
     const int64_t total = rows * d.S;
     float* g = scratch(VALS, static_cast<size_t>(std::max<int64_t>(1, total)));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -391,7 +448,7 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
     }
   } else {
     with_tile_width(B, [&](auto nv) {
-      nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, v, idx, rows, bias, y, nthreads);
+      nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
     });
   }
 }
@@ -446,9 +503,8 @@ void nm_sdd_csr(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
     for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += nm_slice_rows(d)) {
       const int64_t q1 = std::min(r1, q0 + nm_slice_rows(d));
       err.run([&] {
-        const NmCsr& c = nm_decode_rows(d, idx, q0, q1);
-        const Blocked m = block_rows(block_store(0), c.ptr.data(), c.col.data(), nullptr, nullptr, 0, q1 - q0, BT, T,
-                                     chunk_rows_for(BT, out * d.S, out, d.Kp), block_rows_count(BT), d.Kp);
+        const Blocked m = nm_block_rows(d, idx, nullptr, nullptr, q0, q1, BT, T, chunk_rows_for(BT, out * d.S, out, d.Kp),
+                                        block_rows_count(BT));
         float* dvr = dv + q0 * d.S;
         // one chunk: the sums go straight to dv; several: into a scratch buffer in the walk's order, copied back by runs
         float* acc = m.nch == 1 ? dvr : scratch(ACC, static_cast<size_t>((q1 - q0) * d.S));
