@@ -110,6 +110,11 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
   int32_t* bidx = st.idx.data();
   const int32_t* base = nb.base.data();
   int64_t w = 0;
+  // rows are visited a row's stride apart (Sb index bytes, S values): prefetch PF_ROWS ahead. not with
+  // perm, whose reads are a gather. NOTE: in-process A/B, 4096x4096 B=256, 2 threads (10 alternations,
+  // median): forward 1.12-1.19x at 2:4 (two runs), 1.01-1.06x at 1:4 and 2:8, weight gradient 0.97-1.03x.
+  const bool pf = !perm;
+  constexpr int64_t PF_ROWS = 4;
   for (int64_t q = 0; q < R; q += RB) {
     const int64_t RBs = std::min(RB, R - q);
     for (int64_t c = 0; c < nch; ++c) {
@@ -120,6 +125,15 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
         off[j] = static_cast<int32_t>(w);
         if (nch > 1) st.src[j] = static_cast<int32_t>(r * S + j0);
         const uint8_t* ip = idx + (r0 + r) * d.Sb + j0 / 2;
+        if (pf && r + PF_ROWS < q + RBs) {
+          // the same chunk of a row PF_ROWS ahead: its index bytes and values, a row's stride away
+          const uint8_t* ia = ip + PF_ROWS * d.Sb;
+          for (int64_t t = 0; t < (len + 1) / 2; t += 64) prefetch(ia + t);
+          if (copy) {
+            const float* va = vals + (r0 + r + PF_ROWS) * S + j0;
+            for (int64_t t = 0; t < len; t += 16) prefetch(va + t);
+          }
+        }
         int32_t* o = bidx + w;
         int64_t t = 0;
         for (; t + 2 <= len; t += 2) {
