@@ -138,7 +138,9 @@ def _case(batch, in_f, out_f, kind):
 # B < 8 takes the gather path, 8 / 17 / 37 the packed tiles of 8 / 24 / 32 lanes (37: a partial second
 # tile); in = 37 is no multiple of any m, in = 1 and 3 are narrower than a group. B = 240 at in = 2100
 # is 8 tiles of 32 lanes, each past 256 KB: the CSR walk then splits the rows into column chunks
-# (block_rows' run copy, and the weight gradient's copy back by runs).
+# (block_rows' run copy, and the weight gradient's copy back by runs). B = 240 at out = 2100 does the
+# same for the input gradient, whose walk runs over Wᵀ (2100 columns): its values are then gathered
+# through the permutation chunk by chunk, in both the CSR and the transposable N:M walk.
 SHAPES = [
     _case(1, 1, 1, "full"),
     _case(3, 37, 3, "holed"),
@@ -150,6 +152,7 @@ SHAPES = [
     _case(8, 37, 37, "empty"),
     _case(3, 100, 1, "full"),
     _case(240, 2100, 5, "holed"),
+    _case(240, 37, 2100, "full"),
 ]
 PARAMS = "batch,in_f,out_f,kind"
 
