@@ -26,14 +26,6 @@ namespace detail {
 
 inline int nib(const uint8_t* ip, int64_t j) { return (ip[j >> 1] >> ((j & 1) << 2)) & 15; }
 
-inline void prefetch(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 3);
-#else
-  (void)p;
-#endif
-}
-
 struct NmShape {
   int n, m;
   int64_t K, G, S, Sb, Kp;
