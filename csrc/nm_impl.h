@@ -84,7 +84,13 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
   b.R = r1 - r0;
   b.RB = RB;
   const int64_t R = b.R, S = d.S;
-  const bool split = d.Kp * 4 * BT > SMALL_TILE_BYTES && T >= MIN_TILES;
+  // column chunks from 2 batch tiles and a 32 KB tile on, where the CSR kernels wait for 8 tiles and
+  // 256 KB (the copy they pay for is dearer: a run scan). NOTE: in-process A/B against those thresholds,
+  // 2 threads, 10 alternations, median old/new, forward / weight gradient: 2:4 1.69 / 1.30 at 4096²
+  // B=64, 1.81 / 1.51 at B=128, 1.30 / 1.15 at 1024² B=64, 1.49 / 1.31 at 1024² B=256; 1:4 1.05-1.33;
+  // 2:8 at 1024² B=64 1.08 / 1.02. with one tile (B <= 32) it lost: 1:4 0.95 / 0.89 at 4096² B=32,
+  // 2:4 0.98 / 0.93 at B=16, 0.92 / 0.78 at 2048² B=8.
+  const bool split = d.Kp * 4 * BT > 2 * CHUNK_MIN_BYTES && T >= 2;
   int64_t GC = split ? std::max<int64_t>(1, KC / d.m) : d.G;
   if (split && (GC * d.n) % 2) ++GC;
   const int64_t nch = split ? (d.G + GC - 1) / GC : 1, SC = GC * d.n;

@@ -136,9 +136,10 @@ def _case(batch, in_f, out_f, kind):
 
 
 # B < 8 takes the gather path, 8 / 17 / 37 the packed tiles of 8 / 24 / 32 lanes (37: a partial second
-# tile); in = 37 is no multiple of any m, in = 1 and 3 are narrower than a group. B = 240 at in = 2100
-# is 8 tiles of 32 lanes, each past 256 KB: the CSR walk then splits the rows into column chunks
-# (block_rows' run copy, and the weight gradient's copy back by runs). B = 240 at out = 2100 does the
+# tile); in = 37 is no multiple of any m, in = 1 and 3 are narrower than a group. The N:M walk splits
+# its rows into column chunks from 2 tiles whose packed tile passes 32 KB: B = 37 at in = 1000 (a partial
+# second tile) and B = 240 at in = 2100. At 8 tiles past 256 KB (B = 240, in = 2100) the CSR walk splits
+# too (block_rows' run copy, and the weight gradient's copy back by runs). B = 240 at out = 2100 does the
 # same for the input gradient, whose walk runs over Wᵀ (2100 columns): its values are then gathered
 # through the permutation chunk by chunk, in both the CSR and the transposable N:M walk.
 SHAPES = [
