@@ -139,7 +139,8 @@ def _case(batch, in_f, out_f, kind):
 # tile); in = 37 is no multiple of any m, in = 1 and 3 are narrower than a group. The N:M walk splits
 # its rows into column chunks from 2 tiles whose packed tile passes 32 KB: B = 37 at in = 1000 (a partial
 # second tile) and B = 240 at in = 2100. At 8 tiles past 256 KB (B = 240, in = 2100) the CSR walk splits
-# too (block_rows' run copy, and the weight gradient's copy back by runs). B = 240 at out = 2100 does the
+# too (block_rows' run copy, and the weight gradient's copy back by runs); its transposed walk (the
+# input gradient, over Wᵀ) splits from 2 tiles and 32 KB too: B = 37 at out = 300. B = 240 at out = 2100 does the
 # same for the input gradient, whose walk runs over Wᵀ (2100 columns): its values are then gathered
 # through the permutation chunk by chunk, in both the CSR and the transposable N:M walk.
 SHAPES = [
@@ -154,6 +155,7 @@ SHAPES = [
     _case(3, 100, 1, "full"),
     _case(240, 2100, 5, "holed"),
     _case(240, 37, 2100, "full"),
+    _case(37, 37, 300, "holed"),
 ]
 PARAMS = "batch,in_f,out_f,kind"
 
