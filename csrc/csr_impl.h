@@ -342,7 +342,6 @@ inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx
         const int64_t la = off[j + AHEAD + 1] - off[j + AHEAD];
         for (int64_t t = 0; t < la; t += 16) prefetch(pa + t);
       }
-
       const int64_t d = off[j], len = off[j + 1] - d, s = src[j];
       for (int64_t t = 0; t < len; ++t) bval[d + t] = vals[perm[s + t]];
     }

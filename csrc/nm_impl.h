@@ -144,7 +144,7 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
           float* dv = st.val.data() + w;
           const int64_t s0 = (r0 + r) * S + j0;
           if (perm)  // Wᵀ's values, gathered from W in this (chunk-major) order: see block_rows
-            for (int64_t t = 0; t < len; ++t) dv[t] = perm[s0 + t] >= 0 ? vals[perm[s0 + t]] : 0.f;
+            for (int64_t u = 0; u < len; ++u) dv[u] = perm[s0 + u] >= 0 ? vals[perm[s0 + u]] : 0.f;
           else
             std::memcpy(dv, vals + s0, static_cast<size_t>(len) * sizeof(float));
         }
