@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "csr.h"
 #include "fewbit.h"
@@ -269,6 +270,28 @@ sparseops::FewbitDtype fewbit_dtype(const std::string& dtype) {
   throw py::value_error("dtype: expected 'float32', 'bfloat16' or 'float16', got '" + dtype + "'");
 }
 
+// a byte range of an array, to refuse outputs that overlap another argument
+struct Span {
+  const char* p;
+  size_t n;
+  const char* name;
+};
+
+Span span(const py::array& a, const char* name) {
+  return {static_cast<const char*>(a.data()), static_cast<size_t>(a.nbytes()), name};
+}
+
+// outputs must not share memory with any other argument: a kernel writing one would change what it
+// reads from another (an index it then follows)
+void check_disjoint(const std::vector<Span>& outs, const std::vector<Span>& all) {
+  for (const Span& o : outs)
+    for (const Span& a : all) {
+      if (o.p == a.p && o.n == a.n && o.name == a.name) continue;  // itself
+      if (o.n && a.n && o.p < a.p + a.n && a.p < o.p + o.n)
+        throw py::value_error(std::string(o.name) + ": shares memory with " + a.name);
+    }
+}
+
 // an array of any shape holding elements of `dtype` (16-bit floats arrive as an int16/uint16 view)
 int64_t element_array(const py::array& a, const char* name, sparseops::FewbitDtype dt) {
   const bool ok = dt == sparseops::FewbitDtype::f32
@@ -321,24 +344,42 @@ void fewbit_pack(const py::array& x, const std::string& dtype, const py::array& 
   sparseops::fewbit_pack(x.data(), dt, n, b, bits, c, threads(nthreads));
 }
 
-void fewbit_pack_pwl(const py::array& x, const std::string& dtype, const py::array& borders, int bits,
-                     py::array& codes, const std::string& kind, float a, float b, py::array& y, int nthreads) {
+void fewbit_pack_fused(const py::array& x, const std::string& dtype, const py::array& borders, int bits,
+                       const py::object& codes_arg, const std::string& kind, float a, float b, py::array& y,
+                       int nthreads) {
   const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
   check_bits(bits);
-  sparseops::FewbitPwl k;
-  if (kind == "clamp") k = sparseops::FewbitPwl::clamp;
-  else if (kind == "leaky") k = sparseops::FewbitPwl::leaky;
-  else throw py::value_error("kind: expected 'clamp' or 'leaky', got '" + kind + "'");
+  sparseops::FewbitFused k;
+  if (kind == "clamp") k = sparseops::FewbitFused::clamp;
+  else if (kind == "leaky") k = sparseops::FewbitFused::leaky;
+  else if (kind == "hardswish") k = sparseops::FewbitFused::hardswish;
+  else if (kind == "tanh") k = sparseops::FewbitFused::tanh;
+  else if (kind == "hardsigmoid") k = sparseops::FewbitFused::hardsigmoid;
+  else throw py::value_error("kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid' or 'tanh', got '" + kind + "'");
   if (std::isnan(a) || std::isnan(b)) throw py::value_error("a, b: expected numbers, got nan");
   const int64_t n = element_array(x, "x", dt);
   const float* bd = border_array(borders, bits);
-  uint32_t* c = codes_array(codes, n, bits, true);
+  uint32_t* c = nullptr;
+  std::vector<Span> written;
+  py::array codes;
+  if (!codes_arg.is_none()) {
+    if (!py::isinstance<py::array>(codes_arg)) throw py::type_error("codes: expected a numpy array or None");
+    codes = py::reinterpret_borrow<py::array>(codes_arg);
+    c = codes_array(codes, n, bits, true);
+    written.push_back(span(codes, "codes"));
+  }
   if (element_array(y, "y", dt) != n || !y.dtype().is(x.dtype()))
     throw py::value_error("y: expected " + std::to_string(n) + " elements of x's dtype, got " +
                           std::to_string(y.size()) + " of " + std::string(py::str(y.dtype())));
   if (!y.writeable()) throw py::value_error("y: must be writeable");
+  written.push_back(span(y, "y"));
+  // y may be x itself (each element is read before it is written), but no other overlap is safe
+  std::vector<Span> all = written;
+  all.push_back(span(borders, "borders"));
+  if (x.data() != y.data()) all.push_back(span(x, "x"));
+  check_disjoint(written, all);
   py::gil_scoped_release release;
-  sparseops::fewbit_pack_pwl(x.data(), dt, n, bd, bits, c, k, a, b, y.mutable_data(), threads(nthreads));
+  sparseops::fewbit_pack_fused(x.data(), dt, n, bd, bits, c, k, a, b, y.mutable_data(), threads(nthreads));
 }
 
 void fewbit_unpack(const py::array& grad, const std::string& dtype, py::array& codes, const py::array& levels, int bits,
@@ -777,28 +818,6 @@ const float* score_matrix(const py::array& s) {
   return static_cast<const float*>(s.data());
 }
 
-// a byte range of an array, to refuse outputs that overlap another argument
-struct Span {
-  const char* p;
-  size_t n;
-  const char* name;
-};
-
-Span span(const py::array& a, const char* name) {
-  return {static_cast<const char*>(a.data()), static_cast<size_t>(a.nbytes()), name};
-}
-
-// outputs must not share memory with any other argument: a kernel writing one would change what it
-// reads from another (an index it then follows)
-void check_disjoint(const std::vector<Span>& outs, const std::vector<Span>& all) {
-  for (const Span& o : outs)
-    for (const Span& a : all) {
-      if (o.p == a.p && o.n == a.n && o.name == a.name) continue;  // itself
-      if (o.n && a.n && o.p < a.p + a.n && a.p < o.p + o.n)
-        throw py::value_error(std::string(o.name) + ": shares memory with " + a.name);
-    }
-}
-
 // an output vector of n entries: the caller's array (dtype, 1-D, C-contiguous, writeable, aligned) or,
 // given None, a fresh one
 template <class T>
@@ -1071,12 +1090,16 @@ x: C-contiguous float32 array, or an int16/uint16 view of bfloat16/float16 data 
 The code of an element is the number of borders [2^bits - 1, sorted float32] it exceeds (nan -> 0).
 codes: int32 output of ceil(x.size / 32) * bits words; group g of 32 elements owns words
 [g*bits, g*bits + bits), and bit i of word j is bit j of element 32g+i's code.)");
-  m.def("fewbit_pack_pwl", &fewbit_pack_pwl, py::arg("x"), py::arg("dtype"), py::arg("borders"), py::arg("bits"),
-        py::arg("codes").noconvert(), py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("y").noconvert(),
-        py::arg("nthreads"),
-        R"(fewbit_pack plus, in the same pass, a piecewise-linear activation of x into y (same dtype and size):
-kind 'clamp': y = min(max(x, a), b) (relu: a=0, b=inf; relu6; hardtanh); kind 'leaky': y = x if x > 0
-else x * a. Computed in float32, rounded once to the dtype; nan and -0 pass through as torch's do.)");
+  m.def("fewbit_pack_fused", &fewbit_pack_fused, py::arg("x"), py::arg("dtype"), py::arg("borders"),
+        py::arg("bits"), py::arg("codes").none(true), py::arg("kind"), py::arg("a"), py::arg("b"),
+        py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(fewbit_pack (into codes; None: skip it) plus, in the same pass, an activation of x into y (same dtype
+and size; y may be x itself, no other overlap is accepted). kind 'clamp': y = min(max(x, a), b) (relu:
+a=0, b=inf; relu6; hardtanh); 'leaky': y = x if x > 0 else x * a; 'hardswish': x * min(max(x + 3, 0),
+6) / 6; 'hardsigmoid': min(max(x + 3, 0), 6) / 6. These are computed in float32, rounded once to the
+dtype, and are torch's bit for bit
+(nan and -0 included). 'tanh' is computed in float64 and rounded to float32, then to the dtype: the
+correctly rounded value, which torch's is not always (a, b unused).)");
   m.def("fewbit_unpack", &fewbit_unpack, py::arg("grad"), py::arg("dtype"), py::arg("codes"), py::arg("levels"),
         py::arg("bits"), py::arg("out").noconvert(), py::arg("nthreads"),
         R"(out = grad * levels[code] elementwise, the product rounded once to grad's dtype.

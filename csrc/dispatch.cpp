@@ -86,12 +86,13 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
   fewbit_pack_portable(x, dt, n, borders, bits, codes, nthreads);
 }
 
-void fewbit_pack_pwl(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
-                     FewbitPwl kind, float a, float b, void* y, int nthreads) {
+void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
+                       FewbitFused kind, float a, float b, void* y, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)
-  if (active_isa() == Isa::avx2) return fewbit_pack_pwl_avx2(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);
+  if (active_isa() == Isa::avx2)
+    return fewbit_pack_fused_avx2(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);
 #endif
-  fewbit_pack_pwl_portable(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);
+  fewbit_pack_fused_portable(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);
 }
 
 void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n, const float* levels, int bits,

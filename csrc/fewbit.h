@@ -19,12 +19,18 @@ enum class FewbitDtype { f32 = 0, bf16 = 1, f16 = 2 };
 void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
                  int nthreads);
 
-// the fused forward of a piecewise-linear activation: pack as above, and in the same pass
-// y[i] = clamp(x[i], a, b) (kind clamp: relu, relu6, hardtanh) or x[i] > 0 ? x[i] : x[i] * a (kind
-// leaky), computed in float and rounded once to the element type. nan and -0 pass through, as in torch.
-enum class FewbitPwl { clamp = 1, leaky = 2 };
-void fewbit_pack_pwl(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
-                     FewbitPwl kind, float a, float b, void* y, int nthreads);
+// the fused forward of an activation: pack as above (skipped when codes is null: the forward alone),
+// and in the same pass y[i] = f(x[i]), rounded once to the element type:
+//   clamp:     min(max(x, a), b) (relu, relu6, hardtanh), computed in float;
+//   leaky:     x > 0 ? x : x * a, in float;
+//   hardswish: x * min(max(x + 3, 0), 6) / 6, in float, in torch's order;
+//   hardsigmoid: min(max(x + 3, 0), 6) / 6, likewise;
+//   tanh:      computed in double and rounded to float (fmath.h), then to the element type.
+// all but tanh are torch's forward bit for bit, nan and -0 included; tanh is the correctly rounded
+// value (torch's differs from it in the last bit for about 0.1% of inputs).
+enum class FewbitFused { clamp = 1, leaky = 2, hardswish = 3, tanh = 4, hardsigmoid = 5 };
+void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
+                       FewbitFused kind, float a, float b, void* y, int nthreads);
 
 // out[i] = grad[i] * levels[code(i)], the product rounded once to the element type. levels holds
 // 2^bits floats. out may not alias grad.
@@ -33,13 +39,13 @@ void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int6
 
 // per-isa entry points (fewbit_avx2.cpp, fewbit_portable.cpp)
 void fewbit_pack_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
-void fewbit_pack_pwl_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitPwl, float,
-                              float, void*, int);
+void fewbit_pack_fused_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, float,
+                                float, void*, int);
 void fewbit_unpack_portable(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #if defined(SPARSEOPS_HAVE_AVX2)
 void fewbit_pack_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
-void fewbit_pack_pwl_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitPwl, float, float,
-                          void*, int);
+void fewbit_pack_fused_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, float,
+                            float, void*, int);
 void fewbit_unpack_avx2(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #endif
 

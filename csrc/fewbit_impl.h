@@ -49,24 +49,47 @@ struct Io<V, FewbitDtype::f16> {
 // 1 bit) per chunk keep the openmp scheduling cost invisible next to the memory traffic.
 constexpr int64_t kGroupsPerChunk = 4096;
 
-// y = f(x) of the fused forward (PWL 0: none; else a FewbitPwl), on a vector and on one element
-template <class V, int PWL>
-inline typename V::reg pwl(const typename V::reg& x, const typename V::reg& a, const typename V::reg& b) {
-  if constexpr (PWL == static_cast<int>(FewbitPwl::clamp)) return V::min2(b, V::max2(a, x));
-  else return V::leaky(x, a);
-}
-
-template <int PWL>
-inline float pwl1(float x, float a, float b) {
-  if constexpr (PWL == static_cast<int>(FewbitPwl::clamp)) {
-    const float lo = a > x ? a : x;
-    return b < lo ? b : lo;
+// y = f(x) of the fused forward (KIND 0: none; else a FewbitFused), on a vector and on one element
+template <class V, int KIND>
+inline typename V::reg fused(const typename V::reg& x, const typename V::reg& a, const typename V::reg& b) {
+  if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
+    return V::min2(b, V::max2(a, x));
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::leaky)) {
+    return V::leaky(x, a);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::hardswish)) {
+    // torch's x * min(max(x + 3, 0), 6) / 6 in this order (a nan in x + 3 is the second operand: kept)
+    const typename V::reg six = V::bcast(6.0f);
+    return V::div(V::mul(x, V::min2(six, V::max2(V::zero(), V::add(x, V::bcast(3.0f))))), six);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::hardsigmoid)) {
+    // torch's min(max(x + 3, 0), 6) / 6
+    const typename V::reg six = V::bcast(6.0f);
+    return V::div(V::min2(six, V::max2(V::zero(), V::add(x, V::bcast(3.0f)))), six);
   } else {
-    return x > 0.0f ? x : x * a;
+    static_assert(KIND == static_cast<int>(FewbitFused::tanh));
+    return V::tanh_cr(x);
   }
 }
 
-template <class V, FewbitDtype DT, int BITS, int PWL = 0>
+template <int KIND>
+inline float fused1(float x, float a, float b) {
+  if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
+    const float lo = a > x ? a : x;
+    return b < lo ? b : lo;
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::leaky)) {
+    return x > 0.0f ? x : x * a;
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::hardswish)) {
+    const float v = x + 3.0f, lo = 0.0f > v ? 0.0f : v, m = 6.0f < lo ? 6.0f : lo;
+    return x * m / 6.0f;
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::hardsigmoid)) {
+    const float v = x + 3.0f, lo = 0.0f > v ? 0.0f : v;
+    return (6.0f < lo ? 6.0f : lo) / 6.0f;
+  } else {
+    static_assert(KIND == static_cast<int>(FewbitFused::tanh));
+    return fmath::tanh_f32(x);
+  }
+}
+
+template <class V, FewbitDtype DT, int BITS, int KIND = 0>
 void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads, float pa = 0.0f,
           float pb = 0.0f, void* yv = nullptr) {
   using IO = Io<V, DT>;
@@ -85,7 +108,8 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
       if (g < full) {
         for (int q = 0; q < 4; ++q) {
           const typename V::reg xr = IO::load(x + g * 32 + q * 8);
-          if constexpr (PWL != 0) IO::store(y + g * 32 + q * 8, pwl<V, PWL>(xr, va, vb));
+          if constexpr (KIND != 0) IO::store(y + g * 32 + q * 8, fused<V, KIND>(xr, va, vb));
+          if (!codes) continue;
           uint32_t m[BITS];
           V::template planes<BITS>(xr, b, m);
           for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
@@ -96,15 +120,16 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         const int64_t rem = n - g * 32;
         for (int64_t i = 0; i < 32; ++i)
           buf[i] = i < rem ? IO::to_float(x[g * 32 + i]) : -std::numeric_limits<float>::infinity();
-        if constexpr (PWL != 0)
-          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(pwl1<PWL>(buf[i], pa, pb));
-        for (int q = 0; q < 4; ++q) {
+        if constexpr (KIND != 0)
+          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(fused1<KIND>(buf[i], pa, pb));
+        for (int q = 0; q < 4 && codes; ++q) {
           uint32_t m[BITS];
           V::template planes<BITS>(V::load(buf + q * 8), b, m);
           for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
         }
       }
-      for (int j = 0; j < BITS; ++j) codes[g * BITS + j] = w[j];
+      if (codes)
+        for (int j = 0; j < BITS; ++j) codes[g * BITS + j] = w[j];
     }
   }
 }
@@ -170,15 +195,23 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
       detail::pack<V, decltype(d)::value, decltype(b)::value>(x, n, borders, codes, nthreads);                   \
     });                                                                                                          \
   }                                                                                                              \
-  void fewbit_pack_pwl_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,        \
-                                uint32_t* codes, FewbitPwl kind, float a, float b, void* y, int nthreads) {      \
+  void fewbit_pack_fused_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,      \
+                                  uint32_t* codes, FewbitFused kind, float a, float b, void* y, int nthreads) {  \
     detail::with_bits_dtype(bits, dt, [&](auto bt, auto d) {                                                     \
       constexpr FewbitDtype DT = decltype(d)::value;                                                             \
       constexpr int BITS = decltype(bt)::value;                                                                  \
-      if (kind == FewbitPwl::clamp)                                                                              \
-        detail::pack<V, DT, BITS, static_cast<int>(FewbitPwl::clamp)>(x, n, borders, codes, nthreads, a, b, y);  \
-      else                                                                                                       \
-        detail::pack<V, DT, BITS, static_cast<int>(FewbitPwl::leaky)>(x, n, borders, codes, nthreads, a, b, y);  \
+      switch (kind) {                                                                                            \
+        case FewbitFused::clamp:                                                                                 \
+          return detail::pack<V, DT, BITS, 1>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::leaky:                                                                                 \
+          return detail::pack<V, DT, BITS, 2>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::hardswish:                                                                             \
+          return detail::pack<V, DT, BITS, 3>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::tanh:                                                                                  \
+          return detail::pack<V, DT, BITS, 4>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::hardsigmoid:                                                                           \
+          return detail::pack<V, DT, BITS, 5>(x, n, borders, codes, nthreads, a, b, y);                          \
+      }                                                                                                          \
     });                                                                                                          \
   }                                                                                                              \
   void fewbit_unpack_##SUFFIX(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n,                \

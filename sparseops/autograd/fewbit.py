@@ -14,14 +14,22 @@ from ..ops import fewbit as fewbit_ops
 from .csr import apply_flat, linear_grads
 
 
+def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
+    # no backward to save for: torch's forward alone, except where the fused kernel's forward is its
+    # own (tanh on CPU: correctly rounded), which then holds with and without a gradient
+    if getattr(fn, "fused_own", False) and x.device.type == "cpu":
+        return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]
+    return fn(x)
+
+
 class FewBitActivationFunction(torch.autograd.Function):
     # the classic forward(ctx, ...) form, for the reason given in autograd/csr.py
     @staticmethod
     def forward(ctx, x, fn, borders, levels, bits: int):
         if not ctx.needs_input_grad[0]:
-            return fn(x)
-        # relu-like fn on cpu: y and the codes in one pass (see ops.fewbit.pack_pwl)
-        y, codes = fewbit_ops.pack_pwl(x, fn, borders, bits)
+            return _forward(x, fn, borders, bits)
+        # relu-like fn, hardswish, tanh on cpu: y and the codes in one pass (see ops.fewbit.fused)
+        y, codes = fewbit_ops.fused(x, fn, borders, bits)
         ctx.save_for_backward(codes, levels)
         ctx.bits = bits
         return y
@@ -42,7 +50,8 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
         bits: 1 to 4.
 
     Returns:
-        ``fn(x)``; its gradient is ``grad * levels[code(x)]``.
+        ``fn(x)`` (for tanh on CPU the correctly rounded value, see ``ops.fewbit.fused``); its
+        gradient is ``grad * levels[code(x)]``.
 
     Raises:
         TypeError: x is not a floating-point tensor.
@@ -52,7 +61,7 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return fn(x)  # no backward to save for (no_grad, inference): torch's forward alone
+        return _forward(x, fn, borders.to(x.device), bits)  # no_grad, inference: nothing is packed
     return FewBitActivationFunction.apply(x, fn, borders.to(x.device), levels.to(x.device), bits)
 
 

@@ -213,15 +213,21 @@ def activation_fn(name: str, **params) -> Callable:
     """
     resolved = _resolve_params(name, params)
     fn = functools.partial(_SPECS[name][0], **resolved)
-    # the piecewise-linear ones tell the fused CPU kernel (ops.fewbit.pack_pwl) what they compute
+    # the ones the fused CPU kernel (ops.fewbit.fused) computes next to the codes say how; all but
+    # tanh are torch's forward bit for bit there, tanh is the correctly rounded one (fn.fused_own)
+    fn.fused, fn.fused_own = None, False
     if name == "relu":
-        fn.pwl = ("clamp", 0.0, math.inf)
+        fn.fused = ("clamp", 0.0, math.inf)
     elif name == "relu6":
-        fn.pwl = ("clamp", 0.0, 6.0)
+        fn.fused = ("clamp", 0.0, 6.0)
     elif name == "hardtanh":
-        fn.pwl = ("clamp", resolved["min_val"], resolved["max_val"])
+        fn.fused = ("clamp", resolved["min_val"], resolved["max_val"])
     elif name == "leaky_relu":
-        fn.pwl = ("leaky", resolved["negative_slope"], 0.0)
+        fn.fused = ("leaky", resolved["negative_slope"], 0.0)
+    elif name in ("hardswish", "hardsigmoid"):
+        fn.fused = (name, 0.0, 0.0)
+    elif name == "tanh":
+        fn.fused, fn.fused_own = ("tanh", 0.0, 0.0), True
     return fn
 
 

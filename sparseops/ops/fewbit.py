@@ -3,6 +3,9 @@
 - ``sparseops::fewbit_pack(x, borders, bits) -> codes``: the b-bit interval index of every
   element, bit-packed (layout in :mod:`sparseops.reference.fewbit`).
 - ``sparseops::fewbit_unpack(grad, codes, levels, bits) -> grad_in``: ``grad * levels[code]``.
+- ``sparseops::fewbit_fused(x, borders, bits, kind, a, b, codes) -> (y, codes)``: an activation
+  and its codes in one pass over x (relu-like clamps, leaky_relu, hardswish, hardsigmoid: torch's
+  forward bit for bit; tanh: the correctly rounded one).
 - ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
   one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
 
@@ -138,12 +141,73 @@ fewbit_pack.register_kernel("cpu")(_fewbit_pack_cpu)
 fewbit_unpack.register_kernel("cpu")(_fewbit_unpack_cpu)
 
 
+# ---- the fused forward: an activation and its codes in one pass ----
+
+
+def _no_codes(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.int32)
+
+
+def _fused_reference(x, borders, bits, kind, a, b, codes):
+    y = reference.fewbit.fewbit_fused_forward(x, kind, a, b)
+    return y, (reference.fewbit_pack(x, borders, bits) if codes else _no_codes(x))
+
+
+@torch.library.custom_op("sparseops::fewbit_fused", mutates_args=())
+def fewbit_fused(x: Tensor, borders: Tensor, bits: int, kind: str, a: float, b: float, codes: bool) -> tuple[Tensor, Tensor]:
+    """An activation of ``x`` and, in the same pass, its few-bit codes.
+
+    Args:
+        x: any shape, fp32/bf16/fp16 on CPU run ``_C`` (others, and other devices, the reference).
+        borders, bits: as :func:`fewbit_pack`.
+        kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (slope ``a``),
+            ``"hardswish"``, ``"hardsigmoid"`` or ``"tanh"``; see :func:`sparseops.reference.fewbit.fewbit_fused_forward`.
+        a, b: the activation's constants.
+        codes: False for the forward alone.
+
+    Returns:
+        ``(y, codes)``: y of x's shape and dtype (contiguous); codes as :func:`fewbit_pack`, or
+        ``[0]`` int32 when ``codes`` is False. All but tanh equal torch's forward bit for bit; tanh
+        is torch's float64 tanh rounded to x's dtype.
+    """
+    return _fused_reference(x, borders, bits, kind, a, b, codes)
+
+
+@fewbit_fused.register_kernel("cpu")
+def _fewbit_fused_cpu(x, borders, bits, kind, a, b, codes):
+    if not _use_cpp(x) or x.numel() == 0:
+        return _fused_reference(x, borders, bits, kind, a, b, codes)
+    x = x.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    c = torch.empty(num_words(x.numel(), bits), dtype=torch.int32) if codes else _no_codes(x)
+    bd = borders.to(torch.float32).contiguous()
+    _C.fewbit_pack_fused(_np_elems(x), _CPP_DTYPES[x.dtype], bd.numpy(), bits, c.numpy() if codes else None, kind,
+                         a, b, _np_elems(y), _threads(x.numel()))
+    return y, c
+
+
+@fewbit_fused.register_fake
+def _(x, borders, bits, kind, a, b, codes):
+    n = num_words(x.numel(), bits) if codes else 0
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(n, dtype=torch.int32)
+
+
 # ---- the fused sparse linear + activation ----
 
 
 def _dds_fewbit(z: Tensor, activation: str, borders: Tensor, bits: int, pack) -> tuple[Tensor, Tensor]:
     # z is the op's own temporary: it is freed when the op returns, so only y and the codes live on
-    return activation_fn(activation)(z), pack(z, borders, bits)
+    fn = activation_fn(activation)
+    if fn.fused_own:  # the forward the CPU kernel computes (fewbit_fused), also off the CPU kernel
+        return reference.fewbit.fewbit_fused_forward(z, *fn.fused), pack(z, borders, bits)
+    return fn(z), pack(z, borders, bits)
+
+
+def _dds_fewbit_cpu(z: Tensor, activation: str, borders: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    fn = activation_fn(activation)
+    if fn.fused is None:
+        return fn(z), _fewbit_pack_cpu(z, borders, bits)
+    return _fewbit_fused_cpu(z, borders, bits, *fn.fused, True)
 
 
 @torch.library.custom_op("sparseops::csr_dds_fewbit_host", mutates_args=())
@@ -158,7 +222,7 @@ def csr_dds_fewbit_host(
 @csr_dds_fewbit_host.register_kernel("cpu")
 def _csr_dds_fewbit_cpu(x, values, crow, col, bias, out_features, activation, borders, bits):
     z = _csr_dds_cpu(x, values, crow, col, bias, out_features)
-    return _dds_fewbit(z, activation, borders, bits, _fewbit_pack_cpu)
+    return _dds_fewbit_cpu(z, activation, borders, bits)
 
 
 @csr_dds_fewbit_host.register_fake
@@ -207,25 +271,23 @@ def pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     return torch.ops.sparseops.fewbit_pack(x, borders, bits)
 
 
-def pack_pwl(x: Tensor, fn, borders: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """``(fn(x), pack(x, borders, bits))`` for the autograd layer.
+def fused(x: Tensor, fn, borders: Tensor, bits: int, codes: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """``(fn(x), pack(x, borders, bits))`` for the autograd layer (codes None when ``codes`` is False).
 
-    For a piecewise-linear ``fn`` (one that carries ``fn.pwl``, see ``fewbit.table.activation_fn``: relu,
-    relu6, hardtanh, leaky_relu) on eager CPU with the C++ kernels, one pass reads x and writes both
-    (``_C.fewbit_pack_pwl``): the same values as torch's forward, bit for bit, a pass over x fewer.
+    For an activation with a fused CPU kernel (``fn.fused``, set by ``fewbit.table.activation_fn``:
+    relu, relu6, hardtanh, leaky_relu, hardswish, hardsigmoid, tanh) on a CPU tensor, one pass reads x and writes
+    both (:func:`fewbit_fused`): for all but tanh the same values as torch's forward, bit for bit;
+    for tanh (``fn.fused_own``) the correctly rounded one, which the layer then uses everywhere on CPU.
     Anything else runs ``fn`` and :func:`pack` one after the other.
     """
-    pwl = getattr(fn, "pwl", None)
-    if pwl is None or not _eager_cpu(x) or not _use_cpp(x) or x.numel() == 0:
-        return fn(x), pack(x, borders, bits)
-    kind, a, b = pwl
-    x = x.contiguous()
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32)
-    bd = borders.to(torch.float32).contiguous()
-    _C.fewbit_pack_pwl(_np_elems(x), _CPP_DTYPES[x.dtype], bd.numpy(), bits, codes.numpy(), kind, a, b,
-                       _np_elems(y), _threads(x.numel()))
-    return y, codes
+    spec = getattr(fn, "fused", None)
+    if spec is None or x.device.type != "cpu":
+        return fn(x), (pack(x, borders, bits) if codes else None)
+    if _eager_cpu(x):
+        y, c = _fewbit_fused_cpu(x, borders, bits, *spec, codes)
+    else:
+        y, c = torch.ops.sparseops.fewbit_fused(x, borders, bits, *spec, codes)
+    return y, (c if codes else None)
 
 
 def unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:

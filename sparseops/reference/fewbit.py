@@ -74,3 +74,34 @@ def fewbit_unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Ten
     gf = grad.to(torch.promote_types(grad.dtype, torch.float32))
     lv = levels.to(device=grad.device, dtype=gf.dtype)[c].view(grad.shape)
     return (gf * lv).to(grad.dtype).contiguous()
+
+
+def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -> Tensor:
+    """The forward that ``sparseops::fewbit_fused`` computes next to the codes, in pure torch.
+
+    Args:
+        x: any shape, floating point.
+        kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (``x`` above 0,
+            else ``x * a``), ``"hardswish"``, ``"hardsigmoid"`` or ``"tanh"``.
+        a, b: the clamp bounds, or the leaky slope (``a``).
+
+    Returns:
+        x's shape and dtype. clamp, leaky, hardswish and hardsigmoid are torch's own functions. tanh is torch's
+        float64 tanh rounded to x's dtype (the correctly rounded value) for 16- and 32-bit floats.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind == "clamp":
+        return torch.clamp(x, a, b) if b != float("inf") else torch.clamp(x, min=a)
+    if kind == "leaky":
+        return torch.nn.functional.leaky_relu(x, a)
+    if kind == "hardswish":
+        return torch.nn.functional.hardswish(x)
+    if kind == "hardsigmoid":
+        return torch.nn.functional.hardsigmoid(x)
+    if kind == "tanh":
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return torch.tanh(x.double()).to(x.dtype)
+        return torch.tanh(x)
+    raise ValueError(f"kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid' or 'tanh', got {kind!r}")
