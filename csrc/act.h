@@ -22,6 +22,9 @@ struct ActSel {
 // of the union.
 int64_t act_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
                  const float* bias, float* y, int64_t ldy, int nthreads);
+// act_gemv with a 16-bit weight (bf16, else fp16), widened to fp32 as it is loaded; x, bias and y fp32
+int64_t act_gemv16(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const uint16_t* wt, bool bf16,
+                   int64_t N, const float* bias, float* y, int64_t ldy, int nthreads);
 // any batch: the same product with each row's own active set (s(x) as CSR rows, then a row-sparse x
 // dense product tiled so that the panel of wt it reads stays in cache). returns nnz of s(x).
 int64_t act_spmm(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
@@ -37,6 +40,8 @@ void act_sdd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x,
 #define SPARSEOPS_ACT_DECLARE(suffix)                                                                              \
   int64_t act_gemv_##suffix(const float*, int64_t, int64_t, int64_t, ActSel, const float*, int64_t, const float*,  \
                             float*, int64_t, int);                                                                  \
+  int64_t act_gemv16_##suffix(const float*, int64_t, int64_t, int64_t, ActSel, const uint16_t*, bool, int64_t,     \
+                              const float*, float*, int64_t, int);                                                \
   int64_t act_spmm_##suffix(const float*, int64_t, int64_t, int64_t, ActSel, const float*, int64_t, const float*,  \
                             float*, int64_t, int);                                                                  \
   void act_dsd_##suffix(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, ActSel,           \

@@ -382,10 +382,33 @@ void sddmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K
 
 // ---- entry points ----
 
+// loads of the weight's element type (WD: 0 fp32, 1 bf16, 2 fp16), widened to fp32 in registers
+template <class V, int WD>
+struct WLoad {
+  using T = float;
+  static typename V::reg load(const T* p) { return V::load(p); }
+  static float one(T v) { return v; }
+};
 template <class V>
-int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
-                   const float* bias, float* y, int64_t ldy, int nthreads) {
+struct WLoad<V, 1> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_bf16(p); }
+  static float one(T v) { return bf16_to_f32(v); }
+};
+template <class V>
+struct WLoad<V, 2> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_f16(p); }
+  static float one(T v) { return f16_to_f32(v); }
+};
+
+template <class V, int WD = 0>
+int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel,
+                   const typename WLoad<V, WD>::T* wt, int64_t N, const float* bias, float* y, int64_t ldy,
+                   int nthreads) {
   using reg = typename V::reg;
+  using WL = WLoad<V, WD>;
+  using WT = typename WL::T;
   // the union and its values, [nnz][T]
   std::vector<int32_t> idx;
   std::vector<float> xs;
@@ -404,7 +427,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
     for (int64_t c0 = c_begin; c0 < c_end; c0 += OT) {
       const int64_t w = std::min(OT, c_end - c0);
       const int64_t w8 = std::min(w, std::max<int64_t>(0, N8 - c0)) / 8 * 8;
-      const int64_t lines = (w + 15) / 16;  // 64-byte lines of one tile row of wt
+      const int64_t lines = (w * static_cast<int64_t>(sizeof(WT)) + 63) / 64;  // 64-byte lines of one tile row of wt
       for (int64_t t = 0; t < T; ++t)
         for (int64_t c = 0; c < w; ++c) acc[t * OT + c] = bias ? bias[c0 + c] : 0.f;
       // two rows of wt per pass over the accumulators, so each accumulator load and store serves two fmas
@@ -416,8 +439,8 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
           const char* pf = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[u]) * N + c0);
           for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(pf + 64 * l, 0, 0);
         }
-        const float* w0 = wt + static_cast<int64_t>(idx[q]) * N + c0;
-        const float* w1 = two ? wt + static_cast<int64_t>(idx[q + 1]) * N + c0 : w0;
+        const WT* w0 = wt + static_cast<int64_t>(idx[q]) * N + c0;
+        const WT* w1 = two ? wt + static_cast<int64_t>(idx[q + 1]) * N + c0 : w0;
         const float* x0 = xs.data() + q * T;
         const float* x1 = two ? x0 + T : nullptr;
         auto xa = [&](int64_t t) { return V::bcast(x0[t]); };
@@ -429,7 +452,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
           const reg b0 = xb(t), b1 = xb(t + 1), b2 = xb(t + 2), b3 = xb(t + 3);
           float *o0 = acc.data() + t * OT, *o1 = o0 + OT, *o2 = o1 + OT, *o3 = o2 + OT;
           for (int64_t c = 0; c < w8; c += 8) {
-            const reg u = V::load(w0 + c), v = V::load(w1 + c);
+            const reg u = WL::load(w0 + c), v = WL::load(w1 + c);
             V::store(o0 + c, V::fma(b0, v, V::fma(a0, u, V::load(o0 + c))));
             V::store(o1 + c, V::fma(b1, v, V::fma(a1, u, V::load(o1 + c))));
             V::store(o2 + c, V::fma(b2, v, V::fma(a2, u, V::load(o2 + c))));
@@ -440,10 +463,11 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
           const reg a = xa(t), b = xb(t);
           float* o = acc.data() + t * OT;
           for (int64_t c = 0; c < w8; c += 8)
-            V::store(o + c, V::fma(b, V::load(w1 + c), V::fma(a, V::load(w0 + c), V::load(o + c))));
+            V::store(o + c, V::fma(b, WL::load(w1 + c), V::fma(a, WL::load(w0 + c), V::load(o + c))));
         }
         for (int64_t c = w8; c < w; ++c)
-          for (int64_t u = 0; u < T; ++u) acc[u * OT + c] += x0[u] * w0[c] + (two ? x1[u] * w1[c] : 0.f);
+          for (int64_t u = 0; u < T; ++u)
+            acc[u * OT + c] += x0[u] * WL::one(w0[c]) + (two ? x1[u] * WL::one(w1[c]) : 0.f);
       }
       for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + c0, acc.data() + t * OT, sizeof(float) * w);
     }
@@ -509,6 +533,11 @@ void act_sdd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
   int64_t act_gemv_##suffix(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt,       \
                             int64_t N, const float* bias, float* y, int64_t ldy, int nt) {                        \
     return act_gemv_t<V>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt);                                             \
+  }                                                                                                               \
+  int64_t act_gemv16_##suffix(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const uint16_t* wt,  \
+                              bool bf16, int64_t N, const float* bias, float* y, int64_t ldy, int nt) {          \
+    return bf16 ? act_gemv_t<V, 1>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt)                                  \
+                : act_gemv_t<V, 2>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt);                                 \
   }                                                                                                               \
   int64_t act_spmm_##suffix(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt,       \
                             int64_t N, const float* bias, float* y, int64_t ldy, int nt) {                        \

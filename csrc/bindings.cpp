@@ -691,6 +691,32 @@ int64_t act_gemv(const py::array& x, const py::array& threshold, bool relu, cons
   return act_forward(sparseops::act_gemv, x, threshold, relu, weight_t, bias, y, nthreads);
 }
 
+int64_t act_gemv16(const py::array& x, const py::array& threshold, bool relu, const py::array& weight_t,
+                   const std::string& dtype, const py::object& bias, py::array& y, int nthreads) {
+  if (dtype != "bfloat16" && dtype != "float16")
+    throw py::value_error("dtype: expected 'bfloat16' or 'float16', got '" + dtype + "'");
+  const Mat X = row_matrix(x, "x");
+  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
+  if (!weight_t.dtype().is(py::dtype::of<int16_t>()) && !weight_t.dtype().is(py::dtype::of<uint16_t>()))
+    throw py::type_error("weight_t: expected an int16/uint16 view of " + dtype + " data, got dtype " +
+                         std::string(py::str(weight_t.dtype())));
+  if (weight_t.ndim() != 2 || weight_t.shape(0) != X.cols)
+    throw py::value_error("weight_t: expected shape (" + std::to_string(X.cols) + ", out), got " + shape_str(weight_t));
+  if (!(weight_t.flags() & py::array::c_style)) throw py::value_error("weight_t: must be C-contiguous");
+  check_aligned(weight_t, "weight_t");
+  const int64_t N = weight_t.shape(1);
+  float* Y = float_output(y, "y", X.rows, N, 2);
+  py::object bias_keep;  // see csr_dds
+  const float* bp = optional_bias(bias, N, bias_keep);
+  const auto* W = static_cast<const uint16_t*>(weight_t.data());
+  std::vector<Span> all = {span(y, "y"), span(x, "x"), span(weight_t, "weight_t"), span(threshold, "threshold")};
+  if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
+  check_disjoint({all[0]}, all);
+  py::gil_scoped_release release;
+  return sparseops::act_gemv16(X.p, X.rows, X.cols, X.s0, sel, W, dtype == "bfloat16", N, bp, Y, N,
+                               threads(nthreads));
+}
+
 int64_t act_spmm(const py::array& x, const py::array& threshold, bool relu, const py::array& weight_t,
                  const py::object& bias, py::array& y, int nthreads) {
   return act_forward(sparseops::act_spmm, x, threshold, relu, weight_t, bias, y, nthreads);
@@ -1135,6 +1161,11 @@ index of its block grid (crow [nbr+1], col [nblk]). x's rows must be contiguous 
         R"(y[T, out] = s(x)[T, in] @ weight_t[in, out] + bias, reading only the rows of weight_t that at least one
 row of x activates (their union). s: v = relu ? max(x, 0) : x, kept where |v| > threshold (threshold: 1 or
 in float32 entries), else 0. x's rows must be contiguous; weight_t C-contiguous. Returns the union's size.)");
+  m.def("act_gemv16", &act_gemv16, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("weight_t"),
+        py::arg("dtype"), py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(act_gemv with a 16-bit weight: weight_t [in, out] is a C-contiguous int16/uint16 view of dtype
+('bfloat16' or 'float16') data, widened to float32 as it is read; x, threshold, bias and y are float32 as in
+act_gemv. Reads only the rows of weight_t the union activates. Returns the union's size.)");
   m.def("act_spmm", &act_spmm, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("weight_t"),
         py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
         R"(The act_gemv product for any batch, each row through its own active inputs (s(x) as CSR). Returns nnz.)");

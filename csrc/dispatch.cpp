@@ -152,6 +152,14 @@ int64_t act_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, 
   return act_gemv_portable(x, T, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
 }
 
+int64_t act_gemv16(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const uint16_t* wt, bool bf16,
+                   int64_t N, const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return act_gemv16_avx2(x, T, K, ldx, sel, wt, bf16, N, bias, y, ldy, nthreads);
+#endif
+  return act_gemv16_portable(x, T, K, ldx, sel, wt, bf16, N, bias, y, ldy, nthreads);
+}
+
 int64_t act_spmm(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
                  const float* bias, float* y, int64_t ldy, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)

@@ -74,3 +74,29 @@ def assert_top_set(chosen, score, among, k, name, atol=0.0):
         f"{name}: {int(diff.sum())} position(s) differ from the reference top-{k}, "
         f"e.g. index {int(far.nonzero()[0])} with score {float(s[far][0]):.6g} vs the k-th {float(kth):.6g}"
     )
+
+
+def guard_dtype_route(monkeypatch, ops_module, reference_names, dtype):
+    """The CPU dtype routing of an ops module: fp64 must take the reference and never reach ``_C``; bf16 and fp16
+    must reach ``_C`` (on fp32 copies, or natively) and never the reference. Returns the list of ``_C`` names
+    called, filled as the test runs."""
+    import pytest
+    import torch
+
+    import sparseops.reference as reference
+
+    real = ops_module._C
+    calls = []
+
+    class _Spy:
+        def __getattr__(self, name):
+            if dtype == torch.float64:
+                raise AssertionError(f"{dtype} must not reach sparseops._C.{name}")
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(ops_module, "_C", _Spy())
+    if dtype != torch.float64:
+        for name in reference_names:
+            monkeypatch.setattr(reference, name, lambda *a, n=name: pytest.fail(f"{dtype} took reference.{n}"))
+    return calls

@@ -3,7 +3,8 @@ reference, the union GEMV (``_C.act_gemv``, up to 32 rows) and the row-sparse ``
 validation, ActivationSparseLinear (modes relu / tensor / channel / topk) against fp64 autograd, calibration,
 checkpoints, torch.compile and a short training run.
 
-fp32 goes through the C++ kernels (both ISA paths); other dtypes through the reference. The ops are compared with
+fp32 goes through the C++ kernels (both ISA paths); bf16/fp16 too (the decode kernel reads a 16-bit weight as it is,
+the rest runs on fp32 copies); fp64 through the reference. The ops are compared with
 ``sparseops.reference.act`` in fp64 (the oracle); the layers with torch autograd on ``act_mask(x) @ Wᵀ + b`` in fp64,
 and top-k is sparsified here by sorting, independently of the layer.
 """
@@ -443,28 +444,88 @@ def test_act_kernels_never_read_weight_rows_outside_the_union(isa, T, chan):
     assert_close_rms(dx, expected_dx, torch.float32, name="dx")
 
 
-# ---- other dtypes: the reference path ----
+# ---- other dtypes: fp64 takes the reference, bf16/fp16 the C++ kernels ----
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(PARAMS, [_case(3, 100, 37, True, False, 0.5), _case(37, 300, 77, False, True, 0.5),
-                                  _case(1, 37, 3, False, False, 0.9)])
-def test_act_ops_other_dtypes_match_reference(monkeypatch, batch, in_f, out_f, chan, relu, sp, dtype):
-    class _Refuses:
-        def __getattr__(self, name):
-            raise AssertionError(f"{dtype} must not reach sparseops._C.{name}")
+                                  _case(1, 37, 3, False, False, 0.9), _case(32, 1000, 1000, True, True, 0.5),
+                                  _case(1, 1, 1, False, False, 0.0), _case(5, 37, 0, False, False, 0.5)])
+def test_act_ops_other_dtypes_match_reference(isa, monkeypatch, batch, in_f, out_f, chan, relu, sp, dtype):
+    calls = []
 
-    monkeypatch.setattr(ops_act, "_C", _Refuses())
+    class _Spy:
+        def __getattr__(self, name):
+            if dtype == torch.float64:
+                raise AssertionError(f"{dtype} must not reach sparseops._C.{name}")
+            calls.append(name)
+            return getattr(_C, name)
+
+    monkeypatch.setattr(ops_act, "_C", _Spy())
+    if dtype != torch.float64:
+        for name in ("act_dds", "act_dsd", "act_sdd"):
+            monkeypatch.setattr(ops_act.reference, name, lambda *a, n=name: pytest.fail(f"{dtype} took reference.{n}"))
     c = Case(batch, in_f, out_f, chan, relu, sp, dtype=dtype)
-    y = ops_act.dds(c.x, c.w, c.bias, c.thr, relu)
+    y = ops_act.dds(c.x, c.w, c.bias, c.thr.to(dtype), relu)
     assert y.dtype == dtype and y.shape == (batch, out_f)
     assert_close_rms(y, c.dds_ref(c.bias), dtype, name="y")
+    y = ops_act.dds(c.x, c.w, None, c.thr.to(dtype), relu)
+    assert_close_rms(y, c.dds_ref(), dtype, name="y (no bias)")
     dx = ops_act.dsd(c.dy, c.x, c.w, c.thr, relu)
     assert dx.dtype == dtype
     assert_close_rms(dx, c.dsd_ref(), dtype, name="dx")
     dw = ops_act.sdd(c.dy, c.x, c.thr, relu)
     assert dw.dtype == dtype
     assert_close_rms(dw, c.sdd_ref(), dtype, name="dweight_t")
+    if dtype != torch.float64:
+        # decode reads the 16-bit weight as it is; above 32 rows the fp32 kernels run on fp32 copies
+        assert calls[0] == ("act_gemv16" if batch <= ops_act.GEMV_MAX_ROWS else "act_spmm")
+        assert {"act_dsd", "act_sdd"} <= set(calls)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_act_gemv16_writes_every_output_and_reads_only_the_union(isa, dtype):
+    # 16-bit weight rows outside the union hold nan: reading one would poison the output
+    T, K, N = 3, 300, 77
+    x = torch.randn(T, K)
+    x[:, ::3] = 0.0
+    w = torch.randn(K, N).to(dtype)
+    w[::3] = float("nan")
+    y = torch.full((T, N), float("nan"))
+    thr = torch.zeros(1)
+    u = _C.act_gemv16(x.numpy(), thr.numpy(), False, w.view(torch.int16).numpy(), str(dtype).split(".")[-1], None,
+                      y.numpy(), 2)
+    assert u == K - len(range(0, K, 3))
+    keep = torch.ones(K, dtype=torch.bool)
+    keep[::3] = False
+    expect = x[:, keep].double() @ w[keep].double()
+    assert_close_rms(y, expect, torch.float32, name="y")
+
+
+@needs_cpp
+def test_act_gemv16_binding_refuses_bad_arguments():
+    x = np.random.randn(2, 5).astype(np.float32)
+    w = np.zeros((5, 3), dtype=np.int16)
+    thr = np.zeros(1, dtype=np.float32)
+    y = np.empty((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.act_gemv16(x, thr, False, w, "float32", None, y, 1)
+    with pytest.raises(TypeError, match="weight_t"):
+        _C.act_gemv16(x, thr, False, w.astype(np.float32), "bfloat16", None, y, 1)
+    with pytest.raises(ValueError, match="weight_t"):
+        _C.act_gemv16(x, thr, False, np.zeros((4, 3), dtype=np.int16), "bfloat16", None, y, 1)
+    with pytest.raises(ValueError, match="weight_t"):
+        _C.act_gemv16(x, thr, False, np.zeros((3, 5), dtype=np.int16).T, "bfloat16", None, y, 1)
+    with pytest.raises(ValueError, match="y"):
+        _C.act_gemv16(x, thr, False, w, "bfloat16", None, np.empty((2, 4), dtype=np.float32), 1)
+    with pytest.raises(ValueError, match="bias"):
+        _C.act_gemv16(x, thr, False, w, "bfloat16", np.zeros(4, dtype=np.float32), y, 1)
+    with pytest.raises(ValueError, match="threshold"):
+        _C.act_gemv16(x, np.zeros(2, dtype=np.float32), False, w, "bfloat16", None, y, 1)
+    buf = np.zeros(16, dtype=np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        _C.act_gemv16(buf[:10].reshape(2, 5), thr, False, w, "bfloat16", None, buf[4:10].reshape(2, 3), 1)
 
 
 def test_reference_act_matches_dense_math():

@@ -985,7 +985,7 @@ def test_sparsify_refuses_meta_weights_and_changes_nothing(kw, name):
             SparseLinear.from_dense(model[0], **kw)
 
 
-# ---- hand-built indices on the reference path (dtypes other than fp32 skip the C++ binding's checks) ----
+# ---- hand-built indices on the reference path (fp64) and on the fp32 C++ kernels that bf16 runs on ----
 
 
 def _csr_case():
@@ -1025,9 +1025,9 @@ def test_reference_path_rejects_malformed_col(dtype, op, how):
             torch.ops.sparseops.csr_sdd(dy, x, fmt.crow, col, fmt.row)
         elif op == "csr_backward":
             torch.ops.sparseops.csr_backward(dy, x, v, fmt.crow, col, fmt.row, fmt.t_crow, fmt.t_row, fmt.t_perm)
-        else:  # a 5x7 block grid of 1x1... blocks of 2: the same index on a [10, 14] weight
-            torch.ops.sparseops.bsr_dds(torch.randn(3, 14, dtype=dtype), torch.randn(fmt.nnz, 2, 2, dtype=dtype),
-                                        fmt.crow, col, None, 10)
+        else:  # the same index as a 5x7 grid of 8x8 blocks: a [40, 56] weight
+            torch.ops.sparseops.bsr_dds(torch.randn(3, 56, dtype=dtype), torch.randn(fmt.nnz, 8, 8, dtype=dtype),
+                                        fmt.crow, col, None, 40)
     for t, b in zip(inputs, before):
         assert torch.equal(t, b)
 
@@ -1051,8 +1051,8 @@ def test_reference_path_rejects_malformed_transposed_index(dtype, bad):
     with pytest.raises(ValueError, match=rf"^{bad}: "):
         torch.ops.sparseops.csr_dsd(dy, v, t_crow, t_row, t_perm, 7)
     with pytest.raises(ValueError, match=rf"^{bad}: "):
-        torch.ops.sparseops.bsr_dsd(dy.repeat_interleave(2, 1), v[:, None, None].expand(-1, 2, 2).contiguous(),
-                                    t_crow, t_row, t_perm, 14)
+        torch.ops.sparseops.bsr_dsd(dy.repeat_interleave(8, 1), v[:, None, None].expand(-1, 8, 8).contiguous(),
+                                    t_crow, t_row, t_perm, 56)
 
 
 def test_reference_path_bsr_sdd_rejects_out_of_range_blocks():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rms
+from helpers import assert_close_rms, guard_dtype_route
 from torch import nn
 
 import sparseops
@@ -584,16 +584,12 @@ def test_conftest_poisoning_reaches_bsr_op_outputs(monkeypatch):
 # ---- other dtypes: the reference path ----
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(PARAMS, [_case(3, 37, 21, 8, "holed"), _case(37, 100, 37, 32, 0.5),
                                   _case(5, 37, 37, 16, "empty")])
-def test_bsr_ops_other_dtypes_match_dense(monkeypatch, batch, in_f, out_f, b, kind, dtype):
-    # the C++ kernels take fp32 only: other dtypes must go to the reference, never to _C
-    class _Refuses:
-        def __getattr__(self, name):
-            raise AssertionError(f"{dtype} must not reach sparseops._C.{name}")
-
-    monkeypatch.setattr(ops_bsr, "_C", _Refuses())
+def test_bsr_ops_other_dtypes_match_dense(isa, monkeypatch, batch, in_f, out_f, b, kind, dtype):
+    # fp64 goes to the reference, never to _C; bf16/fp16 to the fp32 C++ kernels, never to the reference
+    calls = guard_dtype_route(monkeypatch, ops_bsr, ("bsr_dds", "bsr_dsd", "bsr_sdd"), dtype)
     c = Case(batch, in_f, out_f, b, kind, dtype=dtype)
     y = c.dds(bias=c.bias)
     assert y.dtype == dtype
@@ -605,6 +601,8 @@ def test_bsr_ops_other_dtypes_match_dense(monkeypatch, batch, in_f, out_f, b, ki
     assert dv.dtype == dtype
     assert_close_rms(dv, c.sdd_ref(), dtype, name="dvalues")
     assert (dv[~c.pad] == 0).all()
+    if dtype != torch.float64:
+        assert {"bsr_dds", "bsr_dsd", "bsr_sdd"} <= set(calls)
 
 
 @pytest.mark.parametrize("chunk", [1 << 20, 100], ids=["one-chunk", "many-chunks"])

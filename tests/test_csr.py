@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_rms, shape_param
+from helpers import assert_close_rms, guard_dtype_route, shape_param
 
 import sparseops
 import sparseops.ops.csr as ops_csr
@@ -286,21 +286,34 @@ def test_conftest_poisoning_reaches_op_outputs(monkeypatch):
     assert torch.isnan(c.sdd()).all()
 
 
-# ---- other dtypes: the reference path ----
+# ---- other dtypes: fp64 on the reference, bf16/fp16 on the fp32 C++ kernels ----
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "batch,in_f,out_f,kind",
-    [shape_param(3, 37, 5, 0.5), shape_param(37, 1000, 37, 0.5), _special(9, 37, 37, "holed")],
+    [shape_param(3, 37, 5, 0.5), shape_param(37, 1000, 37, 0.5), _special(9, 37, 37, "holed"),
+     shape_param(1, 1000, 3, 0.99)],
 )
-def test_csr_ops_other_dtypes_match_dense(batch, in_f, out_f, kind, dtype):
+def test_csr_ops_other_dtypes_match_dense(isa, monkeypatch, batch, in_f, out_f, kind, dtype):
+    calls = guard_dtype_route(monkeypatch, ops_csr, ("csr_dds", "csr_dsd", "csr_sdd"), dtype)
     c = Case(batch, in_f, out_f, kind, dtype=dtype)
     y = c.dds(bias=c.bias)
     assert y.dtype == dtype
     assert_close_rms(y, c.dds_ref(bias=c.bias), dtype, name="y")
-    assert_close_rms(c.dsd(), c.dsd_ref(), dtype, name="dx")
-    assert_close_rms(c.sdd(), c.sdd_ref(), dtype, name="dvalues")
+    dx, dv = c.dsd(), c.sdd()
+    assert dx.dtype == dtype and dv.dtype == dtype
+    assert_close_rms(dx, c.dsd_ref(), dtype, name="dx")
+    assert_close_rms(dv, c.sdd_ref(), dtype, name="dvalues")
+    if dtype != torch.float64:
+        assert {"csr_dds", "csr_dsd", "csr_sdd"} <= set(calls)
+        # the fused backward too
+        idx = c.fmt
+        dx2, dv2 = ops_csr._csr_backward_cpu(c.dy, c.x, c.values, idx.crow, idx.col, idx.row, idx.t_crow, idx.t_row,
+                                             idx.t_perm)
+        assert dx2.dtype == dtype and dv2.dtype == dtype
+        assert_close_rms(dx2, c.dsd_ref(), dtype, name="dx (fused backward)")
+        assert_close_rms(dv2, c.sdd_ref(), dtype, name="dvalues (fused backward)")
 
 
 @pytest.mark.parametrize("chunk", [1 << 20, 64], ids=["one-chunk", "many-chunks"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rms
+from helpers import assert_close_rms, guard_dtype_route
 from torch import nn
 
 import sparseops
@@ -306,15 +306,20 @@ def test_conftest_poisoning_reaches_nm_op_outputs(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,m", [pytest.param(2, 4, id="2:4"), pytest.param(3, 5, id="3:5")])
-@pytest.mark.parametrize(PARAMS, [_case(3, 37, 5, "holed"), _case(37, 100, 37, "full")])
-def test_nm_ops_other_dtypes_match_dense(n, m, batch, in_f, out_f, kind, dtype):
+@pytest.mark.parametrize(PARAMS, [_case(3, 37, 5, "holed"), _case(37, 100, 37, "full"), _case(1, 1000, 3, "full")])
+def test_nm_ops_other_dtypes_match_dense(isa, monkeypatch, n, m, batch, in_f, out_f, kind, dtype):
+    # fp64 goes to the reference, never to _C; bf16/fp16 to the fp32 C++ kernels, never to the reference
+    calls = guard_dtype_route(monkeypatch, ops_nm, ("nm_dds", "nm_sdd", "nm_dsd", "nm_dsd_csr"), dtype)
     c = Case(batch, in_f, out_f, n, m, kind, transposable=True, dtype=dtype)
     y = c.dds(bias=c.bias)
     assert y.dtype == dtype
     assert_close_rms(y, c.dds_ref(bias=c.bias), dtype, name="y")
-    assert_close_rms(c.sdd(), c.sdd_ref(), dtype, name="dvalues")
-    assert_close_rms(c.dsd(), c.dsd_ref(), dtype, name="dx")
-    assert_close_rms(c.dsd_csr(), c.dsd_ref(), dtype, name="dx (csr)")
+    for got, ref, name in ((c.sdd(), c.sdd_ref(), "dvalues"), (c.dsd(), c.dsd_ref(), "dx"),
+                           (c.dsd_csr(), c.dsd_ref(), "dx (csr)")):
+        assert got.dtype == dtype
+        assert_close_rms(got, ref, dtype, name=name)
+    if dtype != torch.float64:
+        assert {"nm_dds", "nm_sdd", "nm_dsd", "nm_dsd_csr"} <= set(calls)
 
 
 @pytest.mark.parametrize("n,m", NM_PARAMS)

@@ -9,11 +9,13 @@
 ``weight_t`` is ``Wᵀ [in, out]``, contiguous, and the sparsifier is ``(threshold, relu)``: a 0-d or
 ``[in]`` threshold, active when ``|v| > threshold`` with ``v = relu(x)`` or ``x``.
 
-CPU (fp32, C++): up to ``GEMV_MAX_ROWS`` rows, the forward reads each row of ``weight_t`` that *any* row
+CPU (C++): up to ``GEMV_MAX_ROWS`` rows, the forward reads each row of ``weight_t`` that *any* row
 activates once (the union, for decode and small batches); above, each row walks its own active set.
+A bf16/fp16 ``weight_t`` is read as it is by the decode kernel (widened to fp32 in registers); the
+other bf16/fp16 products run the fp32 kernels on fp32 copies (``ops.csr.half_via_fp32``).
 CUDA: the forward is the Triton split-K GEMV of ``kernels.act`` (the union again); the two gradients run
 the reference (dense GEMMs masked), since GPU training with a sparse input has no kernel here yet.
-Other dtypes and devices take the reference.
+Other dtypes (fp64) and devices take the reference.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
-from .csr import _eager_cpu, _np, _threads, _use_cpp
+from .csr import _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
 # of weight_t for all rows) rather than each row's own; the issue's decode range is 1 to 32 tokens
 GEMV_MAX_ROWS = 32
+_CPP_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _thr(threshold: Tensor) -> Tensor:
@@ -57,6 +60,22 @@ def act_dds_host(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold:
 
 @act_dds_host.register_kernel("cpu")
 def _act_dds_cpu(x, weight_t, bias, threshold, relu):
+    B, K = x.shape
+    if _C is not None and x.dtype in _HALF and weight_t.dtype == x.dtype and B <= GEMV_MAX_ROWS:
+        # decode with a 16-bit weight: the kernel reads the active rows of weight_t as they are (half
+        # the bytes of fp32) and widens them in registers; x, bias and y are small, converted here
+        N = weight_t.shape[1]
+        y = torch.empty(B, N, dtype=torch.float32)
+        b = None if bias is None else _np(bias.float().contiguous())
+        _C.act_gemv16(_np(_rows(x.float())), _np(_thr(threshold.float())), relu,
+                      _np(weight_t.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], b, _np(y),
+                      _threads(B * K * N))
+        return y.to(x.dtype)
+    return _act_dds_cpu32(x, weight_t, bias, threshold, relu)
+
+
+@half_via_fp32
+def _act_dds_cpu32(x, weight_t, bias, threshold, relu):
     if not _use_cpp(x, weight_t, *(() if bias is None else (bias,))):
         return reference.act_dds(x, weight_t, bias, threshold, relu)
     B, K = x.shape
@@ -79,6 +98,7 @@ def act_dsd_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, rel
 
 
 @act_dsd_host.register_kernel("cpu")
+@half_via_fp32
 def _act_dsd_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
         return reference.act_dsd(dy, x, weight_t, threshold, relu)
@@ -99,6 +119,7 @@ def act_sdd_host(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor
 
 
 @act_sdd_host.register_kernel("cpu")
+@half_via_fp32
 def _act_sdd_cpu(dy, x, threshold, relu):
     if not _use_cpp(dy, x):
         return reference.act_sdd(dy, x, threshold, relu)
@@ -192,6 +213,7 @@ def act_csr_dds(x: Tensor, t_crow: Tensor, t_col: Tensor, t_values: Tensor, bias
 
 
 @act_csr_dds.register_kernel("cpu")
+@half_via_fp32
 def _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
     if not _use_cpp(x, t_values, *(() if bias is None else (bias,))):
         return _act_csr_dds_ref(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
-from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp
+from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 
 def _padded(a: Tensor, n: int) -> Tensor:
@@ -43,6 +43,7 @@ def bsr_dds_host(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Opt
 
 
 @bsr_dds_host.register_kernel("cpu")
+@half_via_fp32
 def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         b = values.shape[-1]
@@ -70,6 +71,7 @@ def bsr_dsd_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_pe
 
 
 @bsr_dsd_host.register_kernel("cpu")
+@half_via_fp32
 def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
         b = values.shape[-1]
@@ -97,6 +99,7 @@ def bsr_sdd_host(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) ->
 
 
 @bsr_sdd_host.register_kernel("cpu")
+@half_via_fp32
 def _bsr_sdd_cpu(dy, x, row, col, block):
     if not _use_cpp(dy, x):
         for name, t, lim in (("row", row, -(-dy.shape[1] // block)), ("col", col, -(-x.shape[1] // block))):

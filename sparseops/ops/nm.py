@@ -20,7 +20,7 @@ from .. import reference
 from .._cpp import _C
 from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
-from .csr import _check_index, _eager_cpu, _np, _threads, _use_cpp
+from .csr import _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 # ---- host ops ----
 
@@ -50,6 +50,7 @@ def nm_dds_host(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], 
 
 
 @nm_dds_host.register_kernel("cpu")
+@half_via_fp32
 def _nm_dds_cpu(x, values, idx, bias, n, m):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         _check_nm_index("idx", idx, values.shape[0], x.shape[1], n, m, values)
@@ -71,6 +72,7 @@ def nm_sdd_host(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
 
 
 @nm_sdd_host.register_kernel("cpu")
+@half_via_fp32
 def _nm_sdd_cpu(dy, x, idx, n, m):
     if not _use_cpp(dy, x):
         _check_nm_index("idx", idx, dy.shape[1], x.shape[1], n, m)
@@ -92,6 +94,7 @@ def nm_dsd_host(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: in
 
 
 @nm_dsd_host.register_kernel("cpu")
+@half_via_fp32
 def _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m):
     if not _use_cpp(dy, values):
         _check_nm_index("t_idx", t_idx, t_idx.shape[0] if t_idx.dim() == 2 else -1, dy.shape[1], n, m, t_slot, "t_slot")
@@ -115,6 +118,7 @@ def nm_dsd_csr_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t
 
 
 @nm_dsd_csr_host.register_kernel("cpu")
+@half_via_fp32
 def _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
         _check_index("t_crow", t_crow, "t_row", t_row, in_features, dy.shape[1], perm=t_perm, nnz=values.numel())
