@@ -7,6 +7,7 @@
     python bench/ratio.py --suite nm       # bench_nm.py: dense / N:M, and the same mask as CSR
     python bench/ratio.py --suite block    # bench_block.py: dense / BSR, butterfly, Pixelfly, Monarch
     python bench/ratio.py --suite act      # bench_act.py: dense / activation-sparse (decode and ReLU training)
+    python bench/ratio.py --suite half     # bench_half.py: dense bf16 / the sparse layers in bf16 (CPU)
     python bench/ratio.py --suite gpu      # bench_gpu.py (CUDA): dense / each provider, host and event times
 
 For csr: dense/sparse and anchor/sparseops. For fewbit: torch time / few-bit time per bit count.
@@ -217,12 +218,34 @@ def render(machine, table) -> str:
     return "\n".join(lines)
 
 
+def load_half(json_path: Path):
+    return _load_table(json_path, lambda e: (e["pattern"], e["batch"], e["in_f"], e["out_f"], e["sparsity"], e["mode"]))
+
+
+def render_half(machine, table) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    lines = [
+        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; bf16; medians (ms); ratio > 1 means the "
+        "sparse layer is faster than dense bf16 F.linear",
+        "",
+        "| layer | B | in→out | sparsity | mode | dense ms | sparse ms | dense/sparse |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(table, key=lambda k: (k[0] == "act", k[1], k[0], k[4])):
+        pat, b, i, o, s, mode = key
+        t = table[key]
+        d, so = t.get("dense"), t.get("sparseops")
+        f = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        lines.append(f"| {pat} | {b} | {i}→{o} | {s} | {mode} | {f(d)} | {f(so)} | {fmt_ratio(d, so)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running the suite")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     ap.add_argument("--save", type=Path, help="also write the JSON of the run here")
-    ap.add_argument("--suite", choices=["csr", "fewbit", "nm", "block", "act", "gpu"], default="csr", help="which bench_<suite>.py (default csr)")
+    ap.add_argument("--suite", choices=["csr", "fewbit", "nm", "block", "act", "half", "gpu"], default="csr", help="which bench_<suite>.py (default csr)")
     args = ap.parse_args()
     if args.json:
         path = args.json
@@ -235,6 +258,8 @@ def main() -> None:
         print(render_block(*load_block(path)))
     elif args.suite == "act":
         print(render_act(*load_act(path)))
+    elif args.suite == "half":
+        print(render_half(*load_half(path)))
     elif args.suite == "gpu":
         print(render_gpu(*load_gpu(path)))
     elif args.suite == "nm":

@@ -70,3 +70,42 @@ def test_activation_sparse_linear_16bit_matches_fp64(isa, dtype, batch):
     xs = torch.where(x.double().abs() > thr, x.double(), 0.0)
     ref = F.linear(xs, layer.weight.double(), layer.bias.double())
     assert_close_rms(y, ref, dtype, name="y")
+
+
+def test_staging_buffers_are_distinct_per_argument_and_per_thread(isa):
+    # x and dy of one size (2^18 elements each, the smallest size that is staged): each argument needs its own
+    # fp32 buffer, and two threads must not share one
+    import threading
+
+    import sparseops.ops.csr as ops_csr
+    from sparseops.formats import CSRWeight
+
+    torch.manual_seed(2)
+    n = 512
+    fmt = CSRWeight.from_mask(torch.rand(n, n) > 0.9)
+    results, errors = {}, []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(n, n, generator=g).to(torch.bfloat16)
+            dy = torch.randn(n, n, generator=g).to(torch.bfloat16)
+            v = torch.randn(fmt.nnz, generator=g).to(torch.bfloat16)
+            for _ in range(3):
+                dx, dv = ops_csr._csr_backward_cpu(dy, x, v, fmt.crow, fmt.col, fmt.row, fmt.t_crow, fmt.t_row,
+                                                   fmt.t_perm)
+            w = torch.zeros(n, n, dtype=torch.float64)
+            w[fmt.row.long(), fmt.col.long()] = v.double()
+            results[seed] = (dx, dv, dy.double() @ w, (dy.double().T @ x.double())[fmt.row.long(), fmt.col.long()])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for dx, dv, dx_ref, dv_ref in results.values():
+        assert_close_rms(dx, dx_ref, torch.bfloat16, name="dx")
+        assert_close_rms(dv, dv_ref, torch.bfloat16, name="dvalues")

@@ -13,6 +13,8 @@ the forward and SparseProp-style backward of a sparse linear layer.
 
 from __future__ import annotations
 
+import collections
+import threading
 from typing import Optional
 
 import numpy as np
@@ -40,6 +42,43 @@ def _use_cpp(*tensors: Tensor) -> bool:
 
 _HALF = (torch.bfloat16, torch.float16)
 
+# fp32 staging buffers for half_via_fp32, per thread: a fresh 90 MB fp32 copy costs ~45 ms in page faults
+# here (a weight's values at 4096->11008, 2:4), a copy into a buffer that is already mapped ~6 ms. buffers
+# of at least _STAGE_MIN elements are kept, for the _STAGE_KEEP most recently used (size, slot) pairs, one
+# per argument of a call; they never leave the call (the kernels allocate their outputs). at most
+# _STAGE_KEEP buffers a thread stay mapped between calls: that is the memory this costs.
+_STAGE_MIN = 1 << 18
+_STAGE_KEEP = 4
+_stage_pool = threading.local()
+
+
+class _staging:
+    def __enter__(self):
+        pool = getattr(_stage_pool, "bufs", None)
+        if pool is None:
+            pool = _stage_pool.bufs = collections.OrderedDict()
+        self.pool, self.used = pool, []
+        return self.stage
+
+    def stage(self, t: Tensor) -> Tensor:
+        n = t.numel()
+        if n < _STAGE_MIN or t.device.type != "cpu":
+            return t.float()
+        key = (n, sum(1 for u in self.used if u[0] == n))  # a second argument of the same size gets its own
+        buf = self.pool.pop(key, None)
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.float32)
+        self.used.append(key)
+        self.pool[key] = buf  # most recent last
+        while len(self.pool) > _STAGE_KEEP + len(self.used):
+            self.pool.popitem(last=False)
+        return buf.view(t.shape).copy_(t)
+
+    def __exit__(self, *exc):
+        while len(self.pool) > _STAGE_KEEP:
+            self.pool.popitem(last=False)
+        return False
+
 
 def half_via_fp32(kernel):
     """Wraps a CPU kernel function: 16-bit float arguments run the fp32 C++ kernel.
@@ -49,9 +88,10 @@ def half_via_fp32(kernel):
     every floating-point tensor it returns is rounded once to that first argument's dtype, the dtype
     the reference returns. Index tensors are passed through; anything else calls the kernel as is.
 
-    NOTE: the conversions cost a pass over the 16-bit operands, weights included, on every call: a bf16
-    layer's C++ path reads about three times the bytes of a native bf16 kernel, which the kernels do not
-    have yet. The pure-torch reference it replaces was 5-100x slower than dense bf16 ``F.linear``.
+    NOTE: the conversions cost a pass over the 16-bit operands, weights included, on every call (into
+    reused fp32 buffers, see ``_staging``): a bf16 layer's C++ path reads about three times the bytes of a
+    native bf16 kernel, which the kernels do not have yet. The pure-torch reference it replaces was 5-100x
+    slower than dense bf16 ``F.linear``.
     """
 
     def run(*args):
@@ -59,7 +99,8 @@ def half_via_fp32(kernel):
         if _C is None or first is None or first.dtype not in _HALF:
             return kernel(*args)
         dt = first.dtype
-        out = kernel(*(a.float() if isinstance(a, Tensor) and a.dtype in _HALF else a for a in args))
+        with _staging() as stage:
+            out = kernel(*(stage(a) if isinstance(a, Tensor) and a.dtype in _HALF else a for a in args))
         if isinstance(out, tuple):
             return tuple(o.to(dt) if isinstance(o, Tensor) and o.is_floating_point() else o for o in out)
         return out.to(dt)
