@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rms
+from helpers import assert_close_rms, guard_dtype_route
 from torch import nn
 
 import sparseops
@@ -452,19 +452,7 @@ def test_act_kernels_never_read_weight_rows_outside_the_union(isa, T, chan):
                                   _case(1, 37, 3, False, False, 0.9), _case(32, 1000, 1000, True, True, 0.5),
                                   _case(1, 1, 1, False, False, 0.0), _case(5, 37, 0, False, False, 0.5)])
 def test_act_ops_other_dtypes_match_reference(isa, monkeypatch, batch, in_f, out_f, chan, relu, sp, dtype):
-    calls = []
-
-    class _Spy:
-        def __getattr__(self, name):
-            if dtype == torch.float64:
-                raise AssertionError(f"{dtype} must not reach sparseops._C.{name}")
-            calls.append(name)
-            return getattr(_C, name)
-
-    monkeypatch.setattr(ops_act, "_C", _Spy())
-    if dtype != torch.float64:
-        for name in ("act_dds", "act_dsd", "act_sdd"):
-            monkeypatch.setattr(ops_act.reference, name, lambda *a, n=name: pytest.fail(f"{dtype} took reference.{n}"))
+    calls = guard_dtype_route(monkeypatch, ops_act, ("act_dds", "act_dsd", "act_sdd"), dtype)
     c = Case(batch, in_f, out_f, chan, relu, sp, dtype=dtype)
     y = ops_act.dds(c.x, c.w, c.bias, c.thr.to(dtype), relu)
     assert y.dtype == dtype and y.shape == (batch, out_f)
