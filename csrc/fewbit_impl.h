@@ -70,7 +70,8 @@ inline typename V::reg fused(const typename V::reg& x, const typename V::reg& a,
   }
 }
 
-template <int KIND>
+// V only keeps the avx2 and portable instantiations apart (no -mavx2 copy may serve the portable path)
+template <class V, int KIND>
 inline float fused1(float x, float a, float b) {
   if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
     const float lo = a > x ? a : x;
@@ -121,7 +122,7 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         for (int64_t i = 0; i < 32; ++i)
           buf[i] = i < rem ? IO::to_float(x[g * 32 + i]) : -std::numeric_limits<float>::infinity();
         if constexpr (KIND != 0)
-          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(fused1<KIND>(buf[i], pa, pb));
+          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(fused1<V, KIND>(buf[i], pa, pb));
         for (int q = 0; q < 4 && codes; ++q) {
           uint32_t m[BITS];
           V::template planes<BITS>(V::load(buf + q * 8), b, m);

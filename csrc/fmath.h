@@ -21,6 +21,9 @@
 
 namespace sparseops {
 namespace fmath {
+// internal linkage: the avx2 and the portable translation units each keep their own copy (one built
+// with -mavx2 -mfma must never be merged into the portable path)
+namespace {
 
 constexpr double kInvLn2 = 1.4426950408889634074;
 constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 32 significant bits: k * kLn2Hi is exact
@@ -59,5 +62,6 @@ inline float tanh_f32(float x) {
   return std::signbit(x) ? -v : v;
 }
 
+}  // namespace
 }  // namespace fmath
 }  // namespace sparseops

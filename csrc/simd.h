@@ -26,24 +26,25 @@
 namespace sparseops {
 
 // scalar conversions between float and the 16-bit float formats, bit-exact with torch's
-// (round to nearest even; every nan becomes torch's canonical quiet nan for bf16).
-inline uint32_t f32_bits(float f) {
+// (round to nearest even; every nan becomes torch's canonical quiet nan for bf16). static: each
+// translation unit keeps its own copy, so none compiled with -mavx2 serves the portable path.
+static inline uint32_t f32_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
 }
-inline float bits_f32(uint32_t u) {
+static inline float bits_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
-inline uint16_t f32_to_bf16(float f) {
+static inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+static inline uint16_t f32_to_bf16(float f) {
   if (f != f) return 0x7fc0;
   const uint32_t u = f32_bits(f);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-inline float f16_to_f32(uint16_t h) {
+static inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
   if (e == 0) {
@@ -54,7 +55,7 @@ inline float f16_to_f32(uint16_t h) {
   if (e == 31) return bits_f32(sign | 0x7f800000u | (m << 13));
   return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
 }
-inline uint16_t f32_to_f16(float f) {
+static inline uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
