@@ -486,6 +486,37 @@ void nm_dds(const py::array& x, const py::array& values, const py::array& idx, i
   sparseops::nm_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ip, n, m, d.rows, b, Y, threads(nthreads));
 }
 
+void nm_dds16(const py::array& x, const py::array& values, const std::string& dtype, const py::array& idx, int n,
+              int m, const py::object& bias, py::array& y, int nthreads) {
+  if (dtype != "bfloat16" && dtype != "float16")
+    throw py::value_error("dtype: expected 'bfloat16' or 'float16', got '" + dtype + "'");
+  const Mat X = float_matrix(x, "x");
+  if (X.rows > sparseops::NM_SPMM16_MAX_B)
+    throw py::value_error("x: at most " + std::to_string(sparseops::NM_SPMM16_MAX_B) + " rows, got " +
+                          std::to_string(X.rows));
+  if (idx.ndim() < 1) throw py::value_error("idx: expected a 2-D array, got shape " + shape_str(idx));
+  const NmDims d = nm_dims(n, m, idx.shape(0), X.cols);
+  const uint8_t* ip = nm_index(idx, "idx", d);
+  if (!values.dtype().is(py::dtype::of<int16_t>()) && !values.dtype().is(py::dtype::of<uint16_t>()))
+    throw py::type_error("values: expected an int16/uint16 view of " + dtype + " data, got dtype " +
+                         std::string(py::str(values.dtype())));
+  if (values.ndim() != 2 || values.shape(0) != d.rows || values.shape(1) != d.S)
+    throw py::value_error("values: expected shape (" + std::to_string(d.rows) + ", " + std::to_string(d.S) + "), got " +
+                          shape_str(values));
+  if (!(values.flags() & py::array::c_style)) throw py::value_error("values: must be C-contiguous");
+  check_aligned(values, "values");
+  float* Y = float_output(y, "y", X.rows, d.rows, 2);
+  py::object bias_keep;  // see csr_dds
+  const float* b = optional_bias(bias, d.rows, bias_keep);
+  std::vector<Span> all = {span(y, "y"), span(x, "x"), span(values, "values"), span(idx, "idx")};
+  if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
+  check_disjoint({all[0]}, all);
+  const auto* v = static_cast<const uint16_t*>(values.data());
+  py::gil_scoped_release release;
+  sparseops::nm_spmm16(X.p, X.rows, X.cols, X.s0, X.s1, v, dtype == "bfloat16", ip, n, m, d.rows, b, Y,
+                       threads(nthreads));
+}
+
 // dx [B, in] = dy [B, out] @ W for a transposable weight: the N:M product over Wᵀ's index (t_idx [in, Sb_t])
 // with Wᵀ's values read as values.flat[t_perm] (t_perm [in, S_t], -1 for an empty slot)
 void nm_dsd(const py::array& dy, const py::array& values, const py::array& t_idx, const py::array& t_perm, int n,
@@ -1132,6 +1163,10 @@ correctly rounded value, which torch's is not always (a, b unused).)");
 
 grad and out: C-contiguous arrays of the same dtype and size (see fewbit_pack); codes as made by
 fewbit_pack for that size and bits; levels: 2^bits float32.)");
+  m.def("nm_dds16", &nm_dds16, py::arg("x"), py::arg("values"), py::arg("dtype"), py::arg("idx"), py::arg("n"),
+        py::arg("m"), py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(nm_dds for at most 7 rows of x with a 16-bit weight: values [rows, S] is a C-contiguous int16/uint16 view
+of dtype ('bfloat16' or 'float16') data, read as it is and widened to float32; x, bias and y are float32.)");
   m.def("nm_dds", &nm_dds, py::arg("x"), py::arg("values"), py::arg("idx"), py::arg("n"), py::arg("m"),
         py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
         R"(y[B, out] = x[B, in] @ Wᵀ + bias for an N:M weight: values [out, S] float32 and idx [out, ceil(S/2)]

@@ -214,14 +214,36 @@ struct BlockCols {
   }
 };
 
-// small batch: y[b, o] = sum_j v[o, j] * ap[b, col(o, j)] over the padded contiguous copy ap
+// loads of the values' element type (WD: 0 fp32, 1 bf16, 2 fp16), widened to fp32 in registers; the
+// small-batch kernels below take either (bf16/fp16 decode reads a 16-bit weight as it is)
+template <class V, int WD>
+struct NmVals {
+  using T = float;
+  static typename V::reg load(const T* p) { return V::load(p); }
+  static float one(T v) { return v; }
+};
 template <class V>
-void nm_gather(const float* ap, int64_t B, const NmShape& d, const float* v, const uint8_t* idx, int64_t rows,
-               const float* bias, float* y, int nthreads) {
+struct NmVals<V, 1> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_bf16(p); }
+  static float one(T v) { return bf16_to_f32(v); }
+};
+template <class V>
+struct NmVals<V, 2> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_f16(p); }
+  static float one(T v) { return f16_to_f32(v); }
+};
+
+// small batch: y[b, o] = sum_j v[o, j] * ap[b, col(o, j)] over the padded contiguous copy ap
+template <class V, int WD = 0>
+void nm_gather(const float* ap, int64_t B, const NmShape& d, const typename NmVals<V, WD>::T* v, const uint8_t* idx,
+               int64_t rows, const float* bias, float* y, int nthreads) {
+  using VL = NmVals<V, WD>;
   const BlockCols bc(d.n, d.m);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
-    const float* vr = v + o * d.S;
+    const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[8];
     for (int64_t b = 0; b < B; ++b) acc[b] = V::zero();
@@ -234,14 +256,14 @@ void nm_gather(const float* ap, int64_t B, const NmShape& d, const float* v, con
         r = 0;
         ++q;
       }
-      const typename V::reg w = V::load(vr + j);
+      const typename V::reg w = VL::load(vr + j);
       for (int64_t b = 0; b < B; ++b) acc[b] = V::fma(w, V::gather(ap + b * d.Kp, cols), acc[b]);
     }
     float res[8];
     for (int64_t b = 0; b < B; ++b) res[b] = V::sum(acc[b]);
     for (; j < d.S; ++j) {
       const int64_t c = (j / d.n) * d.m + nib(ir, j);
-      for (int64_t b = 0; b < B; ++b) res[b] += vr[j] * ap[b * d.Kp + c];
+      for (int64_t b = 0; b < B; ++b) res[b] += VL::one(vr[j]) * ap[b * d.Kp + c];
     }
     const float bo = bias ? bias[o] : 0.f;
     for (int64_t b = 0; b < B; ++b) y[b * rows + o] = res[b] + bo;
@@ -257,15 +279,15 @@ inline int nm_window_regs(const NmShape& d, const BlockCols& bc) {
 
 // the end of a row of the window kernels: sum the two accumulators, add the slots [j, S) that
 // fill no 8-slot block, the bias, and store y[b, o]
-template <class V, int BB>
-inline void window_row_end(const typename V::reg (*acc)[BB], const float* vr, const uint8_t* ir, int64_t j,
+template <class V, int BB, int WD = 0>
+inline void window_row_end(const typename V::reg (*acc)[BB], const typename NmVals<V, WD>::T* vr, const uint8_t* ir, int64_t j,
                            const NmShape& d, const float* ap, int64_t lda, const float* bias, int64_t o, int64_t rows,
                            float* y) {
   float res[BB];
   for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
   for (; j < d.S; ++j) {
     const int64_t col = (j / d.n) * d.m + nib(ir, j);
-    for (int b = 0; b < BB; ++b) res[b] += vr[j] * ap[b * lda + col];
+    for (int b = 0; b < BB; ++b) res[b] += NmVals<V, WD>::one(vr[j]) * ap[b * lda + col];
   }
   const float bo = bias ? bias[o] : 0.f;
   for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
@@ -277,15 +299,16 @@ inline void window_row_end(const typename V::reg (*acc)[BB], const float* vr, co
 // BB (the batch, 1 to 7) is a template argument so that the accumulators stay in registers: with a
 // runtime batch they went through the stack, and the FMA chain through store forwarding ran 2:4 at
 // B=1 4096x11008 at 10.9 ms (dense: 10.5). two accumulators per row alternate blocks.
-template <class V, int NW, int BB>
-void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& bc, const float* v, const uint8_t* idx,
-               int64_t rows, const float* bias, float* y, int nthreads) {
+template <class V, int NW, int BB, int WD = 0>
+void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& bc, const typename NmVals<V, WD>::T* v,
+               const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+  using VL = NmVals<V, WD>;
   alignas(32) int32_t offs[16][8];
   for (int r = 0; r < d.n; ++r)
     for (int s = 0; s < 8; ++s) offs[r][s] = bc.tab[r][s] - bc.tab[r][0];
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
-    const float* vr = v + o * d.S;
+    const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[2][BB];
     for (int h = 0; h < 2; ++h)
@@ -301,7 +324,7 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
         r = 0;
         ++q;
       }
-      const typename V::reg w = V::load(vr + j);
+      const typename V::reg w = VL::load(vr + j);
       for (int b = 0; b < BB; ++b) {
         typename V::reg xw[NW];
         for (int k = 0; k < NW; ++k) xw[k] = V::load(xb + b * lda + 8 * k);
@@ -314,7 +337,7 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
       block(1);
     }
     if (j + 8 <= d.S) block(0);
-    window_row_end<V, BB>(acc, vr, ir, j, d, ap, lda, bias, o, rows, y);
+    window_row_end<V, BB, WD>(acc, vr, ir, j, d, ap, lda, bias, o, rows, y);
   }
 }
 
@@ -323,9 +346,10 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
 // pick their x with two in-lane permutes (vpermilps, the position's low 2 bits) and a fixed blend:
 // no lane-crossing permute and no offset arithmetic. the values stream is prefetched 2 KB ahead:
 // without it one thread read about 9.6 GB/s where a plain streaming sum reads 18.
-template <class V, int BB>
-void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v, const uint8_t* idx, int64_t rows,
-                 const float* bias, float* y, int nthreads) {
+template <class V, int BB, int WD = 0>
+void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename NmVals<V, WD>::T* v, const uint8_t* idx,
+                 int64_t rows, const float* bias, float* y, int nthreads) {
+  using VL = NmVals<V, WD>;
   const int64_t nb = d.S / 8;  // whole blocks; the rest of the slots go through ap
   float* xr = scratch(COPY2, static_cast<size_t>(std::max<int64_t>(1, BB * nb * 16)));
   for (int b = 0; b < BB; ++b)
@@ -341,7 +365,7 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
-    const float* vr = v + o * d.S;
+    const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[2][BB];
     for (int h = 0; h < 2; ++h)
@@ -358,17 +382,17 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
       const typename V::ireg c1 = V::shr4x8(static_cast<uint32_t>(wa >> 32));
       const typename V::ireg c2 = V::shr4x8(static_cast<uint32_t>(wb));
       const typename V::ireg c3 = V::shr4x8(static_cast<uint32_t>(wb >> 32));
-      const float* vk = vr + 8 * k;
+      const auto* vk = vr + 8 * k;
       for (int b = 0; b < BB; ++b) {
         const float* xb = xr + (b * nb + k) * 16;
         const typename V::reg s0 = V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0));
         const typename V::reg s1 = V::blend_cc(V::permil(V::load(xb + 16), c1), V::permil(V::load(xb + 24), c1));
         const typename V::reg s2 = V::blend_cc(V::permil(V::load(xb + 32), c2), V::permil(V::load(xb + 40), c2));
         const typename V::reg s3 = V::blend_cc(V::permil(V::load(xb + 48), c3), V::permil(V::load(xb + 56), c3));
-        acc[0][b] = V::fma(V::load(vk), s0, acc[0][b]);
-        acc[1][b] = V::fma(V::load(vk + 8), s1, acc[1][b]);
-        acc[0][b] = V::fma(V::load(vk + 16), s2, acc[0][b]);
-        acc[1][b] = V::fma(V::load(vk + 24), s3, acc[1][b]);
+        acc[0][b] = V::fma(VL::load(vk), s0, acc[0][b]);
+        acc[1][b] = V::fma(VL::load(vk + 8), s1, acc[1][b]);
+        acc[0][b] = V::fma(VL::load(vk + 16), s2, acc[0][b]);
+        acc[1][b] = V::fma(VL::load(vk + 24), s3, acc[1][b]);
       }
     }
     for (; k + 2 <= nb; k += 2) {
@@ -378,7 +402,7 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
       std::memcpy(&word, ir + 4 * k, 8);
       const typename V::ireg c0 = V::shr4x8(static_cast<uint32_t>(word));
       const typename V::ireg c1 = V::shr4x8(static_cast<uint32_t>(word >> 32));
-      const typename V::reg w0 = V::load(vr + 8 * k), w1 = V::load(vr + 8 * k + 8);
+      const typename V::reg w0 = VL::load(vr + 8 * k), w1 = VL::load(vr + 8 * k + 8);
       for (int b = 0; b < BB; ++b) {
         const float* xb = xr + (b * nb + k) * 16;
         const typename V::reg s0 = V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0));
@@ -391,38 +415,38 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const float* v,
       uint32_t word;
       std::memcpy(&word, ir + 4 * k, 4);
       const typename V::ireg c0 = V::shr4x8(word);
-      const typename V::reg w0 = V::load(vr + 8 * k);
+      const typename V::reg w0 = VL::load(vr + 8 * k);
       for (int b = 0; b < BB; ++b) {
         const float* xb = xr + (b * nb + k) * 16;
         acc[0][b] = V::fma(w0, V::blend_cc(V::permil(V::load(xb), c0), V::permil(V::load(xb + 8), c0)), acc[0][b]);
       }
     }
-    window_row_end<V, BB>(acc, vr, ir, 8 * nb, d, ap, lda, bias, o, rows, y);
+    window_row_end<V, BB, WD>(acc, vr, ir, 8 * nb, d, ap, lda, bias, o, rows, y);
   }
 }
 
-template <class V, int NW>
-void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, const BlockCols& bc, const float* v,
+template <class V, int NW, int WD = 0>
+void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, const BlockCols& bc, const typename NmVals<V, WD>::T* v,
                  const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
   if (d.n == 2 && d.m == 4) {
     switch (B) {
-      case 1: return nm_window24<V, 1>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 2: return nm_window24<V, 2>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 3: return nm_window24<V, 3>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 4: return nm_window24<V, 4>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 5: return nm_window24<V, 5>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 6: return nm_window24<V, 6>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      default: return nm_window24<V, 7>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 1: return nm_window24<V, 1, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 2: return nm_window24<V, 2, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 3: return nm_window24<V, 3, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 4: return nm_window24<V, 4, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 5: return nm_window24<V, 5, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 6: return nm_window24<V, 6, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      default: return nm_window24<V, 7, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
     }
   }
   switch (B) {
-    case 1: return nm_window<V, NW, 1>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 2: return nm_window<V, NW, 2>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 3: return nm_window<V, NW, 3>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 4: return nm_window<V, NW, 4>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 5: return nm_window<V, NW, 5>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 6: return nm_window<V, NW, 6>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    default: return nm_window<V, NW, 7>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 1: return nm_window<V, NW, 1, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 2: return nm_window<V, NW, 2, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 3: return nm_window<V, NW, 3, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 4: return nm_window<V, NW, 4, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 5: return nm_window<V, NW, 5, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 6: return nm_window<V, NW, 6, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    default: return nm_window<V, NW, 7, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
   }
 }
 
@@ -462,6 +486,32 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
     with_tile_width(B, [&](auto nv) {
       nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
     });
+  }
+}
+
+// the small-batch product (B < 8) of a 16-bit weight (WD 1: bf16, 2: fp16), read as it is: nm_spmm's
+// B < 8 path without a permutation
+template <class V, int WD>
+void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* v, const uint8_t* idx,
+               int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+  const NmShape d(n, m, K);
+  if (rows == 0 || B == 0) return;
+  const BlockCols bc(d.n, d.m);
+  const int nw = nm_window_regs(d, bc);
+  if (nw) {
+    const int64_t lda = d.Kp + 32;
+    float* ap = scratch(COPY1, static_cast<size_t>(B * lda));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) ap[b * lda + k] = a[b * s0 + k * s1];
+      for (int64_t k = K; k < lda; ++k) ap[b * lda + k] = 0.f;
+    }
+    if (nw == 2)
+      nm_window_b<V, 2, WD>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
+    else
+      nm_window_b<V, 4, WD>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
+  } else {
+    const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
+    nm_gather<V, WD>(ap, B, d, v, idx, rows, bias, y, nthreads);
   }
 }
 
@@ -556,6 +606,14 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
                         const int32_t* perm, const uint8_t* idx, int n, int m, int64_t rows, const float* bias,    \
                         float* y, int nthreads) {                                                                  \
     detail::nm_spmm<V>(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);                           \
+  }                                                                                                                \
+  void nm_spmm16_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals,      \
+                          bool bf16, const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y,  \
+                          int nthreads) {                                                                          \
+    if (bf16)                                                                                                      \
+      detail::nm_spmm16<V, 1>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);                          \
+    else                                                                                                           \
+      detail::nm_spmm16<V, 2>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);                          \
   }                                                                                                                \
   void nm_sdd_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, \
                        int64_t x0, int64_t x1, const uint8_t* idx, int n, int m, float* dv, int nthreads) {         \

@@ -305,8 +305,10 @@ def test_conftest_poisoning_reaches_nm_op_outputs(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n,m", [pytest.param(2, 4, id="2:4"), pytest.param(3, 5, id="3:5")])
-@pytest.mark.parametrize(PARAMS, [_case(3, 37, 5, "holed"), _case(37, 100, 37, "full"), _case(1, 1000, 3, "full")])
+@pytest.mark.parametrize("n,m", [pytest.param(2, 4, id="2:4"), pytest.param(3, 5, id="3:5"),
+                                 pytest.param(1, 16, id="1:16"), pytest.param(4, 8, id="4:8")])
+@pytest.mark.parametrize(PARAMS, [_case(3, 37, 5, "holed"), _case(37, 100, 37, "full"), _case(1, 1000, 3, "full"),
+                                  _case(7, 300, 37, "full")])
 def test_nm_ops_other_dtypes_match_dense(isa, monkeypatch, n, m, batch, in_f, out_f, kind, dtype):
     # fp64 goes to the reference, never to _C; bf16/fp16 to the fp32 C++ kernels, never to the reference
     calls = guard_dtype_route(monkeypatch, ops_nm, ("nm_dds", "nm_sdd", "nm_dsd", "nm_dsd_csr"), dtype)
@@ -319,7 +321,9 @@ def test_nm_ops_other_dtypes_match_dense(isa, monkeypatch, n, m, batch, in_f, ou
         assert got.dtype == dtype
         assert_close_rms(got, ref, dtype, name=name)
     if dtype != torch.float64:
-        assert {"nm_dds", "nm_sdd", "nm_dsd", "nm_dsd_csr"} <= set(calls)
+        # up to 7 rows the forward reads the 16-bit values as they are; above, the fp32 kernel on a copy
+        assert calls[0] == ("nm_dds16" if batch <= ops_nm.NM16_MAX_ROWS else "nm_dds")
+        assert {"nm_sdd", "nm_dsd", "nm_dsd_csr"} <= set(calls)
 
 
 @pytest.mark.parametrize("n,m", NM_PARAMS)
@@ -1196,3 +1200,30 @@ def test_from_mask_layout_by_its_definition(n, m, transposable):
             s = int(t_perm[k])
             r, j = divmod(s, S)
             assert r == rows[k - int(t_crow[c])] and (j // n) * m + int(pos[r, j]) == c
+
+
+@pytest.mark.skipif(_C is None, reason="sparseops._C is not built")
+def test_binding_nm_dds16_refuses_bad_arguments():
+    c = Case(3, 37, 5, 2, 4, "full")
+    f = c.fmt
+    x = c.x.numpy()
+    v16 = c.values.detach().to(torch.bfloat16).view(torch.int16).numpy()
+    y = np.empty((3, 5), dtype=np.float32)
+    idx = f.idx.numpy()
+    _C.nm_dds16(x, v16, "bfloat16", idx, 2, 4, None, y, 1)  # valid
+    with pytest.raises(ValueError, match="dtype"):
+        _C.nm_dds16(x, v16, "float32", idx, 2, 4, None, y, 1)
+    with pytest.raises(TypeError, match="values"):
+        _C.nm_dds16(x, c.values.detach().numpy(), "bfloat16", idx, 2, 4, None, y, 1)
+    with pytest.raises(ValueError, match="values"):
+        _C.nm_dds16(x, v16[:, :-1], "bfloat16", idx, 2, 4, None, y, 1)
+    with pytest.raises(ValueError, match="x: at most 7 rows"):
+        _C.nm_dds16(np.zeros((8, 37), dtype=np.float32), v16, "bfloat16", idx, 2, 4, None,
+                    np.empty((8, 5), dtype=np.float32), 1)
+    bad = idx.copy()
+    bad[0, 0] = 0xFF  # a position past m
+    with pytest.raises(ValueError, match="idx"):
+        _C.nm_dds16(x, v16, "bfloat16", bad, 2, 4, None, y, 1)
+    buf = np.zeros(200, dtype=np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        _C.nm_dds16(buf[:111].reshape(3, 37), v16, "bfloat16", idx, 2, 4, None, buf[100:115].reshape(3, 5), 1)

@@ -20,7 +20,7 @@ from .. import reference
 from .._cpp import _C
 from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
-from .csr import _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 # ---- host ops ----
 
@@ -49,9 +49,26 @@ def nm_dds_host(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], 
     return reference.nm_dds(x, values, idx, bias, n, m)
 
 
+# rows up to which a bf16/fp16 weight is read as it is by the small-batch kernels (_C.nm_dds16)
+NM16_MAX_ROWS = 7
+_CPP_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 @nm_dds_host.register_kernel("cpu")
-@half_via_fp32
 def _nm_dds_cpu(x, values, idx, bias, n, m):
+    if _C is not None and x.dtype in _HALF and values.dtype == x.dtype and 0 < x.shape[0] <= NM16_MAX_ROWS:
+        # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
+        # no copy); x and bias are small and converted here
+        y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
+        b = None if bias is None else _np(bias.float().contiguous())
+        _C.nm_dds16(_np(x.float()), _np(values.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], _np(idx), n, m, b,
+                    _np(y), _threads(x.shape[0] * values.numel()))
+        return y.to(x.dtype)
+    return _nm_dds_cpu32(x, values, idx, bias, n, m)
+
+
+@half_via_fp32
+def _nm_dds_cpu32(x, values, idx, bias, n, m):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         _check_nm_index("idx", idx, values.shape[0], x.shape[1], n, m, values)
         return reference.nm_dds(x, values, idx, bias, n, m)
