@@ -382,26 +382,6 @@ void sddmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K
 
 // ---- entry points ----
 
-// loads of the weight's element type (WD: 0 fp32, 1 bf16, 2 fp16), widened to fp32 in registers
-template <class V, int WD>
-struct WLoad {
-  using T = float;
-  static typename V::reg load(const T* p) { return V::load(p); }
-  static float one(T v) { return v; }
-};
-template <class V>
-struct WLoad<V, 1> {
-  using T = uint16_t;
-  static typename V::reg load(const T* p) { return V::load_bf16(p); }
-  static float one(T v) { return bf16_to_f32(v); }
-};
-template <class V>
-struct WLoad<V, 2> {
-  using T = uint16_t;
-  static typename V::reg load(const T* p) { return V::load_f16(p); }
-  static float one(T v) { return f16_to_f32(v); }
-};
-
 template <class V, int WD = 0>
 int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel,
                    const typename WLoad<V, WD>::T* wt, int64_t N, const float* bias, float* y, int64_t ldy,

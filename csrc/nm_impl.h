@@ -214,32 +214,11 @@ struct BlockCols {
   }
 };
 
-// loads of the values' element type (WD: 0 fp32, 1 bf16, 2 fp16), widened to fp32 in registers; the
-// small-batch kernels below take either (bf16/fp16 decode reads a 16-bit weight as it is)
-template <class V, int WD>
-struct NmVals {
-  using T = float;
-  static typename V::reg load(const T* p) { return V::load(p); }
-  static float one(T v) { return v; }
-};
-template <class V>
-struct NmVals<V, 1> {
-  using T = uint16_t;
-  static typename V::reg load(const T* p) { return V::load_bf16(p); }
-  static float one(T v) { return bf16_to_f32(v); }
-};
-template <class V>
-struct NmVals<V, 2> {
-  using T = uint16_t;
-  static typename V::reg load(const T* p) { return V::load_f16(p); }
-  static float one(T v) { return f16_to_f32(v); }
-};
-
 // small batch: y[b, o] = sum_j v[o, j] * ap[b, col(o, j)] over the padded contiguous copy ap
 template <class V, int WD = 0>
-void nm_gather(const float* ap, int64_t B, const NmShape& d, const typename NmVals<V, WD>::T* v, const uint8_t* idx,
-               int64_t rows, const float* bias, float* y, int nthreads) {
-  using VL = NmVals<V, WD>;
+void nm_gather(const float* ap, int64_t B, const NmShape& d, const typename WLoad<V, WD>::T* v,
+               const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+  using VL = WLoad<V, WD>;
   const BlockCols bc(d.n, d.m);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
@@ -280,14 +259,15 @@ inline int nm_window_regs(const NmShape& d, const BlockCols& bc) {
 // the end of a row of the window kernels: sum the two accumulators, add the slots [j, S) that
 // fill no 8-slot block, the bias, and store y[b, o]
 template <class V, int BB, int WD = 0>
-inline void window_row_end(const typename V::reg (*acc)[BB], const typename NmVals<V, WD>::T* vr, const uint8_t* ir, int64_t j,
+inline void window_row_end(const typename V::reg (*acc)[BB], const typename WLoad<V, WD>::T* vr, const uint8_t* ir,
+                           int64_t j,
                            const NmShape& d, const float* ap, int64_t lda, const float* bias, int64_t o, int64_t rows,
                            float* y) {
   float res[BB];
   for (int b = 0; b < BB; ++b) res[b] = V::sum(V::add(acc[0][b], acc[1][b]));
   for (; j < d.S; ++j) {
     const int64_t col = (j / d.n) * d.m + nib(ir, j);
-    for (int b = 0; b < BB; ++b) res[b] += NmVals<V, WD>::one(vr[j]) * ap[b * lda + col];
+    for (int b = 0; b < BB; ++b) res[b] += WLoad<V, WD>::one(vr[j]) * ap[b * lda + col];
   }
   const float bo = bias ? bias[o] : 0.f;
   for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
@@ -300,9 +280,10 @@ inline void window_row_end(const typename V::reg (*acc)[BB], const typename NmVa
 // runtime batch they went through the stack, and the FMA chain through store forwarding ran 2:4 at
 // B=1 4096x11008 at 10.9 ms (dense: 10.5). two accumulators per row alternate blocks.
 template <class V, int NW, int BB, int WD = 0>
-void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& bc, const typename NmVals<V, WD>::T* v,
-               const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
-  using VL = NmVals<V, WD>;
+void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& bc,
+               const typename WLoad<V, WD>::T* v, const uint8_t* idx, int64_t rows, const float* bias, float* y,
+               int nthreads) {
+  using VL = WLoad<V, WD>;
   alignas(32) int32_t offs[16][8];
   for (int r = 0; r < d.n; ++r)
     for (int s = 0; s < 8; ++s) offs[r][s] = bc.tab[r][s] - bc.tab[r][0];
@@ -347,9 +328,9 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
 // no lane-crossing permute and no offset arithmetic. the values stream is prefetched 2 KB ahead:
 // without it one thread read about 9.6 GB/s where a plain streaming sum reads 18.
 template <class V, int BB, int WD = 0>
-void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename NmVals<V, WD>::T* v, const uint8_t* idx,
-                 int64_t rows, const float* bias, float* y, int nthreads) {
-  using VL = NmVals<V, WD>;
+void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename WLoad<V, WD>::T* v,
+                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+  using VL = WLoad<V, WD>;
   const int64_t nb = d.S / 8;  // whole blocks; the rest of the slots go through ap
   float* xr = scratch(COPY2, static_cast<size_t>(std::max<int64_t>(1, BB * nb * 16)));
   for (int b = 0; b < BB; ++b)
@@ -426,7 +407,8 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename 
 }
 
 template <class V, int NW, int WD = 0>
-void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, const BlockCols& bc, const typename NmVals<V, WD>::T* v,
+void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, const BlockCols& bc,
+                 const typename WLoad<V, WD>::T* v,
                  const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
   if (d.n == 2 && d.m == 4) {
     switch (B) {
@@ -450,55 +432,16 @@ void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, cons
   }
 }
 
-template <class V>
-void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
-             const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
-  const NmShape d(n, m, K);
-  if (rows == 0 || B == 0) return;
-  const float* v = vals;
-  if (perm && B < 8) {
-    const int64_t total = rows * d.S;
-    float* g = scratch(VALS, static_cast<size_t>(std::max<int64_t>(1, total)));
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t k = 0; k < total; ++k) g[k] = perm[k] >= 0 ? vals[perm[k]] : 0.f;
-    v = g;
-  }
-  if (B < 8) {
-    const BlockCols bc(d.n, d.m);
-    const int nw = nm_window_regs(d, bc);
-    if (nw) {
-      // a padded copy 32 columns wider than Kp: the zeros past Kp are read by the last windows
-      const int64_t lda = d.Kp + 32;
-      float* ap = scratch(COPY1, static_cast<size_t>(B * lda));
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t k = 0; k < K; ++k) ap[b * lda + k] = a[b * s0 + k * s1];
-        for (int64_t k = K; k < lda; ++k) ap[b * lda + k] = 0.f;
-      }
-      if (nw == 2)
-        nm_window_b<V, 2>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
-      else
-        nm_window_b<V, 4>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
-    } else {
-      const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
-      nm_gather<V>(ap, B, d, v, idx, rows, bias, y, nthreads);
-    }
-  } else {
-    with_tile_width(B, [&](auto nv) {
-      nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
-    });
-  }
-}
-
-// the small-batch product (B < 8) of a 16-bit weight (WD 1: bf16, 2: fp16), read as it is: nm_spmm's
-// B < 8 path without a permutation
+// the small-batch product (B < 8): the window kernels where an 8-slot block's columns fit in 2 or 4
+// registers of x, else the gather kernel; WD is the values' element type (see WLoad in simd.h)
 template <class V, int WD>
-void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* v, const uint8_t* idx,
-               int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
-  const NmShape d(n, m, K);
-  if (rows == 0 || B == 0) return;
+void nm_small(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const NmShape& d,
+              const typename WLoad<V, WD>::T* v, const uint8_t* idx, int64_t rows, const float* bias, float* y,
+              int nthreads) {
   const BlockCols bc(d.n, d.m);
   const int nw = nm_window_regs(d, bc);
   if (nw) {
+    // a padded copy 32 columns wider than Kp: the zeros past Kp are read by the last windows
     const int64_t lda = d.Kp + 32;
     float* ap = scratch(COPY1, static_cast<size_t>(B * lda));
     for (int64_t b = 0; b < B; ++b) {
@@ -513,6 +456,38 @@ void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, con
     const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
     nm_gather<V, WD>(ap, B, d, v, idx, rows, bias, y, nthreads);
   }
+}
+
+template <class V>
+void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
+             const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+  const NmShape d(n, m, K);
+  if (rows == 0 || B == 0) return;
+  const float* v = vals;
+  if (perm && B < 8) {
+    const int64_t total = rows * d.S;
+    float* g = scratch(VALS, static_cast<size_t>(std::max<int64_t>(1, total)));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < total; ++k) g[k] = perm[k] >= 0 ? vals[perm[k]] : 0.f;
+    v = g;
+  }
+  if (B < 8) {
+    nm_small<V, 0>(a, B, K, s0, s1, d, v, idx, rows, bias, y, nthreads);
+  } else {
+    with_tile_width(B, [&](auto nv) {
+      nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
+    });
+  }
+}
+
+// the small-batch product (B < 8) of a 16-bit weight (WD 1: bf16, 2: fp16), read as it is: nm_spmm's
+// B < 8 path without a permutation
+template <class V, int WD>
+void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* v, const uint8_t* idx,
+               int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+  const NmShape d(n, m, K);
+  if (rows == 0 || B == 0) return;
+  nm_small<V, WD>(a, B, K, s0, s1, d, v, idx, rows, bias, y, nthreads);
 }
 
 template <class V>

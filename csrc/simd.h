@@ -477,4 +477,25 @@ struct VecAVX2 {
 };
 #endif
 
+// loads of a weight's element type WD (0: fp32, 1: bf16, 2: fp16) as 8 fp32 lanes of V, and of one
+// element: the kernels that read a 16-bit weight as it is (activation-sparse and N:M decode)
+template <class V, int WD>
+struct WLoad {
+  using T = float;
+  static typename V::reg load(const T* p) { return V::load(p); }
+  static float one(T v) { return v; }
+};
+template <class V>
+struct WLoad<V, 1> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_bf16(p); }
+  static float one(T v) { return bf16_to_f32(v); }
+};
+template <class V>
+struct WLoad<V, 2> {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_f16(p); }
+  static float one(T v) { return f16_to_f32(v); }
+};
+
 }  // namespace sparseops
