@@ -27,12 +27,11 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
-from .csr import _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPP_HALF, _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
 # of weight_t for all rows) rather than each row's own; the issue's decode range is 1 to 32 tokens
 GEMV_MAX_ROWS = 32
-_CPP_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _thr(threshold: Tensor) -> Tensor:

@@ -41,6 +41,8 @@ def _use_cpp(*tensors: Tensor) -> bool:
 
 
 _HALF = (torch.bfloat16, torch.float16)
+# the dtype names the bindings that read a 16-bit weight natively take
+_CPP_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 # fp32 staging buffers for half_via_fp32, per thread: a fresh 90 MB fp32 copy costs ~45 ms in page faults
 # here (a weight's values at 4096->11008, 2:4), a copy into a buffer that is already mapped ~6 ms. buffers

@@ -20,7 +20,7 @@ from .. import reference
 from .._cpp import _C
 from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
-from .csr import _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPP_HALF, _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 # ---- host ops ----
 
@@ -51,7 +51,6 @@ def nm_dds_host(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], 
 
 # rows up to which a bf16/fp16 weight is read as it is by the small-batch kernels (_C.nm_dds16)
 NM16_MAX_ROWS = 7
-_CPP_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 @nm_dds_host.register_kernel("cpu")
