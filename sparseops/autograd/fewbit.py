@@ -60,9 +60,11 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if borders.device != x.device:  # (a .to() that changes nothing still costs a dispatch a call)
+        borders, levels = borders.to(x.device), levels.to(x.device)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return _forward(x, fn, borders.to(x.device), bits)  # no_grad, inference: nothing is packed
-    return FewBitActivationFunction.apply(x, fn, borders.to(x.device), levels.to(x.device), bits)
+        return _forward(x, fn, borders, bits)  # no_grad, inference: nothing is packed
+    return FewBitActivationFunction.apply(x, fn, borders, levels, bits)
 
 
 class SparseLinearFewBitFunction(torch.autograd.Function):

@@ -44,7 +44,9 @@ def __getattr__(name: str):
     if name in _FUNCTIONAL:
         from . import functional
 
-        return getattr(functional, name)
+        value = getattr(functional, name)
+        globals()[name] = value  # later lookups skip this hook: it sat on every call's path
+        return value
     raise AttributeError(f"module 'sparseops.fewbit' has no attribute {name!r}")
 
 
