@@ -20,6 +20,7 @@
 #include "bsr.h"
 #include "act.h"
 #include "act_csr.h"
+#include "mask.h"
 #include "dst.h"
 
 namespace py = pybind11;
@@ -812,6 +813,63 @@ int64_t act_csr_gemv(const py::array& x, const py::array& threshold, bool relu, 
   return u;
 }
 
+// ---- the elements a packed 1-bit mask marks (mask.h): dtype-agnostic, 2- or 4-byte elements ----
+
+// an array of float32, or of 16-bit floats as an int16/uint16 view: its element size
+int element_size(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return 4;
+  if (a.dtype().is(py::dtype::of<int16_t>()) || a.dtype().is(py::dtype::of<uint16_t>())) return 2;
+  throw py::type_error(std::string(name) + ": expected float32 or an int16/uint16 view of 16-bit floats, got dtype " +
+                       std::string(py::str(a.dtype())));
+}
+
+const int32_t* packed_mask(const py::array& mask, int64_t n) {
+  return vector<int32_t>(mask, "mask", "int32", (n + 31) / 32);
+}
+
+py::array mask_select(const py::array& x, const py::array& mask, int nthreads) {
+  const int es = element_size(x, "x");
+  if (!(x.flags() & py::array::c_style)) throw py::value_error("x: must be C-contiguous");
+  check_aligned(x, "x");
+  const int64_t n = static_cast<int64_t>(x.size());
+  const int32_t* m = packed_mask(mask, n);
+  int64_t count;
+  {
+    py::gil_scoped_release release;
+    count = sparseops::mask_count(m, n, threads(nthreads));
+  }
+  py::array out(x.dtype(), std::vector<py::ssize_t>{static_cast<py::ssize_t>(count)});
+  void* o = out.mutable_data();
+  const void* xp = x.data();
+  py::gil_scoped_release release;
+  sparseops::mask_select(xp, es, n, m, o, threads(nthreads));
+  return out;
+}
+
+void mask_expand(const py::array& mask, const py::array& values, py::array& out, int nthreads) {
+  const int es = element_size(values, "values");
+  if (element_size(out, "out") != es || !out.dtype().is(values.dtype()))
+    throw py::type_error("out: expected the dtype of values (" + std::string(py::str(values.dtype())) + "), got " +
+                         std::string(py::str(out.dtype())));
+  if (!(out.flags() & py::array::c_style)) throw py::value_error("out: must be C-contiguous");
+  if (!out.writeable()) throw py::value_error("out: must be writeable");
+  check_aligned(out, "out");
+  const int64_t n = static_cast<int64_t>(out.size());
+  const int32_t* m = packed_mask(mask, n);
+  const void* v = values.data();
+  if (values.ndim() != 1 || !(values.flags() & py::array::c_style))
+    throw py::value_error("values: expected a contiguous 1-D array, got shape " + shape_str(values));
+  check_aligned(values, "values");
+  check_disjoint({span(out, "out")}, {span(out, "out"), span(mask, "mask"), span(values, "values")});
+  const int64_t count = sparseops::mask_count(m, n, threads(nthreads));
+  if (count != static_cast<int64_t>(values.shape(0)))
+    throw py::value_error("values: expected " + std::to_string(count) + " entries (the bits the mask sets), got " +
+                          std::to_string(values.shape(0)));
+  void* o = out.mutable_data();
+  py::gil_scoped_release release;
+  sparseops::mask_expand(m, v, es, n, o, threads(nthreads));
+}
+
 // ---- mask updates (dst.h): index work only, no isa variants ----
 
 struct CsrIn {
@@ -1213,6 +1271,10 @@ act_gemv. Reads only the rows of weight_t the union activates. Returns the union
   m.def("act_csr_gemv", &act_csr_gemv, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("t_crow"),
         py::arg("t_col"), py::arg("t_values"), py::arg("out_features"), py::arg("bias"), py::arg("y").noconvert(),
         py::arg("nthreads"));
+  m.def("mask_select", &mask_select, py::arg("x"), py::arg("mask"), py::arg("nthreads"),
+        "The elements of x (C-contiguous, flattened) whose bit the packed 1-bit mask sets, as a new 1-D array.");
+  m.def("mask_expand", &mask_expand, py::arg("mask"), py::arg("values"), py::arg("out").noconvert(),
+        py::arg("nthreads"), "out (flattened) = the next of values where the packed 1-bit mask is set, else 0.");
   m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
         py::arg("nthreads"), py::arg("eligible") = py::none(), py::arg("out") = py::none(), py::arg("z") = 4.0,
         R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)

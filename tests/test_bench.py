@@ -108,3 +108,15 @@ def test_ab_dst_prints_a_row_per_build_and_case():
         step, upd, grad, ratio = (float(c) for c in cells[3:])
         assert step > 0 and upd > 0 and ratio == ratio  # numbers, not nan
         assert (grad > 0) == (cells[1] == "rigl")
+
+
+def test_memory_relu_prints_the_saved_bytes_of_both_blocks():
+    """bench/memory_relu.py on a small block: torch keeps 4 bytes per hidden element (the ReLU's output, saved
+    once), sparseops its 1-bit mask plus 4 bytes per nonzero, and both compute the same outputs."""
+    out = _run(["bench/memory_relu.py", "--width", "64", "--hidden", "256", "--batch", "32", "--zeros", "0.75"])
+    zeros = float(out.split("hidden zeros ")[1].split()[0])
+    rows = {line.split("|")[1].strip().split()[0]: [c.strip() for c in line.strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("| torch") or line.startswith("| sparseops")}
+    assert float(rows["torch"][3]) == 4.0
+    assert abs(float(rows["sparseops"][3]) - (1 / 8 + 4 * (1 - zeros))) < 0.01
+    assert float(out.split("largest output difference: ")[1].split()[0]) < 1e-4

@@ -22,6 +22,45 @@ def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
     return fn(x)
 
 
+# ---- the ReLU's 1-bit mask, stated once and used twice ----
+#
+# A 1-bit ReLU code is ``x > 0``, which is also ``relu(x) > 0``: the mask of the output's nonzeros. A layer
+# that makes such an output on eager CPU records its codes on it (an attribute of the output tensor, with
+# the tensor's version), and an activation-sparse layer in relu mode that takes that output as its input
+# (or a whole reshaped view of it) saves the same codes tensor as its input's mask instead of packing its
+# own (``autograd.act``): one tensor, saved by both backward graphs, stored once. An in-place change of the
+# output (a new version) or a view of part of it drops the record.
+
+_RELU_CODES = "_sparseops_relu_codes"
+
+
+def _record_relu_codes(y: Tensor, codes: Tensor) -> None:
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+        setattr(y, _RELU_CODES, (codes, y._version))
+
+
+def relu_codes(x: Tensor) -> Tensor | None:
+    """The packed 1-bit mask ``x > 0`` (``ops.fewbit`` layout, 1 bit an element in ``x``'s row-major order)
+    that the layer which made ``x`` recorded on it, or None."""
+    if torch.compiler.is_compiling():
+        return None
+    base = x if x._base is None else x._base
+    rec = getattr(base, _RELU_CODES, None)
+    if rec is None:
+        return None
+    codes, version = rec
+    whole = x.numel() == base.numel() and x.storage_offset() == base.storage_offset()
+    if x._version != version or not (whole and x.is_contiguous() and base.is_contiguous()):
+        return None
+    return codes
+
+
+def _is_relu(fn, bits: int, borders: Tensor) -> bool:
+    # the 1-bit relu table has the single border 0 (checked on cpu only: no device sync)
+    return (getattr(fn, "fused", None) == ("clamp", 0.0, float("inf")) and bits == 1 and borders.numel() == 1
+            and borders.device.type == "cpu" and float(borders[0]) == 0.0)
+
+
 class FewBitActivationFunction(torch.autograd.Function):
     # the classic forward(ctx, ...) form, for the reason given in autograd/csr.py
     @staticmethod
@@ -30,6 +69,8 @@ class FewBitActivationFunction(torch.autograd.Function):
             return _forward(x, fn, borders, bits)
         # relu-like fn, hardswish, tanh on cpu: y and the codes in one pass (see ops.fewbit.fused)
         y, codes = fewbit_ops.fused(x, fn, borders, bits)
+        if _is_relu(fn, bits, borders):
+            _record_relu_codes(y, codes)
         ctx.save_for_backward(codes, levels)
         ctx.bits = bits
         return y
@@ -74,6 +115,8 @@ class SparseLinearFewBitFunction(torch.autograd.Function):
     def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int,
                 activation: str, borders, levels, bits: int):
         y, codes = fewbit_ops.dds_fewbit(x, values, crow, col, bias, out_features, activation, borders, bits)
+        if activation == "relu" and bits == 1:  # the layer's 1-bit relu table: the border 0
+            _record_relu_codes(y, codes)
         ctx.save_for_backward(x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels)
         ctx.has_bias = bias is not None
         ctx.in_features = in_features

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import reference
 from .._cpp import _C
 from ..fewbit.table import activation_fn
-from ..reference.fewbit import num_words
+from ..reference.fewbit import fewbit_unpack_codes as _unpack_codes, num_words
 from .csr import _csr_dds_cpu
 
 _CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -302,3 +302,32 @@ def dds_fewbit(x, values, crow, col, bias, out_features: int, activation: str, b
     if _eager_cpu(x):
         return _csr_dds_fewbit_cpu(x, values, crow, col, bias, out_features, activation, borders, bits)
     return torch.ops.sparseops.csr_dds_fewbit(x, values, crow, col, bias, out_features, activation, borders, bits)
+
+
+# ---- the elements a packed 1-bit mask marks ----
+# Eager helpers for what an autograd layer saves (``autograd.act`` keeps a ReLU-sparse input as its 1-bit
+# mask plus the values the mask marks), not torch.library ops: the layer calls them outside any trace.
+
+
+def mask_select(x: Tensor, codes: Tensor) -> Tensor:
+    """The elements of ``x`` (row-major) whose bit the packed 1-bit ``codes`` set (the layout of
+    :func:`fewbit_pack` at 1 bit), as a 1-D tensor of ``x``'s dtype."""
+    if _use_cpp(x):
+        out = torch.from_numpy(_C.mask_select(_np_elems(x.contiguous()), codes.contiguous().numpy(),
+                                              _threads(x.numel())))
+        return out if x.dtype == torch.float32 else out.view(x.dtype)
+    mask = _unpack_codes(codes, x.numel(), 1).to(device=x.device, dtype=torch.bool)
+    return x.reshape(-1)[mask]
+
+
+def mask_expand(codes: Tensor, values: Tensor, shape) -> Tensor:
+    """The inverse of :func:`mask_select`: a tensor of ``shape`` holding the next of ``values`` where
+    ``codes`` set a bit and 0 elsewhere."""
+    out = torch.empty(shape, dtype=values.dtype, device=values.device)
+    if _use_cpp(values):
+        _C.mask_expand(codes.contiguous().numpy(), _np_elems(values.contiguous()), _np_elems(out),
+                       _threads(out.numel()))
+        return out
+    mask = _unpack_codes(codes, out.numel(), 1).to(device=values.device, dtype=torch.bool)
+    out.zero_().view(-1)[mask] = values
+    return out
