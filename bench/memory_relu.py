@@ -9,7 +9,9 @@ issue, with the first layer's bias shifted so that a fraction ``zeros`` of the R
   second linear: one tensor);
 - sparseops: ``SparseLinear(..., activation="relu", act_bits=1)`` (90% sparse weight, the ReLU fused: it saves
   its 1-bit codes, not its pre-activation) then ``ActivationSparseLinear(mode="relu")``, which saves its input
-  as that same 1-bit mask (the first layer's codes tensor itself) plus the values of the nonzeros.
+  as that same 1-bit mask (the first layer's codes tensor itself) plus the values of the nonzeros;
+- the same with the second layer a 90%-sparse ``SparseLinear`` under the activation-sparse one (its input
+  kept the same way).
 
 Printed: the bytes autograd keeps for backward (``saved_tensors_hooks``, storages counted once, parameters and
 buffers not counted), in total and per batch row, and the two models' outputs' largest difference (the same
@@ -61,15 +63,19 @@ def main(argv=None) -> None:
         sparse1.bias.copy_(fc1.bias)
     plain = nn.Sequential(fc1, nn.ReLU(), fc2)
     ours = nn.Sequential(sparse1, sparseops.ActivationSparseLinear.from_dense(fc2, mode="relu"))
+    sparse2 = sparseops.SparseLinear.from_dense(fc2, sparsity=0.9)
+    both = nn.Sequential(sparse1, sparseops.ActivationSparseLinear.from_dense(sparse2, mode="relu"))
     b_plain, y_plain = saved_bytes(plain, x)
     b_ours, y_ours = saved_bytes(ours, x)
+    b_both, _ = saved_bytes(both, x)
     zeros = float((torch.relu(x.detach() @ fc1.weight.t() + fc1.bias) == 0).float().mean())
     print(f"block {args.width}->{args.hidden}->{args.width}, batch {args.batch}, fp32, hidden zeros {zeros:.3f}")
     # both keep the block's input (the first linear's dW needs it); the rest is the hidden activation
     x_bytes = x.numel() * x.element_size()
     print("| model | saved MiB | of which hidden MiB | hidden bytes / element | torch / this (all, hidden) |")
     print("|---|---|---|---|---|")
-    for name, b in (("torch (Linear, ReLU, Linear)", b_plain), ("sparseops (fused ReLU, activation-sparse)", b_ours)):
+    for name, b in (("torch (Linear, ReLU, Linear)", b_plain), ("sparseops (fused ReLU, activation-sparse)", b_ours),
+                    ("sparseops, second layer a 90% SparseLinear too", b_both)):
         h = b - x_bytes
         print(f"| {name} | {b / 2**20:.2f} | {h / 2**20:.2f} | {h / (args.batch * args.hidden):.3f} | "
               f"{b_plain / b:.2f}x, {(b_plain - x_bytes) / h:.2f}x |")

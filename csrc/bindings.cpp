@@ -870,6 +870,30 @@ void mask_expand(const py::array& mask, const py::array& values, py::array& out,
   sparseops::mask_expand(m, v, es, n, o, threads(nthreads));
 }
 
+void mask_where(const py::array& mask, const py::array& x, py::array& out, int nthreads) {
+  const int es = element_size(x, "x");
+  if (!out.dtype().is(x.dtype()))
+    throw py::type_error("out: expected the dtype of x (" + std::string(py::str(x.dtype())) + "), got " +
+                         std::string(py::str(out.dtype())));
+  if (!(x.flags() & py::array::c_style)) throw py::value_error("x: must be C-contiguous");
+  if (!(out.flags() & py::array::c_style)) throw py::value_error("out: must be C-contiguous");
+  if (!out.writeable()) throw py::value_error("out: must be writeable");
+  check_aligned(x, "x");
+  check_aligned(out, "out");
+  const int64_t n = static_cast<int64_t>(x.size());
+  if (static_cast<int64_t>(out.size()) != n)
+    throw py::value_error("out: expected " + std::to_string(n) + " elements (x's), got " + std::to_string(out.size()));
+  const int32_t* m = packed_mask(mask, n);
+  // out may be x itself (an in-place where), nothing else
+  const Span so = span(out, "out"), sx = span(x, "x");
+  if (!(so.p == sx.p && so.n == sx.n)) check_disjoint({so}, {so, sx, span(mask, "mask")});
+  else check_disjoint({so}, {so, span(mask, "mask")});
+  const void* xp = x.data();
+  void* o = out.mutable_data();
+  py::gil_scoped_release release;
+  sparseops::mask_where(m, xp, es, n, o, threads(nthreads));
+}
+
 // ---- mask updates (dst.h): index work only, no isa variants ----
 
 struct CsrIn {
@@ -1275,6 +1299,8 @@ act_gemv. Reads only the rows of weight_t the union activates. Returns the union
         "The elements of x (C-contiguous, flattened) whose bit the packed 1-bit mask sets, as a new 1-D array.");
   m.def("mask_expand", &mask_expand, py::arg("mask"), py::arg("values"), py::arg("out").noconvert(),
         py::arg("nthreads"), "out (flattened) = the next of values where the packed 1-bit mask is set, else 0.");
+  m.def("mask_where", &mask_where, py::arg("mask"), py::arg("x"), py::arg("out").noconvert(), py::arg("nthreads"),
+        "out (flattened) = x where the packed 1-bit mask is set, else 0; out may be x.");
   m.def("dst_top_abs", &dst_top_abs, py::arg("scores"), py::arg("crow"), py::arg("col"), py::arg("n"),
         py::arg("nthreads"), py::arg("eligible") = py::none(), py::arg("out") = py::none(), py::arg("z") = 4.0,
         R"(The flat positions (int64, ascending) of the n largest |scores| [rows, cols] (float32, C-contiguous)

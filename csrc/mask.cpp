@@ -94,6 +94,19 @@ void expand(const int32_t* mask, const E* vals, int64_t n, E* out, int nthreads)
   }
 }
 
+template <class E>
+void where(const int32_t* mask, const E* x, int64_t n, E* out, int nthreads) {
+  const int64_t words = (n + 31) / 32;
+#pragma omp parallel for schedule(static) num_threads(team(nthreads, words))
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t m = word(mask, w, n);
+    const E* xw = x + w * 32;
+    E* ow = out + w * 32;
+    const int64_t len = std::min<int64_t>(32, n - w * 32);
+    for (int64_t i = 0; i < len; ++i) ow[i] = ((m >> i) & 1u) ? xw[i] : E(0);
+  }
+}
+
 }  // namespace
 
 int64_t mask_count(const int32_t* mask, int64_t n, int nthreads) {
@@ -114,6 +127,13 @@ void mask_expand(const int32_t* mask, const void* vals, int esize, int64_t n, vo
     expand(mask, static_cast<const uint32_t*>(vals), n, static_cast<uint32_t*>(out), nthreads);
   else
     expand(mask, static_cast<const uint16_t*>(vals), n, static_cast<uint16_t*>(out), nthreads);
+}
+
+void mask_where(const int32_t* mask, const void* x, int esize, int64_t n, void* out, int nthreads) {
+  if (esize == 4)
+    where(mask, static_cast<const uint32_t*>(x), n, static_cast<uint32_t*>(out), nthreads);
+  else
+    where(mask, static_cast<const uint16_t*>(x), n, static_cast<uint16_t*>(out), nthreads);
 }
 
 }  // namespace sparseops

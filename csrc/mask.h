@@ -18,4 +18,7 @@ void mask_select(const void* x, int esize, int64_t n, const int32_t* mask, void*
 // out [n] = the next value of vals for each marked element, zero (all bits clear) elsewhere
 void mask_expand(const int32_t* mask, const void* vals, int esize, int64_t n, void* out, int nthreads);
 
+// out [n] = x where the mask sets a bit, zero (all bits clear) elsewhere; out may be x
+void mask_where(const int32_t* mask, const void* x, int esize, int64_t n, void* out, int nthreads);
+
 }  // namespace sparseops

@@ -29,23 +29,61 @@ def _relu_input(shape, zeros, dtype=torch.float32):
     return torch.relu(x).to(dtype)
 
 
-# ---- mask_select / mask_expand ----
+# ---- mask_select / mask_expand / mask_where ----
+
+
+def _path_and_mask(cpp, n, dtype, monkeypatch):
+    """The C++ path or the reference (``_C`` hidden), and a ReLU-sparse ``x [n]`` with its packed mask."""
+    if cpp and _C is None:
+        pytest.skip("sparseops._C is not built")
+    if not cpp:
+        monkeypatch.setattr(fewbit_ops, "_C", None)
+    x = _relu_input((n,), 0.6, dtype)
+    return x, fewbit_pack(x, torch.zeros(1), 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [0, 1, 3, 31, 32, 33, 37, 1000, 70001])
 @pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "reference"])
 def test_mask_select_and_expand_round_trip(n, dtype, cpp, monkeypatch):
-    if cpp and _C is None:
-        pytest.skip("sparseops._C is not built")
-    if not cpp:
-        monkeypatch.setattr(fewbit_ops, "_C", None)
-    x = _relu_input((n,), 0.6, dtype)
-    codes = fewbit_pack(x, torch.zeros(1), 1)
+    x, codes = _path_and_mask(cpp, n, dtype, monkeypatch)
     v = fewbit_ops.mask_select(x, codes)
     assert v.dtype == dtype and torch.equal(v, x[x > 0])
     e = fewbit_ops.mask_expand(codes, v, (n,))  # an empty output: a slot no pass wrote would be garbage
     assert e.dtype == dtype and torch.equal(e, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [0, 1, 33, 1000, 70001])
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "reference"])
+def test_mask_where_zeroes_off_the_mask_even_nan(n, dtype, cpp, monkeypatch):
+    x, codes = _path_and_mask(cpp, n, torch.float32, monkeypatch)
+    g = torch.randn(n).to(dtype)
+    g[::7] = float("nan")  # a nan off the mask gives 0, as torch.where does (not nan * 0)
+    got = fewbit_ops.mask_where(codes, g)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.where(x > 0, g, torch.zeros((), dtype=dtype)), rtol=0, atol=0,
+                               equal_nan=True)  # the nans on the mask stay
+    assert not torch.isnan(got[x <= 0]).any()
+
+
+@needs_cpp
+def test_mask_where_binding_in_place_and_refusals():
+    codes = torch.tensor([0b101], dtype=torch.int32).numpy()
+    g = torch.arange(1.0, 4.0)
+    _C.mask_where(codes, g.numpy(), g.numpy(), 1)  # out may be x
+    assert g.tolist() == [1.0, 0.0, 3.0]
+    out = torch.full((3,), float("nan"))
+    with pytest.raises(TypeError, match="out: expected the dtype of x"):
+        _C.mask_where(codes, g.numpy(), torch.zeros(3, dtype=torch.int16).numpy(), 1)
+    with pytest.raises(ValueError, match="out: expected 3 elements"):
+        _C.mask_where(codes, g.numpy(), torch.zeros(4).numpy(), 1)
+    buf = torch.zeros(5)
+    with pytest.raises(ValueError, match="out: shares memory with x"):
+        _C.mask_where(codes, buf[:3].numpy(), buf[2:].numpy(), 1)
+    with pytest.raises(ValueError, match="mask: expected 1 entries"):
+        _C.mask_where(torch.zeros(2, dtype=torch.int32).numpy(), g.numpy(), out.numpy(), 1)
+    assert torch.isnan(out).all(), "a refused call wrote its output"
 
 
 @needs_cpp
@@ -216,3 +254,85 @@ def test_compiled_model_matches_eager():
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(x.grad, gx)
+
+
+# ---- over a SparseLinear: the SparseLinear keeps s(x) compressed (autograd.saved) ----
+
+PATTERNS = {"csr": dict(sparsity=0.7), "nm": dict(pattern="2:4"), "fanin": dict(pattern=sparseops.FanIn(5)),
+            "block": dict(pattern=sparseops.Block(16), sparsity=0.5)}
+
+
+def _over_sparse(kind, in_f, out_f, activation=None):
+    torch.manual_seed(1)
+    sp = SparseLinear.from_dense(torch.nn.Linear(in_f, out_f), **PATTERNS[kind],
+                                 **({} if activation is None else dict(activation=activation, act_bits=1)))
+    return ActivationSparseLinear.from_dense(sp, mode="relu")
+
+
+def _grads_sparse(layer, x, dy, compress, monkeypatch):
+    """The layer's forward and gradients; without ``compress``, those of the plain composition it stands for:
+    the SparseLinear on ``act_mask(x)`` (torch's relu and where keep what they keep, the SparseLinear s(x))."""
+    from sparseops.reference.act import act_mask
+
+    layer.zero_grad(set_to_none=True)
+    xr = x.detach().clone().requires_grad_(True)
+    if compress:
+        y, saved = _saved(lambda: layer(xr))
+    else:
+        y, saved = _saved(lambda: layer.sparse(act_mask(xr, layer.threshold, True)[0]))
+    y.backward(dy)
+    return (y.detach(), xr.grad, layer.sparse.values.grad, layer.sparse.bias.grad), saved
+
+
+@pytest.mark.parametrize("kind", list(PATTERNS))
+@pytest.mark.parametrize("B,in_f,out_f", [(1, 32, 3), (5, 64, 37), (37, 48, 16)])
+def test_over_a_sparse_linear_the_input_is_kept_compressed(kind, B, in_f, out_f, monkeypatch):
+    layer = _over_sparse(kind, in_f, out_f)
+    x = torch.randn(B, in_f)
+    dy = torch.randn(B, out_f)
+    want, plain = _grads_sparse(layer, x, dy, False, monkeypatch)
+    got, saved = _grads_sparse(layer, x, dy, True, monkeypatch)
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), got, want):
+        assert torch.equal(a, b), f"{name} differs from the layer that saves s(x)"
+    shapes = [tuple(t.shape) for t in saved if t.is_floating_point()]
+    assert (B, in_f) in [tuple(t.shape) for t in plain] and (B, in_f) not in shapes
+    assert (int((x > 0).sum()),) in shapes
+
+
+def _same_grads(layer, x, dy, monkeypatch) -> list:
+    """Asserts the layer's output and gradients equal the plain composition's; returns the float shapes saved."""
+    want, _ = _grads_sparse(layer, x, dy, False, monkeypatch)
+    got, saved = _grads_sparse(layer, x, dy, True, monkeypatch)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    return [tuple(t.shape) for t in saved if t.is_floating_point()]
+
+
+def test_over_a_padded_block_layer_the_input_is_kept_compressed(monkeypatch):
+    layer = _over_sparse("block", 40, 16)  # 40 inputs: blocks of 16 pad them to 48 inside the op
+    shapes = _same_grads(layer, torch.randn(3, 40), torch.randn(3, 16), monkeypatch)
+    assert (3, 40) not in shapes and (3, 48) not in shapes
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["csr", "nm", "block"])
+def test_over_a_sparse_linear_the_relu_codes_are_shared(kind):
+    first = _first_layer("sparse-csr")
+    second = _over_sparse(kind, 96, 16)
+    x = torch.randn(4, 24, requires_grad=True)
+    _, saved = _saved(lambda: second(first(x)))
+    codes = [t for t in saved if t.dtype == torch.int32 and t.numel() == (4 * 96 + 31) // 32]
+    # the first layer's codes, s(x)'s backward and the SparseLinear's compressed input: one tensor
+    assert len(codes) == 3 and all(c is codes[0] for c in codes)
+
+
+def test_over_a_fused_sparse_linear_the_input_is_kept_compressed(monkeypatch):
+    layer = _over_sparse("csr", 64, 24, activation="gelu")
+    assert (6, 64) not in _same_grads(layer, torch.randn(6, 64), torch.randn(6, 24), monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["csr", "block"])
+def test_over_a_sparse_linear_non_contiguous_input_and_a_threshold(kind, monkeypatch):
+    layer = _over_sparse(kind, 48, 16)
+    layer.threshold.fill_(0.3)  # active: x > 0.3
+    _same_grads(layer, torch.randn(48, 7).t(), torch.randn(7, 16), monkeypatch)

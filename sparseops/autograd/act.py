@@ -13,7 +13,7 @@ s(x) (the active set of s(x) is that of x, and s(x) is x there), so the layer sa
 active inputs (``ops.fewbit``'s packed layout) and their values, and rebuilds s(x) in backward: at 90%
 zeros that is 0.125 + 0.4 bytes an input in fp32 instead of 4. When x is the output of a layer that saved
 the same mask as its own 1-bit ReLU codes (``SparseLinear(activation="relu", act_bits=1)``,
-``FewBitReLU``), that codes tensor is saved here too (``autograd.fewbit.relu_codes``): stated once, used
+``FewBitReLU``), that codes tensor is saved here too (``autograd.saved.relu_codes``): stated once, used
 twice. Other modes (a magnitude threshold) and traced code save x.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..ops import act as act_ops
 from ..ops import fewbit as fewbit_ops
-from .fewbit import relu_codes
+from .saved import relu_codes
 
 def _compresses(x: Tensor, threshold: Tensor, relu: bool) -> bool:
     return relu and x.device.type == "cpu" and threshold.numel() == 1 and not torch.compiler.is_compiling()

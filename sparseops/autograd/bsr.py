@@ -13,13 +13,14 @@ from torch import Tensor
 
 from ..ops import bsr as bsr_ops
 from .csr import apply_flat
+from .saved import save_with_input, saved_with_input
 
 
 class BlockLinearFunction(torch.autograd.Function):
     # the classic forward(ctx, ...) form, for the reason given in autograd.csr
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):
-        ctx.save_for_backward(x, values, col, row, t_crow, t_row, t_perm)
+        save_with_input(ctx, x, values, col, row, t_crow, t_row, t_perm)
         ctx.has_bias = bias is not None
         ctx.in_features = in_features
         return bsr_ops.dds(x, values, crow, col, bias, out_features)
@@ -31,7 +32,7 @@ class BlockLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, col, row, t_crow, t_row, t_perm = ctx.saved_tensors
+        x, values, col, row, t_crow, t_row, t_perm = saved_with_input(ctx)
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None
         if need_x:

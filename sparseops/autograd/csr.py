@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..ops import csr as csr_ops
+from .saved import save_with_input, saved_with_input
 
 
 class SparseLinearFunction(torch.autograd.Function):
@@ -20,7 +21,7 @@ class SparseLinearFunction(torch.autograd.Function):
     # decode-sized product (a few us of kernel) cannot afford.
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):
-        ctx.save_for_backward(x, values, crow, col, row, t_crow, t_row, t_perm)
+        save_with_input(ctx, x, values, crow, col, row, t_crow, t_row, t_perm)
         ctx.has_bias = bias is not None
         ctx.in_features = in_features
         return csr_ops.dds(x, values, crow, col, bias, out_features)
@@ -32,7 +33,7 @@ class SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, crow, col, row, t_crow, t_row, t_perm = ctx.saved_tensors
+        x, values, crow, col, row, t_crow, t_row, t_perm = saved_with_input(ctx)
         dx, dv, db = linear_grads(
             ctx.needs_input_grad[:3], dy, x, values, crow, col, row, t_crow, t_row, t_perm, ctx.in_features,
             ctx.has_bias,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..ops import fewbit as fewbit_ops
 from .csr import apply_flat, linear_grads
+from .saved import record_relu_codes, save_with_input, saved_with_input
 
 
 def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
@@ -20,39 +21,6 @@ def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
     if getattr(fn, "fused_own", False) and x.device.type == "cpu":
         return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]
     return fn(x)
-
-
-# ---- the ReLU's 1-bit mask, stated once and used twice ----
-#
-# A 1-bit ReLU code is ``x > 0``, which is also ``relu(x) > 0``: the mask of the output's nonzeros. A layer
-# that makes such an output on eager CPU records its codes on it (an attribute of the output tensor, with
-# the tensor's version), and an activation-sparse layer in relu mode that takes that output as its input
-# (or a whole reshaped view of it) saves the same codes tensor as its input's mask instead of packing its
-# own (``autograd.act``): one tensor, saved by both backward graphs, stored once. An in-place change of the
-# output (a new version) or a view of part of it drops the record.
-
-_RELU_CODES = "_sparseops_relu_codes"
-
-
-def _record_relu_codes(y: Tensor, codes: Tensor) -> None:
-    if y.device.type == "cpu" and not torch.compiler.is_compiling():
-        setattr(y, _RELU_CODES, (codes, y._version))
-
-
-def relu_codes(x: Tensor) -> Tensor | None:
-    """The packed 1-bit mask ``x > 0`` (``ops.fewbit`` layout, 1 bit an element in ``x``'s row-major order)
-    that the layer which made ``x`` recorded on it, or None."""
-    if torch.compiler.is_compiling():
-        return None
-    base = x if x._base is None else x._base
-    rec = getattr(base, _RELU_CODES, None)
-    if rec is None:
-        return None
-    codes, version = rec
-    whole = x.numel() == base.numel() and x.storage_offset() == base.storage_offset()
-    if x._version != version or not (whole and x.is_contiguous() and base.is_contiguous()):
-        return None
-    return codes
 
 
 def _is_relu(fn, bits: int, borders: Tensor) -> bool:
@@ -70,7 +38,7 @@ class FewBitActivationFunction(torch.autograd.Function):
         # relu-like fn, hardswish, tanh on cpu: y and the codes in one pass (see ops.fewbit.fused)
         y, codes = fewbit_ops.fused(x, fn, borders, bits)
         if _is_relu(fn, bits, borders):
-            _record_relu_codes(y, codes)
+            record_relu_codes(y, codes)
         ctx.save_for_backward(codes, levels)
         ctx.bits = bits
         return y
@@ -116,8 +84,8 @@ class SparseLinearFewBitFunction(torch.autograd.Function):
                 activation: str, borders, levels, bits: int):
         y, codes = fewbit_ops.dds_fewbit(x, values, crow, col, bias, out_features, activation, borders, bits)
         if activation == "relu" and bits == 1:  # the layer's 1-bit relu table: the border 0
-            _record_relu_codes(y, codes)
-        ctx.save_for_backward(x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels)
+            record_relu_codes(y, codes)
+        save_with_input(ctx, x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels)
         ctx.has_bias = bias is not None
         ctx.in_features = in_features
         ctx.bits = bits
@@ -125,7 +93,7 @@ class SparseLinearFewBitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels = ctx.saved_tensors
+        x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels = saved_with_input(ctx)
         dz = fewbit_ops.unpack(dy, codes, levels, ctx.bits)  # [B, out]
         dx, dv, db = linear_grads(
             ctx.needs_input_grad[:3], dz, x, values, crow, col, row, t_crow, t_row, t_perm, ctx.in_features,

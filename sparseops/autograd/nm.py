@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..ops import nm as nm_ops
 from .csr import apply_flat
+from .saved import save_with_input, saved_with_input
 
 NM_INDEX = ("idx", "empty", "t_crow", "t_row", "t_perm", "t_idx", "t_slot")
 
@@ -21,7 +22,7 @@ class NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot, out_features: int,
                 in_features: int, n: int, m: int, transposable: bool):
-        ctx.save_for_backward(x, values, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot)
+        save_with_input(ctx, x, values, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot)
         ctx.has_bias = bias is not None
         ctx.cfg = (in_features, n, m, transposable)
         return nm_ops.dds(x, values, idx, bias, n, m)
@@ -34,7 +35,7 @@ class NMLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot = ctx.saved_tensors
+        x, values, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot = saved_with_input(ctx)
         in_features, n, m, transposable = ctx.cfg
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dx = dv = db = None

@@ -21,7 +21,9 @@ it), ``[in]`` in ``channel`` mode. Until calibrated it is 0, so only exact zeros
 output equals the dense layer's.
 
 In training the layer is ``y = s(x) Wᵀ + b`` with the true derivative: ``dx = (dy W) ⊙ mask``, computed
-on the active inputs only, and ``dW = dyᵀ s(x)`` through s(x)'s nonzeros (see ``autograd.act``).
+on the active inputs only, and ``dW = dyᵀ s(x)`` through s(x)'s nonzeros (see ``autograd.act``). In relu
+mode on eager CPU what backward keeps of the input is its 1-bit mask and its nonzeros (``autograd.saved``),
+the mask being the 1-bit ReLU codes of the layer that made the input when it has them.
 
 Weight sparsity composes: ``from_dense`` of a :class:`~sparseops.SparseLinear` keeps it as ``sparse``.
 At decode on CPU in fp32, without gradients (inference), an unstructured, fan-in or N:M weight runs
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autograd import act_linear, check_input
+from ..autograd.saved import relu_sparse, relu_sparse_input
 from ..reference.act import act_mask
 from ..patterns import check_sparsity
 from ._load import restore, snapshot
@@ -160,6 +163,12 @@ class ActivationSparseLinear(nn.Module):
         if self.sparse is not None:
             if self._skips_both(x):
                 return self._sparse_act_forward(x, thr, relu)
+            if relu and x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # s(x) >= 0 with exact zeros: s and the SparseLinear keep only its packed mask (the ReLU's own
+                # 1-bit codes when x came from one) and, for the weight gradient, its nonzeros (autograd.saved)
+                xs, codes = relu_sparse(x, float(thr))
+                with relu_sparse_input(xs, codes):
+                    return self.sparse(xs)
             return self.sparse(act_mask(x, thr, relu)[0])
         return act_linear(x, self.weight.t(), self.bias, thr, relu)
 

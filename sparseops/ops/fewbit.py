@@ -331,3 +331,15 @@ def mask_expand(codes: Tensor, values: Tensor, shape) -> Tensor:
     mask = _unpack_codes(codes, out.numel(), 1).to(device=values.device, dtype=torch.bool)
     out.zero_().view(-1)[mask] = values
     return out
+
+
+def mask_where(codes: Tensor, g: Tensor) -> Tensor:
+    """``g`` where the packed 1-bit ``codes`` set a bit (``g``'s row-major order), 0 elsewhere: the gradient
+    through a mask, with 0 (not ``nan * 0``) off it."""
+    if _use_cpp(g):
+        g = g.contiguous()
+        out = torch.empty_like(g)
+        _C.mask_where(codes.contiguous().numpy(), _np_elems(g), _np_elems(out), _threads(g.numel()))
+        return out
+    mask = _unpack_codes(codes, g.numel(), 1).to(device=g.device, dtype=torch.bool).view(g.shape)
+    return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
