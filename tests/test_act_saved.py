@@ -12,6 +12,7 @@ import torch
 
 import sparseops
 import sparseops.autograd.act as autograd_act
+import sparseops.autograd.saved as autograd_saved
 from sparseops import ActivationSparseLinear, SparseLinear
 from sparseops._cpp import _C
 from sparseops.ops import fewbit as fewbit_ops
@@ -208,7 +209,7 @@ def test_the_relu_codes_are_saved_once_for_both_layers(kind, lead, monkeypatch):
     # and the gradients are those of the same model without the sharing
     y.backward(torch.ones_like(y))
     got = x.grad.clone()
-    monkeypatch.setattr(autograd_act, "relu_codes", lambda t: None)
+    monkeypatch.setattr(autograd_saved, "relu_codes", lambda t: None)
     x.grad = None
     second(first(x)).backward(torch.ones_like(y))
     assert torch.equal(got, x.grad)

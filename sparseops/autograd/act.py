@@ -23,40 +23,29 @@ import torch
 from torch import Tensor
 
 from ..ops import act as act_ops
-from ..ops import fewbit as fewbit_ops
-from .saved import relu_codes
+from .saved import relu_mask, save_with_input, saved_with_input
+
 
 def _compresses(x: Tensor, threshold: Tensor, relu: bool) -> bool:
     return relu and x.device.type == "cpu" and threshold.numel() == 1 and not torch.compiler.is_compiling()
 
 
-
-
 class ActLinearFunction(torch.autograd.Function):
     # the classic forward(ctx, ...) form, for the reason given in autograd.csr
     @staticmethod
-    def forward(ctx, x, weight_t, bias, threshold, relu: bool, codes=None):
-        ctx.shape = None
+    def forward(ctx, x, weight_t, bias, threshold, relu: bool):
+        codes = None
         if _compresses(x, threshold, relu) and any(ctx.needs_input_grad[:2]):
-            # relu mode: active iff x > max(0, threshold) (see reference.act.act_mask)
-            border = threshold.detach().to(torch.float32).clamp(min=0).reshape(1)
-            if codes is None or float(border) != 0.0:
-                codes = fewbit_ops.pack(x, border, 1)
-            ctx.save_for_backward(codes, fewbit_ops.mask_select(x, codes), weight_t, threshold)
-            ctx.shape = x.shape
-        else:
-            ctx.save_for_backward(x, weight_t, threshold)
+            # relu mode: active iff x > max(0, threshold) (see reference.act.act_mask); backward gets s(x)
+            codes = relu_mask(x, float(threshold))[1]
+        save_with_input(ctx, x, weight_t, threshold, codes=codes)
         ctx.has_bias = bias is not None
         ctx.relu = relu
         return act_ops.dds(x, weight_t, bias, threshold, relu)
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.shape is not None:
-            codes, values, weight_t, threshold = ctx.saved_tensors
-            x = fewbit_ops.mask_expand(codes, values, ctx.shape)  # s(x): the kernels below give for it what they give for x
-        else:
-            x, weight_t, threshold = ctx.saved_tensors
+        x, weight_t, threshold = saved_with_input(ctx)  # x or s(x): the kernels below give the same for both
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_x:
@@ -65,7 +54,7 @@ class ActLinearFunction(torch.autograd.Function):
             dw = act_ops.sdd(dy, x, threshold, ctx.relu)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None
 
 
 def act_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: Tensor, relu: bool) -> Tensor:
@@ -74,10 +63,9 @@ def act_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: Tens
     ``weight_t`` is ``Wᵀ [in, out]``; a non-contiguous one is copied first (the kernels stream its rows).
     """
     in_features, out_features = weight_t.shape
-    codes = relu_codes(x) if relu else None  # x's mask, when the layer before saved it as its relu codes
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), in_features)  # [B, in]
     if not weight_t.is_contiguous():
         weight_t = weight_t.contiguous()
-    y = ActLinearFunction.apply(x2, weight_t, bias, threshold, relu, codes)
+    y = ActLinearFunction.apply(x2, weight_t, bias, threshold, relu)
     return y.reshape(*lead, out_features)

@@ -75,17 +75,20 @@ def _is_spec(t: Tensor, spec) -> bool:
             and t.is_contiguous() and x.is_contiguous())
 
 
-def save_with_input(ctx, x: Tensor, *rest: Tensor) -> None:
-    """``ctx.save_for_backward(x, *rest)``, with ``x`` kept as its mask and nonzeros inside
-    :func:`relu_sparse_input` of it (see the module docstring). Read back with :func:`saved_with_input`."""
-    spec = getattr(_state, "spec", None)
+def save_with_input(ctx, x: Tensor, *rest: Tensor, codes: Tensor | None = None) -> None:
+    """``ctx.save_for_backward(x, *rest)``, with ``x`` kept as a packed mask and the elements it marks when
+    ``codes`` gives that mask (backward then gets ``x`` where it is set and 0 elsewhere), or inside
+    :func:`relu_sparse_input` of ``x`` (see the module docstring). Read back with :func:`saved_with_input`."""
+    if codes is None:
+        spec = getattr(_state, "spec", None)
+        if spec is not None and not torch.compiler.is_compiling() and _is_spec(x, spec):
+            codes = spec[1] if spec[1] is not None else fewbit_ops.pack(x, _ZERO, 1)
     ctx.input_shape = None
-    if spec is not None and not torch.compiler.is_compiling() and _is_spec(x, spec):
-        codes = spec[1] if spec[1] is not None else fewbit_ops.pack(x, _ZERO, 1)
+    if codes is None:
+        ctx.save_for_backward(x, *rest)
+    else:
         ctx.save_for_backward(codes, fewbit_ops.mask_select(x, codes), *rest)
         ctx.input_shape = x.shape
-    else:
-        ctx.save_for_backward(x, *rest)
 
 
 def saved_with_input(ctx) -> tuple:
@@ -110,13 +113,18 @@ class _ReluSparse(torch.autograd.Function):
         return fewbit_ops.mask_where(codes, g), None, None
 
 
+def relu_mask(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(border, codes)``: relu mode's border ``max(threshold, 0)`` as a 1-element fp32 tensor, and the packed
+    mask ``x > border`` (compared in fp32): ``x``'s recorded ReLU codes (:func:`relu_codes`) when the border
+    is 0 and it has them, else packed now. ``x`` on CPU."""
+    value = max(float(threshold), 0.0)
+    border = torch.tensor([value], dtype=torch.float32)
+    codes = relu_codes(x) if value == 0.0 else None
+    return border, (codes if codes is not None else fewbit_ops.pack(x, border, 1))
+
+
 def relu_sparse(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """``(s, codes)``: ``s = x`` where ``x > max(threshold, 0)``, else 0 (relu mode's s(x)), differentiable in
-    ``x``, and ``codes`` its packed mask, which is all its backward keeps. ``x`` on CPU; the codes are
-    ``x``'s recorded ReLU codes (:func:`relu_codes`) when the border is 0 and it has them."""
-    border = max(float(threshold), 0.0)
-    codes = relu_codes(x) if border == 0.0 else None
-    b = torch.tensor([border], dtype=torch.float32)
-    if codes is None:
-        codes = fewbit_ops.pack(x, b, 1)
-    return _ReluSparse.apply(x, b, codes), codes
+    ``x``, and ``codes`` its packed mask (:func:`relu_mask`), which is all its backward keeps."""
+    border, codes = relu_mask(x, threshold)
+    return _ReluSparse.apply(x, border, codes), codes
