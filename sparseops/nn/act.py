@@ -163,7 +163,9 @@ class ActivationSparseLinear(nn.Module):
         if self.sparse is not None:
             if self._skips_both(x):
                 return self._sparse_act_forward(x, thr, relu)
-            if relu and x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            trains = torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.sparse.parameters()))
+            if relu and trains and x.device.type == "cpu" and not torch.compiler.is_compiling():
                 # s(x) >= 0 with exact zeros: s and the SparseLinear keep only its packed mask (the ReLU's own
                 # 1-bit codes when x came from one) and, for the weight gradient, its nonzeros (autograd.saved)
                 xs, codes = relu_sparse(x, float(thr))
