@@ -47,21 +47,24 @@ def _load_table(json_path: Path, key, value=lambda b: b["stats"]["median"] * 1e3
     return data.get("machine_info", {}), table
 
 
+def _header(machine, what: str, columns) -> list:
+    """The first lines of a CPU table: the machine and what the numbers are, a blank line, the column header."""
+    cpu = machine.get("cpu", {})
+    return [f"machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cpus; {what}", "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def load_fewbit(json_path: Path):
     return _load_table(json_path, lambda e: (e["activation"], e["dtype"], e["n"]))
 
 
 def render_fewbit(machine, table) -> str:
-    cpu = machine.get("cpu", {}).get("brand_raw", "?")
     bits = ["fewbit1", "fewbit2", "fewbit3", "fewbit4"]
-    lines = [
-        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; forward+backward medians (ms); "
-        "ratio = torch / few-bit, > 1 means the few-bit activation is faster",
-        "",
-        "| activation | dtype | n | torch ms | " + " | ".join(f"{b[-1]}-bit ms" for b in bits) + " | "
-        + " | ".join(f"torch/{b[-1]}-bit" for b in bits) + " |",
-        "|---|---|---|---|" + "---|" * (2 * len(bits)),
-    ]
+    lines = _header(
+        machine, "forward+backward medians (ms); ratio = torch / few-bit, > 1 means the few-bit activation is faster",
+        ["activation", "dtype", "n", "torch ms", *(f"{b[-1]}-bit ms" for b in bits),
+         *(f"torch/{b[-1]}-bit" for b in bits)],
+    )
     for key in sorted(table):
         act, dtype, n = key
         t = table[key]
@@ -77,13 +80,8 @@ def load_nm(json_path: Path):
 
 
 def render_nm(machine, table) -> str:
-    cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    lines = [
-        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratios > 1 mean N:M is faster",
-        "",
-        "| pattern | B | in→out | mode | dense ms | N:M ms | CSR ms | dense/N:M | CSR/N:M |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(machine, "medians (ms); ratios > 1 mean N:M is faster",
+                    ["pattern", "B", "in→out", "mode", "dense ms", "N:M ms", "CSR ms", "dense/N:M", "CSR/N:M"])
     for key in sorted(table, key=lambda k: (k[4], -k[1], k[2], k[0])):
         pat, b, i, o, mode = key
         t = table[key]
@@ -99,13 +97,8 @@ def load_block(json_path: Path):
 
 
 def render_block(machine, table) -> str:
-    cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    lines = [
-        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratio > 1 means the layer is faster",
-        "",
-        "| case | B | in→out | mode | dense ms | layer ms | dense/layer |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(machine, "medians (ms); ratio > 1 means the layer is faster",
+                    ["case", "B", "in→out", "mode", "dense ms", "layer ms", "dense/layer"])
     for key in sorted(table, key=lambda k: (k[4], -k[1], k[0])):
         case, b, i, o, mode = key
         t = table[key]
@@ -124,15 +117,12 @@ def load_act(json_path: Path):
 
 
 def render_act(machine, table) -> str:
-    cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    lines = [
-        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; medians (ms); ratio > 1 means the "
-        "activation-sparse layer is faster; achieved = inputs dropped per row, union = share of W's columns read",
-        "",
-        "| case | B | in→out | target | achieved | union | mode | dense ms | sparse ms | dense/sparse "
-        "| weight-only ms | weight-only/sparse |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(
+        machine, "medians (ms); ratio > 1 means the activation-sparse layer is faster; achieved = inputs dropped "
+        "per row, union = share of W's columns read",
+        ["case", "B", "in→out", "target", "achieved", "union", "mode", "dense ms", "sparse ms", "dense/sparse",
+         "weight-only ms", "weight-only/sparse"],
+    )
     for key in sorted(table, key=lambda k: (k[0], k[1], k[2], k[4], k[5])):
         case, b, i, o, s, mode = key
         t = table[key]
@@ -198,15 +188,9 @@ def fmt_ratio(a, b):
 
 
 def render(machine, table) -> str:
-    cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    lines = [
-        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; times are medians (ms); "
-        "ratios > 1 mean the second provider is faster",
-        "",
-        "| B | in→out | sparsity | mode | dense ms | sparseops ms | dense/sparseops | dense/torch_sparse "
-        "| dense/sparseprop | sparseprop/sparseops |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(machine, "times are medians (ms); ratios > 1 mean the second provider is faster",
+                    ["B", "in→out", "sparsity", "mode", "dense ms", "sparseops ms", "dense/sparseops",
+                     "dense/torch_sparse", "dense/sparseprop", "sparseprop/sparseops"])
     for key in sorted(table, key=lambda k: (k[4], k[1], k[0], k[3])):
         b, i, o, s, mode = key
         t = table[key]
@@ -223,14 +207,8 @@ def load_half(json_path: Path):
 
 
 def render_half(machine, table) -> str:
-    cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    lines = [
-        f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cpus; bf16; medians (ms); ratio > 1 means the "
-        "sparse layer is faster than dense bf16 F.linear",
-        "",
-        "| layer | B | in→out | sparsity | mode | dense ms | sparse ms | dense/sparse |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(machine, "bf16; medians (ms); ratio > 1 means the sparse layer is faster than dense bf16 F.linear",
+                    ["layer", "B", "in→out", "sparsity", "mode", "dense ms", "sparse ms", "dense/sparse"])
     for key in sorted(table, key=lambda k: (k[0] == "act", k[1], k[0], k[4])):
         pat, b, i, o, s, mode = key
         t = table[key]
