@@ -103,14 +103,14 @@ class _ReluSparse(torch.autograd.Function):
     # s(x) = x where x > border, else 0, keeping only the packed mask for backward (torch's relu and where
     # would keep their [B, in] results and masks)
     @staticmethod
-    def forward(ctx, x, border, codes):
+    def forward(ctx, x, codes):
         ctx.save_for_backward(codes)
-        return torch.where(x > border, x, torch.zeros((), dtype=x.dtype))  # compared in fp32, as pack does
+        return fewbit_ops.mask_where(codes, x)  # the mask already made: no second compare over x
 
     @staticmethod
     def backward(ctx, g):
         (codes,) = ctx.saved_tensors
-        return fewbit_ops.mask_where(codes, g), None, None
+        return fewbit_ops.mask_where(codes, g), None
 
 
 def relu_mask(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -126,5 +126,5 @@ def relu_mask(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
 def relu_sparse(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """``(s, codes)``: ``s = x`` where ``x > max(threshold, 0)``, else 0 (relu mode's s(x)), differentiable in
     ``x``, and ``codes`` its packed mask (:func:`relu_mask`), which is all its backward keeps."""
-    border, codes = relu_mask(x, threshold)
-    return _ReluSparse.apply(x, border, codes), codes
+    codes = relu_mask(x, threshold)[1]
+    return _ReluSparse.apply(x, codes), codes
