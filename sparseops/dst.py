@@ -240,8 +240,8 @@ class SRigL(RigL):
 
     def _plan(self, fqn: str, mod: SparseLinear, fraction: float):
         out_f, in_f = mod.out_features, mod.in_features
-        fmt = mod.format
-        values = mod.values.detach()
+        fmt = mod.format.csr  # the CSR view of the fan-in (ELL) index; values [rows, k] flatten to its order
+        values = mod.values.detach().reshape(-1)
         nnz, budget = fmt.nnz, self.budgets[fqn]
         n = int(round(fraction * nnz))
         if n <= 0 or nnz == 0:

@@ -330,8 +330,11 @@ def _nm_slots(mask, n, m):
 
 def _gather(kind, dense, mask):
     """The ``values`` layout of ``dense`` on ``mask``, computed without the package."""
-    if kind in ("csr", "fanin"):
+    if kind == "csr":
         return dense[mask]
+    if kind == "fanin":  # ELL: [rows that hold weights, k], row-major
+        held = mask.sum(1)
+        return dense[mask].view(int((held > 0).sum()), int(held.max()))
     if kind == "nm24":
         cols, valid = _nm_slots(mask, 2, 4)
         return torch.where(valid, dense.gather(1, cols), torch.zeros((), dtype=dense.dtype))
@@ -344,7 +347,7 @@ def _scatter(kind, values, mask):
     """Inverse of :func:`_gather`: a dense tensor, zeros off ``mask``."""
     dense = torch.zeros(mask.shape, dtype=values.dtype)
     if kind in ("csr", "fanin"):
-        dense[mask] = values
+        dense[mask] = values.reshape(-1)
         return dense
     if kind == "nm24":
         cols, valid = _nm_slots(mask, 2, 4)

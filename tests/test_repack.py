@@ -23,7 +23,7 @@ import sparseops
 import sparseops.ops.repack as R
 from sparseops import SparseLinear, SRigL
 from sparseops._cpp import _C
-from sparseops.formats.csr import CSRWeight
+from sparseops.formats import CSRWeight, ELLWeight
 from sparseops.patterns import Block, FanIn
 
 needs_cpp = pytest.mark.skipif(_C is None, reason="sparseops._C is not built")
@@ -727,8 +727,14 @@ def test_binding_repack_refuses_bad_positions():
 # ---- 6. SparseLinear.rewire_ ----
 
 
+def _csr_of(layer) -> CSRWeight:
+    """The layer's index as CSR: a fan-in layer's is the CSR view of its ELL index (values flatten to it)."""
+    fmt = layer.format
+    return fmt.csr if isinstance(fmt, ELLWeight) else fmt
+
+
 def _layer_keys(layer):
-    return _keys(layer.format)
+    return _keys(_csr_of(layer))
 
 
 def _expected_after_rewire(layer, kept, grown):
@@ -756,7 +762,11 @@ def _adam_steps(layer, steps=2):
 
 
 def _check_rewired(layer, opt, pre_state, old_values, w_exp, mask_exp, where_kept, where):
-    _same_index(layer.format, CSRWeight.from_mask(mask_exp), where)
+    _same_index(_csr_of(layer), CSRWeight.from_mask(mask_exp), where)
+    if isinstance(layer.format, ELLWeight):  # fan-in: values [rows, k] over the rows that hold weights
+        held = mask_exp.sum(1)
+        assert layer.values.shape == (int((held > 0).sum()), int(held.max()))
+        assert torch.equal(layer.rows.long(), (held > 0).nonzero().flatten())
     assert torch.equal(layer.mask, mask_exp)
     assert torch.equal(layer.dense_weight().detach(), w_exp), f"{where}: kept weights changed or grown not 0"
     x = torch.randn(5, layer.in_features)
@@ -771,8 +781,9 @@ def _check_rewired(layer, opt, pre_state, old_values, w_exp, mask_exp, where_kep
     src = torch.tensor([where_kept.get(int(k), -1) for k in _layer_keys(layer)])
     for key in ("exp_avg", "exp_avg_sq"):
         assert st[key].shape == layer.values.shape
-        assert torch.equal(st[key][src >= 0], pre_state[key][src[src >= 0]]), f"{where}: {key} of kept weights"
-        assert (st[key][src < 0] == 0).all(), f"{where}: {key} of grown weights not 0"
+        got, pre = st[key].reshape(-1), pre_state[key].reshape(-1)
+        assert torch.equal(got[src >= 0], pre[src[src >= 0]]), f"{where}: {key} of kept weights"
+        assert (got[src < 0] == 0).all(), f"{where}: {key} of grown weights not 0"
     assert torch.equal(st["step"], pre_state["step"]), f"{where}: Adam's step changed"
 
 
@@ -807,7 +818,7 @@ def _fanin_layer(k=4, out_f=10, in_f=16):
 
 def _fanin_plan(layer, counts, g):
     """kept/grown that leave row r with counts[r] weights, keeping a random part of each row."""
-    fmt = layer.format
+    fmt = layer.format.csr
     out_f, in_f = layer.out_features, layer.in_features
     rows = fmt.row.long()
     kept, grown = [], []
@@ -921,7 +932,7 @@ def test_rewired_fanin_layer_round_trips_into_another_k(impl):
     fresh = SparseLinear(16, 10, pattern=FanIn(3))
     fresh.load_state_dict(layer.state_dict())
     assert fresh.pattern == FanIn(6)
-    _same_index(fresh.format, layer.format, "loaded")
+    _same_index(_csr_of(fresh), _csr_of(layer), "loaded")
     assert torch.equal(fresh.values, layer.values)
     x = torch.randn(7, 16)
     assert torch.equal(fresh(x), layer(x))
@@ -993,12 +1004,12 @@ def _srigl_model(dead, dense_head=False):
         rows = l0.row.long()
         for i, r in enumerate(dead):  # tiny, distinct magnitudes: dropped first
             sel = rows == r
-            l0.values[sel] = 1e-7 * (1 + i) * torch.arange(1, int(sel.sum()) + 1, dtype=torch.float32)
+            l0.values.view(-1)[sel] = 1e-7 * (1 + i) * torch.arange(1, int(sel.sum()) + 1, dtype=torch.float32)
             l0.bias[r] = 1.0  # the unit stays on (relu' = 1), so a restored head makes its gradient large
         head = model[2]
         if isinstance(head, SparseLinear):
-            dead_col = torch.isin(head.col.long(), torch.tensor(dead))
-            head.values[dead_col] = 0.0
+            dead_col = torch.isin(head.col.reshape(-1).long(), torch.tensor(dead))
+            head.values.view(-1)[dead_col] = 0.0
         else:
             head.weight[:, dead] = 0.0
     return model
@@ -1130,8 +1141,9 @@ def test_srigl_ablates_non_salient_rows_and_rebalances(impl):
         kept_new = (masks[n] & mod.mask).flatten()[_layer_keys(mod)]
         assert torch.equal(src >= 0, kept_new)
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(st[key][src >= 0], pre[n][key][src[src >= 0]]), f"layer {n}: {key} of survivors"
-            assert (st[key][src < 0] == 0).all(), f"layer {n}: {key} of grown weights"
+            got, old = st[key].reshape(-1), pre[n][key].reshape(-1)
+            assert torch.equal(got[src >= 0], old[src[src >= 0]]), f"layer {n}: {key} of survivors"
+            assert (got[src < 0] == 0).all(), f"layer {n}: {key} of grown weights"
         assert torch.equal(st["step"], pre[n]["step"])
     # the set-up worked as designed: layer 0 lost exactly the dead rows, fan-in 256 // 27 = 9
     assert dst.ablated("0").tolist() == DEAD
@@ -1226,7 +1238,7 @@ def test_srigl_k0_is_the_fan_in_of_a_layer_built_with_ablated_rows(impl):
         v = torch.full((IN,), 1e-6)
         v[[2, 7, 11]] = 10.0
         w[l0.row.long() == row] = v
-        l0.values.copy_(w)
+        l0.values.view(-1).copy_(w)
         model[2].weight[:, row] = 0.0
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     dst = SRigL(model, opt, update_every=1, drop_fraction=0.5, ablation=0.3)

@@ -2,6 +2,7 @@
 
 from .bsr import BSRWeight
 from .csr import INDEX_DTYPE, CSRWeight, validate_csr
+from .ell import ELLWeight
 from .nm import NMWeight
 
-__all__ = ["BSRWeight", "INDEX_DTYPE", "CSRWeight", "validate_csr", "NMWeight"]
+__all__ = ["BSRWeight", "INDEX_DTYPE", "CSRWeight", "ELLWeight", "validate_csr", "NMWeight"]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..autograd import block_linear, fewbit_activation, nm_linear, sparse_linear, sparse_linear_fewbit
 from ..fewbit.functional import check_bits, default_bits, table_bits
 from ..fewbit.table import ACTIVATIONS, activation_fn
-from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, NMWeight
+from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, ELLWeight, NMWeight
 from ..formats.bsr import grid_shape
 from ..masks import for_pattern
 from ._load import restore, snapshot
@@ -26,6 +26,10 @@ _DERIVED = ("row", "t_crow", "t_row", "t_perm")
 # N:M: the slot positions and the empty slots are checkpointed, Wᵀ's index is rebuilt on load
 _NM_PERSISTENT = ("idx", "empty")
 _NM_DERIVED = ("t_crow", "t_row", "t_perm", "t_idx", "t_slot")
+# fan-in (ELL): the held rows and the [rows, k] columns are checkpointed; the CSR view the kernels read
+# (row pointers, COO rows, the transposed index) is rebuilt on load
+_ELL_PERSISTENT = ("rows", "col")
+_ELL_DERIVED = ("crow", "row", "t_crow", "t_row", "t_perm")
 
 
 def _check_features(name: str, n) -> int:
@@ -58,9 +62,11 @@ def _check_mask(mask, out_features: int, in_features: int, device) -> Tensor:
 class SparseLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` sparse; behaves as ``nn.Linear`` does.
 
-    The trainable parameter is ``values [nnz]``, the stored weights; positions off the
-    mask are not stored and so stay exactly zero through training. ``crow``/``col`` are
-    buffers that ``state_dict`` round-trips (the transposed index is rebuilt on load).
+    The trainable parameter is ``values``, the stored weights (``[nnz]`` unstructured, ``[rows, k]``
+    fan-in, ``[out, slots]`` N:M, ``[nblk, b, b]`` block); positions off the mask are not stored and so
+    stay exactly zero through training. The index buffers ``state_dict`` round-trips are ``crow``/``col``
+    (CSR, BSR), ``rows``/``col`` (fan-in) or ``idx``/``empty`` (N:M); the transposed index is rebuilt
+    on load.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
@@ -73,7 +79,8 @@ class SparseLinear(nn.Module):
             ``FanIn(k)``, ``Block(size)`` or ``"block:32"``, or ``Butterfly(...)``. N:M is stored
             compressed (``values [out, ceil(in/m)*n]`` plus 4-bit positions, see ``formats.nm``);
             Block and Butterfly as BSR (``values [nblk, b, b]``, see ``formats.bsr``; ``sparsity``
-            then counts zero blocks); unstructured and fan-in as CSR (``values [nnz]``). A Butterfly
+            then counts zero blocks); unstructured as CSR (``values [nnz]``); fan-in as ELL (``values [rows, k]``,
+            ``col [rows, k]`` over the ``rows`` that hold weights, see ``formats.ell``). A Butterfly
             with ``rank > 0`` adds a trainable low-rank term ``lr_u [out, r] @ lr_v [r, in]``
             (Pixelfly), initialised from the top singular pairs of the weight the mask drops.
         activation: None, or a name of ``sparseops.fewbit.ACTIVATIONS`` (torch's default
@@ -152,7 +159,13 @@ class SparseLinear(nn.Module):
     def _rank(self) -> int:
         return self.pattern.rank if isinstance(self.pattern, Butterfly) else 0
 
+    @property
+    def _is_ell(self) -> bool:
+        return isinstance(self.pattern, FanIn)
+
     def _names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if self._is_ell:
+            return (_ELL_PERSISTENT, _ELL_DERIVED)
         return (_NM_PERSISTENT, _NM_DERIVED) if self._is_nm else (_PERSISTENT, _DERIVED)
 
     def _pack(self, weight: Tensor, mask: Tensor) -> None:
@@ -162,6 +175,8 @@ class SparseLinear(nn.Module):
             fmt, values = NMWeight.from_dense(w, mask, p.n, p.m, p.transposable)
         elif self._block:
             fmt, values = BSRWeight.from_dense(w, mask, self._block)
+        elif self._is_ell:
+            fmt, values = ELLWeight.from_dense(w, mask)
         else:
             fmt, values = CSRWeight.from_dense(w, mask)
         self._set_index(fmt)
@@ -197,8 +212,9 @@ class SparseLinear(nn.Module):
         src = fmt.grid if isinstance(fmt, BSRWeight) else fmt
         for name in persistent:
             self.register_buffer(name, getattr(src, name), persistent=True)
+        view = fmt.csr if isinstance(fmt, ELLWeight) else src
         for name in derived:
-            self.register_buffer(name, getattr(src, name), persistent=False)
+            self.register_buffer(name, getattr(view, name), persistent=False)
 
     @classmethod
     def from_dense(
@@ -272,6 +288,7 @@ class SparseLinear(nn.Module):
         else:
             if isinstance(self.pattern, FanIn):
                 _fan_in_of(mask.sum(1), self.pattern, "mask: its rows")
+                old = old.csr
             # the same re-pack as rewire_: keep the stored entries the mask keeps, grow the rest of it
             flat = mask.to(self.crow.device).reshape(-1)
             keys = old.row.long() * self.in_features + old.col.long()
@@ -340,22 +357,32 @@ class SparseLinear(nn.Module):
                                 f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
         kept, grown = kept.to(dev), grown.to(dev)
         old = self.format
+        ell = isinstance(old, ELLWeight)
+        if ell:
+            old = old.csr
         pattern = self.pattern
         old_param = self.values
         # values and every optimizer state tensor laid out like them, re-mapped in the re-pack's merge
+        # (flat, in CSR order: a fan-in layer's [rows, k] values flatten to it)
         state = optimizer.state.get(old_param, {}) if optimizer is not None else {}
         same = [v for v in state.values() if isinstance(v, Tensor) and v.shape == old_param.shape]
         # the re-pack validates the positions and builds the new index aside; nothing is replaced until the
         # fan-in check below has passed on the new row lengths
-        new, src, (values, *rest) = repack(old, kept, grown, [old_param.detach(), *same])
-        if isinstance(pattern, FanIn):
-            pattern = _fan_in_of(new.crow.long().diff(), pattern, "kept, grown: the rows would")
+        new, src, (values, *rest) = repack(old, kept, grown, [old_param.detach().reshape(-1),
+                                                              *(t.reshape(-1) for t in same)])
+        shape = values.shape
+        if ell:
+            _fan_in_of(new.crow.long().diff(), pattern, "kept, grown: the rows would")
+            new = ELLWeight.from_csr(new, "kept, grown: the rows would")
+            pattern = pattern if new.k == pattern.k else FanIn(new.k)
+            shape = new.values_shape
         new = new.to(dev)
         src = src.to(self.values.device)
-        moved = {id(t): o for t, o in zip(same, rest)}
+        moved = {id(t): o.view(shape) for t, o in zip(same, rest)}
+        values = values.view(shape)
 
         def remap(t):
-            return moved[id(t)] if id(t) in moved else gather(src, [t])[0]
+            return moved[id(t)] if id(t) in moved else gather(src, [t.reshape(-1)])[0].view(shape)
 
         self._set_index(new)
         self.pattern = pattern
@@ -374,9 +401,13 @@ class SparseLinear(nn.Module):
             b = self._block
             grid = CSRWeight(*grid_shape(self.out_features, self.in_features, b), **self._index())
             return BSRWeight(self.out_features, self.in_features, b, grid)
-        return CSRWeight(self.out_features, self.in_features, **self._index())
+        csr = CSRWeight(self.out_features, self.in_features, **self._index())
+        return ELLWeight(int(self.col.shape[1]), self.rows, csr) if self._is_ell else csr
 
     def _index(self) -> dict:
+        """The index tensors the ops take: a fan-in layer's as its CSR view (``col`` flat)."""
+        if self._is_ell:
+            return {"col": self.col.reshape(-1), **{name: getattr(self, name) for name in _ELL_DERIVED}}
         persistent, derived = self._names()
         return {name: getattr(self, name) for name in persistent + derived}
 
@@ -436,10 +467,13 @@ class SparseLinear(nn.Module):
                 y, activation_fn(self.activation), self.act_borders_bits.view(torch.float32),
                 self.act_levels_bits.view(torch.float32), self.act_bits,
             )
+        # a fan-in layer's values [rows, k] flatten to its CSR view's order (a view, so the gradient
+        # reaches them as [rows, k])
+        values = self.values.reshape(-1) if self._is_ell else self.values
         if self.activation is None:
-            return sparse_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
+            return sparse_linear(x, values, self._index(), self.bias, self.out_features, self.in_features)
         return sparse_linear_fewbit(
-            x, self.values, self._index(), self.bias, self.out_features, self.in_features, self.activation,
+            x, values, self._index(), self.bias, self.out_features, self.in_features, self.activation,
             self.act_borders_bits.view(torch.float32), self.act_levels_bits.view(torch.float32), self.act_bits,
         )
 
@@ -463,6 +497,8 @@ class SparseLinear(nn.Module):
             return "an N:M index (idx/empty)"
         if self._block:
             return f"a block-sparse index with {self._block}x{self._block} blocks (crow/col, values [nblk, b, b])"
+        if self._is_ell:
+            return "a fan-in ELL index (rows/col, values [rows, k])"
         return "a CSR index (crow/col, values [nnz])"
 
     def _check_kind(self, state_dict, prefix) -> str | None:
@@ -474,6 +510,10 @@ class SparseLinear(nn.Module):
         keys = "crow, col, values"
         if get("idx") is not None or get("empty") is not None:
             kind, keys = "an N:M index (idx/empty)", "idx, empty"
+        elif get("rows") is not None:
+            if get("col") is None or values is None:
+                return "rows, col and values: the checkpoint holds only part of a fan-in ELL index and its values"
+            kind, keys = "a fan-in ELL index (rows/col, values [rows, k])", "rows, col, values"
         elif get("crow") is not None or get("col") is not None:
             if get("crow") is None or get("col") is None or values is None:
                 return "crow, col and values: the checkpoint holds only part of a CSR/BSR index and its values"
@@ -486,7 +526,10 @@ class SparseLinear(nn.Module):
             kind, keys = "a dense weight (weight)", "weight"
         else:
             return None
-        if kind != self._kind():
+        csr_kind, ell_kind = "a CSR index (crow/col, values [nnz])", "a fan-in ELL index (rows/col, values [rows, k])"
+        if kind != self._kind() and {kind, self._kind()} != {csr_kind, ell_kind}:
+            # a fan-in layer reads CSR checkpoints (earlier versions stored fan-in as CSR; any CSR whose rows
+            # all hold k or none) and an unstructured layer reads fan-in ones: the same weights, re-laid
             return (f"{keys}: the checkpoint holds {kind}, this layer is {self.pattern.name}, stored as "
                     f"{self._kind()}; build the layer with the checkpoint's pattern")
         if self._is_nm and (get("idx") is None or get("empty") is None or values is None):
@@ -517,6 +560,25 @@ class SparseLinear(nn.Module):
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
+        if self._is_ell:
+            sd = self._load_ell_index(state_dict, prefix, values, error_msgs)
+            if sd is not None:
+                super()._load_from_state_dict(sd, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                              error_msgs)
+            return
+        if state_dict.get(prefix + "rows") is not None:
+            # a fan-in (ELL) checkpoint into an unstructured layer: its CSR view
+            try:
+                ell = ELLWeight.from_rows_col(self.out_features, self.in_features, state_dict[prefix + "rows"],
+                                              state_dict[prefix + "col"])
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({self.pattern.name}): {exc}")
+                return
+            state_dict = dict(state_dict)
+            del state_dict[prefix + "rows"]
+            state_dict[prefix + "crow"], state_dict[prefix + "col"] = ell.csr.crow, ell.csr.col
+            if values is not None:
+                values = state_dict[prefix + "values"] = values.reshape(-1)
         crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
         b = self._block
         rows = grid_shape(self.out_features, self.in_features, b)[0] if b else self.out_features
@@ -530,10 +592,6 @@ class SparseLinear(nn.Module):
                     raise ValueError(
                         f"crow: checkpoint holds {crow.numel() - 1} {what} out_features={self.out_features}"
                     )
-                fan_in = None
-                if isinstance(self.pattern, FanIn):
-                    # rows of k' weights or none (neurons SRigL ablated; k' then differs from the layer's k)
-                    fan_in = _fan_in_of(crow.long().diff(), self.pattern, "crow: the checkpoint's rows")
                 vshape = (col.numel(), b, b) if b else tuple(col.shape)
                 if values is not None and tuple(values.shape) != vshape:
                     raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values, expected {vshape}")
@@ -546,14 +604,54 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({self.pattern.name}): {exc}")
                 return
             self._set_index(fmt)
-            if fan_in is not None:
-                self.pattern = fan_in
             vshape = (col.numel(), b, b) if b else tuple(col.shape)
             if tuple(self.values.shape) != vshape:
                 self.values.data = self.values.data.new_empty(vshape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _load_ell_index(self, state_dict, prefix, values, error_msgs) -> dict | None:
+        """Rebuild a fan-in layer's index from the checkpoint's ``rows``/``col`` (or the ``crow``/``col`` of a
+        CSR checkpoint from an earlier version, re-laid as ELL); the state dict to load from (a legacy
+        one with its ``col`` and ``values`` re-shaped to ``[rows, k]`` and ``rows`` added), or None (and a
+        message) when it is refused."""
+        rows, crow, col = (state_dict.get(prefix + n) for n in ("rows", "crow", "col"))
+        if col is None:
+            return state_dict
+        sd = dict(state_dict)
+        try:
+            dev = self.rows.device
+            if rows is not None:
+                fmt = ELLWeight.from_rows_col(self.out_features, self.in_features, rows.to(dev), col.to(dev))
+            else:
+                if crow.dtype != INDEX_DTYPE or col.dtype != INDEX_DTYPE:
+                    raise TypeError(f"crow/col: expected dtype {INDEX_DTYPE}, got {crow.dtype}/{col.dtype}")
+                if crow.dim() != 1 or crow.numel() != self.out_features + 1:
+                    raise ValueError(f"crow: checkpoint holds {crow.numel() - 1} output rows, this layer has "
+                                     f"out_features={self.out_features}")
+                _fan_in_of(crow.long().diff(), self.pattern, "crow: the checkpoint's rows")
+                if values is not None and tuple(values.shape) != tuple(col.shape):
+                    raise ValueError(f"values: checkpoint holds {tuple(values.shape)} values, expected {tuple(col.shape)}")
+                csr = CSRWeight.from_crow_col(self.out_features, self.in_features, crow.to(dev), col.to(dev))
+                fmt = ELLWeight.from_csr(csr, "crow: the checkpoint's rows")
+                del sd[prefix + "crow"]
+                sd[prefix + "rows"] = fmt.rows
+                sd[prefix + "col"] = fmt.col
+                if values is not None:
+                    sd[prefix + "values"] = values.reshape(fmt.values_shape)
+            vals = sd.get(prefix + "values")
+            if vals is not None and tuple(vals.shape) != fmt.values_shape:
+                raise ValueError(f"values: checkpoint holds {tuple(vals.shape)}, expected {fmt.values_shape} (rows, k)")
+        except (TypeError, ValueError) as exc:
+            error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({self.pattern.name}): {exc}")
+            return None
+        self._set_index(fmt)
+        if fmt.k != self.pattern.k:
+            self.pattern = FanIn(fmt.k)
+        if tuple(self.values.shape) != fmt.values_shape:
+            self.values.data = self.values.data.new_empty(fmt.values_shape)
+        return sd
 
     def _load_nm_index(self, state_dict, prefix, values, error_msgs) -> bool:
         """Rebuild the index from the checkpoint's ``idx``/``empty``; False (and a message) when it is refused."""
