@@ -132,6 +132,19 @@ bool indices_valid(const int32_t* idx, int64_t n, int64_t limit) {
   return bad == 0;
 }
 
+// ptr [n+1] from 0 to nnz, non-decreasing: then every row [ptr[r], ptr[r+1]) lies inside idx
+void check_ptr(const int32_t* ptr, int64_t n, int64_t nnz, const char* pname) {
+  bool ok = ptr[0] == 0 && ptr[n] == nnz;
+  for (int64_t r = 0; r < n && ok; ++r) ok = ptr[r + 1] >= ptr[r];
+  if (ok) return;
+  if (ptr[0] != 0 || ptr[n] != nnz)
+    throw py::value_error(std::string(pname) + ": must start at 0 and end at nnz=" + std::to_string(nnz) +
+                          ", got " + std::to_string(ptr[0]) + ".." + std::to_string(ptr[n]));
+  for (int64_t r = 0; r < n; ++r)
+    if (ptr[r + 1] < ptr[r])
+      throw py::value_error(std::string(pname) + ": must be non-decreasing (at " + std::to_string(r) + ")");
+}
+
 void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, int64_t limit, const char* pname,
                const char* iname) {
   if (ptr[0] == 0 && ptr[n] == nnz && csr_valid(ptr, n, idx, nnz, limit)) return;
@@ -189,9 +202,18 @@ void csr_dds(const py::array& x, const py::array& values, const py::array& crow,
   // destroyed after the gil is taken back.
   py::object bias_keep;
   const float* b = optional_bias(bias, n, bias_keep);
-  check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
-  py::gil_scoped_release release;
-  sparseops::csr_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ptr, idx, n, b, Y, threads(nthreads));
+  // the row pointers here (O(rows)); the columns inside the kernel, each row before it is read through
+  // (csr_spmm_checked), and only on a failure the full check, which names the first bad entry
+  check_ptr(ptr, n, nnz, "crow");
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = sparseops::csr_spmm_checked(X.p, X.rows, X.cols, X.s0, X.s1, vals, ptr, idx, n, b, Y, threads(nthreads));
+  }
+  if (!ok) {
+    check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
+    throw py::value_error("col: an index is outside [0, in_features) or out of order within its row");
+  }
 }
 
 void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_crow, const py::array& t_row,

@@ -21,6 +21,14 @@ const char* isa_name(Isa isa);
 void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
               const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
 
+// csr_spmm with perm null (dds) that also checks the index it reads: every idx in [0, K), strictly
+// increasing inside each row. ptr must be checked already (ptr[0] = 0, non-decreasing, ptr[n] = nnz).
+// false when an index breaks that, with y untouched: the caller names the entry. a small batch checks
+// each row as the kernel reaches it (into a buffer, copied to y at the end), so the index is read from
+// memory once, not twice.
+bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
+                      const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
+
 // dvals [nnz] = sum_b dy[b, i] * x[b, col[k]] for each stored (i, col[k]); dy and x strided.
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
              int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dvals, int nthreads);
@@ -36,6 +44,8 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
 // per-isa entry points (csr_avx2.cpp, csr_portable.cpp)
 void csr_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
                        const int32_t*, const int32_t*, int64_t, const float*, float*, int);
+bool csr_spmm_checked_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
+                               const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                       const int32_t*, const int32_t*, float*, int);
 void csr_backward_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
@@ -44,6 +54,8 @@ void csr_backward_portable(const float*, int64_t, int64_t, int64_t, int64_t, con
 #if defined(SPARSEOPS_HAVE_AVX2)
 void csr_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const int32_t*,
                    const int32_t*, int64_t, const float*, float*, int);
+bool csr_spmm_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
+                           const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                   const int32_t*, const int32_t*, float*, int);
 void csr_backward_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,

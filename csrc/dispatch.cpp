@@ -57,6 +57,14 @@ void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, cons
   csr_spmm_portable(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
 }
 
+bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
+                      const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return csr_spmm_checked_avx2(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+#endif
+  return csr_spmm_checked_portable(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+}
+
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
              int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dvals, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)

@@ -114,6 +114,14 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = base[idx[i]];
     return r;
   }
+  // whether idx[0 .. len) all lie in [0, lim) and increase strictly (a CSR row the kernels may follow)
+  static inline bool sorted_below(const int32_t* idx, int64_t len, uint32_t lim) {
+    if (len <= 0) return true;
+    uint32_t bad = static_cast<uint32_t>(idx[0]) >= lim;
+    for (int64_t k = 1; k < len; ++k)
+      bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) >= lim) | static_cast<uint32_t>(idx[k] <= idx[k - 1]);
+    return bad == 0;
+  }
   static inline reg hsum8(const reg* a) {
     reg r;
     for (int m = 0; m < 8; ++m) {
@@ -293,6 +301,25 @@ struct VecAVX2 {
   }
   static inline reg gather(const float* base, const int32_t* idx) {
     return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+  }
+  // VecPortable::sorted_below, 8 indices a step: v < lim unsigned is (v ^ INT_MIN) < (lim ^ INT_MIN) signed,
+  // and every index is compared with its predecessor (one unaligned load back; both already range-checked)
+  static inline bool sorted_below(const int32_t* idx, int64_t len, uint32_t lim) {
+    if (len <= 0) return true;
+    uint32_t bad = static_cast<uint32_t>(idx[0]) >= lim;
+    const __m256i flip = _mm256_set1_epi32(INT32_MIN);
+    const __m256i limf = _mm256_set1_epi32(static_cast<int32_t>(lim ^ 0x80000000u));
+    __m256i ok = _mm256_set1_epi32(-1);
+    int64_t k = 1;
+    for (; k + 8 <= len; k += 8) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + k));
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + k - 1));
+      ok = _mm256_and_si256(ok, _mm256_and_si256(_mm256_cmpgt_epi32(limf, _mm256_xor_si256(v, flip)),
+                                                 _mm256_cmpgt_epi32(v, p)));
+    }
+    for (; k < len; ++k)
+      bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) >= lim) | static_cast<uint32_t>(idx[k] <= idx[k - 1]);
+    return bad == 0 && _mm256_movemask_epi8(ok) == -1;
   }
   static inline reg hsum8(const reg* a) {
     // pairwise hadd tree: 8 vectors -> one vector of their 8 sums
