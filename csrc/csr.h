@@ -21,6 +21,12 @@ const char* isa_name(Isa isa);
 void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
               const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
 
+// the checks the bindings run before a kernel follows an index, split over nthreads threads:
+// csr_rows_valid: every row r < n of (ptr, idx) holds indices in [0, limit), strictly increasing (ptr must
+// be checked already: ptr[0] = 0, non-decreasing); indices_below: every idx[k], k < n, lies in [0, limit)
+bool csr_rows_valid(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t limit, int nthreads);
+bool indices_below(const int32_t* idx, int64_t n, int64_t limit, int nthreads);
+
 // csr_spmm with perm null (dds) that also checks the index it reads: every idx in [0, K), strictly
 // increasing inside each row. ptr must be checked already (ptr[0] = 0, non-decreasing, ptr[n] = nnz).
 // false when an index breaks that, with y untouched: the caller names the entry. a small batch checks
@@ -44,6 +50,8 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
 // per-isa entry points (csr_avx2.cpp, csr_portable.cpp)
 void csr_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
                        const int32_t*, const int32_t*, int64_t, const float*, float*, int);
+bool csr_rows_valid_portable(const int32_t*, int64_t, const int32_t*, int64_t, int);
+bool indices_below_portable(const int32_t*, int64_t, int64_t, int);
 bool csr_spmm_checked_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
                                const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
@@ -54,6 +62,8 @@ void csr_backward_portable(const float*, int64_t, int64_t, int64_t, int64_t, con
 #if defined(SPARSEOPS_HAVE_AVX2)
 void csr_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const int32_t*,
                    const int32_t*, int64_t, const float*, float*, int);
+bool csr_rows_valid_avx2(const int32_t*, int64_t, const int32_t*, int64_t, int);
+bool indices_below_avx2(const int32_t*, int64_t, int64_t, int);
 bool csr_spmm_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
                            const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,

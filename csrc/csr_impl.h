@@ -626,6 +626,32 @@ void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const fl
   }
 }
 
+// csr_rows_valid: each thread checks its own rows (V::sorted_below)
+template <class V>
+bool rows_valid(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t limit, int nthreads) {
+  const uint32_t lim = static_cast<uint32_t>(std::min<int64_t>(std::max<int64_t>(limit, 0), INT32_MAX));
+  std::atomic<bool> bad{false};
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t r0, r1;
+    row_range(ptr, n, thread_id(), thread_count(), &r0, &r1);
+    bool ok = true;
+    for (int64_t i = r0; i < r1 && ok; ++i) ok = V::sorted_below(idx + ptr[i], ptr[i + 1] - ptr[i], lim);
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  }
+  return !bad.load();
+}
+
+// indices_below: branch-free, so that the compiler vectorises it; contiguous blocks a thread
+template <class V>
+bool below(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {
+  const uint32_t lim = static_cast<uint32_t>(std::min<int64_t>(std::max<int64_t>(limit, 0), INT32_MAX));
+  uint32_t bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad)
+  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) >= lim);
+  return bad == 0;
+}
+
 // csr_spmm_checked: the index check of every row (rows_gather's), then the product; false when a row fails
 template <class V>
 bool spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
@@ -641,16 +667,7 @@ bool spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, 
     return true;
   }
   // the packed walk re-lays the index before reading through it: check it all first, split over the threads
-  const uint32_t lim = static_cast<uint32_t>(std::min<int64_t>(K, INT32_MAX));
-#pragma omp parallel num_threads(nthreads)
-  {
-    int64_t r0, r1;
-    row_range(ptr, n, thread_id(), thread_count(), &r0, &r1);
-    bool ok = true;
-    for (int64_t i = r0; i < r1 && ok; ++i) ok = V::sorted_below(idx + ptr[i], ptr[i + 1] - ptr[i], lim);
-    if (!ok) bad.store(true, std::memory_order_relaxed);
-  }
-  if (bad.load()) return false;
+  if (!rows_valid<V>(ptr, n, idx, K, nthreads)) return false;
   spmm<V>(a, B, K, s0, s1, vals, nullptr, ptr, idx, n, bias, y, nthreads);
   return true;
 }
@@ -762,6 +779,12 @@ void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, c
                          const int32_t* perm, const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, \
                          float* y, int nthreads) {                                                               \
     detail::spmm<V>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);                                \
+  }                                                                                                              \
+  bool csr_rows_valid_##SUFFIX(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t limit, int nthreads) {  \
+    return detail::rows_valid<V>(ptr, n, idx, limit, nthreads);                                                  \
+  }                                                                                                              \
+  bool indices_below_##SUFFIX(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {                      \
+    return detail::below<V>(idx, n, limit, nthreads);                                                            \
   }                                                                                                              \
   bool csr_spmm_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, \
                                  const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y,  \

@@ -57,6 +57,20 @@ void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, cons
   csr_spmm_portable(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
 }
 
+bool csr_rows_valid(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t limit, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return csr_rows_valid_avx2(ptr, n, idx, limit, nthreads);
+#endif
+  return csr_rows_valid_portable(ptr, n, idx, limit, nthreads);
+}
+
+bool indices_below(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return indices_below_avx2(idx, n, limit, nthreads);
+#endif
+  return indices_below_portable(idx, n, limit, nthreads);
+}
+
 bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
                       const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)
