@@ -525,6 +525,47 @@ void nm_dds(const py::array& x, const py::array& values, const py::array& idx, i
   sparseops::nm_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ip, n, m, d.rows, b, Y, threads(nthreads));
 }
 
+// csr_dds for at most CSR_SPMM16_MAX_B rows with a 16-bit weight read as it is (an int16/uint16 view of
+// bf16 or fp16 values); x, bias and y are float32
+void csr_dds16(const py::array& x, const py::array& values, const std::string& dtype, const py::array& crow,
+               const py::array& col, const py::object& bias, py::array& y, int nthreads) {
+  if (dtype != "bfloat16" && dtype != "float16")
+    throw py::value_error("dtype: expected 'bfloat16' or 'float16', got '" + dtype + "'");
+  const Mat X = float_matrix(x, "x");
+  if (X.rows > sparseops::CSR_SPMM16_MAX_B)
+    throw py::value_error("x: at most " + std::to_string(sparseops::CSR_SPMM16_MAX_B) + " rows, got " +
+                          std::to_string(X.rows));
+  const int32_t* ptr = vector<int32_t>(crow, "crow", "int32", -1);
+  if (crow.shape(0) < 1) throw py::value_error("crow: expected out_features + 1 >= 1 entries, got 0");
+  const int64_t n = crow.shape(0) - 1;
+  const int32_t* idx = vector<int32_t>(col, "col", "int32", -1);
+  const int64_t nnz = col.shape(0);
+  if (!values.dtype().is(py::dtype::of<int16_t>()) && !values.dtype().is(py::dtype::of<uint16_t>()))
+    throw py::type_error("values: expected an int16/uint16 view of " + dtype + " data, got dtype " +
+                         std::string(py::str(values.dtype())));
+  if (values.ndim() != 1 || values.shape(0) != nnz)
+    throw py::value_error("values: expected shape (" + std::to_string(nnz) + ",), got " + shape_str(values));
+  if (!(values.flags() & py::array::c_style)) throw py::value_error("values: must be C-contiguous");
+  float* Y = float_output(y, "y", X.rows, n, 2);
+  py::object bias_keep;  // see csr_dds
+  const float* b = optional_bias(bias, n, bias_keep);
+  std::vector<Span> all = {span(y, "y"), span(x, "x"), span(values, "values"), span(crow, "crow"), span(col, "col")};
+  if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
+  check_disjoint({all[0]}, all);
+  check_ptr(ptr, n, nnz, "crow");
+  const auto* v = static_cast<const uint16_t*>(values.data());
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = sparseops::csr_spmm16_checked(X.p, X.rows, X.cols, X.s0, X.s1, v, dtype == "bfloat16", ptr, idx, n, b, Y,
+                                       threads(nthreads));
+  }
+  if (!ok) {
+    check_csr(ptr, n, idx, nnz, X.cols, "crow", "col");
+    throw py::value_error("col: an index is outside [0, in_features) or out of order within its row");
+  }
+}
+
 void nm_dds16(const py::array& x, const py::array& values, const std::string& dtype, const py::array& idx, int n,
               int m, const py::object& bias, py::array& y, int nthreads) {
   if (dtype != "bfloat16" && dtype != "float16")
@@ -947,12 +988,12 @@ void check_dims(int64_t rows, int64_t cols) {
 }
 
 // the CSR (crow [rows+1], col [nnz]) an update starts from, checked as the products check it
-CsrIn csr_in(const py::array& crow, const py::array& col, int64_t rows, int64_t cols) {
+CsrIn csr_in(const py::array& crow, const py::array& col, int64_t rows, int64_t cols, int nthreads) {
   CsrIn c;
   c.ptr = vector<int32_t>(crow, "crow", "int32", rows + 1);
   c.idx = vector<int32_t>(col, "col", "int32", -1);
   c.nnz = col.shape(0);
-  check_csr(c.ptr, rows, c.idx, c.nnz, cols, "crow", "col");
+  check_csr(c.ptr, rows, c.idx, c.nnz, cols, "crow", "col", threads(nthreads));
   return c;
 }
 
@@ -1023,7 +1064,7 @@ py::array dst_top_abs(const py::array& scores, const py::object& crow, const py:
   if (!crow.is_none()) {
     crow_a = crow.cast<py::array>();
     col_a = col.cast<py::array>();
-    c = csr_in(crow_a, col_a, rows, cols);
+    c = csr_in(crow_a, col_a, rows, cols, nthreads);
   }
   const bool* M = nullptr;
   int64_t count = rows * cols - c.nnz;
@@ -1066,7 +1107,7 @@ py::array dst_top_abs_rows(const py::array& scores, const py::array& crow, const
                            const py::array& need, int nthreads, const py::object& out_arg) {
   const float* S = score_matrix(scores);
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
-  const CsrIn c = csr_in(crow, col, rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols, nthreads);
   const bool* K = vector<bool>(keep, "keep", "bool", c.nnz);
   const int64_t* N = vector<int64_t>(need, "need", "int64", rows + 1);
   if (N[0] != 0) throw py::value_error("need: must start at 0, got " + std::to_string(N[0]));
@@ -1094,7 +1135,7 @@ py::array dst_top_abs_rows(const py::array& scores, const py::array& crow, const
 py::array dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, const py::array& col, int64_t n,
                          uint64_t seed, const py::object& out_arg, int nthreads) {
   check_dims(rows, cols);
-  const CsrIn c = csr_in(crow, col, rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols, nthreads);
   const int64_t free = rows * cols - c.nnz;
   if (n < 0 || n > free)
     throw py::value_error("n: expected 0 <= n <= " + std::to_string(free) + " (the free positions), got " +
@@ -1113,7 +1154,7 @@ py::array dst_sample_off(int64_t rows, int64_t cols, const py::array& crow, cons
 py::array dst_count_off_kept(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
                              const py::array& keep, const py::array& pos, int nthreads, const py::object& out_arg) {
   check_dims(rows, cols);
-  const CsrIn c = csr_in(crow, col, rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols, nthreads);
   const bool* K = vector<bool>(keep, "keep", "bool", c.nnz);
   const int64_t* P = positions(pos, "pos", rows * cols);
   py::array out = out_vector<int64_t>(out_arg, "out", "int64", rows);
@@ -1175,7 +1216,7 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
                          const py::array& kept, const py::array& grown, int nthreads, const py::object& out_arg,
                          const py::object& xs_arg, const py::object& outs_arg) {
   check_dims(rows, cols);
-  const CsrIn c = csr_in(crow, col, rows, cols);
+  const CsrIn c = csr_in(crow, col, rows, cols, nthreads);
   const int64_t* K = positions(kept, "kept", c.nnz);
   const int64_t* G = positions(grown, "grown", rows * cols);
   const int64_t nk = kept.shape(0), ng = grown.shape(0), nn = nk + ng;
@@ -1240,6 +1281,11 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sparseops CPU kernels (torch-free C++, AVX2/FMA with a portable fallback, OpenMP).";
 
+  m.def("csr_dds16", &csr_dds16, py::arg("x"), py::arg("values"), py::arg("dtype"), py::arg("crow"), py::arg("col"),
+        py::arg("bias"), py::arg("y").noconvert(), py::arg("nthreads"),
+        R"(csr_dds for at most 7 rows of x with a 16-bit weight: values [nnz] is a C-contiguous int16/uint16 view
+of dtype ('bfloat16' or 'float16') data, read as it is and widened to float32 (the sums of its float32
+copy, bit for bit); x, bias and y are float32, y written only when every index passed its check.)");
   m.def("csr_dds", &csr_dds, py::arg("x"), py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("bias"),
         py::arg("y").noconvert(), py::arg("nthreads"),
         R"(y[B, out] = x[B, in] @ Wᵀ + bias, W in CSR (values, crow[out+1], col[nnz]).

@@ -35,6 +35,12 @@ bool indices_below(const int32_t* idx, int64_t n, int64_t limit, int nthreads);
 bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
                       const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
 
+// csr_spmm_checked for a batch of at most CSR_SPMM16_MAX_B rows and a bf16 (bf16 true) or fp16 weight
+// read as it is: the same fp32 sums as over its fp32 copy, with half the value bytes and no copy
+constexpr int64_t CSR_SPMM16_MAX_B = 7;
+bool csr_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
+                        const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads);
+
 // dvals [nnz] = sum_b dy[b, i] * x[b, col[k]] for each stored (i, col[k]); dy and x strided.
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
              int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dvals, int nthreads);
@@ -52,6 +58,8 @@ void csr_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const f
                        const int32_t*, const int32_t*, int64_t, const float*, float*, int);
 bool csr_rows_valid_portable(const int32_t*, int64_t, const int32_t*, int64_t, int);
 bool indices_below_portable(const int32_t*, int64_t, int64_t, int);
+bool csr_spmm16_checked_portable(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool,
+                                 const int32_t*, const int32_t*, int64_t, const float*, float*, int);
 bool csr_spmm_checked_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
                                const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
@@ -64,6 +72,8 @@ void csr_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float
                    const int32_t*, int64_t, const float*, float*, int);
 bool csr_rows_valid_avx2(const int32_t*, int64_t, const int32_t*, int64_t, int);
 bool indices_below_avx2(const int32_t*, int64_t, int64_t, int);
+bool csr_spmm16_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool,
+                             const int32_t*, const int32_t*, int64_t, const float*, float*, int);
 bool csr_spmm_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
                            const int32_t*, int64_t, const float*, float*, int);
 void csr_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,

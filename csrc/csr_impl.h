@@ -475,9 +475,31 @@ void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, f
 // NOTE: the row's indices come from memory once, for the check, and the gathers then read them from L1;
 // a separate check of the whole index before the kernel read it from memory twice (4096->11008 at 90%,
 // batch 1: the check alone took 1.2-1.9 ms, cold, next to ~2.5 ms for the product).
+// the values of a gather, 8 at a time and one: fp32 as they are, bf16/fp16 widened in registers (exactly,
+// so a 16-bit weight gives the bits its fp32 copy would)
 template <class V>
-void rows_gather(const float* a, int64_t B, int64_t K, const float* vals, const int32_t* ptr, const int32_t* idx,
-                 int64_t n, const float* bias, float* y, int64_t ldy, int nthreads, std::atomic<bool>* bad = nullptr) {
+struct LoadF32 {
+  using T = float;
+  static typename V::reg load(const T* p) { return V::load(p); }
+  static float one(T v) { return v; }
+};
+template <class V>
+struct LoadBF16 {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_bf16(p); }
+  static float one(T v) { return bf16_to_f32(v); }
+};
+template <class V>
+struct LoadF16 {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_f16(p); }
+  static float one(T v) { return f16_to_f32(v); }
+};
+
+template <class V, class L = LoadF32<V>>
+void rows_gather(const float* a, int64_t B, int64_t K, const typename L::T* vals, const int32_t* ptr,
+                 const int32_t* idx, int64_t n, const float* bias, float* y, int64_t ldy, int nthreads,
+                 std::atomic<bool>* bad = nullptr) {
   const uint32_t lim = static_cast<uint32_t>(std::min<int64_t>(K, INT32_MAX));
 #pragma omp parallel num_threads(nthreads)
   {
@@ -494,12 +516,12 @@ void rows_gather(const float* a, int64_t B, int64_t K, const float* vals, const 
         typename V::reg acc0 = V::zero(), acc1 = V::zero();
         int64_t k = s;
         for (; k + 16 <= e; k += 16) {
-          acc0 = V::fma(V::load(vals + k), V::gather(ab, idx + k), acc0);
-          acc1 = V::fma(V::load(vals + k + 8), V::gather(ab, idx + k + 8), acc1);
+          acc0 = V::fma(L::load(vals + k), V::gather(ab, idx + k), acc0);
+          acc1 = V::fma(L::load(vals + k + 8), V::gather(ab, idx + k + 8), acc1);
         }
-        for (; k + 8 <= e; k += 8) acc0 = V::fma(V::load(vals + k), V::gather(ab, idx + k), acc0);
+        for (; k + 8 <= e; k += 8) acc0 = V::fma(L::load(vals + k), V::gather(ab, idx + k), acc0);
         float r = V::sum(V::add(acc0, acc1));
-        for (; k < e; ++k) r += vals[k] * ab[idx[k]];
+        for (; k < e; ++k) r = V::fma1(L::one(vals[k]), ab[idx[k]], r);
         y[b * ldy + i] = r + (bias ? bias[i] : 0.f);
       }
     }
@@ -624,6 +646,22 @@ void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const fl
       spmm_packed<V, decltype(nv)::value>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
     });
   }
+}
+
+// csr_spmm16_checked: spmm_checked's small-batch path over a 16-bit weight read as it is
+template <class V>
+bool spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
+                    const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+  std::atomic<bool> bad{false};
+  const float* ac = contiguous(a, B, K, s0, s1, COPY1);
+  float* yb = scratch(YOUT, static_cast<size_t>(B * n));
+  if (bf16)
+    rows_gather<V, LoadBF16<V>>(ac, B, K, vals, ptr, idx, n, bias, yb, n, nthreads, &bad);
+  else
+    rows_gather<V, LoadF16<V>>(ac, B, K, vals, ptr, idx, n, bias, yb, n, nthreads, &bad);
+  if (bad.load()) return false;
+  if (B * n > 0) std::memcpy(y, yb, static_cast<size_t>(B * n) * sizeof(float));
+  return true;
 }
 
 // csr_rows_valid: each thread checks its own rows (V::sorted_below)
@@ -785,6 +823,11 @@ void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, c
   }                                                                                                              \
   bool indices_below_##SUFFIX(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {                      \
     return detail::below<V>(idx, n, limit, nthreads);                                                            \
+  }                                                                                                              \
+  bool csr_spmm16_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1,                \
+                                   const uint16_t* vals, bool bf16, const int32_t* ptr, const int32_t* idx,     \
+                                   int64_t n, const float* bias, float* y, int nthreads) {                      \
+    return detail::spmm16_checked<V>(a, B, K, s0, s1, vals, bf16, ptr, idx, n, bias, y, nthreads);              \
   }                                                                                                              \
   bool csr_spmm_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, \
                                  const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y,  \

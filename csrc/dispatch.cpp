@@ -71,6 +71,15 @@ bool indices_below(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {
   return indices_below_portable(idx, n, limit, nthreads);
 }
 
+bool csr_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
+                        const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2)
+    return csr_spmm16_checked_avx2(a, B, K, s0, s1, vals, bf16, ptr, idx, n, bias, y, nthreads);
+#endif
+  return csr_spmm16_checked_portable(a, B, K, s0, s1, vals, bf16, ptr, idx, n, bias, y, nthreads);
+}
+
 bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
                       const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)

@@ -114,6 +114,8 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = base[idx[i]];
     return r;
   }
+  // a * b + c on one float, as V::fma does it per lane (here two roundings, as the portable V::fma)
+  static inline float fma1(float a, float b, float c) { return a * b + c; }
   // whether idx[0 .. len) all lie in [0, lim) and increase strictly (a CSR row the kernels may follow)
   static inline bool sorted_below(const int32_t* idx, int64_t len, uint32_t lim) {
     if (len <= 0) return true;
@@ -301,6 +303,11 @@ struct VecAVX2 {
   }
   static inline reg gather(const float* base, const int32_t* idx) {
     return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+  }
+  // one fused multiply-add, explicitly: left to the compiler, a * b + c in this -mfma unit may or may not
+  // be contracted, differently in two instantiations of the same template
+  static inline float fma1(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
   }
   // VecPortable::sorted_below, 8 indices a step: v < lim unsigned is (v ^ INT_MIN) < (lim ^ INT_MIN) signed,
   // and every index is compared with its predecessor (one unaligned load back; both already range-checked)

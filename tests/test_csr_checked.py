@@ -102,3 +102,104 @@ def test_bad_row_pointers_are_named_before_any_kernel(isa):
     with pytest.raises(ValueError, match=r"^crow: must start at 0 and end at nnz"):
         _C().csr_dds(x, v, end.numpy(), col.numpy(), None, y, 1)
     assert (y == 7.0).all()
+
+
+# ---- the 16-bit decode: a bf16/fp16 weight read as it is (csr_dds16) ----
+
+HALF = [torch.bfloat16, torch.float16]
+NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _i16(values):
+    return values.contiguous().view(torch.int16).numpy()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("batch", [1, 2, 7])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dds16_equals_the_fp32_copy_bit_for_bit(isa, dtype, batch, threads):
+    crow, col = _index()
+    v = torch.randn(col.numel()).to(dtype)
+    x = torch.randn(batch, IN)
+    b = torch.randn(crow.numel() - 1)
+    y16 = np.full((batch, crow.numel() - 1), np.nan, np.float32)  # poisoned: every entry must be written
+    _C().csr_dds16(x.numpy(), _i16(v), NAME[dtype], crow.numpy(), col.numpy(), b.numpy(), y16, threads)
+    y32 = np.full_like(y16, np.nan)
+    _C().csr_dds(x.numpy(), v.float().numpy(), crow.numpy(), col.numpy(), b.numpy(), y32, threads)
+    assert np.isfinite(y16).all()
+    assert np.array_equal(y16, y32)
+    w = torch.zeros(crow.numel() - 1, IN, dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.long().diff())
+    w[rows, col.long()] = v.double()
+    np.testing.assert_allclose(y16, (x.double() @ w.t() + b.double()).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("kind,where", [c for c in CASES if c.values[0] in ("past-in", "negative", "descending")])
+def test_dds16_refuses_a_malformed_column_and_leaves_y(isa, dtype, kind, where):
+    crow, col = _index()
+    bad = _break(crow, col, where[0], where[1], kind)
+    v = torch.randn(col.numel()).to(dtype)
+    y = np.full((2, crow.numel() - 1), 7.0, np.float32)
+    with pytest.raises(ValueError, match=r"^col: (index|indices must be sorted)"):
+        _C().csr_dds16(torch.randn(2, IN).numpy(), _i16(v), NAME[dtype], crow.numpy(), bad.numpy(), None, y, 2)
+    assert (y == 7.0).all()
+
+
+def test_dds16_refuses_bad_arguments():
+    crow, col = _index()
+    v16 = _i16(torch.randn(col.numel()).to(torch.bfloat16))
+    x = torch.randn(3, IN).numpy()
+    y = np.empty((3, crow.numel() - 1), np.float32)
+    _C().csr_dds16(x, v16, "bfloat16", crow.numpy(), col.numpy(), None, y, 1)  # valid
+    with pytest.raises(ValueError, match=r"^dtype: "):
+        _C().csr_dds16(x, v16, "float32", crow.numpy(), col.numpy(), None, y, 1)
+    with pytest.raises(TypeError, match=r"^values: expected an int16/uint16 view"):
+        _C().csr_dds16(x, torch.randn(col.numel()).numpy(), "bfloat16", crow.numpy(), col.numpy(), None, y, 1)
+    with pytest.raises(ValueError, match=r"^values: expected shape"):
+        _C().csr_dds16(x, v16[:-1], "bfloat16", crow.numpy(), col.numpy(), None, y, 1)
+    with pytest.raises(ValueError, match=r"^values: must be C-contiguous"):
+        _C().csr_dds16(x, np.repeat(v16, 2)[::2], "bfloat16", crow.numpy(), col.numpy(), None, y, 1)
+    with pytest.raises(ValueError, match=r"^x: at most 7 rows"):
+        _C().csr_dds16(np.zeros((8, IN), np.float32), v16, "bfloat16", crow.numpy(), col.numpy(), None,
+                       np.empty((8, crow.numel() - 1), np.float32), 1)
+    with pytest.raises(ValueError, match=r"^crow: must start at 0"):
+        _C().csr_dds16(x, v16, "bfloat16", (crow + 1).numpy(), col.numpy(), None, y, 1)
+    buf = np.zeros(400, np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        _C().csr_dds16(buf[:3 * IN].reshape(3, IN), v16, "bfloat16", crow.numpy(), col.numpy(), None,
+                       buf[100:127].reshape(3, 9), 1)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("batch", [1, 7, 8])
+@pytest.mark.parametrize("pattern", ["unstructured", "fanin"])
+def test_16bit_layer_decode_takes_the_16bit_kernel_up_to_7_rows(isa, monkeypatch, dtype, batch, pattern):
+    from sparseops.ops import csr as ops_csr
+
+    calls = []
+    real = _C()
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name.startswith("csr_dds"):
+                return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
+            return fn
+
+    monkeypatch.setattr(ops_csr, "_C", Spy())
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(IN, 23)
+    kw = {"pattern": sparseops.FanIn(7)} if pattern == "fanin" else {"sparsity": 0.8}
+    layer = sparseops.SparseLinear.from_dense(lin, **kw).to(dtype)
+    x = torch.randn(batch, IN).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    ref = x.double() @ layer.dense_weight().detach().double().t() + layer.bias.detach().double()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+    assert calls == ["csr_dds16" if batch <= ops_csr.CSR16_MAX_ROWS else "csr_dds"]
+    # the 16-bit kernel gives the fp32-copy path's result, rounded once: bit for bit
+    monkeypatch.setattr(ops_csr, "CSR16_MAX_ROWS", 0)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)

@@ -192,9 +192,26 @@ def csr_dds_host(
     return reference.csr_dds(x, values, crow, col, bias, out_features)
 
 
+# rows up to which a bf16/fp16 weight is read as it is by the small-batch kernel (_C.csr_dds16)
+CSR16_MAX_ROWS = 7
+
+
 @csr_dds_host.register_kernel("cpu")
-@half_via_fp32
 def _csr_dds_cpu(x, values, crow, col, bias, out_features):
+    if (_C is not None and x.dtype in _HALF and values.dtype == x.dtype and 0 < x.shape[0] <= CSR16_MAX_ROWS
+            and crow.dtype == torch.int32 and col.dtype == torch.int32):
+        # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
+        # no copy); x and bias are small and converted here
+        y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+        b = None if bias is None else _np(bias.float().contiguous())
+        _C.csr_dds16(_np(x.float()), _np(values.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], _np(crow),
+                     _np(col), b, _np(y), _threads(x.shape[0] * col.shape[0]))
+        return y.to(x.dtype)
+    return _csr_dds_cpu32(x, values, crow, col, bias, out_features)
+
+
+@half_via_fp32
+def _csr_dds_cpu32(x, values, crow, col, bias, out_features):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         _check_index("crow", crow, "col", col, out_features, x.shape[1])
         _check_values(values, col.numel())
