@@ -453,13 +453,18 @@ NmDims nm_dims(int n, int m, int64_t rows, int64_t K) {
 }
 
 // idx [rows, Sb] uint8: every position a slot reads must be < m (the padding nibble of an odd S is ignored)
-const uint8_t* nm_index(const py::array& idx, const char* name, const NmDims& d) {
+// the index's dtype, shape and layout only (the checked kernels check its positions themselves)
+const uint8_t* nm_index_shape(const py::array& idx, const char* name, const NmDims& d) {
   check_dtype<uint8_t>(idx, name, "uint8");
   if (idx.ndim() != 2 || idx.shape(0) != d.rows || idx.shape(1) != d.Sb)
     throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(d.rows) + ", " +
                           std::to_string(d.Sb) + ") for " + std::to_string(d.S) + " slots a row, got " + shape_str(idx));
   if (!(idx.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-  const uint8_t* p = static_cast<const uint8_t*>(idx.data());
+  return static_cast<const uint8_t*>(idx.data());
+}
+
+const uint8_t* nm_index(const py::array& idx, const char* name, const NmDims& d) {
+  const uint8_t* p = nm_index_shape(idx, name, d);
   if (d.m == 16) return p;
   const unsigned m = static_cast<unsigned>(d.m);
   const int64_t full = d.S / 2;  // bytes whose both nibbles are slots
@@ -516,13 +521,22 @@ void nm_dds(const py::array& x, const py::array& values, const py::array& idx, i
   const Mat X = float_matrix(x, "x");
   if (idx.ndim() < 1) throw py::value_error("idx: expected a 2-D array, got shape " + shape_str(idx));
   const NmDims d = nm_dims(n, m, idx.shape(0), X.cols);
-  const uint8_t* ip = nm_index(idx, "idx", d);
+  const uint8_t* ip = nm_index_shape(idx, "idx", d);
   const float* vals = nm_values(values, d);
   float* Y = float_output(y, "y", X.rows, d.rows, 2);
   py::object bias_keep;  // see csr_dds
   const float* b = optional_bias(bias, d.rows, bias_keep);
-  py::gil_scoped_release release;
-  sparseops::nm_spmm(X.p, X.rows, X.cols, X.s0, X.s1, vals, nullptr, ip, n, m, d.rows, b, Y, threads(nthreads));
+  // the positions are checked inside the kernel, each row before it is read through (nm_spmm_checked);
+  // only on a failure does the full check run, to name the entry
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = sparseops::nm_spmm_checked(X.p, X.rows, X.cols, X.s0, X.s1, vals, ip, n, m, d.rows, b, Y, threads(nthreads));
+  }
+  if (!ok) {
+    nm_index(idx, "idx", d);
+    throw py::value_error("idx: a position is not below m");
+  }
 }
 
 // csr_dds for at most CSR_SPMM16_MAX_B rows with a 16-bit weight read as it is (an int16/uint16 view of
@@ -576,7 +590,7 @@ void nm_dds16(const py::array& x, const py::array& values, const std::string& dt
                           std::to_string(X.rows));
   if (idx.ndim() < 1) throw py::value_error("idx: expected a 2-D array, got shape " + shape_str(idx));
   const NmDims d = nm_dims(n, m, idx.shape(0), X.cols);
-  const uint8_t* ip = nm_index(idx, "idx", d);
+  const uint8_t* ip = nm_index_shape(idx, "idx", d);
   if (!values.dtype().is(py::dtype::of<int16_t>()) && !values.dtype().is(py::dtype::of<uint16_t>()))
     throw py::type_error("values: expected an int16/uint16 view of " + dtype + " data, got dtype " +
                          std::string(py::str(values.dtype())));
@@ -592,9 +606,16 @@ void nm_dds16(const py::array& x, const py::array& values, const std::string& dt
   if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
   check_disjoint({all[0]}, all);
   const auto* v = static_cast<const uint16_t*>(values.data());
-  py::gil_scoped_release release;
-  sparseops::nm_spmm16(X.p, X.rows, X.cols, X.s0, X.s1, v, dtype == "bfloat16", ip, n, m, d.rows, b, Y,
-                       threads(nthreads));
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = sparseops::nm_spmm16_checked(X.p, X.rows, X.cols, X.s0, X.s1, v, dtype == "bfloat16", ip, n, m, d.rows, b, Y,
+                                      threads(nthreads));
+  }
+  if (!ok) {
+    nm_index(idx, "idx", d);
+    throw py::value_error("idx: a position is not below m");
+  }
 }
 
 // dx [B, in] = dy [B, out] @ W for a transposable weight: the N:M product over Wᵀ's index (t_idx [in, Sb_t])

@@ -142,6 +142,23 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
   nm_spmm_portable(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);
 }
 
+bool nm_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
+                     const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return nm_spmm_checked_avx2(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);
+#endif
+  return nm_spmm_checked_portable(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);
+}
+
+bool nm_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
+                       const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2)
+    return nm_spmm16_checked_avx2(a, B, K, s0, s1, vals, bf16, idx, n, m, rows, bias, y, nthreads);
+#endif
+  return nm_spmm16_checked_portable(a, B, K, s0, s1, vals, bf16, idx, n, m, rows, bias, y, nthreads);
+}
+
 void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
                const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)

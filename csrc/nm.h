@@ -22,6 +22,14 @@ constexpr int64_t NM_SPMM16_MAX_B = 7;
 void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
                const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads);
 
+// nm_spmm without perm and nm_spmm16, checking the 4-bit positions they read (every one below m); only the
+// index's shape must be checked before. false, with y untouched, when a position is not: the caller names it.
+// a small batch checks each row just before it reads through it, so the index comes from memory once.
+bool nm_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
+                     const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads);
+bool nm_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
+                       const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads);
+
 // dvals [out, S] = sum_b dy[b, o] * x[b, col(o, j)] for every slot (0 where col >= in); dy and x strided.
 void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, int64_t x0,
             int64_t x1, const uint8_t* idx, int n, int m, float* dvals, int nthreads);
@@ -30,6 +38,10 @@ void nm_spmm_portable(const float*, int64_t, int64_t, int64_t, int64_t, const fl
                       int, int, int64_t, const float*, float*, int);
 void nm_spmm16_portable(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool, const uint8_t*, int,
                         int, int64_t, const float*, float*, int);
+bool nm_spmm_checked_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const uint8_t*, int,
+                              int, int64_t, const float*, float*, int);
+bool nm_spmm16_checked_portable(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool,
+                                const uint8_t*, int, int, int64_t, const float*, float*, int);
 void nm_sdd_portable(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                      const uint8_t*, int, int, float*, int);
 #if defined(SPARSEOPS_HAVE_AVX2)
@@ -37,6 +49,10 @@ void nm_spmm_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*
                   int, int64_t, const float*, float*, int);
 void nm_spmm16_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool, const uint8_t*, int, int,
                     int64_t, const float*, float*, int);
+bool nm_spmm_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const uint8_t*, int, int,
+                          int64_t, const float*, float*, int);
+bool nm_spmm16_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool, const uint8_t*,
+                            int, int, int64_t, const float*, float*, int);
 void nm_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                  const uint8_t*, int, int, float*, int);
 #endif

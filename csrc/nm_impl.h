@@ -18,6 +18,8 @@
 // prefetch 2 KB ahead 6.7 to 7.9 (dense 8.4 to 10.2 in the same runs).
 #pragma once
 
+#include <stdexcept>
+
 #include "csr_impl.h"
 #include "nm.h"
 
@@ -36,6 +38,33 @@ struct NmShape {
     Kp = G * m;
   }
 };
+
+// whether every 4-bit position of one row of idx (d.Sb bytes) lies in [0, m): the binding's check of the
+// whole index (nm_index), one row; the small-batch kernels run it on each row before they read through it
+inline bool nm_row_ok(const uint8_t* ir, const NmShape& d) {
+  const unsigned m = static_cast<unsigned>(d.m);
+  if (m >= 16) return true;
+  const int64_t full = d.S / 2;  // bytes whose both nibbles are slots
+  if ((m & (m - 1)) == 0) {
+    // m = 2, 4 or 8: a position is < m exactly when its nibble has no bit at or above m's
+    const uint64_t high = 0x0101010101010101ull * ((0x0fu & ~(m - 1)) * 0x11u);
+    uint64_t acc = 0;
+    int64_t k = 0;
+    for (; k + 8 <= full; k += 8) {
+      uint64_t w;
+      std::memcpy(&w, ir + k, 8);
+      acc |= w & high;
+    }
+    for (; k < full; ++k) acc |= ir[k] & (high & 0xffu);
+    if (d.S & 1) acc |= ir[full] & (high & 0x0fu);
+    return acc == 0;
+  }
+  unsigned bad = 0;
+  for (int64_t k = 0; k < full; ++k)
+    bad |= static_cast<unsigned>((ir[k] & 15u) >= m) | static_cast<unsigned>((ir[k] >> 4) >= m);
+  if (d.S & 1) bad |= static_cast<unsigned>((ir[full] & 15u) >= m);
+  return bad == 0;
+}
 
 // A [B, K] (strides s0, s1) -> P [T][Kp][BT], columns K..Kp zero; call inside a parallel region
 template <class V, int BT>
@@ -217,11 +246,16 @@ struct BlockCols {
 // small batch: y[b, o] = sum_j v[o, j] * ap[b, col(o, j)] over the padded contiguous copy ap
 template <class V, int WD = 0>
 void nm_gather(const float* ap, int64_t B, const NmShape& d, const typename WLoad<V, WD>::T* v,
-               const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+               const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads,
+               std::atomic<bool>* bad = nullptr) {
   using VL = WLoad<V, WD>;
   const BlockCols bc(d.n, d.m);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
+    if (bad && !nm_row_ok(idx + o * d.Sb, d)) {  // a checked call: never read through a bad row
+      bad->store(true, std::memory_order_relaxed);
+      continue;
+    }
     const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[8];
@@ -282,13 +316,17 @@ inline void window_row_end(const typename V::reg (*acc)[BB], const typename WLoa
 template <class V, int NW, int BB, int WD = 0>
 void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& bc,
                const typename WLoad<V, WD>::T* v, const uint8_t* idx, int64_t rows, const float* bias, float* y,
-               int nthreads) {
+               int nthreads, std::atomic<bool>* bad = nullptr) {
   using VL = WLoad<V, WD>;
   alignas(32) int32_t offs[16][8];
   for (int r = 0; r < d.n; ++r)
     for (int s = 0; s < 8; ++s) offs[r][s] = bc.tab[r][s] - bc.tab[r][0];
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
+    if (bad && !nm_row_ok(idx + o * d.Sb, d)) {  // a checked call: never read through a bad row
+      bad->store(true, std::memory_order_relaxed);
+      continue;
+    }
     const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[2][BB];
@@ -329,7 +367,8 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
 // without it one thread read about 9.6 GB/s where a plain streaming sum reads 18.
 template <class V, int BB, int WD = 0>
 void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename WLoad<V, WD>::T* v,
-                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads,
+                 std::atomic<bool>* bad = nullptr) {
   using VL = WLoad<V, WD>;
   const int64_t nb = d.S / 8;  // whole blocks; the rest of the slots go through ap
   float* xr = scratch(COPY2, static_cast<size_t>(std::max<int64_t>(1, BB * nb * 16)));
@@ -346,6 +385,10 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename 
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < rows; ++o) {
+    if (bad && !nm_row_ok(idx + o * d.Sb, d)) {  // a checked call: never read through a bad row
+      bad->store(true, std::memory_order_relaxed);
+      continue;
+    }
     const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[2][BB];
@@ -409,26 +452,27 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename 
 template <class V, int NW, int WD = 0>
 void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, const BlockCols& bc,
                  const typename WLoad<V, WD>::T* v,
-                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads) {
+                 const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads,
+                 std::atomic<bool>* bad = nullptr) {
   if (d.n == 2 && d.m == 4) {
     switch (B) {
-      case 1: return nm_window24<V, 1, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 2: return nm_window24<V, 2, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 3: return nm_window24<V, 3, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 4: return nm_window24<V, 4, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 5: return nm_window24<V, 5, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      case 6: return nm_window24<V, 6, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
-      default: return nm_window24<V, 7, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads);
+      case 1: return nm_window24<V, 1, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
+      case 2: return nm_window24<V, 2, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
+      case 3: return nm_window24<V, 3, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
+      case 4: return nm_window24<V, 4, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
+      case 5: return nm_window24<V, 5, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
+      case 6: return nm_window24<V, 6, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
+      default: return nm_window24<V, 7, WD>(ap, lda, d, v, idx, rows, bias, y, nthreads, bad);
     }
   }
   switch (B) {
-    case 1: return nm_window<V, NW, 1, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 2: return nm_window<V, NW, 2, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 3: return nm_window<V, NW, 3, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 4: return nm_window<V, NW, 4, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 5: return nm_window<V, NW, 5, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    case 6: return nm_window<V, NW, 6, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
-    default: return nm_window<V, NW, 7, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads);
+    case 1: return nm_window<V, NW, 1, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
+    case 2: return nm_window<V, NW, 2, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
+    case 3: return nm_window<V, NW, 3, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
+    case 4: return nm_window<V, NW, 4, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
+    case 5: return nm_window<V, NW, 5, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
+    case 6: return nm_window<V, NW, 6, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
+    default: return nm_window<V, NW, 7, WD>(ap, lda, d, bc, v, idx, rows, bias, y, nthreads, bad);
   }
 }
 
@@ -437,7 +481,7 @@ void nm_window_b(const float* ap, int64_t lda, int64_t B, const NmShape& d, cons
 template <class V, int WD>
 void nm_small(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const NmShape& d,
               const typename WLoad<V, WD>::T* v, const uint8_t* idx, int64_t rows, const float* bias, float* y,
-              int nthreads) {
+              int nthreads, std::atomic<bool>* bad = nullptr) {
   const BlockCols bc(d.n, d.m);
   const int nw = nm_window_regs(d, bc);
   if (nw) {
@@ -449,12 +493,12 @@ void nm_small(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, cons
       for (int64_t k = K; k < lda; ++k) ap[b * lda + k] = 0.f;
     }
     if (nw == 2)
-      nm_window_b<V, 2, WD>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
+      nm_window_b<V, 2, WD>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads, bad);
     else
-      nm_window_b<V, 4, WD>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads);
+      nm_window_b<V, 4, WD>(ap, lda, B, d, bc, v, idx, rows, bias, y, nthreads, bad);
   } else {
     const float* ap = padded_copy(a, B, K, d.Kp, s0, s1, COPY1);
-    nm_gather<V, WD>(ap, B, d, v, idx, rows, bias, y, nthreads);
+    nm_gather<V, WD>(ap, B, d, v, idx, rows, bias, y, nthreads, bad);
   }
 }
 
@@ -477,6 +521,34 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
     with_tile_width(B, [&](auto nv) {
       nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
     });
+  }
+}
+
+// nm_spmm (no perm) / nm_spmm16 that check the index they read: B < 8 checks each row before the kernel
+// reads through it (into a buffer, copied to y once every row passed); a larger B checks the whole index
+// first, split over the threads. false, with y untouched, when a position is not below m.
+template <class V, int WD>
+bool nm_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const typename WLoad<V, WD>::T* v,
+                     const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+  const NmShape d(n, m, K);
+  std::atomic<bool> bad{false};
+  if (B < 8) {
+    if (rows == 0 || B == 0) return true;
+    float* yb = scratch(YOUT, static_cast<size_t>(B * rows));
+    nm_small<V, WD>(a, B, K, s0, s1, d, v, idx, rows, bias, yb, nthreads, &bad);
+    if (bad.load()) return false;
+    std::memcpy(y, yb, static_cast<size_t>(B * rows) * sizeof(float));
+    return true;
+  }
+  if constexpr (WD != 0) {
+    throw std::invalid_argument("x: a 16-bit weight is read as it is for at most 7 rows");  // the binding checks it
+  } else {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = 0; o < rows; ++o)
+      if (!nm_row_ok(idx + o * d.Sb, d)) bad.store(true, std::memory_order_relaxed);
+    if (bad.load()) return false;
+    nm_spmm<V>(a, B, K, s0, s1, v, nullptr, idx, n, m, rows, bias, y, nthreads);
+    return true;
   }
 }
 
@@ -581,6 +653,18 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
                         const int32_t* perm, const uint8_t* idx, int n, int m, int64_t rows, const float* bias,    \
                         float* y, int nthreads) {                                                                  \
     detail::nm_spmm<V>(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);                           \
+  }                                                                                                                \
+  bool nm_spmm_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,    \
+                                const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y,       \
+                                int nthreads) {                                                                    \
+    return detail::nm_spmm_checked<V, 0>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);               \
+  }                                                                                                                \
+  bool nm_spmm16_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1,                    \
+                                  const uint16_t* vals, bool bf16, const uint8_t* idx, int n, int m, int64_t rows, \
+                                  const float* bias, float* y, int nthreads) {                                     \
+    if (bf16)                                                                                                      \
+      return detail::nm_spmm_checked<V, 1>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);             \
+    return detail::nm_spmm_checked<V, 2>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);               \
   }                                                                                                                \
   void nm_spmm16_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals,      \
                           bool bf16, const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y,  \
