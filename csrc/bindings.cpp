@@ -122,10 +122,14 @@ bool indices_valid(const int32_t* idx, int64_t n, int64_t limit) {
 }
 
 // ptr [n+1] from 0 to nnz, non-decreasing: then every row [ptr[r], ptr[r+1]) lies inside idx
-void check_ptr(const int32_t* ptr, int64_t n, int64_t nnz, const char* pname) {
+bool ptr_valid(const int32_t* ptr, int64_t n, int64_t nnz) {
   bool ok = ptr[0] == 0 && ptr[n] == nnz;
   for (int64_t r = 0; r < n && ok; ++r) ok = ptr[r + 1] >= ptr[r];
-  if (ok) return;
+  return ok;
+}
+
+void check_ptr(const int32_t* ptr, int64_t n, int64_t nnz, const char* pname) {
+  if (ptr_valid(ptr, n, nnz)) return;
   if (ptr[0] != 0 || ptr[n] != nnz)
     throw py::value_error(std::string(pname) + ": must start at 0 and end at nnz=" + std::to_string(nnz) +
                           ", got " + std::to_string(ptr[0]) + ".." + std::to_string(ptr[n]));
@@ -136,12 +140,6 @@ void check_ptr(const int32_t* ptr, int64_t n, int64_t nnz, const char* pname) {
 
 // large indices are checked without the gil, split over nthreads threads (csr_rows_valid, indices_below)
 constexpr int64_t kCheckNoGil = 1 << 16;
-
-bool ptr_valid(const int32_t* ptr, int64_t n, int64_t nnz) {
-  bool ok = ptr[0] == 0 && ptr[n] == nnz;
-  for (int64_t r = 0; r < n && ok; ++r) ok = ptr[r + 1] >= ptr[r];
-  return ok;
-}
 
 void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, int64_t limit, const char* pname,
                const char* iname, int nthreads = 1) {
@@ -155,14 +153,9 @@ void check_csr(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t nnz, i
     }
     if (ok) return;
   }
-  // the slow path only runs to name the first offending entry
-  if (ptr[0] != 0 || ptr[n] != nnz)
-    throw py::value_error(std::string(pname) + ": must start at 0 and end at nnz=" + std::to_string(nnz) +
-                          ", got " + std::to_string(ptr[0]) + ".." + std::to_string(ptr[n]));
-  // the whole pointer array first: with 0 = ptr[0] <= ... <= ptr[n] = nnz, every segment lies inside idx
-  for (int64_t r = 0; r < n; ++r)
-    if (ptr[r + 1] < ptr[r])
-      throw py::value_error(std::string(pname) + ": must be non-decreasing (at " + std::to_string(r) + ")");
+  // the slow path only runs to name the first offending entry: the whole pointer array first (with
+  // 0 = ptr[0] <= ... <= ptr[n] = nnz, every segment lies inside idx)
+  check_ptr(ptr, n, nnz, pname);
   for (int64_t r = 0; r < n; ++r) {
     const int64_t s = ptr[r], e = ptr[r + 1];
     int64_t prev = -1;
