@@ -25,10 +25,12 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 //   leaky:     x > 0 ? x : x * a, in float;
 //   hardswish: x * min(max(x + 3, 0), 6) / 6, in float, in torch's order;
 //   hardsigmoid: min(max(x + 3, 0), 6) / 6, likewise;
-//   tanh:      computed in double and rounded to float (fmath.h), then to the element type.
-// all but tanh are torch's forward bit for bit, nan and -0 included; tanh is the correctly rounded
-// value (torch's differs from it in the last bit for about 0.1% of inputs).
-enum class FewbitFused { clamp = 1, leaky = 2, hardswish = 3, tanh = 4, hardsigmoid = 5 };
+//   tanh:      computed in double and rounded to float (fmath.h), then to the element type;
+//   sigmoid:   computed in float (fmath.h, within 1.56 ulp), then rounded to the element type.
+// all but tanh and sigmoid are torch's forward bit for bit, nan and -0 included; tanh is the
+// correctly rounded value (torch's differs from it in the last bit for about 0.1% of inputs);
+// sigmoid is within 1.56 ulp of it (torch's: 2.3, and 0 for subnormal results).
+enum class FewbitFused { clamp = 1, leaky = 2, hardswish = 3, tanh = 4, hardsigmoid = 5, sigmoid = 6 };
 void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
                        FewbitFused kind, float a, float b, void* y, int nthreads);
 

@@ -64,6 +64,8 @@ inline typename V::reg fused(const typename V::reg& x, const typename V::reg& a,
     // torch's min(max(x + 3, 0), 6) / 6
     const typename V::reg six = V::bcast(6.0f);
     return V::div(V::min2(six, V::max2(V::zero(), V::add(x, V::bcast(3.0f)))), six);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
+    return V::sigmoid_f(x);
   } else {
     static_assert(KIND == static_cast<int>(FewbitFused::tanh));
     return V::tanh_cr(x);
@@ -84,6 +86,8 @@ inline float fused1(float x, float a, float b) {
   } else if constexpr (KIND == static_cast<int>(FewbitFused::hardsigmoid)) {
     const float v = x + 3.0f, lo = 0.0f > v ? 0.0f : v;
     return (6.0f < lo ? 6.0f : lo) / 6.0f;
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
+    return V::sigmoid1(x);
   } else {
     static_assert(KIND == static_cast<int>(FewbitFused::tanh));
     return fmath::tanh_f32(x);
@@ -212,6 +216,8 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
           return detail::pack<V, DT, BITS, 4>(x, n, borders, codes, nthreads, a, b, y);                          \
         case FewbitFused::hardsigmoid:                                                                           \
           return detail::pack<V, DT, BITS, 5>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::sigmoid:                                                                               \
+          return detail::pack<V, DT, BITS, 6>(x, n, borders, codes, nthreads, a, b, y);                          \
       }                                                                                                          \
     });                                                                                                          \
   }                                                                                                              \

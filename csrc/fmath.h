@@ -13,6 +13,22 @@
 // |x| is clamped to 10 first (tanh rounds to 1.0f from about 9.01 on); nan returns nan.
 //
 // the portable scalar version is here; simd.h's VecAVX2 runs the same steps on 4 doubles.
+//
+// sigmoid of float inputs, in float32 (a float64 one by the steps above costs twice torch's float32
+// sigmoid, which is what a fused sigmoid has to beat). within 1.56 ulp of the exact value for every
+// float (checked over all 2^32 inputs against float64: worst 1.553 ulp, at x = -16.98; the same bits
+// from the avx2 and the portable path for every input). 1.8% of all floats, 14% of N(0, 3) samples,
+// are not the correctly rounded float; torch's cpu sigmoid: 34% of those samples, up to 2.3 ulp, and 0
+// below x = -88.7 where the true value is a subnormal this one returns. the method, with a = min(|x|, 105):
+//   e = e^-a = 2^k * (1 + p(r)),  k = round(-a / ln2),  r = -a - k*ln2 by two fmas (cody-waite: ln2
+//   split into a 21-bit head, so -a - k*ln2_hi is exact, and a tail), p(r) = e^r - 1 by its taylor
+//   series to r^7 (truncation below 5e-9 relative on |r| <= ln2/2). e = (2^(k+32) * (1 + p)) * 2^-32:
+//   one rounding where e is normal (the fma), a second only where e is subnormal (a > 87.3);
+//   d + c = 1 + e exactly (fast2sum: d = fl(1 + e), c = e - (d - 1)), r0 = fl(1 / d);
+//   sigmoid(|x|)  = 1 / (d + c): r0 + r0 * (1 - r0*d - r0*c), the residual by fmas;
+//   sigmoid(-|x|) = e / (d + c): q0 + r0 * (e - q0*d - q0*c), q0 = fl(e * r0).
+// every step is an ieee operation or an fma, so the avx2 version in simd.h (the same steps on 8 floats)
+// gives the same bits as this one. nan returns nan; sigmoid(±0) = 0.5.
 #pragma once
 
 #include <cmath>
@@ -60,6 +76,38 @@ inline float tanh_f32(float x) {
   const double t = s * p + (s - 1.0);
   const float v = static_cast<float>(t / (t + 2.0));
   return std::signbit(x) ? -v : v;
+}
+
+constexpr float kSigLog2e = 1.44269504088896341f;
+constexpr float kSigLn2Hi = 0x1.62e43p-1f;   // 21 significant bits
+constexpr float kSigLn2Lo = -0x1.05c61p-29f;
+// 1/n! for n = 2 .. 7
+constexpr float kSigInvFact[6] = {1.0f / 2, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+constexpr float kSigClamp = 105.0f;  // e^-105 is below half the smallest subnormal: sigmoid(-105) = 0
+
+inline float pow2f(int k) {
+  const uint32_t b = static_cast<uint32_t>(k + 127) << 23;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline float sigmoid_f32(float x) {
+  if (x != x) return x;
+  const float t = -(std::fabs(x) < kSigClamp ? std::fabs(x) : kSigClamp);
+  const float k = std::nearbyint(t * kSigLog2e);
+  const float r = std::fmaf(-k, kSigLn2Lo, std::fmaf(-k, kSigLn2Hi, t));
+  float q = kSigInvFact[5];
+  for (int i = 4; i >= 0; --i) q = std::fmaf(q, r, kSigInvFact[i]);
+  const float p = std::fmaf(r * r, q, r);
+  const float s = pow2f(static_cast<int>(k) + 32);
+  const float e = std::fmaf(s, p, s) * 0x1p-32f;
+  const float d = 1.0f + e;
+  const float c = e - (d - 1.0f);
+  const float r0 = 1.0f / d;
+  if (x > 0.0f) return std::fmaf(r0, std::fmaf(-r0, c, std::fmaf(-r0, d, 1.0f)), r0);
+  const float q0 = e * r0;
+  return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, e)), q0);
 }
 
 }  // namespace

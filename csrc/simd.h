@@ -180,6 +180,13 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = fmath::tanh_f32(x.v[i]);
     return r;
   }
+  // sigmoid in float32 (fmath.h), on 8 lanes and on one element
+  static inline reg sigmoid_f(const reg& x) {
+    reg r;
+    for (int i = 0; i < 8; ++i) r.v[i] = fmath::sigmoid_f32(x.v[i]);
+    return r;
+  }
+  static inline float sigmoid1(float x) { return fmath::sigmoid_f32(x); }
   // lane i: how many of the nb borders x.v[i] exceeds (false for nan)
   static inline ireg count_gt(const reg& x, const reg* b, int nb) {
     ireg c;
@@ -420,6 +427,34 @@ struct VecAVX2 {
     const __m256 v = _mm256_or_ps(join(t), _mm256_and_ps(x, sign));
     return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
+  // fmath.h's sigmoid_f32, step for step (fnmadd(a, b, c) is fma(-a, b, c), one rounding), so the
+  // two isas agree bit for bit
+  static inline reg sigmoid_f(reg x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
+    const __m256 t = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(fmath::kSigClamp)), sign);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(fmath::kSigLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(fmath::kSigLn2Lo),
+                                      _mm256_fnmadd_ps(k, _mm256_set1_ps(fmath::kSigLn2Hi), t));
+    __m256 q = _mm256_set1_ps(fmath::kSigInvFact[5]);
+    for (int i = 4; i >= 0; --i) q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(fmath::kSigInvFact[i]));
+    const __m256 p = _mm256_fmadd_ps(_mm256_mul_ps(r, r), q, r);
+    const __m256 s = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127 + 32)), 23));
+    const __m256 e = _mm256_mul_ps(_mm256_fmadd_ps(s, p, s), _mm256_set1_ps(0x1p-32f));
+    const __m256 d = _mm256_add_ps(one, e);
+    const __m256 c = _mm256_sub_ps(e, _mm256_sub_ps(d, one));
+    const __m256 r0 = _mm256_div_ps(one, d);
+    const __m256 pos = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(r0, c, _mm256_fnmadd_ps(r0, d, one)), r0);
+    const __m256 q0 = _mm256_mul_ps(e, r0);
+    const __m256 neg = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(q0, c, _mm256_fnmadd_ps(q0, d, e)), q0);
+    const __m256 v = _mm256_blendv_ps(neg, pos, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
+    return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  // one element by the vector steps: no scalar copy of them in this -mfma translation unit, whose
+  // contraction could differ from the portable one
+  static inline float sigmoid1(float x) { return _mm256_cvtss_f32(sigmoid_f(_mm256_set1_ps(x))); }
   // the codes by a binary search over the sorted borders: the compare at depth d is bit BITS-1-d of
   // the code, made against the border the higher bits picked; its movemask is that bit plane. the
   // candidates of a depth (at most 8) sit in one register, picked by a permute on the bits so far:

@@ -38,6 +38,38 @@ def _forward_of(name, x, **params):
     return fn(x)
 
 
+# csrc/fmath.h's bound for its float32 sigmoid: 1.553 ulp found over all 2^32 floats (torch's own
+# float32 sigmoid reaches 2.3 ulp)
+SIGMOID_ULP = 1.56
+_FLOAT_FORMAT = {torch.float32: (24, -125), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
+
+
+def _ulp(v, dtype):
+    """The spacing of dtype's floats at v (float64), subnormals included."""
+    p, emin = _FLOAT_FORMAT[dtype]
+    e = torch.frexp(v.to(dtype).double().abs())[1].clamp(min=emin)
+    return torch.ldexp(torch.ones_like(v), e - p)
+
+
+def _assert_sigmoid(y, x):
+    """y is within the float32 bound of the exact sigmoid (fp32), or within 1 ulp of it (16-bit dtypes:
+    the float32 value rounded a second time); nan exactly where x is nan."""
+    exact = torch.sigmoid(x.double())
+    nan = torch.isnan(exact)
+    assert torch.equal(torch.isnan(y), nan)
+    bound = SIGMOID_ULP if y.dtype == torch.float32 else 1.0
+    err = (y.double() - exact).abs()[~nan] / _ulp(exact, y.dtype)[~nan]
+    assert err.numel() == 0 or err.max().item() <= bound, (x[~nan][err.argmax()], err.max())
+
+
+def _assert_forward(name, y, x, **params):
+    """y is the few-bit forward of x: what :func:`_forward_of` says bit for bit, sigmoid on CPU by its bound."""
+    if name == "sigmoid" and x.device.type == "cpu":
+        _assert_sigmoid(y, x)
+    else:
+        assert torch.equal(y, _forward_of(name, x, **params)), "the forward must be exact (torch's, or correctly rounded)"
+
+
 # ---- the ops against the reference ----
 
 
@@ -155,7 +187,7 @@ def test_fewbit_activation_forward_exact_and_gradient_is_the_table(isa, name, bi
     x[0, :11] = torch.tensor([0.0, -0.0, 6.0, -3.0, 3.0, -1.0, 1.0, 0.5, -2.0, 10.0, -10.0])
     x.requires_grad_(True)
     y = fewbit.activation(x, name, bits)
-    assert torch.equal(y, _forward_of(name, x.detach())), "the forward must be exact (torch's, or correctly rounded)"
+    _assert_forward(name, y, x.detach())
     g = torch.randn_like(y)
     y.backward(g)
     borders, levels = _table(name, bits)
@@ -266,7 +298,12 @@ def test_convert_swaps_each_activation_and_keeps_outputs(torch_mod, cls):
     keys = set(model.state_dict())
     fewbit.convert_(model, bits=3)
     assert type(model[1]) is cls
-    assert torch.equal(model(x), expect)
+    if model[1]._fn.fused_own:  # tanh, sigmoid: the kernel's own forward, checked on the activation
+        h = model[0](x).detach()
+        _assert_forward(cls.name, model[1](h), h)
+        torch.testing.assert_close(model(x), expect, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(model(x), expect)
     assert set(model.state_dict()) == keys, "converting must keep checkpoints loadable"
     if cls.name in ("relu", "leaky_relu"):
         assert model[1].bits == 1
@@ -519,7 +556,7 @@ def test_binding_refuses_malformed_arguments():
 
 # ---- the fused forward (one pass writes y and the codes) ----
 
-FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh"]
+FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid"]
 
 
 def _bits_of(t):
@@ -550,9 +587,14 @@ def test_fused_forward_is_exact_and_codes_are_pack(isa, monkeypatch, name, param
     y, codes = fewbit_ops.fused(x, fn, borders, bits)
     y_only, none = fewbit_ops.fused(x, fn, borders, bits, codes=False)
     monkeypatch.undo()
+    assert y.shape == x.shape and y.dtype == dtype and none is None
+    assert torch.equal(codes, reference.fewbit_pack(x, borders, bits))
+    if name == "sigmoid":  # its own float32 sigmoid, within its bound of the exact one
+        assert torch.equal(_bits_of(y), _bits_of(y_only))
+        _assert_sigmoid(y, x)
+        return
     # torch's own forward for all but tanh; tanh: float64 torch rounded to the dtype
     ref_y = reference.fewbit.fewbit_fused_forward(x, *fn.fused) if fn.fused_own else fn(x)
-    assert y.shape == x.shape and y.dtype == dtype and none is None
     # bit for bit, -0 and rounding included; nan where torch has nan (its payload is torch's own choice)
     nan = torch.isnan(ref_y)
     for got in (y, y_only):
@@ -580,13 +622,59 @@ def test_fused_tanh_is_correctly_rounded_on_a_sweep(isa, dtype):
     assert torch.equal(_bits_of(y), _bits_of(ref))
 
 
+def _sigmoid_sweep(dtype):
+    # every exponent from 2^-30 to 2^7 (past where sigmoid rounds to 1 and to 0), dense where it rounds
+    # to 1 (x near 17), across the subnormal results (x from -87 to -104) and near 0; normal samples
+    g = torch.Generator().manual_seed(11)
+    mant = 1.0 + torch.rand(40000, generator=g, dtype=torch.float64)
+    expo = torch.randint(-30, 7, (40000,), generator=g).double()
+    x = torch.cat([mant * 2.0 ** expo, torch.linspace(15.0, 18.0, 30001, dtype=torch.float64),
+                   torch.linspace(86.0, 105.0, 30001, dtype=torch.float64),
+                   torch.randn(1 << 20, generator=g, dtype=torch.float64) * 4])
+    x = torch.cat([x, -x]).to(dtype)
+    return torch.cat([x, _specials(dtype), torch.tensor([1e-45, -1e-45, 88.7, -88.73, 103.97, -103.97]).to(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_sigmoid_is_within_its_bound_on_a_sweep(isa, dtype):
+    x = _sigmoid_sweep(dtype)
+    borders = _table("sigmoid", 2)[0]
+    y, codes = fewbit_ops.fused(x, fewbit.activation_fn("sigmoid"), borders, 2)
+    _assert_sigmoid(y, x)
+    assert torch.equal(codes, reference.fewbit_pack(x, borders, 2))
+    if dtype == torch.float32:
+        # the subnormal results torch flushes to 0 (it overflows e^-x) are there, to their bound
+        sub = (x < -88.8) & (x > -103.9)
+        assert sub.sum() > 1000 and (y[sub] > 0).all()
+
+
+def test_fused_sigmoid_is_the_same_bits_on_both_isas():
+    import sparseops
+    from sparseops._cpp import _C as C
+
+    if C is None or C.best_isa() != "avx2":
+        pytest.skip("needs the C++ module and an AVX2/FMA CPU: two paths to compare")
+    borders = _table("sigmoid", 2)[0]
+    prev = sparseops.isa()
+    try:
+        for dtype in DTYPES:
+            x = _sigmoid_sweep(dtype)
+            out = []
+            for which in ("avx2", "portable"):
+                sparseops.set_isa(which)
+                out.append(fewbit_ops.fused(x, fewbit.activation_fn("sigmoid"), borders, 2)[0])
+            assert torch.equal(_bits_of(out[0]), _bits_of(out[1])), dtype
+    finally:
+        sparseops.set_isa(prev)
+
+
 def test_fused_non_contiguous_input_and_autograd(isa):
-    for name, kw in (("leaky_relu", {"negative_slope": 0.1}), ("tanh", {}), ("hardswish", {})):
+    for name, kw in (("leaky_relu", {"negative_slope": 0.1}), ("tanh", {}), ("hardswish", {}), ("sigmoid", {})):
         x = (torch.randn(64, 40) * 3)[:, ::2].t()  # non-contiguous [20, 64]
         x.requires_grad_(True)
         ref = x.detach().clone().requires_grad_(True)
         y = fewbit.activation(x, name, None, **kw)
-        assert torch.equal(y, _forward_of(name, ref.detach(), **kw))
+        _assert_forward(name, y, ref.detach(), **kw)
         gy = torch.randn(y.shape)
         y.backward(gy)
         if name == "leaky_relu":  # exact table: torch's own gradient
@@ -614,6 +702,10 @@ def test_fused_is_used_by_modules_and_not_under_no_grad(isa, monkeypatch):
     assert torch.equal(y, torch.tanh(x.detach().double()).float())
     sparseops.nn.FewBitTanh(bits=2)(x).sum().backward()
     assert calls == [True, False, True]
+    with torch.no_grad():  # likewise sigmoid's
+        y = sparseops.nn.FewBitSigmoid(bits=2)(x)
+    assert calls == [True, False, True, False]
+    _assert_sigmoid(y, x.detach())
 
 
 def test_binding_fused_refuses_bad_arguments(isa):
@@ -622,7 +714,7 @@ def test_binding_fused_refuses_bad_arguments(isa):
     b = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
     c = np.zeros(8, dtype=np.int32)
     with pytest.raises(ValueError, match="kind"):
-        _C.fewbit_pack_fused(x, "float32", b, 2, c, "sigmoid", 0.0, 0.0, y, 1)
+        _C.fewbit_pack_fused(x, "float32", b, 2, c, "gelu", 0.0, 0.0, y, 1)
     with pytest.raises(ValueError, match="codes"):
         _C.fewbit_pack_fused(x, "float32", b, 2, np.zeros(7, dtype=np.int32), "tanh", 0.0, 0.0, y, 1)
     with pytest.raises(TypeError, match="codes"):
@@ -648,11 +740,12 @@ def test_binding_fused_refuses_bad_arguments(isa):
 def test_fused_op_opcheck_and_compile_match_eager():
     x = torch.randn(7, 37) * 3
     for kind, a, b in (("tanh", 0.0, 0.0), ("hardswish", 0.0, 0.0), ("hardsigmoid", 0.0, 0.0), ("clamp", -1.0, 2.0),
-                       ("leaky", 0.1, 0.0)):
+                       ("leaky", 0.1, 0.0), ("sigmoid", 0.0, 0.0)):
         borders = torch.tensor([-1.0, 0.0, 1.0])
         for codes in (True, False):
             torch.library.opcheck(torch.ops.sparseops.fewbit_fused, (x, borders, 2, kind, a, b, codes))
-    m = nn.Sequential(nn.Linear(37, 16), sparseops.nn.FewBitTanh(bits=2), nn.Linear(16, 3), sparseops.nn.FewBitHardswish(bits=3))
+    m = nn.Sequential(nn.Linear(37, 16), sparseops.nn.FewBitTanh(bits=2), nn.Linear(16, 8), sparseops.nn.FewBitHardswish(bits=3),
+                      nn.Linear(8, 3), sparseops.nn.FewBitSigmoid(bits=2))
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     outs = []
     for mod in (m, compiled):
@@ -665,3 +758,13 @@ def test_fused_op_opcheck_and_compile_match_eager():
         assert_close_rms(ga, gb.double(), torch.float32, name="grad compiled vs eager")
     with torch.no_grad():
         assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
+    # tanh and sigmoid: the compiled module runs the kernel's own forward too, with and without a
+    # gradient (a sample where torch's own forward differs from it, so a fall-back to torch shows)
+    big = torch.randn(20000) * 3
+    for mod, f in ((sparseops.nn.FewBitTanh(bits=2), torch.tanh), (sparseops.nn.FewBitSigmoid(bits=2), torch.sigmoid)):
+        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+        for req in (False, True):
+            xb = big.clone().requires_grad_(req)
+            y = mod(xb)
+            assert not torch.equal(y, f(xb))
+            assert torch.equal(compiled(xb), y)

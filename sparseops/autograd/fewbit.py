@@ -17,16 +17,17 @@ from .saved import record_relu_codes, save_with_input, saved_with_input
 
 def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
     # no backward to save for: torch's forward alone, except where the fused kernel's forward is its
-    # own (tanh on CPU: correctly rounded), which then holds with and without a gradient
+    # own (tanh, sigmoid on CPU: see ops.fewbit.fused), which then holds with and without a gradient
     if getattr(fn, "fused_own", False) and x.device.type == "cpu":
         return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]
     return fn(x)
 
 
 def _is_relu(fn, bits: int, borders: Tensor) -> bool:
-    # the 1-bit relu table has the single border 0 (checked on cpu only: no device sync)
-    return (getattr(fn, "fused", None) == ("clamp", 0.0, float("inf")) and bits == 1 and borders.numel() == 1
-            and borders.device.type == "cpu" and float(borders[0]) == 0.0)
+    # the 1-bit relu table has the single border 0 (checked on cpu only: no device sync; not while
+    # compiling, where the border is data and record_relu_codes records nothing anyway)
+    return (not torch.compiler.is_compiling() and getattr(fn, "fused", None) == ("clamp", 0.0, float("inf"))
+            and bits == 1 and borders.numel() == 1 and borders.device.type == "cpu" and float(borders[0]) == 0.0)
 
 
 class FewBitActivationFunction(torch.autograd.Function):
@@ -35,7 +36,7 @@ class FewBitActivationFunction(torch.autograd.Function):
     def forward(ctx, x, fn, borders, levels, bits: int):
         if not ctx.needs_input_grad[0]:
             return _forward(x, fn, borders, bits)
-        # relu-like fn, hardswish, tanh on cpu: y and the codes in one pass (see ops.fewbit.fused)
+        # relu-like fn, hardswish, tanh, sigmoid on cpu: y and the codes in one pass (see ops.fewbit.fused)
         y, codes = fewbit_ops.fused(x, fn, borders, bits)
         if _is_relu(fn, bits, borders):
             record_relu_codes(y, codes)
@@ -59,7 +60,7 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
         bits: 1 to 4.
 
     Returns:
-        ``fn(x)`` (for tanh on CPU the correctly rounded value, see ``ops.fewbit.fused``); its
+        ``fn(x)`` (for tanh and sigmoid on CPU the kernel's own value, see ``ops.fewbit.fused``); its
         gradient is ``grad * levels[code(x)]``.
 
     Raises:

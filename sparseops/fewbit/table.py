@@ -192,7 +192,27 @@ def _resolve_params(name, params):
     return out
 
 
-def activation_fn(name: str, **params) -> Callable:
+class ActivationFn:
+    """An activation with its parameters bound: ``fn(x)`` is ``f(x, **params)``.
+
+    ``fused`` is ``(kind, a, b)`` of the fused CPU kernel that computes it next to the few-bit codes
+    (:func:`sparseops.ops.fewbit.fewbit_fused`), or None; ``fused_own`` is True where that kernel's
+    forward is its own rather than torch's (tanh, sigmoid). A plain class, not a
+    ``functools.partial`` with attributes: ``torch.compile`` reads these attributes as they are
+    (on a partial it did not see them, so a compiled model ran torch's tanh).
+    """
+
+    def __init__(self, name: str, f: Callable, params: dict, fused: tuple | None, fused_own: bool):
+        self.name, self.f, self.params, self.fused, self.fused_own = name, f, params, fused, fused_own
+
+    def __call__(self, x):
+        return self.f(x, **self.params)
+
+    def __repr__(self) -> str:
+        return f"ActivationFn({self.name!r}, {self.params!r})"
+
+
+def activation_fn(name: str, **params) -> ActivationFn:
     """The torch forward of a supported activation.
 
     The callable works on any dtype; the layers use it as their exact forward, and the
@@ -212,23 +232,23 @@ def activation_fn(name: str, **params) -> Callable:
         ValueError: ``name`` is unknown or a parameter value is invalid.
     """
     resolved = _resolve_params(name, params)
-    fn = functools.partial(_SPECS[name][0], **resolved)
     # the ones the fused CPU kernel (ops.fewbit.fused) computes next to the codes say how; all but
-    # tanh are torch's forward bit for bit there, tanh is the correctly rounded one (fn.fused_own)
-    fn.fused, fn.fused_own = None, False
+    # tanh and sigmoid are torch's forward bit for bit there; tanh is the correctly rounded one,
+    # sigmoid a float32 one within 1.56 ulp of it (fused_own: the kernel's forward is its own)
+    fused, own = None, False
     if name == "relu":
-        fn.fused = ("clamp", 0.0, math.inf)
+        fused = ("clamp", 0.0, math.inf)
     elif name == "relu6":
-        fn.fused = ("clamp", 0.0, 6.0)
+        fused = ("clamp", 0.0, 6.0)
     elif name == "hardtanh":
-        fn.fused = ("clamp", resolved["min_val"], resolved["max_val"])
+        fused = ("clamp", resolved["min_val"], resolved["max_val"])
     elif name == "leaky_relu":
-        fn.fused = ("leaky", resolved["negative_slope"], 0.0)
+        fused = ("leaky", resolved["negative_slope"], 0.0)
     elif name in ("hardswish", "hardsigmoid"):
-        fn.fused = (name, 0.0, 0.0)
-    elif name == "tanh":
-        fn.fused, fn.fused_own = ("tanh", 0.0, 0.0), True
-    return fn
+        fused = (name, 0.0, 0.0)
+    elif name in ("tanh", "sigmoid"):
+        fused, own = (name, 0.0, 0.0), True
+    return ActivationFn(name, _SPECS[name][0], resolved, fused, own)
 
 
 def derivative(fn: Callable | str, x) -> torch.Tensor:

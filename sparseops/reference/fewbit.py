@@ -82,12 +82,14 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
     Args:
         x: any shape, floating point.
         kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (``x`` above 0,
-            else ``x * a``), ``"hardswish"``, ``"hardsigmoid"`` or ``"tanh"``.
+            else ``x * a``), ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"`` or ``"sigmoid"``.
         a, b: the clamp bounds, or the leaky slope (``a``).
 
     Returns:
-        x's shape and dtype. clamp, leaky, hardswish and hardsigmoid are torch's own functions. tanh is torch's
-        float64 tanh rounded to x's dtype (the correctly rounded value) for 16- and 32-bit floats.
+        x's shape and dtype. clamp, leaky, hardswish and hardsigmoid are torch's own functions. tanh and
+        sigmoid are torch's float64 ones rounded to x's dtype (the correctly rounded value) for 16- and
+        32-bit floats. The CPU kernel's tanh is this value; its sigmoid is a float32 one within 1.56 ulp
+        of it (``csrc/fmath.h``), so this is sigmoid's oracle, not its bit pattern.
 
     Raises:
         ValueError: unknown kind.
@@ -100,8 +102,11 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
         return torch.nn.functional.hardswish(x)
     if kind == "hardsigmoid":
         return torch.nn.functional.hardsigmoid(x)
-    if kind == "tanh":
+    if kind in ("tanh", "sigmoid"):
+        f = torch.tanh if kind == "tanh" else torch.sigmoid
         if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return torch.tanh(x.double()).to(x.dtype)
-        return torch.tanh(x)
-    raise ValueError(f"kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid' or 'tanh', got {kind!r}")
+            return f(x.double()).to(x.dtype)
+        return f(x)
+    raise ValueError(
+        f"kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh' or 'sigmoid', got {kind!r}"
+    )
