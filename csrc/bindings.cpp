@@ -461,34 +461,8 @@ const uint8_t* nm_index(const py::array& idx, const char* name, const NmDims& d)
   const uint8_t* p = nm_index_shape(idx, name, d);
   if (d.m == 16) return p;
   const unsigned m = static_cast<unsigned>(d.m);
-  const int64_t full = d.S / 2;  // bytes whose both nibbles are slots
-  unsigned bad = 0;
-  if ((m & (m - 1)) == 0) {
-    // m = 2, 4 or 8: a position is < m exactly when its nibble has no bit at or above m's, so one AND
-    // of 8 bytes at a time checks 16 positions (a compare per nibble made this pass cost ~1 ms of a
-    // 7 ms 4096x11008 2:4 decode)
-    const uint64_t high = 0x0101010101010101ull * ((0x0fu & ~(m - 1)) * 0x11u);
-    uint64_t acc = 0;
-    for (int64_t r = 0; r < d.rows; ++r) {
-      const uint8_t* row = p + r * d.Sb;
-      int64_t k = 0;
-      for (; k + 8 <= full; k += 8) {
-        uint64_t w;
-        std::memcpy(&w, row + k, 8);
-        acc |= w & high;
-      }
-      for (; k < full; ++k) acc |= row[k] & (high & 0xffu);
-      if (d.S & 1) acc |= row[full] & (high & 0x0fu);
-    }
-    bad = acc != 0;
-  } else {
-    for (int64_t r = 0; r < d.rows; ++r) {
-      const uint8_t* row = p + r * d.Sb;
-      for (int64_t k = 0; k < full; ++k)
-        bad |= static_cast<unsigned>((row[k] & 15u) >= m) | static_cast<unsigned>((row[k] >> 4) >= m);
-      if (d.S & 1) bad |= static_cast<unsigned>((row[full] & 15u) >= m);
-    }
-  }
+  bool bad = false;
+  for (int64_t r = 0; r < d.rows; ++r) bad |= !sparseops::nm_row_ok(p + r * d.Sb, d.m, d.S);
   if (bad)
     for (int64_t r = 0; r < d.rows; ++r)
       for (int64_t j = 0; j < d.S; ++j) {

@@ -26,7 +26,10 @@
 namespace sparseops {
 namespace detail {
 
+// internal linkage, as nm.h's nm_row_ok: one copy per isa's translation unit
+namespace {
 inline int nib(const uint8_t* ip, int64_t j) { return (ip[j >> 1] >> ((j & 1) << 2)) & 15; }
+}  // namespace
 
 struct NmShape {
   int n, m;
@@ -39,32 +42,10 @@ struct NmShape {
   }
 };
 
-// whether every 4-bit position of one row of idx (d.Sb bytes) lies in [0, m): the binding's check of the
-// whole index (nm_index), one row; the small-batch kernels run it on each row before they read through it
-inline bool nm_row_ok(const uint8_t* ir, const NmShape& d) {
-  const unsigned m = static_cast<unsigned>(d.m);
-  if (m >= 16) return true;
-  const int64_t full = d.S / 2;  // bytes whose both nibbles are slots
-  if ((m & (m - 1)) == 0) {
-    // m = 2, 4 or 8: a position is < m exactly when its nibble has no bit at or above m's
-    const uint64_t high = 0x0101010101010101ull * ((0x0fu & ~(m - 1)) * 0x11u);
-    uint64_t acc = 0;
-    int64_t k = 0;
-    for (; k + 8 <= full; k += 8) {
-      uint64_t w;
-      std::memcpy(&w, ir + k, 8);
-      acc |= w & high;
-    }
-    for (; k < full; ++k) acc |= ir[k] & (high & 0xffu);
-    if (d.S & 1) acc |= ir[full] & (high & 0x0fu);
-    return acc == 0;
-  }
-  unsigned bad = 0;
-  for (int64_t k = 0; k < full; ++k)
-    bad |= static_cast<unsigned>((ir[k] & 15u) >= m) | static_cast<unsigned>((ir[k] >> 4) >= m);
-  if (d.S & 1) bad |= static_cast<unsigned>((ir[full] & 15u) >= m);
-  return bad == 0;
-}
+// nm.h's row check on NmShape's sizes
+namespace {
+inline bool nm_row_ok(const uint8_t* ir, const NmShape& d) { return sparseops::nm_row_ok(ir, d.m, d.S); }
+}  // namespace
 
 // A [B, K] (strides s0, s1) -> P [T][Kp][BT], columns K..Kp zero; call inside a parallel region
 template <class V, int BT>
