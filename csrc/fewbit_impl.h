@@ -111,12 +111,19 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
     for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
       uint32_t w[BITS] = {};
       if (g < full) {
-        for (int q = 0; q < 4; ++q) {
-          const typename V::reg xr = IO::load(x + g * 32 + q * 8);
-          if constexpr (KIND != 0) IO::store(y + g * 32 + q * 8, fused<V, KIND>(xr, va, vb));
-          if (!codes) continue;
+        typename V::reg xr[4];
+        for (int q = 0; q < 4; ++q) xr[q] = IO::load(x + g * 32 + q * 8);
+        if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
+          // the group's 4 vectors side by side: its steps are throughput-bound (see simd.h)
+          typename V::reg yr[4];
+          V::template sigmoid_n<4>(xr, yr);
+          for (int q = 0; q < 4; ++q) IO::store(y + g * 32 + q * 8, yr[q]);
+        } else if constexpr (KIND != 0) {
+          for (int q = 0; q < 4; ++q) IO::store(y + g * 32 + q * 8, fused<V, KIND>(xr[q], va, vb));
+        }
+        for (int q = 0; q < 4 && codes; ++q) {
           uint32_t m[BITS];
-          V::template planes<BITS>(xr, b, m);
+          V::template planes<BITS>(xr[q], b, m);
           for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
         }
       } else {

@@ -25,8 +25,8 @@
 //   series to r^7 (truncation below 5e-9 relative on |r| <= ln2/2). e = (2^(k+32) * (1 + p)) * 2^-32:
 //   one rounding where e is normal (the fma), a second only where e is subnormal (a > 87.3);
 //   d + c = 1 + e exactly (fast2sum: d = fl(1 + e), c = e - (d - 1)), r0 = fl(1 / d);
-//   sigmoid(|x|)  = 1 / (d + c): r0 + r0 * (1 - r0*d - r0*c), the residual by fmas;
-//   sigmoid(-|x|) = e / (d + c): q0 + r0 * (e - q0*d - q0*c), q0 = fl(e * r0).
+//   sigmoid(x) = num / (d + c), num = 1 for x > 0 (sigmoid(|x|)), else e (sigmoid(-|x|)):
+//   q0 + r0 * (num - q0*d - q0*c), q0 = fl(num * r0), the residual by fmas.
 // every step is an ieee operation or an fma, so the avx2 version in simd.h (the same steps on 8 floats)
 // gives the same bits as this one. nan returns nan; sigmoid(±0) = 0.5.
 #pragma once
@@ -105,9 +105,10 @@ inline float sigmoid_f32(float x) {
   const float d = 1.0f + e;
   const float c = e - (d - 1.0f);
   const float r0 = 1.0f / d;
-  if (x > 0.0f) return std::fmaf(r0, std::fmaf(-r0, c, std::fmaf(-r0, d, 1.0f)), r0);
-  const float q0 = e * r0;
-  return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, e)), q0);
+  // num / (d + c) for num = 1 (x > 0) or e; for num = 1, q0 is r0 exactly
+  const float num = x > 0.0f ? 1.0f : e;
+  const float q0 = num * r0;
+  return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, num)), q0);
 }
 
 }  // namespace

@@ -187,6 +187,10 @@ struct VecPortable {
     return r;
   }
   static inline float sigmoid1(float x) { return fmath::sigmoid_f32(x); }
+  template <int N>
+  static inline void sigmoid_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h) y[h] = sigmoid_f(x[h]);
+  }
   // lane i: how many of the nb borders x.v[i] exceeds (false for nan)
   static inline ireg count_gt(const reg& x, const reg* b, int nb) {
     ireg c;
@@ -428,29 +432,47 @@ struct VecAVX2 {
     return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
   // fmath.h's sigmoid_f32, step for step (fnmadd(a, b, c) is fma(-a, b, c), one rounding), so the
-  // two isas agree bit for bit
-  static inline reg sigmoid_f(reg x) {
+  // two isas agree bit for bit; on N vectors at once, each step over all N before the next
+  // NOTE: throughput-bound (~36 instructions a vector, 19 of them on the two fma pipes); N = 4
+  // side by side took 0.73 ns an element a thread against 0.92 for one at a time (in L2)
+  template <int N>
+  static inline void sigmoid_n(const reg* x, reg* y) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    __m256 t[N], k[N], r[N], q[N], e[N], d[N], c[N], r0[N];
     // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
-    const __m256 t = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(fmath::kSigClamp)), sign);
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(fmath::kSigLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(fmath::kSigLn2Lo),
-                                      _mm256_fnmadd_ps(k, _mm256_set1_ps(fmath::kSigLn2Hi), t));
-    __m256 q = _mm256_set1_ps(fmath::kSigInvFact[5]);
-    for (int i = 4; i >= 0; --i) q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(fmath::kSigInvFact[i]));
-    const __m256 p = _mm256_fmadd_ps(_mm256_mul_ps(r, r), q, r);
-    const __m256 s = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127 + 32)), 23));
-    const __m256 e = _mm256_mul_ps(_mm256_fmadd_ps(s, p, s), _mm256_set1_ps(0x1p-32f));
-    const __m256 d = _mm256_add_ps(one, e);
-    const __m256 c = _mm256_sub_ps(e, _mm256_sub_ps(d, one));
-    const __m256 r0 = _mm256_div_ps(one, d);
-    const __m256 pos = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(r0, c, _mm256_fnmadd_ps(r0, d, one)), r0);
-    const __m256 q0 = _mm256_mul_ps(e, r0);
-    const __m256 neg = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(q0, c, _mm256_fnmadd_ps(q0, d, e)), q0);
-    const __m256 v = _mm256_blendv_ps(neg, pos, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
-    return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    for (int h = 0; h < N; ++h)
+      t[h] = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x[h]), _mm256_set1_ps(fmath::kSigClamp)), sign);
+    for (int h = 0; h < N; ++h)
+      k[h] = _mm256_round_ps(_mm256_mul_ps(t[h], _mm256_set1_ps(fmath::kSigLog2e)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (int h = 0; h < N; ++h)
+      r[h] = _mm256_fnmadd_ps(k[h], _mm256_set1_ps(fmath::kSigLn2Lo),
+                              _mm256_fnmadd_ps(k[h], _mm256_set1_ps(fmath::kSigLn2Hi), t[h]));
+    for (int h = 0; h < N; ++h) q[h] = _mm256_set1_ps(fmath::kSigInvFact[5]);
+    for (int i = 4; i >= 0; --i)
+      for (int h = 0; h < N; ++h) q[h] = _mm256_fmadd_ps(q[h], r[h], _mm256_set1_ps(fmath::kSigInvFact[i]));
+    for (int h = 0; h < N; ++h) {
+      const __m256 p = _mm256_fmadd_ps(_mm256_mul_ps(r[h], r[h]), q[h], r[h]);
+      const __m256 s = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k[h]), _mm256_set1_epi32(127 + 32)), 23));
+      e[h] = _mm256_mul_ps(_mm256_fmadd_ps(s, p, s), _mm256_set1_ps(0x1p-32f));
+    }
+    for (int h = 0; h < N; ++h) {
+      d[h] = _mm256_add_ps(one, e[h]);
+      c[h] = _mm256_sub_ps(e[h], _mm256_sub_ps(d[h], one));
+      r0[h] = _mm256_div_ps(one, d[h]);
+    }
+    for (int h = 0; h < N; ++h) {
+      const __m256 num = _mm256_blendv_ps(e[h], one, _mm256_cmp_ps(x[h], _mm256_setzero_ps(), _CMP_GT_OQ));
+      const __m256 q0 = _mm256_mul_ps(num, r0[h]);
+      const __m256 v = _mm256_fmadd_ps(r0[h], _mm256_fnmadd_ps(q0, c[h], _mm256_fnmadd_ps(q0, d[h], num)), q0);
+      y[h] = _mm256_blendv_ps(v, x[h], _mm256_cmp_ps(x[h], x[h], _CMP_UNORD_Q));
+    }
+  }
+  static inline reg sigmoid_f(reg x) {
+    reg y;
+    sigmoid_n<1>(&x, &y);
+    return y;
   }
   // one element by the vector steps: no scalar copy of them in this -mfma translation unit, whose
   // contraction could differ from the portable one
