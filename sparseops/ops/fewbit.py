@@ -5,7 +5,7 @@
 - ``sparseops::fewbit_unpack(grad, codes, levels, bits) -> grad_in``: ``grad * levels[code]``.
 - ``sparseops::fewbit_fused(x, borders, bits, kind, a, b, codes) -> (y, codes)``: an activation
   and its codes in one pass over x (relu-like clamps, leaky_relu, hardswish, hardsigmoid: torch's
-  forward bit for bit; tanh: the correctly rounded one).
+  forward bit for bit; tanh: the correctly rounded one; sigmoid: a float32 one within 1.56 ulp).
 - ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
   one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
 
