@@ -63,9 +63,10 @@ SUITES = {
     "half": ("| act | 1 | 4096→11008 | 0.9 | fwd |",
              [f"bench/bench_half.py::test_half[act-B1-in4096-out11008-sp0.9-fwd-{p}]" for p in ("dense", "sparseops")],
              0),
-    "fewbit": ("| relu | float32 |",
+    "fewbit": ("| relu | float32 | 131072 |",
                # relu runs at 1 bit only: the 2- to 4-bit times and ratios are "-"
-               [f"bench/bench_fewbit.py::test_activation[torch.float32-relu-{p}]" for p in ("torch", "fewbit1")], 6),
+               [f"bench/bench_fewbit.py::test_activation[torch.float32-relu-{p}-n131072]" for p in ("torch", "fewbit1")],
+               6),
 }
 
 
