@@ -111,25 +111,27 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
     const int64_t g1 = std::min(groups, (c + 1) * kGroupsPerChunk);
     for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
       uint32_t w[BITS] = {};
-      if (g < full && KIND == static_cast<int>(FewbitFused::sigmoid)) {
-        // the group's 4 vectors side by side: sigmoid's steps are throughput-bound (see simd.h)
-        typename V::reg xr[4], yr[4];
-        for (int q = 0; q < 4; ++q) xr[q] = IO::load(x + g * 32 + q * 8);
-        V::template sigmoid_n<4>(xr, yr);
-        for (int q = 0; q < 4; ++q) IO::store(y + g * 32 + q * 8, yr[q]);
-        for (int q = 0; q < 4 && codes; ++q) {
-          uint32_t m[BITS];
-          V::template planes<BITS>(xr[q], b, m);
-          for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
-        }
-      } else if (g < full) {
-        for (int q = 0; q < 4; ++q) {
-          const typename V::reg xr = IO::load(x + g * 32 + q * 8);
-          if constexpr (KIND != 0) IO::store(y + g * 32 + q * 8, fused<V, KIND>(xr, va, vb));
-          if (!codes) continue;
-          uint32_t m[BITS];
-          V::template planes<BITS>(xr, b, m);
-          for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
+      if (g < full) {
+        if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
+          // the group's 4 vectors side by side: sigmoid's steps are throughput-bound (see simd.h)
+          typename V::reg xr[4], yr[4];
+          for (int q = 0; q < 4; ++q) xr[q] = IO::load(x + g * 32 + q * 8);
+          V::template sigmoid_n<4>(xr, yr);
+          for (int q = 0; q < 4; ++q) IO::store(y + g * 32 + q * 8, yr[q]);
+          for (int q = 0; q < 4 && codes; ++q) {
+            uint32_t m[BITS];
+            V::template planes<BITS>(xr[q], b, m);
+            for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
+          }
+        } else {
+          for (int q = 0; q < 4; ++q) {
+            const typename V::reg xr = IO::load(x + g * 32 + q * 8);
+            if constexpr (KIND != 0) IO::store(y + g * 32 + q * 8, fused<V, KIND>(xr, va, vb));
+            if (!codes) continue;
+            uint32_t m[BITS];
+            V::template planes<BITS>(xr, b, m);
+            for (int j = 0; j < BITS; ++j) w[j] |= m[j] << (8 * q);
+          }
         }
       } else {
         // the tail: -inf is above no border, so the unused bits stay zero

@@ -45,9 +45,9 @@ _FLOAT_FORMAT = {torch.float32: (24, -125), torch.bfloat16: (8, -125), torch.flo
 
 
 def _ulp(v, dtype):
-    """The spacing of dtype's floats at v (float64), subnormals included."""
+    """The spacing of dtype's floats in the binade of the exact value v (float64), subnormals included."""
     p, emin = _FLOAT_FORMAT[dtype]
-    e = torch.frexp(v.to(dtype).double().abs())[1].clamp(min=emin)
+    e = torch.frexp(v.abs())[1].clamp(min=emin)
     return torch.ldexp(torch.ones_like(v), e - p)
 
 
@@ -377,7 +377,7 @@ def _dense_reference(layer, x, act, bits):
     return z, y, q, xd, w, b
 
 
-@pytest.mark.parametrize("act,bits", [("gelu", 2), ("relu", 1), ("silu", 3), ("tanh", 4)])
+@pytest.mark.parametrize("act,bits", [("gelu", 2), ("relu", 1), ("silu", 3), ("tanh", 4), ("sigmoid", 2)])
 @pytest.mark.parametrize("B,in_f,out_f,sparsity", [(1, 37, 3, 0.5), (37, 64, 1000, 0.9), (5, 1000, 37, 0.99),
                                                    (8, 16, 16, 0.0)])
 def test_sparse_linear_fused_activation_matches_fp64_reference(isa, act, bits, B, in_f, out_f, sparsity):

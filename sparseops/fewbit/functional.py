@@ -71,7 +71,8 @@ def activation(x: Tensor, name: str, bits: int | None = None, **params) -> Tenso
         params: the activation's own parameters, as ``torch.nn.functional`` names them.
 
     Returns:
-        ``torch.nn.functional.<name>(x, **params)``; backward saves ``bits`` bits an element.
+        ``torch.nn.functional.<name>(x, **params)`` (tanh and sigmoid on CPU: the fused kernel's own,
+        see the module docstring); backward saves ``bits`` bits an element.
 
     Raises:
         ValueError: unknown name or bits out of range; TypeError: x is not a floating-point tensor.
