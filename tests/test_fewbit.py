@@ -590,10 +590,13 @@ def test_fused_forward_is_exact_and_codes_are_pack(isa, monkeypatch, name, param
     assert y.shape == x.shape and y.dtype == dtype and none is None
     assert torch.equal(codes, reference.fewbit_pack(x, borders, bits))
     if name == "sigmoid":  # its own float32 sigmoid, within its bound of the exact one
+        assert not fn.fused_exact, "the reference is not its bits: the layer must not use it for them"
         assert torch.equal(_bits_of(y), _bits_of(y_only))
         _assert_sigmoid(y, x)
         return
-    # torch's own forward for all but tanh; tanh: float64 torch rounded to the dtype
+    # torch's own forward for all but tanh; tanh: float64 torch rounded to the dtype. either way the
+    # reference gives these bits (fused_exact: the layer may use it off the CPU kernel)
+    assert fn.fused_exact
     ref_y = reference.fewbit.fewbit_fused_forward(x, *fn.fused) if fn.fused_own else fn(x)
     # bit for bit, -0 and rounding included; nan where torch has nan (its payload is torch's own choice)
     nan = torch.isnan(ref_y)

@@ -197,13 +197,18 @@ class ActivationFn:
 
     ``fused`` is ``(kind, a, b)`` of the fused CPU kernel that computes it next to the few-bit codes
     (:func:`sparseops.ops.fewbit.fewbit_fused`), or None; ``fused_own`` is True where that kernel's
-    forward is its own rather than torch's (tanh, sigmoid). A plain class, not a
+    forward is its own rather than torch's (tanh, sigmoid); ``fused_exact`` is True where
+    :func:`sparseops.reference.fewbit.fewbit_fused_forward` gives that kernel's forward bit for bit
+    (every fused kind but sigmoid, whose reference is the exact value it is within 1.56 ulp of), so
+    the layer can use it off the CPU kernel too. A plain class, not a
     ``functools.partial`` with attributes: ``torch.compile`` reads these attributes as they are
     (on a partial it did not see them, so a compiled model ran torch's tanh).
     """
 
-    def __init__(self, name: str, f: Callable, params: dict, fused: tuple | None, fused_own: bool):
-        self.name, self.f, self.params, self.fused, self.fused_own = name, f, params, fused, fused_own
+    def __init__(self, name: str, f: Callable, params: dict, fused: tuple | None, fused_own: bool,
+                 fused_exact: bool):
+        self.name, self.f, self.params = name, f, params
+        self.fused, self.fused_own, self.fused_exact = fused, fused_own, fused_exact
 
     def __call__(self, x):
         return self.f(x, **self.params)
@@ -248,7 +253,7 @@ def activation_fn(name: str, **params) -> ActivationFn:
         fused = (name, 0.0, 0.0)
     elif name in ("tanh", "sigmoid"):
         fused, own = (name, 0.0, 0.0), True
-    return ActivationFn(name, _SPECS[name][0], resolved, fused, own)
+    return ActivationFn(name, _SPECS[name][0], resolved, fused, own, fused is not None and name != "sigmoid")
 
 
 def derivative(fn: Callable | str, x) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Each takes the constructor arguments of its torch counterpart plus ``bits``, returns exactly
 what the torch module returns (on CPU, tanh and sigmoid return the fused kernel's own, more
 accurate forward: see :mod:`sparseops.fewbit.functional`), and saves ``bits`` bits an element for
-backward instead of its input. ``inplace=True`` is accepted for drop-in compatibility but never honoured: the input is
-not modified.
+backward instead of its input. ``inplace=True`` is accepted for drop-in compatibility but never
+honoured: the input is not modified.
 """
 
 from __future__ import annotations

@@ -207,9 +207,9 @@ def _(x, borders, bits, kind, a, b, codes):
 def _dds_fewbit(z: Tensor, activation: str, borders: Tensor, bits: int, pack) -> tuple[Tensor, Tensor]:
     # z is the op's own temporary: it is freed when the op returns, so only y and the codes live on
     fn = activation_fn(activation)
-    if fn.fused_own and fn.fused[0] == "tanh":
-        # the CPU kernel's tanh is the correctly rounded one, which the reference also gives off it;
-        # its sigmoid (1.56 ulp) has no such twin here, so sigmoid is torch's off the CPU kernel
+    if fn.fused_own and fn.fused_exact:
+        # the CPU kernel's own forward, which the reference reproduces (tanh: correctly rounded);
+        # sigmoid's (1.56 ulp) has no such twin, so off the CPU kernel it is torch's
         return reference.fewbit.fewbit_fused_forward(z, *fn.fused), pack(z, borders, bits)
     return fn(z), pack(z, borders, bits)
 
