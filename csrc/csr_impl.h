@@ -34,6 +34,11 @@
 
 namespace sparseops {
 namespace detail {
+// internal linkage for everything below: each ISA's translation unit (*_avx2.cpp built with -mavx2
+// -mfma, *_portable.cpp without) keeps its own copy. with external linkage an inline function the
+// compiler did not inline (block_store, row_range, scratch, ...) was one weak symbol, and the linker
+// could hand the portable path the copy compiled for AVX2 (tests/test_build.py checks the objects).
+namespace {
 
 // a read prefetch into every cache level (a no-op where the compiler has no builtin)
 inline void prefetch(const void* p) {
@@ -810,6 +815,7 @@ void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, c
   }
 }
 
+}  // namespace
 }  // namespace detail
 
 #define SPARSEOPS_CSR_INSTANTIATE(V, SUFFIX)                                                                      \

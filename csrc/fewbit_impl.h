@@ -13,6 +13,11 @@
 
 namespace sparseops {
 namespace detail {
+// internal linkage for everything below: each ISA's translation unit (*_avx2.cpp built with -mavx2
+// -mfma, *_portable.cpp without) keeps its own copy. with external linkage an inline function the
+// compiler did not inline (block_store, row_range, scratch, ...) was one weak symbol, and the linker
+// could hand the portable path the copy compiled for AVX2 (tests/test_build.py checks the objects).
+namespace {
 
 // loads and stores of 8 elements of each element type, and scalar ones for the tail
 template <class V, FewbitDtype DT>
@@ -205,6 +210,7 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
   }
 }
 
+}  // namespace
 }  // namespace detail
 
 #define SPARSEOPS_FEWBIT_INSTANTIATE(V, SUFFIX)                                                                   \

@@ -25,6 +25,11 @@
 
 namespace sparseops {
 namespace detail {
+// internal linkage for everything below: each ISA's translation unit (*_avx2.cpp built with -mavx2
+// -mfma, *_portable.cpp without) keeps its own copy. with external linkage an inline function the
+// compiler did not inline (block_store, row_range, scratch, ...) was one weak symbol, and the linker
+// could hand the portable path the copy compiled for AVX2 (tests/test_build.py checks the objects).
+namespace {
 
 // internal linkage, as nm.h's nm_row_ok: one copy per isa's translation unit
 namespace {
@@ -627,6 +632,7 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
   }
 }
 
+}  // namespace
 }  // namespace detail
 
 #define SPARSEOPS_NM_INSTANTIATE(V, SUFFIX)                                                                        \

@@ -24,6 +24,9 @@
 #endif
 
 namespace sparseops {
+// internal linkage, as in the *_impl.h headers that include this: no -mavx2 copy of a VecPortable
+// member (or any other inline function here) can stand in for the portable translation unit's own.
+namespace {
 
 // scalar conversions between float and the 16-bit float formats, bit-exact with torch's
 // (round to nearest even; every nan becomes torch's canonical quiet nan for bf16). static: each
@@ -589,4 +592,5 @@ struct WLoad<V, 2> {
   static float one(T v) { return f16_to_f32(v); }
 };
 
+}  // namespace
 }  // namespace sparseops

@@ -1,8 +1,13 @@
-"""The build switches: SPARSEOPS_NO_CPP falls back to the reference with a warning; SPARSEOPS_ISA forces a path."""
+"""The build switches: SPARSEOPS_NO_CPP falls back to the reference with a warning; SPARSEOPS_ISA forces a path;
+the ISA translation units share no code."""
+
+from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +53,41 @@ def test_set_isa_rejects_unknown_name():
     with pytest.raises(ValueError, match="isa"):
         sparseops.set_isa("avx512-please")
     assert sparseops.isa() == before
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c", "-DSPARSEOPS_AVX2"], "portable": []}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+@pytest.mark.skipif(_compiler() is None or shutil.which("nm") is None, reason="needs a C++ compiler and binutils nm")
+def test_isa_objects_share_no_inline_code(tmp_path):
+    """No function of the kernels is a weak symbol in an ISA's object file.
+
+    The linker keeps one copy of a weak (inline, external linkage) function; with the same one in
+    ``csr_avx2.cpp`` (built with -mavx2 -mfma) and ``csr_portable.cpp`` it may hand the portable path
+    the AVX2 copy, which faults on a CPU without AVX2. The kernel headers give everything internal
+    linkage instead. At -O0 nothing is inlined away, so every inline function used shows up here.
+    """
+    units = sorted({p.stem.rsplit("_", 1)[0] for p in CSRC.glob("*_avx2.cpp")})
+    assert {"csr", "nm", "fewbit", "bsr", "act"} <= set(units), units
+    jobs = []
+    for unit in units:
+        for isa, flags in ISA_FLAGS.items():
+            obj = tmp_path / f"{unit}_{isa}.o"
+            cmd = [_compiler(), "-std=c++17", "-O0", "-fPIC", "-fopenmp", *flags, f"-I{CSRC}", "-c",
+                   str(CSRC / f"{unit}_{isa}.cpp"), "-o", str(obj)]
+            jobs.append((obj, isa, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    weak, exported = {}, {}
+    for obj, isa, proc in jobs:
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+        syms = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
+        rows = [line.split(maxsplit=2) for line in syms.splitlines() if len(line.split(maxsplit=2)) == 3]
+        weak[obj.name] = sorted({name for _, kind, name in rows if kind in "WVu" and "sparseops::" in name})
+        exported[obj.name] = [name for _, kind, name in rows if kind == "T" and name.split("(")[0].endswith(f"_{isa}")]
+    assert all(exported.values()), exported  # each object holds its ISA's entry points: the check saw real code
+    assert not any(weak.values()), {k: v for k, v in weak.items() if v}
