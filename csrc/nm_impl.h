@@ -175,6 +175,22 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
   return b;
 }
 
+// the batch tile of the N:M walks: 64 lanes (NV=8) from two such tiles on, where the last one is more
+// than half full; else the CSR kernels' widths (with_tile_width, up to 32 lanes). twice the lanes halve
+// the index passes (a slot's decoded column and value drive 8 FMAs instead of 4) and the weight
+// gradient's lane sums (sdd_tile: one hsum8 per 8 slots and 64 lanes, not 32).
+// NOTE: standalone harness over these kernels, 4096x4096, 2 threads, 10 alternations, median ratio of
+// 32-lane to 64-lane time, forward / weight gradient: B=256 2:4 1.09 / 1.17, 1:4 1.09 / 1.16, 2:8
+// 1.07 / 1.19; B=128 2:4 1.09 / 1.06, 1:4 1.08 / 1.13. at B=64 (one 64-lane tile, so no column chunks)
+// it lost: 0.66 / 0.73. the transposed CSR walk of a plain N:M input gradient did not gain (0.99-1.07).
+template <class F>
+void nm_tile_width(int64_t B, F&& f) {
+  if (B >= 128 && (B % 64 == 0 || B % 64 > 32))
+    f(std::integral_constant<int, 8>{});
+  else
+    with_tile_width(B, static_cast<F&&>(f));
+}
+
 // rows a thread decodes at a time, so that the walk's int32 offsets hold their slots
 inline int64_t nm_slice_rows(const NmShape& d) { return std::max<int64_t>(1, (int64_t(1) << 30) / std::max<int64_t>(1, d.S)); }
 
@@ -504,7 +520,7 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
   if (B < 8) {
     nm_small<V, 0>(a, B, K, s0, s1, d, v, idx, rows, bias, y, nthreads);
   } else {
-    with_tile_width(B, [&](auto nv) {
+    nm_tile_width(B, [&](auto nv) {
       nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
     });
   }
@@ -626,7 +642,7 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
     const float* xp = padded_copy(x, B, in, d.Kp, x0, x1, COPY2);
     nm_sdd_gather<V>(dyc, xp, B, out, d, idx, dv, nthreads);
   } else {
-    with_tile_width(B, [&](auto nv) {
+    nm_tile_width(B, [&](auto nv) {
       nm_sdd_csr<V, decltype(nv)::value>(dy, B, out, d0, d1, x, x0, x1, d, idx, dv, nthreads);
     });
   }

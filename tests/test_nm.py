@@ -142,7 +142,9 @@ def _case(batch, in_f, out_f, kind):
 # too (block_rows' run copy, and the weight gradient's copy back by runs); its transposed walk (the
 # input gradient, over Wᵀ) splits from 2 tiles and 32 KB too: B = 37 at out = 300. B = 240 at out = 2100 does the
 # same for the input gradient, whose walk runs over Wᵀ (2100 columns): its values are then gathered
-# through the permutation chunk by chunk, in both the CSR and the transposable N:M walk.
+# through the permutation chunk by chunk, in both the CSR and the transposable N:M walk. From B = 128 the
+# N:M walks take 64-lane tiles where the last tile is more than half full (nm_tile_width): B = 240 (a
+# 48-lane last tile) and B = 128 (two full ones); B = 160 (a half-full last tile) stays at 32 lanes.
 SHAPES = [
     _case(1, 1, 1, "full"),
     _case(3, 37, 3, "holed"),
@@ -156,6 +158,8 @@ SHAPES = [
     _case(240, 2100, 5, "holed"),
     _case(240, 37, 2100, "full"),
     _case(37, 37, 300, "holed"),
+    _case(128, 300, 37, "holed"),
+    _case(160, 37, 41, "full"),
 ]
 PARAMS = "batch,in_f,out_f,kind"
 
