@@ -83,6 +83,25 @@ void pack_padded(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, i
 // NOTE: a walk that decodes the positions inline from the row-major index (no copy at all; 2-3 rows
 // interleaved, 2:4) ran 10-20% below rows_tile over the chunk-major copy, standalone on one thread
 // over 8 tiles of 4096x4096 (36-51 vs 40-58 GF/s): its value reads jump a row's stride per visit.
+// dst[(r - r0) * S + j] = Wᵀ's value of slot j of row r, vals[perm[r * S + j]] (0 where perm is -1), for
+// rows [r0, r1): as gather_blocked (csr_impl.h), in blocks of GATHER_ROWS rows by the slots of about
+// GATHER_COLS rows of W (whole groups), so that the reads stay on that many pages of W at a time
+inline void nm_gather_blocked(const float* vals, const int32_t* perm, const NmShape& d, int64_t r0, int64_t r1,
+                              float* dst) {
+  const int64_t GS = std::max<int64_t>(1, GATHER_COLS / d.m) * d.n;
+  for (int64_t q = r0; q < r1; q += GATHER_ROWS) {
+    const int64_t qe = std::min(r1, q + GATHER_ROWS);
+    for (int64_t j0 = 0; j0 < d.S; j0 += GS) {
+      const int64_t len = std::min(d.S, j0 + GS) - j0;
+      for (int64_t r = q; r < qe; ++r) {
+        const int32_t* pr = perm + r * d.S + j0;
+        float* o = dst + (r - r0) * d.S + j0;
+        for (int64_t u = 0; u < len; ++u) o[u] = pr[u] >= 0 ? vals[pr[u]] : 0.f;
+      }
+    }
+  }
+}
+
 struct NmBlocks {
   BlockStore store;
   std::vector<int32_t> base;
@@ -119,6 +138,9 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
   const bool copy = vals && (nch > 1 || perm);
   if (copy && st.val.size() < static_cast<size_t>(std::max<int64_t>(1, R * S)))
     st.val.resize(static_cast<size_t>(std::max<int64_t>(1, R * S)));
+  // one chunk: the layout is row-major (row r's slots at r * S), so Wᵀ's values are gathered up front, blocked
+  const bool gather_first = copy && perm && nch == 1;
+  if (gather_first) nm_gather_blocked(vals, perm, d, r0, r1, st.val.data());
   int32_t* off = st.off.data();
   int32_t* bidx = st.idx.data();
   const int32_t* base = nb.base.data();
@@ -155,7 +177,7 @@ inline Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* 
           o[t + 1] = c0 + base[t + 1] + (v >> 4);
         }
         if (t < len) o[t] = c0 + base[t] + (ip[t >> 1] & 15);
-        if (copy) {
+        if (copy && !gather_first) {
           float* dv = st.val.data() + w;
           const int64_t s0 = (r0 + r) * S + j0;
           if (perm)  // Wᵀ's values, gathered from W in this (chunk-major) order: see block_rows
@@ -513,8 +535,10 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
   if (perm && B < 8) {
     const int64_t total = rows * d.S;
     float* g = scratch(VALS, static_cast<size_t>(std::max<int64_t>(1, total)));
+    const int64_t nblk = (rows + GATHER_ROWS - 1) / GATHER_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t k = 0; k < total; ++k) g[k] = perm[k] >= 0 ? vals[perm[k]] : 0.f;
+    for (int64_t q = 0; q < nblk; ++q)
+      nm_gather_blocked(vals, perm, d, q * GATHER_ROWS, std::min(rows, (q + 1) * GATHER_ROWS), g + q * GATHER_ROWS * d.S);
     v = g;
   }
   if (B < 8) {

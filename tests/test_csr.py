@@ -121,6 +121,10 @@ SHAPES = [
     shape_param(64, 1000, 37, 0.5),
     shape_param(64, 3, 3, 0.0),
     shape_param(64, 1000, 1000, 0.99),
+    # the input gradient's gather of Wᵀ's values runs in blocks of 256 rows by 256 columns of Wᵀ at a density of
+    # 1/4 or more (gather_blocked): several of each, on the B < 8 path and on one packed tile
+    shape_param(5, 600, 520, 0.5),
+    shape_param(16, 520, 600, 0.0),
     _special(3, 37, 37, "holed"),
     _special(17, 37, 37, "holed"),
     _special(37, 1000, 37, "holed"),

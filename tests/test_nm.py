@@ -160,6 +160,10 @@ SHAPES = [
     _case(37, 37, 300, "holed"),
     _case(128, 300, 37, "holed"),
     _case(160, 37, 41, "full"),
+    # Wᵀ's values gathered in blocks of 256 rows by the slots of 256 columns (nm_gather_blocked, gather_blocked):
+    # several of each, on the B < 8 path and on one packed tile
+    _case(3, 520, 600, "holed"),
+    _case(17, 600, 520, "full"),
 ]
 PARAMS = "batch,in_f,out_f,kind"
 
