@@ -121,6 +121,15 @@ bool indices_valid(const int32_t* idx, int64_t n, int64_t limit) {
   return bad == 0;
 }
 
+// every entry in [-1, limit): branch-free, so the common (valid) case is one vectorised pass
+bool indices_or_none_valid(const int32_t* idx, int64_t n, int64_t limit) {
+  if (limit > INT32_MAX) limit = INT32_MAX;
+  const uint32_t lim = static_cast<uint32_t>(limit);
+  uint32_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) + 1u > lim);
+  return bad == 0;
+}
+
 // ptr [n+1] from 0 to nnz, non-decreasing: then every row [ptr[r], ptr[r+1]) lies inside idx
 bool ptr_valid(const int32_t* ptr, int64_t n, int64_t nnz) {
   bool ok = ptr[0] == 0 && ptr[n] == nnz;
@@ -606,10 +615,13 @@ void nm_dsd(const py::array& dy, const py::array& values, const py::array& t_idx
   check_aligned(t_perm, "t_perm");
   const int32_t* perm = static_cast<const int32_t*>(t_perm.data());
   const int64_t np = d.rows * d.S;
-  for (int64_t k = 0; k < np; ++k)
-    if (perm[k] < -1 || perm[k] >= nvals)
-      throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
-                            " is outside [-1, " + std::to_string(nvals) + ")");
+  // branch-free first (as check_perm); the branching loop runs only to name the bad entry. NOTE: over the
+  // 8.4M slots of a transposable 2:4 4096² layer, one thread, standalone: 10-15 ms branching, 7-8 ms not
+  if (!indices_or_none_valid(perm, np, nvals))
+    for (int64_t k = 0; k < np; ++k)
+      if (perm[k] < -1 || perm[k] >= nvals)
+        throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
+                              " is outside [-1, " + std::to_string(nvals) + ")");
   float* DX = float_output(dx, "dx", D.rows, d.rows, 2);
   py::gil_scoped_release release;
   sparseops::nm_spmm(D.p, D.rows, D.cols, D.s0, D.s1, static_cast<const float*>(values.data()), perm, ip, n, m, d.rows,
@@ -984,15 +996,6 @@ CsrIn csr_in(const py::array& crow, const py::array& col, int64_t rows, int64_t 
   c.nnz = col.shape(0);
   check_csr(c.ptr, rows, c.idx, c.nnz, cols, "crow", "col", threads(nthreads));
   return c;
-}
-
-// every entry in [-1, limit): branch-free, so the common (valid) case is one vectorised pass
-bool indices_or_none_valid(const int32_t* idx, int64_t n, int64_t limit) {
-  if (limit > INT32_MAX) limit = INT32_MAX;
-  const uint32_t lim = static_cast<uint32_t>(limit);
-  uint32_t bad = 0;
-  for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint32_t>(static_cast<uint32_t>(idx[k]) + 1u > lim);
-  return bad == 0;
 }
 
 // a strictly increasing int64 list in [0, limit)
