@@ -19,8 +19,9 @@ DECODE_SPARSITIES = [0.9]
 def shape_id(batch: int, in_f: int, out_f: int, sparsity: float) -> str:
     return f"B{batch}-in{in_f}-out{out_f}-sp{sparsity}"
 
-# N:M (bench_nm.py): the issue's training shape, a smaller one, and a decode forward at an MLP width
-NM_SHAPES = [(256, 4096, 4096), (64, 1024, 1024)]
+# N:M (bench_nm.py): the issue's training shape, a smaller one, a small-batch one (fine-tuning at batch 16,
+# where the input gradient's gather of Wᵀ's values weighs most), and a decode forward at an MLP width
+NM_SHAPES = [(256, 4096, 4096), (64, 1024, 1024), (16, 4096, 4096)]
 NM_PATTERNS = ["2:4", "1:4", "2:8", "2:4T"]
 NM_DECODE_SHAPES = [(1, 4096, 11008)]
 

@@ -262,6 +262,19 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) c.v[i] = p[i];
     return c;
   }
+  static inline void istore(int32_t* p, const ireg& a) {
+    for (int i = 0; i < 8; ++i) p[i] = a.v[i];
+  }
+  static inline ireg ibcast(int32_t b) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) c.v[i] = b;
+    return c;
+  }
+  static inline ireg iadd(const ireg& a, const ireg& b) {
+    ireg c;
+    for (int i = 0; i < 8; ++i) c.v[i] = a.v[i] + b.v[i];
+    return c;
+  }
   // lane i: a.v[4 * (i / 4) + (c.v[i] & 3)] (a permute within each 128-bit half)
   static inline reg permil(const reg& a, const ireg& c) {
     reg r;
@@ -537,6 +550,9 @@ struct VecAVX2 {
     return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
   }
   static inline ireg iload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline void istore(int32_t* p, ireg a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+  static inline ireg ibcast(int32_t b) { return _mm256_set1_epi32(b); }
+  static inline ireg iadd(ireg a, ireg b) { return _mm256_add_epi32(a, b); }
   static inline reg permil(reg a, ireg c) { return _mm256_permutevar_ps(a, c); }
   static inline reg blend_cc(reg a, reg b) { return _mm256_blend_ps(a, b, 0xCC); }
   template <int NW>
