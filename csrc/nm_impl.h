@@ -236,9 +236,11 @@ void nm_tile_width(int64_t B, F&& f) {
 // slices; 128 KB 1.07x more); B=32 weight gradient 1.47x; 1:4 B=8 forward 1.53x; B=256 (slices off, the
 // decode alone) 1.04x / 1.06x.
 constexpr int64_t SLICE_BYTES = 131072;
-inline int64_t nm_slice_rows(const NmShape& d, int64_t T) {
+// not for a transposed walk (perm): its gather of Wᵀ's values reuses a line of W over GATHER_ROWS rows
+// (nm_gather_blocked), and 16-row slices (2:4 at 4096) made the transposable 2:4 input gradient at B=16 slower.
+inline int64_t nm_slice_rows(const NmShape& d, int64_t T, bool perm = false) {
   const int64_t S = std::max<int64_t>(1, d.S);
-  if (T == 1) return std::max<int64_t>(8, (SLICE_BYTES / (4 * S)) / 8 * 8);
+  if (T == 1 && !perm) return std::max<int64_t>(8, (SLICE_BYTES / (4 * S)) / 8 * 8);
   return std::max<int64_t>(1, (int64_t(1) << 30) / S);
 }
 
@@ -254,8 +256,9 @@ void nm_spmm_csr(const float* a, int64_t B, int64_t s0, int64_t s1, const NmShap
     const int tid = thread_id(), nt = thread_count();
     const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
     pack_padded<V, BT>(a, B, d.K, d.Kp, s0, s1, p);  // ends in a barrier
-    for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += nm_slice_rows(d, T)) {
-      const int64_t q1 = std::min(r1, q0 + nm_slice_rows(d, T));
+    const int64_t slice = nm_slice_rows(d, T, perm != nullptr);
+    for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += slice) {
+      const int64_t q1 = std::min(r1, q0 + slice);
       err.run([&] {
         const Blocked m = nm_block_rows<V>(d, idx, vals, perm, q0, q1, BT, T, chunk_rows_for(BT, rows * d.S, rows, d.Kp),
                                         block_rows_count(BT));
