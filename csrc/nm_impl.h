@@ -69,20 +69,6 @@ void pack_padded(const float* a, int64_t B, int64_t K, int64_t Kp, int64_t s0, i
   }
 }
 
-// rows [r0, r1) of an N:M index in the CSR kernels' blocked layout (see Blocked, block_rows), for their
-// walk (rows_tile, sdd_tile): int32 columns in [0, Kp), and the values copied alongside when given.
-// a chunk is GC whole groups, so every row has the same slots in it, [c*GC*n, (c+1)*GC*n): the run
-// bounds are arithmetic (block_rows finds them with a compare per nonzero) and the 4-bit positions are
-// decoded straight into their chunk-major place, two slots (one byte) at a time. GC*n is even, so a
-// run starts on a byte. slots past column K (the padding of the last group) hold zeros and read P's
-// zero rows.
-// NOTE: 4096x4096 B=256 2:4, 2 threads (perf, RelWithDebInfo): decoding every slot to a row-major
-// int32 copy and then block_rows' run scan and copy took ~28% of the forward, the walk the rest.
-// against that, in-process A/B (10 alternations, median old/new): forward 1.13x (2:4), 1.13x (1:4),
-// 1.19x (2:8); weight gradient 1.06x, 1.12x, 1.12x; transposable 2:4 input gradient 1.11x.
-// NOTE: a walk that decodes the positions inline from the row-major index (no copy at all; 2-3 rows
-// interleaved, 2:4) ran 10-20% below rows_tile over the chunk-major copy, standalone on one thread
-// over 8 tiles of 4096x4096 (36-51 vs 40-58 GF/s): its value reads jump a row's stride per visit.
 // dst[(r - r0) * S + j] = Wᵀ's value of slot j of row r, vals[perm[r * S + j]] (0 where perm is -1), for
 // rows [r0, r1): as gather_blocked (csr_impl.h), in blocks of GATHER_ROWS rows by the slots of about
 // GATHER_COLS rows of W (whole groups), so that the reads stay on that many pages of W at a time
@@ -102,6 +88,20 @@ inline void nm_gather_blocked(const float* vals, const int32_t* perm, const NmSh
   }
 }
 
+// rows [r0, r1) of an N:M index in the CSR kernels' blocked layout (see Blocked, block_rows), for their
+// walk (rows_tile, sdd_tile): int32 columns in [0, Kp), and the values copied alongside when given.
+// a chunk is GC whole groups, so every row has the same slots in it, [c*GC*n, (c+1)*GC*n): the run
+// bounds are arithmetic (block_rows finds them with a compare per nonzero) and the 4-bit positions are
+// decoded straight into their chunk-major place, two slots (one byte) at a time. GC*n is even, so a
+// run starts on a byte. slots past column K (the padding of the last group) hold zeros and read P's
+// zero rows.
+// NOTE: 4096x4096 B=256 2:4, 2 threads (perf, RelWithDebInfo): decoding every slot to a row-major
+// int32 copy and then block_rows' run scan and copy took ~28% of the forward, the walk the rest.
+// against that, in-process A/B (10 alternations, median old/new): forward 1.13x (2:4), 1.13x (1:4),
+// 1.19x (2:8); weight gradient 1.06x, 1.12x, 1.12x; transposable 2:4 input gradient 1.11x.
+// NOTE: a walk that decodes the positions inline from the row-major index (no copy at all; 2-3 rows
+// interleaved, 2:4) ran 10-20% below rows_tile over the chunk-major copy, standalone on one thread
+// over 8 tiles of 4096x4096 (36-51 vs 40-58 GF/s): its value reads jump a row's stride per visit.
 struct NmBlocks {
   BlockStore store;
   std::vector<int32_t> base;
