@@ -1,0 +1,92 @@
+"""Few-bit activations against torch's, timed in alternation in one process (paired ratios).
+
+``bench_fewbit.py`` (pytest-benchmark) times each provider's 20 rounds one after the other, so a
+ratio there compares two stretches of this machine, which drifts by ±25% within a minute. Here the
+two sides take turns: each pair times ``--calls`` forward+backward calls of torch's activation, then
+as many of the few-bit one, on the same input and upstream gradient (the same closure as
+bench_fewbit's ``run``), and the ratio of that pair is kept. The result is the median of the
+``--pairs`` paired ratios (torch time / few-bit time, above 1 the few-bit one is faster) with their
+range, and the median time of each side.
+
+    python bench/ab_fewbit.py                           # every activation, fp32, 4M elements
+    python bench/ab_fewbit.py --act gelu relu --dtype bf16 --n 131072
+
+Each case checks its forward against bench_fewbit's expectation before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench_fewbit import ACTIVATIONS, BF16, EXACT_BITS, N, THREADS, _fn  # the suite's cases (this directory)
+
+
+def _expected(activation: str, x: torch.Tensor, dtype) -> torch.Tensor:
+    if activation == "tanh":
+        return torch.tanh(x.double()).to(dtype)  # the CPU kernel's tanh is correctly rounded
+    return ACTIVATIONS[activation](x)
+
+
+def pair_ratios(activation: str, bits: int, dtype, n: int, pairs: int, calls: int) -> tuple[list, list]:
+    """Per-pair mean times (s) of torch's and the few-bit activation's forward+backward."""
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g0).to(dtype).requires_grad_(True)
+    g = torch.randn(n, generator=g0).to(dtype)
+    ours, ref = _fn(activation, f"fewbit{bits}"), _fn(activation, "torch")
+    y = ours(x)
+    if activation == "sigmoid":  # the fused sigmoid is its own (within 1.56 ulp), bench_fewbit checks its bound
+        assert torch.allclose(y, torch.sigmoid(x.detach()), rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(y, _expected(activation, x.detach(), dtype)), f"{activation}: the forward must be exact"
+
+    def block(fn):
+        t = time.perf_counter()
+        for _ in range(calls):
+            torch.autograd.grad(fn(x), x, g)
+        return (time.perf_counter() - t) / calls
+
+    for _ in range(3):
+        block(ref), block(ours)
+    a, b = [], []
+    for i in range(pairs):
+        if i % 2:  # alternate which side goes first, so neither always runs right after the other
+            b.append(block(ours)), a.append(block(ref))
+        else:
+            a.append(block(ref)), b.append(block(ours))
+    return a, b
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--act", nargs="*", default=list(ACTIVATIONS), help="activations (default: all)")
+    ap.add_argument("--bits", nargs="*", type=int, default=[1, 2, 3, 4])
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--n", type=int, default=N, help=f"elements (default {N})")
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=5, help="forward+backward calls per side per pair")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    print(f"# {args.dtype}, n={args.n}, {THREADS} threads, {args.pairs} pairs of {args.calls} calls a side")
+    print("| activation | bits | torch ms | few-bit ms | torch / few-bit (median of pairs) | range |")
+    print("|---|---|---|---|---|---|")
+    for act in args.act:
+        if act not in ACTIVATIONS:
+            raise ValueError(f"--act: unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
+        if dtype == torch.bfloat16 and act not in BF16:
+            continue
+        for bits in args.bits:
+            if act in EXACT_BITS and bits != EXACT_BITS[act]:
+                continue
+            a, b = pair_ratios(act, bits, dtype, args.n, args.pairs, args.calls)
+            r = [x / y for x, y in zip(a, b)]
+            print(f"| {act} | {bits} | {1e3 * statistics.median(a):.3f} | {1e3 * statistics.median(b):.3f} | "
+                  f"{statistics.median(r):.2f} | {min(r):.2f}–{max(r):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
