@@ -202,6 +202,36 @@ void check_perm(const int32_t* perm, int64_t nnz, int64_t limit, int nthreads = 
 
 int threads(int n) { return n < 1 ? 1 : n; }
 
+// a byte range of an array, to refuse outputs that overlap another argument
+struct Span {
+  const char* p;
+  size_t n;
+  const char* name;
+};
+
+Span span(const py::array& a, const char* name) {
+  return {static_cast<const char*>(a.data()), static_cast<size_t>(a.nbytes()), name};
+}
+
+// outputs must not share memory with any other argument: a kernel writing one would change what it
+// reads from another (an index it then follows)
+void check_disjoint(const std::vector<Span>& outs, const std::vector<Span>& all) {
+  for (const Span& o : outs)
+    for (const Span& a : all) {
+      if (o.p == a.p && o.n == a.n && o.name == a.name) continue;  // itself
+      if (o.n && a.n && o.p < a.p + a.n && a.p < o.p + o.n)
+        throw py::value_error(std::string(o.name) + ": shares memory with " + a.name);
+    }
+}
+
+// check_disjoint for one output against every array the kernel reads (and the bias array, when bias_keep
+// holds one): a kernel that wrote into an index after the binding checked it would then follow what it wrote
+void check_out(const py::array& out, const char* name, std::vector<Span> reads, const py::object& bias_keep = py::object()) {
+  reads.insert(reads.begin(), span(out, name));
+  if (bias_keep && !bias_keep.is_none()) reads.push_back(span(bias_keep.cast<py::array>(), "bias"));
+  check_disjoint({reads[0]}, reads);
+}
+
 void csr_dds(const py::array& x, const py::array& values, const py::array& crow, const py::array& col,
              const py::object& bias, py::array& y, int nthreads) {
   const Mat X = float_matrix(x, "x");
@@ -220,6 +250,7 @@ void csr_dds(const py::array& x, const py::array& values, const py::array& crow,
   // destroyed after the gil is taken back.
   py::object bias_keep;
   const float* b = optional_bias(bias, n, bias_keep);
+  check_out(y, "y", {span(x, "x"), span(values, "values"), span(crow, "crow"), span(col, "col")}, bias_keep);
   // the row pointers here (O(rows)); the columns inside the kernel, each row before it is read through
   // (csr_spmm_checked), and only on a failure the full check, which names the first bad entry
   check_ptr(ptr, n, nnz, "crow");
@@ -245,6 +276,8 @@ void csr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
   const int64_t nnz = t_row.shape(0);
   const float* vals = vector<float>(values, "values", "float32", nnz);
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
+  check_out(dx, "dx", {span(dy, "dy"), span(values, "values"), span(t_crow, "t_crow"), span(t_row, "t_row"),
+                       span(t_perm, "t_perm")});
   check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row", threads(nthreads));
   check_perm(perm, nnz, nnz, threads(nthreads));
   py::gil_scoped_release release;
@@ -274,6 +307,7 @@ void csr_sdd(const py::array& dy, const py::array& x, const py::array& crow, con
              int nthreads) {
   const SddArgs a = sdd_args(dy, x, crow, col);
   float* DV = float_output(dvals, "dvalues", a.nnz, 0, 1);
+  check_out(dvals, "dvalues", {span(dy, "dy"), span(x, "x"), span(crow, "crow"), span(col, "col")});
   check_csr(a.ptr, a.D.cols, a.idx, a.nnz, a.X.cols, "crow", "col", threads(nthreads));
   py::gil_scoped_release release;
   sparseops::csr_sdd(a.D.p, a.D.rows, a.D.cols, a.D.s0, a.D.s1, a.X.p, a.X.cols, a.X.s0, a.X.s1, a.ptr, a.idx, DV,
@@ -294,6 +328,10 @@ void csr_backward(const py::array& dy, const py::array& x, const py::array& valu
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
   float* DX = float_output(dx, "dx", D.rows, X.cols, 2);
   float* DV = float_output(dvalues, "dvalues", nnz, 0, 1);
+  check_disjoint({span(dx, "dx"), span(dvalues, "dvalues")},
+                 {span(dx, "dx"), span(dvalues, "dvalues"), span(dy, "dy"), span(x, "x"), span(values, "values"),
+                  span(crow, "crow"), span(col, "col"), span(t_crow, "t_crow"), span(t_row, "t_row"),
+                  span(t_perm, "t_perm")});
   check_csr(ptr, D.cols, idx, nnz, X.cols, "crow", "col", threads(nthreads));
   check_csr(tptr, X.cols, tidx, nnz, D.cols, "t_crow", "t_row", threads(nthreads));
   check_perm(perm, nnz, nnz, threads(nthreads));
@@ -309,28 +347,6 @@ sparseops::FewbitDtype fewbit_dtype(const std::string& dtype) {
   if (dtype == "bfloat16") return sparseops::FewbitDtype::bf16;
   if (dtype == "float16") return sparseops::FewbitDtype::f16;
   throw py::value_error("dtype: expected 'float32', 'bfloat16' or 'float16', got '" + dtype + "'");
-}
-
-// a byte range of an array, to refuse outputs that overlap another argument
-struct Span {
-  const char* p;
-  size_t n;
-  const char* name;
-};
-
-Span span(const py::array& a, const char* name) {
-  return {static_cast<const char*>(a.data()), static_cast<size_t>(a.nbytes()), name};
-}
-
-// outputs must not share memory with any other argument: a kernel writing one would change what it
-// reads from another (an index it then follows)
-void check_disjoint(const std::vector<Span>& outs, const std::vector<Span>& all) {
-  for (const Span& o : outs)
-    for (const Span& a : all) {
-      if (o.p == a.p && o.n == a.n && o.name == a.name) continue;  // itself
-      if (o.n && a.n && o.p < a.p + a.n && a.p < o.p + o.n)
-        throw py::value_error(std::string(o.name) + ": shares memory with " + a.name);
-    }
 }
 
 // an array of any shape holding elements of `dtype` (16-bit floats arrive as an int16/uint16 view)
@@ -503,6 +519,7 @@ void nm_dds(const py::array& x, const py::array& values, const py::array& idx, i
   float* Y = float_output(y, "y", X.rows, d.rows, 2);
   py::object bias_keep;  // see csr_dds
   const float* b = optional_bias(bias, d.rows, bias_keep);
+  check_out(y, "y", {span(x, "x"), span(values, "values"), span(idx, "idx")}, bias_keep);
   // the positions are checked inside the kernel, each row before it is read through (nm_spmm_checked);
   // only on a failure does the full check run, to name the entry
   bool ok;
@@ -540,9 +557,7 @@ void csr_dds16(const py::array& x, const py::array& values, const std::string& d
   float* Y = float_output(y, "y", X.rows, n, 2);
   py::object bias_keep;  // see csr_dds
   const float* b = optional_bias(bias, n, bias_keep);
-  std::vector<Span> all = {span(y, "y"), span(x, "x"), span(values, "values"), span(crow, "crow"), span(col, "col")};
-  if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
-  check_disjoint({all[0]}, all);
+  check_out(y, "y", {span(x, "x"), span(values, "values"), span(crow, "crow"), span(col, "col")}, bias_keep);
   check_ptr(ptr, n, nnz, "crow");
   const auto* v = static_cast<const uint16_t*>(values.data());
   bool ok;
@@ -579,9 +594,7 @@ void nm_dds16(const py::array& x, const py::array& values, const std::string& dt
   float* Y = float_output(y, "y", X.rows, d.rows, 2);
   py::object bias_keep;  // see csr_dds
   const float* b = optional_bias(bias, d.rows, bias_keep);
-  std::vector<Span> all = {span(y, "y"), span(x, "x"), span(values, "values"), span(idx, "idx")};
-  if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
-  check_disjoint({all[0]}, all);
+  check_out(y, "y", {span(x, "x"), span(values, "values"), span(idx, "idx")}, bias_keep);
   const auto* v = static_cast<const uint16_t*>(values.data());
   bool ok;
   {
@@ -623,6 +636,7 @@ void nm_dsd(const py::array& dy, const py::array& values, const py::array& t_idx
         throw py::value_error("t_perm: index " + std::to_string(perm[k]) + " at position " + std::to_string(k) +
                               " is outside [-1, " + std::to_string(nvals) + ")");
   float* DX = float_output(dx, "dx", D.rows, d.rows, 2);
+  check_out(dx, "dx", {span(dy, "dy"), span(values, "values"), span(t_idx, "t_idx"), span(t_perm, "t_perm")});
   py::gil_scoped_release release;
   sparseops::nm_spmm(D.p, D.rows, D.cols, D.s0, D.s1, static_cast<const float*>(values.data()), perm, ip, n, m, d.rows,
                      nullptr, DX, threads(nthreads));
@@ -644,6 +658,8 @@ void nm_dsd_csr(const py::array& dy, const py::array& values, const py::array& t
   check_aligned(values, "values");
   const int64_t nvals = static_cast<int64_t>(values.size());
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nnz);
+  check_out(dx, "dx", {span(dy, "dy"), span(values, "values"), span(t_crow, "t_crow"), span(t_row, "t_row"),
+                       span(t_perm, "t_perm")});
   check_csr(ptr, n, idx, nnz, D.cols, "t_crow", "t_row", threads(nthreads));
   check_perm(perm, nnz, nvals, threads(nthreads));
   py::gil_scoped_release release;
@@ -660,6 +676,7 @@ void nm_sdd(const py::array& dy, const py::array& x, const py::array& idx, int n
   const NmDims d = nm_dims(n, m, D.cols, X.cols);
   const uint8_t* ip = nm_index(idx, "idx", d);
   float* DV = float_output(dvalues, "dvalues", d.rows, d.S, 2);
+  check_out(dvalues, "dvalues", {span(dy, "dy"), span(x, "x"), span(idx, "idx")});
   py::gil_scoped_release release;
   sparseops::nm_sdd(D.p, D.rows, D.cols, D.s0, D.s1, X.p, X.cols, X.s0, X.s1, ip, n, m, DV, threads(nthreads));
 }
@@ -708,6 +725,7 @@ void bsr_dds(const py::array& x, const py::array& values, const py::array& crow,
   float* Y = float_output(y, "y", X.rows, nbr * b, 2);
   py::object bias_keep;  // see csr_dds
   const float* bp = optional_bias(bias, nbr * b, bias_keep);
+  check_out(y, "y", {span(x, "x"), span(values, "values"), span(crow, "crow"), span(col, "col")}, bias_keep);
   check_csr(ptr, nbr, idx, nblk, nbc, "crow", "col");
   py::gil_scoped_release release;
   sparseops::bsr_dds(X.p, X.rows, X.s0, vals, ptr, idx, nbr, b, bp, Y, nbr * b, threads(nthreads));
@@ -726,6 +744,8 @@ void bsr_dsd(const py::array& dy, const py::array& values, const py::array& t_cr
   const float* vals = block_values(values, "values", nblk, b, false);
   const int32_t* perm = vector<int32_t>(t_perm, "t_perm", "int32", nblk);
   float* DX = float_output(dx, "dx", D.rows, nbc * b, 2);
+  check_out(dx, "dx", {span(dy, "dy"), span(values, "values"), span(t_crow, "t_crow"), span(t_row, "t_row"),
+                       span(t_perm, "t_perm")});
   check_csr(ptr, nbc, idx, nblk, nbr, "t_crow", "t_row");
   check_perm(perm, nblk, nblk);
   py::gil_scoped_release release;
@@ -749,6 +769,7 @@ void bsr_sdd(const py::array& dy, const py::array& x, const py::array& row, cons
   float* DV = const_cast<float*>(block_values(dvalues, "dvalues", nblk, b, true));
   float* out = static_cast<float*>(dvalues.mutable_data());
   (void)DV;
+  check_out(dvalues, "dvalues", {span(dy, "dy"), span(x, "x"), span(row, "row"), span(col, "col")});
   py::gil_scoped_release release;
   sparseops::bsr_sdd(D.p, D.rows, D.s0, X.p, X.s0, r, c, nblk, b, out, threads(nthreads));
 }
@@ -821,9 +842,7 @@ int64_t act_gemv16(const py::array& x, const py::array& threshold, bool relu, co
   py::object bias_keep;  // see csr_dds
   const float* bp = optional_bias(bias, N, bias_keep);
   const auto* W = static_cast<const uint16_t*>(weight_t.data());
-  std::vector<Span> all = {span(y, "y"), span(x, "x"), span(weight_t, "weight_t"), span(threshold, "threshold")};
-  if (!bias.is_none()) all.push_back(span(bias_keep.cast<py::array>(), "bias"));
-  check_disjoint({all[0]}, all);
+  check_out(y, "y", {span(x, "x"), span(weight_t, "weight_t"), span(threshold, "threshold")}, bias_keep);
   py::gil_scoped_release release;
   return sparseops::act_gemv16(X.p, X.rows, X.cols, X.s0, sel, W, dtype == "bfloat16", N, bp, Y, N,
                                threads(nthreads));
@@ -880,6 +899,8 @@ int64_t act_csr_gemv(const py::array& x, const py::array& threshold, bool relu, 
   float* Y = float_output(y, "y", X.rows, out_features, 2);
   py::object bias_keep;  // see csr_dds
   const float* bp = optional_bias(bias, out_features, bias_keep);
+  check_out(y, "y", {span(x, "x"), span(threshold, "threshold"), span(t_crow, "t_crow"), span(t_col, "t_col"),
+                     span(t_values, "t_values")}, bias_keep);
   int64_t u;
   {
     py::gil_scoped_release release;

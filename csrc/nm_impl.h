@@ -240,8 +240,9 @@ constexpr int64_t SLICE_BYTES = 131072;
 // (nm_gather_blocked), and 16-row slices (2:4 at 4096) made the transposable 2:4 input gradient at B=16 slower.
 inline int64_t nm_slice_rows(const NmShape& d, int64_t T, bool perm = false) {
   const int64_t S = std::max<int64_t>(1, d.S);
-  if (T == 1 && !perm) return std::max<int64_t>(8, (SLICE_BYTES / (4 * S)) / 8 * 8);
-  return std::max<int64_t>(1, (int64_t(1) << 30) / S);
+  const int64_t most = std::max<int64_t>(1, (int64_t(1) << 30) / S);  // the int32 offsets' bound, always
+  if (T == 1 && !perm) return std::min(most, std::max<int64_t>(8, (SLICE_BYTES / (4 * S)) / 8 * 8));
+  return most;
 }
 
 template <class V, int NV>
