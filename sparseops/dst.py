@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SparseLinear
+from .nn._optim import check_holds
 from .ops.repack import count_off_kept, sample_off, top_abs, top_abs_rows
 from .patterns import FanIn, Unstructured
 
@@ -63,6 +64,7 @@ class _DynamicSparse:
         if not self.names:
             kind = "FanIn" if self.constant_fan_in else "unstructured"
             raise ValueError(f"model: has no {kind} SparseLinear to train (sparsify_ it first)")
+        check_holds(optimizer, {f"{fqn}.values": model.get_submodule(fqn).values for fqn in self.names})
         self.step_count = 0
         self._hooks: list = []
         self._seen: dict[str, dict] = {}
@@ -108,14 +110,23 @@ class _DynamicSparse:
             self._arm()
 
     def step(self) -> bool:
-        """Advance one optimizer step; update the masks when due. Returns whether it did."""
-        t = self.step_count = self.step_count + 1
+        """Advance one optimizer step; update the masks when due. Returns whether it did.
+
+        When the update raises (e.g. RigL found no recorded gradient), nothing has changed: no layer is
+        re-packed, the step is not counted, and the hooks are armed again for the same update.
+        """
+        t = self.step_count + 1
         updated = False
         if self._updates_at(t):
             self._disarm()
-            self.update(self.fraction_at(t))
+            try:
+                self.update(self.fraction_at(t))
+            except BaseException:
+                self._rearm()  # step_count unchanged: armed for this same update
+                raise
             self._seen = {}
             updated = True
+        self.step_count = t
         self._rearm()
         return updated
 
@@ -131,10 +142,16 @@ class _DynamicSparse:
 
     @torch.no_grad()
     def update(self, fraction: float) -> None:
-        """Drop ``fraction`` of every targeted layer's weights and grow as many (see the subclasses)."""
+        """Drop ``fraction`` (in [0, 1]) of every targeted layer's weights and grow as many (see the
+        subclasses). Every layer's new index is chosen before any layer is re-packed, so an error leaves
+        them all as they were."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(f"fraction: expected a float in [0, 1], got {fraction!r}")
+        plans = []
         for fqn in self.names:
             mod = self.model.get_submodule(fqn)
-            plan = self._plan(fqn, mod, fraction)
+            plans.append((mod, self._plan(fqn, mod, fraction)))
+        for mod, plan in plans:
             if plan is not None:
                 mod.rewire_(*plan, self.optimizer)
 
@@ -156,8 +173,21 @@ class _DynamicSparse:
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
+        self._apply_state(self._check_state(state))
+
+    def _check_state(self, state) -> dict:
+        # everything is checked before anything is set: a refused state leaves this object as it was
+        if not isinstance(state, dict) or "step_count" not in state:
+            raise ValueError(f"state: expected a dict from state_dict() with 'step_count', got {state!r:.200}")
+        sc = state["step_count"]
+        if isinstance(sc, bool) or not isinstance(sc, int) or sc < 0:
+            raise ValueError(f"state['step_count']: expected an int >= 0, got {sc!r}")
+        return {"step_count": sc}
+
+    def _apply_state(self, checked: dict) -> None:
+        self.step_count = checked["step_count"]
         self._seen = {}
+        self._rearm()  # the hooks follow the step count: armed when the next step updates
         self._rearm()
 
 
@@ -223,12 +253,17 @@ class SRigL(RigL):
             raise ValueError(f"ablation: expected a float in [0, 1], got {ablation!r}")
         if isinstance(no_ablation, str):
             raise TypeError("no_ablation: expected a collection of module names, got a str")
+        try:
+            no_ab = set(no_ablation)
+        except TypeError:
+            raise TypeError(f"no_ablation: expected a collection of module names, got {type(no_ablation).__name__}") from None
         super().__init__(model, optimizer, update_every, drop_fraction, end_step=end_step, filter_fn=filter_fn,
                          generator=generator)
         self.ablation = float(ablation)
-        self.no_ablation = set(no_ablation)
+        self.no_ablation = no_ab
         unknown = sorted(self.no_ablation - set(self.names))
         if unknown:
+            self._disarm()  # the base class may have hooked the model already
             raise ValueError(f"no_ablation: {unknown} are not among the layers SRigL trains ({self.names})")
         self.budgets = {fqn: self.model.get_submodule(fqn).nnz for fqn in self.names}
         self.fan_ins = {fqn: self.model.get_submodule(fqn).pattern.k for fqn in self.names}
@@ -294,12 +329,26 @@ class SRigL(RigL):
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "budgets": dict(self.budgets), "fan_ins": dict(self.fan_ins)}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if "budgets" in state:
-            self.budgets = {k: int(v) for k, v in state["budgets"].items()}
-        if "fan_ins" in state:
-            self.fan_ins = {k: int(v) for k, v in state["fan_ins"].items()}
+    def _check_state(self, state) -> dict:
+        checked = super()._check_state(state)
+        for key, low in (("budgets", 0), ("fan_ins", 1)):
+            if key not in state:
+                continue
+            d = state[key]
+            if not isinstance(d, dict) or set(d) != set(self.names):
+                got = sorted(d) if isinstance(d, dict) else type(d).__name__
+                raise ValueError(f"state['{key}']: expected one entry for each layer SRigL trains {self.names}, "
+                                 f"got {got}")
+            bad = {k: v for k, v in d.items() if isinstance(v, bool) or not isinstance(v, int) or v < low}
+            if bad:
+                raise ValueError(f"state['{key}']: expected ints >= {low}, got {bad}")
+            checked[key] = dict(d)
+        return checked
+
+    def _apply_state(self, checked: dict) -> None:
+        super()._apply_state(checked)
+        self.budgets = checked.get("budgets", self.budgets)
+        self.fan_ins = checked.get("fan_ins", self.fan_ins)
 
 
 def _largest_per_row(kept: Tensor, rows: Tensor, values: Tensor, k: int) -> Tensor:

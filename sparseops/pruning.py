@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .masks import global_magnitude, magnitude
 from .masks.magnitude import _n_keep
 from .nn import SparseLinear
-from .nn._optim import replace_parameter
+from .nn._optim import check_holds, replace_parameter
 from .ops.repack import top_abs
 from .patterns import Unstructured, check_sparsity
 
@@ -84,6 +84,9 @@ class GradualPruner:
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity: expected at most final_sparsity={self.final_sparsity} (pruning only "
+                             f"drops weights), got {self.initial_sparsity}")
         for name, v in (("start_step", start_step), ("end_step", end_step), ("every", every)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -103,6 +106,13 @@ class GradualPruner:
         self.names = [fqn for fqn, _ in _linear_targets(model, filter_fn)]
         if not self.names:
             raise ValueError("model: has no nn.Linear or unstructured SparseLinear to prune")
+        if optimizer is not None:
+            targets = {}
+            for fqn in self.names:
+                mod = model.get_submodule(fqn)
+                sparse = isinstance(mod, SparseLinear)
+                targets[f"{fqn}.values" if sparse else f"{fqn}.weight"] = mod.values if sparse else mod.weight
+            check_holds(optimizer, targets)
         self.masks: dict[str, Tensor] = {}  # the dense layers' masks
         self.step_count = 0
         self.sparsity = self.initial_sparsity if start_step == 0 else 0.0
@@ -122,10 +132,11 @@ class GradualPruner:
             the names of the layers whose Parameters this step replaced (swapped for a SparseLinear, or
             re-packed); usually none. Without an ``optimizer`` given to the pruner, rebuild yours then.
         """
-        t = self.step_count = self.step_count + 1
+        t = self.step_count + 1
         swapped = []
         if self._prune_now(t):
             swapped = self._prune(self.sparsity_at(t))
+        self.step_count = t
         with torch.no_grad():
             for fqn, mask in self.masks.items():
                 self.model.get_submodule(fqn).weight.mul_(mask)
@@ -138,7 +149,7 @@ class GradualPruner:
         # candidates: a dense layer's entries on its mask, a SparseLinear's stored values (never the
         # positions off its mask: pruning only drops); each layer keeps numel - round(s * numel)
         # ranked by |w| in float32 (sparseops.ops.repack.top_abs: C++ on CPU), ties to the lower index
-        scores, on, sizes = [], [], []
+        scores, on, sizes, held = [], [], [], []
         for fqn, mod in layers:
             if isinstance(mod, SparseLinear):
                 scores.append(mod.values.detach().flatten())
@@ -147,6 +158,8 @@ class GradualPruner:
                 scores.append(mod.weight.detach().flatten())
                 on.append(self.masks.get(fqn))
             sizes.append(mod.in_features * mod.out_features)
+            # what can be kept: a layer already sparser than s (a SparseLinear built sparser) keeps all it holds
+            held.append(scores[-1].numel() if on[-1] is None else int(on[-1].sum()))
 
         def keep_largest(sc: list, masks: list, k: int) -> Tensor:
             flat = torch.cat([t.to(torch.float32) for t in sc]) if len(sc) > 1 else sc[0].to(torch.float32)
@@ -160,7 +173,7 @@ class GradualPruner:
             return keep
 
         if self.scope == "global":
-            keep_all = keep_largest(scores, on, _n_keep(sum(sizes), s))
+            keep_all = keep_largest(scores, on, min(_n_keep(sum(sizes), s), sum(held)))
             keeps, start = [], 0
             for sc, m in zip(scores, on):
                 kp = keep_all[start:start + sc.numel()].clone()
@@ -170,7 +183,7 @@ class GradualPruner:
                 keeps.append(kp)
                 start += sc.numel()
         else:
-            keeps = [keep_largest([sc], [m], _n_keep(n, s)) for sc, m, n in zip(scores, on, sizes)]
+            keeps = [keep_largest([sc], [m], min(_n_keep(n, s), h)) for sc, m, n, h in zip(scores, on, sizes, held)]
         swapped = []
         for (fqn, mod), keep in zip(layers, keeps):
             if isinstance(mod, SparseLinear):
@@ -202,9 +215,25 @@ class GradualPruner:
                 "masks": {k: v.clone() for k, v in self.masks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self.sparsity = float(state["sparsity"])
-        self.masks = {k: v.clone() for k, v in state["masks"].items()}
+        # everything is checked before anything is set: a refused state leaves the pruner as it was
+        if not isinstance(state, dict) or not {"step_count", "sparsity", "masks"} <= set(state):
+            raise ValueError("state: expected a dict from state_dict() with 'step_count', 'sparsity' and 'masks'")
+        sc, sp, masks = state["step_count"], state["sparsity"], state["masks"]
+        if isinstance(sc, bool) or not isinstance(sc, int) or sc < 0:
+            raise ValueError(f"state['step_count']: expected an int >= 0, got {sc!r}")
+        sp = check_sparsity(sp, "state['sparsity']")
+        if not isinstance(masks, dict):
+            raise ValueError(f"state['masks']: expected a dict of layer name -> bool mask, got {type(masks).__name__}")
+        for k, v in masks.items():
+            mod = self.model.get_submodule(k) if k in self.names else None
+            if not isinstance(mod, nn.Linear):
+                raise ValueError(f"state['masks']: {k!r} is not a dense nn.Linear this pruner prunes")
+            if not isinstance(v, Tensor) or v.dtype != torch.bool or v.shape != mod.weight.shape:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"state['masks'][{k!r}]: expected a bool tensor of shape {tuple(mod.weight.shape)}, "
+                                 f"got {got}")
+        self.step_count, self.sparsity = sc, sp
+        self.masks = {k: v.clone().to(self.model.get_submodule(k).weight.device) for k, v in masks.items()}
 
 
 class IterativeMagnitudePruning:

@@ -8,6 +8,7 @@ itself (taken from the sparse run after each update); sparse state is compared w
 gathered at the mask (row-major, ``t[mask]``).
 """
 
+import copy
 import math
 
 import pytest
@@ -537,3 +538,77 @@ def test_set_same_generator_seed_gives_identical_masks():
         for n in NAMES:
             assert torch.equal(a[i][n], b[i][n]), f"update {i} layer {n}: same seed, different masks"
     assert any(not torch.equal(a[i][n], c[i][n]) for i in range(len(a)) for n in NAMES), "seed has no effect"
+
+
+# ---- nothing changes when an update or a load is refused ----
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cls,kind", [METHODS[1], METHODS[2]])
+def test_update_refused_by_a_later_layer_changes_no_layer(cls, kind):
+    # only the first layer ran forward and backward: the second has no dense gradient, so the update
+    # raises; the first layer must not have been re-packed before that, and the step is not counted
+    model, opt, d = _make(cls, kind, update_every=1)
+    x, _ = _batch(1)
+    model[0](x).sum().backward()
+    before, values0 = _state(model), model[0].values
+    with pytest.raises(RuntimeError, match="no gradient was recorded for layer '2'"):
+        d.step()
+    assert _same_state(_state(model), before) and model[0].values is values0
+    assert d.step_count == 0
+    _assert_optimizer_holds_exactly(opt, model)
+    # armed again for the same update: a full step now updates
+    _train_step(model, opt, 1)
+    assert d.step() is True and d.step_count == 1
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+@pytest.mark.parametrize("fraction", [1.5, -0.1, float("nan"), "0.3", True])
+def test_update_fraction_is_checked(cls, kind, fraction):
+    model, opt, d = _make(cls, kind)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"^fraction: expected a float in \[0, 1\]"):
+        d.update(fraction)
+    assert _same_state(_state(model), before)
+
+
+@pytest.mark.parametrize("cls,kind", METHODS)
+def test_optimizer_must_hold_the_trained_values(cls, kind):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before sparsify_: holds the dense weights
+    model = sparseops.sparsify_(model, pattern=FanIn(K)) if kind == "fanin" else sparseops.sparsify_(model, SPARSITY)
+    with pytest.raises(ValueError, match=r"^optimizer: does not hold 0\.values, 2\.values"):
+        cls(model, opt)
+
+
+def test_srigl_refused_no_ablation_leaves_no_hook():
+    model = _model("fanin")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^no_ablation: \['typo'\]"):
+        SRigL(model, opt, update_every=1, no_ablation=["typo"])
+    with pytest.raises(TypeError, match="^no_ablation: expected a collection of module names, got int"):
+        SRigL(model, opt, update_every=1, no_ablation=3)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("state,match", [
+    pytest.param({"step_count": 7, "budgets": {"0": "x", "2": 64}}, r"^state\['budgets'\]: expected ints", id="bad-budget"),
+    pytest.param({"step_count": 7, "budgets": {"0": 64}}, r"^state\['budgets'\]: expected one entry for each layer",
+                 id="missing-layer"),
+    pytest.param({"step_count": 7, "fan_ins": {"0": 0, "2": 8}}, r"^state\['fan_ins'\]: expected ints >= 1", id="fan-in-0"),
+    pytest.param({"step_count": -1}, r"^state\['step_count'\]: expected an int >= 0", id="negative-step"),
+    pytest.param({"budgets": {}}, r"^state: expected a dict from state_dict\(\) with 'step_count'", id="no-step"),
+])
+def test_srigl_load_state_dict_refused_changes_nothing(state, match):
+    _, _, d = _make(SRigL, "fanin")
+    before = copy.deepcopy(d.state_dict())
+    with pytest.raises(ValueError, match=match):
+        d.load_state_dict(state)
+    assert d.state_dict() == before

@@ -768,6 +768,7 @@ BAD_ARGS = [
     pytest.param({"final_sparsity": -0.1}, ValueError, "final_sparsity", id="final_sparsity-neg"),
     pytest.param({"final_sparsity": "0.5"}, TypeError, "final_sparsity", id="final_sparsity-str"),
     pytest.param({"initial_sparsity": 1.0}, ValueError, "initial_sparsity", id="initial_sparsity-1.0"),
+    pytest.param({"initial_sparsity": 0.6}, ValueError, "initial_sparsity", id="initial-above-final"),
     pytest.param({"convert_at": 1.5}, ValueError, "convert_at", id="convert_at-1.5"),
     pytest.param({"start_step": 10, "end_step": 10}, ValueError, "end_step", id="end_step-eq-start"),
     pytest.param({"start_step": 10, "end_step": 5}, ValueError, "end_step", id="end_step-lt-start"),
@@ -1015,3 +1016,46 @@ def test_prune_refuses_structured_layers():
     layer = SparseLinear(8, 16, pattern=NM(2, 4))
     with pytest.raises(TypeError, match="prune_"):
         layer.prune_(torch.ones(layer.values.numel(), dtype=torch.bool))
+
+
+# ---- refusals change nothing ----
+
+
+def test_gradual_pruner_optimizer_must_hold_the_pruned_parameters():
+    model = _mlp()
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)  # the first layer's only
+    with pytest.raises(ValueError, match=r"^optimizer: does not hold 2\.weight"):
+        GradualPruner(model, SF, T0, T1, EVERY, optimizer=opt)
+
+
+def test_gradual_pruner_keeps_a_layer_already_sparser_than_the_schedule():
+    # a SparseLinear built at 95% under a schedule that is at 52% at its first prune: it keeps all it holds
+    model = nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), SparseLinear(HID, OUT, sparsity=0.95))
+    nnz = model[2].nnz
+    pruner = GradualPruner(model, SF, T0, T1, EVERY, convert_at=None)
+    for _ in range(5):  # through the prune at t = 5 (s = 0.52)
+        pruner.step()
+    assert model[2].nnz == nnz
+    assert int((model[0].weight != 0).sum()) == NUMEL["0"] - round(0.52 * NUMEL["0"])
+
+
+@pytest.mark.parametrize("state,match", [
+    pytest.param({"step_count": 5, "sparsity": 0.3}, r"^state: expected a dict from state_dict\(\)", id="no-masks"),
+    pytest.param({"step_count": 5, "sparsity": 0.3, "masks": {"0": torch.ones(1, IN)}},
+                 r"^state\['masks'\]\['0'\]: expected a bool tensor of shape", id="float-mask-wrong-shape"),
+    pytest.param({"step_count": 5, "sparsity": 0.3, "masks": {"1": torch.ones(HID, IN, dtype=torch.bool)}},
+                 r"^state\['masks'\]: '1' is not a dense nn.Linear", id="not-a-target"),
+    pytest.param({"step_count": 5, "sparsity": 1.5, "masks": {}}, r"state\['sparsity'\]", id="sparsity-1.5"),
+    pytest.param({"step_count": -2, "sparsity": 0.3, "masks": {}}, r"^state\['step_count'\]", id="negative-step"),
+])
+def test_gradual_pruner_load_state_dict_refused_changes_nothing(state, match):
+    pruner = GradualPruner(_mlp(), SF, T0, T1, EVERY)
+    for _ in range(5):
+        pruner.step()
+    before = pruner.state_dict()
+    with pytest.raises(ValueError, match=match):
+        pruner.load_state_dict(state)
+    after = pruner.state_dict()
+    assert (after["step_count"], after["sparsity"]) == (before["step_count"], before["sparsity"])
+    assert after["masks"].keys() == before["masks"].keys()
+    assert all(torch.equal(after["masks"][k], before["masks"][k]) for k in before["masks"])

@@ -523,3 +523,4 @@ def test_refused_layer_is_unchanged_while_torch_loads_the_others():
         model.load_state_dict(state)
     _assert_same(before, _everything(model[0]))
     assert torch.equal(model[2].values, src[2].values) and torch.equal(model[2].mask, src[2].mask)
+

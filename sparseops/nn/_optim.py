@@ -28,3 +28,17 @@ def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: 
             for k, v in state.items()
         }
     return found
+
+
+def check_holds(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> None:
+    """Raise ValueError unless ``optimizer`` holds every parameter of ``params`` (name -> Parameter).
+
+    A swap or re-pack moves a parameter's place and state in the optimizer; one the optimizer does not
+    hold would be replaced silently and never trained (typically: an optimizer built before sparsify_).
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in params.items() if id(p) not in held]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"optimizer: does not hold {shown}; build it from model.parameters() after the "
+                         "layers it trains exist (after sparsify_)")

@@ -46,7 +46,7 @@ from ..autograd import act_linear, check_input
 from ..autograd.saved import relu_sparse, relu_sparse_input
 from ..reference.act import act_mask
 from ..patterns import check_sparsity
-from ._load import restore, snapshot
+from ._load import load_marks, refused, restore, snapshot
 from .linear import SparseLinear, _check_dtype, _check_features
 
 MODES = ("relu", "tensor", "channel", "topk")
@@ -301,11 +301,11 @@ class ActivationSparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # all or nothing over this layer and the SparseLinear it wraps, which loads after it: the post-hook
-        # (_undo_failed_load) restores both when any message was added by then (see nn._load)
+        # (_undo_failed_load) restores both when the checkpoint was refused by then (see nn._load)
         snaps = [(self, snapshot(self, ("mode", "sparsity")))]
         if self.sparse is not None:
             snaps.append((self.sparse, snapshot(self.sparse)))
-        self.__dict__["_load_guard"] = (error_msgs, len(error_msgs), snaps)
+        self.__dict__["_load_guard"] = (load_marks(error_msgs), snaps)
         wrapped = any(k.startswith(prefix + "sparse.") for k in state_dict)
         if wrapped != (self.sparse is not None) and (wrapped or prefix + "weight" in state_dict):
             have = "a SparseLinear (sparse.*)" if wrapped else "a dense weight (weight)"
@@ -347,8 +347,8 @@ class ActivationSparseLinear(nn.Module):
 
 def _undo_failed_load(module: "ActivationSparseLinear", incompatible_keys) -> None:
     guard = module.__dict__.pop("_load_guard", None)
-    if guard is not None and len(guard[0]) > guard[1]:
-        for m, snap in guard[2]:
+    if guard is not None and refused(guard[0]):
+        for m, snap in guard[1]:
             restore(m, snap)
 
 

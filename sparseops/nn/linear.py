@@ -13,7 +13,7 @@ from ..fewbit.table import ACTIVATIONS, activation_fn
 from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, ELLWeight, NMWeight
 from ..formats.bsr import grid_shape
 from ..masks import for_pattern
-from ._load import restore, snapshot
+from ._load import load_all_or_nothing
 from ._optim import replace_parameter
 from ..masks.nm import is_nm
 from ..masks.transposable import is_transposable_nm
@@ -486,11 +486,8 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # all or nothing: a refused checkpoint leaves the layer as it was (see nn._load)
-        n_err = len(error_msgs)
-        snap = snapshot(self, ("pattern",))
-        self._load_checked(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if len(error_msgs) > n_err:
-            restore(self, snap)
+        load_all_or_nothing(self, self._load_checked, state_dict, prefix, local_metadata, strict, missing_keys,
+                            unexpected_keys, error_msgs, ("pattern",))
 
     def _kind(self) -> str:
         if self._is_nm:

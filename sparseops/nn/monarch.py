@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..autograd import check_input
-from ._load import restore, snapshot
+from ._load import load_all_or_nothing
 from .linear import _check_dtype
 
 
@@ -364,11 +364,8 @@ class MonarchLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # all or nothing: a refused checkpoint leaves the layer as it was (see nn._load)
-        n_err = len(error_msgs)
-        snap = snapshot(self)
-        self._load_checked(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if len(error_msgs) > n_err:
-            restore(self, snap)
+        load_all_or_nothing(self, self._load_checked, state_dict, prefix, local_metadata, strict, missing_keys,
+                            unexpected_keys, error_msgs)
 
     def _load_checked(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         other = [k for k in ("values", "crow", "col", "idx", "empty", "weight") if prefix + k in state_dict]
