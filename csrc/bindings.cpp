@@ -1079,7 +1079,9 @@ py::array dst_top_abs(const py::array& scores, const py::object& crow, const py:
     col_a = col.cast<py::array>();
     c = csr_in(crow_a, col_a, rows, cols, nthreads);
   }
-  const bool* M = nullptr;
+  // bool arrays are read as bytes, nonzero = true, as the kernels read them: a bool byte other than 0/1 (a
+  // uint8 tensor viewed as bool) read through bool* is undefined, and counted 2 where the kernel saw one entry
+  const uint8_t* M = nullptr;
   int64_t count = rows * cols - c.nnz;
   if (!eligible.is_none()) {
     elig_a = eligible.cast<py::array>();
@@ -1087,15 +1089,15 @@ py::array dst_top_abs(const py::array& scores, const py::object& crow, const py:
     if (elig_a.ndim() != 2 || elig_a.shape(0) != rows || elig_a.shape(1) != cols)
       throw py::value_error("eligible: expected shape " + shape_str(scores) + ", got " + shape_str(elig_a));
     if (!(elig_a.flags() & py::array::c_style)) throw py::value_error("eligible: must be C-contiguous");
-    M = static_cast<const bool*>(elig_a.data());
+    M = static_cast<const uint8_t*>(elig_a.data());
     // the eligible entries: flagged and not stored
     count = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      const bool* m = M + r * cols;
+      const uint8_t* m = M + r * cols;
       int64_t row = 0;
-      for (int64_t j = 0; j < cols; ++j) row += m[j] ? 1 : 0;
+      for (int64_t j = 0; j < cols; ++j) row += m[j] != 0;
       if (c.ptr)
-        for (int64_t p = c.ptr[r]; p < c.ptr[r + 1]; ++p) row -= m[c.idx[p]] ? 1 : 0;
+        for (int64_t p = c.ptr[r]; p < c.ptr[r + 1]; ++p) row -= m[c.idx[p]] != 0;
       count += row;
     }
   }
@@ -1111,7 +1113,7 @@ py::array dst_top_abs(const py::array& scores, const py::object& crow, const py:
   int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
-    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(M), n, O, threads(nthreads), z);
+    sparseops::top_abs(S, rows, cols, c.ptr, c.idx, M, n, O, threads(nthreads), z);
   }
   return out;
 }
@@ -1121,12 +1123,12 @@ py::array dst_top_abs_rows(const py::array& scores, const py::array& crow, const
   const float* S = score_matrix(scores);
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
   const CsrIn c = csr_in(crow, col, rows, cols, nthreads);
-  const bool* K = vector<bool>(keep, "keep", "bool", c.nnz);
+  const auto* K = reinterpret_cast<const uint8_t*>(vector<bool>(keep, "keep", "bool", c.nnz));  // bytes: see dst_top_abs
   const int64_t* N = vector<int64_t>(need, "need", "int64", rows + 1);
   if (N[0] != 0) throw py::value_error("need: must start at 0, got " + std::to_string(N[0]));
   for (int64_t r = 0; r < rows; ++r) {
     int64_t kept = 0;
-    for (int64_t p = c.ptr[r]; p < c.ptr[r + 1]; ++p) kept += K[p] ? 1 : 0;
+    for (int64_t p = c.ptr[r]; p < c.ptr[r + 1]; ++p) kept += K[p] != 0;
     const int64_t m = N[r + 1] - N[r];
     if (m < 0 || m > cols - kept)
       throw py::value_error("need: row " + std::to_string(r) + " asks for " + std::to_string(m) +
@@ -1139,7 +1141,7 @@ py::array dst_top_abs_rows(const py::array& scores, const py::array& crow, const
   int64_t* O = static_cast<int64_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
-    sparseops::top_abs_rows(S, rows, cols, c.ptr, c.idx, reinterpret_cast<const uint8_t*>(K), N, O,
+    sparseops::top_abs_rows(S, rows, cols, c.ptr, c.idx, K, N, O,
                             threads(nthreads));
   }
   return out;
@@ -1195,6 +1197,11 @@ py::list dst_gather(const py::array& src, const py::list& xs, int nthreads, cons
     throw py::value_error("outs: expected None or a list of " + std::to_string(py::len(xs)) + " arrays");
   int64_t m = -1;
   size_t i = 0;
+  // "xs[j]", "outs[j]": the spans name them, so that the same array given twice is an overlap (one name for
+  // all made it its own "itself" in check_disjoint); reserved, as the spans keep pointers into them
+  std::vector<std::string> xn, on;
+  xn.reserve(py::len(xs));
+  on.reserve(py::len(xs));
   for (const py::handle& h : xs) {
     py::array x = py::reinterpret_borrow<py::object>(h).cast<py::array>();
     const float* X = vector<float>(x, "xs", "float32", m);
@@ -1204,8 +1211,10 @@ py::list dst_gather(const py::array& src, const py::list& xs, int nthreads, cons
     in.push_back(X);
     out.push_back(static_cast<float*>(o.mutable_data()));
     keep.push_back(x);
-    all.push_back(span(x, "xs"));
-    written.push_back(span(o, "outs"));
+    xn.push_back("xs[" + std::to_string(i) + "]");
+    on.push_back("outs[" + std::to_string(i) + "]");
+    all.push_back(span(x, xn.back().c_str()));
+    written.push_back(span(o, on.back().c_str()));
     result.append(o);
     ++i;
   }
@@ -1223,6 +1232,24 @@ py::list dst_gather(const py::array& src, const py::list& xs, int nthreads, cons
     sparseops::gather_or_zero(S, n, in.data(), out.data(), static_cast<int>(in.size()), threads(nthreads));
   }
   return result;
+}
+
+// whether a grown position is also a kept one (kept: ascending entries of the CSR; grown: ascending flat
+// positions): the clash csr_repack reports after its merge has written the outputs, found here first
+bool repack_clashes(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const int64_t* kept,
+                    int64_t nk, const int64_t* grown, int64_t ng) {
+  int64_t a = 0, g = 0;
+  for (int64_t r = 0; r < rows && a < nk && g < ng; ++r) {
+    const int64_t kend = crow[r + 1], gend = (r + 1) * cols;
+    while (a < nk && kept[a] < kend && g < ng && grown[g] < gend) {
+      const int64_t ka = r * cols + col[kept[a]];
+      if (ka == grown[g]) return true;
+      if (ka < grown[g]) ++a; else ++g;
+    }
+    while (a < nk && kept[a] < kend) ++a;
+    while (g < ng && grown[g] < gend) ++g;
+  }
+  return false;
 }
 
 py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, const py::array& col,
@@ -1277,6 +1304,10 @@ py::tuple dst_csr_repack(int64_t rows, int64_t cols, const py::array& crow, cons
   }
   all.insert(all.end(), written.begin(), written.begin() + 7);
   check_disjoint(written, all);
+  // the kernel finds a clash in its merge, after writing: with outputs the caller gave, look first (an
+  // extra pass; with fresh ones, which the error discards, the kernel's own check is enough)
+  if ((!out_arg.is_none() || !outs_arg.is_none()) && repack_clashes(rows, cols, c.ptr, c.idx, K, nk, G, ng))
+    throw py::value_error("grown: a grown position is also a kept one");
   bool ok;
   {
     int32_t* p[7];

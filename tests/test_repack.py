@@ -1506,8 +1506,11 @@ def test_binding_outputs_may_not_alias_an_argument():
     with pytest.raises(ValueError, match=r"^out: shares memory with scores"):
         _C.dst_top_abs(s, None, None, 2, 1, None, s.reshape(-1)[:4].view(np.int64))
     x = np.ones(4, np.float32)
-    with pytest.raises(ValueError, match=r"^outs: shares memory with xs"):
+    with pytest.raises(ValueError, match=r"^outs\[0\]: shares memory with xs\[0\]"):
         _C.dst_gather(np.array([0, 1, 2, 3], np.int32), [x], 1, [x])
+    a, y = np.zeros(4, np.float32), np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"^outs\[0\]: shares memory with outs\[1\]"):  # the same output twice
+        _C.dst_gather(np.array([0, 1, 2, 3], np.int32), [x, y], 1, [a, a])
     # outputs that do not overlap are written as given: the two largest off the diagonal, ascending
     o = np.full(2, -7, np.int64)
     r = _C.dst_top_abs(s, crow, col, 2, 1, None, o)
@@ -1517,3 +1520,30 @@ def test_binding_outputs_may_not_alias_an_argument():
     res = _C.dst_csr_repack(4, 4, crow, col, kept, grown, 1, good)
     assert all(np.shares_memory(a, b) for a, b in zip(res, good))
     assert good[1].tolist() == [0, 1, 2, 1, 2, 3] and good[6].tolist() == [0, -1, -1, 1, 2, 3]
+
+
+def test_eligible_and_keep_bytes_other_than_0_1_count_as_true():
+    # a uint8 mask viewed as bool (torch's .view(torch.bool) keeps the bytes): the binding counts what the
+    # kernel selects, so a count of 2 is refused rather than half-written out of 1 eligible entry
+    s = np.array([[4.0, 3.0, 2.0, 1.0]], np.float32)
+    elig = np.array([[2, 0, 0, 0]], np.uint8).view(np.bool_)
+    with pytest.raises(ValueError, match=r"^n: expected 0 <= n <= 1 "):
+        _C.dst_top_abs(s, None, None, 2, 1, elig, None)
+    assert _C.dst_top_abs(s, None, None, 1, 1, elig, None).tolist() == [0]
+    # keep: the row holds 2 of 4 columns, keep flags one of them with a byte of 3: 3 positions are free
+    crow, col = np.array([0, 2], np.int32), np.array([1, 3], np.int32)
+    keep = np.array([3, 0], np.uint8).view(np.bool_)
+    with pytest.raises(ValueError, match=r"^need: row 0 asks for 4 positions, expected 0..3"):
+        _C.dst_top_abs_rows(s, crow, col, keep, np.array([0, 4], np.int64), 1, None)
+    assert _C.dst_top_abs_rows(s, crow, col, keep, np.array([0, 3], np.int64), 1, None).tolist() == [0, 2, 3]
+
+
+def test_repack_clash_leaves_outputs_given_unchanged():
+    # a grown position that is also kept: refused before the merge writes the caller's arrays
+    crow, col = np.array([0, 1], np.int32), np.array([2], np.int32)
+    kept, grown = np.array([0], np.int64), np.array([2], np.int64)
+    outs = [np.full(n, -7, np.int32) for n in (2, 2, 2, 5, 2, 2, 2)]
+    x, xo = np.ones(1, np.float32), np.full(2, -7.0, np.float32)
+    with pytest.raises(ValueError, match=r"^grown: a grown position is also a kept one"):
+        _C.dst_csr_repack(1, 4, crow, col, kept, grown, 1, outs, [x], [xo])
+    assert all((o == -7).all() for o in outs) and (xo == -7).all()
