@@ -1169,3 +1169,39 @@ def test_training_matches_nn_linear():
                        ("2.weight", model[2].weight, ref[2].weight), ("2.bias", model[2].bias, ref[2].bias)):
         assert_close_rms(p, q.double(), torch.float32, name=name)
     assert model[2].weight.t().is_contiguous(), "the optimizer keeps the transposed layout"
+
+
+# ---- refusals change nothing ----
+
+
+def test_set_mode_refused_changes_nothing():
+    layer = ActivationSparseLinear(4, 3, sparsity=0.5, mode="tensor")
+    with pytest.raises(ValueError, match="sparsity"):
+        layer.set_mode("channel", 1.5)
+    assert layer.mode == "tensor" and layer.sparsity == 0.5 and layer.threshold.shape == ()
+
+
+@pytest.mark.parametrize("samples,exc,match", [
+    pytest.param(torch.ones(8, 4, dtype=torch.bool), TypeError, "^samples: expected floating-point", id="bool"),
+    pytest.param(torch.randn(8, 4, dtype=torch.cfloat), TypeError, "^samples: expected floating-point", id="complex"),
+    pytest.param(torch.tensor([[0.5, float("nan"), 1.0, 2.0]]), ValueError, "^samples: contain NaN", id="nan"),
+    pytest.param(5, TypeError, "^samples: expected a tensor", id="int"),
+])
+def test_calibrate_refuses_bad_samples_before_changing_the_threshold(samples, exc, match):
+    layer = ActivationSparseLinear(4, 3, sparsity=0.5, mode="channel")
+    layer.threshold.copy_(torch.tensor([12.0, 13.0, 14.0, 15.0]))
+    with pytest.raises(exc, match=match):
+        layer.calibrate(samples)
+    assert torch.equal(layer.threshold, torch.tensor([12.0, 13.0, 14.0, 15.0]))
+
+
+def test_calibrate_model_runs_in_eval_mode_and_puts_training_back():
+    # a norm layer in train mode would move its running statistics on the calibration batches
+    model = nn.Sequential(nn.BatchNorm1d(4), ActivationSparseLinear(4, 4, sparsity=0.5), nn.Dropout(0.5))
+    model.train()
+    model[2].eval()  # a module whose own flag differs from its parent's comes back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    calibrate_(model, [torch.randn(16, 4) + 3.0])
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and model[0].training and model[1].training and not model[2].training

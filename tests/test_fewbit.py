@@ -771,3 +771,13 @@ def test_fused_op_opcheck_and_compile_match_eager():
             y = mod(xb)
             assert not torch.equal(y, f(xb))
             assert torch.equal(compiled(xb), y)
+
+
+def test_convert_filters_before_it_looks_and_names_the_module_it_refuses():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Softplus(beta=0))
+    fewbit.convert_(model, 2, filter_fn=lambda name, m: isinstance(m, nn.GELU))  # the softplus is left alone
+    assert isinstance(model[1], sparseops.nn.FewBitGELU) and isinstance(model[2], nn.Softplus)
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Softplus(beta=0))
+    with pytest.raises(ValueError, match=r"^model: module '2' \(Softplus\): beta must be non-zero"):
+        fewbit.convert_(model, 2)
+    assert isinstance(model[1], nn.GELU)  # nothing swapped

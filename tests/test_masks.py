@@ -361,3 +361,39 @@ def test_bad_input_names_the_argument(call, exc, prefix):
     with pytest.raises(exc) as info:
         call()
     assert str(info.value).startswith(prefix)
+
+
+def test_random_refuses_a_generator_that_is_not_one():
+    with pytest.raises(TypeError, match="^generator: expected a torch.Generator or None, got int"):
+        M.random((3, 4), 0.5, generator=0)
+    with pytest.raises(TypeError, match="^generator: expected a torch.Generator or None, got int"):
+        M.erk([torch.randn(3, 4)], 0.5, generator=0)
+
+
+@pytest.mark.parametrize("shapes,kw,exc,match", [
+    pytest.param([()], {}, ValueError, r"^shapes\[0\]: expected at least one dimension", id="0-d"),
+    pytest.param((3, 4), {}, TypeError, "^shapes: expected a list of layer shapes", id="one-shape"),
+    pytest.param([(1000, 1000)], {"power_scale": 300}, ValueError, "^power_scale: 300", id="underflow"),
+    pytest.param([(1, 1), (4, 4)], {"power_scale": 2000}, ValueError, "^power_scale: 2000", id="overflow"),
+])
+def test_erk_densities_refuses_what_it_cannot_solve(shapes, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        M.erk_densities(shapes, 0.5, **kw)
+
+
+def test_global_magnitude_refuses_a_single_tensor():
+    with pytest.raises(TypeError, match="^weights: expected a list of tensors"):
+        M.global_magnitude(torch.randn(3, 4), 0.5)
+
+
+@pytest.mark.parametrize("weight,mask,exc,match", [
+    pytest.param(torch.tensor(1.0), None, TypeError, r"^weight: expected a 2-D tensor \[out, in\], got shape \(\)",
+                 id="0-d-weight"),
+    pytest.param([[1.0]], None, TypeError, r"^weight: expected a 2-D tensor \[out, in\], got list", id="list-weight"),
+    pytest.param(torch.randn(8, 16), torch.zeros(2, 4, dtype=torch.bool), ValueError,
+                 r"^mask: expected a bool tensor of the weight's shape \(8, 16\), got torch.bool \(2, 4\)", id="mask-shape"),
+    pytest.param(torch.randn(8, 16), 5, ValueError, r"^mask: expected a bool tensor of the weight's shape", id="mask-int"),
+])
+def test_for_pattern_checks_weight_and_mask(weight, mask, exc, match):
+    with pytest.raises(exc, match=match):
+        M.for_pattern("2:4", weight, mask=mask)

@@ -200,8 +200,13 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
     for qual, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{qual}.{child_name}" if qual else child_name
-            new = few_bit_from_torch(child, bits)
-            if new is not None and (filter_fn is None or filter_fn(full, child)):
+            if filter_fn is not None and not filter_fn(full, child):
+                continue  # a module the filter leaves alone is not even looked at
+            try:
+                new = few_bit_from_torch(child, bits)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"model: module {full!r} ({type(child).__name__}): {exc}") from exc
+            if new is not None:
                 swaps.append((module, child_name, new))
     # the tables follow the model's device (an activation module has no tensors to say so)
     ref = next(iter([*model.parameters(), *model.buffers()]), None)

@@ -25,6 +25,11 @@ def _check_shape(shape, name: str = "shape") -> tuple[int, ...]:
     return dims
 
 
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+
+
 def _random_keep(shape: tuple[int, ...], k: int, generator, device) -> torch.Tensor:
     """Bool mask with exactly ``k`` True at uniformly random places."""
     numel = math.prod(shape)
@@ -54,6 +59,7 @@ def random(shape, sparsity: float, *, generator: torch.Generator | None = None, 
     """
     dims = _check_shape(shape)
     s = check_sparsity(sparsity)
+    _check_generator(generator)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     return _random_keep(dims, _n_keep(math.prod(dims), s), generator, torch.device(device))
@@ -93,9 +99,20 @@ def erk_densities(
     min_per_layer = check_int(min_per_layer, "min_per_layer")
     if min_per_layer < 0:
         raise ValueError(f"min_per_layer: expected >= 0, got {min_per_layer}")
+    if isinstance(shapes, (torch.Tensor, torch.Size)) or (
+            isinstance(shapes, Sequence) and any(isinstance(sh, numbers.Integral) for sh in shapes)):
+        raise TypeError(f"shapes: expected a list of layer shapes (sequences of ints), got {shapes!r:.80}")
     dims = [_check_shape(sh, f"shapes[{i}]") for i, sh in enumerate(shapes)]
+    for i, d in enumerate(dims):
+        if not d:
+            raise ValueError(f"shapes[{i}]: expected at least one dimension, got ()")
     numels = [math.prod(d) for d in dims]
-    raw = [(sum(d) / ne) ** power_scale if ne else 0.0 for d, ne in zip(dims, numels)]
+    try:
+        raw = [(sum(d) / ne) ** power_scale if ne else 0.0 for d, ne in zip(dims, numels)]
+    except OverflowError:
+        raise ValueError(f"power_scale: {power_scale} makes a layer's ER score overflow a float") from None
+    if any(ne and not 0.0 < r < math.inf for r, ne in zip(raw, numels)):
+        raise ValueError(f"power_scale: {power_scale} makes a layer's ER score underflow or overflow a float")
     target = (1.0 - s) * sum(numels)
     fixed: dict[int, float] = {i: 0.0 for i, ne in enumerate(numels) if ne == 0}
     while True:
@@ -145,6 +162,7 @@ def erk(
         TypeError: a weight is not a floating tensor, bad argument types.
         ValueError: ``sparsity`` outside [0, 1), bad ``power_scale`` or ``min_per_layer``.
     """
+    _check_generator(generator)
     ws = [check_weight(w, f"weights[{i}]") for i, w in enumerate(weights)]
     dens = erk_densities([tuple(w.shape) for w in ws], sparsity, power_scale=power_scale, min_per_layer=min_per_layer)
     masks = []

@@ -78,6 +78,9 @@ def global_magnitude(weights: Sequence[torch.Tensor], sparsity: float) -> list[t
         one bool mask per weight.
     """
     s = check_sparsity(sparsity)
+    if isinstance(weights, torch.Tensor):
+        raise TypeError("weights: expected a list of tensors (one per layer), got a single Tensor (iterating it "
+                        "would rank each row as a layer)")
     if len(weights) == 0:
         return []
     for i, w in enumerate(weights):

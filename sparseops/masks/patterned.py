@@ -28,10 +28,18 @@ def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, ma
         bool mask ``[out, in]`` on ``weight.device``.
 
     Raises:
-        ValueError: a missing or superfluous ``sparsity``, both ``sparsity`` and ``mask``,
-            a ``mask`` that breaks the pattern, or ``k > in_features``.
+        TypeError: ``weight`` is not a 2-D tensor.
+        ValueError: a missing or superfluous ``sparsity``, both ``sparsity`` and ``mask``, a ``mask`` that
+            is not bool of the weight's shape or breaks the pattern, or ``k > in_features``.
     """
     pat = as_pattern(pattern)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        got = f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"weight: expected a 2-D tensor [out, in], got {got}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                             or mask.shape != weight.shape):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected a bool tensor of the weight's shape {tuple(weight.shape)}, got {got}")
     if sparsity is None and isinstance(pat, (Unstructured, Block)):
         sparsity = pat.sparsity
     if mask is not None and sparsity is not None:

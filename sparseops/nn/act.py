@@ -126,9 +126,9 @@ class ActivationSparseLinear(nn.Module):
 
     def set_mode(self, mode: str, sparsity: float | None = None, *, device=None) -> None:
         """Change the sparsifier (and the target sparsity); the threshold resets to 0 (uncalibrated)."""
-        self.mode = _check_mode(mode)
-        if sparsity is not None:
-            self.sparsity = check_sparsity(sparsity)
+        mode = _check_mode(mode)  # both checked before either is set
+        sparsity = self.sparsity if sparsity is None else check_sparsity(sparsity)
+        self.mode, self.sparsity = mode, sparsity
         if device is None:
             ref = self.weight if self.weight is not None else self.sparse.values
             device = ref.device
@@ -235,13 +235,22 @@ class ActivationSparseLinear(nn.Module):
         """
         if isinstance(samples, Tensor):
             samples = [samples]
+        try:
+            samples = list(samples)
+        except TypeError:
+            raise TypeError(f"samples: expected a tensor [N, {self.in_features}] or an iterable of them, got "
+                            f"{type(samples).__name__}") from None
         parts = []
         for i, s in enumerate(samples):
             if not isinstance(s, Tensor):
                 raise TypeError(f"samples: expected tensors of shape [N, {self.in_features}], got {type(s).__name__}")
+            if not s.is_floating_point():
+                raise TypeError(f"samples: expected floating-point tensors, got {s.dtype} (item {i})")
             if s.dim() == 0 or s.shape[-1] != self.in_features:
                 raise ValueError(f"samples: expected last dimension in_features={self.in_features}, got shape "
                                  f"{tuple(s.shape)} (item {i})")
+            if bool(torch.isnan(s).any()):
+                raise ValueError(f"samples: contain NaN (item {i}); a threshold calibrated on them means nothing")
             parts.append(s.detach().reshape(-1, self.in_features).to(self.threshold.device))
         a = torch.cat(parts) if parts else None
         if a is None or a.shape[0] == 0:
@@ -367,7 +376,8 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
 
     The batches run through the model once with every such layer computing its dense product (as TEAL
     calibrates, on the dense model's activations), each layer records its inputs, and then each sets
-    its threshold from them (:meth:`ActivationSparseLinear.calibrate`).
+    its threshold from them (:meth:`ActivationSparseLinear.calibrate`). They run in eval mode (dropout
+    off, norm layers' running statistics untouched); every module's training flag is put back after.
 
     Args:
         model: a module containing ActivationSparseLinear layers.
@@ -395,12 +405,18 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
     for m in layers.values():
         m._seen = []
         m._calibrating = True
+    # in eval mode (dropout off, a norm layer's running statistics left as they are), each module's own
+    # training flag put back after
+    training = {m: m.training for m in model.modules()}
+    model.eval()
     n = 0
     try:
         for batch in batches:
             _run(model, batch)
             n += 1
     finally:
+        for m, flag in training.items():
+            m.training = flag
         seen = {}
         for name, m in layers.items():
             m._calibrating = False
