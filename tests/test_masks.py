@@ -397,3 +397,11 @@ def test_global_magnitude_refuses_a_single_tensor():
 def test_for_pattern_checks_weight_and_mask(weight, mask, exc, match):
     with pytest.raises(exc, match=match):
         M.for_pattern("2:4", weight, mask=mask)
+
+
+def test_activation_norms_of_no_features_and_wanda_refuses_inf():
+    assert M.activation_norms(torch.zeros(4, 0)).shape == (0,)
+    w = torch.randn(2, 4)
+    w[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="^weight, activation_norm: expected finite values"):
+        M.wanda(w, torch.tensor([1.0, 0.0, 1.0, 1.0]), 0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..patterns import check_sparsity
@@ -25,7 +27,8 @@ def activation_norms(samples: torch.Tensor) -> torch.Tensor:
         ValueError: ``samples`` is 0-dim or holds NaN.
     """
     x = check_weight(samples, "samples")
-    x = x.to(_rank_dtype(x)).reshape(-1, x.shape[-1])
+    # (not reshape(-1, in): with no features, -1 is ambiguous)
+    x = x.to(_rank_dtype(x)).reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return x.square().sum(0).sqrt()
 
 
@@ -46,7 +49,7 @@ def wanda(weight: torch.Tensor, activation_norm: torch.Tensor, sparsity: float) 
     Raises:
         TypeError: ``weight`` or ``activation_norm`` is not a floating tensor.
         ValueError: ``weight`` not 2-D, ``activation_norm`` not ``[in]``, negative or NaN,
-            ``sparsity`` outside [0, 1), NaN in ``weight``.
+            ``sparsity`` outside [0, 1), NaN or inf in ``weight`` or ``activation_norm``.
     """
     w = check_weight(weight, min_dim=2)
     if w.dim() != 2:
@@ -56,6 +59,9 @@ def wanda(weight: torch.Tensor, activation_norm: torch.Tensor, sparsity: float) 
         raise ValueError(f"activation_norm: expected shape [in]=[{w.shape[1]}], got {tuple(a.shape)}")
     if (a < 0).any():
         raise ValueError("activation_norm: expected non-negative norms")
+    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(a).all()):
+        # inf * 0 scores NaN, which would rank above every real score
+        raise ValueError("weight, activation_norm: expected finite values (an inf scores NaN against a zero)")
     if a.device != w.device:
         raise ValueError(f"activation_norm: expected device {w.device}, got {a.device}")
     s = check_sparsity(sparsity)
