@@ -188,7 +188,6 @@ class _DynamicSparse:
         self.step_count = checked["step_count"]
         self._seen = {}
         self._rearm()  # the hooks follow the step count: armed when the next step updates
-        self._rearm()
 
 
 class SET(_DynamicSparse):
