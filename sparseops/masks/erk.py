@@ -87,9 +87,10 @@ def erk_densities(
         one density in (0, 1] per layer (0 for empty layers).
 
     Raises:
-        TypeError: a shape is not ints, ``sparsity``/``power_scale`` not numbers.
-        ValueError: negative dims, ``sparsity`` outside [0, 1), ``power_scale`` < 0 or not finite,
-            ``min_per_layer`` < 0.
+        TypeError: ``shapes`` is one shape (or a tensor) rather than a list of them, a shape is not ints,
+            ``sparsity``/``power_scale`` not numbers.
+        ValueError: negative dims, a 0-d shape, ``sparsity`` outside [0, 1), ``power_scale`` < 0, not
+            finite, or so large that a layer's score under/overflows a float, ``min_per_layer`` < 0.
     """
     s = check_sparsity(sparsity)
     if isinstance(power_scale, bool) or not isinstance(power_scale, numbers.Real):
