@@ -22,12 +22,12 @@ import time
 
 import torch
 
-from bench_fewbit import ACTIVATIONS, BF16, EXACT_BITS, N, THREADS, _fn  # the suite's cases (this directory)
+from bench_fewbit import ACTIVATIONS, BF16, EXACT_BITS, N, OWN_FORWARD, THREADS, _fn  # the suite's cases
 
 
 def _expected(activation: str, x: torch.Tensor, dtype) -> torch.Tensor:
-    if activation == "tanh":
-        return torch.tanh(x.double()).to(dtype)  # the CPU kernel's tanh is correctly rounded
+    if activation in OWN_FORWARD:
+        return ACTIVATIONS[activation](x.double()).to(dtype)  # the CPU kernel's: correctly rounded
     return ACTIVATIONS[activation](x)
 
 

@@ -402,7 +402,7 @@ void fewbit_pack(const py::array& x, const std::string& dtype, const py::array& 
 }
 
 void fewbit_pack_fused(const py::array& x, const std::string& dtype, const py::array& borders, int bits,
-                       const py::object& codes_arg, const std::string& kind, float a, float b, py::array& y,
+                       const py::object& codes_arg, const std::string& kind, double a, double b, py::array& y,
                        int nthreads) {
   const sparseops::FewbitDtype dt = fewbit_dtype(dtype);
   check_bits(bits);
@@ -413,8 +413,17 @@ void fewbit_pack_fused(const py::array& x, const std::string& dtype, const py::a
   else if (kind == "tanh") k = sparseops::FewbitFused::tanh;
   else if (kind == "hardsigmoid") k = sparseops::FewbitFused::hardsigmoid;
   else if (kind == "sigmoid") k = sparseops::FewbitFused::sigmoid;
-  else throw py::value_error("kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh' or 'sigmoid', got '" + kind + "'");
+  else if (kind == "elu") k = sparseops::FewbitFused::elu;
+  else if (kind == "celu") k = sparseops::FewbitFused::celu;
+  else if (kind == "softplus") k = sparseops::FewbitFused::softplus;
+  else if (kind == "logsigmoid") k = sparseops::FewbitFused::logsigmoid;
+  else
+    throw py::value_error("kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh', 'sigmoid', 'elu', "
+                          "'celu', 'softplus' or 'logsigmoid', got '" + kind + "'");
   if (std::isnan(a) || std::isnan(b)) throw py::value_error("a, b: expected numbers, got nan");
+  // celu divides by alpha and softplus by beta: both finite and positive (torch's other values run there)
+  if ((k == sparseops::FewbitFused::celu || k == sparseops::FewbitFused::softplus) && !(a > 0.0 && std::isfinite(a)))
+    throw py::value_error("a: expected a finite number > 0 for '" + kind + "', got " + std::to_string(a));
   const int64_t n = element_array(x, "x", dt);
   const float* bd = border_array(borders, bits);
   uint32_t* c = nullptr;
@@ -1367,7 +1376,11 @@ a=0, b=inf; relu6; hardtanh); 'leaky': y = x if x > 0 else x * a; 'hardswish': x
 dtype, and are torch's bit for bit
 (nan and -0 included). 'tanh' is computed in float64 and rounded to float32, then to the dtype: the
 correctly rounded value, which torch's is not always (a, b unused). 'sigmoid' is computed in float32 within
-1.56 ulp of the exact value (torch's: 2.3 ulp), then rounded to the dtype (a, b unused).)");
+1.56 ulp of the exact value (torch's: 2.3 ulp), then rounded to the dtype (a, b unused). 'elu': x >= 0 ?
+x * b : a * (e^x - 1) (elu: a = alpha, b = 1; selu: a = alpha * scale, b = scale); 'celu': x >= 0 ? x :
+a * (e^(x/a) - 1), a > 0; 'softplus': x if x * a > b else log(1 + e^(x a)) / a (a = beta > 0, b =
+threshold); 'logsigmoid' (a, b unused): these four in float64, rounded to float32 (correctly
+rounded but within ~1e-15 of a midpoint, always within 1 ulp), then to the dtype.)");
   m.def("fewbit_unpack", &fewbit_unpack, py::arg("grad"), py::arg("dtype"), py::arg("codes"), py::arg("levels"),
         py::arg("bits"), py::arg("out").noconvert(), py::arg("nthreads"),
         R"(out = grad * levels[code] elementwise, the product rounded once to grad's dtype.

@@ -118,7 +118,7 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 }
 
 void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
-                       FewbitFused kind, float a, float b, void* y, int nthreads) {
+                       FewbitFused kind, double a, double b, void* y, int nthreads) {
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return fewbit_pack_fused_avx2(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);

@@ -27,12 +27,22 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 //   hardsigmoid: min(max(x + 3, 0), 6) / 6, likewise;
 //   tanh:      computed in double and rounded to float (fmath.h), then to the element type;
 //   sigmoid:   computed in float (fmath.h, within 1.56 ulp), then rounded to the element type.
-// all but tanh and sigmoid are torch's forward bit for bit, nan and -0 included; tanh is the
-// correctly rounded value (torch's differs from it in the last bit for about 0.1% of inputs);
+//   elu:       x >= 0 ? x * b : a * (e^x - 1) (elu: a = alpha, b = 1; selu: a = alpha * scale, b = scale),
+//   celu:      x >= 0 ? x : a * (e^(x / a) - 1), a > 0,
+//   softplus:  x * a > b ? x : log(1 + e^(x a)) / a (a = beta > 0, b = threshold),
+//   logsigmoid: no constants;
+//              these four computed in double and rounded once to float (fmath.h: correctly rounded but
+//              for inputs whose value lies within ~1e-15 of a midpoint, always within 1 ulp), then to
+//              the element type.
+// clamp, leaky, hardswish and hardsigmoid are torch's forward bit for bit, nan and -0 included; tanh
+// is the correctly rounded value (torch's differs from it in the last bit for about 0.1% of inputs);
 // sigmoid is within 1.56 ulp of it (torch's: 2.3, and 0 for subnormal results).
-enum class FewbitFused { clamp = 1, leaky = 2, hardswish = 3, tanh = 4, hardsigmoid = 5, sigmoid = 6 };
+enum class FewbitFused {
+  clamp = 1, leaky = 2, hardswish = 3, tanh = 4, hardsigmoid = 5, sigmoid = 6,
+  elu = 7, celu = 8, softplus = 9, logsigmoid = 10
+};
 void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
-                       FewbitFused kind, float a, float b, void* y, int nthreads);
+                       FewbitFused kind, double a, double b, void* y, int nthreads);
 
 // out[i] = grad[i] * levels[code(i)], the product rounded once to the element type. levels holds
 // 2^bits floats. out may not alias grad.
@@ -41,13 +51,13 @@ void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int6
 
 // per-isa entry points (fewbit_avx2.cpp, fewbit_portable.cpp)
 void fewbit_pack_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
-void fewbit_pack_fused_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, float,
-                                float, void*, int);
+void fewbit_pack_fused_portable(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, double,
+                                double, void*, int);
 void fewbit_unpack_portable(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #if defined(SPARSEOPS_HAVE_AVX2)
 void fewbit_pack_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
-void fewbit_pack_fused_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, float,
-                            float, void*, int);
+void fewbit_pack_fused_avx2(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, double,
+                            double, void*, int);
 void fewbit_unpack_avx2(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #endif
 

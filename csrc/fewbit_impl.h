@@ -55,7 +55,38 @@ struct Io<V, FewbitDtype::f16> {
 // threads (with 4096 a chunk it was one chunk, one thread, 1.6x torch's time)
 constexpr int64_t kGroupsPerChunk = 1024;
 
-// y = f(x) of the fused forward (KIND 0: none; else a FewbitFused), on a vector and on one element
+// the kinds computed on the group's 4 vectors at once (long chains of dependent steps: see simd.h)
+template <int KIND>
+constexpr bool kWide = KIND == static_cast<int>(FewbitFused::sigmoid) || KIND == static_cast<int>(FewbitFused::tanh) ||
+                       KIND == static_cast<int>(FewbitFused::elu) || KIND == static_cast<int>(FewbitFused::celu) ||
+                       KIND == static_cast<int>(FewbitFused::softplus) ||
+                       KIND == static_cast<int>(FewbitFused::logsigmoid);
+
+// y = f(x) of the fused forward on N vectors, for the kWide kinds. how many go through each step
+// together (W) is per kind: softplus and logsigmoid (an exp, a division and a series in float64) gain
+// from 4, tanh, elu and celu lose (their temporaries no longer fit the 16 registers)
+// NOTE: ad hoc, 4M fp32 elements, one thread, ns an element at W = 1 / 2 / 4 (this machine varies by
+// 25% between runs): softplus 4.9-3.9 / 3.7-4.4 / 3.4-3.5, logsigmoid 4.1-5.3 / 3.3-3.8 / 3.2-3.3,
+// tanh 2.0 / 2.3-2.7 / 2.3-3.1, elu 1.9-2.8 / 1.9-2.8 / 2.2-2.8
+template <class V, int KIND, int N>
+inline void fused_n(const typename V::reg* x, typename V::reg* y, double da, double db, double dinv) {
+  if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
+    V::template sigmoid_n<N>(x, y);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::tanh)) {
+    for (int q = 0; q < N; ++q) V::template tanh_n<1>(x + q, y + q);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::elu)) {
+    for (int q = 0; q < N; ++q) V::template elu_n<1>(x + q, y + q, da, db);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::celu)) {
+    for (int q = 0; q < N; ++q) V::template celu_n<1>(x + q, y + q, da, dinv);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::softplus)) {
+    V::template softplus_n<N>(x, y, da, db, dinv);
+  } else {
+    static_assert(KIND == static_cast<int>(FewbitFused::logsigmoid));
+    V::template logsigmoid_n<N>(x, y);
+  }
+}
+
+// y = f(x) of the fused forward (KIND 0: none; else a FewbitFused but the kWide ones), on a vector
 template <class V, int KIND>
 inline typename V::reg fused(const typename V::reg& x, const typename V::reg& a, const typename V::reg& b) {
   if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
@@ -66,22 +97,26 @@ inline typename V::reg fused(const typename V::reg& x, const typename V::reg& a,
     // torch's x * min(max(x + 3, 0), 6) / 6 in this order (a nan in x + 3 is the second operand: kept)
     const typename V::reg six = V::bcast(6.0f);
     return V::div(V::mul(x, V::min2(six, V::max2(V::zero(), V::add(x, V::bcast(3.0f))))), six);
-  } else if constexpr (KIND == static_cast<int>(FewbitFused::hardsigmoid)) {
+  } else {
+    static_assert(KIND == static_cast<int>(FewbitFused::hardsigmoid));
     // torch's min(max(x + 3, 0), 6) / 6
     const typename V::reg six = V::bcast(6.0f);
     return V::div(V::min2(six, V::max2(V::zero(), V::add(x, V::bcast(3.0f)))), six);
-  } else if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
-    return V::sigmoid_f(x);
-  } else {
-    static_assert(KIND == static_cast<int>(FewbitFused::tanh));
-    return V::tanh_cr(x);
   }
 }
 
 // V only keeps the avx2 and portable instantiations apart (no -mavx2 copy may serve the portable path)
 template <class V, int KIND>
-inline float fused1(float x, float a, float b) {
-  if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
+inline float fused1(float x, float a, float b, double da, double db, double dinv) {
+  if constexpr (KIND == static_cast<int>(FewbitFused::elu)) {
+    return fmath::elu_f32(x, da, db);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::celu)) {
+    return fmath::celu_f32(x, da, dinv);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::softplus)) {
+    return fmath::softplus_f32(x, da, db, dinv);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::logsigmoid)) {
+    return fmath::logsigmoid_f32(x);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
     const float lo = a > x ? a : x;
     return b < lo ? b : lo;
   } else if constexpr (KIND == static_cast<int>(FewbitFused::leaky)) {
@@ -101,8 +136,12 @@ inline float fused1(float x, float a, float b) {
 }
 
 template <class V, FewbitDtype DT, int BITS, int KIND = 0>
-void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads, float pa = 0.0f,
-          float pb = 0.0f, void* yv = nullptr) {
+void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads, double da = 0.0,
+          double db = 0.0, void* yv = nullptr) {
+  // the float kinds take their constants as floats; the float64 family (elu .. logsigmoid) as doubles, with
+  // 1 / a for celu and softplus
+  const float pa = static_cast<float>(da), pb = static_cast<float>(db);
+  const double dinv = da != 0.0 ? 1.0 / da : 0.0;
   using IO = Io<V, DT>;
   using T = typename IO::T;
   const T* x = static_cast<const T*>(xv);
@@ -117,11 +156,11 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
     for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
       uint32_t w[BITS] = {};
       if (g < full) {
-        if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
-          // the group's 4 vectors side by side: sigmoid's steps are throughput-bound (see simd.h)
+        if constexpr (kWide<KIND>) {
+          // the group's 4 vectors side by side (see simd.h)
           typename V::reg xr[4], yr[4];
           for (int q = 0; q < 4; ++q) xr[q] = IO::load(x + g * 32 + q * 8);
-          V::template sigmoid_n<4>(xr, yr);
+          fused_n<V, KIND, 4>(xr, yr, da, db, dinv);
           for (int q = 0; q < 4; ++q) IO::store(y + g * 32 + q * 8, yr[q]);
           for (int q = 0; q < 4 && codes; ++q) {
             uint32_t m[BITS];
@@ -145,7 +184,7 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         for (int64_t i = 0; i < 32; ++i)
           buf[i] = i < rem ? IO::to_float(x[g * 32 + i]) : -std::numeric_limits<float>::infinity();
         if constexpr (KIND != 0)
-          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(fused1<V, KIND>(buf[i], pa, pb));
+          for (int64_t i = 0; i < rem; ++i) y[g * 32 + i] = IO::from_float(fused1<V, KIND>(buf[i], pa, pb, da, db, dinv));
         for (int q = 0; q < 4 && codes; ++q) {
           uint32_t m[BITS];
           V::template planes<BITS>(V::load(buf + q * 8), b, m);
@@ -221,7 +260,7 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
     });                                                                                                          \
   }                                                                                                              \
   void fewbit_pack_fused_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,      \
-                                  uint32_t* codes, FewbitFused kind, float a, float b, void* y, int nthreads) {  \
+                                  uint32_t* codes, FewbitFused kind, double a, double b, void* y, int nthreads) {\
     detail::with_bits_dtype(bits, dt, [&](auto bt, auto d) {                                                     \
       constexpr FewbitDtype DT = decltype(d)::value;                                                             \
       constexpr int BITS = decltype(bt)::value;                                                                  \
@@ -238,6 +277,14 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
           return detail::pack<V, DT, BITS, 5>(x, n, borders, codes, nthreads, a, b, y);                          \
         case FewbitFused::sigmoid:                                                                               \
           return detail::pack<V, DT, BITS, 6>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::elu:                                                                                   \
+          return detail::pack<V, DT, BITS, 7>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::celu:                                                                                  \
+          return detail::pack<V, DT, BITS, 8>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::softplus:                                                                              \
+          return detail::pack<V, DT, BITS, 9>(x, n, borders, codes, nthreads, a, b, y);                          \
+        case FewbitFused::logsigmoid:                                                                            \
+          return detail::pack<V, DT, BITS, 10>(x, n, borders, codes, nthreads, a, b, y);                         \
       }                                                                                                          \
     });                                                                                                          \
   }                                                                                                              \

@@ -58,13 +58,13 @@ inline double pow2i(int k) {
   return d;
 }
 
-// e^y = s * (1 + p): returns p and sets s = 2^k (|y| below ~700)
-inline double exp_parts(double y, double& s) {
+// e^y = s * (1 + p) * 2^-shift: returns p and sets s = 2^(k + shift) (|y| below ~700 for shift 0)
+inline double exp_parts(double y, double& s, int shift = 0) {
   const double k = std::nearbyint(y * kInvLn2);
   const double r = (y - k * kLn2Hi) - k * kLn2Lo;
   double q = kInvFact[11];
   for (int i = 10; i >= 0; --i) q = q * r + kInvFact[i];
-  s = pow2i(static_cast<int>(k));
+  s = pow2i(static_cast<int>(k) + shift);
   return r + r * r * q;
 }
 
@@ -109,6 +109,82 @@ inline float sigmoid_f32(float x) {
   const float num = x > 0.0f ? 1.0f : e;
   const float q0 = num * r0;
   return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, num)), q0);
+}
+
+
+// ---- the float64 family: elu / selu (elu_f32), celu, softplus, logsigmoid ----
+// each computed in double from the float input by the steps below and rounded once to float. the
+// double steps (exp_parts above; log1p01: log(1 + t) = 2 atanh(f / (2 + f)) by its series to s^19,
+// truncation below 3e-17) are accurate to about 1e-15 relative, so the float result is the correctly
+// rounded value of the function except where the exact value lies within that of a rounding midpoint
+// between two floats (a chance of about 2^-28 an input), and always within 1 ulp. torch's float32
+// forwards of these are within 1-2 ulp but not correctly rounded (selu's positive side is x times
+// float(scale), so 1 ulp off for about half the inputs). arguments of exp are clamped to [-700, 0]
+// for e^x - 1 (e^-700 - 1 is -1 in double) and to [-746, 0] for e^x (which is 0 from -745.2 on, as
+// torch's float64 exp: the sign of a zero result is torch's), nan returns nan.
+constexpr double kExpClamp = 700.0;
+constexpr double kExpZero = 746.0;
+constexpr double kSqrt2m1 = 0.41421356237309504880;
+constexpr double kLn2 = 0.69314718055994530942;
+// 1/(2j+1) for j = 1 .. 9
+constexpr double kAtanhC[9] = {1.0 / 3, 1.0 / 5, 1.0 / 7, 1.0 / 9, 1.0 / 11, 1.0 / 13, 1.0 / 15, 1.0 / 17, 1.0 / 19};
+
+// e^y - 1 for y in [-700, 0]
+inline double expm1_d(double y) {
+  double s;
+  const double p = exp_parts(y, s);
+  return s * p + (s - 1.0);
+}
+// y in [-746, 0]: scaled by 2^64 so that 2^k stays a normal double down to the subnormal results
+inline double exp_d(double y) {
+  double s;
+  const double p = exp_parts(y, s, 64);
+  return (s * p + s) * 0x1p-64;
+}
+
+// log(1 + t) for t in [0, 1]: 1 + t = 2^e (1 + f) with e = 0, f = t (exact) up to t = sqrt2 - 1, else
+// e = 1, f = (t - 1) / 2; log(1 + f) = 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + ...), s = f / (2 + f), |s| <= 0.172
+inline double log1p01(double t) {
+  const bool big = t > kSqrt2m1;
+  const double f = big ? (t - 1.0) * 0.5 : t;
+  const double s = f / (2.0 + f), z = s * s, s2 = s + s;
+  double q = kAtanhC[8];
+  for (int i = 7; i >= 0; --i) q = q * z + kAtanhC[i];
+  const double r = s2 * z * q + s2;
+  return big ? r + kLn2 : r;
+}
+
+inline double clamp_exp_arg(double y) { return y < -kExpClamp ? -kExpClamp : y; }
+
+// x >= 0 ? x * pos : neg * (e^x - 1): elu (pos = 1, neg = alpha) and selu (pos = scale, neg = alpha * scale)
+inline float elu_f32(float x, double neg, double pos) {
+  if (x != x) return x;
+  const double d = x;
+  return static_cast<float>(d >= 0.0 ? d * pos : neg * expm1_d(clamp_exp_arg(d)));
+}
+
+// x >= 0 ? x : alpha * (e^(x / alpha) - 1), alpha > 0 (inv = 1 / alpha)
+inline float celu_f32(float x, double alpha, double inv) {
+  if (x != x) return x;
+  const double d = x;
+  return d >= 0.0 ? x : static_cast<float>(alpha * expm1_d(clamp_exp_arg(d * inv)));
+}
+
+// torch's softplus: x where x * beta > threshold, else log(1 + e^(x beta)) / beta, as
+// (max(x beta, 0) + log(1 + e^-|x beta|)) / beta (inv = 1 / beta, beta > 0)
+inline float softplus_f32(float x, double beta, double threshold, double inv) {
+  if (x != x) return x;
+  const double xb = static_cast<double>(x) * beta;
+  if (xb > threshold) return x;
+  const double a = std::fabs(xb) < kExpZero ? std::fabs(xb) : kExpZero;
+  return static_cast<float>(((xb > 0.0 ? xb : 0.0) + log1p01(exp_d(-a))) * inv);
+}
+
+// log sigmoid(x) = min(x, 0) - log(1 + e^-|x|)
+inline float logsigmoid_f32(float x) {
+  if (x != x) return x;
+  const double d = x, a = std::fabs(d) < kExpZero ? std::fabs(d) : kExpZero;
+  return static_cast<float>((d < 0.0 ? d : 0.0) - log1p01(exp_d(-a)));
 }
 
 }  // namespace

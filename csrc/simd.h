@@ -183,6 +183,31 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = fmath::tanh_f32(x.v[i]);
     return r;
   }
+  // the float64 family of fmath.h, lane by lane (N vectors: the avx2 path's interface)
+  template <int N>
+  static inline void tanh_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h) y[h] = tanh_cr(x[h]);
+  }
+  template <int N>
+  static inline void elu_n(const reg* x, reg* y, double neg, double pos) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::elu_f32(x[h].v[i], neg, pos);
+  }
+  template <int N>
+  static inline void celu_n(const reg* x, reg* y, double alpha, double inv) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::celu_f32(x[h].v[i], alpha, inv);
+  }
+  template <int N>
+  static inline void softplus_n(const reg* x, reg* y, double beta, double threshold, double inv) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::softplus_f32(x[h].v[i], beta, threshold, inv);
+  }
+  template <int N>
+  static inline void logsigmoid_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::logsigmoid_f32(x[h].v[i]);
+  }
   // sigmoid in float32 (fmath.h), on 8 lanes and on one element
   static inline reg sigmoid_f(const reg& x) {
     reg r;
@@ -397,33 +422,35 @@ struct VecAVX2 {
     return _mm256_blendv_ps(_mm256_mul_ps(x, s), x, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
   }
   static inline reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
-  // fmath.h's steps on two vectors of 4 doubles at once (e^y = s * (1 + p), s = 2^k), with the series
-  // by estrin's scheme: the chains of dependent fmas are 5 long instead of 13, and the two halves of
-  // a float vector run side by side
-  // NOTE: this is throughput-bound: ~2.1 ns an element a thread with or without the division and
+  // fmath.h's steps on M vectors of 4 doubles at once (e^y = s * (1 + p), s = 2^k), with the series
+  // by estrin's scheme: the chains of dependent fmas are 5 long instead of 13, and the halves of the
+  // float vectors run side by side
+  // NOTE: ~2.1 ns an element a thread (tanh, one vector at a time) with or without the division and
   // with horner instead of estrin. a float64 sigmoid by the same steps (1 / (1 + e^-x)) took as long,
-  // twice torch's float32 one, so only tanh (torch's takes ~4 ns) is fused this way
-  static inline void exp_parts2(const __m256d* y, __m256d* s, __m256d* p) {
-    __m256d r[2], r2[2], r4[2], a[2][6];
-    for (int h = 0; h < 2; ++h) {
+  // twice torch's float32 one, so sigmoid has a float32 path; the float64 family fused this way is
+  // the one whose torch forwards are slower (tanh ~4 ns, elu, softplus, logsigmoid)
+  template <int M, int SHIFT = 0>
+  static inline void exp_parts_m(const __m256d* y, __m256d* s, __m256d* p) {
+    __m256d r[M], r2[M], r4[M], a[M][6];
+    for (int h = 0; h < M; ++h) {
       const __m256d k = _mm256_round_pd(_mm256_mul_pd(y[h], _mm256_set1_pd(fmath::kInvLn2)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       r[h] = _mm256_fnmadd_pd(k, _mm256_set1_pd(fmath::kLn2Lo), _mm256_fnmadd_pd(k, _mm256_set1_pd(fmath::kLn2Hi), y[h]));
-      const __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)), _mm256_set1_epi64x(1023));
+      const __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)), _mm256_set1_epi64x(1023 + SHIFT));
       s[h] = _mm256_castsi256_pd(_mm256_slli_epi64(e, 52));
     }
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < M; ++h) {
       r2[h] = _mm256_mul_pd(r[h], r[h]);
       for (int j = 0; j < 6; ++j)
         a[h][j] = _mm256_fmadd_pd(_mm256_set1_pd(fmath::kInvFact[2 * j + 1]), r[h], _mm256_set1_pd(fmath::kInvFact[2 * j]));
     }
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < M; ++h) {
       r4[h] = _mm256_mul_pd(r2[h], r2[h]);
       a[h][0] = _mm256_fmadd_pd(a[h][1], r2[h], a[h][0]);
       a[h][2] = _mm256_fmadd_pd(a[h][3], r2[h], a[h][2]);
       a[h][4] = _mm256_fmadd_pd(a[h][5], r2[h], a[h][4]);
     }
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < M; ++h) {
       const __m256d q = _mm256_fmadd_pd(_mm256_fmadd_pd(a[h][4], r4[h], a[h][2]), r4[h], a[h][0]);
       p[h] = _mm256_fmadd_pd(r2[h], q, r[h]);
     }
@@ -433,19 +460,121 @@ struct VecAVX2 {
     d[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
   }
   static inline reg join(const __m256d* d) { return _mm256_set_m128(_mm256_cvtpd_ps(d[1]), _mm256_cvtpd_ps(d[0])); }
-  static inline reg tanh_cr(reg x) {
+  static inline reg keep_nan(reg v, reg x) { return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+  // the float64 functions below run on N float vectors at once (2N vectors of 4 doubles, each step over
+  // all of them before the next): softplus's and logsigmoid's chains of dependent steps (the series,
+  // the divisions) are long, and one vector at a time left the pipes waiting on them; fewbit_impl.h's
+  // fused_n picks N per function
+  template <int N>
+  static inline void tanh_n(const reg* x, reg* out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    // minps gives its second operand for a nan: 10, replaced by x's nan at the end
-    const __m256 a = _mm256_min_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(fmath::kTanhClamp));
-    __m256d y[2], s[2], p[2], t[2];
-    split(_mm256_add_ps(a, a), y);  // 2|x| <= 20 is exact in float
-    exp_parts2(y, s, p);
-    for (int h = 0; h < 2; ++h) {
+    __m256d y[2 * N], s[2 * N], p[2 * N], t[2 * N];
+    for (int q = 0; q < N; ++q) {
+      // minps gives its second operand for a nan: 10, replaced by x's nan at the end
+      const __m256 a = _mm256_min_ps(_mm256_andnot_ps(sign, x[q]), _mm256_set1_ps(fmath::kTanhClamp));
+      split(_mm256_add_ps(a, a), y + 2 * q);  // 2|x| <= 20 is exact in float
+    }
+    exp_parts_m<2 * N>(y, s, p);
+    for (int h = 0; h < 2 * N; ++h) {
       const __m256d e = _mm256_fmadd_pd(s[h], p[h], _mm256_sub_pd(s[h], _mm256_set1_pd(1.0)));
       t[h] = _mm256_div_pd(e, _mm256_add_pd(e, _mm256_set1_pd(2.0)));
     }
-    const __m256 v = _mm256_or_ps(join(t), _mm256_and_ps(x, sign));
-    return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    for (int q = 0; q < N; ++q)
+      out[q] = keep_nan(_mm256_or_ps(join(t + 2 * q), _mm256_and_ps(x[q], sign)), x[q]);
+  }
+  static inline reg tanh_cr(reg x) {
+    reg y;
+    tanh_n<1>(&x, &y);
+    return y;
+  }
+  // fmath.h's float64 family (e^y by exp_parts_m, log(1 + t) by log1p01's series, with fmas)
+  template <int M>
+  static inline void log1p01_m(const __m256d* t, __m256d* out) {
+    __m256d big[M], s[M];
+    for (int h = 0; h < M; ++h) {
+      big[h] = _mm256_cmp_pd(t[h], _mm256_set1_pd(fmath::kSqrt2m1), _CMP_GT_OQ);
+      const __m256d f = _mm256_blendv_pd(
+          t[h], _mm256_mul_pd(_mm256_sub_pd(t[h], _mm256_set1_pd(1.0)), _mm256_set1_pd(0.5)), big[h]);
+      s[h] = _mm256_div_pd(f, _mm256_add_pd(_mm256_set1_pd(2.0), f));
+    }
+    for (int h = 0; h < M; ++h) {
+      const __m256d z = _mm256_mul_pd(s[h], s[h]), z2 = _mm256_mul_pd(z, z), s2 = _mm256_add_pd(s[h], s[h]);
+      // the series in z by estrin's scheme (pairs, then pairs of pairs)
+      __m256d c[4];
+      for (int j = 0; j < 4; ++j)
+        c[j] = _mm256_fmadd_pd(_mm256_set1_pd(fmath::kAtanhC[2 * j + 1]), z, _mm256_set1_pd(fmath::kAtanhC[2 * j]));
+      const __m256d z4 = _mm256_mul_pd(z2, z2);
+      const __m256d lo = _mm256_fmadd_pd(c[1], z2, c[0]), hi = _mm256_fmadd_pd(c[3], z2, c[2]);
+      const __m256d q = _mm256_fmadd_pd(_mm256_fmadd_pd(_mm256_set1_pd(fmath::kAtanhC[8]), z4, hi), z4, lo);
+      const __m256d r = _mm256_fmadd_pd(_mm256_mul_pd(s2, z), q, s2);
+      out[h] = _mm256_add_pd(r, _mm256_and_pd(big[h], _mm256_set1_pd(fmath::kLn2)));
+    }
+  }
+  // e^-|d| with |d| clamped to 746 (a nan in d clamps too: minpd gives its second operand), as exp_d
+  template <int M>
+  static inline void exp_neg_abs_m(const __m256d* d, __m256d* t) {
+    __m256d y[M], s[M], p[M];
+    for (int h = 0; h < M; ++h)
+      y[h] = _mm256_sub_pd(_mm256_setzero_pd(),
+                           _mm256_min_pd(_mm256_andnot_pd(_mm256_set1_pd(-0.0), d[h]), _mm256_set1_pd(fmath::kExpZero)));
+    exp_parts_m<M, 64>(y, s, p);
+    for (int h = 0; h < M; ++h) t[h] = _mm256_mul_pd(_mm256_fmadd_pd(s[h], p[h], s[h]), _mm256_set1_pd(0x1p-64));
+  }
+  // e^y - 1 for y clamped to [-700, 0]
+  template <int M>
+  static inline void expm1_neg_m(const __m256d* d, __m256d* e) {
+    __m256d y[M], s[M], p[M];
+    for (int h = 0; h < M; ++h)
+      y[h] = _mm256_max_pd(_mm256_min_pd(d[h], _mm256_setzero_pd()), _mm256_set1_pd(-fmath::kExpClamp));
+    exp_parts_m<M>(y, s, p);
+    for (int h = 0; h < M; ++h) e[h] = _mm256_fmadd_pd(s[h], p[h], _mm256_sub_pd(s[h], _mm256_set1_pd(1.0)));
+  }
+  template <int N>
+  static inline void elu_n(const reg* x, reg* out, double neg, double pos) {
+    __m256d d[2 * N], e[2 * N], v[2 * N];
+    for (int q = 0; q < N; ++q) split(x[q], d + 2 * q);
+    expm1_neg_m<2 * N>(d, e);
+    for (int h = 0; h < 2 * N; ++h)
+      v[h] = _mm256_blendv_pd(_mm256_mul_pd(_mm256_set1_pd(neg), e[h]), _mm256_mul_pd(d[h], _mm256_set1_pd(pos)),
+                              _mm256_cmp_pd(d[h], _mm256_setzero_pd(), _CMP_GE_OQ));
+    for (int q = 0; q < N; ++q) out[q] = keep_nan(join(v + 2 * q), x[q]);
+  }
+  template <int N>
+  static inline void celu_n(const reg* x, reg* out, double alpha, double inv) {
+    __m256d d[2 * N], e[2 * N];
+    for (int q = 0; q < N; ++q) split(x[q], d + 2 * q);
+    for (int h = 0; h < 2 * N; ++h) d[h] = _mm256_mul_pd(d[h], _mm256_set1_pd(inv));
+    expm1_neg_m<2 * N>(d, e);
+    for (int h = 0; h < 2 * N; ++h) e[h] = _mm256_mul_pd(_mm256_set1_pd(alpha), e[h]);
+    for (int q = 0; q < N; ++q)
+      out[q] = keep_nan(_mm256_blendv_ps(join(e + 2 * q), x[q], _mm256_cmp_ps(x[q], _mm256_setzero_ps(), _CMP_GE_OQ)), x[q]);
+  }
+  template <int N>
+  static inline void softplus_n(const reg* x, reg* out, double beta, double threshold, double inv) {
+    __m256d xb[2 * N], t[2 * N], l[2 * N];
+    for (int q = 0; q < N; ++q) split(x[q], xb + 2 * q);
+    for (int h = 0; h < 2 * N; ++h) xb[h] = _mm256_mul_pd(xb[h], _mm256_set1_pd(beta));
+    exp_neg_abs_m<2 * N>(xb, t);
+    log1p01_m<2 * N>(t, l);
+    for (int q = 0; q < N; ++q) {
+      __m256d v[2], above[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256d b = xb[2 * q + h];
+        v[h] = _mm256_mul_pd(_mm256_add_pd(_mm256_max_pd(b, _mm256_setzero_pd()), l[2 * q + h]), _mm256_set1_pd(inv));
+        above[h] = _mm256_cmp_pd(b, _mm256_set1_pd(threshold), _CMP_GT_OQ);
+      }
+      // where x beta > threshold: x itself (the all-ones compare lanes become float nans, sign set)
+      out[q] = keep_nan(_mm256_blendv_ps(join(v), x[q], join(above)), x[q]);
+    }
+  }
+  template <int N>
+  static inline void logsigmoid_n(const reg* x, reg* out) {
+    __m256d d[2 * N], t[2 * N], l[2 * N];
+    for (int q = 0; q < N; ++q) split(x[q], d + 2 * q);
+    exp_neg_abs_m<2 * N>(d, t);
+    log1p01_m<2 * N>(t, l);
+    for (int h = 0; h < 2 * N; ++h) l[h] = _mm256_sub_pd(_mm256_min_pd(d[h], _mm256_setzero_pd()), l[h]);
+    for (int q = 0; q < N; ++q) out[q] = keep_nan(join(l + 2 * q), x[q]);
   }
   // fmath.h's sigmoid_f32, step for step (fnmadd(a, b, c) is fma(-a, b, c), one rounding), so the
   // two isas agree bit for bit; on N vectors at once, each step over all N before the next

@@ -177,7 +177,7 @@ def test_csr_dds_fewbit_opcheck():
 
 def _params_for(name):
     return {"leaky_relu": {"negative_slope": 0.2}, "hardtanh": {"min_val": -2.0, "max_val": 0.5},
-            "elu": {"alpha": 0.7}, "softplus": {"beta": 2.0, "threshold": 5.0}}.get(name, {})
+            "elu": {"alpha": 0.7}, "celu": {"alpha": 2.5}, "softplus": {"beta": 2.0, "threshold": 5.0}}.get(name, {})
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -298,9 +298,9 @@ def test_convert_swaps_each_activation_and_keeps_outputs(torch_mod, cls):
     keys = set(model.state_dict())
     fewbit.convert_(model, bits=3)
     assert type(model[1]) is cls
-    if model[1]._fn.fused_own:  # tanh, sigmoid: the kernel's own forward, checked on the activation
+    if model[1]._fn.fused_own:  # tanh, sigmoid, elu, ...: the kernel's own forward, checked on the activation
         h = model[0](x).detach()
-        _assert_forward(cls.name, model[1](h), h)
+        _assert_forward(cls.name, model[1](h), h, **model[1]._fn.params)
         torch.testing.assert_close(model(x), expect, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(model(x), expect)
@@ -556,7 +556,10 @@ def test_binding_refuses_malformed_arguments():
 
 # ---- the fused forward (one pass writes y and the codes) ----
 
-FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid"]
+FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid", "elu", "selu", "celu",
+         "softplus", "logsigmoid"]
+# their CPU forward is the kernel's own, computed in float64 and rounded once (csrc/fmath.h)
+FLOAT64_FAMILY = ["tanh", "elu", "selu", "celu", "softplus", "logsigmoid"]
 
 
 def _bits_of(t):
@@ -625,6 +628,34 @@ def test_fused_tanh_is_correctly_rounded_on_a_sweep(isa, dtype):
     assert torch.equal(_bits_of(y), _bits_of(ref))
 
 
+@pytest.mark.parametrize("name", ["elu", "selu", "celu", "softplus", "logsigmoid"])
+@pytest.mark.parametrize("params", ["default", "custom"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_float64_family_is_correctly_rounded_on_a_sweep(isa, name, params, dtype):
+    # every exponent from 2^-40 to 2^7 (past where each saturates: elu to -alpha, softplus to x or to a
+    # subnormal, logsigmoid to x), both signs, and normal samples; against torch's float64 function
+    # rounded once to the dtype, bit for bit. torch's own float32 forward is not that value everywhere
+    # (checked below, so the comparison can tell the two apart)
+    kw = _params_for(name) if params == "custom" else {}
+    if params == "custom" and not kw:
+        pytest.skip(f"{name} has no constants")
+    g = torch.Generator().manual_seed(11)
+    mant = 1.0 + torch.rand(60000, generator=g, dtype=torch.float64)
+    expo = torch.randint(-40, 8, (60000,), generator=g).double()
+    x = torch.cat([mant * 2.0 ** expo, torch.randn(1 << 19, generator=g, dtype=torch.float64) * 4,
+                   torch.linspace(-110.0, -80.0, 3001, dtype=torch.float64)])
+    x = torch.cat([x, -x]).to(dtype)
+    fn = fewbit.activation_fn(name, **kw)
+    assert fn.fused_own and fn.fused_exact
+    borders, _ = _table(name, 2, **kw)
+    y, codes = fewbit_ops.fused(x, fn, borders, 2)
+    ref = fn(x.double()).to(dtype)
+    assert torch.equal(_bits_of(y), _bits_of(ref))
+    assert torch.equal(codes, reference.fewbit_pack(x, borders, 2))
+    if dtype == torch.float32 and name != "elu":  # elu with alpha = 1 is exact in float32 on these too
+        assert not torch.equal(_bits_of(fn(x)), _bits_of(ref)), "torch's float32 forward: not correctly rounded"
+
+
 def _sigmoid_sweep(dtype):
     # every exponent from 2^-30 to 2^7 (past where sigmoid rounds to 1 and to 0), dense where it rounds
     # to 1 (x near 17), across the subnormal results (x from -87 to -104) and near 0; normal samples
@@ -672,7 +703,8 @@ def test_fused_sigmoid_is_the_same_bits_on_both_isas():
 
 
 def test_fused_non_contiguous_input_and_autograd(isa):
-    for name, kw in (("leaky_relu", {"negative_slope": 0.1}), ("tanh", {}), ("hardswish", {}), ("sigmoid", {})):
+    for name, kw in (("leaky_relu", {"negative_slope": 0.1}), ("tanh", {}), ("hardswish", {}), ("sigmoid", {}),
+                     ("elu", {"alpha": 0.5}), ("softplus", {"beta": 1.5}), ("logsigmoid", {})):
         x = (torch.randn(64, 40) * 3)[:, ::2].t()  # non-contiguous [20, 64]
         x.requires_grad_(True)
         ref = x.detach().clone().requires_grad_(True)
@@ -684,7 +716,7 @@ def test_fused_non_contiguous_input_and_autograd(isa):
             fewbit.activation_fn(name, **kw)(ref).backward(gy)
             assert torch.equal(x.grad, ref.grad)
         else:
-            borders, levels = _table(name, 2)
+            borders, levels = _table(name, 2, **kw)
             assert torch.equal(x.grad, gy * levels[reference.fewbit_codes(ref.detach(), borders)])
 
 
@@ -718,6 +750,10 @@ def test_binding_fused_refuses_bad_arguments(isa):
     c = np.zeros(8, dtype=np.int32)
     with pytest.raises(ValueError, match="kind"):
         _C.fewbit_pack_fused(x, "float32", b, 2, c, "gelu", 0.0, 0.0, y, 1)
+    # celu divides by alpha and softplus by beta: both must be finite and positive
+    for kind, a in (("celu", 0.0), ("celu", -1.0), ("softplus", 0.0), ("softplus", -2.0), ("softplus", float("inf"))):
+        with pytest.raises(ValueError, match="a: expected a finite number > 0"):
+            _C.fewbit_pack_fused(x, "float32", b, 2, c, kind, a, 20.0, y, 1)
     with pytest.raises(ValueError, match="codes"):
         _C.fewbit_pack_fused(x, "float32", b, 2, np.zeros(7, dtype=np.int32), "tanh", 0.0, 0.0, y, 1)
     with pytest.raises(TypeError, match="codes"):
@@ -743,7 +779,8 @@ def test_binding_fused_refuses_bad_arguments(isa):
 def test_fused_op_opcheck_and_compile_match_eager():
     x = torch.randn(7, 37) * 3
     for kind, a, b in (("tanh", 0.0, 0.0), ("hardswish", 0.0, 0.0), ("hardsigmoid", 0.0, 0.0), ("clamp", -1.0, 2.0),
-                       ("leaky", 0.1, 0.0), ("sigmoid", 0.0, 0.0)):
+                       ("leaky", 0.1, 0.0), ("sigmoid", 0.0, 0.0), ("elu", 1.2, 1.1), ("celu", 0.8, 0.0),
+                       ("softplus", 2.0, 10.0), ("logsigmoid", 0.0, 0.0)):
         borders = torch.tensor([-1.0, 0.0, 1.0])
         for codes in (True, False):
             torch.library.opcheck(torch.ops.sparseops.fewbit_fused, (x, borders, 2, kind, a, b, codes))

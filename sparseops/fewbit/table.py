@@ -197,7 +197,8 @@ class ActivationFn:
 
     ``fused`` is ``(kind, a, b)`` of the fused CPU kernel that computes it next to the few-bit codes
     (:func:`sparseops.ops.fewbit.fewbit_fused`), or None; ``fused_own`` is True where that kernel's
-    forward is its own rather than torch's (tanh, sigmoid); ``fused_exact`` is True where
+    forward is its own rather than torch's (tanh, sigmoid, elu, selu, celu, softplus, logsigmoid: the
+    correctly rounded value, sigmoid's within 1.56 ulp of it); ``fused_exact`` is True where
     :func:`sparseops.reference.fewbit.fewbit_fused_forward` gives that kernel's forward bit for bit
     (every fused kind but sigmoid, whose reference is the exact value it is within 1.56 ulp of), so
     the layer can use it off the CPU kernel too. A plain class, not a
@@ -237,9 +238,10 @@ def activation_fn(name: str, **params) -> ActivationFn:
         ValueError: ``name`` is unknown or a parameter value is invalid.
     """
     resolved = _resolve_params(name, params)
-    # the ones the fused CPU kernel (ops.fewbit.fused) computes next to the codes say how; all but
-    # tanh and sigmoid are torch's forward bit for bit there; tanh is the correctly rounded one,
-    # sigmoid a float32 one within 1.56 ulp of it (fused_own: the kernel's forward is its own)
+    # the ones the fused CPU kernel (ops.fewbit.fused) computes next to the codes say how; the
+    # piecewise-linear ones and hardswish are torch's forward bit for bit there; tanh, elu, selu, celu,
+    # softplus and logsigmoid the correctly rounded one (computed in float64), sigmoid a float32 one
+    # within 1.56 ulp of it (fused_own: the kernel's forward is its own)
     fused, own = None, False
     if name == "relu":
         fused = ("clamp", 0.0, math.inf)
@@ -251,9 +253,22 @@ def activation_fn(name: str, **params) -> ActivationFn:
         fused = ("leaky", resolved["negative_slope"], 0.0)
     elif name in ("hardswish", "hardsigmoid"):
         fused = (name, 0.0, 0.0)
-    elif name in ("tanh", "sigmoid"):
+    elif name in ("tanh", "sigmoid", "logsigmoid"):
         fused, own = (name, 0.0, 0.0), True
+    elif name == "elu":
+        fused, own = ("elu", resolved["alpha"], 1.0), True
+    elif name == "selu":
+        fused, own = ("elu", _SELU_ALPHA * _SELU_SCALE, _SELU_SCALE), True
+    elif name == "celu" and resolved["alpha"] > 0:  # the kernel divides by alpha > 0; others run torch's
+        fused, own = ("celu", resolved["alpha"], 0.0), True
+    elif name == "softplus" and resolved["beta"] > 0:  # likewise beta
+        fused, own = ("softplus", resolved["beta"], resolved["threshold"]), True
     return ActivationFn(name, _SPECS[name][0], resolved, fused, own, fused is not None and name != "sigmoid")
+
+
+# torch's selu constants (float64): selu(x) = scale * (x if x > 0 else alpha * (e^x - 1))
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
 
 
 def derivative(fn: Callable | str, x) -> torch.Tensor:

@@ -167,17 +167,19 @@ def fewbit_fused(x: Tensor, borders: Tensor, bits: int, kind: str, a: float, b: 
         x: any shape, fp32/bf16/fp16 on CPU run ``_C`` (others, and other devices, the reference).
         borders, bits: as :func:`fewbit_pack`.
         kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (slope ``a``),
-            ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"`` or ``"sigmoid"``; see
+            ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"``, ``"sigmoid"``, ``"elu"`` (elu and selu),
+            ``"celu"``, ``"softplus"`` or ``"logsigmoid"``; see
             :func:`sparseops.reference.fewbit.fewbit_fused_forward`.
         a, b: the activation's constants.
         codes: False for the forward alone.
 
     Returns:
         ``(y, codes)``: y of x's shape and dtype (contiguous); codes as :func:`fewbit_pack`, or
-        ``[0]`` int32 when ``codes`` is False. All but tanh and sigmoid equal torch's forward bit for
-        bit; tanh is torch's float64 tanh rounded to x's dtype; sigmoid is, off the CPU kernel, torch's
-        float64 sigmoid rounded to x's dtype and, on it, a float32 sigmoid within 1.56 ulp of that
-        (torch's own float32 sigmoid: 2.3 ulp) rounded to x's dtype.
+        ``[0]`` int32 when ``codes`` is False. clamp, leaky, hardswish and hardsigmoid equal torch's
+        forward bit for bit; tanh, elu, celu, softplus and logsigmoid are torch's float64 function
+        rounded to x's dtype (the CPU kernel computes them in float64 too); sigmoid is, off the CPU
+        kernel, torch's float64 sigmoid rounded to x's dtype and, on it, a float32 sigmoid within 1.56
+        ulp of that (torch's own float32 sigmoid: 2.3 ulp) rounded to x's dtype.
     """
     return _fused_reference(x, borders, bits, kind, a, b, codes)
 
@@ -286,10 +288,11 @@ def fused(x: Tensor, fn, borders: Tensor, bits: int, codes: bool = True) -> tupl
     """``(fn(x), pack(x, borders, bits))`` for the autograd layer (codes None when ``codes`` is False).
 
     For an activation with a fused CPU kernel (``fn.fused``, set by ``fewbit.table.activation_fn``:
-    relu, relu6, hardtanh, leaky_relu, hardswish, hardsigmoid, tanh, sigmoid) on a CPU tensor, one pass reads
-    x and writes both (:func:`fewbit_fused`): for all but tanh and sigmoid the same values as torch's
-    forward, bit for bit; for those two (``fn.fused_own``) the kernel's own (tanh correctly rounded,
-    sigmoid within 1.56 ulp), which the layer then uses everywhere on CPU.
+    relu, relu6, hardtanh, leaky_relu, hardswish, hardsigmoid, tanh, sigmoid, elu, selu, celu, softplus,
+    logsigmoid) on a CPU tensor, one pass reads x and writes both (:func:`fewbit_fused`): for the
+    piecewise-linear ones and hardswish the same values as torch's forward, bit for bit; for the others
+    (``fn.fused_own``) the kernel's own (correctly rounded from float64, sigmoid within 1.56 ulp), which
+    the layer then uses everywhere on CPU.
     Anything else runs ``fn`` and :func:`pack` one after the other.
     """
     spec = getattr(fn, "fused", None)

@@ -82,14 +82,17 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
     Args:
         x: any shape, floating point.
         kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (``x`` above 0,
-            else ``x * a``), ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"`` or ``"sigmoid"``.
-        a, b: the clamp bounds, or the leaky slope (``a``).
+            else ``x * a``), ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"``, ``"sigmoid"``,
+            ``"elu"`` (``x * b`` for x >= 0, else ``a * (e^x - 1)``: elu, and selu with a = alpha * scale,
+            b = scale), ``"celu"`` (alpha ``a``), ``"softplus"`` (beta ``a``, threshold ``b``) or
+            ``"logsigmoid"``.
+        a, b: the activation's constants, as above.
 
     Returns:
-        x's shape and dtype. clamp, leaky, hardswish and hardsigmoid are torch's own functions. tanh and
-        sigmoid are torch's float64 ones rounded to x's dtype (the correctly rounded value) for 16- and
-        32-bit floats. The CPU kernel's tanh is this value; its sigmoid is a float32 one within 1.56 ulp
-        of it (``csrc/fmath.h``), so this is sigmoid's oracle, not its bit pattern.
+        x's shape and dtype. clamp, leaky, hardswish and hardsigmoid are torch's own functions. The others
+        are computed in float64 by torch and rounded to x's dtype (the correctly rounded value) for 16-
+        and 32-bit floats. The CPU kernel gives this value for all but sigmoid, whose float32 one is
+        within 1.56 ulp of it (``csrc/fmath.h``): for sigmoid this is the oracle, not its bit pattern.
 
     Raises:
         ValueError: unknown kind.
@@ -102,11 +105,19 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
         return torch.nn.functional.hardswish(x)
     if kind == "hardsigmoid":
         return torch.nn.functional.hardsigmoid(x)
-    if kind in ("tanh", "sigmoid"):
-        f = torch.tanh if kind == "tanh" else torch.sigmoid
+    own = {
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "logsigmoid": torch.nn.functional.logsigmoid,
+        "elu": lambda d: torch.where(d >= 0, d * b, a * torch.expm1(d)),
+        "celu": lambda d: torch.where(d >= 0, d, a * torch.expm1(d / a)),
+        "softplus": lambda d: torch.nn.functional.softplus(d, beta=a, threshold=b),
+    }
+    if kind in own:
         if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return f(x.double()).to(x.dtype)
-        return f(x)
+            return own[kind](x.double()).to(x.dtype)
+        return own[kind](x)
     raise ValueError(
-        f"kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh' or 'sigmoid', got {kind!r}"
+        f"kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh', 'sigmoid', 'elu', 'celu', "
+        f"'softplus' or 'logsigmoid', got {kind!r}"
     )
