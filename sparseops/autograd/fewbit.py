@@ -17,7 +17,8 @@ from .saved import record_relu_codes, save_with_input, saved_with_input
 
 def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
     # no backward to save for: torch's forward alone, except where the fused kernel's forward is its
-    # own (tanh, sigmoid on CPU: see ops.fewbit.fused), which then holds with and without a gradient
+    # own (fn.fused_own: tanh, sigmoid, elu, selu, celu, softplus, logsigmoid on CPU, see
+    # ops.fewbit.fused), which then holds with and without a gradient
     if getattr(fn, "fused_own", False) and x.device.type == "cpu":
         return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]
     return fn(x)
@@ -37,7 +38,7 @@ class FewBitActivationFunction(torch.autograd.Function):
     def forward(ctx, x, fn, borders, levels, bits: int):
         if not ctx.needs_input_grad[0]:
             return _forward(x, fn, borders, bits)
-        # relu-like fn, hardswish, tanh, sigmoid on cpu: y and the codes in one pass (see ops.fewbit.fused)
+        # the fused kinds on cpu (fn.fused): y and the codes in one pass (see ops.fewbit.fused)
         y, codes = fewbit_ops.fused(x, fn, borders, bits)
         if _is_relu(fn, bits, borders):
             record_relu_codes(y, codes)
@@ -61,7 +62,7 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
         bits: 1 to 4.
 
     Returns:
-        ``fn(x)`` (for tanh and sigmoid on CPU the kernel's own value, see ``ops.fewbit.fused``); its
+        ``fn(x)`` (where ``fn.fused_own``, on CPU the kernel's own value, see ``ops.fewbit.fused``); its
         gradient is ``grad * levels[code(x)]``.
 
     Raises:

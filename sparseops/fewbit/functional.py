@@ -1,9 +1,10 @@
 """Functional few-bit activations: ``sparseops.fewbit.gelu(x, bits=2)`` and one per activation.
 
-Each returns exactly what ``torch.nn.functional``'s activation returns, except tanh and sigmoid on
-CPU, whose fused kernel computes its own forward (tanh correctly rounded; sigmoid within 1.56 ulp of
-that, where torch's is within 2.3); only the gradient is approximated, through the activation's
-optimal table (see :func:`sparseops.fewbit.get_table`).
+Each returns exactly what ``torch.nn.functional``'s activation returns, except tanh, sigmoid, elu,
+selu, celu, softplus and logsigmoid on CPU, whose fused kernel computes its own forward (the correctly
+rounded value, from float64; sigmoid within 1.56 ulp of it, where torch's is within 2.3); only the
+gradient is approximated, through the activation's optimal table (see
+:func:`sparseops.fewbit.get_table`).
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def activation(x: Tensor, name: str, bits: int | None = None, **params) -> Tenso
         params: the activation's own parameters, as ``torch.nn.functional`` names them.
 
     Returns:
-        ``torch.nn.functional.<name>(x, **params)`` (tanh and sigmoid on CPU: the fused kernel's own,
-        see the module docstring); backward saves ``bits`` bits an element.
+        ``torch.nn.functional.<name>(x, **params)`` (tanh, sigmoid, elu, selu, celu, softplus and
+        logsigmoid on CPU: the fused kernel's own, see the module docstring); backward saves ``bits``
+        bits an element.
 
     Raises:
         ValueError: unknown name or bits out of range; TypeError: x is not a floating-point tensor.
