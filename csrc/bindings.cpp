@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -421,9 +422,12 @@ void fewbit_pack_fused(const py::array& x, const std::string& dtype, const py::a
     throw py::value_error("kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh', 'sigmoid', 'elu', "
                           "'celu', 'softplus' or 'logsigmoid', got '" + kind + "'");
   if (std::isnan(a) || std::isnan(b)) throw py::value_error("a, b: expected numbers, got nan");
-  // celu divides by alpha and softplus by beta: both finite and positive (torch's other values run there)
-  if ((k == sparseops::FewbitFused::celu || k == sparseops::FewbitFused::softplus) && !(a > 0.0 && std::isfinite(a)))
-    throw py::value_error("a: expected a finite number > 0 for '" + kind + "', got " + std::to_string(a));
+  // celu divides by alpha and softplus by beta: both finite and at least the smallest normal double, so
+  // that 1 / a is finite (torch's other values run there)
+  if ((k == sparseops::FewbitFused::celu || k == sparseops::FewbitFused::softplus) &&
+      !(a >= std::numeric_limits<double>::min() && std::isfinite(a)))
+    throw py::value_error("a: expected a finite number >= 2.2250738585072014e-308 for '" + kind + "', got " +
+                          std::to_string(a));
   const int64_t n = element_array(x, "x", dt);
   const float* bd = border_array(borders, bits);
   uint32_t* c = nullptr;

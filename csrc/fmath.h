@@ -121,7 +121,8 @@ inline float sigmoid_f32(float x) {
 // forwards of these are within 1-2 ulp but not correctly rounded (selu's positive side is x times
 // float(scale), so 1 ulp off for about half the inputs). arguments of exp are clamped to [-700, 0]
 // for e^x - 1 (e^-700 - 1 is -1 in double) and to [-746, 0] for e^x (which is 0 from -745.2 on, as
-// torch's float64 exp: the sign of a zero result is torch's), nan returns nan.
+// torch's float64 exp), nan returns nan. log1p01 of the smallest subnormal, 2^-1074 (e^-a for a from
+// 744.04 to 745.13), is 0 (s rounds to 0), as torch's float64 log1p: logsigmoid is +0 there, as torch's.
 constexpr double kExpClamp = 700.0;
 constexpr double kExpZero = 746.0;
 constexpr double kSqrt2m1 = 0.41421356237309504880;
@@ -170,12 +171,13 @@ inline float celu_f32(float x, double alpha, double inv) {
   return d >= 0.0 ? x : static_cast<float>(alpha * expm1_d(clamp_exp_arg(d * inv)));
 }
 
-// torch's softplus: x where x * beta > threshold, else log(1 + e^(x beta)) / beta, as
-// (max(x beta, 0) + log(1 + e^-|x beta|)) / beta (inv = 1 / beta, beta > 0)
+// torch's softplus: x where x * beta > threshold (torch's test, in float32: x times float(beta) against
+// float(threshold)), else log(1 + e^(x beta)) / beta, as (max(x beta, 0) + log(1 + e^-|x beta|)) / beta
+// in float64, which does not overflow where torch's does (inv = 1 / beta, beta > 0)
 inline float softplus_f32(float x, double beta, double threshold, double inv) {
   if (x != x) return x;
+  if (x * static_cast<float>(beta) > static_cast<float>(threshold)) return x;
   const double xb = static_cast<double>(x) * beta;
-  if (xb > threshold) return x;
   const double a = std::fabs(xb) < kExpZero ? std::fabs(xb) : kExpZero;
   return static_cast<float>(((xb > 0.0 ? xb : 0.0) + log1p01(exp_d(-a))) * inv);
 }

@@ -557,14 +557,14 @@ struct VecAVX2 {
     exp_neg_abs_m<2 * N>(xb, t);
     log1p01_m<2 * N>(t, l);
     for (int q = 0; q < N; ++q) {
-      __m256d v[2], above[2];
-      for (int h = 0; h < 2; ++h) {
-        const __m256d b = xb[2 * q + h];
-        v[h] = _mm256_mul_pd(_mm256_add_pd(_mm256_max_pd(b, _mm256_setzero_pd()), l[2 * q + h]), _mm256_set1_pd(inv));
-        above[h] = _mm256_cmp_pd(b, _mm256_set1_pd(threshold), _CMP_GT_OQ);
-      }
-      // where x beta > threshold: x itself (the all-ones compare lanes become float nans, sign set)
-      out[q] = keep_nan(_mm256_blendv_ps(join(v), x[q], join(above)), x[q]);
+      __m256d v[2];
+      for (int h = 0; h < 2; ++h)
+        v[h] = _mm256_mul_pd(_mm256_add_pd(_mm256_max_pd(xb[2 * q + h], _mm256_setzero_pd()), l[2 * q + h]),
+                             _mm256_set1_pd(inv));
+      // where x beta > threshold, torch's test in float32: x itself
+      const __m256 above = _mm256_cmp_ps(_mm256_mul_ps(x[q], _mm256_set1_ps(static_cast<float>(beta))),
+                                         _mm256_set1_ps(static_cast<float>(threshold)), _CMP_GT_OQ);
+      out[q] = keep_nan(_mm256_blendv_ps(join(v), x[q], above), x[q]);
     }
   }
   template <int N>

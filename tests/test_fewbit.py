@@ -642,18 +642,51 @@ def test_fused_float64_family_is_correctly_rounded_on_a_sweep(isa, name, params,
     g = torch.Generator().manual_seed(11)
     mant = 1.0 + torch.rand(60000, generator=g, dtype=torch.float64)
     expo = torch.randint(-40, 8, (60000,), generator=g).double()
+    # (and where e^-|x| leaves the normal doubles, 700 to 760, for softplus and logsigmoid)
     x = torch.cat([mant * 2.0 ** expo, torch.randn(1 << 19, generator=g, dtype=torch.float64) * 4,
-                   torch.linspace(-110.0, -80.0, 3001, dtype=torch.float64)])
+                   torch.linspace(-110.0, -80.0, 3001, dtype=torch.float64),
+                   torch.linspace(690.0, 760.0, 7001, dtype=torch.float64)])
     x = torch.cat([x, -x]).to(dtype)
     fn = fewbit.activation_fn(name, **kw)
     assert fn.fused_own and fn.fused_exact
     borders, _ = _table(name, 2, **kw)
     y, codes = fewbit_ops.fused(x, fn, borders, 2)
-    ref = fn(x.double()).to(dtype)
+    ref = reference.fewbit.fewbit_fused_forward(x, *fn.fused)  # float64 (expm1, log1p), rounded once
     assert torch.equal(_bits_of(y), _bits_of(ref))
+    # which is torch's float64 function rounded, where that does not overflow (it has no other form)
+    tref = fn(x.double()).to(dtype)
+    fin = torch.isfinite(tref) | torch.isnan(x)
+    assert torch.equal(_bits_of(tref)[fin], _bits_of(ref)[fin])
     assert torch.equal(codes, reference.fewbit_pack(x, borders, 2))
     if dtype == torch.float32 and name != "elu":  # elu with alpha = 1 is exact in float32 on these too
         assert not torch.equal(_bits_of(fn(x)), _bits_of(ref)), "torch's float32 forward: not correctly rounded"
+
+
+def test_fused_softplus_above_torchs_overflow_and_constants_it_refuses(isa):
+    # a threshold above where torch's own softplus overflows (x * beta > 88.7 in float32, 709.8 in
+    # float64): the kernel and the reference give the finite value, x itself up from there
+    fn = fewbit.activation_fn("softplus", beta=1.0, threshold=1000.0)
+    x = torch.tensor([80.0, 100.0, 709.0, 710.0, 800.0, 999.0, 1e30, float("inf"), -1e30, -float("inf"), -800.0])
+    y, _ = fewbit_ops.fused(x, fn, _table("softplus", 2, beta=1.0, threshold=1000.0)[0], 2)
+    ref = reference.fewbit.fewbit_fused_forward(x, *fn.fused)
+    assert torch.equal(_bits_of(y), _bits_of(ref))
+    assert torch.equal(y[1:8], x[1:8]) and torch.isinf(fn(x[3:5])).all()  # torch: inf there
+    assert torch.equal(y[8:], torch.zeros(3))
+    # the threshold test is torch's float32 one: x * float(beta) rounded to float32 (1.0 here, not above
+    # the threshold 1, though x * beta in float64 is 1.00000002), so this x takes the log branch, as in
+    # torch's float32 softplus
+    fn = fewbit.activation_fn("softplus", beta=3.0, threshold=1.0)
+    x = torch.tensor([0.33333334, 0.3333334, 0.3333333])
+    y, _ = fewbit_ops.fused(x, fn, _table("softplus", 2, beta=3.0, threshold=1.0)[0], 2)
+    torch.testing.assert_close(y, fn(x), rtol=2e-7, atol=0)
+    assert y[1] == x[1] and y[0] != x[0]
+    # a beta or a celu alpha whose reciprocal overflows runs torch's forward, and the binding refuses it
+    for name, kw in (("softplus", {"beta": 1e-310}), ("celu", {"alpha": 1e-310})):
+        assert fewbit.activation_fn(name, **kw).fused is None
+    xs = np.ones(64, dtype=np.float32)
+    with pytest.raises(ValueError, match="a: expected a finite number >= 2.2250738585072014e-308"):
+        _C.fewbit_pack_fused(xs, "float32", np.zeros(3, np.float32), 2, None, "softplus", 1e-310, 20.0,
+                             np.empty_like(xs), 1)
 
 
 def _sigmoid_sweep(dtype):
@@ -752,7 +785,7 @@ def test_binding_fused_refuses_bad_arguments(isa):
         _C.fewbit_pack_fused(x, "float32", b, 2, c, "gelu", 0.0, 0.0, y, 1)
     # celu divides by alpha and softplus by beta: both must be finite and positive
     for kind, a in (("celu", 0.0), ("celu", -1.0), ("softplus", 0.0), ("softplus", -2.0), ("softplus", float("inf"))):
-        with pytest.raises(ValueError, match="a: expected a finite number > 0"):
+        with pytest.raises(ValueError, match="a: expected a finite number >= "):
             _C.fewbit_pack_fused(x, "float32", b, 2, c, kind, a, 20.0, y, 1)
     with pytest.raises(ValueError, match="codes"):
         _C.fewbit_pack_fused(x, "float32", b, 2, np.zeros(7, dtype=np.int32), "tanh", 0.0, 0.0, y, 1)

@@ -259,9 +259,9 @@ def activation_fn(name: str, **params) -> ActivationFn:
         fused, own = ("elu", resolved["alpha"], 1.0), True
     elif name == "selu":
         fused, own = ("elu", _SELU_ALPHA * _SELU_SCALE, _SELU_SCALE), True
-    elif name == "celu" and resolved["alpha"] > 0:  # the kernel divides by alpha > 0; others run torch's
+    elif name == "celu" and resolved["alpha"] >= sys.float_info.min:  # the kernel takes 1/alpha: others run torch's
         fused, own = ("celu", resolved["alpha"], 0.0), True
-    elif name == "softplus" and resolved["beta"] > 0:  # likewise beta
+    elif name == "softplus" and resolved["beta"] >= sys.float_info.min:  # likewise 1/beta
         fused, own = ("softplus", resolved["beta"], resolved["threshold"]), True
     return ActivationFn(name, _SPECS[name][0], resolved, fused, own, fused is not None and name != "sigmoid")
 

@@ -110,8 +110,14 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
         "sigmoid": torch.sigmoid,
         "logsigmoid": torch.nn.functional.logsigmoid,
         "elu": lambda d: torch.where(d >= 0, d * b, a * torch.expm1(d)),
-        "celu": lambda d: torch.where(d >= 0, d, a * torch.expm1(d / a)),
-        "softplus": lambda d: torch.nn.functional.softplus(d, beta=a, threshold=b),
+        "celu": lambda d: torch.where(d >= 0, d, a * torch.expm1(d * (1.0 / a))),
+        # torch's rule (x where x * beta > threshold, tested as torch's float32 forward tests it: the
+        # float32 product against float32 constants) and, below it, log(1 + e^(x beta)) / beta in the
+        # form that cannot overflow: torch's own gives inf above x * beta = 709.8 in float64 (88.7 in
+        # float32), which only a threshold above those reaches
+        "softplus": lambda d: torch.where(
+            d.float() * torch.tensor(a, dtype=torch.float32) > torch.tensor(b, dtype=torch.float32), d,
+            (torch.clamp(d * a, min=0) + torch.log1p(torch.exp(-(d * a).abs()))) * (1.0 / a)),
     }
     if kind in own:
         if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
