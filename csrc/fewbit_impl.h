@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "fewbit.h"
 #include "simd.h"
@@ -249,6 +250,25 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
   }
 }
 
+// the fused pack of a run-time kind: a table of the instantiations for kinds 1 .. kKinds (the binding
+// turns only those into a FewbitFused)
+constexpr int kKinds = static_cast<int>(FewbitFused::logsigmoid);
+using PackFn = void (*)(const void*, int64_t, const float*, uint32_t*, int, double, double, void*);
+
+template <class V, FewbitDtype DT, int BITS, int... K>
+void pack_fused_table(std::integer_sequence<int, K...>, FewbitFused kind, const void* x, int64_t n,
+                      const float* borders, uint32_t* codes, int nthreads, double a, double b, void* y) {
+  static constexpr PackFn table[] = {&pack<V, DT, BITS, K + 1>...};
+  table[static_cast<int>(kind) - 1](x, n, borders, codes, nthreads, a, b, y);
+}
+
+template <class V, FewbitDtype DT, int BITS>
+void pack_fused(FewbitFused kind, const void* x, int64_t n, const float* borders, uint32_t* codes, int nthreads,
+                double a, double b, void* y) {
+  pack_fused_table<V, DT, BITS>(std::make_integer_sequence<int, kKinds>{}, kind, x, n, borders, codes, nthreads, a,
+                                b, y);
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -264,28 +284,7 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
     detail::with_bits_dtype(bits, dt, [&](auto bt, auto d) {                                                     \
       constexpr FewbitDtype DT = decltype(d)::value;                                                             \
       constexpr int BITS = decltype(bt)::value;                                                                  \
-      switch (kind) {                                                                                            \
-        case FewbitFused::clamp:                                                                                 \
-          return detail::pack<V, DT, BITS, 1>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::leaky:                                                                                 \
-          return detail::pack<V, DT, BITS, 2>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::hardswish:                                                                             \
-          return detail::pack<V, DT, BITS, 3>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::tanh:                                                                                  \
-          return detail::pack<V, DT, BITS, 4>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::hardsigmoid:                                                                           \
-          return detail::pack<V, DT, BITS, 5>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::sigmoid:                                                                               \
-          return detail::pack<V, DT, BITS, 6>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::elu:                                                                                   \
-          return detail::pack<V, DT, BITS, 7>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::celu:                                                                                  \
-          return detail::pack<V, DT, BITS, 8>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::softplus:                                                                              \
-          return detail::pack<V, DT, BITS, 9>(x, n, borders, codes, nthreads, a, b, y);                          \
-        case FewbitFused::logsigmoid:                                                                            \
-          return detail::pack<V, DT, BITS, 10>(x, n, borders, codes, nthreads, a, b, y);                         \
-      }                                                                                                          \
+      detail::pack_fused<V, DT, BITS>(kind, x, n, borders, codes, nthreads, a, b, y);                              \
     });                                                                                                          \
   }                                                                                                              \
   void fewbit_unpack_##SUFFIX(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n,                \
