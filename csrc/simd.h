@@ -611,7 +611,7 @@ struct VecAVX2 {
       const __m256 num = _mm256_blendv_ps(e[h], one, _mm256_cmp_ps(x[h], _mm256_setzero_ps(), _CMP_GT_OQ));
       const __m256 q0 = _mm256_mul_ps(num, r0[h]);
       const __m256 v = _mm256_fmadd_ps(r0[h], _mm256_fnmadd_ps(q0, c[h], _mm256_fnmadd_ps(q0, d[h], num)), q0);
-      y[h] = _mm256_blendv_ps(v, x[h], _mm256_cmp_ps(x[h], x[h], _CMP_UNORD_Q));
+      y[h] = keep_nan(v, x[h]);
     }
   }
   static inline reg sigmoid_f(reg x) {

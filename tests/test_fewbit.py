@@ -558,8 +558,6 @@ def test_binding_refuses_malformed_arguments():
 
 FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid", "elu", "selu", "celu",
          "softplus", "logsigmoid"]
-# their CPU forward is the kernel's own, computed in float64 and rounded once (csrc/fmath.h)
-FLOAT64_FAMILY = ["tanh", "elu", "selu", "celu", "softplus", "logsigmoid"]
 
 
 def _bits_of(t):
