@@ -464,6 +464,10 @@ void fewbit_unpack(const py::array& grad, const std::string& dtype, py::array& c
     throw py::value_error("out: expected " + std::to_string(n) + " elements of grad's dtype, got " +
                           std::to_string(out.size()) + " of " + std::string(py::str(out.dtype())));
   if (!out.writeable()) throw py::value_error("out: must be writeable");
+  // out may be grad itself (each element is read before it is written), but no other overlap is safe
+  std::vector<Span> all = {span(out, "out"), span(codes, "codes"), span(levels, "levels")};
+  if (out.data() != grad.data() || out.nbytes() != grad.nbytes()) all.push_back(span(grad, "grad"));
+  check_disjoint({span(out, "out")}, all);
   py::gil_scoped_release release;
   sparseops::fewbit_unpack(grad.data(), dt, c, n, l, bits, out.mutable_data(), threads(nthreads));
 }
@@ -955,8 +959,12 @@ py::array mask_select(const py::array& x, const py::array& mask, int nthreads) {
   py::array out(x.dtype(), std::vector<py::ssize_t>{static_cast<py::ssize_t>(count)});
   void* o = out.mutable_data();
   const void* xp = x.data();
-  py::gil_scoped_release release;
-  sparseops::mask_select(xp, es, n, m, o, threads(nthreads));
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = sparseops::mask_select(xp, es, n, m, o, count, threads(nthreads));
+  }
+  if (!ok) throw py::value_error("mask: changed while it was read (another thread wrote it during the call)");
   return out;
 }
 
@@ -975,13 +983,17 @@ void mask_expand(const py::array& mask, const py::array& values, py::array& out,
     throw py::value_error("values: expected a contiguous 1-D array, got shape " + shape_str(values));
   check_aligned(values, "values");
   check_disjoint({span(out, "out")}, {span(out, "out"), span(mask, "mask"), span(values, "values")});
-  const int64_t count = sparseops::mask_count(m, n, threads(nthreads));
-  if (count != static_cast<int64_t>(values.shape(0)))
-    throw py::value_error("values: expected " + std::to_string(count) + " entries (the bits the mask sets), got " +
-                          std::to_string(values.shape(0)));
+  // the kernel counts the mask's bits before it writes and refuses (writing nothing) another count
   void* o = out.mutable_data();
-  py::gil_scoped_release release;
-  sparseops::mask_expand(m, v, es, n, o, threads(nthreads));
+  const int64_t nv = static_cast<int64_t>(values.shape(0));
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = sparseops::mask_expand(m, v, nv, es, n, o, threads(nthreads));
+  }
+  if (!ok)
+    throw py::value_error("values: expected " + std::to_string(sparseops::mask_count(m, n, threads(nthreads))) +
+                          " entries (the bits the mask sets), got " + std::to_string(nv));
 }
 
 void mask_where(const py::array& mask, const py::array& x, py::array& out, int nthreads) {

@@ -53,45 +53,55 @@ std::vector<int64_t> starts(const int32_t* mask, int64_t n, int64_t words, int T
   return start;
 }
 
+// the fills below recount the bits (starts) and hold each thread to its own count, so that a mask that
+// changes under them (another thread writing it while the binding has dropped the GIL) can give wrong
+// values but never a write or read past the count the caller sized for: they return false, having
+// touched nothing, when the total differs from that count
 template <class E>
-void select(const E* x, int64_t n, const int32_t* mask, E* out, int nthreads) {
+bool select(const E* x, int64_t n, const int32_t* mask, E* out, int64_t cap, int nthreads) {
   const int64_t words = (n + 31) / 32;
   const int T = team(nthreads, words);
   const std::vector<int64_t> start = starts(mask, n, words, T);
+  if (start[static_cast<size_t>(T)] != cap) return false;
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     E* o = out + start[t];
+    E* const end = out + start[t + 1];
     for (int64_t w = words * t / T; w < words * (t + 1) / T; ++w) {
       uint32_t v = word(mask, w, n);
       const E* xw = x + w * 32;
-      while (v) {
+      while (v && o < end) {
         const int i = lowest_bit(v);
         *o++ = xw[i];
         v &= v - 1;
       }
     }
   }
+  return true;
 }
 
 template <class E>
-void expand(const int32_t* mask, const E* vals, int64_t n, E* out, int nthreads) {
+bool expand(const int32_t* mask, const E* vals, int64_t nvals, int64_t n, E* out, int nthreads) {
   const int64_t words = (n + 31) / 32;
   const int T = team(nthreads, words);
   const std::vector<int64_t> start = starts(mask, n, words, T);
+  if (start[static_cast<size_t>(T)] != nvals) return false;
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     const E* v = vals + start[t];
+    const E* const end = vals + start[t + 1];
     for (int64_t w = words * t / T; w < words * (t + 1) / T; ++w) {
       const uint32_t m = word(mask, w, n);
       E* ow = out + w * 32;
       const int64_t len = std::min<int64_t>(32, n - w * 32);
       for (int64_t i = 0; i < len; ++i) {
-        const bool on = (m >> i) & 1u;
+        const bool on = ((m >> i) & 1u) && v < end;
         ow[i] = on ? *v : E(0);
         v += on;
       }
     }
   }
+  return true;
 }
 
 template <class E>
@@ -115,18 +125,16 @@ int64_t mask_count(const int32_t* mask, int64_t n, int nthreads) {
   return starts(mask, n, words, T)[static_cast<size_t>(T)];
 }
 
-void mask_select(const void* x, int esize, int64_t n, const int32_t* mask, void* out, int nthreads) {
-  if (esize == 4)
-    select(static_cast<const uint32_t*>(x), n, mask, static_cast<uint32_t*>(out), nthreads);
-  else
-    select(static_cast<const uint16_t*>(x), n, mask, static_cast<uint16_t*>(out), nthreads);
+bool mask_select(const void* x, int esize, int64_t n, const int32_t* mask, void* out, int64_t cap, int nthreads) {
+  if (esize == 4) return select(static_cast<const uint32_t*>(x), n, mask, static_cast<uint32_t*>(out), cap, nthreads);
+  return select(static_cast<const uint16_t*>(x), n, mask, static_cast<uint16_t*>(out), cap, nthreads);
 }
 
-void mask_expand(const int32_t* mask, const void* vals, int esize, int64_t n, void* out, int nthreads) {
+bool mask_expand(const int32_t* mask, const void* vals, int64_t nvals, int esize, int64_t n, void* out,
+                 int nthreads) {
   if (esize == 4)
-    expand(mask, static_cast<const uint32_t*>(vals), n, static_cast<uint32_t*>(out), nthreads);
-  else
-    expand(mask, static_cast<const uint16_t*>(vals), n, static_cast<uint16_t*>(out), nthreads);
+    return expand(mask, static_cast<const uint32_t*>(vals), nvals, n, static_cast<uint32_t*>(out), nthreads);
+  return expand(mask, static_cast<const uint16_t*>(vals), nvals, n, static_cast<uint16_t*>(out), nthreads);
 }
 
 void mask_where(const int32_t* mask, const void* x, int esize, int64_t n, void* out, int nthreads) {

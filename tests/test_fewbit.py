@@ -554,6 +554,37 @@ def test_binding_refuses_malformed_arguments():
     assert (codes == before).all(), "nothing is written when the arguments are refused"
 
 
+@pytest.mark.skipif(_C is None, reason="sparseops._C is not built")
+def test_unpack_binding_refuses_an_out_that_overlaps_its_inputs():
+    # out may be grad itself (element by element, read before written); any other overlap is refused,
+    # with nothing written
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(40).astype(np.float32)
+    codes = np.zeros(4, dtype=np.int32)
+    _C.fewbit_pack(x, "float32", np.array([-1, 0, 1], dtype=np.float32), 2, codes, 1)
+    levels = np.array([0.5, 1.5, 2.5, 3.5], dtype=np.float32)
+    buf = rng.standard_normal(48).astype(np.float32)
+    before = buf.copy()
+    with pytest.raises(ValueError, match="out: shares memory with grad"):
+        _C.fewbit_unpack(buf[:40], "float32", codes, levels, 2, buf[8:48], 1)
+    assert (buf == before).all(), "a refused call wrote its output"
+    with pytest.raises(ValueError, match="out: shares memory with levels"):
+        _C.fewbit_unpack(buf[8:48], "float32", codes, buf[:4], 2, buf[2:42], 1)
+    assert (buf == before).all(), "a refused call wrote its output"
+    both = np.zeros(44, dtype=np.int32)
+    both[:4] = codes
+    snapshot = both.copy()
+    with pytest.raises(ValueError, match="out: shares memory with codes"):
+        _C.fewbit_unpack(buf[:40], "float32", both[:4], levels, 2, both[2:42].view(np.float32), 1)
+    assert (both == snapshot).all(), "a refused call wrote its output"
+    expect = np.full(40, np.nan, dtype=np.float32)
+    _C.fewbit_unpack(buf[:40], "float32", codes, levels, 2, expect, 1)
+    assert np.array_equal(expect, buf[:40] * levels[(x[:, None] > np.array([-1, 0, 1])).sum(1)])
+    g = buf[:40]
+    _C.fewbit_unpack(g, "float32", codes, levels, 2, g, 1)  # in place on grad: allowed
+    assert np.array_equal(g, expect)
+
+
 # ---- the fused forward (one pass writes y and the codes) ----
 
 FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid", "elu", "selu", "celu",
