@@ -418,9 +418,10 @@ void fewbit_pack_fused(const py::array& x, const std::string& dtype, const py::a
   else if (kind == "celu") k = sparseops::FewbitFused::celu;
   else if (kind == "softplus") k = sparseops::FewbitFused::softplus;
   else if (kind == "logsigmoid") k = sparseops::FewbitFused::logsigmoid;
+  else if (kind == "silu") k = sparseops::FewbitFused::silu;
   else
     throw py::value_error("kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh', 'sigmoid', 'elu', "
-                          "'celu', 'softplus' or 'logsigmoid', got '" + kind + "'");
+                          "'celu', 'softplus', 'logsigmoid' or 'silu', got '" + kind + "'");
   if (std::isnan(a) || std::isnan(b)) throw py::value_error("a, b: expected numbers, got nan");
   // celu divides by alpha and softplus by beta: both finite and at least the smallest normal double, so
   // that 1 / a is finite (torch's other values run there)

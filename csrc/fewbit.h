@@ -27,6 +27,8 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 //   hardsigmoid: min(max(x + 3, 0), 6) / 6, likewise;
 //   tanh:      computed in double and rounded to float (fmath.h), then to the element type;
 //   sigmoid:   computed in float (fmath.h, within 1.56 ulp), then rounded to the element type.
+//   silu:      x * sigmoid(x), computed in float by the same steps (fmath.h silu_f32, within its
+//              documented bound), then rounded to the element type; no constants.
 //   elu:       x >= 0 ? x * b : a * (e^x - 1) (elu: a = alpha, b = 1; selu: a = alpha * scale, b = scale),
 //   celu:      x >= 0 ? x : a * (e^(x / a) - 1), a > 0,
 //   softplus:  x * a > b ? x : log(1 + e^(x a)) / a (a = beta > 0, b = threshold),
@@ -39,7 +41,7 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 // sigmoid is within 1.56 ulp of it (torch's: 2.3, and 0 for subnormal results).
 enum class FewbitFused {
   clamp = 1, leaky = 2, hardswish = 3, tanh = 4, hardsigmoid = 5, sigmoid = 6,
-  elu = 7, celu = 8, softplus = 9, logsigmoid = 10
+  elu = 7, celu = 8, softplus = 9, logsigmoid = 10, silu = 11
 };
 void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
                        FewbitFused kind, double a, double b, void* y, int nthreads);

@@ -58,7 +58,8 @@ constexpr int64_t kGroupsPerChunk = 1024;
 
 // the kinds computed on the group's 4 vectors at once (long chains of dependent steps: see simd.h)
 template <int KIND>
-constexpr bool kWide = KIND == static_cast<int>(FewbitFused::sigmoid) || KIND == static_cast<int>(FewbitFused::tanh) ||
+constexpr bool kWide = KIND == static_cast<int>(FewbitFused::sigmoid) || KIND == static_cast<int>(FewbitFused::silu) ||
+                       KIND == static_cast<int>(FewbitFused::tanh) ||
                        KIND == static_cast<int>(FewbitFused::elu) || KIND == static_cast<int>(FewbitFused::celu) ||
                        KIND == static_cast<int>(FewbitFused::softplus) ||
                        KIND == static_cast<int>(FewbitFused::logsigmoid);
@@ -73,6 +74,8 @@ template <class V, int KIND, int N>
 inline void fused_n(const typename V::reg* x, typename V::reg* y, double da, double db, double dinv) {
   if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
     V::template sigmoid_n<N>(x, y);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::silu)) {
+    V::template silu_n<N>(x, y);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::tanh)) {
     for (int q = 0; q < N; ++q) V::template tanh_n<1>(x + q, y + q);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::elu)) {
@@ -130,6 +133,8 @@ inline float fused1(float x, float a, float b, double da, double db, double dinv
     return (6.0f < lo ? 6.0f : lo) / 6.0f;
   } else if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
     return V::sigmoid1(x);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::silu)) {
+    return V::silu1(x);
   } else {
     static_assert(KIND == static_cast<int>(FewbitFused::tanh));
     return fmath::tanh_f32(x);
@@ -252,7 +257,7 @@ void with_bits_dtype(int bits, FewbitDtype dt, F&& f) {
 
 // the fused pack of a run-time kind: a table of the instantiations for kinds 1 .. kKinds (the binding
 // turns only those into a FewbitFused)
-constexpr int kKinds = static_cast<int>(FewbitFused::logsigmoid);
+constexpr int kKinds = static_cast<int>(FewbitFused::silu);
 using PackFn = void (*)(const void*, int64_t, const float*, uint32_t*, int, double, double, void*);
 
 template <class V, FewbitDtype DT, int BITS, int... K>

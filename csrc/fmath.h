@@ -111,6 +111,46 @@ inline float sigmoid_f32(float x) {
   return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, num)), q0);
 }
 
+// silu(x) = x sigmoid(x), in float32 by sigmoid_f32's steps: x * num / (d + c). two changes, both for
+// the negative side, where the value is x e / (1 + e) with e = e^x, down to subnormal results:
+// - e is kept scaled, es = e * 2^64 (2^(k+64) * (1 + p): normal for every a below the clamp, 120), with
+//   its rounding error el (es + el = s + s p to about 2^-48), and the numerator is x * (es + el) as
+//   hi + lo (lo = fma(x, es, -hi) + x el); el also goes into c. the quotient is scaled back by 2^-64 at
+//   the end (one rounding, a second only where the result is subnormal). with e itself in the
+//   numerator, a subnormal e (a > 87.3) would carry a few bits into a product |x| times larger;
+// - the clamp is 120, not 105: |x| e^-|x| is a subnormal up to a = 110.4 (torch's float32 silu is -0
+//   from x = -88.8 on, where exp(-x) overflows); from a = 120 on the result is x (x > 0) or -0 (x < 0).
+// d + c, r0 and the residual as in sigmoid_f32, with lo added to the residual; for x > 0 the numerator
+// is x and the scale 1. ±0 returns x (the steps would give +0 for -0); nan returns nan.
+constexpr float kSiluClamp = 120.0f;
+
+inline float silu_f32(float x) {
+  if (x != x) return x;
+  const float a = std::fabs(x);
+  if (!(a < kSiluClamp)) return x > 0.0f ? x : -0.0f;
+  if (a == 0.0f) return x;
+  const float t = -a;
+  const float k = std::nearbyint(t * kSigLog2e);
+  const float r = std::fmaf(-k, kSigLn2Lo, std::fmaf(-k, kSigLn2Hi, t));
+  float q = kSigInvFact[5];
+  for (int i = 4; i >= 0; --i) q = std::fmaf(q, r, kSigInvFact[i]);
+  const float p = std::fmaf(r * r, q, r);
+  const float s = pow2f(static_cast<int>(k) + 64);
+  const float es = std::fmaf(s, p, s);
+  const float el = std::fmaf(s, p, s - es);  // es's rounding error (s - es is exact: Sterbenz)
+  const float e = es * 0x1p-64f;
+  const float d = 1.0f + e;
+  const float c = (e - (d - 1.0f)) + el * 0x1p-64f;
+  const float r0 = 1.0f / d;
+  const bool pos = x > 0.0f;
+  const float m = pos ? 1.0f : es;
+  const float hi = x * m;
+  const float lo = std::fmaf(x, pos ? 0.0f : el, std::fmaf(x, m, -hi));
+  const float q0 = hi * r0;
+  const float v = std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, hi)) + lo, q0);
+  return pos ? v : v * 0x1p-64f;
+}
+
 
 // ---- the float64 family: elu / selu (elu_f32), celu, softplus, logsigmoid ----
 // each computed in double from the float input by the steps below and rounded once to float. the

@@ -215,6 +215,13 @@ struct VecPortable {
     return r;
   }
   static inline float sigmoid1(float x) { return fmath::sigmoid_f32(x); }
+  // silu in float32 (fmath.h), lane by lane
+  static inline float silu1(float x) { return fmath::silu_f32(x); }
+  template <int N>
+  static inline void silu_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::silu_f32(x[h].v[i]);
+  }
   template <int N>
   static inline void sigmoid_n(const reg* x, reg* y) {
     for (int h = 0; h < N; ++h) y[h] = sigmoid_f(x[h]);
@@ -613,6 +620,59 @@ struct VecAVX2 {
       const __m256 v = _mm256_fmadd_ps(r0[h], _mm256_fnmadd_ps(q0, c[h], _mm256_fnmadd_ps(q0, d[h], num)), q0);
       y[h] = keep_nan(v, x[h]);
     }
+  }
+  // fmath.h's silu_f32, step for step (the avx2 twin of the portable path, bit for bit): sigmoid_n's
+  // steps with e scaled by 2^64 in the numerator x * es (hi + lo), the quotient scaled back for x <= 0
+  template <int N>
+  static inline void silu_n(const reg* x, reg* y) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const __m256 clamp = _mm256_set1_ps(fmath::kSiluClamp);
+    __m256 a[N], k[N], r[N], q[N], es[N], el[N], d[N], c[N], r0[N];
+    // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
+    for (int h = 0; h < N; ++h) a[h] = _mm256_min_ps(_mm256_andnot_ps(sign, x[h]), clamp);
+    for (int h = 0; h < N; ++h)
+      k[h] = _mm256_round_ps(_mm256_mul_ps(_mm256_xor_ps(a[h], sign), _mm256_set1_ps(fmath::kSigLog2e)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (int h = 0; h < N; ++h)
+      r[h] = _mm256_fnmadd_ps(k[h], _mm256_set1_ps(fmath::kSigLn2Lo),
+                              _mm256_fnmadd_ps(k[h], _mm256_set1_ps(fmath::kSigLn2Hi), _mm256_xor_ps(a[h], sign)));
+    for (int h = 0; h < N; ++h) q[h] = _mm256_set1_ps(fmath::kSigInvFact[5]);
+    for (int i = 4; i >= 0; --i)
+      for (int h = 0; h < N; ++h) q[h] = _mm256_fmadd_ps(q[h], r[h], _mm256_set1_ps(fmath::kSigInvFact[i]));
+    for (int h = 0; h < N; ++h) {
+      const __m256 p = _mm256_fmadd_ps(_mm256_mul_ps(r[h], r[h]), q[h], r[h]);
+      const __m256 s = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k[h]), _mm256_set1_epi32(127 + 64)), 23));
+      es[h] = _mm256_fmadd_ps(s, p, s);
+      el[h] = _mm256_fmadd_ps(s, p, _mm256_sub_ps(s, es[h]));
+    }
+    for (int h = 0; h < N; ++h) {
+      const __m256 scale = _mm256_set1_ps(0x1p-64f);
+      const __m256 e = _mm256_mul_ps(es[h], scale);
+      d[h] = _mm256_add_ps(one, e);
+      c[h] = _mm256_add_ps(_mm256_sub_ps(e, _mm256_sub_ps(d[h], one)), _mm256_mul_ps(el[h], scale));
+      r0[h] = _mm256_div_ps(one, d[h]);
+    }
+    for (int h = 0; h < N; ++h) {
+      const __m256 pos = _mm256_cmp_ps(x[h], zero, _CMP_GT_OQ);
+      const __m256 m = _mm256_blendv_ps(es[h], one, pos);
+      const __m256 hi = _mm256_mul_ps(x[h], m);
+      const __m256 lo = _mm256_fmadd_ps(x[h], _mm256_andnot_ps(pos, el[h]), _mm256_fmsub_ps(x[h], m, hi));
+      const __m256 q0 = _mm256_mul_ps(hi, r0[h]);
+      const __m256 res = _mm256_add_ps(_mm256_fnmadd_ps(q0, c[h], _mm256_fnmadd_ps(q0, d[h], hi)), lo);
+      __m256 v = _mm256_fmadd_ps(r0[h], res, q0);
+      v = _mm256_blendv_ps(_mm256_mul_ps(v, _mm256_set1_ps(0x1p-64f)), v, pos);
+      // from the clamp on: x (x > 0) or -0; at ±0: x
+      const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(sign, x[h]), clamp, _CMP_GE_OQ);
+      v = _mm256_blendv_ps(v, _mm256_blendv_ps(sign, x[h], pos), big);
+      v = _mm256_blendv_ps(v, x[h], _mm256_cmp_ps(x[h], zero, _CMP_EQ_OQ));
+      y[h] = keep_nan(v, x[h]);
+    }
+  }
+  static inline float silu1(float x) {
+    reg v = _mm256_set1_ps(x), y;
+    silu_n<1>(&v, &y);
+    return _mm256_cvtss_f32(y);
   }
   static inline reg sigmoid_f(reg x) {
     reg y;

@@ -38,9 +38,9 @@ def _forward_of(name, x, **params):
     return fn(x)
 
 
-# csrc/fmath.h's bound for its float32 sigmoid: 1.553 ulp found over all 2^32 floats (torch's own
-# float32 sigmoid reaches 2.3 ulp)
-SIGMOID_ULP = 1.56
+# csrc/fmath.h's bounds for its float32 sigmoid and silu: 1.553 and 1.12 ulp found over all 2^32 floats
+# (bench/cpp/fewbit_exhaustive.cpp; torch's own float32 sigmoid and silu reach 2.3 and 2.2 ulp)
+FLOAT32_BOUND = {"sigmoid": 1.56, "silu": 1.13}
 _FLOAT_FORMAT = {torch.float32: (24, -125), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 
@@ -51,21 +51,33 @@ def _ulp(v, dtype):
     return torch.ldexp(torch.ones_like(v), e - p)
 
 
-def _assert_sigmoid(y, x):
-    """y is within the float32 bound of the exact sigmoid (fp32), or within 1 ulp of it (16-bit dtypes:
-    the float32 value rounded a second time); nan exactly where x is nan."""
-    exact = torch.sigmoid(x.double())
+def _exact(name, x):
+    """The float64 sigmoid or silu of x (silu(-inf) = -0, its limit)."""
+    d = x.double()
+    if name == "sigmoid":
+        return torch.sigmoid(d)
+    return torch.where(d == float("-inf"), torch.zeros_like(d).neg(), F.silu(d))
+
+
+def _assert_within_bound(name, y, x):
+    """y is within the float32 bound of the exact sigmoid or silu (fp32), or within 1 ulp of it (16-bit
+    dtypes: the float32 value rounded a second time); nan exactly where x is nan."""
+    exact = _exact(name, x)
     nan = torch.isnan(exact)
     assert torch.equal(torch.isnan(y), nan)
-    bound = SIGMOID_ULP if y.dtype == torch.float32 else 1.0
-    err = (y.double() - exact).abs()[~nan] / _ulp(exact, y.dtype)[~nan]
-    assert err.numel() == 0 or err.max().item() <= bound, (x[~nan][err.argmax()], err.max())
+    inf = torch.isinf(exact)  # silu(±inf) = ±inf (of a 16-bit dtype: also where x rounds past its range)
+    assert torch.equal(y.double()[inf], exact[inf])
+    fin = ~nan & ~inf
+    bound = FLOAT32_BOUND[name] if y.dtype == torch.float32 else 1.0
+    err = (y.double() - exact).abs()[fin] / _ulp(exact, y.dtype)[fin]
+    assert err.numel() == 0 or err.max().item() <= bound, (x[fin][err.argmax()], err.max())
 
 
 def _assert_forward(name, y, x, **params):
-    """y is the few-bit forward of x: what :func:`_forward_of` says bit for bit, sigmoid on CPU by its bound."""
-    if name == "sigmoid" and x.device.type == "cpu":
-        _assert_sigmoid(y, x)
+    """y is the few-bit forward of x: what :func:`_forward_of` says bit for bit, sigmoid and silu on CPU by
+    their bound."""
+    if name in FLOAT32_BOUND and x.device.type == "cpu":
+        _assert_within_bound(name, y, x)
     else:
         assert torch.equal(y, _forward_of(name, x, **params)), "the forward must be exact (torch's, or correctly rounded)"
 
@@ -587,8 +599,8 @@ def test_unpack_binding_refuses_an_out_that_overlaps_its_inputs():
 
 # ---- the fused forward (one pass writes y and the codes) ----
 
-FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid", "elu", "selu", "celu",
-         "softplus", "logsigmoid"]
+FUSED = ["relu", "leaky_relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "tanh", "sigmoid", "silu", "elu", "selu",
+         "celu", "softplus", "logsigmoid"]
 
 
 def _bits_of(t):
@@ -621,10 +633,10 @@ def test_fused_forward_is_exact_and_codes_are_pack(isa, monkeypatch, name, param
     monkeypatch.undo()
     assert y.shape == x.shape and y.dtype == dtype and none is None
     assert torch.equal(codes, reference.fewbit_pack(x, borders, bits))
-    if name == "sigmoid":  # its own float32 sigmoid, within its bound of the exact one
+    if name in FLOAT32_BOUND:  # its own float32 sigmoid or silu, within its bound of the exact one
         assert not fn.fused_exact, "the reference is not its bits: the layer must not use it for them"
         assert torch.equal(_bits_of(y), _bits_of(y_only))
-        _assert_sigmoid(y, x)
+        _assert_within_bound(name, y, x)
         return
     # torch's own forward for all but tanh; tanh: float64 torch rounded to the dtype. either way the
     # reference gives these bits (fused_exact: the layer may use it off the CPU kernel)
@@ -718,47 +730,53 @@ def test_fused_softplus_above_torchs_overflow_and_constants_it_refuses(isa):
                              np.empty_like(xs), 1)
 
 
-def _sigmoid_sweep(dtype):
+def _sweep(dtype):
     # every exponent from 2^-30 to 2^7 (past where sigmoid rounds to 1 and to 0), dense where it rounds
-    # to 1 (x near 17), across the subnormal results (x from -87 to -104) and near 0; normal samples
+    # to 1 (x near 17), across the subnormal results (x from -87 to -104; silu's to -111) and on to silu's
+    # clamp (120), and near 0; normal samples
     g = torch.Generator().manual_seed(11)
     mant = 1.0 + torch.rand(40000, generator=g, dtype=torch.float64)
     expo = torch.randint(-30, 7, (40000,), generator=g).double()
     x = torch.cat([mant * 2.0 ** expo, torch.linspace(15.0, 18.0, 30001, dtype=torch.float64),
-                   torch.linspace(86.0, 105.0, 30001, dtype=torch.float64),
+                   torch.linspace(82.0, 125.0, 40001, dtype=torch.float64),
                    torch.randn(1 << 20, generator=g, dtype=torch.float64) * 4])
     x = torch.cat([x, -x]).to(dtype)
-    return torch.cat([x, _specials(dtype), torch.tensor([1e-45, -1e-45, 88.7, -88.73, 103.97, -103.97]).to(dtype)])
+    specials = [1e-45, -1e-45, 88.7, -88.73, 103.97, -103.97, 110.4, -110.4, 119.99, -119.99, 120.0, -120.0, 1e38]
+    return torch.cat([x, _specials(dtype), torch.tensor(specials).to(dtype)])
 
 
+@pytest.mark.parametrize("name", sorted(FLOAT32_BOUND))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_sigmoid_is_within_its_bound_on_a_sweep(isa, dtype):
-    x = _sigmoid_sweep(dtype)
-    borders = _table("sigmoid", 2)[0]
-    y, codes = fewbit_ops.fused(x, fewbit.activation_fn("sigmoid"), borders, 2)
-    _assert_sigmoid(y, x)
+def test_fused_float32_kinds_are_within_their_bound_on_a_sweep(isa, name, dtype):
+    x = _sweep(dtype)
+    borders = _table(name, 2)[0]
+    y, codes = fewbit_ops.fused(x, fewbit.activation_fn(name), borders, 2)
+    _assert_within_bound(name, y, x)
     assert torch.equal(codes, reference.fewbit_pack(x, borders, 2))
     if dtype == torch.float32:
         # the subnormal results torch flushes to 0 (it overflows e^-x) are there, to their bound
-        sub = (x < -88.8) & (x > -103.9)
-        assert sub.sum() > 1000 and (y[sub] > 0).all()
+        lo = {"sigmoid": -103.9, "silu": -108.0}[name]
+        sub = (x < -88.8) & (x > lo)
+        assert sub.sum() > 1000 and (y[sub] != 0).all()
+        assert (F.silu(x[sub]) == 0).all() if name == "silu" else (torch.sigmoid(x[sub]) == 0).all()
 
 
-def test_fused_sigmoid_is_the_same_bits_on_both_isas():
+@pytest.mark.parametrize("name", sorted(FLOAT32_BOUND))
+def test_fused_float32_kinds_are_the_same_bits_on_both_isas(name):
     import sparseops
     from sparseops._cpp import _C as C
 
     if C is None or C.best_isa() != "avx2":
         pytest.skip("needs the C++ module and an AVX2/FMA CPU: two paths to compare")
-    borders = _table("sigmoid", 2)[0]
+    borders = _table(name, 2)[0]
     prev = sparseops.isa()
     try:
         for dtype in DTYPES:
-            x = _sigmoid_sweep(dtype)
+            x = _sweep(dtype)
             out = []
             for which in ("avx2", "portable"):
                 sparseops.set_isa(which)
-                out.append(fewbit_ops.fused(x, fewbit.activation_fn("sigmoid"), borders, 2)[0])
+                out.append(fewbit_ops.fused(x, fewbit.activation_fn(name), borders, 2)[0])
             assert torch.equal(_bits_of(out[0]), _bits_of(out[1])), dtype
     finally:
         sparseops.set_isa(prev)
@@ -766,7 +784,7 @@ def test_fused_sigmoid_is_the_same_bits_on_both_isas():
 
 def test_fused_non_contiguous_input_and_autograd(isa):
     for name, kw in (("leaky_relu", {"negative_slope": 0.1}), ("tanh", {}), ("hardswish", {}), ("sigmoid", {}),
-                     ("elu", {"alpha": 0.5}), ("softplus", {"beta": 1.5}), ("logsigmoid", {})):
+                     ("silu", {}), ("elu", {"alpha": 0.5}), ("softplus", {"beta": 1.5}), ("logsigmoid", {})):
         x = (torch.randn(64, 40) * 3)[:, ::2].t()  # non-contiguous [20, 64]
         x.requires_grad_(True)
         ref = x.detach().clone().requires_grad_(True)
@@ -802,7 +820,11 @@ def test_fused_is_used_by_modules_and_not_under_no_grad(isa, monkeypatch):
     with torch.no_grad():  # likewise sigmoid's
         y = sparseops.nn.FewBitSigmoid(bits=2)(x)
     assert calls == [True, False, True, False]
-    _assert_sigmoid(y, x.detach())
+    _assert_within_bound("sigmoid", y, x.detach())
+    with torch.no_grad():  # and silu's
+        y = sparseops.nn.FewBitSiLU(bits=2)(x)
+    assert calls == [True, False, True, False, False]
+    _assert_within_bound("silu", y, x.detach())
 
 
 def test_binding_fused_refuses_bad_arguments(isa):
@@ -842,7 +864,7 @@ def test_fused_op_opcheck_and_compile_match_eager():
     x = torch.randn(7, 37) * 3
     for kind, a, b in (("tanh", 0.0, 0.0), ("hardswish", 0.0, 0.0), ("hardsigmoid", 0.0, 0.0), ("clamp", -1.0, 2.0),
                        ("leaky", 0.1, 0.0), ("sigmoid", 0.0, 0.0), ("elu", 1.2, 1.1), ("celu", 0.8, 0.0),
-                       ("softplus", 2.0, 10.0), ("logsigmoid", 0.0, 0.0)):
+                       ("softplus", 2.0, 10.0), ("logsigmoid", 0.0, 0.0), ("silu", 0.0, 0.0)):
         borders = torch.tensor([-1.0, 0.0, 1.0])
         for codes in (True, False):
             torch.library.opcheck(torch.ops.sparseops.fewbit_fused, (x, borders, 2, kind, a, b, codes))
@@ -860,10 +882,11 @@ def test_fused_op_opcheck_and_compile_match_eager():
         assert_close_rms(ga, gb.double(), torch.float32, name="grad compiled vs eager")
     with torch.no_grad():
         assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
-    # tanh and sigmoid: the compiled module runs the kernel's own forward too, with and without a
+    # tanh, sigmoid and silu: the compiled module runs the kernel's own forward too, with and without a
     # gradient (a sample where torch's own forward differs from it, so a fall-back to torch shows)
     big = torch.randn(20000) * 3
-    for mod, f in ((sparseops.nn.FewBitTanh(bits=2), torch.tanh), (sparseops.nn.FewBitSigmoid(bits=2), torch.sigmoid)):
+    for mod, f in ((sparseops.nn.FewBitTanh(bits=2), torch.tanh), (sparseops.nn.FewBitSigmoid(bits=2), torch.sigmoid),
+                   (sparseops.nn.FewBitSiLU(bits=2), F.silu)):
         compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
         for req in (False, True):
             xb = big.clone().requires_grad_(req)

@@ -5,7 +5,8 @@
 - ``sparseops::fewbit_unpack(grad, codes, levels, bits) -> grad_in``: ``grad * levels[code]``.
 - ``sparseops::fewbit_fused(x, borders, bits, kind, a, b, codes) -> (y, codes)``: an activation
   and its codes in one pass over x (relu-like clamps, leaky_relu, hardswish, hardsigmoid: torch's
-  forward bit for bit; tanh: the correctly rounded one; sigmoid: a float32 one within 1.56 ulp).
+  forward bit for bit; tanh: the correctly rounded one; sigmoid and silu: float32 ones within 1.56 and
+  1.63 ulp).
 - ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
   one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
 
@@ -168,7 +169,7 @@ def fewbit_fused(x: Tensor, borders: Tensor, bits: int, kind: str, a: float, b: 
         borders, bits: as :func:`fewbit_pack`.
         kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (slope ``a``),
             ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"``, ``"sigmoid"``, ``"elu"`` (elu and selu),
-            ``"celu"``, ``"softplus"`` or ``"logsigmoid"``; see
+            ``"celu"``, ``"softplus"``, ``"logsigmoid"`` or ``"silu"``; see
             :func:`sparseops.reference.fewbit.fewbit_fused_forward`.
         a, b: the activation's constants.
         codes: False for the forward alone.
@@ -177,9 +178,10 @@ def fewbit_fused(x: Tensor, borders: Tensor, bits: int, kind: str, a: float, b: 
         ``(y, codes)``: y of x's shape and dtype (contiguous); codes as :func:`fewbit_pack`, or
         ``[0]`` int32 when ``codes`` is False. clamp, leaky, hardswish and hardsigmoid equal torch's
         forward bit for bit; tanh, elu, celu, softplus and logsigmoid are torch's float64 function
-        rounded to x's dtype (the CPU kernel computes them in float64 too); sigmoid is, off the CPU
-        kernel, torch's float64 sigmoid rounded to x's dtype and, on it, a float32 sigmoid within 1.56
-        ulp of that (torch's own float32 sigmoid: 2.3 ulp) rounded to x's dtype.
+        rounded to x's dtype (the CPU kernel computes them in float64 too); sigmoid and silu are, off the
+        CPU kernel, torch's float64 function rounded to x's dtype and, on it, a float32 one within 1.56
+        (sigmoid) or 1.63 (silu) ulp of that (torch's own float32 ones: 2.3 and 2.2 ulp) rounded to x's
+        dtype.
     """
     return _fused_reference(x, borders, bits, kind, a, b, codes)
 
@@ -211,7 +213,7 @@ def _dds_fewbit(z: Tensor, activation: str, borders: Tensor, bits: int, pack) ->
     fn = activation_fn(activation)
     if fn.fused_own and fn.fused_exact:
         # the CPU kernel's own forward, which the reference reproduces (tanh: correctly rounded);
-        # sigmoid's (1.56 ulp) has no such twin, so off the CPU kernel it is torch's
+        # sigmoid's and silu's (1.56, 1.63 ulp) have no such twin, so off the CPU kernel they are torch's
         return reference.fewbit.fewbit_fused_forward(z, *fn.fused), pack(z, borders, bits)
     return fn(z), pack(z, borders, bits)
 
@@ -288,10 +290,11 @@ def fused(x: Tensor, fn, borders: Tensor, bits: int, codes: bool = True) -> tupl
     """``(fn(x), pack(x, borders, bits))`` for the autograd layer (codes None when ``codes`` is False).
 
     For an activation with a fused CPU kernel (``fn.fused``, set by ``fewbit.table.activation_fn``:
-    relu, relu6, hardtanh, leaky_relu, hardswish, hardsigmoid, tanh, sigmoid, elu, selu, celu, softplus,
-    logsigmoid) on a CPU tensor, one pass reads x and writes both (:func:`fewbit_fused`): for the
+    relu, relu6, hardtanh, leaky_relu, hardswish, hardsigmoid, tanh, sigmoid, silu, elu, selu, celu,
+    softplus, logsigmoid) on a CPU tensor, one pass reads x and writes both (:func:`fewbit_fused`): for the
     piecewise-linear ones and hardswish the same values as torch's forward, bit for bit; for the others
-    (``fn.fused_own``) the kernel's own (correctly rounded from float64, sigmoid within 1.56 ulp), which
+    (``fn.fused_own``) the kernel's own (correctly rounded from float64; sigmoid and silu within 1.56
+    and 1.63 ulp), which
     the layer then uses everywhere on CPU.
     Anything else runs ``fn`` and :func:`pack` one after the other.
     """

@@ -84,15 +84,16 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
         kind: ``"clamp"`` (``min(max(x, a), b)``: relu, relu6, hardtanh), ``"leaky"`` (``x`` above 0,
             else ``x * a``), ``"hardswish"``, ``"hardsigmoid"``, ``"tanh"``, ``"sigmoid"``,
             ``"elu"`` (``x * b`` for x >= 0, else ``a * (e^x - 1)``: elu, and selu with a = alpha * scale,
-            b = scale), ``"celu"`` (alpha ``a``), ``"softplus"`` (beta ``a``, threshold ``b``) or
-            ``"logsigmoid"``.
+            b = scale), ``"celu"`` (alpha ``a``), ``"softplus"`` (beta ``a``, threshold ``b``),
+            ``"logsigmoid"`` or ``"silu"``.
         a, b: the activation's constants, as above.
 
     Returns:
         x's shape and dtype. clamp, leaky, hardswish and hardsigmoid are torch's own functions. The others
         are computed in float64 by torch and rounded to x's dtype (the correctly rounded value) for 16-
-        and 32-bit floats. The CPU kernel gives this value for all but sigmoid, whose float32 one is
-        within 1.56 ulp of it (``csrc/fmath.h``): for sigmoid this is the oracle, not its bit pattern.
+        and 32-bit floats. The CPU kernel gives this value for all but sigmoid and silu, whose float32
+        ones are within 1.56 and 1.63 ulp of it (``csrc/fmath.h``): for those two this is the oracle,
+        not their bit pattern. silu(-inf) is -0 (its limit; torch's silu gives nan there).
 
     Raises:
         ValueError: unknown kind.
@@ -108,6 +109,7 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
     own = {
         "tanh": torch.tanh,
         "sigmoid": torch.sigmoid,
+        "silu": lambda d: torch.where(d == float("-inf"), torch.zeros_like(d).neg(), torch.nn.functional.silu(d)),
         "logsigmoid": torch.nn.functional.logsigmoid,
         "elu": lambda d: torch.where(d >= 0, d * b, a * torch.expm1(d)),
         "celu": lambda d: torch.where(d >= 0, d, a * torch.expm1(d * (1.0 / a))),
@@ -125,5 +127,5 @@ def fewbit_fused_forward(x: Tensor, kind: str, a: float = 0.0, b: float = 0.0) -
         return own[kind](x)
     raise ValueError(
         f"kind: expected 'clamp', 'leaky', 'hardswish', 'hardsigmoid', 'tanh', 'sigmoid', 'elu', 'celu', "
-        f"'softplus' or 'logsigmoid', got {kind!r}"
+        f"'softplus', 'logsigmoid' or 'silu', got {kind!r}"
     )
