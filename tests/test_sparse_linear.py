@@ -405,9 +405,24 @@ def test_magnitude_keeps_exact_count_of_largest(numel, sparsity):
     w = torch.randn(numel)
     m = magnitude(w, sparsity)
     assert m.dtype == torch.bool and m.shape == w.shape
-    assert int(m.sum()) == numel - round(sparsity * numel)
+    # the exact count, but never none (3 at 0.9 rounds to 3 pruned: the guard keeps the largest)
+    assert int(m.sum()) == max(numel - round(sparsity * numel), 1)
     if m.any() and (~m).any():
         assert w[m].abs().min() >= w[~m].abs().max()
+
+
+def test_no_producer_prunes_a_layer_to_nothing():
+    from sparseops.masks import block_magnitude, random as random_mask, wanda
+
+    w = torch.randn(3, 5)
+    assert int(magnitude(w, 0.99).sum()) == 1 and magnitude(w, 0.99)[w.abs() == w.abs().max()].all()
+    assert int(random_mask((3, 5), 0.99, generator=torch.Generator().manual_seed(0)).sum()) == 1
+    assert int(block_magnitude(torch.randn(3, 3), 0.6, 8).sum()) > 0
+    assert (wanda(torch.randn(5, 7), torch.ones(7), 0.99).sum(1) == 1).all()  # per row: one each
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 2))
+    sparseops.sparsify_(model, 0.99)
+    assert all(m.nnz >= 1 for m in model), [m.nnz for m in model]
+    assert sparseops.SparseLinear(10, 5, sparsity=0.99).nnz == 1
 
 
 def test_magnitude_ties_go_to_lower_index():

@@ -38,7 +38,8 @@ def block_magnitude(weight: torch.Tensor, sparsity: float, block: int = 32) -> t
     """Keep the ``1 - sparsity`` fraction of ``block x block`` blocks with the largest Frobenius norm.
 
     ``round(sparsity * nblocks)`` blocks of the padded ``ceil(out/b) x ceil(in/b)`` grid are
-    dropped (ties go to the lower block index); the mask is constant on every block.
+    dropped, but never all of them (ties go to the lower block index); the mask is constant on every
+    block.
 
     Args:
         weight: ``[out, in]`` floating tensor.

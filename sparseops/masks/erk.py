@@ -42,7 +42,7 @@ def _random_keep(shape: tuple[int, ...], k: int, generator, device) -> torch.Ten
 
 
 def random(shape, sparsity: float, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Uniformly random mask with exactly ``numel - round(sparsity * numel)`` True.
+    """Uniformly random mask with exactly ``numel - round(sparsity * numel)`` True (at least one).
 
     Args:
         shape: the mask's shape (an int or a sequence of ints).

@@ -10,7 +10,9 @@ from ..patterns import check_sparsity
 
 
 def _n_keep(numel: int, sparsity: float) -> int:
-    return numel - int(round(sparsity * numel))
+    # the guard of every producer: a non-empty tensor keeps at least one weight (where round(sparsity *
+    # numel) would prune it to nothing, e.g. 0.99 of 15 weights), so no layer's output is its bias alone
+    return max(numel - int(round(sparsity * numel)), min(numel, 1))
 
 
 def _rank_dtype(*weights: torch.Tensor) -> torch.dtype:
@@ -39,7 +41,8 @@ def _keep_largest(a: torch.Tensor, k: int) -> torch.Tensor:
 def magnitude(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the largest-magnitude ``1 - sparsity`` fraction of ``weight``.
 
-    Exactly ``numel - round(sparsity * numel)`` entries are kept; ties go to the lower index.
+    Exactly ``numel - round(sparsity * numel)`` entries are kept, and at least one (no layer is pruned
+    to nothing); ties go to the lower index.
 
     Args:
         weight: any-shaped floating tensor.

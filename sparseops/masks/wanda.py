@@ -35,7 +35,7 @@ def activation_norms(samples: torch.Tensor) -> torch.Tensor:
 def wanda(weight: torch.Tensor, activation_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep, in every output row, the largest ``|W_ij| * ||X_j||_2``; ties go to the lower index.
 
-    Each row keeps exactly ``in - round(sparsity * in)`` entries: the Wanda paper compares scores
+    Each row keeps exactly ``in - round(sparsity * in)`` entries (at least one): the Wanda paper compares scores
     within an output row, not across the layer.
 
     Args:
