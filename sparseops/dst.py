@@ -59,6 +59,7 @@ class _DynamicSparse:
         self.names = [
             fqn for fqn, mod in model.named_modules()
             if isinstance(mod, SparseLinear) and isinstance(mod.pattern, want) and mod.activation is None
+            and mod.values.requires_grad  # a frozen layer keeps its weights: none would train where it grew
             and (filter_fn is None or filter_fn(mod, fqn))
         ]
         if not self.names:
@@ -67,7 +68,7 @@ class _DynamicSparse:
         check_holds(optimizer, {f"{fqn}.values": model.get_submodule(fqn).values for fqn in self.names})
         self.step_count = 0
         self._hooks: list = []
-        self._seen: dict[str, dict] = {}
+        self._seen: dict[str, list] = {}
         self._rearm()
 
     # ---- schedule ----
@@ -88,13 +89,16 @@ class _DynamicSparse:
     def _arm(self) -> None:
         for fqn in self.names:
             mod = self.model.get_submodule(fqn)
-            rec = self._seen.setdefault(fqn, {})
+            calls = self._seen.setdefault(fqn, [])
 
-            def fwd(m, args, out, _rec=rec):
-                _rec["x"] = args[0].detach().reshape(-1, m.in_features)
+            # every call of the layer in the step (a layer used twice, micro-batches accumulated before the
+            # optimizer step) keeps its input and, when backward reaches it, its output's gradient: the
+            # dense gradient is the sum over the calls
+            def fwd(m, args, out, _calls=calls):
+                call = {"x": args[0].detach().reshape(-1, m.in_features)}
+                _calls.append(call)
                 if out.requires_grad:
-                    # the layer's output gradient, when backward reaches it
-                    out.register_hook(lambda g, _m=m: _rec.__setitem__("dy", g.detach().reshape(-1, _m.out_features)))
+                    out.register_hook(lambda g, _m=m, _c=call: _c.__setitem__("dy", g.detach().reshape(-1, _m.out_features)))
 
             self._hooks.append(mod.register_forward_hook(fwd))
 
@@ -122,6 +126,7 @@ class _DynamicSparse:
             try:
                 self.update(self.fraction_at(t))
             except BaseException:
+                self._seen = {}  # the retry records its own step: none of this one's records are reused
                 self._rearm()  # step_count unchanged: armed for this same update
                 raise
             self._seen = {}
@@ -131,12 +136,15 @@ class _DynamicSparse:
         return updated
 
     def _dense_grad(self, fqn: str) -> Tensor:
-        rec = self._seen.get(fqn, {})
-        if "x" not in rec or "dy" not in rec:
+        calls = [c for c in self._seen.get(fqn, []) if "dy" in c]
+        if not calls:
             raise RuntimeError(
                 f"{type(self).__name__}: no gradient was recorded for layer {fqn!r} in the step before this "
                 "update; call step() after every optimizer step, and run forward and backward in between")
-        return rec["dy"].t().to(torch.float32) @ rec["x"].to(torch.float32)  # [out, in]
+        # sum over the calls of dyᵀx: one GEMM over the calls' rows stacked (a single call: no copy)
+        dy = calls[0]["dy"] if len(calls) == 1 else torch.cat([c["dy"] for c in calls])
+        x = calls[0]["x"] if len(calls) == 1 else torch.cat([c["x"] for c in calls])
+        return dy.t().to(torch.float32) @ x.to(torch.float32)  # [out, in]
 
     # ---- one update ----
 
@@ -330,7 +338,7 @@ class SRigL(RigL):
 
     def _check_state(self, state) -> dict:
         checked = super()._check_state(state)
-        for key, low in (("budgets", 0), ("fan_ins", 1)):
+        for key, low in (("budgets", 1), ("fan_ins", 1)):
             if key not in state:
                 continue
             d = state[key]

@@ -313,6 +313,9 @@ class IterativeMagnitudePruning:
             else:
                 scores.append(mod.weight.detach().abs().double() + 1.0)
         masks = global_magnitude(scores, s) if self.scope == "global" else [magnitude(sc, s) for sc in scores]
+        # a round prunes, never grows: a layer already sparser than asked keeps its mask (off-mask
+        # positions score 0, but the count alone would keep some to reach it)
+        masks = [m & mod.format.to_mask() if isinstance(mod, SparseLinear) else m for (_, mod), m in zip(layers, masks)]
         for name, p in self.model.named_parameters():
             if name in self._others:
                 p.copy_(self._others[name])
@@ -323,7 +326,14 @@ class IterativeMagnitudePruning:
             lin.weight.copy_(w0)
             if lin.bias is not None:
                 lin.bias.copy_(self._biases[fqn])
-            layer = SparseLinear.from_dense(lin, mask=mask)
+            # what the layer was besides its weights: frozen or not, its mode, a fused activation
+            sparse = isinstance(mod, SparseLinear)
+            lin.weight.requires_grad_((mod.values if sparse else mod.weight).requires_grad)
+            if lin.bias is not None and mod.bias is not None:
+                lin.bias.requires_grad_(mod.bias.requires_grad)
+            lin.train(mod.training)
+            act = {"activation": mod.activation, "act_bits": mod.act_bits} if sparse else {}
+            layer = SparseLinear.from_dense(lin, mask=mask, **act)
             if fqn == "":
                 self.model = layer
             else:

@@ -612,3 +612,70 @@ def test_srigl_load_state_dict_refused_changes_nothing(state, match):
     with pytest.raises(ValueError, match=match):
         d.load_state_dict(state)
     assert d.state_dict() == before
+
+
+# ---- found by review: a layer called twice, frozen layers, a failed update's records, SRigL budgets ----
+
+
+def test_rigl_dense_gradient_sums_every_call_of_a_layer():
+    # a layer applied twice in a step (and micro-batches before one optimizer step) contributes the
+    # sum over its calls; the update's gradient is the true dense one
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 12)
+    sparseops.sparsify_(model := nn.Sequential(lin), 0.8)
+    layer = model[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights the gradient saw stay
+    rigl = RigL(model, opt, update_every=1, drop_fraction=0.3)
+    x1, x2 = torch.randn(5, 12), torch.randn(3, 12)
+    dense = layer.dense_weight().detach().requires_grad_(True)
+    loss = lambda f: f(f(x1)).square().sum() + f(x2).sin().sum()
+    loss(layer).backward()
+    got = rigl._dense_grad("0")
+    loss(lambda x: F.linear(x, dense, layer.bias.detach())).backward()
+    assert_close_rms(got, dense.grad.double(), torch.float32, name="dense gradient of a layer called 3 times")
+
+
+@pytest.mark.parametrize("cls", [SET, RigL])
+def test_frozen_layers_are_not_rewired(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    sparseops.sparsify_(model, 0.5)
+    model[0].values.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    d = cls(model, opt, update_every=1, drop_fraction=0.3)
+    assert d.names == ["2"]
+    before = model[0].format.to_mask().clone()
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    d.step()
+    assert torch.equal(model[0].format.to_mask(), before)
+    model[2].values.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: has no unstructured SparseLinear"):
+        cls(model, opt)
+
+
+def test_rigl_retry_after_a_failed_update_uses_only_its_own_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    sparseops.sparsify_(model, 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = RigL(model, opt, update_every=1, drop_fraction=0.3)
+    model[0](torch.randn(3, 8)).sum().backward()  # only layer 0 ran: layer 1 has no gradient
+    with pytest.raises(RuntimeError, match="no gradient was recorded for layer '1'"):
+        rigl.step()
+    assert not any(rigl._seen.values()), "the failed step's records are dropped"
+    model[1](torch.randn(3, 8)).sum().backward()  # the retry's step runs layer 1 only
+    with pytest.raises(RuntimeError, match="no gradient was recorded for layer '0'"):
+        rigl.step()
+
+
+def test_srigl_refuses_a_zero_budget_in_a_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    sparseops.sparsify_(model, pattern=FanIn(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    srigl = SRigL(model, opt, update_every=1)
+    state = srigl.state_dict()
+    state["budgets"] = {"0": 0}
+    with pytest.raises(ValueError, match=r"state\['budgets'\]: expected ints >= 1"):
+        srigl.load_state_dict(state)

@@ -1059,3 +1059,22 @@ def test_gradual_pruner_load_state_dict_refused_changes_nothing(state, match):
     assert (after["step_count"], after["sparsity"]) == (before["step_count"], before["sparsity"])
     assert after["masks"].keys() == before["masks"].keys()
     assert all(torch.equal(after["masks"][k], before["masks"][k]) for k in before["masks"])
+
+
+def test_imp_never_grows_keeps_the_activation_and_frozen_layers():
+    # found by review: a round below a layer's current sparsity grew stored zeros; a fused activation
+    # was dropped; a frozen layer came back trainable
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseLinear(IN, HID, sparsity=0.9, activation="relu"), nn.Linear(HID, OUT))
+    model[1].weight.requires_grad_(False)
+    model.eval()
+    imp = IMP(model, scope="layer")
+    nnz0 = model[0].nnz
+    model = imp.prune_and_rewind(0.5)  # below layer 0's 0.9: it keeps its mask, grows nothing
+    assert model[0].nnz == nnz0
+    assert model[0].activation == "relu" and model[0].act_bits == 1
+    assert (model[0](torch.randn(6, IN)) >= 0).all()
+    assert not model[1].values.requires_grad and model[1].bias.requires_grad
+    assert not model[0].training and not model[1].training

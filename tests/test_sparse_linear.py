@@ -411,6 +411,27 @@ def test_magnitude_keeps_exact_count_of_largest(numel, sparsity):
         assert w[m].abs().min() >= w[~m].abs().max()
 
 
+def test_conversions_keep_frozen_parameters_frozen_and_the_mode():
+    lin = nn.Linear(12, 6)
+    lin.weight.requires_grad_(False)
+    lin.eval()
+    for pattern in ("unstructured", "2:4", sparseops.FanIn(3)):
+        sl = SparseLinear.from_dense(lin, 0.5 if pattern == "unstructured" else None, pattern=pattern)
+        assert not sl.values.requires_grad and sl.bias.requires_grad and not sl.training
+        back = sl.to_dense()
+        assert not back.weight.requires_grad and back.bias.requires_grad and not back.training
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    sparsify_(model, 0.5)
+    assert [p.requires_grad for p in model[0].parameters()] == [False, False]
+    assert all(p.requires_grad for p in model[1].parameters())
+    act = sparseops.ActivationSparseLinear.from_dense(lin, sparsity=0.5, mode="tensor")
+    assert not act.weight.requires_grad and act.bias.requires_grad and not act.training
+    back = act.to_dense()
+    assert not back.weight.requires_grad and back.bias.requires_grad and not back.training
+
+
 def test_no_producer_prunes_a_layer_to_nothing():
     from sparseops.masks import block_magnitude, random as random_mask, wanda
 

@@ -116,12 +116,15 @@ class ActivationSparseLinear(nn.Module):
             device = linear.values.device
         else:
             w = linear.weight.detach()
-            layer.weight = nn.Parameter(w.t().contiguous().t())
-            layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+            # a frozen layer stays frozen
+            layer.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=linear.weight.requires_grad)
+            layer.bias = None if linear.bias is None else nn.Parameter(
+                linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
             layer.sparse = None
             device = w.device
         layer.set_mode(mode, device=device)
         layer._register_load_guard()
+        layer.train(linear.training)
         return layer
 
     def set_mode(self, mode: str, sparsity: float | None = None, *, device=None) -> None:
@@ -296,6 +299,10 @@ class ActivationSparseLinear(nn.Module):
             lin.weight.copy_(self.weight)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
+        lin.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            lin.bias.requires_grad_(self.bias.requires_grad)
+        lin.train(self.training)
         return lin
 
     def get_extra_state(self) -> dict:

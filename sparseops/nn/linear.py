@@ -253,10 +253,13 @@ class SparseLinear(nn.Module):
         layer.pattern = pat
         layer._set_activation(activation, act_bits, w.device)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone())
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         else:
             layer.register_parameter("bias", None)
         layer._pack(w, mask)
+        # a frozen layer stays frozen, and the mode (train / eval) carries over
+        layer.values.requires_grad_(linear.weight.requires_grad)
+        layer.train(linear.training)
         return layer
 
     @torch.no_grad()
@@ -447,6 +450,10 @@ class SparseLinear(nn.Module):
             lin.weight.copy_(self.dense_weight().detach())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
+        lin.weight.requires_grad_(self.values.requires_grad)
+        if self.bias is not None:
+            lin.bias.requires_grad_(self.bias.requires_grad)
+        lin.train(self.training)
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
