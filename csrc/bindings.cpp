@@ -833,6 +833,7 @@ int64_t act_forward(F kernel, const py::array& x, const py::array& threshold, bo
   float* Y = float_output(y, "y", X.rows, N, 2);
   py::object bias_keep;  // see csr_dds
   const float* bp = optional_bias(bias, N, bias_keep);
+  check_out(y, "y", {span(x, "x"), span(weight_t, "weight_t"), span(threshold, "threshold")}, bias_keep);
   py::gil_scoped_release release;
   return kernel(X.p, X.rows, X.cols, X.s0, sel, W, N, bp, Y, N, threads(nthreads));
 }
@@ -883,6 +884,7 @@ void act_dsd(const py::array& dy, const py::array& x, const py::array& threshold
     throw py::value_error("dy: expected " + std::to_string(weight_t.shape(1)) + " columns (weight_t's), got " +
                           std::to_string(D.cols));
   float* DX = float_output(dx, "dx", X.rows, X.cols, 2);
+  check_out(dx, "dx", {span(dy, "dy"), span(x, "x"), span(threshold, "threshold"), span(weight_t, "weight_t")});
   py::gil_scoped_release release;
   sparseops::act_dsd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, W, DX, X.cols, threads(nthreads));
 }
@@ -896,6 +898,7 @@ void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold
   if (D.rows > INT32_MAX) throw py::value_error("dy: at most 2^31 - 1 rows");
   const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
   float* DW = float_output(dweight_t, "dweight_t", X.cols, D.cols, 2);
+  check_out(dweight_t, "dweight_t", {span(dy, "dy"), span(x, "x"), span(threshold, "threshold")});
   py::gil_scoped_release release;
   sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
 }

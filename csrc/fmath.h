@@ -121,7 +121,12 @@ inline float sigmoid_f32(float x) {
 // - the clamp is 120, not 105: |x| e^-|x| is a subnormal up to a = 110.4 (torch's float32 silu is -0
 //   from x = -88.8 on, where exp(-x) overflows); from a = 120 on the result is x (x > 0) or -0 (x < 0).
 // d + c, r0 and the residual as in sigmoid_f32, with lo added to the residual; for x > 0 the numerator
-// is x and the scale 1. ±0 returns x (the steps would give +0 for -0); nan returns nan.
+// is x and the scale 1. ±0 returns x (the steps would give +0 for -0); nan returns nan; -inf gives -0
+// (the limit; torch's silu gives nan). over all 2^32 floats (bench/cpp/fewbit_exhaustive.cpp, against
+// long double): within 1.123 ulp of the exact value (worst at x = -82.134), 0.12% of them not the
+// correctly rounded float, the same bits from the avx2 and the portable path for every input. torch's
+// cpu silu: 2.2 ulp, 28% of N(0, 3) samples not correctly rounded, and -0 below x = -88.7 where the
+// true value is a float this one returns (ad hoc samples).
 constexpr float kSiluClamp = 120.0f;
 
 inline float silu_f32(float x) {

@@ -622,7 +622,30 @@ def _forward_bad(kernel):
     ]
 
 
-BAD_BINDING_ARGS = _forward_bad("act_gemv") + _forward_bad("act_spmm") + [
+def _overlapping(out_shape, in_shape):
+    """An output and an input that share 8 elements of one NaN buffer (both C-contiguous)."""
+    n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
+    buf = np.full(n_out + n_in, np.nan, np.float32)
+    return buf[:n_out].reshape(out_shape), buf[n_out - 8 : n_out - 8 + n_in].reshape(in_shape)
+
+
+def _alias_cases():
+    # an output that shares memory with something the kernel reads is refused (found by review: the act
+    # bindings did not check it, and act_sdd wrote into dy as it read it)
+    y, x = _overlapping((_BB, _N), (_BB, _K))
+    dx, dy = _overlapping((_BB, _K), (_BB, _N))
+    dw, dy2 = _overlapping((_K, _N), (_BB, _N))
+    dw2, x2 = _overlapping((_K, _N), (_BB, _K))
+    return [
+        _bad("act_gemv", "y", ValueError, "y-overlaps-x", out=y, x=x),
+        _bad("act_spmm", "y", ValueError, "y-overlaps-x", out=y, x=x),
+        _bad("act_dsd", "dx", ValueError, "dx-overlaps-dy", out=dx, dy=dy),
+        _bad("act_sdd", "dweight_t", ValueError, "dweight_t-overlaps-dy", out=dw, dy=dy2),
+        _bad("act_sdd", "dweight_t", ValueError, "dweight_t-overlaps-x", out=dw2, x=x2),
+    ]
+
+
+BAD_BINDING_ARGS = _alias_cases() + _forward_bad("act_gemv") + _forward_bad("act_spmm") + [
     _bad("act_dsd", "threshold", ValueError, "threshold-wrong-length", threshold=np.zeros(_K + 1, np.float32)),
     _bad("act_dsd", "weight_t", ValueError, "weight_t-wrong-rows", weight_t=np.zeros((_K - 1, _N), np.float32)),
     _bad("act_dsd", "weight_t", ValueError, "weight_t-transposed", weight_t=np.zeros((_N, _K), np.float32).T),
@@ -1205,3 +1228,38 @@ def test_calibrate_model_runs_in_eval_mode_and_puts_training_back():
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training and model[0].training and model[1].training and not model[2].training
+
+
+def test_reference_compares_a_16_bit_input_with_the_float32_threshold():
+    # found by review: the threshold was rounded to the input's dtype, which can round it up past an
+    # input above it; the kernels compare in float32, and so does the reference now
+    thr = torch.tensor(0.675, dtype=torch.float32)
+    v = thr.to(torch.bfloat16)  # 0.67578125: the threshold rounded up, an input above it
+    assert v.float() > thr
+    below = torch.tensor(0.671875, dtype=torch.bfloat16)
+    x = torch.stack([v, -v, below]).view(1, 3)
+    s, mask = R.act_mask(x, thr, False)
+    assert mask.tolist() == [[True, True, False]]
+    assert torch.equal(s, torch.stack([v, -v, torch.zeros((), dtype=torch.bfloat16)]).view(1, 3))
+
+
+def test_calibrate_records_copies_of_the_inputs():
+    # found by review: calibrate_ kept views of the inputs, so batches fed through one buffer refilled
+    # between them (or an input changed in place later) changed what had been recorded
+    torch.manual_seed(0)
+    model = nn.Sequential(ActivationSparseLinear.from_dense(nn.Linear(16, 4), sparsity=0.5, mode="tensor"))
+    buf = torch.empty(64, 16)
+
+    def feed():
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            buf.copy_(torch.randn(64, 16, generator=g) * (i + 1))
+            yield buf
+
+    sparseops.calibrate_(model, feed(), sparsity=0.5, mode="tensor")
+    g = torch.Generator().manual_seed(1)
+    batches = torch.cat([torch.randn(64, 16, generator=g) * (i + 1) for i in range(4)])
+    expect = batches.abs().flatten().quantile(0.5).item()
+    last_only = buf.abs().flatten().quantile(0.5).item()  # what views of the one buffer would give
+    assert abs(expect - last_only) > 0.1 * expect
+    assert model[0].threshold.item() == pytest.approx(expect, rel=0.02)

@@ -160,7 +160,8 @@ class ActivationSparseLinear(nn.Module):
         ref = self.weight if self.sparse is None else self.sparse.values
         check_input(x, self.in_features, ref)
         if self._calibrating:
-            self._seen.append(x.detach().reshape(-1, self.in_features))
+            # a copy: the model may change its input in place later, or the batches share one buffer
+            self._seen.append(x.detach().reshape(-1, self.in_features).clone())
             return self.sparse(x) if self.sparse is not None else nn.functional.linear(x, self.weight, self.bias)
         x, thr, relu = self._sparsifier(x)
         if self.sparse is not None:

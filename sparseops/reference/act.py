@@ -35,7 +35,10 @@ def _acc(dtype):
 def act_mask(x: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
     """``(s(x), mask)`` for ``x [B, in]``: the sparsified input (in ``x.dtype``) and the bool active mask."""
     v = torch.relu(x) if relu else x
-    mask = v.abs() > threshold.to(v.dtype)
+    # compared in the wider of the two dtypes, as the kernels compare (float32 for a bf16/fp16 x): the
+    # threshold rounded to bf16 could round up past an input that is above it
+    acc = torch.promote_types(v.dtype, threshold.dtype)
+    mask = v.abs().to(acc) > threshold.to(acc)
     if relu:
         # relu(x) has derivative 0 where x <= 0, even when a negative threshold keeps everything
         mask = mask & (x > 0)
