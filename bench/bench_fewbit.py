@@ -57,11 +57,11 @@ def test_activation(benchmark, provider, activation, dtype, n):
     expect = ACTIVATIONS[activation](x.detach())
     if provider != "torch" and activation in OWN_FORWARD:
         expect = ACTIVATIONS[activation](x.detach().double()).to(dtype)  # the CPU kernel's: correctly rounded
-    if provider != "torch" and activation == "sigmoid":
-        # the CPU kernel's float32 sigmoid: within 1.56 ulp of the exact one (csrc/fmath.h), then
-        # rounded to the dtype (within 1 of its ulps)
-        exact = torch.sigmoid(x.detach().double())
-        p, bound = (24, 1.56) if dtype == torch.float32 else (8, 1.0)
+    if provider != "torch" and activation in ("sigmoid", "silu"):
+        # the CPU kernel's float32 sigmoid and silu: within 1.56 and 1.13 ulp of the exact ones
+        # (csrc/fmath.h), then rounded to the dtype (within 1 of its ulps)
+        exact = ACTIVATIONS[activation](x.detach().double())
+        p, bound = (24, {"sigmoid": 1.56, "silu": 1.13}[activation]) if dtype == torch.float32 else (8, 1.0)
         ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact.to(dtype).double())[1] - p)
         assert ((y.double() - exact).abs() / ulp).max() <= bound, "the forward must be within its bound"
         expect = y
