@@ -54,6 +54,8 @@ class NM:
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
         if not (1 <= self.n < self.m <= 16):
             raise ValueError(f"n: expected 1 <= n < m <= 16, got n={self.n}, m={self.m}")
+        if not isinstance(self.transposable, bool):
+            raise TypeError(f"transposable: expected a bool, got {type(self.transposable).__name__}")
 
     @property
     def sparsity(self) -> float:

@@ -1124,3 +1124,33 @@ def test_nm_binding_finds_every_bad_position(m, where):
     with pytest.raises(ValueError, match=rf"^idx: row 3 slot {slot} holds position {m}, outside \[0, m={m}\)"):
         _C().nm_dds(x, vals, bad, n, m, None, y, 1)
     assert (y == 7.0).all()
+
+
+# ---- found by review: the formats packed the corner of a weight larger than its mask ----
+
+
+@pytest.mark.parametrize("fmt", ["csr", "ell", "nm", "bsr"])
+def test_format_from_dense_refuses_a_weight_that_is_not_the_masks_shape(fmt):
+    from sparseops.formats import BSRWeight, CSRWeight, ELLWeight, NMWeight
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:, ::2] = True  # 4 a row: 2:4 along rows, fan-in 4
+    if fmt == "bsr":
+        mask[:] = True  # one whole 8x8 block
+    pack = {
+        "csr": lambda w, m: CSRWeight.from_dense(w, m),
+        "ell": lambda w, m: ELLWeight.from_dense(w, m),
+        "nm": lambda w, m: NMWeight.from_dense(w, m, 2, 4),
+        "bsr": lambda w, m: BSRWeight.from_dense(w, m, 8),
+    }[fmt]
+    pack(torch.randn(8, 8), mask)  # the matching shape packs
+    for w in (torch.randn(16, 16), torch.randn(4, 8)):
+        with pytest.raises(ValueError, match=r"^weight: expected the mask's shape \(8, 8\)"):
+            pack(w, mask)
+    with pytest.raises(TypeError, match="^weight: expected a floating-point 2-D"):
+        pack(torch.ones(8, 8, dtype=torch.int64), mask)
+
+
+def test_nm_pattern_refuses_a_transposable_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="^transposable: expected a bool, got str"):
+        sparseops.NM(2, 4, transposable="False")

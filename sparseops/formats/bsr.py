@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .csr import CSRWeight
+from .csr import CSRWeight, check_weight_and_mask
 
 BLOCK_SIZES = (8, 16, 32, 64)
 
@@ -147,6 +147,7 @@ class BSRWeight:
         Returns:
             (index, values) with ``values [nblk, b, b]`` in ``weight.dtype``, padding zeroed.
         """
+        check_weight_and_mask(weight, mask)
         fmt = cls.from_mask(mask, block)
         return fmt, fmt.gather(weight)
 

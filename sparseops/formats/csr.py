@@ -24,6 +24,21 @@ INDEX_DTYPE = torch.int32
 _INDEX_NAMES = ("crow", "col", "row", "t_crow", "t_row", "t_perm")
 
 
+def check_weight_and_mask(weight, mask) -> None:
+    """What every format's ``from_dense`` packs from: a floating-point 2-D ``weight`` and, when given, a
+    ``mask`` of its shape on its device (a larger weight would be packed by its corner, silently)."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise TypeError(f"weight: expected a floating-point 2-D torch.Tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape {tuple(getattr(weight, 'shape', ()))}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"weight: expected the mask's shape {tuple(mask.shape)}, got {tuple(weight.shape)}")
+        if mask.device != weight.device:
+            raise ValueError(f"weight: expected the mask's device {mask.device}, got {weight.device}")
+
+
 @dataclass(frozen=True)
 class CSRWeight:
     """Index tensors of an unstructured sparse weight ``[out, in]``.
@@ -168,6 +183,7 @@ class CSRWeight:
         Returns:
             (index, values) with ``values [nnz]`` in ``weight.dtype``.
         """
+        check_weight_and_mask(weight, mask)
         if mask is None:
             mask = weight != 0
         fmt = cls.from_mask(mask)

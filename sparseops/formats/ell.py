@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .csr import INDEX_DTYPE, CSRWeight, validate_csr
+from .csr import INDEX_DTYPE, CSRWeight, check_weight_and_mask, validate_csr
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class ELLWeight:
         Returns:
             (index, values) with ``values [a, k]`` in ``weight.dtype``.
         """
+        check_weight_and_mask(weight, mask)
         if mask is None:
             mask = weight != 0
         fmt = cls.from_mask(mask)

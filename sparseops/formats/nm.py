@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .csr import INDEX_DTYPE
+from .csr import INDEX_DTYPE, check_weight_and_mask
 
 _INDEX_NAMES = ("idx", "empty", "t_crow", "t_row", "t_perm", "t_idx", "t_slot")
 
@@ -215,6 +215,7 @@ class NMWeight:
         cls, weight: torch.Tensor, mask: torch.Tensor, n: int, m: int, transposable: bool = False
     ) -> tuple["NMWeight", torch.Tensor]:
         """Pack a dense weight ``[out, in]`` on ``mask``; returns ``(index, values [out, S])``."""
+        check_weight_and_mask(weight, mask)
         fmt = cls.from_mask(mask, n, m, transposable)
         return fmt, fmt.gather(weight)
 
