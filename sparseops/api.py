@@ -235,15 +235,21 @@ def densify_(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     targets, new = [], []
+    made: dict[int, nn.Module] = {}  # a module registered at several places gets one replacement, shared
 
     def walk(mod: nn.Module, fqn: str) -> None:
-        dense = _dense_of(mod)
+        dense = made.get(id(mod))
+        if dense is None:
+            dense = _dense_of(mod)
         if dense is not None:
+            made[id(mod)] = dense
             targets.append((fqn, mod))
             new.append(dense)
             return
-        for name, child in mod.named_children():
-            walk(child, f"{fqn}.{name}" if fqn else name)
+        # every registration (named_children skips a module it has seen: a second one would stay sparse)
+        for name, child in mod._modules.items():
+            if child is not None:
+                walk(child, f"{fqn}.{name}" if fqn else name)
 
     with torch.no_grad():
         walk(model, "")

@@ -524,3 +524,15 @@ def test_refused_layer_is_unchanged_while_torch_loads_the_others():
     _assert_same(before, _everything(model[0]))
     assert torch.equal(model[2].values, src[2].values) and torch.equal(model[2].mask, src[2].mask)
 
+
+
+def test_densify_keeps_a_shared_layer_shared():
+    # found by review: a SparseLinear registered twice became two independent dense layers
+    shared = sparseops.SparseLinear(6, 6, sparsity=0.5)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(3, 6)
+    y = model(x)
+    sparseops.densify_(model)
+    assert model[0] is model[2] and isinstance(model[0], nn.Linear)
+    assert len(list(model.parameters())) == 2
+    torch.testing.assert_close(model(x), y)
