@@ -178,7 +178,11 @@ class _DynamicSparse:
         return kept, grown
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count}
+        """The step count and, with a ``generator``, its state (SET's draws then resume as they would have)."""
+        state = {"step_count": self.step_count}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._apply_state(self._check_state(state))
@@ -190,9 +194,17 @@ class _DynamicSparse:
         sc = state["step_count"]
         if isinstance(sc, bool) or not isinstance(sc, int) or sc < 0:
             raise ValueError(f"state['step_count']: expected an int >= 0, got {sc!r}")
-        return {"step_count": sc}
+        checked = {"step_count": sc}
+        g = state.get("generator")
+        if g is not None and self.generator is not None:
+            if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8:
+                raise ValueError(f"state['generator']: expected a generator state (uint8 tensor), got {g!r:.100}")
+            checked["generator"] = g
+        return checked
 
     def _apply_state(self, checked: dict) -> None:
+        if "generator" in checked:
+            self.generator.set_state(checked["generator"])
         self.step_count = checked["step_count"]
         self._seen = {}
         self._rearm()  # the hooks follow the step count: armed when the next step updates
@@ -334,7 +346,7 @@ class SRigL(RigL):
         return kept, grown
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "budgets": dict(self.budgets), "fan_ins": dict(self.fan_ins)}
+        return {**super().state_dict(), "budgets": dict(self.budgets), "fan_ins": dict(self.fan_ins)}
 
     def _check_state(self, state) -> dict:
         checked = super()._check_state(state)
