@@ -37,9 +37,9 @@ Precision: the sum accumulates in fp32 and the output is rounded once to the inp
 fp32 operands go through ``tl.dot`` with ``input_precision="ieee"`` (no TF32); bf16 and fp16
 operands use the tensor cores in their own dtype (``s(x)`` is ``x`` or 0, so it is exact in
 that dtype). The interpreter's ``tl.dot`` gets bf16 wrong, so there bf16 tiles are upcast to
-fp32 before the dot; its fp32 to bf16 cast truncates, so there the launcher rounds a fp32
-threshold to bf16 with torch. The threshold is rounded to the dtype of ``x`` before the comparison, as
-the reference does.
+fp32 before the dot. The comparison ``|v| > threshold`` is made in float32 (a 16-bit ``|v|`` widens
+exactly), as the CPU kernels and the reference make it: a threshold rounded to bf16 could round up past
+an input above it.
 
 Addresses are computed in int64 and every dimension is masked.
 
@@ -178,9 +178,9 @@ def _act_dds_tile_kernel(
         v = x.to(tl.float32)
         if RELU:
             v = tl.where(v > 0, v, 0.0)
-        # rounded to the dtype of x first, as the reference compares in that dtype
+        # compared in float32, as the reference and the CPU kernels compare
         thr = tl.load(thr_ptr + offs_k * stride_thr, mask=mask_k, other=0.0)  # [BK]
-        thr = thr.to(x_ptr.dtype.element_ty).to(tl.float32)
+        thr = thr.to(tl.float32)
         # the padding is never active, even when the threshold is negative
         active = (tl.abs(v) > thr[None, :]) & tile_mask  # [BT, BK]
         xs = tl.where(active, v, 0.0)  # [BT, BK] s(x)
@@ -275,7 +275,7 @@ def act_dds(x, weight_t, bias, threshold, relu: bool, out=None):
     """``y = s(x) @ weight_t + bias``, reading only the rows of ``weight_t`` that some token activates.
 
     ``v = relu(x)`` if ``relu`` else ``x``; input ``j`` of a token is active when
-    ``|v[j]| > threshold`` (the threshold rounded to the dtype of ``x``); ``s(x)`` is ``v``
+    ``|v[j]| > threshold`` (compared in float32); ``s(x)`` is ``v``
     there and 0 elsewhere.
 
     Args:
@@ -329,10 +329,6 @@ def act_dds(x, weight_t, bias, threshold, relu: bool, out=None):
         # the nominal token tile of the dot configs, for the split count only
         kernel, bt, consts = _act_dds_dot_kernel, 32, {}
     split = _split(T, in_features, out_features, bt, x.element_size())
-    if _INTERPRET and x.dtype == torch.bfloat16:
-        # the interpreter rounds fp32 to bf16 toward zero (the GPU to nearest even), which
-        # moves a threshold like 0.6 to the next bf16 below it: round it here, like the reference
-        threshold = threshold.to(x.dtype)
     stride_thr = threshold.stride(0) if threshold.dim() else 0
 
     if split == 1:

@@ -1263,3 +1263,37 @@ def test_calibrate_records_copies_of_the_inputs():
     last_only = buf.abs().flatten().quantile(0.5).item()  # what views of the one buffer would give
     assert abs(expect - last_only) > 0.1 * expect
     assert model[0].threshold.item() == pytest.approx(expect, rel=0.02)
+
+
+def test_threshold_stays_float32_through_dtype_casts_and_measure_checks_its_input():
+    # found by review: .to(bf16) rounded the threshold (0.67335 -> 0.671875); measure() reshaped a wrong
+    # width silently
+    layer = ActivationSparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5, mode="tensor")
+    layer.threshold.fill_(0.67335)
+    layer.to(torch.bfloat16)
+    assert layer.threshold.dtype == torch.float32 and layer.threshold.item() == pytest.approx(0.67335, abs=1e-7)
+    assert layer.weight.dtype == torch.bfloat16
+    layer.float()
+    assert layer.threshold.item() == pytest.approx(0.67335, abs=1e-7)
+    with pytest.raises(ValueError, match="^x: expected last dimension in_features=8"):
+        layer.measure(torch.randn(4, 16))
+    with pytest.raises(TypeError, match="^x: expected a torch.Tensor"):
+        layer.union_density([[1.0] * 8])
+
+
+def test_calibrate_refuses_nan_inputs_before_changing_any_layer():
+    # found by review: a NaN seen only by a later layer raised after the earlier ones were re-moded and
+    # calibrated
+    torch.manual_seed(0)
+    a = ActivationSparseLinear.from_dense(nn.Linear(8, 8), sparsity=0.5, mode="tensor")
+    b = ActivationSparseLinear.from_dense(nn.Linear(8, 8), sparsity=0.5, mode="tensor")
+
+    class Poison(nn.Module):
+        def forward(self, x):
+            return x * float("nan")
+
+    model = nn.Sequential(a, Poison(), b)
+    with pytest.raises(ValueError, match="^batches: layer '2' saw NaN"):
+        sparseops.calibrate_(model, [torch.randn(16, 8)], sparsity=0.9, mode="channel")
+    for m in (a, b):
+        assert m.mode == "tensor" and m.sparsity == 0.5 and m.threshold.shape == () and m.threshold.item() == 0.0

@@ -127,6 +127,17 @@ class ActivationSparseLinear(nn.Module):
         layer.train(linear.training)
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # the threshold is never narrower than float32 through .to(dtype) / .half() / .bfloat16(): the
+        # kernels compare 16-bit inputs in float32, and a threshold rounded to bf16 would move (0.67335 ->
+        # 0.671875); it follows a cast to float64 (an fp64 layer compares in fp64) and the device
+        thr = self.threshold
+        out = super()._apply(fn, recurse)
+        new = self.threshold
+        if new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+            self.threshold = thr.to(device=new.device, dtype=torch.float32)
+        return out
+
     def set_mode(self, mode: str, sparsity: float | None = None, *, device=None) -> None:
         """Change the sparsifier (and the target sparsity); the threshold resets to 0 (uncalibrated)."""
         mode = _check_mode(mode)  # both checked before either is set
@@ -273,6 +284,7 @@ class ActivationSparseLinear(nn.Module):
     @torch.no_grad()
     def measure(self, x: Tensor) -> float:
         """The fraction of the entries of ``x [..., in]`` this layer drops now."""
+        check_input(x, self.in_features, self.weight if self.sparse is None else self.sparse.values)
         x2 = x.detach().reshape(-1, self.in_features)
         if x2.numel() == 0:
             return 0.0
@@ -283,6 +295,7 @@ class ActivationSparseLinear(nn.Module):
     def union_density(self, x: Tensor) -> float:
         """The fraction of W's columns a call on ``x [..., in]`` reads: inputs active in at least one row
         (BlockFFN's chunk-level sparsity; per-row density for a single row)."""
+        check_input(x, self.in_features, self.weight if self.sparse is None else self.sparse.values)
         x2 = x.detach().reshape(-1, self.in_features)
         if x2.numel() == 0:
             return 0.0
@@ -435,6 +448,10 @@ def calibrate_(model: nn.Module, batches: Iterable, sparsity: float | None = Non
         if sum(t.shape[0] for t in s) == 0:
             raise ValueError(f"batches: layer {name!r} saw no input rows in {n} batch(es) (empty batches, or a layer "
                              "the batches do not reach)")
+        # calibrate's one refusal of recorded inputs, checked for every layer before any is changed
+        if any(bool(torch.isnan(t).any()) for t in s):
+            raise ValueError(f"batches: layer {name!r} saw NaN in its inputs; a threshold calibrated on them means "
+                             "nothing")
     for m in layers.values():
         if mode is not None or sparsity is not None:
             m.set_mode(mode or m.mode, sparsity)
