@@ -204,10 +204,13 @@ class SparseLinear(nn.Module):
         self.lr_v = nn.Parameter(v)
 
     def _set_index(self, fmt) -> None:
-        # [out, in], checkpointed so that a weight of another shape cannot load silently
-        self.register_buffer(
-            "dense_shape", torch.tensor([fmt.out_features, fmt.in_features], dtype=torch.int64, device=fmt.device)
-        )
+        # [out, in], checkpointed so that a weight of another shape cannot load silently; an N:M layer's adds
+        # [n, m, transposable]: 1:4 and 2:8 (or 2:4 and 4:8) indexes have the same shapes, and a checkpoint
+        # of one loaded into the other would put its weights on other columns
+        shape = [fmt.out_features, fmt.in_features]
+        if isinstance(fmt, NMWeight):
+            shape += [fmt.n, fmt.m, int(fmt.transposable)]
+        self.register_buffer("dense_shape", torch.tensor(shape, dtype=torch.int64, device=fmt.device))
         persistent, derived = self._names()
         src = fmt.grid if isinstance(fmt, BSRWeight) else fmt
         for name in persistent:
@@ -550,14 +553,27 @@ class SparseLinear(nn.Module):
             return
         values = state_dict.get(prefix + "values")
         shape = state_dict.get(prefix + "dense_shape")
-        if shape is not None and [int(v) for v in shape.tolist()] != [self.out_features, self.in_features]:
+        got = None if shape is None else [int(v) for v in shape.reshape(-1).tolist()]
+        if got is not None and got[:2] != [self.out_features, self.in_features]:
             error_msgs.append(
                 f"While loading {prefix or 'SparseLinear'}: the checkpoint's weight ({prefix}dense_shape) is [out, in] = "
-                f"{[int(v) for v in shape.tolist()]}, this layer has out_features={self.out_features}, "
+                f"{got[:2]}, this layer has out_features={self.out_features}, "
                 f"in_features={self.in_features}"
             )
             return
+        if self._is_nm and got is not None and len(got) == 5:
+            # n and m must match; a transposable checkpoint is a valid plain one (the other way round, the
+            # index check below refuses a mask that is not transposable)
+            p = self.pattern
+            if got[2:4] != [p.n, p.m]:
+                theirs = f"{got[2]}:{got[3]}{'T' if got[4] else ''}"
+                error_msgs.append(
+                    f"While loading {prefix or 'SparseLinear'}: the checkpoint's pattern ({prefix}dense_shape) is "
+                    f"{theirs}, this layer is {p.name}; build the layer with the checkpoint's pattern")
+                return
         if self._is_nm:
+            # checked above; a checkpoint from before the pattern was stored has [out, in] only
+            state_dict = {**state_dict, prefix + "dense_shape": self.dense_shape}
             if not self._load_nm_index(state_dict, prefix, values, error_msgs):
                 return
             super()._load_from_state_dict(
