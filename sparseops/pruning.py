@@ -71,7 +71,9 @@ class GradualPruner:
         optimizer: the model's optimizer, kept consistent across swaps and re-packs (see above).
         scope: ``"layer"`` (each layer to ``s(t)``) or ``"global"`` (one magnitude threshold across
             the layers; each keeps at least one weight).
-        convert_at: swap a dense layer for a SparseLinear once ``s(t) >= convert_at``; None never swaps.
+        convert_at: swap a dense layer for a SparseLinear once ``s(t) >= convert_at``; None never swaps. A
+            layer whose weight is shared (tied to another module, or the module registered at two places)
+            is never swapped, which would untie it: it stays dense and is pruned by its mask.
 
     Raises:
         TypeError, ValueError: bad arguments (named in the message), or no layer to prune.
@@ -113,6 +115,13 @@ class GradualPruner:
                 sparse = isinstance(mod, SparseLinear)
                 targets[f"{fqn}.values" if sparse else f"{fqn}.weight"] = mod.values if sparse else mod.weight
             check_holds(optimizer, targets)
+        # dense layers a swap would untie (the weight shared with another module, e.g. an lm_head tied to
+        # the embedding, or the module registered at two places): pruned in place by their mask, never swapped
+        shared: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            shared[id(p)] = shared.get(id(p), 0) + 1
+        self._keep_dense = {fqn for fqn in self.names
+                            if type(mod := model.get_submodule(fqn)) is nn.Linear and shared.get(id(mod.weight), 0) > 1}
         self.masks: dict[str, Tensor] = {}  # the dense layers' masks
         self.step_count = 0
         self.sparsity = self.initial_sparsity if start_step == 0 else 0.0
@@ -191,7 +200,7 @@ class GradualPruner:
                 swapped.append(fqn)
                 continue
             mask = keep.view(mod.out_features, mod.in_features)
-            if self.convert_at is not None and s >= self.convert_at:
+            if self.convert_at is not None and s >= self.convert_at and fqn not in self._keep_dense:
                 self._swap(fqn, mod, mask)
                 swapped.append(fqn)
             else:

@@ -1078,3 +1078,29 @@ def test_imp_never_grows_keeps_the_activation_and_frozen_layers():
     assert (model[0](torch.randn(6, IN)) >= 0).all()
     assert not model[1].values.requires_grad and model[1].bias.requires_grad
     assert not model[0].training and not model[1].training
+
+
+def test_gradual_pruner_never_swaps_a_tied_layer():
+    # found by review: the swap of a layer whose weight the embedding shares left the embedding's
+    # parameter out of the optimizer, untrained; a module at two places was swapped at one of them
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"emb": emb, "a": shared, "b": shared, "head": head, "other": nn.Linear(8, 8)})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = GradualPruner(model, 0.9, start_step=0, end_step=2, every=1, optimizer=opt, convert_at=0.5)
+    for _ in range(3):
+        x = model["emb"](torch.arange(4))
+        loss = model["head"](model["b"](model["a"](x))).square().mean() + model["other"](x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+    assert isinstance(model["other"], SparseLinear)
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
+    assert model["a"] is model["b"] and type(model["a"]) is nn.Linear
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model["emb"].weight) in held and id(model["a"].weight) in held
+    assert (model["head"].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
