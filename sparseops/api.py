@@ -118,6 +118,16 @@ def sparsify_(
             f"scope: 'global' ranks magnitudes across layers, which only the unstructured pattern allows, not {pat.name}"
         )
     targets = _targets(model, filter_fn)
+    # a layer that is sparse already is left as it is, which a second call with another sparsity or pattern
+    # would not expect: say so (SparseLinear.update_mask_ re-packs one)
+    again = [fqn or "the model" for fqn, mod in model.named_modules()
+             if isinstance(mod, SparseLinear) and (filter_fn is None or filter_fn(mod, fqn))]
+    if again:
+        warnings.warn(
+            f"sparsify_: left {len(again)} layer(s) already sparse as they are ({', '.join(again[:5])}"
+            f"{', ...' if len(again) > 5 else ''}); re-pack one with SparseLinear.update_mask_, or densify_ first",
+            stacklevel=2,
+        )
     if isinstance(pat, Monarch):
         if sparsity is not None:
             raise ValueError("sparsity: the Monarch pattern fixes its own structure; pass the pattern alone")

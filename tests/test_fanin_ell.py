@@ -255,3 +255,21 @@ def test_fused_activation_over_ell():
     plain = SparseLinear.from_dense(lin, pattern=FanIn(6))
     x = torch.randn(4, 30)
     assert torch.equal(layer(x), torch.nn.functional.gelu(plain(x)))
+
+
+def test_from_dense_takes_a_fan_in_layers_own_mask_with_ablated_rows():
+    # found by review: a FanIn layer with ablated (empty) rows loads and re-packs, but from_dense refused
+    # its own mask
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[1:, :2] = True  # row 0 ablated, the others hold k = 2
+    layer = SparseLinear.from_dense(nn.Linear(6, 4), mask=mask, pattern=FanIn(2))
+    assert torch.equal(layer.mask, mask)
+    copy_ = SparseLinear.from_dense(layer.to_dense(), mask=layer.mask, pattern=layer.pattern)
+    x = torch.randn(3, 6)
+    assert torch.equal(copy_(x), layer(x))
+    bad = mask.clone()
+    bad[2, 3] = True  # 3 in a row
+    with pytest.raises(ValueError, match="^mask: does not have exactly k=2 nonzeros in every row"):
+        SparseLinear.from_dense(nn.Linear(6, 4), mask=bad, pattern=FanIn(2))
+    with pytest.raises(ValueError, match="^mask: does not have exactly k=2"):
+        SparseLinear.from_dense(nn.Linear(6, 4), mask=torch.zeros(4, 6, dtype=torch.bool), pattern=FanIn(2))

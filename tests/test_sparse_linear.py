@@ -501,3 +501,13 @@ def test_tied_linear_is_left_dense_with_a_warning(swap):
             sparseops.sparsify_activations_(model, 0.5, mode="relu")
     assert type(model["head"]) is nn.Linear and model["head"].weight is model["emb"].weight
     assert type(model["body"]) is not nn.Linear  # the untied layer was swapped
+
+
+def test_sparsify_again_warns_that_it_leaves_sparse_layers_alone():
+    # found by review: a second sparsify_ with another sparsity or pattern changed nothing, silently
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    sparsify_(model, 0.5)
+    nnz = [model[0].nnz, model[2].nnz]
+    with pytest.warns(UserWarning, match=r"sparsify_: left 2 layer\(s\) already sparse as they are \(0, 2\)"):
+        sparsify_(model, 0.9)
+    assert [model[0].nnz, model[2].nnz] == nnz

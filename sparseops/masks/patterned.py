@@ -72,7 +72,11 @@ def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, ma
         if mask is None:
             return fan_in(weight, pat.k)
         if not is_fan_in(mask, pat.k):
-            raise ValueError(f"mask: does not have exactly k={pat.k} nonzeros in every row")
+            # rows with none are ablated neurons (SRigL): a fan-in layer's own mask can have them
+            counts = mask.reshape(-1, mask.shape[-1]).sum(-1)
+            if not (((counts == pat.k) | (counts == 0)).all() and bool((counts == pat.k).any())):
+                raise ValueError(f"mask: does not have exactly k={pat.k} nonzeros in every row (or none: an "
+                                 "ablated row), with at least one row of k")
         return mask
     if isinstance(pat, Butterfly):
         if mask is None:
