@@ -170,8 +170,13 @@ def decide(
     if path is not None:
         hit = _load(path).get(key)
         if isinstance(hit, dict) and {"dense_ms", "sparse_ms"} <= hit.keys():
-            d, s = float(hit["dense_ms"]), float(hit["sparse_ms"])
-            return Decision(**common, dense_ms=d, sparse_ms=s, chose="sparse" if s < d else "dense", source="cache")
+            try:
+                d, s = float(hit["dense_ms"]), float(hit["sparse_ms"])
+            except (TypeError, ValueError):
+                d = s = float("nan")  # a corrupt entry: measured again below, and rewritten
+            if d == d and s == s:
+                return Decision(**common, dense_ms=d, sparse_ms=s, chose="sparse" if s < d else "dense",
+                                source="cache")
     x = torch.randn(batch, dense.in_features, device=device, dtype=dtype)
     _check(sparse, x)
     timer = timer or _default_timer(warmup, repeats)

@@ -111,6 +111,15 @@ def test_cache_off_and_corrupt_cache(tmp_path, monkeypatch):
     sparseops.sparsify_(Net(), 0.5, only_if_faster=True, batch=2, mode="fwd", timer=_timer(lambda m: True, calls))
     assert len(calls) == 6
     assert len(json.loads((tmp_path / "env" / "decisions.json").read_text())) == 3
+    # one corrupt entry (found by review: float(None) raised) is measured over too, the others read
+    data = json.loads((tmp_path / "env" / "decisions.json").read_text())
+    key = sorted(data)[0]
+    data[key]["dense_ms"] = None
+    (tmp_path / "env" / "decisions.json").write_text(json.dumps(data))
+    calls = []
+    sparseops.sparsify_(Net(), 0.5, only_if_faster=True, batch=2, mode="fwd", timer=_timer(lambda m: True, calls))
+    assert len(calls) == 2
+    assert json.loads((tmp_path / "env" / "decisions.json").read_text())[key]["dense_ms"] is not None
 
 
 def test_default_mode_follows_training_flag(tmp_path):

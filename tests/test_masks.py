@@ -405,3 +405,24 @@ def test_activation_norms_of_no_features_and_wanda_refuses_inf():
     w[0, 1] = float("inf")
     with pytest.raises(ValueError, match="^weight, activation_norm: expected finite values"):
         M.wanda(w, torch.tensor([1.0, 0.0, 1.0, 1.0]), 0.5)
+
+
+def test_small_validation_gaps_found_by_review():
+    from sparseops.formats import ELLWeight
+    from sparseops.masks import global_magnitude, kept_magnitude
+
+    # global_magnitude takes any iterable of tensors (model.parameters() is a generator)
+    ws = [torch.randn(4, 4), torch.randn(3, 5)]
+    assert [m.sum().item() for m in global_magnitude(iter(ws), 0.5)] == [m.sum().item() for m in global_magnitude(ws, 0.5)]
+    with pytest.raises(TypeError, match="^weights: expected a list of tensors"):
+        global_magnitude(5, 0.5)
+    # an infinite magnitude has no kept fraction (it read nan)
+    with pytest.raises(ValueError, match="^weight: holds inf"):
+        kept_magnitude(torch.tensor([float("inf"), 1.0]), torch.tensor([True, False]))
+    # ELL rows out of order are refused by validate(), as from_rows_col refuses them
+    ell = ELLWeight.from_rows_col(3, 4, torch.tensor([0, 1, 2], dtype=torch.int32),
+                                  torch.tensor([[0], [1], [2]], dtype=torch.int32))
+    ell.validate()
+    bad = ELLWeight(ell.k, torch.tensor([2, 1, 0], dtype=torch.int32), ell.csr)
+    with pytest.raises(ValueError, match="^rows: expected strictly ascending"):
+        bad.validate()

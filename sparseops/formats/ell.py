@@ -169,6 +169,8 @@ class ELLWeight:
         r = self.rows.long()
         if r.numel() and (int(r.min()) < 0 or int(r.max()) >= self.out_features):
             raise ValueError(f"rows: entries must lie in [0, {self.out_features})")
+        if r.numel() > 1 and bool((r[1:] <= r[:-1]).any()):
+            raise ValueError("rows: expected strictly ascending row indices (values [rows, k] follows them)")
         expect[r] = self.k
         if self.k < 1 or not torch.equal(counts, expect):
             raise ValueError(f"rows, k: the index's rows do not all hold k={self.k} weights where rows says, none elsewhere")

@@ -84,6 +84,10 @@ def global_magnitude(weights: Sequence[torch.Tensor], sparsity: float) -> list[t
     if isinstance(weights, torch.Tensor):
         raise TypeError("weights: expected a list of tensors (one per layer), got a single Tensor (iterating it "
                         "would rank each row as a layer)")
+    try:
+        weights = list(weights)  # a generator too (e.g. model.parameters())
+    except TypeError:
+        raise TypeError(f"weights: expected a list of tensors (one per layer), got {type(weights).__name__}") from None
     if len(weights) == 0:
         return []
     for i, w in enumerate(weights):

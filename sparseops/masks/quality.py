@@ -21,9 +21,11 @@ def kept_magnitude(weight: torch.Tensor, mask: torch.Tensor) -> float:
 
     Raises:
         TypeError: ``weight`` not floating or ``mask`` not bool.
-        ValueError: shapes differ or ``weight`` holds NaN.
+        ValueError: shapes differ or ``weight`` holds NaN or inf (an infinite magnitude has no fraction).
     """
     w = check_weight(weight, min_dim=0)
+    if bool(torch.isinf(w).any()):
+        raise ValueError("weight: holds inf; the kept fraction of an infinite total magnitude is undefined")
     mask = check_mask(mask, min_dim=0)
     if mask.shape != w.shape:
         raise ValueError(f"mask: expected shape {tuple(w.shape)}, got {tuple(mask.shape)}")
