@@ -92,15 +92,23 @@ inline float pow2f(int k) {
   return f;
 }
 
-inline float sigmoid_f32(float x) {
-  if (x != x) return x;
-  const float t = -(std::fabs(x) < kSigClamp ? std::fabs(x) : kSigClamp);
+// e^t = s * (1 + p) * 2^-SHIFT for t <= 0, the steps sigmoid_f32 and silu_f32 share (their clamps keep
+// k + SHIFT a normal float's exponent): returns p and sets s = 2^(k + SHIFT), k = round(t / ln2)
+template <int SHIFT>
+inline float exp_parts_f(float t, float& s) {
   const float k = std::nearbyint(t * kSigLog2e);
   const float r = std::fmaf(-k, kSigLn2Lo, std::fmaf(-k, kSigLn2Hi, t));
   float q = kSigInvFact[5];
   for (int i = 4; i >= 0; --i) q = std::fmaf(q, r, kSigInvFact[i]);
-  const float p = std::fmaf(r * r, q, r);
-  const float s = pow2f(static_cast<int>(k) + 32);
+  s = pow2f(static_cast<int>(k) + SHIFT);
+  return std::fmaf(r * r, q, r);
+}
+
+inline float sigmoid_f32(float x) {
+  if (x != x) return x;
+  const float t = -(std::fabs(x) < kSigClamp ? std::fabs(x) : kSigClamp);
+  float s;
+  const float p = exp_parts_f<32>(t, s);
   const float e = std::fmaf(s, p, s) * 0x1p-32f;
   const float d = 1.0f + e;
   const float c = e - (d - 1.0f);
@@ -134,13 +142,8 @@ inline float silu_f32(float x) {
   const float a = std::fabs(x);
   if (!(a < kSiluClamp)) return x > 0.0f ? x : -0.0f;
   if (a == 0.0f) return x;
-  const float t = -a;
-  const float k = std::nearbyint(t * kSigLog2e);
-  const float r = std::fmaf(-k, kSigLn2Lo, std::fmaf(-k, kSigLn2Hi, t));
-  float q = kSigInvFact[5];
-  for (int i = 4; i >= 0; --i) q = std::fmaf(q, r, kSigInvFact[i]);
-  const float p = std::fmaf(r * r, q, r);
-  const float s = pow2f(static_cast<int>(k) + 64);
+  float s;
+  const float p = exp_parts_f<64>(-a, s);
   const float es = std::fmaf(s, p, s);
   const float el = std::fmaf(s, p, s - es);  // es's rounding error (s - es is exact: Sterbenz)
   const float e = es * 0x1p-64f;

@@ -587,13 +587,10 @@ struct VecAVX2 {
   // two isas agree bit for bit; on N vectors at once, each step over all N before the next
   // NOTE: throughput-bound (~36 instructions a vector, 19 of them on the two fma pipes); N = 4
   // side by side took 0.73 ns an element a thread against 0.92 for one at a time (in L2)
-  template <int N>
-  static inline void sigmoid_n(const reg* x, reg* y) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-    __m256 t[N], k[N], r[N], q[N], e[N], d[N], c[N], r0[N];
-    // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
-    for (int h = 0; h < N; ++h)
-      t[h] = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x[h]), _mm256_set1_ps(fmath::kSigClamp)), sign);
+  // fmath.h's exp_parts_f on N vectors, each step over all N before the next: p and s = 2^(k + SHIFT)
+  template <int N, int SHIFT>
+  static inline void exp_parts_f_n(const __m256* t, __m256* p, __m256* s) {
+    __m256 k[N], r[N], q[N];
     for (int h = 0; h < N; ++h)
       k[h] = _mm256_round_ps(_mm256_mul_ps(t[h], _mm256_set1_ps(fmath::kSigLog2e)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -604,11 +601,20 @@ struct VecAVX2 {
     for (int i = 4; i >= 0; --i)
       for (int h = 0; h < N; ++h) q[h] = _mm256_fmadd_ps(q[h], r[h], _mm256_set1_ps(fmath::kSigInvFact[i]));
     for (int h = 0; h < N; ++h) {
-      const __m256 p = _mm256_fmadd_ps(_mm256_mul_ps(r[h], r[h]), q[h], r[h]);
-      const __m256 s = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k[h]), _mm256_set1_epi32(127 + 32)), 23));
-      e[h] = _mm256_mul_ps(_mm256_fmadd_ps(s, p, s), _mm256_set1_ps(0x1p-32f));
+      p[h] = _mm256_fmadd_ps(_mm256_mul_ps(r[h], r[h]), q[h], r[h]);
+      s[h] = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k[h]), _mm256_set1_epi32(127 + SHIFT)), 23));
     }
+  }
+  template <int N>
+  static inline void sigmoid_n(const reg* x, reg* y) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    __m256 t[N], p[N], s[N], e[N], d[N], c[N], r0[N];
+    // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
+    for (int h = 0; h < N; ++h)
+      t[h] = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x[h]), _mm256_set1_ps(fmath::kSigClamp)), sign);
+    exp_parts_f_n<N, 32>(t, p, s);
+    for (int h = 0; h < N; ++h) e[h] = _mm256_mul_ps(_mm256_fmadd_ps(s[h], p[h], s[h]), _mm256_set1_ps(0x1p-32f));
     for (int h = 0; h < N; ++h) {
       d[h] = _mm256_add_ps(one, e[h]);
       c[h] = _mm256_sub_ps(e[h], _mm256_sub_ps(d[h], one));
@@ -627,24 +633,13 @@ struct VecAVX2 {
   static inline void silu_n(const reg* x, reg* y) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     const __m256 clamp = _mm256_set1_ps(fmath::kSiluClamp);
-    __m256 a[N], k[N], r[N], q[N], es[N], el[N], d[N], c[N], r0[N];
+    __m256 t[N], p[N], s[N], es[N], el[N], d[N], c[N], r0[N];
     // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
-    for (int h = 0; h < N; ++h) a[h] = _mm256_min_ps(_mm256_andnot_ps(sign, x[h]), clamp);
-    for (int h = 0; h < N; ++h)
-      k[h] = _mm256_round_ps(_mm256_mul_ps(_mm256_xor_ps(a[h], sign), _mm256_set1_ps(fmath::kSigLog2e)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    for (int h = 0; h < N; ++h)
-      r[h] = _mm256_fnmadd_ps(k[h], _mm256_set1_ps(fmath::kSigLn2Lo),
-                              _mm256_fnmadd_ps(k[h], _mm256_set1_ps(fmath::kSigLn2Hi), _mm256_xor_ps(a[h], sign)));
-    for (int h = 0; h < N; ++h) q[h] = _mm256_set1_ps(fmath::kSigInvFact[5]);
-    for (int i = 4; i >= 0; --i)
-      for (int h = 0; h < N; ++h) q[h] = _mm256_fmadd_ps(q[h], r[h], _mm256_set1_ps(fmath::kSigInvFact[i]));
+    for (int h = 0; h < N; ++h) t[h] = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x[h]), clamp), sign);
+    exp_parts_f_n<N, 64>(t, p, s);
     for (int h = 0; h < N; ++h) {
-      const __m256 p = _mm256_fmadd_ps(_mm256_mul_ps(r[h], r[h]), q[h], r[h]);
-      const __m256 s = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k[h]), _mm256_set1_epi32(127 + 64)), 23));
-      es[h] = _mm256_fmadd_ps(s, p, s);
-      el[h] = _mm256_fmadd_ps(s, p, _mm256_sub_ps(s, es[h]));
+      es[h] = _mm256_fmadd_ps(s[h], p[h], s[h]);
+      el[h] = _mm256_fmadd_ps(s[h], p[h], _mm256_sub_ps(s[h], es[h]));
     }
     for (int h = 0; h < N; ++h) {
       const __m256 scale = _mm256_set1_ps(0x1p-64f);
