@@ -8,8 +8,9 @@ follows: the moments of surviving weights are kept, grown weights start at 0 wit
 - **SET** (Mocanu et al. 2018): drop the smallest magnitudes, grow uniformly at random.
 - **RigL** (Evci et al. 2020): drop the smallest magnitudes, grow where the *dense* gradient is largest.
   That gradient is computed only at update steps: the step before an update arms a forward hook for
-  one step, which keeps the layer's input x and hooks its output for the gradient dy, and the update forms
-  ``dyᵀ x`` [out, in] once: one dense GEMM and one dense ``[out, in]`` buffer per layer per update, the
+  one step, which keeps the layer's input x and hooks its output for the gradient dy (every call of the
+  layer in that step: a layer used twice, or micro-batches accumulated before the optimizer step, sum),
+  and the update forms ``dyᵀ x`` [out, in] once: one dense GEMM and one dense ``[out, in]`` buffer per layer per update, the
   cost of a dense layer's weight gradient, paid every ``update_every`` steps and never in between.
 - **SRigL** (Lasby et al. 2024): RigL under a constant fan-in (``FanIn(k)`` layers), with neuron
   ablation; see :class:`SRigL`.
