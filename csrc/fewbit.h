@@ -47,7 +47,7 @@ void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* bo
                        FewbitFused kind, double a, double b, void* y, int nthreads);
 
 // out[i] = grad[i] * levels[code(i)], the product rounded once to the element type. levels holds
-// 2^bits floats. out may not alias grad.
+// 2^bits floats. out may be grad itself (each element is read before it is written), no other overlap.
 void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n, const float* levels, int bits,
                    void* out, int nthreads);
 

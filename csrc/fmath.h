@@ -126,8 +126,8 @@ inline float sigmoid_f32(float x) {
 //   hi + lo (lo = fma(x, es, -hi) + x el); el also goes into c. the quotient is scaled back by 2^-64 at
 //   the end (one rounding, a second only where the result is subnormal). with e itself in the
 //   numerator, a subnormal e (a > 87.3) would carry a few bits into a product |x| times larger;
-// - the clamp is 120, not 105: |x| e^-|x| is a subnormal up to a = 110.4 (torch's float32 silu is -0
-//   from x = -88.8 on, where exp(-x) overflows); from a = 120 on the result is x (x > 0) or -0 (x < 0).
+// - the clamp is 120, not 105: silu(-a) = -a e^-a rounds to a subnormal up to a = 108.6 (torch's float32
+//   silu is -0 from x = -88.8 on, where exp(-x) overflows); from a = 120 on the result is x (x > 0) or -0.
 // d + c, r0 and the residual as in sigmoid_f32, with lo added to the residual; for x > 0 the numerator
 // is x and the scale 1. ±0 returns x (the steps would give +0 for -0); nan returns nan; -inf gives -0
 // (the limit; torch's silu gives nan). over all 2^32 floats (bench/cpp/fewbit_exhaustive.cpp, against

@@ -47,6 +47,19 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _warn_already_sparse(model: nn.Module, filter_fn) -> None:
+    # a layer that is sparse already is left as it is, which a second call with another sparsity or pattern
+    # would not expect: say so (SparseLinear.update_mask_ re-packs one); after the arguments were accepted
+    again = [fqn or "the model" for fqn, mod in model.named_modules()
+             if isinstance(mod, SparseLinear) and (filter_fn is None or filter_fn(mod, fqn))]
+    if again:
+        warnings.warn(
+            f"sparsify_: left {len(again)} layer(s) already sparse as they are ({', '.join(again[:5])}"
+            f"{', ...' if len(again) > 5 else ''}); re-pack one with SparseLinear.update_mask_, or densify_ first",
+            stacklevel=3,
+        )
+
+
 def sparsify_(
     model: nn.Module,
     sparsity: float | None = None,
@@ -118,16 +131,6 @@ def sparsify_(
             f"scope: 'global' ranks magnitudes across layers, which only the unstructured pattern allows, not {pat.name}"
         )
     targets = _targets(model, filter_fn)
-    # a layer that is sparse already is left as it is, which a second call with another sparsity or pattern
-    # would not expect: say so (SparseLinear.update_mask_ re-packs one)
-    again = [fqn or "the model" for fqn, mod in model.named_modules()
-             if isinstance(mod, SparseLinear) and (filter_fn is None or filter_fn(mod, fqn))]
-    if again:
-        warnings.warn(
-            f"sparsify_: left {len(again)} layer(s) already sparse as they are ({', '.join(again[:5])}"
-            f"{', ...' if len(again) > 5 else ''}); re-pack one with SparseLinear.update_mask_, or densify_ first",
-            stacklevel=2,
-        )
     if isinstance(pat, Monarch):
         if sparsity is not None:
             raise ValueError("sparsity: the Monarch pattern fixes its own structure; pass the pattern alone")
@@ -139,6 +142,7 @@ def sparsify_(
             new = [MonarchLinear.from_dense(m, pat.nblocks) for _, m in targets]
         if only_if_faster:
             targets, new = _keep_faster(targets, new, batch, mode, timer, cache)
+        _warn_already_sparse(model, filter_fn)
         return _swap(model, targets, new)
     if scope == "global":
         masks = global_magnitude([m.weight for _, m in targets], sparsity)
@@ -150,6 +154,7 @@ def sparsify_(
         new = [SparseLinear.from_dense(m, mask=mk, pattern=layer_pat) for (_, m), mk in zip(targets, masks)]
     if only_if_faster:
         targets, new = _keep_faster(targets, new, batch, mode, timer, cache)
+    _warn_already_sparse(model, filter_fn)
     return _swap(model, targets, new)
 
 
@@ -227,7 +232,8 @@ def densify_(model: nn.Module) -> nn.Module:
 
     - ``SparseLinear``: its ``to_dense()``, zeros off the mask (plus a Pixelfly's low-rank term); one with a
       fused ``activation`` becomes ``nn.Sequential(linear, <the torch activation>)``, so the output is the
-      same (its few-bit backward becomes torch's exact one).
+      same (within an ulp or two for the activations whose CPU kernel computes its own forward: tanh,
+      sigmoid, silu, elu, selu, celu, softplus, logsigmoid; its few-bit backward becomes torch's exact one).
     - ``MonarchLinear``: its ``to_dense()``, the product of the two factors.
     - ``ActivationSparseLinear``: the layer without its input sparsifier (a wrapped ``SparseLinear`` is then
       densified too). Its output becomes the dense product on every input, what the layer computed before

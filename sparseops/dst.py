@@ -9,8 +9,8 @@ follows: the moments of surviving weights are kept, grown weights start at 0 wit
 - **RigL** (Evci et al. 2020): drop the smallest magnitudes, grow where the *dense* gradient is largest.
   That gradient is computed only at update steps: the step before an update arms a forward hook for
   one step, which keeps the layer's input x and hooks its output for the gradient dy (every call of the
-  layer in that step: a layer used twice, or micro-batches accumulated before the optimizer step, sum),
-  and the update forms ``dyᵀ x`` [out, in] once: one dense GEMM and one dense ``[out, in]`` buffer per layer per update, the
+  layer in that step: a layer used twice, or micro-batches accumulated before the optimizer step, sum;
+  their x and dy are all held until the update), and the update forms ``dyᵀ x`` [out, in] once: one dense GEMM and one dense ``[out, in]`` buffer per layer per update, the
   cost of a dense layer's weight gradient, paid every ``update_every`` steps and never in between.
 - **SRigL** (Lasby et al. 2024): RigL under a constant fan-in (``FanIn(k)`` layers), with neuron
   ablation; see :class:`SRigL`.
@@ -95,11 +95,19 @@ class _DynamicSparse:
             # every call of the layer in the step (a layer used twice, micro-batches accumulated before the
             # optimizer step) keeps its input and, when backward reaches it, its output's gradient: the
             # dense gradient is the sum over the calls
+            # (a call without a gradient, e.g. under no_grad, keeps nothing; a second backward through the same
+            # graph, retain_graph, adds to its dy)
             def fwd(m, args, out, _calls=calls):
+                if not out.requires_grad:
+                    return
                 call = {"x": args[0].detach().reshape(-1, m.in_features)}
                 _calls.append(call)
-                if out.requires_grad:
-                    out.register_hook(lambda g, _m=m, _c=call: _c.__setitem__("dy", g.detach().reshape(-1, _m.out_features)))
+
+                def grad_hook(g, _m=m, _c=call):
+                    g = g.detach().reshape(-1, _m.out_features)
+                    _c["dy"] = g if "dy" not in _c else _c["dy"] + g
+
+                out.register_hook(grad_hook)
 
             self._hooks.append(mod.register_forward_hook(fwd))
 

@@ -25,11 +25,13 @@ which also makes new ``values``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .api import _shared_weights
 from .masks import global_magnitude, magnitude
 from .masks.magnitude import _n_keep
 from .nn import SparseLinear
@@ -117,11 +119,9 @@ class GradualPruner:
             check_holds(optimizer, targets)
         # dense layers a swap would untie (the weight shared with another module, e.g. an lm_head tied to
         # the embedding, or the module registered at two places): pruned in place by their mask, never swapped
-        shared: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            shared[id(p)] = shared.get(id(p), 0) + 1
+        shared = _shared_weights(model)
         self._keep_dense = {fqn for fqn in self.names
-                            if type(mod := model.get_submodule(fqn)) is nn.Linear and shared.get(id(mod.weight), 0) > 1}
+                            if type(mod := model.get_submodule(fqn)) is nn.Linear and id(mod.weight) in shared}
         self.masks: dict[str, Tensor] = {}  # the dense layers' masks
         self.step_count = 0
         self.sparsity = self.initial_sparsity if start_step == 0 else 0.0
@@ -274,7 +274,15 @@ class IterativeMagnitudePruning:
         if scope not in ("layer", "global"):
             raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
         self.model, self.scope = model, scope
-        self.names = [fqn for fqn, _ in _linear_targets(model, filter_fn)]
+        # a round rebuilds each layer as a new SparseLinear, which would untie a shared weight (an lm_head
+        # tied to the embedding, a module at two places): those stay as they are, as sparsify_ leaves them
+        shared = _shared_weights(model)
+        targets = _linear_targets(model, filter_fn)
+        tied = [fqn for fqn, mod in targets if id(mod.values if isinstance(mod, SparseLinear) else mod.weight) in shared]
+        if tied:
+            warnings.warn(f"IterativeMagnitudePruning: left {', '.join(tied)} out: the weight is shared, and a "
+                          "pruned copy would untie it; untie it first to prune it", stacklevel=2)
+        self.names = [fqn for fqn, _ in targets if fqn not in tied]
         if not self.names:
             raise ValueError("model: has no nn.Linear or unstructured SparseLinear to prune")
         self.snapshot()

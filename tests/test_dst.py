@@ -714,3 +714,22 @@ def test_set_state_dict_carries_its_generator():
         opt.step()
         d.step()
     assert torch.equal(model[0].format.to_mask(), run())
+
+
+def test_rigl_records_only_calls_with_a_gradient_and_adds_a_second_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10))
+    sparseops.sparsify_(model, 0.8)
+    layer = model[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rigl = RigL(model, opt, update_every=1, drop_fraction=0.3)
+    with torch.no_grad():
+        layer(torch.randn(4, 10))  # an evaluation call in the armed step: nothing kept
+    assert rigl._seen["0"] == []
+    x = torch.randn(5, 10)
+    y = layer(x).square().sum()
+    y.backward(retain_graph=True)
+    y.backward()  # twice through the same graph: the gradient is twice one backward's
+    dense = layer.dense_weight().detach().requires_grad_(True)
+    F.linear(x, dense, layer.bias.detach()).square().sum().backward()
+    assert_close_rms(rigl._dense_grad("0"), 2 * dense.grad.double(), torch.float32, name="retain_graph")

@@ -65,6 +65,8 @@ def _assert_within_bound(name, y, x):
     exact = _exact(name, x)
     nan = torch.isnan(exact)
     assert torch.equal(torch.isnan(y), nan)
+    zero = exact == 0  # the sign of a zero too (silu(-0) = -0, silu(-inf) = -0)
+    assert torch.equal(torch.signbit(y[zero]), torch.signbit(exact[zero])) and (y[zero] == 0).all()
     inf = torch.isinf(exact)  # silu(±inf) = ±inf (of a 16-bit dtype: also where x rounds past its range)
     assert torch.equal(y.double()[inf], exact[inf])
     fin = ~nan & ~inf

@@ -1104,3 +1104,18 @@ def test_gradual_pruner_never_swaps_a_tied_layer():
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model["emb"].weight) in held and id(model["a"].weight) in held
     assert (model["head"].weight == 0).float().mean().item() == pytest.approx(0.9, abs=0.02)
+
+
+def test_imp_leaves_a_tied_layer_out():
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "other": nn.Linear(8, 8)})
+    with pytest.warns(UserWarning, match="IterativeMagnitudePruning: left head out: the weight is shared"):
+        imp = IMP(model, scope="layer")
+    assert imp.names == ["other"]
+    model = imp.prune_and_rewind(0.5)
+    assert model["head"].weight is model["emb"].weight and isinstance(model["other"], SparseLinear)

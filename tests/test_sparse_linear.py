@@ -426,6 +426,10 @@ def test_conversions_keep_frozen_parameters_frozen_and_the_mode():
     sparsify_(model, 0.5)
     assert [p.requires_grad for p in model[0].parameters()] == [False, False]
     assert all(p.requires_grad for p in model[1].parameters())
+    big = nn.Linear(32, 32)
+    big.weight.requires_grad_(False)
+    pixelfly = SparseLinear.from_dense(big, pattern=sparseops.Butterfly(butterfly_size=4, n_factors=2, block=8, rank=3))
+    assert not any(p.requires_grad for p in (pixelfly.values, pixelfly.lr_u, pixelfly.lr_v))
     act = sparseops.ActivationSparseLinear.from_dense(lin, sparsity=0.5, mode="tensor")
     assert not act.weight.requires_grad and act.bias.requires_grad and not act.training
     back = act.to_dense()

@@ -17,7 +17,7 @@ from .saved import record_relu_codes, save_with_input, saved_with_input
 
 def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
     # no backward to save for: torch's forward alone, except where the fused kernel's forward is its
-    # own (fn.fused_own: tanh, sigmoid, elu, selu, celu, softplus, logsigmoid on CPU, see
+    # own (fn.fused_own: tanh, sigmoid, silu, elu, selu, celu, softplus, logsigmoid on CPU, see
     # ops.fewbit.fused), which then holds with and without a gradient
     if getattr(fn, "fused_own", False) and x.device.type == "cpu":
         return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]

@@ -2,7 +2,7 @@
 
 Each returns exactly what ``torch.nn.functional``'s activation returns, except tanh, sigmoid, silu,
 elu, selu, celu, softplus and logsigmoid on CPU, whose fused kernel computes its own forward (the
-correctly rounded value, from float64; sigmoid and silu within 1.56 and 1.63 ulp of it, where torch's
+correctly rounded value, from float64; sigmoid and silu within 1.56 and 1.13 ulp of it, where torch's
 are within 2.3 and 2.2); only the
 gradient is approximated, through the activation's optimal table (see
 :func:`sparseops.fewbit.get_table`).
@@ -95,7 +95,7 @@ def gelu(x: Tensor, bits: int = 2, approximate: str = "none") -> Tensor:
 
 
 def silu(x: Tensor, bits: int = 2) -> Tensor:
-    """``F.silu(x)`` with a ``bits``-bit gradient (on CPU: within 1.63 ulp, see ``csrc/fmath.h``)."""
+    """``F.silu(x)`` with a ``bits``-bit gradient (on CPU: within 1.13 ulp, see ``csrc/fmath.h``)."""
     return activation(x, "silu", bits)
 
 

@@ -198,7 +198,7 @@ class ActivationFn:
     ``fused`` is ``(kind, a, b)`` of the fused CPU kernel that computes it next to the few-bit codes
     (:func:`sparseops.ops.fewbit.fewbit_fused`), or None; ``fused_own`` is True where that kernel's
     forward is its own rather than torch's (tanh, elu, selu, celu, softplus, logsigmoid: the correctly
-    rounded value; sigmoid's and silu's float32 ones within 1.56 and 1.63 ulp of it); ``fused_exact`` is
+    rounded value; sigmoid's and silu's float32 ones within 1.56 and 1.13 ulp of it); ``fused_exact`` is
     True where :func:`sparseops.reference.fewbit.fewbit_fused_forward` gives that kernel's forward bit
     for bit (every fused kind but sigmoid and silu, whose reference is the exact value they are within
     their bound of), so
@@ -242,7 +242,7 @@ def activation_fn(name: str, **params) -> ActivationFn:
     # the ones the fused CPU kernel (ops.fewbit.fused) computes next to the codes say how; the
     # piecewise-linear ones and hardswish are torch's forward bit for bit there; tanh, elu, selu, celu,
     # softplus and logsigmoid the correctly rounded one (computed in float64), sigmoid and silu float32
-    # ones within 1.56 and 1.63 ulp of it (fused_own: the kernel's forward is its own)
+    # ones within 1.56 and 1.13 ulp of it (fused_own: the kernel's forward is its own)
     fused, own = None, False
     if name == "relu":
         fused = ("clamp", 0.0, math.inf)

@@ -1,7 +1,7 @@
 """Few-bit activation modules: ``FewBitGELU(bits=2)`` and one per torch activation.
 
 Each takes the constructor arguments of its torch counterpart plus ``bits``, returns exactly
-what the torch module returns (on CPU, tanh, sigmoid, elu, selu, celu, softplus and logsigmoid
+what the torch module returns (on CPU, tanh, sigmoid, silu, elu, selu, celu, softplus and logsigmoid
 return the fused kernel's own, more accurate forward: see :mod:`sparseops.fewbit.functional`), and saves ``bits`` bits an element for
 backward instead of its input. ``inplace=True`` is accepted for drop-in compatibility but never
 honoured: the input is not modified.

@@ -260,8 +260,9 @@ class SparseLinear(nn.Module):
         else:
             layer.register_parameter("bias", None)
         layer._pack(w, mask)
-        # a frozen layer stays frozen, and the mode (train / eval) carries over
-        layer.values.requires_grad_(linear.weight.requires_grad)
+        # a frozen layer stays frozen (a Pixelfly's low-rank factors too), and the mode (train / eval) carries over
+        for p in (layer.values, *((layer.lr_u, layer.lr_v) if layer._rank else ())):
+            p.requires_grad_(linear.weight.requires_grad)
         layer.train(linear.training)
         return layer
 

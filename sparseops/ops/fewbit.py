@@ -6,7 +6,7 @@
 - ``sparseops::fewbit_fused(x, borders, bits, kind, a, b, codes) -> (y, codes)``: an activation
   and its codes in one pass over x (relu-like clamps, leaky_relu, hardswish, hardsigmoid: torch's
   forward bit for bit; tanh: the correctly rounded one; sigmoid and silu: float32 ones within 1.56 and
-  1.63 ulp).
+  1.13 ulp).
 - ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
   one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
 
@@ -180,7 +180,7 @@ def fewbit_fused(x: Tensor, borders: Tensor, bits: int, kind: str, a: float, b: 
         forward bit for bit; tanh, elu, celu, softplus and logsigmoid are torch's float64 function
         rounded to x's dtype (the CPU kernel computes them in float64 too); sigmoid and silu are, off the
         CPU kernel, torch's float64 function rounded to x's dtype and, on it, a float32 one within 1.56
-        (sigmoid) or 1.63 (silu) ulp of that (torch's own float32 ones: 2.3 and 2.2 ulp) rounded to x's
+        (sigmoid) or 1.13 (silu) ulp of that (torch's own float32 ones: 2.3 and 2.2 ulp) rounded to x's
         dtype.
     """
     return _fused_reference(x, borders, bits, kind, a, b, codes)
@@ -213,7 +213,7 @@ def _dds_fewbit(z: Tensor, activation: str, borders: Tensor, bits: int, pack) ->
     fn = activation_fn(activation)
     if fn.fused_own and fn.fused_exact:
         # the CPU kernel's own forward, which the reference reproduces (tanh: correctly rounded);
-        # sigmoid's and silu's (1.56, 1.63 ulp) have no such twin, so off the CPU kernel they are torch's
+        # sigmoid's and silu's (1.56, 1.13 ulp) have no such twin, so off the CPU kernel they are torch's
         return reference.fewbit.fewbit_fused_forward(z, *fn.fused), pack(z, borders, bits)
     return fn(z), pack(z, borders, bits)
 
@@ -294,7 +294,7 @@ def fused(x: Tensor, fn, borders: Tensor, bits: int, codes: bool = True) -> tupl
     softplus, logsigmoid) on a CPU tensor, one pass reads x and writes both (:func:`fewbit_fused`): for the
     piecewise-linear ones and hardswish the same values as torch's forward, bit for bit; for the others
     (``fn.fused_own``) the kernel's own (correctly rounded from float64; sigmoid and silu within 1.56
-    and 1.63 ulp), which
+    and 1.13 ulp), which
     the layer then uses everywhere on CPU.
     Anything else runs ``fn`` and :func:`pack` one after the other.
     """
