@@ -1297,3 +1297,18 @@ def test_calibrate_refuses_nan_inputs_before_changing_any_layer():
         sparseops.calibrate_(model, [torch.randn(16, 8)], sparsity=0.9, mode="channel")
     for m in (a, b):
         assert m.mode == "tensor" and m.sparsity == 0.5 and m.threshold.shape == () and m.threshold.item() == 0.0
+
+
+def test_threshold_dtype_after_set_mode_on_float64_and_a_16_bit_checkpoint_with_assign():
+    layer = ActivationSparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5, mode="tensor").double()
+    assert layer.threshold.dtype == torch.float64
+    layer.set_mode("channel")
+    assert layer.threshold.dtype == torch.float64, "a float64 layer keeps a float64 threshold"
+    src = ActivationSparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5, mode="tensor")
+    src.threshold.fill_(0.675)
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) if isinstance(v, torch.Tensor) else v
+          for k, v in src.state_dict().items()}
+    dst = ActivationSparseLinear.from_dense(nn.Linear(8, 4), sparsity=0.5, mode="tensor")
+    dst.load_state_dict(sd, assign=True)
+    assert dst.threshold.dtype == torch.float32
+    assert dst.threshold.item() == torch.tensor(0.675).to(torch.bfloat16).item()

@@ -143,11 +143,13 @@ class ActivationSparseLinear(nn.Module):
         mode = _check_mode(mode)  # both checked before either is set
         sparsity = self.sparsity if sparsity is None else check_sparsity(sparsity)
         self.mode, self.sparsity = mode, sparsity
+        ref = self.weight if self.weight is not None else self.sparse.values
         if device is None:
-            ref = self.weight if self.weight is not None else self.sparse.values
             device = ref.device
         shape = (self.in_features,) if mode == "channel" else ()
-        self.register_buffer("threshold", torch.zeros(shape, dtype=torch.float32, device=device))
+        # float32, or float64 for a float64 layer (which compares in float64), as _apply keeps it
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        self.register_buffer("threshold", torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def keep(self) -> int:
@@ -357,6 +359,9 @@ class ActivationSparseLinear(nn.Module):
             if (extra["mode"], sparsity) != (self.mode, self.sparsity):
                 self.set_mode(extra["mode"], sparsity, device=self.threshold.device)
         thr = state_dict.get(prefix + "threshold")
+        if isinstance(thr, Tensor) and thr.is_floating_point() and torch.finfo(thr.dtype).bits < 32:
+            # a 16-bit checkpoint's threshold is widened (a load with assign=True would take its dtype)
+            state_dict = {**state_dict, prefix + "threshold": thr.float()}
         if isinstance(thr, Tensor) and tuple(thr.shape) != tuple(self.threshold.shape):
             error_msgs.append(
                 f"{prefix}threshold: the checkpoint's has shape {tuple(thr.shape)}, this layer's mode "
