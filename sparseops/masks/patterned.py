@@ -73,7 +73,7 @@ def for_pattern(pattern, weight: torch.Tensor, sparsity: float | None = None, ma
             return fan_in(weight, pat.k)
         if not is_fan_in(mask, pat.k):
             # rows with none are ablated neurons (SRigL): a fan-in layer's own mask can have them
-            counts = mask.reshape(-1, mask.shape[-1]).sum(-1)
+            counts = mask.reshape(mask.shape[0], -1).sum(1)  # rows as is_fan_in counts them (first dim)
             if not (((counts == pat.k) | (counts == 0)).all() and bool((counts == pat.k).any())):
                 raise ValueError(f"mask: does not have exactly k={pat.k} nonzeros in every row (or none: an "
                                  "ablated row), with at least one row of k")
