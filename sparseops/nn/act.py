@@ -29,7 +29,8 @@ Weight sparsity composes: ``from_dense`` of a :class:`~sparseops.SparseLinear` k
 At decode on CPU in fp32, without gradients (inference), an unstructured, fan-in or N:M weight runs
 ``ops.act.csr_dds``, which skips both: it reads, for each input some row activates, only the stored
 weights of that input's column of W (the transposed CSR the layer keeps for its input gradient, with
-a cached copy of the values in that order). Otherwise (training, CUDA, other dtypes, block-sparse
+a cached copy of the values in that order, rebuilt after any versioned edit of the values; an edit
+through ``.data`` is not seen, see ``_transposed_values``). Otherwise (training, CUDA, other dtypes, block-sparse
 weights, more than ``ops.act.GEMV_MAX_ROWS`` rows) the SparseLinear runs on ``s(x)``: the weight
 sparsity's saving only.
 """
@@ -213,8 +214,12 @@ class ActivationSparseLinear(nn.Module):
 
     def _transposed_values(self) -> Tensor:
         """The stored weights in the order of Wᵀ's CSR (``values[t_perm]``), kept between calls and
-        rebuilt when the values or the index change (an optimizer step, a mask update, ``.to()``). This
-        copy of the values is the memory the two-way skip costs: 4 bytes a stored weight in fp32."""
+        rebuilt when the values or the index change (an optimizer step, a mask update, ``.to()``,
+        ``load_state_dict``, any in-place edit under ``torch.no_grad()``). An in-place edit through
+        ``values.data`` is not seen: torch gives ``.data`` a version counter of its own, so nothing tells
+        the edit apart from no edit short of reading every value; edit the Parameter itself under
+        ``torch.no_grad()``. This copy of the values is the memory the two-way skip costs: 4 bytes a
+        stored weight in fp32."""
         sp = self.sparse
         v = sp.values.detach()
         key = (v.data_ptr(), v._version, v.dtype, sp.t_perm.data_ptr(), sp.t_perm.numel())
