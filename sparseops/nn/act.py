@@ -16,6 +16,10 @@ Modes (the sparsifier ``s``; an input is active when ``|v| > threshold``):
 - ``"channel"`` (CHESS): one threshold per input channel, each calibrated to the same target.
 - ``"topk"``: per row, keep the ``round((1 - sparsity) * in)`` inputs of largest magnitude.
 
+A NaN input is inactive in every mode (``|nan| > threshold`` is false): it is skipped like a zero, so the
+output is ``s(x) Wᵀ + b`` with the NaN read as 0, where a dense layer's output would be NaN. Check
+the inputs (``torch.isnan``) where a NaN must surface.
+
 ``threshold`` is a registered buffer: 0-d in ``relu``/``tensor``/``topk`` mode (``topk`` does not use
 it), ``[in]`` in ``channel`` mode. Until calibrated it is 0, so only exact zeros are skipped and the
 output equals the dense layer's.
