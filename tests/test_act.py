@@ -1312,3 +1312,30 @@ def test_threshold_dtype_after_set_mode_on_float64_and_a_16_bit_checkpoint_with_
     dst.load_state_dict(sd, assign=True)
     assert dst.threshold.dtype == torch.float32
     assert dst.threshold.item() == torch.tensor(0.675).to(torch.bfloat16).item()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [3, 37], ids=["B3-gemv", "B37-spmm"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_activation_sparse_linear_nan_input_is_inactive(isa, mode, batch, grad):
+    """A NaN input is skipped like a zero (``|nan| > threshold`` is false), on every path: the output and
+    the gradients equal those with the NaN replaced by 0, and the NaN's input gradient is 0."""
+    torch.manual_seed(5)
+    layer = _make_layer(100, 37, mode)
+    x = torch.randn(batch, 100)
+    x[0, 3] = float("nan")
+    x[batch - 1, 99] = float("nan")
+    x0 = torch.nan_to_num(x, nan=0.0)
+    layer0 = copy.deepcopy(layer)
+    xa, xb = x.clone().requires_grad_(grad), x0.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y, y0 = layer(xa), layer0(xb)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    if grad:
+        g = torch.randn(y.shape)
+        y.backward(g)
+        y0.backward(g)
+        assert xa.grad[0, 3] == 0 and xa.grad[batch - 1, 99] == 0
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+        torch.testing.assert_close(layer.weight.grad, layer0.weight.grad, rtol=0, atol=0)

@@ -17,7 +17,8 @@ Modes (the sparsifier ``s``; an input is active when ``|v| > threshold``):
 - ``"topk"``: per row, keep the ``round((1 - sparsity) * in)`` inputs of largest magnitude.
 
 A NaN input is inactive in every mode (``|nan| > threshold`` is false): it is skipped like a zero, so the
-output is ``s(x) Wᵀ + b`` with the NaN read as 0, where a dense layer's output would be NaN. Check
+output is ``s(x) Wᵀ + b`` with the NaN read as 0 (in ``topk`` mode it ranks below every input, so a
+row still keeps its k largest), where a dense layer's output would be NaN. Check
 the inputs (``torch.isnan``) where a NaN must surface.
 
 ``threshold`` is a registered buffer: 0-d in ``relu``/``tensor``/``topk`` mode (``topk`` does not use
@@ -169,7 +170,10 @@ class ActivationSparseLinear(nn.Module):
                 return x, self.threshold.new_full((), -1.0), False
             keep = torch.zeros_like(x, dtype=torch.bool)
             if k > 0:
-                keep.scatter_(-1, x.detach().abs().topk(k, dim=-1).indices, True)
+                # NaN ranks below every input (torch.topk would rank it above): it is inactive anyway, and
+                # must not take the place of one the row keeps
+                mag = x.detach().abs().nan_to_num(nan=-1.0, posinf=math.inf)
+                keep.scatter_(-1, mag.topk(k, dim=-1).indices, True)
             # what top-k drops is zero in x', and x' is active exactly where nonzero
             return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), self.threshold, False
         return x, self.threshold, self.mode == "relu"
