@@ -1057,11 +1057,14 @@ def test_reference_path_rejects_malformed_transposed_index(dtype, bad):
 
 def test_reference_path_bsr_sdd_rejects_out_of_range_blocks():
     fmt = _csr_case()
-    dy, x = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 14, dtype=torch.float64)
+    # the case's 5 x 7 index as a grid of 8-wide blocks (dy 40 = 5 x 8 columns, x 56 = 7 x 8)
+    dy, x = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 56, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"^row: "):
-        torch.ops.sparseops.bsr_sdd(dy, x, _corrupt(fmt.row, "out-of-range"), fmt.col, 2)
+        torch.ops.sparseops.bsr_sdd(dy, x, _corrupt(fmt.row, "out-of-range"), fmt.col, 8)
     with pytest.raises(ValueError, match=r"^col: "):
-        torch.ops.sparseops.bsr_sdd(dy, x, fmt.row, _corrupt(fmt.col, "negative"), 2)
+        torch.ops.sparseops.bsr_sdd(dy, x, fmt.row, _corrupt(fmt.col, "negative"), 8)
+    with pytest.raises(ValueError, match=r"^block: "):  # a block size no kernel has
+        torch.ops.sparseops.bsr_sdd(dy, x, fmt.row, fmt.col, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)

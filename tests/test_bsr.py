@@ -497,6 +497,40 @@ def test_bsr_ops_batch_zero(isa, op, in_f, out_f):
         assert dv.shape == c.values.shape and (dv == 0).all()
 
 
+def _bad_op_calls():
+    """(description, call, error match): arguments a public op must refuse before any kernel runs."""
+    g = BSRWeight.from_block_mask(torch.ones(3, 3, dtype=torch.bool), 20, 20, 8).grid
+    v, x = torch.randn(9, 8, 8), torch.randn(2, 20)
+    return [
+        ("out_features past the grid", lambda d: OPS.bsr_dds(x.to(d), v.to(d), g.crow, g.col, None, 40), "crow:"),
+        ("in_features past the grid", lambda d: OPS.bsr_dsd(x.to(d), v.to(d), g.t_crow, g.t_row, g.t_perm, 50),
+         "t_crow:"),
+        ("bias of length 1", lambda d: OPS.bsr_dds(x.to(d), v.to(d), g.crow, g.col, torch.randn(1).to(d), 20),
+         "bias:"),
+        ("bias too long", lambda d: OPS.bsr_dds(x.to(d), v.to(d), g.crow, g.col, torch.randn(22).to(d), 20),
+         "bias:"),
+        ("1-D x", lambda d: OPS.bsr_dds(x[0].to(d), v.to(d), g.crow, g.col, None, 20), "x:"),
+        ("1-D dy", lambda d: OPS.bsr_dsd(x[0].to(d), v.to(d), g.t_crow, g.t_row, g.t_perm, 20), "dy:"),
+        ("blocks not square", lambda d: OPS.bsr_dds(x.to(d), torch.randn(9, 8, 4).to(d), g.crow, g.col, None, 20),
+         "values:"),
+        ("block of 4", lambda d: OPS.bsr_dds(x.to(d), torch.randn(9, 4, 4).to(d), g.crow, g.col, None, 20),
+         "values:"),
+        ("sdd block of 5", lambda d: OPS.bsr_sdd(x.to(d), x.to(d), g.row, g.col, 5), "block:"),
+        ("sdd batch mismatch", lambda d: OPS.bsr_sdd(x[:1].to(d), x.to(d), g.row, g.col, 8), "dy:"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-cpp", "fp64-reference"])
+@pytest.mark.parametrize("case", range(len(_bad_op_calls())))
+def test_bsr_ops_refuse_mismatched_arguments(isa, dtype, case):
+    """The C++ kernel sizes its output from the block grid and pads the bias to it: a grid or bias that does
+    not match the features, or values that are not square blocks of a known size, get a ValueError naming
+    the argument (before, the fp32 path returned a tensor of another width than the fake promised)."""
+    _, call, match = _bad_op_calls()[case]
+    with pytest.raises(ValueError, match=match):
+        call(dtype)
+
+
 def test_block_sparse_linear_batch_zero(isa):
     layer = SparseLinear(37, 21, pattern=Block(16), sparsity=0.5)
     x = torch.randn(0, 37, requires_grad=True)
@@ -1137,21 +1171,30 @@ def test_block_sparse_linear_bad_checkpoint_refused_and_layer_unchanged(make, ma
     assert torch.equal(b(x), y_before)
 
 
-def test_block_sparse_linear_checkpoint_with_nonzero_padding_is_consistent():
-    a = SparseLinear(37, 50, mask=_expand(torch.ones(4, 3, dtype=torch.bool), 50, 37, 16), pattern=Block(16))
+@pytest.mark.parametrize("fill", [5.0, float("nan"), float("inf")], ids=["five", "nan", "inf"])
+@pytest.mark.parametrize("with_index", [True, False], ids=["with-index", "values-only"])
+def test_block_sparse_linear_checkpoint_with_nonzero_padding_is_refused(fill, with_index):
+    """The padding of the ragged edge blocks must be 0: the kernels multiply it by zero-padded activations,
+    so a NaN or inf there would reach every output of its rows. A checkpoint with anything else is refused,
+    and the layer is left as it was."""
+    mask = _expand(torch.ones(4, 3, dtype=torch.bool), 50, 37, 16)
+    a = SparseLinear(37, 50, mask=mask, pattern=Block(16))
     pad = ~a.format.padding_mask()
-    sd = a.state_dict()
-    sd["values"] = sd["values"].clone()
-    sd["values"][pad] = 5.0
-    b = SparseLinear(37, 50, pattern=Block(16), sparsity=0.5)
-    try:
-        b.load_state_dict(sd)
-    except RuntimeError:
-        return  # refusing the checkpoint is fine too
-    x = torch.randn(3, 37)
-    assert_close_rms(b(x), F.linear(x.double(), a.dense_weight().detach().double(), a.bias.detach().double()),
-                     torch.float32, name="forward ignores the padding")
-    assert_close_rms(b(x), b.to_dense()(x).double(), torch.float32, name="forward vs to_dense")
+    assert pad.any()
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    sd["values"][pad] = fill
+    if not with_index:
+        sd = {k: v for k, v in sd.items() if k not in ("crow", "col")}
+    b = SparseLinear(37, 50, mask=mask, pattern=Block(16)) if not with_index else SparseLinear(
+        37, 50, pattern=Block(16), sparsity=0.5)
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(RuntimeError, match="values: nonzero in the padding"):
+        b.load_state_dict(sd, strict=with_index)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a refused load"
+    sd["values"][pad] = 0.0  # the same checkpoint with its padding 0 loads
+    b.load_state_dict(sd, strict=with_index)
+    assert torch.equal(b.values, sd["values"])
 
 
 def test_block_sparse_linear_refuses_a_checkpoint_of_another_shape():

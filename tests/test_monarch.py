@@ -470,3 +470,22 @@ def test_monarch_linear_functional_bad_arguments():
         monarch_linear(torch.randn(3, 41), l, r, b, 100)
     # in <= k*p is padded: the functional takes 40 columns, out defaults to k*q
     assert monarch_linear(torch.randn(3, 40), l, r).shape == (3, 100)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_monarch_from_dense_and_to_dense_keep_requires_grad_and_mode(frozen, training):
+    """As SparseLinear: a frozen weight or bias stays frozen both ways, and train/eval carries over."""
+    lin = nn.Linear(37, 45)
+    lin.weight.requires_grad_(not frozen)
+    lin.bias.requires_grad_(False)  # the bias on its own
+    lin.train(training)
+    m = MonarchLinear.from_dense(lin, 4)
+    assert m.blkdiag1.requires_grad == m.blkdiag2.requires_grad == (not frozen)
+    assert m.bias.requires_grad is False
+    assert m.training == training
+    d = m.to_dense()
+    assert d.weight.requires_grad == (not frozen) and d.bias.requires_grad is False
+    assert d.training == training
+    m.blkdiag2.requires_grad_(True)  # one trainable factor: the dense weight still learns
+    assert m.to_dense().weight.requires_grad

@@ -59,6 +59,18 @@ def _check_mask(mask, out_features: int, in_features: int, device) -> Tensor:
     return mask.to(device)
 
 
+def _check_block_padding(values, fmt: BSRWeight) -> None:
+    """A block checkpoint's ``values`` hold 0 outside ``[out, in]`` (the ragged edge blocks' padding): the
+    kernels multiply that padding by zero-padded activations, so a NaN or inf there would reach every output
+    of its rows. Raises ValueError otherwise."""
+    if values is None or values.dim() != 3 or tuple(values.shape[1:]) != (fmt.block, fmt.block):
+        return  # the shape check reports it
+    pad = ~fmt.padding_mask().to(values.device)
+    if pad.any() and bool(values[pad].ne(0).any()):
+        raise ValueError("values: nonzero in the padding of a ragged edge block (the entries outside [out, in] "
+                         "must be 0)")
+
+
 class SparseLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` sparse; behaves as ``nn.Linear`` does.
 
@@ -619,6 +631,7 @@ class SparseLinear(nn.Module):
                 dev = self.crow.device
                 if b:
                     fmt = BSRWeight.from_crow_col(self.out_features, self.in_features, b, crow.to(dev), col.to(dev))
+                    _check_block_padding(values, fmt)
                 else:
                     fmt = CSRWeight.from_crow_col(self.out_features, self.in_features, crow.to(dev), col.to(dev))
             except (TypeError, ValueError) as exc:
@@ -628,6 +641,12 @@ class SparseLinear(nn.Module):
             vshape = (col.numel(), b, b) if b else tuple(col.shape)
             if tuple(self.values.shape) != vshape:
                 self.values.data = self.values.data.new_empty(vshape)
+        elif b and values is not None and tuple(values.shape) == tuple(self.values.shape):
+            try:
+                _check_block_padding(values, self.format)
+            except ValueError as exc:
+                error_msgs.append(f"While loading {prefix or 'SparseLinear'} ({self.pattern.name}): {exc}")
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

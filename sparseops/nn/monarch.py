@@ -301,7 +301,8 @@ class MonarchLinear(nn.Module):
         docstring); a weight that is itself Monarch comes back exactly.
 
         Returns:
-            a MonarchLinear on the linear's device and dtype, with its bias (copied).
+            a MonarchLinear on the linear's device and dtype, with its bias (copied); a frozen weight or
+            bias stays frozen, and the train/eval mode carries over.
 
         Raises:
             TypeError: ``linear`` is not an ``nn.Linear``; TypeError/ValueError: a bad ``nblocks``.
@@ -313,12 +314,14 @@ class MonarchLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features, layer.nblocks = linear.in_features, linear.out_features, nblocks
-        layer.blkdiag1 = nn.Parameter(blkdiag1)
-        layer.blkdiag2 = nn.Parameter(blkdiag2)
+        # a frozen weight (or bias) stays frozen, and the train/eval mode carries over, as in SparseLinear
+        layer.blkdiag1 = nn.Parameter(blkdiag1, requires_grad=linear.weight.requires_grad)
+        layer.blkdiag2 = nn.Parameter(blkdiag2, requires_grad=linear.weight.requires_grad)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone())
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         else:
             layer.register_parameter("bias", None)
+        layer.train(linear.training)
         return layer
 
     @property
@@ -337,13 +340,19 @@ class MonarchLinear(nn.Module):
         return self.dense_weight()
 
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with this layer's dense weight and bias."""
+        """An ``nn.Linear`` with this layer's dense weight and bias (frozen where these are, in the same
+        train/eval mode)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.blkdiag1.device, dtype=self.blkdiag1.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
+        # frozen when both factors are (a weight with one trainable factor still learns); train/eval carries over
+        lin.weight.requires_grad_(self.blkdiag1.requires_grad or self.blkdiag2.requires_grad)
+        if self.bias is not None:
+            lin.bias.requires_grad_(self.bias.requires_grad)
+        lin.train(self.training)
         return lin
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from ..formats.bsr import BLOCK_SIZES, check_block
 from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 
@@ -34,6 +35,27 @@ def _cut(a: Tensor, n: int) -> Tensor:
     return a if a.shape[1] == n else a[:, :n].contiguous()
 
 
+def _check_args(a_name: str, a: Tensor, values: Tensor, ptr_name: str, ptr: Tensor, features: int,
+                bias: Optional[Tensor] = None) -> int:
+    """The shapes every CPU path relies on, checked before any kernel runs; returns the block size.
+
+    ``a`` (``x`` or ``dy``) is 2-D; ``values`` is ``[nblk, b, b]`` with ``b`` in ``BLOCK_SIZES``; the block
+    grid ``ptr`` (``crow`` / ``t_crow``) has one entry more than ``features`` has blocks (the C++ kernel
+    sizes its output from it); ``bias`` is ``[features]``.
+    """
+    if a.dim() != 2:
+        raise ValueError(f"{a_name}: expected a 2-D tensor, got shape {tuple(a.shape)}")
+    if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[2] not in BLOCK_SIZES:
+        raise ValueError(f"values: expected [nblk, b, b] with b in {BLOCK_SIZES}, got shape {tuple(values.shape)}")
+    b = values.shape[2]
+    if ptr.dim() != 1 or ptr.shape[0] != -(-features // b) + 1:
+        raise ValueError(f"{ptr_name}: expected {-(-features // b) + 1} entries (a {b}-wide block grid over "
+                         f"{features} features), got shape {tuple(ptr.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != features):
+        raise ValueError(f"bias: expected shape ({features},), got {tuple(bias.shape)}")
+    return b
+
+
 # ---- host ops ----
 
 
@@ -45,12 +67,11 @@ def bsr_dds_host(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Opt
 @bsr_dds_host.register_kernel("cpu")
 @half_via_fp32
 def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
+    b = _check_args("x", x, values, "crow", crow, out_features, bias)
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
-        b = values.shape[-1]
         _check_index("crow", crow, "col", col, -(-out_features // b), -(-x.shape[1] // b))
         _check_values(values, col.numel())
         return reference.bsr_dds(x, values, crow, col, bias, out_features)
-    b = values.shape[-1]
     nbr = crow.shape[0] - 1
     xp = _padded(x, -(-x.shape[1] // b) * b)
     y = torch.empty(x.shape[0], nbr * b, dtype=torch.float32)
@@ -73,13 +94,12 @@ def bsr_dsd_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_pe
 @bsr_dsd_host.register_kernel("cpu")
 @half_via_fp32
 def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
+    b = _check_args("dy", dy, values, "t_crow", t_crow, in_features)
     if not _use_cpp(dy, values):
-        b = values.shape[-1]
         _check_values(values, t_row.numel())
         _check_index("t_crow", t_crow, "t_row", t_row, -(-in_features // b), -(-dy.shape[1] // b), perm=t_perm,
                      nnz=values.shape[0])
         return reference.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
-    b = values.shape[-1]
     nbc = t_crow.shape[0] - 1
     dyp = _padded(dy, -(-dy.shape[1] // b) * b)
     dx = torch.empty(dy.shape[0], nbc * b, dtype=torch.float32)
@@ -101,6 +121,12 @@ def bsr_sdd_host(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) ->
 @bsr_sdd_host.register_kernel("cpu")
 @half_via_fp32
 def _bsr_sdd_cpu(dy, x, row, col, block):
+    check_block(block)
+    for name, t in (("dy", dy), ("x", x)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy: expected {x.shape[0]} rows (as x), got {dy.shape[0]}")
     if not _use_cpp(dy, x):
         for name, t, lim in (("row", row, -(-dy.shape[1] // block)), ("col", col, -(-x.shape[1] // block))):
             if t.numel() != col.numel() or (t.numel() and (int(t.min()) < 0 or int(t.max()) >= lim)):
@@ -129,6 +155,7 @@ def bsr_dds(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional
     if x.device.type == "cuda":
         from ..kernels import bsr as K
 
+        _check_args("x", x, values, "crow", crow, out_features, bias)
         return K.bsr_dds(x, values, crow, col, bias, out_features)
     return bsr_dds_host(x, values, crow, col, bias, out_features)
 
@@ -139,6 +166,7 @@ def bsr_dsd(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: T
     if dy.device.type == "cuda":
         from ..kernels import bsr as K
 
+        _check_args("dy", dy, values, "t_crow", t_crow, in_features)
         return K.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
     return bsr_dsd_host(dy, values, t_crow, t_row, t_perm, in_features)
 
@@ -149,6 +177,7 @@ def bsr_sdd(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) -> Tens
     if x.device.type == "cuda":
         from ..kernels import bsr as K
 
+        check_block(block)
         return K.bsr_sdd(dy, x, row, col, block)
     return bsr_sdd_host(dy, x, row, col, block)
 

@@ -62,7 +62,7 @@ def bsr_dds(x, values, crow, col, bias, out_features: int):
     y = yb.reshape(B, nbr * b)[:, :out_features]
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()  # (the slice is a strided view; the ops promise contiguous rows)
 
 
 def bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features: int):
@@ -84,7 +84,7 @@ def bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features: int):
     for s, e in _chunks(values.shape[0], B, b):
         part = torch.einsum("nki,kij->nkj", db[:, t_row[s:e].long()], values[t_perm[s:e].long()].to(acc))
         xb.index_add_(1, t_col[s:e], part)
-    return xb.reshape(B, nbc * b)[:, :in_features].to(dy.dtype)
+    return xb.reshape(B, nbc * b)[:, :in_features].to(dy.dtype).contiguous()
 
 
 def bsr_sdd(dy, x, row, col, block: int):
