@@ -91,3 +91,20 @@ def test_isa_objects_share_no_inline_code(tmp_path):
         exported[obj.name] = [name for _, kind, name in rows if kind == "T" and name.split("(")[0].endswith(f"_{isa}")]
     assert all(exported.values()), exported  # each object holds its ISA's entry points: the check saw real code
     assert not any(weak.values()), {k: v for k, v in weak.items() if v}
+
+
+def test_pyproject_lists_every_package_on_disk():
+    """A non-editable install (a wheel, ``pip install .``) ships only the packages pyproject lists: every
+    folder with an ``__init__.py`` under sparseops/ and kernels/ must be there (sparseops.fewbit was not)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    dirs = {name: Path(path) for name, path in conf["package-dir"].items()}
+    on_disk = set()
+    for name, path in dirs.items():
+        for init in (root / path).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / path).parts
+            on_disk.add(".".join((name, *rel)))
+    assert on_disk == listed, f"missing from pyproject: {sorted(on_disk - listed)}; listed but absent: {sorted(listed - on_disk)}"
