@@ -156,8 +156,13 @@ def test_act_train(benchmark, provider, batch, in_f, out_f, mode):
                 return model(h)
     else:
         hg = h.clone().requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
 
         def run():
+            # fresh gradients, as after optimizer.zero_grad() (not added into the last call's)
+            hg.grad = None
+            for p in params:
+                p.grad = None
             y = model(hg)
             y.backward(torch.ones_like(y))
             return y

@@ -243,7 +243,13 @@ def test_train_step(benchmark, provider, dtype):
     benchmark.group = f"train-{name}"
     benchmark.extra_info.update(case="train", provider=provider, batch=tokens, in_f=in_f, out_f=out_f, dtype=name)
 
+    params = [p for p in layer.parameters() if p.requires_grad]
+
     def fn():
+        # fresh gradients, as after optimizer.zero_grad() (not added into the last call's)
+        x.grad = None
+        for p in params:
+            p.grad = None
         y = layer(x)
         y.backward(dy)
 
@@ -349,8 +355,12 @@ def test_family_train(benchmark, family, mode):
 
     else:
         xg = x.clone().requires_grad_(True)
+        params = [p for p in layer.parameters() if p.requires_grad]
 
         def fn():
+            xg.grad = None  # fresh gradients, as after optimizer.zero_grad()
+            for p in params:
+                p.grad = None
             layer(xg).backward(dy)
 
     _timed(benchmark, fn, rounds=20)

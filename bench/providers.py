@@ -73,8 +73,13 @@ def step_fn(layer: torch.nn.Module, x: torch.Tensor, mode: str):
 
         return run
     xg = x.clone().requires_grad_(True)
+    params = [p for p in layer.parameters() if p.requires_grad]
 
     def run():
+        # as a training step after optimizer.zero_grad(): fresh gradients, not added into the last call's
+        xg.grad = None
+        for p in params:
+            p.grad = None
         y = layer(xg)
         y.backward(torch.ones_like(y))
         return y

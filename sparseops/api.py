@@ -24,16 +24,21 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in names.items() if len(v) > 1}
 
 
-def _targets(model: nn.Module, filter_fn, types=(nn.Linear,)):
+def _targets(model: nn.Module, filter_fn, types=(nn.Linear,), skip=()):
+    """``(fqn, module)`` of every module of exactly one of ``types`` that ``filter_fn`` takes, but those whose
+    weight is shared (warned) and the modules in ``skip`` (by id)."""
     out, tied = [], _shared_weights(model)
     for fqn, mod in model.named_modules():
-        if type(mod) in types and (filter_fn is None or filter_fn(mod, fqn)):
-            if type(mod) is nn.Linear and id(mod.weight) in tied:
-                # a sparse copy would silently untie it (e.g. an lm_head tied to the input embedding)
+        if type(mod) in types and id(mod) not in skip and (filter_fn is None or filter_fn(mod, fqn)):
+            w = mod.weight if type(mod) is nn.Linear else getattr(mod, "values", None)
+            if w is not None and id(w) in tied:
+                # a new layer would silently untie it (e.g. an lm_head tied to the input embedding), or
+                # convert a module registered at two places at only one of them
+                how = "dense" if type(mod) is nn.Linear else "as it is"
                 warnings.warn(
-                    f"sparsify: left {fqn or 'the model'} dense: its weight is shared "
-                    f"({', '.join(tied[id(mod.weight)])}), and a sparse layer would untie it; untie it first "
-                    "(e.g. tie_word_embeddings=False) to sparsify it",
+                    f"sparsify: left {fqn or 'the model'} {how}: its weight is shared "
+                    f"({', '.join(tied[id(w)])}), and a new layer would untie it; untie it first "
+                    "(e.g. tie_word_embeddings=False) to convert it",
                     stacklevel=3,
                 )
                 continue
@@ -56,6 +61,16 @@ def _warn_already_sparse(model: nn.Module, filter_fn) -> None:
         warnings.warn(
             f"sparsify_: left {len(again)} layer(s) already sparse as they are ({', '.join(again[:5])}"
             f"{', ...' if len(again) > 5 else ''}); re-pack one with SparseLinear.update_mask_, or densify_ first",
+            stacklevel=3,
+        )
+    wrapped = [fqn or "the model" for fqn, mod in model.named_modules()
+               if isinstance(mod, ActivationSparseLinear) and mod.sparse is None
+               and (filter_fn is None or filter_fn(mod, fqn))]
+    if wrapped:
+        warnings.warn(
+            f"sparsify_: left {len(wrapped)} activation-sparse layer(s) with a dense weight as they are "
+            f"({', '.join(wrapped[:5])}{', ...' if len(wrapped) > 5 else ''}); run sparsify_ before "
+            "sparsify_activations_ to have both sparsities",
             stacklevel=3,
         )
 
@@ -298,6 +313,17 @@ def sparsify_activations_(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_sparsity(sparsity)
     _check_mode(mode)
-    targets = _targets(model, filter_fn, (nn.Linear, SparseLinear))
+    # the SparseLinear inside an ActivationSparseLinear is its weight, not a layer to wrap again
+    inner = {id(m.sparse) for m in model.modules() if isinstance(m, ActivationSparseLinear) and m.sparse is not None}
+    targets = _targets(model, filter_fn, (nn.Linear, SparseLinear), skip=inner)
+    again = [fqn or "the model" for fqn, m in model.named_modules()
+             if isinstance(m, ActivationSparseLinear) and (filter_fn is None or filter_fn(m, fqn))]
+    if again:
+        warnings.warn(
+            f"sparsify_activations_: left {len(again)} layer(s) already activation-sparse as they are "
+            f"({', '.join(again[:5])}{', ...' if len(again) > 5 else ''}); set their mode and sparsity "
+            "(set_mode) and calibrate them instead",
+            stacklevel=2,
+        )
     new = [ActivationSparseLinear.from_dense(m, sparsity, mode) for _, m in targets]
     return _swap(model, targets, new)

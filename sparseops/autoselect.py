@@ -13,6 +13,7 @@ cache directory (``$SPARSEOPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sparseops``, e
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -162,11 +163,15 @@ def decide(
 
     device, dtype = dense.weight.device, dense.weight.dtype
     pattern, sparsity = describe(sparse)
+    # "step=fresh-grad": how a forward+backward is timed (gradients from None, see profile._make_step); a
+    # decision cached before, when each timed call also added into the last one's .grad, is measured again
     key = json.dumps([machine_key(device), dense.in_features, dense.out_features, dense.bias is not None,
-                      str(dtype), device.type, pattern, sparsity, batch, mode])
+                      str(dtype), device.type, pattern, sparsity, batch, mode, "step=fresh-grad"])
     common = dict(fqn=fqn, in_features=dense.in_features, out_features=dense.out_features, pattern=pattern,
                   sparsity=sparsity, batch=batch, mode=mode, device=device.type, dtype=str(dtype).replace("torch.", ""))
     path = None if cache is None else cache / "decisions.json"
+    x = torch.randn(batch, dense.in_features, device=device, dtype=dtype)
+    _check(sparse, x)  # a cached choice too: a layer that computes the wrong thing is never chosen
     if path is not None:
         hit = _load(path).get(key)
         if isinstance(hit, dict) and {"dense_ms", "sparse_ms"} <= hit.keys():
@@ -174,16 +179,13 @@ def decide(
                 d, s = float(hit["dense_ms"]), float(hit["sparse_ms"])
             except (TypeError, ValueError):
                 d = s = float("nan")  # a corrupt entry: measured again below, and rewritten
-            if d == d and s == s:
+            if d > 0 and s > 0 and math.isfinite(d) and math.isfinite(s):
                 return Decision(**common, dense_ms=d, sparse_ms=s, chose="sparse" if s < d else "dense",
                                 source="cache")
-    x = torch.randn(batch, dense.in_features, device=device, dtype=dtype)
-    _check(sparse, x)
     timer = timer or _default_timer(warmup, repeats)
-    # a timed backward accumulates into .grad: the user's layer gets its gradients back as they were
+    # a timed step sets .grad to None and backward makes new ones: the user's layer gets its gradients
+    # back as they were
     saved = [(p, p.grad) for p in dense.parameters()]
-    for p, _ in saved:
-        p.grad = None  # backward then makes new tensors instead of adding into the user's
     try:
         d = float(timer(dense, _make_step(dense, x, mode)))
         s = float(timer(sparse, _make_step(sparse, x, mode)))

@@ -192,8 +192,15 @@ def _make_step(layer: nn.Module, x: torch.Tensor, mode: str):
 
         return step
     xg = x.detach().clone().requires_grad_(True)
+    params = [p for p in layer.parameters() if p.requires_grad]
 
     def step():
+        # a training step's gradients start from None (optimizer.zero_grad()'s default): without this each
+        # timed call would also add into the last call's .grad, a pass over every dense weight that a
+        # training step does not make (and that a sparse layer makes over its stored weights only)
+        xg.grad = None
+        for p in params:
+            p.grad = None
         y = layer(xg)
         y.backward(torch.ones_like(y))
 

@@ -1339,3 +1339,36 @@ def test_activation_sparse_linear_nan_input_is_inactive(isa, mode, batch, grad):
         assert xa.grad[0, 3] == 0 and xa.grad[batch - 1, 99] == 0
         torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
         torch.testing.assert_close(layer.weight.grad, layer0.weight.grad, rtol=0, atol=0)
+
+
+def test_sparsify_activations_twice_leaves_the_wrapped_layers_and_warns():
+    """The SparseLinear inside an ActivationSparseLinear is its weight: a second call must not wrap it again
+    (that broke the forward), and says it left the layer."""
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    sparseops.sparsify_(m, 0.5, filter_fn=lambda mod, fqn: fqn == "0")
+    sparsify_activations_(m, 0.5, mode="relu")
+    inner = m[0].sparse
+    x = torch.randn(2, 16)
+    y = m(x)
+    with pytest.warns(UserWarning, match="already activation-sparse"):
+        sparsify_activations_(m, 0.9, mode="topk")
+    assert m[0].sparse is inner and m[0].mode == "relu" and m[2].mode == "relu"
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+
+
+def test_sparsify_activations_leaves_a_shared_sparse_linear_and_warns():
+    """A SparseLinear registered at two places would be converted at one only (named_modules lists it
+    once): left as it is, with a warning, as a shared nn.Linear is."""
+    sl = SparseLinear(16, 16, sparsity=0.5)
+    m = nn.Sequential(sl, nn.ReLU(), sl)
+    with pytest.warns(UserWarning, match="shared"):
+        sparsify_activations_(m, 0.5, mode="relu")
+    assert m[0] is sl and m[2] is sl
+
+
+def test_sparsify_after_sparsify_activations_warns_about_the_dense_wrapped_layers():
+    m = nn.Sequential(nn.Linear(16, 16))
+    sparsify_activations_(m, 0.5, mode="relu")
+    with pytest.warns(UserWarning, match="activation-sparse layer"):
+        sparseops.sparsify_(m, 0.9)
+    assert m[0].sparse is None

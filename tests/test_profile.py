@@ -144,3 +144,41 @@ def test_profile_dtype(tmp_path):
     assert dense["weight_bytes"] == (64 * 32 + 32) * 2
     with pytest.raises(SystemExit):
         profile.main(["--dtype", "float64", "--out", str(tmp_path)])
+
+
+def test_fwdbwd_step_starts_every_call_from_fresh_gradients():
+    """A timed forward+backward is a training step after optimizer.zero_grad(): its gradients start from
+    None. Before, each call also added into the last call's .grad, a pass over every dense weight that
+    inflated the dense time (and flipped only_if_faster's choice at small batch)."""
+    import torch
+    from torch import nn
+
+    import sparseops
+
+    torch.manual_seed(0)
+    for layer in (nn.Linear(16, 8), sparseops.SparseLinear(16, 8, sparsity=0.5)):
+        step = profile._make_step(layer, torch.randn(3, 16), "fwdbwd")
+        step()
+        first = [p.grad.clone() for p in layer.parameters()]
+        step()
+        for p, g in zip(layer.parameters(), first):
+            assert torch.equal(p.grad, g), "the second call's gradient must equal the first, not twice it"
+
+
+def test_bench_step_fn_starts_every_call_from_fresh_gradients():
+    import sys
+
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        from providers import step_fn
+    finally:
+        sys.path.pop(0)
+    layer = nn.Linear(16, 8)
+    run = step_fn(layer, torch.randn(3, 16), "fwdbwd")
+    run()
+    first = layer.weight.grad.clone()
+    run()
+    assert torch.equal(layer.weight.grad, first)
