@@ -411,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
-                   help="dtype of the layers and inputs (default float32; on CPU the C++ kernels are fp32, "
-                   "other dtypes run the pure-torch reference)")
+                   help="dtype of the layers and inputs (default float32; on CPU bfloat16 and float16 run the C++ "
+                   "kernels on float32 copies, the unstructured and fan-in decode reading the 16-bit weight as it "
+                   "is; float64 runs the pure-torch reference)")
     p.add_argument(
         "--patterns",
         default=DEFAULT_PATTERNS,
@@ -428,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="pkg.module:factory; profiles each nn.Linear of that model in place")
     p.add_argument("--input-shape", default=None, help="input shape for --model, e.g. 8,128,1024")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (default both)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls; the median is reported (default 7)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3; 1 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls; the median is reported (default 7; 3 with --quick)")
     p.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace of one sparse training step here")
     p.add_argument("--out", default="sparseops_profile", help="output folder for profile.json and speedup.png")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke test)")
@@ -451,13 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         if m not in ("fwd", "fwdbwd"):
             raise SystemExit(f"--modes: expected fwd and/or fwdbwd, got {m!r}")
-    warmup, repeats = args.warmup, args.repeats
+    # --quick picks small defaults; a value given on the command line wins
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    batch = args.batch if args.batch is not None else (16 if args.quick else 256)
+    for name, v, low in (("--warmup", warmup, 0), ("--repeats", repeats, 1), ("--batch", batch, 1),
+                         ("--width", args.width, 1)):
+        if v is not None and v < low:
+            raise SystemExit(f"{name}: expected >= {low}, got {v}")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu or cuda, got {args.device!r}")
     dtype = _DTYPES[args.dtype]
-    batch = args.batch or (16 if args.quick else 256)
-    if args.quick:
-        warmup, repeats = 1, 3
-        if args.sparsity is None:
-            sparsities = [0.5, 0.9]
+    if args.quick and args.sparsity is None:
+        sparsities = [0.5, 0.9]
     if args.model:
         if not args.input_shape:
             raise SystemExit("--model needs --input-shape, e.g. --input-shape 8,128,1024")

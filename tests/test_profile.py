@@ -82,6 +82,20 @@ def test_profile_rejects_bad_options(tmp_path):
         profile.main(["--shapes", "12by3", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--sparsity"):
         profile.main(["--shapes", "8x8", "--sparsity", "1.5", "--out", str(tmp_path)])
+    # a zero that used to fall back to the default (--batch) or fail deep inside (--repeats: no median)
+    for opt, val in (("--batch", "0"), ("--repeats", "0"), ("--warmup", "-1"), ("--width", "0")):
+        with pytest.raises(SystemExit, match=opt):
+            profile.main(["--shapes", "8x8", opt, val, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--device"):
+        profile.main(["--device", "meta", "--out", str(tmp_path)])
+
+
+def test_profile_quick_keeps_the_repeats_and_warmup_given(tmp_path):
+    out = tmp_path / "prof"
+    assert profile.main(["--quick", "--shapes", "32x16", "--patterns", "unstructured", "--modes", "fwd",
+                         "--threads", "1", "--warmup", "2", "--repeats", "5", "--out", str(out)]) == 0
+    data = _load(out)
+    assert (data["meta"]["warmup"], data["meta"]["repeats"]) == (2, 5)
 
 
 def test_profile_fixed_sparsity_patterns(tmp_path):
