@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _tune, _float, _out, _same_device
+from .csr import _bucket, _tune, _float, _out, _same_device, _on_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -271,6 +271,7 @@ def _split(T: int, in_features: int, out_features: int, bt: int, elem: int = 2) 
 # --------------------------------------------------------------------------- launchers
 
 
+@_on_device
 def act_dds(x, weight_t, bias, threshold, relu: bool, out=None):
     """``y = s(x) @ weight_t + bias``, reading only the rows of ``weight_t`` that some token activates.
 
@@ -308,6 +309,7 @@ def act_dds(x, weight_t, bias, threshold, relu: bool, out=None):
         bias = _float("bias", bias, 1, x.dtype)
         if bias.numel() != out_features:
             raise ValueError(f"bias: expected {out_features} entries (the columns of weight_t), got {bias.numel()}")
+        bias = bias.contiguous()  # the kernels read bias_ptr + o
     threshold = _threshold(threshold, in_features, x.dtype)
     if not isinstance(relu, bool):
         raise TypeError(f"relu: expected a bool, got {type(relu).__name__}")

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _tune, _features, _float, _index, _out, _same_device
+from .csr import _bucket, _tune, _features, _float, _index, _out, _same_device, _on_device
 
 BLOCK_SIZES = (8, 16, 32, 64)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -288,6 +288,7 @@ def _launch_rows(kernel, a, values, ptr, idx, perm, bias, out, n_rows: int, b: i
     )
 
 
+@_on_device
 def bsr_dds(x, values, crow, bcol, bias, out_features, out=None):
     """``y = x @ Wᵀ + bias`` with the block-sparse ``W [out, in]`` given by ``(values, crow, bcol)``.
 
@@ -325,6 +326,7 @@ def bsr_dds(x, values, crow, bcol, bias, out_features, out=None):
     return out
 
 
+@_on_device
 def bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features, out=None):
     """``dx = dy @ W`` through the transposed block index.
 
@@ -359,6 +361,7 @@ def bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features, out=None):
     return out
 
 
+@_on_device
 def bsr_sdd(dy, x, brow, bcol, block, out=None):
     """Weight gradient on the stored blocks: ``dv[k] = dy[:, brow[k]*b:+b]ᵀ @ x[:, bcol[k]*b:+b]``.
 

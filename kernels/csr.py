@@ -30,6 +30,7 @@ hand-built index first, an out-of-range index reads out of bounds.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,6 +40,30 @@ import triton.language as tl
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPE = torch.int32
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_device(launcher):
+    """Run ``launcher`` with its first CUDA tensor's device current.
+
+    A Triton launch takes its device and stream from the current CUDA device, not from its arguments, so
+    a layer on ``cuda:1`` called while ``cuda:0`` is current (``device_map="auto"``, a pipeline split)
+    would launch on the wrong GPU with the other's pointers. torch.compile inserts its own device guards,
+    so this one only acts in eager mode.
+    """
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+                    if a.device.index is not None and a.device.index != torch.cuda.current_device():
+                        with torch.cuda.device(a.device):
+                            return launcher(*args, **kwargs)
+                    break
+        return launcher(*args, **kwargs)
+
+    run.device_guarded = True
+    return run
 
 
 def _tune(configs):
@@ -371,6 +396,7 @@ def _launch_rows(kernel, a, values, ptr, idx, perm, bias, out, n_rows: int) -> N
     )
 
 
+@_on_device
 def csr_dds(x, values, crow, col, bias, out_features, out=None):
     """``y = x @ Wᵀ + bias`` with ``W [out, in]`` given by ``(values, crow, col)``.
 
@@ -406,6 +432,7 @@ def csr_dds(x, values, crow, col, bias, out_features, out=None):
     return out
 
 
+@_on_device
 def csr_dsd(dy, values, t_crow, t_row, t_perm, in_features, out=None):
     """``dx = dy @ W`` through the transposed index.
 
@@ -437,6 +464,7 @@ def csr_dsd(dy, values, t_crow, t_row, t_perm, in_features, out=None):
     return out
 
 
+@_on_device
 def csr_sdd(dy, x, row, col, out=None):
     """Weight gradient on the mask: ``dvalues[k] = sum_b dy[b, row[k]] * x[b, col[k]]``.
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _same_device, _tensor
+from .csr import _same_device, _tensor, _on_device
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -127,6 +127,7 @@ def _table(name: str, t, entries: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- launchers
 
 
+@_on_device
 def fewbit_pack(x, borders, bits, out=None):
     """The packed few-bit codes of every element of ``x`` (row-major order).
 
@@ -162,6 +163,7 @@ def fewbit_pack(x, borders, bits, out=None):
     return out
 
 
+@_on_device
 def fewbit_unpack(grad, codes, levels, bits, out=None):
     """``grad * levels[code]`` elementwise, in fp32, rounded once to ``grad.dtype``.
 

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .csr import _bucket, _features, _float, _out, _same_device, _store_tile, _tensor, _tune
+from .csr import _bucket, _features, _float, _out, _same_device, _store_tile, _tensor, _tune, _on_device
 
 _IDX_DTYPE = torch.uint8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,10 +67,14 @@ if _INTERPRET:
 else:
     # two stages: the n gathers of each k step are pipelined, and at 7:16 three stages of
     # them needed 254 KB of shared memory (an H100 has 227 KB)
+    # the first config is the one SPARSEOPS_TRITON_AUTOTUNE=0 runs: it must fit every n. fp32 values stage
+    # each slot's [BK, BO] gather in shared memory, n of them: at 13:16-15:16 a BK = BO = 64 tile needs
+    # 233-266 KB (an H100 has 227 KB; offline sm_90 compiles), BK = 32 139 KB. In a full autotune an
+    # oversized config fails to launch and is skipped
     _DDS_CONFIGS = [
+        triton.Config({"BB": 64, "BO": 64, "BK": 32}, num_warps=4, num_stages=2),
         triton.Config({"BB": 16, "BO": 64, "BK": 64}, num_warps=4, num_stages=2),
         triton.Config({"BB": 32, "BO": 64, "BK": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BB": 64, "BO": 64, "BK": 32}, num_warps=4, num_stages=2),
         triton.Config({"BB": 64, "BO": 64, "BK": 64}, num_warps=4, num_stages=2),
         triton.Config({"BB": 64, "BO": 128, "BK": 32}, num_warps=4, num_stages=2),
         triton.Config({"BB": 128, "BO": 64, "BK": 32}, num_warps=4, num_stages=2),
@@ -435,6 +439,7 @@ def _idx(t, rows, slots: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- launchers
 
 
+@_on_device
 def nm_dds(x, values, idx, bias, out_features, in_features, n, m, out=None):
     """``y = x @ Wᵀ + bias`` with the N:M weight ``W [out, in]`` given by ``(values, idx)``.
 
@@ -523,6 +528,7 @@ def nm_dds(x, values, idx, bias, out_features, in_features, n, m, out=None):
     return out
 
 
+@_on_device
 def nm_sdd(dy, x, idx, n, m, in_features, out=None):
     """Weight gradient on the stored slots: ``dv[o, j] = sum_b dy[b, o] * x[b, col(o, j)]``.
 

@@ -163,6 +163,11 @@ def test_noncontiguous_inputs(T, in_f, out_f):
         assert not x.is_contiguous()
         y = K.act_dds(x, w, t["b"], wide_thr[::2], True)
         assert_close_rms(y, ref, name=name)
+    # a strided bias (NaN between its entries): the kernels read bias_ptr + o, so it must be made contiguous
+    wide_b = torch.full((2 * out_f,), float("nan"), device=DEVICE)
+    wide_b[::2] = t["b"]
+    y = K.act_dds(t["x"], t["w"], wide_b[::2], t["thr"], True)
+    assert_close_rms(y, ref, name="bias-strided")
 
 
 @pytest.mark.parametrize(

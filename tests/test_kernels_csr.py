@@ -201,3 +201,19 @@ def test_bad_inputs_raise():
     for case_id, exc, arg, call in _bad_inputs():
         with pytest.raises(exc, match=rf"^{arg}:"):
             call()
+
+
+def test_every_public_launcher_runs_on_its_tensors_device():
+    """A Triton launch uses the current CUDA device, not its arguments': each launcher the ops call is wrapped
+    so that a layer on cuda:1 launches there while cuda:0 is current (kernels.csr._on_device)."""
+    import importlib
+
+    launchers = {"act": ["act_dds"], "bsr": ["bsr_dds", "bsr_dsd", "bsr_sdd"], "csr": ["csr_dds", "csr_dsd", "csr_sdd"],
+                 "fewbit": ["fewbit_pack", "fewbit_unpack"], "nm": ["nm_dds", "nm_sdd"]}
+    for mod, names in launchers.items():
+        m = importlib.import_module(f"sparseops.kernels.{mod}")
+        public = {n for n in dir(m) if not n.startswith("_") and callable(getattr(m, n))
+                  and getattr(getattr(m, n), "__module__", None) == m.__name__}
+        assert public == set(names), f"kernels.{mod}: launchers {sorted(public)}, expected {names}"
+        for n in names:
+            assert getattr(getattr(m, n), "device_guarded", False), f"kernels.{mod}.{n} has no device guard"

@@ -26,6 +26,7 @@ from .. import reference
 from .._cpp import _C
 from ..fewbit.table import activation_fn
 from ..reference.fewbit import fewbit_unpack_codes as _unpack_codes, num_words
+from . import _gpu
 from .csr import _csr_dds_cpu
 
 _CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -264,7 +265,10 @@ def csr_dds_fewbit(
         from ..kernels import csr as KC
         from ..kernels import fewbit as KF
 
-        z = KC.csr_dds(x, values, crow, col, bias, out_features)
+        if _gpu.use_dense(x.shape[0], "csr"):  # as ops.csr.csr_dds: cuBLAS on the rebuilt weight
+            z = torch.nn.functional.linear(x, _gpu.csr_weight(values, crow, col, out_features, x.shape[1]), bias)
+        else:
+            z = KC.csr_dds(x, values, crow, col, bias, out_features)
         return _dds_fewbit(z, activation, borders, bits, KF.fewbit_pack)
     return csr_dds_fewbit_host(x, values, crow, col, bias, out_features, activation, borders, bits)
 
