@@ -10,6 +10,7 @@ N:M and fan-in fix their own sparsity (``1 - n/m``, ``1 - k/in``), and a butterf
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -240,15 +241,14 @@ def as_pattern(pattern) -> Pattern:
             return NM(int(parts[0]), int(parts[1]))
         if len(parts) == 2 and parts[0].isdigit() and parts[1][:-1].isdigit() and parts[1].endswith("t"):
             return NM(int(parts[0]), int(parts[1][:-1]), transposable=True)
-        if len(parts) == 2 and parts[0] == "fanin" and parts[1].isdigit():
-            return FanIn(int(parts[1]))
-        if len(parts) == 2 and parts[0] == "block" and parts[1].isdigit():
-            return Block(int(parts[1]))
-        if len(parts) == 2 and parts[0] == "monarch" and parts[1].isdigit():
-            return Monarch(int(parts[1]))
+        # 'fanin:K', 'block:B', 'monarch:K', or the pattern's own name ('fanin16', 'block32', 'monarch4': what
+        # the profiler, explain and profile.json print)
+        m = re.fullmatch(r"(fanin|block|monarch):?(\d+)", key)
+        if m:
+            return {"fanin": FanIn, "block": Block, "monarch": Monarch}[m.group(1)](int(m.group(2)))
         raise ValueError(
             f"pattern: unknown pattern {pattern!r}; expected one of {sorted(_SHORTHANDS)}, 'N:M' such as '2:4' "
             "('2:4t' transposable), "
-            "'fanin:K', 'block:B' or 'monarch:K'"
+            "'fanin:K', 'block:B' or 'monarch:K' (or 'fanin16', 'block32', 'monarch4': the names they print)"
         )
     raise TypeError(f"pattern: expected a pattern object or a string, got {type(pattern).__name__}")

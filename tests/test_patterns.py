@@ -78,6 +78,15 @@ def test_pattern_shorthand_and_names():
             as_pattern(bad)
     assert NM(2, 8, transposable=True).name == "2:8T"
     assert "pattern=2:4" in repr(SparseLinear(8, 4, pattern="2:4"))
+    # the names the profiler, explain and profile.json print parse back (butterfly's aside)
+    from sparseops.patterns import Block, Monarch
+
+    for p in (NM(2, 4), NM(1, 8, transposable=True), FanIn(16), Block(32), Monarch(4)):
+        assert as_pattern(p.name) == p, p.name
+    assert as_pattern("fanin:16") == FanIn(16) and as_pattern("block:32") == Block(32)
+    for bad in ("fanin", "block:", "monarch:x", "blocks32", "fanin-16"):
+        with pytest.raises(ValueError, match="unknown pattern"):
+            as_pattern(bad)
 
 
 @pytest.mark.parametrize(
