@@ -156,7 +156,7 @@ def test_act_train(benchmark, provider, batch, in_f, out_f, mode):
                 return model(h)
     else:
         hg = h.clone().requires_grad_(True)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in (lin if provider == "dense" else layer).parameters() if p.requires_grad]
 
         def run():
             # fresh gradients, as after optimizer.zero_grad() (not added into the last call's)
