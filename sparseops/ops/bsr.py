@@ -37,7 +37,8 @@ def _cut(a: Tensor, n: int) -> Tensor:
 
 def _check_args(a_name: str, a: Tensor, values: Tensor, ptr_name: str, ptr: Tensor, features: int,
                 bias: Optional[Tensor] = None) -> int:
-    """The shapes every CPU path relies on, checked before any kernel runs; returns the block size.
+    """The shapes every kernel relies on (the C++ one sizes its output from ``ptr``), checked before any runs,
+    on CPU and CUDA alike; returns the block size.
 
     ``a`` (``x`` or ``dy``) is 2-D; ``values`` is ``[nblk, b, b]`` with ``b`` in ``BLOCK_SIZES``; the block
     grid ``ptr`` (``crow`` / ``t_crow``) has one entry more than ``features`` has blocks (the C++ kernel
