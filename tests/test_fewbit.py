@@ -905,3 +905,119 @@ def test_convert_filters_before_it_looks_and_names_the_module_it_refuses():
     with pytest.raises(ValueError, match=r"^model: module '2' \(Softplus\): beta must be non-zero"):
         fewbit.convert_(model, 2)
     assert isinstance(model[1], nn.GELU)  # nothing swapped
+
+
+# ---- double backward, meta-device builds, reused instances, parameter errors (review, 2026-11-24) ----
+
+
+def _penalty_grads(act, first=None, dtype=torch.float64):
+    # a gradient penalty (WGAN-GP style): differentiates the input gradient once more
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8) if first is None else first(), act, nn.Linear(8, 2)).to(dtype)
+    x = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+    gx, = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    ((gx.norm(dim=1) - 1) ** 2).mean().backward()
+    return [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name,torch_mod", [("relu", nn.ReLU()), ("leaky_relu", nn.LeakyReLU(0.25)),
+                                            ("relu6", nn.ReLU6()), ("hardtanh", nn.Hardtanh(-0.5, 0.5))])
+def test_fewbit_double_backward_equals_torch_for_piecewise_linear(isa, name, torch_mod):
+    # the exact tables make the penalty's parameter gradients torch's (the first layer's bias has no
+    # path to the input gradient through a piecewise-constant derivative: torch gives 0, we None)
+    few = fewbit.convert_(nn.Sequential(torch_mod))[0]
+    assert few.name == name
+    expect = _penalty_grads(torch_mod)
+    got = _penalty_grads(few)
+    for e, g in zip(expect, got):
+        if g is None:
+            assert e is None or not e.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fewbit_double_backward_of_a_smooth_activation_uses_the_table(isa, dtype):
+    # the first backward is dy * q(x), linear in dy and piecewise constant in x: its own gradient is the
+    # same product. A pure-torch twin with that first backward (value f(x), derivative q(x), second 0):
+    act = sparseops.nn.FewBitGELU(bits=2)
+
+    class Twin(nn.Module):
+        def forward(self, h):
+            q = act.levels.to(h.dtype)[reference.fewbit_codes(h.detach(), act.borders)]
+            return F.gelu(h).detach() + (h - h.detach()) * q
+
+    got = _penalty_grads(act, dtype=dtype)
+    expect = _penalty_grads(Twin(), dtype=dtype)
+    assert got[0] is not None and got[2] is not None, "the penalty must reach both weights"
+    for e, g in zip(expect, got):
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sparseops.SparseLinear(3, 8, sparsity=0.5),
+    lambda: sparseops.SparseLinear.from_dense(nn.Linear(4, 8), pattern="2:4"),
+    lambda: sparseops.SparseLinear.from_dense(nn.Linear(3, 8), pattern=sparseops.FanIn(k=2)),
+    lambda: sparseops.SparseLinear.from_dense(nn.Linear(16, 16), pattern=sparseops.Block(8), sparsity=0.5),
+    lambda: sparseops.nn.MonarchLinear.from_dense(nn.Linear(16, 16), nblocks=4),
+    lambda: sparseops.ActivationSparseLinear(3, 8, mode="relu"),
+    lambda: sparseops.SparseLinear(3, 8, sparsity=0.5, activation="gelu", act_bits=2),
+], ids=["csr", "nm", "fanin", "block", "monarch", "act", "fused"])
+def test_sparse_layers_refuse_double_backward_loudly(make):
+    # their backward runs kernels with no graph: a second derivative through them would silently miss
+    # terms, so it raises instead
+    layer = make()
+    inner = nn.Linear(layer.in_features, layer.in_features)
+    net = nn.Sequential(inner, nn.Tanh(), layer, nn.Tanh(), nn.Linear(layer.out_features, 1))
+    x = torch.randn(5, layer.in_features, requires_grad=True)
+    gx, = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.pow(2).sum().backward()
+    # a plain backward is unaffected
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_fewbit_tables_survive_a_meta_build_and_to_empty():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.LeakyReLU(0.2))
+    fewbit.convert_(model, bits=3)
+    model.to_empty(device="cpu")
+    for got, ref in ((model[1], sparseops.nn.FewBitGELU(bits=3)), (model[2], sparseops.nn.FewBitLeakyReLU(0.2))):
+        assert torch.equal(got.borders, ref.borders) and torch.equal(got.levels, ref.levels)
+    layer = sparseops.SparseLinear(8, 8, sparsity=0.5, activation="gelu", act_bits=2)
+    borders, levels = layer.act_borders_bits.clone(), layer.act_levels_bits.clone()
+    layer.to("meta").to_empty(device="cpu")
+    assert torch.equal(layer.act_borders_bits, borders) and torch.equal(layer.act_levels_bits, levels)
+
+
+def test_convert_swaps_every_slot_of_a_reused_instance():
+    act = nn.ReLU()
+    inner = nn.Sequential(nn.Linear(3, 3), act)
+    model = nn.Sequential(nn.Linear(3, 3), act, nn.Linear(3, 3), act, inner)
+    fewbit.convert_(model)
+    assert type(model[1]) is sparseops.nn.FewBitReLU
+    assert model[3] is model[1] and inner[1] is model[1], "one instance stays one (shared) module"
+
+
+@pytest.mark.parametrize("make,arg", [
+    (lambda: sparseops.nn.FewBitELU(alpha="1.5"), "alpha"),
+    (lambda: sparseops.nn.FewBitSoftplus(beta=None), "beta"),
+    (lambda: sparseops.nn.FewBitLeakyReLU(negative_slope=torch.tensor([0.1, 0.2])), "negative_slope"),
+    (lambda: sparseops.nn.FewBitHardtanh(min_val=[0]), "min_val"),
+    (lambda: fewbit.gelu(torch.randn(3, requires_grad=True), approximate=["tanh"]), "approximate"),
+    (lambda: fewbit.elu(torch.randn(3, requires_grad=True), alpha=[1.0]), "alpha"),
+])
+def test_bad_activation_parameters_name_the_argument(make, arg):
+    with pytest.raises((TypeError, ValueError), match=arg):
+        make()
+
+
+def test_approximation_error_over_a_huge_range_stays_small_in_memory():
+    from sparseops.fewbit.table import approximation_error
+
+    t = fewbit.get_table("tanh", 2)
+    wide = approximation_error("tanh", t.borders, t.levels, lo=-1e8, hi=1e8)
+    narrow = approximation_error("tanh", t.borders, t.levels, lo=-10.0, hi=10.0)
+    assert wide[1] >= narrow[1] > 0

@@ -20,6 +20,7 @@ twice. Other modes (a magnitude threshold) and traced code save x.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ..ops import act as act_ops
@@ -44,6 +45,7 @@ class ActLinearFunction(torch.autograd.Function):
         return act_ops.dds(x, weight_t, bias, threshold, relu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight_t, threshold = saved_with_input(ctx)  # x or s(x): the kernels below give the same for both
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ..ops import bsr as bsr_ops
@@ -31,6 +32,7 @@ class BlockLinearFunction(torch.autograd.Function):
         return bsr_ops.dds(x, values, crow, col, bias, out_features)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, values, col, row, t_crow, t_row, t_perm = saved_with_input(ctx)
         need_x, need_v, need_b = ctx.needs_input_grad[:3]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ..ops import csr as csr_ops
@@ -32,6 +33,7 @@ class SparseLinearFunction(torch.autograd.Function):
         return csr_ops.dds(x, values, crow, col, bias, out_features)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, values, crow, col, row, t_crow, t_row, t_perm = saved_with_input(ctx)
         dx, dv, db = linear_grads(

@@ -8,6 +8,7 @@ is ``grad_in = grad_out * levels[code]``. Nothing is written in place.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ..ops import fewbit as fewbit_ops
@@ -49,7 +50,29 @@ class FewBitActivationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         codes, levels = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            return FewBitUnpackFunction.apply(dy, codes, levels, ctx.bits), None, None, None, None
         return fewbit_ops.unpack(dy, codes, levels, ctx.bits), None, None, None, None
+
+
+class FewBitUnpackFunction(torch.autograd.Function):
+    """``dy * levels[code]`` as a differentiable function of ``dy``, for double backward (a gradient
+    penalty, MAML): linear in ``dy``, so its own backward is the same product. Its derivative in x is
+    0, the derivative of the piecewise-constant ``q`` (exact for the piecewise-linear activations,
+    whose second derivative is 0 wherever it exists)."""
+
+    @staticmethod
+    def forward(ctx, dy, codes, levels, bits: int):
+        ctx.save_for_backward(codes, levels)
+        ctx.bits = bits
+        return fewbit_ops.unpack(dy, codes, levels, bits)
+
+    @staticmethod
+    def backward(ctx, g):
+        codes, levels = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return FewBitUnpackFunction.apply(g, codes, levels, ctx.bits), None, None, None
+        return fewbit_ops.unpack(g, codes, levels, ctx.bits), None, None, None
 
 
 def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int) -> Tensor:
@@ -95,6 +118,7 @@ class SparseLinearFewBitFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, values, crow, col, row, t_crow, t_row, t_perm, codes, levels = saved_with_input(ctx)
         dz = fewbit_ops.unpack(dy, codes, levels, ctx.bits)  # [B, out]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ..ops import nm as nm_ops
@@ -34,6 +35,7 @@ class NMLinearFunction(torch.autograd.Function):
         return nm_ops.dds(x, values, idx, bias, n, m)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, values, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot = saved_with_input(ctx)
         in_features, n, m, transposable = ctx.cfg

@@ -25,6 +25,7 @@ import contextlib
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ..ops import fewbit as fewbit_ops
@@ -108,6 +109,7 @@ class _ReluSparse(torch.autograd.Function):
         return fewbit_ops.mask_where(codes, x)  # the mask already made: no second compare over x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         (codes,) = ctx.saved_tensors
         return fewbit_ops.mask_where(codes, g), None

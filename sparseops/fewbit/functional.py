@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autograd.fewbit import fewbit_activation
-from .table import ACTIVATIONS, activation_fn, get_table
+from .table import ACTIVATIONS, _resolve_params, activation_fn, get_table
 
 # the fewest bits that make each piecewise-linear activation's gradient exact
 EXACT_BITS = {"relu": 1, "leaky_relu": 1, "relu6": 2, "hardtanh": 2, "hardsigmoid": 2}
@@ -85,7 +85,11 @@ def activation(x: Tensor, name: str, bits: int | None = None, **params) -> Tenso
     bits = check_bits(default_bits(name) if bits is None else bits)
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    borders, levels, fn = _cached(name, bits, tuple(sorted(params.items())), x.device)
+    try:
+        borders, levels, fn = _cached(name, bits, tuple(sorted(params.items())), x.device)
+    except TypeError:
+        _resolve_params(name, params)  # an unhashable parameter: the error that names it
+        raise
     return fewbit_activation(x, fn, borders, levels, bits)
 
 
@@ -181,7 +185,10 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
     :data:`sparseops.fewbit.ACTIVATIONS`) become the matching ``sparseops.nn.FewBit*`` with the
     same parameters. Smooth activations get ``bits``; piecewise-linear ones (ReLU, LeakyReLU,
     ReLU6, Hardtanh, Hardsigmoid) get their exact table, which needs 1 or 2 bits whatever
-    ``bits`` says. Outputs are unchanged; only backward memory and the gradient change.
+    ``bits`` says. Outputs are torch's, except that on CPU tanh, sigmoid, silu, elu, selu, celu, softplus
+    and logsigmoid return the fused kernel's own forward (correctly rounded from float64; sigmoid and
+    silu within 1.56 and 1.13 ulp of that; see the module docstring); backward memory and the
+    gradient change.
 
     Args:
         model: any module; the model itself is not replaced even if it is an activation.
@@ -200,15 +207,22 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_bits(bits)
     swaps = []
+    made = {}  # id(old module) -> its few-bit twin: an instance used twice stays one shared module
     for qual, module in model.named_modules():
-        for child_name, child in module.named_children():
+        # _modules, not named_children(): that skips a second slot holding the same instance
+        # (Sequential(lin, act, lin, act)), which would stay a torch activation
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
             full = f"{qual}.{child_name}" if qual else child_name
             if filter_fn is not None and not filter_fn(full, child):
                 continue  # a module the filter leaves alone is not even looked at
-            try:
-                new = few_bit_from_torch(child, bits)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"model: module {full!r} ({type(child).__name__}): {exc}") from exc
+            if id(child) not in made:
+                try:
+                    made[id(child)] = few_bit_from_torch(child, bits)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"model: module {full!r} ({type(child).__name__}): {exc}") from exc
+            new = made[id(child)]
             if new is not None:
                 swaps.append((module, child_name, new))
     # the tables follow the model's device (an activation module has no tensors to say so)

@@ -712,11 +712,14 @@ def exact_table(name: str, bits: int, **params) -> tuple[torch.Tensor, torch.Ten
 # ------------------------------------------------------------------------------ errors
 
 
+_MAX_INT_PROBE = 2**15
+
+
 def _max_abs_error(fn, borders, levels, lo, hi):
     """max |f'(x) - q(x)| over float32 x in [lo, hi].
 
     A dense float32 sample (2**18 + 1 points) plus exact float32 neighbourhoods (±16 ulps)
-    of every border, of lo/hi and of every integer in range (where kinks usually sit); then
+    of every border, of lo/hi and of every integer in range within ±2^15 (where kinks usually sit); then
     every sampled local maximum of the error among the 64 largest, and each interval's
     largest, is refined: 10 rounds of 129 float32 points over a window that shrinks 64-fold
     each round, ending with the ±16 float32 neighbours of the final point. Every evaluated
@@ -729,7 +732,10 @@ def _max_abs_error(fn, borders, levels, lo, hi):
         return (derivative(fn, x) - _q(x, borders, levels)).abs()
 
     xs = _f32(torch.linspace(lo32, hi32, _FINE + 1, dtype=torch.float64)).clamp_(lo32, hi32)
-    ints = torch.arange(math.ceil(lo32), math.floor(hi32) + 1, dtype=torch.float64)
+    # integers in range, at most the 2^16 + 1 nearest 0 (the kinks of the activations here sit at small
+    # integers: 0, ±1, ±3, 6); a range of 1e8 would otherwise ask for gigabytes
+    ints = torch.arange(math.ceil(max(lo32, -_MAX_INT_PROBE)), math.floor(min(hi32, _MAX_INT_PROBE)) + 1,
+                        dtype=torch.float64)
     corners = torch.tensor([lo32, hi32, 0.0], dtype=torch.float64)
     special = torch.cat([corners, ints, torch.as_tensor(borders, dtype=torch.float64)])
     special = _ulp_neighbours(special, 16)

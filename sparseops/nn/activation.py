@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..autograd.fewbit import fewbit_activation
 from ..fewbit.functional import EXACT_BITS, check_bits, default_bits, table_bits
-from ..fewbit.table import activation_fn
+from ..fewbit.table import _resolve_params, activation_fn
 
 
 class FewBitActivation(nn.Module):
@@ -30,11 +30,23 @@ class FewBitActivation(nn.Module):
     def __init__(self, bits: int | None = None, **params):
         super().__init__()
         self.bits = check_bits(default_bits(self.name) if bits is None else bits)
-        self.params = dict(params)
+        # validated (an error names the parameter) and as floats, before anything uses them
+        resolved = _resolve_params(self.name, params)
+        self.params = {k: resolved[k] for k in params}
         borders, levels = table_bits(self.name, self.bits, **self.params)
         self.register_buffer("borders_bits", borders, persistent=False)
         self.register_buffer("levels_bits", levels, persistent=False)
         self._fn = activation_fn(self.name, **self.params)
+
+    def _apply(self, fn, recurse=True):
+        # the table is a constant of (name, bits, params), never data: written again after every move, so
+        # that ``to_empty()`` after a meta-device build (which fills buffers with garbage, and a
+        # non-persistent buffer is not restored by load_state_dict) leaves the right table
+        out = super()._apply(fn, recurse)
+        borders, levels = table_bits(self.name, self.bits, **self.params)
+        self.borders_bits = borders.to(self.borders_bits.device)
+        self.levels_bits = levels.to(self.levels_bits.device)
+        return out
 
     @property
     def borders(self) -> Tensor:
@@ -103,7 +115,7 @@ class FewBitSoftplus(FewBitActivation):
     name = "softplus"
 
     def __init__(self, beta: float = 1.0, threshold: float = 20.0, bits: int = 2):
-        super().__init__(bits, beta=float(beta), threshold=float(threshold))
+        super().__init__(bits, beta=beta, threshold=threshold)
 
 
 class FewBitELU(FewBitActivation):
@@ -113,7 +125,7 @@ class FewBitELU(FewBitActivation):
 
     def __init__(self, alpha: float = 1.0, inplace: bool = False, bits: int = 2):
         _ignore_inplace(inplace)
-        super().__init__(bits, alpha=float(alpha))
+        super().__init__(bits, alpha=alpha)
 
 
 class FewBitSELU(FewBitActivation):
@@ -133,7 +145,7 @@ class FewBitCELU(FewBitActivation):
 
     def __init__(self, alpha: float = 1.0, inplace: bool = False, bits: int = 2):
         _ignore_inplace(inplace)
-        super().__init__(bits, alpha=float(alpha))
+        super().__init__(bits, alpha=alpha)
 
 
 class FewBitMish(FewBitActivation):
@@ -191,7 +203,7 @@ class FewBitLeakyReLU(FewBitActivation):
 
     def __init__(self, negative_slope: float = 0.01, inplace: bool = False, bits: int = 1):
         _ignore_inplace(inplace)
-        super().__init__(bits, negative_slope=float(negative_slope))
+        super().__init__(bits, negative_slope=negative_slope)
 
 
 class FewBitReLU6(FewBitActivation):
@@ -211,7 +223,7 @@ class FewBitHardtanh(FewBitActivation):
 
     def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False, bits: int = 2):
         _ignore_inplace(inplace)
-        super().__init__(bits, min_val=float(min_val), max_val=float(max_val))
+        super().__init__(bits, min_val=min_val, max_val=max_val)
 
 
 class FewBitHardsigmoid(FewBitActivation):

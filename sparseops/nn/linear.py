@@ -472,6 +472,16 @@ class SparseLinear(nn.Module):
         lin.train(self.training)
         return lin
 
+    def _apply(self, fn, recurse=True):
+        # the activation's table is a constant, never data: written again after every move (see
+        # nn.activation.FewBitActivation._apply: to_empty() after a meta-device build)
+        out = super()._apply(fn, recurse)
+        if self.activation is not None:
+            borders, levels = table_bits(self.activation, self.act_bits)
+            self.act_borders_bits = borders.to(self.act_borders_bits.device)
+            self.act_levels_bits = levels.to(self.act_levels_bits.device)
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         if self._is_nm or self._block:
             if self._is_nm:

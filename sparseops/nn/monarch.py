@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -120,6 +121,7 @@ class MonarchFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xp, z, blkdiag1, blkdiag2 = ctx.saved_tensors
         need_x, need_l, need_r, need_b = ctx.needs_input_grad[:4]

@@ -106,6 +106,12 @@ def _(grad, codes, levels, bits):
 # ---- public ops: cuda -> triton, else -> host op ----
 
 
+def _triton(t: Tensor) -> bool:
+    # the Triton kernels take fp32/bf16/fp16; a float64 tensor on CUDA takes the reference (the host
+    # op's default kernel), as on CPU
+    return t.device.type == "cuda" and t.dtype in _CPP_DTYPES
+
+
 @torch.library.triton_op("sparseops::fewbit_pack", mutates_args=())
 def fewbit_pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     """Bit-packed few-bit codes of ``x``.
@@ -118,7 +124,7 @@ def fewbit_pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     Returns:
         ``[ceil(x.numel() / 32) * bits]`` int32 (layout in :mod:`sparseops.reference.fewbit`).
     """
-    if x.device.type == "cuda":
+    if _triton(x):
         from ..kernels import fewbit as K
 
         return K.fewbit_pack(x, borders, bits)
@@ -138,7 +144,7 @@ def fewbit_unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Ten
     Returns:
         grad's shape and dtype (contiguous); the product is taken in fp32 and rounded once.
     """
-    if grad.device.type == "cuda":
+    if _triton(grad):
         from ..kernels import fewbit as K
 
         return K.fewbit_unpack(grad, codes, levels, bits)
@@ -269,7 +275,7 @@ def csr_dds_fewbit(
             z = torch.nn.functional.linear(x, _gpu.csr_weight(values, crow, col, out_features, x.shape[1]), bias)
         else:
             z = KC.csr_dds(x, values, crow, col, bias, out_features)
-        return _dds_fewbit(z, activation, borders, bits, KF.fewbit_pack)
+        return _dds_fewbit(z, activation, borders, bits, KF.fewbit_pack if _triton(z) else reference.fewbit_pack)
     return csr_dds_fewbit_host(x, values, crow, col, bias, out_features, activation, borders, bits)
 
 
