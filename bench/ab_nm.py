@@ -31,7 +31,7 @@ def paired(batch: int, in_f: int, out_f: int, pattern: str, mode: str, pairs: in
     names = ("dense", "sparseops", "sparseops_csr")
     layers = {k: build_nm(k, lin, mask, p) for k in names}
     for k in names[1:]:
-        check(layers[k], lin, x)
+        check(layers[k], lin, x, mode)
     runs = {k: step_fn(layers[k], x, mode) for k in names}
 
     def block(k):

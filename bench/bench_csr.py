@@ -32,7 +32,7 @@ def test_linear(benchmark, provider, batch, in_f, out_f, sparsity, mode):
     torch.set_num_threads(THREADS)
     lin, mask, x = make_case(batch, in_f, out_f, sparsity)
     layer = build(provider, lin, mask)
-    check(layer, lin, x)
+    check(layer, lin, x, mode)
     run = step_fn(layer, x, mode)
     benchmark.group = f"{shape_id(batch, in_f, out_f, sparsity)}-{mode}"
     benchmark.extra_info.update(provider=provider, batch=batch, in_f=in_f, out_f=out_f, sparsity=sparsity, mode=mode)

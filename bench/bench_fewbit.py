@@ -1,7 +1,8 @@
 """Few-bit activations: torch's activation vs sparseops.fewbit at 1-4 bits, forward+backward, CPU.
 
 Run: ``pytest bench/bench_fewbit.py --benchmark-only`` (``python bench/ratio.py --suite fewbit``
-prints the ratios). Every case checks its output and gradient against torch once before timing.
+prints the ratios). Every case checks its output (against torch) and its gradient (the table's, exactly)
+once before timing.
 The memory side (saved bytes and the peak of a training step) is ``bench/memory_fewbit.py``.
 """
 
@@ -67,7 +68,13 @@ def test_activation(benchmark, provider, activation, dtype, n):
         expect = y
     assert torch.equal(y, expect), "the forward must be exact (torch's, or correctly rounded)"
     (dx,) = torch.autograd.grad(y, x, g)
-    assert torch.isfinite(dx).all()
+    if provider == "torch":
+        assert torch.isfinite(dx).all()
+    else:  # the table's piecewise-constant derivative, exactly: g * levels[code(x)], rounded once to the dtype
+        t = fewbit.get_table(activation, int(provider[-1]))
+        code = torch.bucketize(x.detach().float(), torch.tensor(t.borders, dtype=torch.float32))  # borders < x
+        want = (g.float() * torch.tensor(t.levels, dtype=torch.float32)[code]).to(dtype)
+        assert torch.equal(dx, want), "the gradient must be the table's"
 
     def run():
         torch.autograd.grad(fn(x), x, g)

@@ -73,7 +73,7 @@ def test_nm_linear(benchmark, provider, batch, in_f, out_f, pattern, mode):
     torch.set_num_threads(THREADS)
     lin, mask, p, x = make_nm_case(batch, in_f, out_f, pattern)
     layer = build_nm(provider, lin, mask, p)
-    check(layer, lin, x)
+    check(layer, lin, x, mode)
     run = step_fn(layer, x, mode)
     benchmark.group = f"B{batch}-in{in_f}-out{out_f}-{pattern}-{mode}"
     benchmark.extra_info.update(provider=provider, batch=batch, in_f=in_f, out_f=out_f, pattern=pattern, mode=mode)

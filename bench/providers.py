@@ -87,10 +87,38 @@ def step_fn(layer: torch.nn.Module, x: torch.Tensor, mode: str):
     return run
 
 
-def check(layer: torch.nn.Module, lin: torch.nn.Linear, x: torch.Tensor) -> None:
-    """Assert the provider computes the dense layer's output (fp32 tolerance) before it is timed."""
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(layer: torch.nn.Module, lin: torch.nn.Linear, x: torch.Tensor, mode: str = "fwd") -> None:
+    """Assert the provider computes the dense layer's output (fp32 tolerance) before it is timed; with
+    ``mode="fwdbwd"`` also the input gradient of the timed step (``dy`` all ones) and, for a sparseops
+    layer, its weight gradient on the mask, against fp64."""
     with torch.no_grad():
         ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
         got = layer(x).double()
-    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    err = _rel(got, ref)
     assert err < 1e-4, f"provider output off by relative error {err:.2e}"
+    if mode == "fwdbwd":
+        check_backward(layer, lin.weight, x)
+
+
+def check_backward(layer: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> None:
+    """The gradients of the timed step (``y.backward(ones)``) against fp64: ``dx = 1 W`` and, where the layer
+    stores ``values`` in a sparseops format, ``dW = 1ᵀ x`` on its mask."""
+    xg = x.clone().requires_grad_(True)
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(xg)
+    y.backward(torch.ones_like(y))
+    ones = torch.ones(x.shape[0], weight.shape[0], dtype=torch.float64)
+    err = _rel(xg.grad, ones @ weight.double())
+    assert err < 1e-4, f"provider input gradient off by relative error {err:.2e}"
+    fmt, values = getattr(layer, "format", None), getattr(layer, "values", None)
+    if fmt is not None and isinstance(values, torch.Tensor) and values.grad is not None:
+        want = (ones.t() @ x.double()) * layer.mask
+        err = _rel(fmt.to_dense(values.grad.double()), want)
+        assert err < 1e-4, f"provider weight gradient off by relative error {err:.2e}"
+    for p in layer.parameters():
+        p.grad = None

@@ -916,6 +916,11 @@ def test_calibrate_reaches_the_target_on_fresh_samples(mode, sparsity):
     reached = layer.calibrate(calib)
     assert abs(reached - sparsity) < 1e-3, f"on its own samples: {reached}"
     assert layer.threshold.shape == (() if mode == "tensor" else (in_f,))
+    # exactly round(s * n) of the samples (per channel, or of all of them) lie at or under the threshold
+    # (continuous samples: no ties); an off-by-one rank would move this count by one
+    below = (calib.abs() <= layer.threshold).sum(0 if mode == "channel" else None)
+    n = calib.shape[0] if mode == "channel" else calib.numel()
+    assert (below == round(sparsity * n)).all(), below
     assert layer.threshold.dtype == torch.float32 and (layer.threshold > 0).all()
     fresh = _calibration_samples(4096, in_f, scale)
     measured = layer.measure(fresh)

@@ -121,3 +121,24 @@ def test_memory_relu_prints_the_saved_bytes_of_both_blocks():
     assert float(rows["torch"][3]) == 4.0
     assert abs(float(rows["sparseops"][3]) - (1 / 8 + 4 * (1 - zeros))) < 0.01
     assert float(out.split("largest output difference: ")[1].split()[0]) < 1e-4
+
+
+def test_bench_checks_the_gradients_of_a_timed_training_step(monkeypatch):
+    # the suites time forward+backward only after check(..., "fwdbwd") has compared both gradients with fp64
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from providers import build, check, make_case
+
+    lin, mask, x = make_case(16, 96, 40, 0.9)
+    layer = build("sparseops", lin, mask)
+    check(layer, lin, x, "fwdbwd")
+    # a wrong input gradient, then a wrong weight gradient, are caught
+    h = layer.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,))
+    with pytest.raises(AssertionError, match="input gradient"):
+        check(layer, lin, x, "fwdbwd")
+    h.remove()
+    layer.values.register_hook(lambda g: g * 2)
+    with pytest.raises(AssertionError, match="weight gradient"):
+        check(layer, lin, x, "fwdbwd")
+    assert torch.equal(layer.values.detach(), lin.weight.detach()[mask])  # nothing the check did moved the weights

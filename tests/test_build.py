@@ -40,6 +40,39 @@ def test_no_cpp_warns_and_runs_reference():
     assert "C++ kernels unavailable" in res.stderr and "SPARSEOPS_NO_CPP=1" in res.stderr
 
 
+def test_the_cpp_extension_is_built_unless_switched_off():
+    # every C++ test skips when _C is missing (the ops then run on the reference and pass): a broken build
+    # must fail here instead of turning the suite into a reference-only run
+    if os.environ.get("SPARSEOPS_NO_CPP") == "1":
+        pytest.skip("SPARSEOPS_NO_CPP=1: the reference path is what is asked for")
+    from sparseops._cpp import _C
+
+    assert _C is not None and sparseops.cpp_available(), "sparseops._C did not import"
+    assert sparseops.isa() in ("avx2", "portable")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="this CPU (or OS) reports no AVX2/FMA/F16C")
+def test_an_avx2_cpu_gets_the_avx2_kernels():
+    # the isa fixture skips its avx2 half when best_isa() is not avx2: on a CPU that has it, that would
+    # mean the AVX2 objects were dropped from the build, which must fail here, not skip
+    from sparseops._cpp import _C
+
+    if os.environ.get("SPARSEOPS_NO_CPP") == "1":
+        pytest.skip("SPARSEOPS_NO_CPP=1")
+    assert _C is not None and _C.best_isa() == "avx2"
+
+
 @pytest.mark.skipif(not sparseops.cpp_available(), reason="needs the C++ extension")
 def test_isa_env_forces_portable():
     res = _run("import sparseops; print(sparseops.isa())", SPARSEOPS_ISA="portable")

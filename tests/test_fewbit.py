@@ -562,10 +562,18 @@ def test_binding_refuses_malformed_arguments():
     ro.setflags(write=False)
     with pytest.raises(ValueError, match="out"):
         _C.fewbit_unpack(g, "float32", codes, np.zeros(4, dtype=np.float32), 2, ro, 1)
-    before = codes.copy()
-    with pytest.raises(ValueError):
-        _C.fewbit_pack(x, "float32", np.array([1, 0, 2], dtype=np.float32), 2, codes, 1)
-    assert (codes == before).all(), "nothing is written when the arguments are refused"
+    # a sentinel no pack of these inputs writes (random x, codes 0x5A5A5A5A): a write before the refusal shows
+    xr = np.random.default_rng(0).standard_normal(40).astype(np.float32) * 3
+    sentinel = np.full(4, 0x5A5A5A5A, dtype=np.int32)
+    for bad in (np.array([1, 0, 2], dtype=np.float32), np.array([0, np.nan, 2], dtype=np.float32)):
+        codes = sentinel.copy()
+        with pytest.raises(ValueError, match="borders"):
+            _C.fewbit_pack(xr, "float32", bad, 2, codes, 1)
+        assert (codes == sentinel).all(), "nothing is written when the arguments are refused"
+    out = np.full(40, 7.0, dtype=np.float32)
+    with pytest.raises(ValueError, match="levels"):
+        _C.fewbit_unpack(xr, "float32", sentinel, np.zeros(3, dtype=np.float32), 2, out, 1)
+    assert (out == 7.0).all(), "nothing is written when the arguments are refused"
 
 
 @pytest.mark.skipif(_C is None, reason="sparseops._C is not built")

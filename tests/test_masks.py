@@ -281,6 +281,23 @@ def test_erk_masks_min_per_layer():
     assert round(dens[0] * 16) == 0  # without the guard this layer would be empty
 
 
+def test_erk_densities_pin_small_layers_and_re_solve_the_rest():
+    # a layer under min_per_layer entries is pinned to min_per_layer / numel, and eps is solved again so
+    # that the total still meets the target (the floors alone stay under it here)
+    shapes = [(4, 4), (4, 4), (64, 64)]
+    numels = [16, 16, 4096]
+    sparsity, floor = 0.99, 8
+    plain = M.erk_densities(shapes, sparsity)
+    assert plain[0] * 16 < floor, "the case must need the floor"
+    dens = M.erk_densities(shapes, sparsity, min_per_layer=floor)
+    assert dens[0] == dens[1] == floor / 16
+    target = (1 - sparsity) * sum(numels)
+    assert sum(d * n for d, n in zip(dens, numels)) == pytest.approx(target, rel=1e-12)
+    # the free layer keeps its ER density up to the common scale: below the plain solution, since the
+    # pinned layers took more than their share
+    assert dens[2] < plain[2]
+
+
 def test_erk_masks_counts_and_seed():
     ws = [torch.randn(s) for s in SHAPES]
     a = M.erk(ws, 0.9, generator=torch.Generator().manual_seed(5))

@@ -1220,6 +1220,35 @@ def test_srigl_revives_a_row_whose_gradient_returns(impl):
     assert (mod.dense_weight().detach()[DEAD] == 0).all()
 
 
+def test_srigl_fan_in_falls_and_rows_keep_their_k_largest(impl, monkeypatch):
+    # revived rows lower k (9 -> 8) while a small drop leaves most rows with all 9 of their weights:
+    # those rows keep their 8 largest (the branch of SRigL._plan that only a falling fan-in reaches)
+    import sparseops.dst as dst_mod
+
+    calls = []
+    real = dst_mod._largest_per_row
+    monkeypatch.setattr(dst_mod, "_largest_per_row", lambda *a: calls.append(a[3]) or real(*a))
+    model = _srigl_model(DEAD, dense_head=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dst = SRigL(model, opt, update_every=1, drop_fraction=0.5, ablation=0.3)
+    _train(model, opt, 1)
+    dst.step()
+    assert model[0].pattern == FanIn(9) and not calls
+    with torch.no_grad():
+        model[2].weight[:, DEAD] = 2.0
+    dst.drop_fraction = 0.1
+    ref = _train(model, opt, 2)
+    masks, ws = _snap(model, ["0"])
+    assert dst.step() is True
+    mod = model[0]
+    act, k, _ = _check_srigl_layer("layer 0 update 2", masks["0"], ws["0"], ref["0"], mod.mask,
+                                   mod.dense_weight().detach(), 256, 0.1, 0.3)
+    assert calls == [k] and k == 8, (calls, k)
+    # the case is what it claims: some rows kept more than k survivors after the layer-wise drop
+    _, _, _, kept, _ = _srigl_reference(masks["0"], ws["0"], ref["0"], 256, 0.1, 0.3)
+    assert int((kept.sum(1) > k).sum()) > 0
+
+
 def test_srigl_k0_is_the_fan_in_of_a_layer_built_with_ablated_rows(impl):
     """SRigL built on a FanIn(16) layer whose rows hold 16 weights or none (16 of 32 rows ablated, e.g. a
     resumed run): per the docstring k0 is the fan-in the layer had, 16, so a row needs

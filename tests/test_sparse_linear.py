@@ -515,3 +515,75 @@ def test_sparsify_again_warns_that_it_leaves_sparse_layers_alone():
     with pytest.warns(UserWarning, match=r"sparsify_: left 2 layer\(s\) already sparse as they are \(0, 2\)"):
         sparsify_(model, 0.9)
     assert [model[0].nnz, model[2].nnz] == nnz
+
+
+# ---- every subset of gradients, every pattern, against fp64 (review 2026-11-24: the dx-only branch) ----
+
+_GRAD_PATTERNS = {
+    "csr": lambda lin: SparseLinear.from_dense(lin, sparsity=0.6),
+    "nm": lambda lin: SparseLinear.from_dense(lin, pattern="2:4"),
+    "nm_t": lambda lin: SparseLinear.from_dense(lin, pattern=sparseops.NM(2, 4, transposable=True)),
+    "fanin": lambda lin: SparseLinear.from_dense(lin, pattern=sparseops.FanIn(k=9)),
+    "block": lambda lin: SparseLinear.from_dense(lin, pattern=sparseops.Block(8), sparsity=0.5),
+    "fused_gelu": lambda lin: SparseLinear.from_dense(lin, sparsity=0.6, activation="gelu", act_bits=2),
+}
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (True, False, True), (False, True, False),
+                                   (False, False, True), (True, True, False)],
+                         ids=["x", "x+bias", "values", "bias", "x+values"])
+@pytest.mark.parametrize("pattern", list(_GRAD_PATTERNS))
+def test_every_subset_of_gradients_matches_fp64(isa, pattern, needs):
+    need_x, need_v, need_b = needs
+    torch.manual_seed(1)
+    layer = _GRAD_PATTERNS[pattern](nn.Linear(40, 24))
+    layer.values.requires_grad_(need_v)
+    layer.bias.requires_grad_(need_b)
+    # the fp64 reference: the format's own values -> dense map, differentiated by torch
+    v = layer.values.detach().double().requires_grad_(need_v)
+    w = layer.format.to_dense(v)
+    assert torch.equal(w.float(), layer.dense_weight().detach())
+    b = layer.bias.detach().double().requires_grad_(need_b)
+    x = torch.randn(5, 40)
+    xd = x.double().requires_grad_(need_x)
+    x.requires_grad_(need_x)
+    dy = torch.randn(5, 24)
+    z = xd @ w.t() + b
+    if pattern == "fused_gelu":  # value gelu(z), derivative the 2-bit table's q(z): what the layer computes
+        from sparseops import fewbit, reference
+
+        t = fewbit.get_table("gelu", 2)
+        q = torch.tensor(t.levels, dtype=torch.float64)[
+            reference.fewbit_codes(z.detach().float(), torch.tensor(t.borders, dtype=torch.float32))]
+        z = torch.nn.functional.gelu(z).detach() + (z - z.detach()) * q
+    z.backward(dy.double())
+    layer(x).backward(dy)
+    for got, want, name in ((x.grad, xd.grad, "x"), (layer.values.grad, v.grad, "values"),
+                            (layer.bias.grad, b.grad, "bias")):
+        if want is None:
+            assert got is None, f"{name}: a gradient nobody asked for"
+        else:
+            assert_close_rms(got, want, name=f"{name}.grad")
+
+
+@pytest.mark.parametrize("pattern", ["csr", "nm", "fanin", "block"])
+def test_repacking_a_frozen_layer_keeps_it_frozen(pattern):
+    torch.manual_seed(2)
+    layer = _GRAD_PATTERNS[pattern](nn.Linear(40, 24))
+    layer.values.requires_grad_(False)
+    mask = layer.mask.clone()
+    if pattern == "nm":  # another valid 2:4 mask: swap the kept and dropped pairs of the first group of each row
+        mask[:, :4] = ~mask[:, :4]
+    elif pattern == "block":
+        mask = mask.flip(0)
+    elif pattern == "fanin":
+        mask = mask.flip(1)
+    else:
+        mask = torch.rand(24, 40) > 0.5
+    layer.update_mask_(mask)
+    assert torch.equal(layer.mask, mask) and not layer.values.requires_grad
+    if pattern == "csr":
+        layer.prune_(torch.rand(layer.nnz) > 0.3)
+        assert not layer.values.requires_grad
+        layer.rewire_(torch.arange(layer.nnz - 1), torch.zeros(0, dtype=torch.int64))
+        assert not layer.values.requires_grad
