@@ -512,22 +512,27 @@ void act_sdd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
 #define SPARSEOPS_ACT_INSTANTIATE(V, suffix)                                                                      \
   int64_t act_gemv_##suffix(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt,       \
                             int64_t N, const float* bias, float* y, int64_t ldy, int nt) {                        \
+    note_isa_call(ISA_OF_##suffix);                                                                               \
     return act_gemv_t<V>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt);                                             \
   }                                                                                                               \
   int64_t act_gemv16_##suffix(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const uint16_t* wt,  \
                               bool bf16, int64_t N, const float* bias, float* y, int64_t ldy, int nt) {          \
+    note_isa_call(ISA_OF_##suffix);                                                                              \
     return bf16 ? act_gemv_t<V, 1>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt)                                  \
                 : act_gemv_t<V, 2>(x, T, K, ldx, sel, wt, N, bias, y, ldy, nt);                                 \
   }                                                                                                               \
   int64_t act_spmm_##suffix(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt,       \
                             int64_t N, const float* bias, float* y, int64_t ldy, int nt) {                        \
+    note_isa_call(ISA_OF_##suffix);                                                                               \
     return act_spmm_t<V>(x, B, K, ldx, sel, wt, N, bias, y, ldy, nt);                                             \
   }                                                                                                               \
   void act_dsd_##suffix(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K,            \
                         int64_t ldx, ActSel sel, const float* wt, float* dx, int64_t lddx, int nt) {              \
+    note_isa_call(ISA_OF_##suffix);                                                                               \
     act_dsd_t<V>(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, nt);                                                \
   }                                                                                                               \
   void act_sdd_##suffix(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K,            \
                         int64_t ldx, ActSel sel, float* dwt, int nt) {                                            \
+    note_isa_call(ISA_OF_##suffix);                                                                               \
     act_sdd_t<V>(dy, B, N, ldd, x, K, ldx, sel, dwt, nt);                                                         \
   }

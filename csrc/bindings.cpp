@@ -1500,6 +1500,16 @@ the merge: outs[j][i] = xs[j][src[i]], 0 for a grown entry (dst_gather fused int
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },
         "The best instruction set this CPU supports.");
   m.def(
+      "isa_calls",
+      []() {
+        py::dict d;
+        d["avx2"] = sparseops::isa_calls(Isa::avx2);
+        d["portable"] = sparseops::isa_calls(Isa::portable);
+        return d;
+      },
+      "How many calls went into each instruction set's kernels since import: {'avx2': n, 'portable': m} (the "
+      "tests check that a run on the portable path ran the portable objects).");
+  m.def(
       "set_isa",
       [](const std::string& name) {
         if (name == "avx2") sparseops::set_isa(Isa::avx2);

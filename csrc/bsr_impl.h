@@ -172,17 +172,20 @@ void bsr_sdd_t(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t 
 #define SPARSEOPS_BSR_INSTANTIATE(V, suffix)                                                                        \
   void bsr_dds_##suffix(const float* x, int64_t B, int64_t ldx, const float* vals, const int32_t* crow,            \
                         const int32_t* col, int64_t nbr, int b, const float* bias, float* y, int64_t ldy, int nt) {  \
+    note_isa_call(ISA_OF_##suffix);                                                                                  \
     if (b == 8) return bsr_dds_t<V, 1>(x, B, ldx, vals, crow, col, nbr, b, bias, y, ldy, nt);                     \
     bsr_dds_t<V, 2>(x, B, ldx, vals, crow, col, nbr, b, bias, y, ldy, nt);                                        \
   }                                                                                                                 \
   void bsr_dsd_##suffix(const float* dy, int64_t B, int64_t ldd, const float* vals, const int32_t* t_crow,         \
                         const int32_t* t_row, const int32_t* t_perm, int64_t nbc, int b, float* dx, int64_t ldx,   \
                         int nt) {                                                                                   \
+    note_isa_call(ISA_OF_##suffix);                                                                                 \
     if (b == 8) return bsr_dsd_t<V, 1>(dy, B, ldd, vals, t_crow, t_row, t_perm, nbc, b, dx, ldx, nt);             \
     bsr_dsd_t<V, 2>(dy, B, ldd, vals, t_crow, t_row, t_perm, nbc, b, dx, ldx, nt);                                \
   }                                                                                                                 \
   void bsr_sdd_##suffix(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t ldx, const int32_t* row,  \
                         const int32_t* col, int64_t nblk, int b, float* dvals, int nt) {                           \
+    note_isa_call(ISA_OF_##suffix);                                                                                \
     if (b == 8) return bsr_sdd_t<V, 1>(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nt);                         \
     bsr_sdd_t<V, 2>(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nt);                                            \
   }

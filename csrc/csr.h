@@ -13,6 +13,8 @@ Isa best_isa();
 Isa active_isa();
 void set_isa(Isa isa);
 const char* isa_name(Isa isa);
+// how many calls went into each ISA's kernels so far (see note_isa_call in simd.h)
+int64_t isa_calls(Isa isa);
 
 // y [B, n] = a [B, K] @ Mᵀ (+ bias [n]), where M [n, K] is CSR (ptr [n+1], idx [nnz]) with
 // values vals[perm[k]] (perm may be null: vals[k]). a is read through strides (s0, s1); y is

@@ -860,33 +860,40 @@ void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, c
   void csr_spmm_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,        \
                          const int32_t* perm, const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, \
                          float* y, int nthreads) {                                                               \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     detail::spmm<V>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);                                \
   }                                                                                                              \
   bool csr_rows_valid_##SUFFIX(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t limit, int nthreads) {  \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                               \
     return detail::rows_valid<V>(ptr, n, idx, limit, nthreads);                                                  \
   }                                                                                                              \
   bool indices_below_##SUFFIX(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {                      \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     return detail::below<V>(idx, n, limit, nthreads);                                                            \
   }                                                                                                              \
   bool csr_spmm16_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1,                \
                                    const uint16_t* vals, bool bf16, const int32_t* ptr, const int32_t* idx,     \
                                    int64_t n, const float* bias, float* y, int nthreads) {                      \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                             \
     return detail::spmm16_checked<V>(a, B, K, s0, s1, vals, bf16, ptr, idx, n, bias, y, nthreads);              \
   }                                                                                                              \
   bool csr_spmm_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, \
                                  const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y,  \
                                  int nthreads) {                                                                 \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     return detail::spmm_checked<V>(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);                       \
   }                                                                                                              \
   void csr_sdd_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x,          \
                         int64_t in, int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dv,  \
                         int nthreads) {                                                                          \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     detail::sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);                                  \
   }                                                                                                              \
   void csr_backward_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x,     \
                              int64_t in, int64_t x0, int64_t x1, const float* vals, const int32_t* crow,          \
                              const int32_t* col, const int32_t* t_crow, const int32_t* t_row,                     \
                              const int32_t* t_perm, float* dx, float* dv, int nthreads) {                         \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                               \
     detail::backward<V>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dv,       \
                         nthreads);                                                                               \
   }

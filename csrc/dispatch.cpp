@@ -42,6 +42,12 @@ Isa best_isa() {
   return best;
 }
 Isa active_isa() { return static_cast<Isa>(active().load()); }
+
+namespace {
+std::atomic<int64_t> g_isa_calls[2];
+}
+void note_isa_call(int isa) noexcept { g_isa_calls[isa & 1].fetch_add(1, std::memory_order_relaxed); }
+int64_t isa_calls(Isa isa) { return g_isa_calls[static_cast<int>(isa) & 1].load(std::memory_order_relaxed); }
 void set_isa(Isa isa) {
   // asking for more than the cpu has falls back to what it has
   if (isa == Isa::avx2 && best_isa() != Isa::avx2) isa = Isa::portable;

@@ -280,12 +280,14 @@ void pack_fused(FewbitFused kind, const void* x, int64_t n, const float* borders
 #define SPARSEOPS_FEWBIT_INSTANTIATE(V, SUFFIX)                                                                   \
   void fewbit_pack_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,            \
                             uint32_t* codes, int nthreads) {                                                     \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     detail::with_bits_dtype(bits, dt, [&](auto b, auto d) {                                                      \
       detail::pack<V, decltype(d)::value, decltype(b)::value>(x, n, borders, codes, nthreads);                   \
     });                                                                                                          \
   }                                                                                                              \
   void fewbit_pack_fused_##SUFFIX(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits,      \
                                   uint32_t* codes, FewbitFused kind, double a, double b, void* y, int nthreads) {\
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     detail::with_bits_dtype(bits, dt, [&](auto bt, auto d) {                                                     \
       constexpr FewbitDtype DT = decltype(d)::value;                                                             \
       constexpr int BITS = decltype(bt)::value;                                                                  \
@@ -294,6 +296,7 @@ void pack_fused(FewbitFused kind, const void* x, int64_t n, const float* borders
   }                                                                                                              \
   void fewbit_unpack_##SUFFIX(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n,                \
                               const float* levels, int bits, void* out, int nthreads) {                          \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                              \
     detail::with_bits_dtype(bits, dt, [&](auto b, auto d) {                                                      \
       detail::unpack<V, decltype(d)::value, decltype(b)::value>(grad, codes, n, levels, out, nthreads);          \
     });                                                                                                          \

@@ -709,16 +709,19 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
   void nm_spmm_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,            \
                         const int32_t* perm, const uint8_t* idx, int n, int m, int64_t rows, const float* bias,    \
                         float* y, int nthreads) {                                                                  \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                                \
     detail::nm_spmm<V>(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);                           \
   }                                                                                                                \
   bool nm_spmm_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,    \
                                 const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y,       \
                                 int nthreads) {                                                                    \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                                \
     return detail::nm_spmm_checked<V, 0>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);               \
   }                                                                                                                \
   bool nm_spmm16_checked_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1,                    \
                                   const uint16_t* vals, bool bf16, const uint8_t* idx, int n, int m, int64_t rows, \
                                   const float* bias, float* y, int nthreads) {                                     \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                                \
     if (bf16)                                                                                                      \
       return detail::nm_spmm_checked<V, 1>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);             \
     return detail::nm_spmm_checked<V, 2>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);               \
@@ -726,6 +729,7 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
   void nm_spmm16_##SUFFIX(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals,      \
                           bool bf16, const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y,  \
                           int nthreads) {                                                                          \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                                \
     if (bf16)                                                                                                      \
       detail::nm_spmm16<V, 1>(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);                          \
     else                                                                                                           \
@@ -733,6 +737,7 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
   }                                                                                                                \
   void nm_sdd_##SUFFIX(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, \
                        int64_t x0, int64_t x1, const uint8_t* idx, int n, int m, float* dv, int nthreads) {         \
+    note_isa_call(ISA_OF_##SUFFIX);                                                                                 \
     detail::nm_sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dv, nthreads);                                 \
   }
 

@@ -24,6 +24,13 @@
 #endif
 
 namespace sparseops {
+
+// a count of the calls into each ISA's kernels (every entry point of the *_avx2 / *_portable objects
+// notes its own), defined in dispatch.cpp and read by _C.isa_calls(): the tests check that a test run on
+// the portable path ran the portable objects. A relaxed atomic add a call.
+void note_isa_call(int isa) noexcept;
+#define ISA_OF_portable 0
+#define ISA_OF_avx2 1
 // internal linkage, as in the *_impl.h headers that include this: no -mavx2 copy of a VecPortable
 // member (or any other inline function here) can stand in for the portable translation unit's own.
 namespace {

@@ -71,5 +71,10 @@ def isa(request):
         pytest.skip(f"this CPU has no AVX2/FMA (sparseops._C.best_isa() == {_C.best_isa()!r})")
     prev = sparseops.isa()
     assert sparseops.set_isa(request.param) == request.param
+    other = "portable" if request.param == "avx2" else "avx2"
+    before = _C.isa_calls()[other]
     yield request.param
     sparseops.set_isa(prev)
+    # every kernel entry point counts its calls by the object it lives in: a dispatcher that sent a call to
+    # the other path (a dropped ISA check) would make the two runs of a test one
+    assert _C.isa_calls()[other] == before, f"a test on the {request.param} path ran {other} kernels"
