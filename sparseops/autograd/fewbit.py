@@ -50,9 +50,14 @@ class FewBitActivationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         codes, levels = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-            return FewBitUnpackFunction.apply(dy, codes, levels, ctx.bits), None, None, None, None
-        return fewbit_ops.unpack(dy, codes, levels, ctx.bits), None, None, None, None
+        return _unpack(dy, codes, levels, ctx.bits), None, None, None, None
+
+
+def _unpack(g: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
+    # create_graph=True (grad mode on in backward): a product that is itself differentiable
+    if torch.is_grad_enabled():
+        return FewBitUnpackFunction.apply(g, codes, levels, bits)
+    return fewbit_ops.unpack(g, codes, levels, bits)
 
 
 class FewBitUnpackFunction(torch.autograd.Function):
@@ -70,9 +75,7 @@ class FewBitUnpackFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         codes, levels = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return FewBitUnpackFunction.apply(g, codes, levels, ctx.bits), None, None, None
-        return fewbit_ops.unpack(g, codes, levels, ctx.bits), None, None, None
+        return _unpack(g, codes, levels, ctx.bits), None, None, None
 
 
 def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int) -> Tensor:
