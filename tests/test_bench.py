@@ -142,3 +142,12 @@ def test_bench_checks_the_gradients_of_a_timed_training_step(monkeypatch):
     with pytest.raises(AssertionError, match="weight gradient"):
         check(layer, lin, x, "fwdbwd")
     assert torch.equal(layer.values.detach(), lin.weight.detach()[mask])  # nothing the check did moved the weights
+
+
+def test_ab_nm_ops_checks_and_times_each_product():
+    """bench/ab_nm_ops.py on a small layer: a row for dense and each of the three products, a pattern each
+    (the script checks every product against fp64 before it times it, and exits non-zero if one is off)."""
+    out = _run(["bench/ab_nm_ops.py", "--features", "128", "--batch", "16", "--rounds", "2", "--calls", "1",
+                "--pattern", "2:4", "2:4T"], cwd=ROOT)
+    rows = [line for line in out.splitlines() if line.startswith("| 2:4")]
+    assert [r.split("|")[2].strip() for r in rows] == ["dense x@Wt", "forward", "input grad", "weight grad"] * 2
