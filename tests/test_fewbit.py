@@ -1029,3 +1029,56 @@ def test_approximation_error_over_a_huge_range_stays_small_in_memory():
     wide = approximation_error("tanh", t.borders, t.levels, lo=-1e8, hi=1e8)
     narrow = approximation_error("tanh", t.borders, t.levels, lo=-10.0, hi=10.0)
     assert wide[1] >= narrow[1] > 0
+
+
+_LAYOUTS = {
+    "channels_last": lambda: torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last),
+    "transposed": lambda: torch.randn(6, 37).t(),
+    "permuted3d": lambda: torch.randn(4, 5, 6).permute(2, 0, 1),
+    "gapped": lambda: torch.randn(4, 66)[:, ::2],  # not dense: a row-major copy, as torch's output is
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("name,bits", [("relu", 1), ("leaky_relu", 1), ("hardswish", 2), ("tanh", 2), ("silu", 3),
+                                       ("gelu", 2), ("mish", 4)])
+def test_fewbit_keeps_the_input_layout_like_torch(isa, name, bits, layout):
+    # a dense input (channels_last, a transpose) gives an output and an input gradient with torch's
+    # strides, with the values of the row-major case: no layout conversion for the next conv to pay
+    x0 = _LAYOUTS[layout]() * 3
+    x = x0.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    assert x.stride() == x0.stride() or layout == "gapped"
+    xc = x0.detach().contiguous().requires_grad_(True)
+    torch_y = fewbit.activation_fn(name)(x0)
+    y = fewbit.activation(x, name, bits)
+    yc = fewbit.activation(xc, name, bits)
+    with torch.no_grad():
+        y_nograd = fewbit.activation(x, name, bits)
+    assert y.stride() == torch_y.stride() and y_nograd.stride() == torch_y.stride()
+    if name in ("relu", "leaky_relu", "hardswish", "gelu", "mish"):  # torch's forward on x as it is
+        assert torch.equal(y, fewbit.activation_fn(name)(x.detach()))
+    else:  # the kernel's own value, which does not depend on the layout
+        assert torch.equal(y, yc)
+    assert torch.equal(y_nograd, y)
+    gy = torch.randn(y.shape).to(memory_format=torch.channels_last) if layout == "channels_last" else \
+        torch.randn(y.shape)
+    y.backward(gy)
+    yc.backward(gy.contiguous())
+    assert torch.equal(x.grad, xc.grad)
+    borders, levels = _table(name, bits)
+    assert torch.equal(x.grad, gy * levels[reference.fewbit_codes(x0.detach(), borders)])
+    if layout != "gapped":
+        assert x.grad.stride() == x.stride(), "the gradient keeps the input's layout, as torch's does"
+
+
+def test_fewbit_channels_last_double_backward_and_compile(isa):
+    act = sparseops.nn.FewBitLeakyReLU(0.2)
+    x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last).requires_grad_(True)
+    ref = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    g, = torch.autograd.grad((act(x) ** 2).sum(), x, create_graph=True)
+    gr, = torch.autograd.grad((F.leaky_relu(ref, 0.2) ** 2).sum(), ref, create_graph=True)
+    torch.testing.assert_close(g, gr, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(g.sum(), x)[0], torch.autograd.grad(gr.sum(), ref)[0])
+    net = nn.Sequential(nn.Conv2d(4, 4, 1), sparseops.nn.FewBitGELU(bits=2)).to(memory_format=torch.channels_last)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x.detach()), net(x.detach()))

@@ -16,12 +16,33 @@ from .csr import apply_flat, linear_grads
 from .saved import record_relu_codes, save_with_input, saved_with_input
 
 
+def _dense_perm(x: Tensor):
+    """``(perm, inverse)`` such that ``x.permute(perm)`` is contiguous, for an ``x`` that is not contiguous
+    but dense and non-overlapping (channels_last, a transpose); None otherwise. The kernels then run
+    over ``x``'s memory in order (no copy) and their output, permuted back, has ``x``'s strides, as
+    torch's own elementwise ops keep a dense input's layout. The codes are in that memory order.
+    Not while compiling (strides may be symbolic there): the kernels then take a row-major copy."""
+    if x.is_contiguous() or x.dim() < 2 or torch.compiler.is_compiling():
+        return None
+    st = x.stride()
+    perm = sorted(range(x.dim()), key=lambda d: -st[d])  # stable: ties (size-1 dims) keep their order
+    if not x.permute(perm).is_contiguous():
+        return None  # overlapping or with gaps: the kernels take a row-major copy
+    inv = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inv[d] = i
+    return perm, inv
+
+
 def _forward(x: Tensor, fn, borders: Tensor, bits: int) -> Tensor:
     # no backward to save for: torch's forward alone, except where the fused kernel's forward is its
     # own (fn.fused_own: tanh, sigmoid, silu, elu, selu, celu, softplus, logsigmoid on CPU, see
     # ops.fewbit.fused), which then holds with and without a gradient
     if getattr(fn, "fused_own", False) and x.device.type == "cpu":
-        return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]
+        p = _dense_perm(x)
+        if p is None:
+            return fewbit_ops.fused(x, fn, borders, bits, codes=False)[0]
+        return fewbit_ops.fused(x.permute(p[0]), fn, borders, bits, codes=False)[0].permute(p[1])
     return fn(x)
 
 
@@ -39,10 +60,17 @@ class FewBitActivationFunction(torch.autograd.Function):
     def forward(ctx, x, fn, borders, levels, bits: int):
         if not ctx.needs_input_grad[0]:
             return _forward(x, fn, borders, bits)
-        # the fused kinds on cpu (fn.fused): y and the codes in one pass (see ops.fewbit.fused)
-        y, codes = fewbit_ops.fused(x, fn, borders, bits)
-        if _is_relu(fn, bits, borders):
-            record_relu_codes(y, codes)
+        ctx.perm = p = _dense_perm(x)  # channels_last and the like: codes in memory order, y in x's layout
+        if p is None:
+            # the fused kinds on cpu (fn.fused): y and the codes in one pass (see ops.fewbit.fused)
+            y, codes = fewbit_ops.fused(x, fn, borders, bits)
+            if _is_relu(fn, bits, borders):  # (a row-major mask: recorded for a row-major y only)
+                record_relu_codes(y, codes)
+        elif getattr(fn, "fused", None) is not None and x.device.type == "cpu":
+            y, codes = fewbit_ops.fused(x.permute(p[0]), fn, borders, bits)
+            y = y.permute(p[1])
+        else:  # torch's forward on x as it is (its bits can depend on the layout), the codes in memory order
+            y, codes = fn(x), fewbit_ops.pack(x.permute(p[0]), borders, bits)
         ctx.save_for_backward(codes, levels)
         ctx.bits = bits
         return y
@@ -50,7 +78,11 @@ class FewBitActivationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         codes, levels = ctx.saved_tensors
-        return _unpack(dy, codes, levels, ctx.bits), None, None, None, None
+        p = ctx.perm
+        if p is None:
+            return _unpack(dy, codes, levels, ctx.bits), None, None, None, None
+        # dy in the codes' order (free when dy has x's layout, as torch's ops give it), then back
+        return _unpack(dy.permute(p[0]), codes, levels, ctx.bits).permute(p[1]), None, None, None, None
 
 
 def _unpack(g: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
