@@ -210,8 +210,18 @@ struct Span {
   const char* name;
 };
 
+// the bytes an array's elements can occupy: from its lowest to its highest element, through its strides
+// (a strided view's elements are not [data, data + nbytes): a gapped view reaches past that, a view with a
+// negative stride starts below data)
 Span span(const py::array& a, const char* name) {
-  return {static_cast<const char*>(a.data()), static_cast<size_t>(a.nbytes()), name};
+  const char* p = static_cast<const char*>(a.data());
+  if (a.size() == 0) return {p, 0, name};
+  ptrdiff_t lo = 0, hi = 0;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    const ptrdiff_t ext = static_cast<ptrdiff_t>(a.shape(d) - 1) * static_cast<ptrdiff_t>(a.strides(d));
+    (ext < 0 ? lo : hi) += ext;
+  }
+  return {p + lo, static_cast<size_t>(hi - lo) + static_cast<size_t>(a.itemsize()), name};
 }
 
 // outputs must not share memory with any other argument: a kernel writing one would change what it

@@ -175,3 +175,23 @@ def _rebind(call, old, new):
         v = c.cell_contents
         cells.append(types.CellType(new if v is old else v))
     return types.FunctionType(call.__code__, call.__globals__, call.__name__, call.__defaults__, tuple(cells))
+
+
+
+def test_an_output_inside_a_strided_inputs_reach_is_refused():
+    # a gapped view's elements reach past [data, data + nbytes): an output placed there would overwrite
+    # elements the kernel reads. The check follows the strides (negative ones are refused outright).
+    base = np.arange(32, dtype=F32).reshape(2, 16)
+    gapped = base[:, ::2]  # [2, 8], elements 0, 2, .., 14 and 16, 18, .., 30
+    crow, col = np.array([0, 1], I32), np.array([0], I32)
+    y = base.reshape(-1)[17:19].reshape(2, 1)  # between gapped's elements 16 and 18, 20: past its nbytes
+    before = base.copy()
+    with pytest.raises(ValueError, match="^y: shares memory with x$"):
+        _C.csr_dds(gapped, np.ones(1, F32), crow, col, None, y, 1)
+    np.testing.assert_array_equal(base, before)
+    # outside the reach the same call runs and computes x's first column
+    y = np.full((2, 1), np.nan, F32)
+    _C.csr_dds(gapped, np.ones(1, F32), crow, col, None, y, 1)
+    np.testing.assert_array_equal(y[:, 0], gapped[:, 0])
+    with pytest.raises(ValueError, match="non-negative"):
+        _C.csr_dds(base[::-1], np.ones(1, F32), crow, col, None, np.zeros((2, 1), F32), 1)
