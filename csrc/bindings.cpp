@@ -582,6 +582,7 @@ void csr_dds16(const py::array& x, const py::array& values, const std::string& d
   if (values.ndim() != 1 || values.shape(0) != nnz)
     throw py::value_error("values: expected shape (" + std::to_string(nnz) + ",), got " + shape_str(values));
   if (!(values.flags() & py::array::c_style)) throw py::value_error("values: must be C-contiguous");
+  check_aligned(values, "values");
   float* Y = float_output(y, "y", X.rows, n, 2);
   py::object bias_keep;  // see csr_dds
   const float* b = optional_bias(bias, n, bias_keep);

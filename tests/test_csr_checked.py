@@ -169,6 +169,10 @@ def test_dds16_refuses_bad_arguments():
     with pytest.raises(ValueError, match="shares memory"):
         _C().csr_dds16(buf[:3 * IN].reshape(3, IN), v16, "bfloat16", crow.numpy(), col.numpy(), None,
                        buf[100:127].reshape(3, 9), 1)
+    raw = bytearray(v16.nbytes + 1)  # values at an odd address: read through a uint16_t*, undefined
+    misaligned = np.frombuffer(raw, dtype=np.int16, offset=1, count=v16.size)
+    with pytest.raises(ValueError, match=r"^values: data must be aligned"):
+        _C().csr_dds16(x, misaligned, "bfloat16", crow.numpy(), col.numpy(), None, y, 1)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -109,3 +109,24 @@ def test_staging_buffers_are_distinct_per_argument_and_per_thread(isa):
     for dx, dv, dx_ref, dv_ref in results.values():
         assert_close_rms(dx, dx_ref, torch.bfloat16, name="dx")
         assert_close_rms(dv, dv_ref, torch.bfloat16, name="dvalues")
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", Block(8)], ids=str)
+def test_inference_mode_then_training_then_inference_mode(isa, pattern):
+    # the staging pool is shared by calls in and out of inference_mode: a buffer made inside it is an
+    # inference tensor, which refuses the in-place copy of a later ordinary call (and the other way round)
+    torch.manual_seed(3)
+    kw = {} if pattern == "2:4" else {"sparsity": 0.9}
+    layer = SparseLinear.from_dense(nn.Linear(1024, 16), pattern=pattern, **kw).to(torch.bfloat16)
+    x = torch.randn(256, 1024).to(torch.bfloat16)  # 2^18 elements: staged
+    with torch.inference_mode():
+        y0 = layer(x)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    y.backward(torch.ones_like(y))
+    assert xg.grad is not None and layer.values.grad is not None
+    with torch.inference_mode():
+        y1 = layer(x)
+    assert torch.equal(y0, y1) and torch.equal(y.detach(), y0)
+    y_ref, _, _ = _fp64_step(layer, x, torch.ones_like(y, dtype=torch.float64))
+    assert_close_rms(y1, y_ref, torch.bfloat16, name="y")

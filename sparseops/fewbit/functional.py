@@ -46,10 +46,11 @@ def table_bits(name: str, bits: int, **params) -> tuple[Tensor, Tensor]:
 
     Held as int32 so that a module's ``.to(dtype)`` / ``.half()`` moves them without rounding them;
     ``.view(torch.float32)`` gives the values back.
+    Made on the CPU (whatever ``torch.set_default_device`` says): the callers move them.
     """
     t = get_table(name, bits, **params)
-    borders = torch.tensor(t.borders, dtype=torch.float32).view(torch.int32)
-    levels = torch.tensor(t.levels, dtype=torch.float32).view(torch.int32)
+    borders = torch.tensor(t.borders, dtype=torch.float32, device="cpu").view(torch.int32)
+    levels = torch.tensor(t.levels, dtype=torch.float32, device="cpu").view(torch.int32)
     return borders, levels
 
 

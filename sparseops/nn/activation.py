@@ -33,9 +33,10 @@ class FewBitActivation(nn.Module):
         # validated (an error names the parameter) and as floats, before anything uses them
         resolved = _resolve_params(self.name, params)
         self.params = {k: resolved[k] for k in params}
-        borders, levels = table_bits(self.name, self.bits, **self.params)
-        self.register_buffer("borders_bits", borders, persistent=False)
-        self.register_buffer("levels_bits", levels, persistent=False)
+        borders, levels = table_bits(self.name, self.bits, **self.params)  # (on the CPU)
+        where = torch.get_default_device()  # where torch's own modules put their tensors
+        self.register_buffer("borders_bits", borders.to(where), persistent=False)
+        self.register_buffer("levels_bits", levels.to(where), persistent=False)
         self._fn = activation_fn(self.name, **self.params)
 
     def _apply(self, fn, recurse=True):

@@ -154,8 +154,9 @@ class SparseLinear(nn.Module):
         self.act_bits = check_bits(default_bits(activation) if act_bits is None else act_bits, "act_bits")
         borders, levels = table_bits(activation, self.act_bits)
         # fp32 bit patterns in int32: .to(dtype) must not round the table (see nn.activation)
-        self.register_buffer("act_borders_bits", borders.to(device), persistent=False)
-        self.register_buffer("act_levels_bits", levels.to(device), persistent=False)
+        where = torch.get_default_device() if device is None else device  # (made on the CPU)
+        self.register_buffer("act_borders_bits", borders.to(where), persistent=False)
+        self.register_buffer("act_levels_bits", levels.to(where), persistent=False)
 
     @property
     def _is_nm(self) -> bool:

@@ -64,7 +64,7 @@ def _act_dds_cpu(x, weight_t, bias, threshold, relu):
         # decode with a 16-bit weight: the kernel reads the active rows of weight_t as they are (half
         # the bytes of fp32) and widens them in registers; x, bias and y are small, converted here
         N = weight_t.shape[1]
-        y = torch.empty(B, N, dtype=torch.float32)
+        y = torch.empty(B, N, dtype=torch.float32, device="cpu")
         b = None if bias is None else _np(bias.float().contiguous())
         _C.act_gemv16(_np(_rows(x.float())), _np(_thr(threshold.float())), relu,
                       _np(weight_t.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], b, _np(y),
@@ -79,7 +79,7 @@ def _act_dds_cpu32(x, weight_t, bias, threshold, relu):
         return reference.act_dds(x, weight_t, bias, threshold, relu)
     B, K = x.shape
     N = weight_t.shape[1]
-    y = torch.empty(B, N, dtype=torch.float32)
+    y = torch.empty(B, N, dtype=torch.float32, device="cpu")
     b = None if bias is None else _np(bias.contiguous())
     kernel = _C.act_gemv if B <= GEMV_MAX_ROWS else _C.act_spmm
     kernel(_np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), b, _np(y), _threads(B * K * N))
@@ -101,7 +101,7 @@ def act_dsd_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, rel
 def _act_dsd_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
         return reference.act_dsd(dy, x, weight_t, threshold, relu)
-    dx = torch.empty(x.shape, dtype=torch.float32)
+    dx = torch.empty(x.shape, dtype=torch.float32, device="cpu")
     _C.act_dsd(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), _np(dx),
                _threads(x.numel() * dy.shape[1]))
     return dx
@@ -122,7 +122,7 @@ def act_sdd_host(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor
 def _act_sdd_cpu(dy, x, threshold, relu):
     if not _use_cpp(dy, x):
         return reference.act_sdd(dy, x, threshold, relu)
-    dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32)
+    dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32, device="cpu")
     _C.act_sdd(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(dw), _threads(x.numel() * dy.shape[1]))
     return dw
 
@@ -216,7 +216,7 @@ def act_csr_dds(x: Tensor, t_crow: Tensor, t_col: Tensor, t_values: Tensor, bias
 def _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
     if not _use_cpp(x, t_values, *(() if bias is None else (bias,))):
         return _act_csr_dds_ref(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device="cpu")
     b = None if bias is None else _np(bias.contiguous())
     _C.act_csr_gemv(_np(_rows(x)), _np(_thr(threshold)), relu, _np(t_crow.contiguous()), _np(t_col.contiguous()),
                     _np(t_values.contiguous()), out_features, b, _np(y), _threads(x.shape[0] * t_values.numel()))

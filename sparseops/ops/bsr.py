@@ -75,7 +75,7 @@ def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
         return reference.bsr_dds(x, values, crow, col, bias, out_features)
     nbr = crow.shape[0] - 1
     xp = _padded(x, -(-x.shape[1] // b) * b)
-    y = torch.empty(x.shape[0], nbr * b, dtype=torch.float32)
+    y = torch.empty(x.shape[0], nbr * b, dtype=torch.float32, device="cpu")
     bp = None if bias is None else _np(F.pad(bias, (0, nbr * b - bias.shape[0])).contiguous())
     _C.bsr_dds(_np(xp), _np(values.contiguous()), _np(crow), _np(col), b, bp, _np(y),
                _threads(x.shape[0] * values.numel()))
@@ -103,7 +103,7 @@ def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
         return reference.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
     nbc = t_crow.shape[0] - 1
     dyp = _padded(dy, -(-dy.shape[1] // b) * b)
-    dx = torch.empty(dy.shape[0], nbc * b, dtype=torch.float32)
+    dx = torch.empty(dy.shape[0], nbc * b, dtype=torch.float32, device="cpu")
     _C.bsr_dsd(_np(dyp), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), b, _np(dx),
                _threads(dy.shape[0] * values.numel()))
     return _cut(dx, in_features)
@@ -137,7 +137,7 @@ def _bsr_sdd_cpu(dy, x, row, col, block):
     b = block
     dyp = _padded(dy, -(-dy.shape[1] // b) * b)
     xp = _padded(x, -(-x.shape[1] // b) * b)
-    dv = torch.empty(row.shape[0], b, b, dtype=torch.float32)
+    dv = torch.empty(row.shape[0], b, b, dtype=torch.float32, device="cpu")
     _C.bsr_sdd(_np(dyp), _np(xp), _np(row), _np(col), b, _np(dv), _threads(x.shape[0] * dv.numel()))
     return dv
 

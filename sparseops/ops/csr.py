@@ -68,8 +68,11 @@ class _staging:
             return t.float()
         key = (n, sum(1 for u in self.used if u[0] == n))  # a second argument of the same size gets its own
         buf = self.pool.pop(key, None)
-        if buf is None:
-            buf = torch.empty(n, dtype=torch.float32)
+        if buf is None or buf.is_inference() != torch.is_inference_mode_enabled():
+            # (a buffer made under inference_mode is an inference tensor, which refuses the in-place copy
+            # outside it, and a normal one is refused inside it: one pool, a buffer of the mode at hand)
+            with torch.inference_mode(torch.is_inference_mode_enabled()):
+                buf = torch.empty(n, dtype=torch.float32, device="cpu")
         self.used.append(key)
         self.pool[key] = buf  # most recent last
         while len(self.pool) > _STAGE_KEEP + len(self.used):
@@ -202,7 +205,7 @@ def _csr_dds_cpu(x, values, crow, col, bias, out_features):
             and crow.dtype == torch.int32 and col.dtype == torch.int32):
         # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
         # no copy); x and bias are small and converted here
-        y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+        y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device="cpu")
         b = None if bias is None else _np(bias.float().contiguous())
         _C.csr_dds16(_np(x.float()), _np(values.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], _np(crow),
                      _np(col), b, _np(y), _threads(x.shape[0] * col.shape[0]))
@@ -216,7 +219,7 @@ def _csr_dds_cpu32(x, values, crow, col, bias, out_features):
         _check_index("crow", crow, "col", col, out_features, x.shape[1])
         _check_values(values, col.numel())
         return reference.csr_dds(x, values, crow, col, bias, out_features)
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device="cpu")
     b = None if bias is None else _np(bias.contiguous())
     _C.csr_dds(_np(x), _np(values.contiguous()), _np(crow), _np(col), b, _np(y), _threads(x.shape[0] * col.shape[0]))
     return y
@@ -241,7 +244,7 @@ def _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
         _check_values(values, t_row.numel())
         _check_index("t_crow", t_crow, "t_row", t_row, in_features, dy.shape[1], perm=t_perm, nnz=values.shape[0])
         return reference.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32, device="cpu")
     _C.csr_dsd(
         _np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx), _threads(dy.shape[0] * t_row.shape[0])
     )
@@ -264,7 +267,7 @@ def _csr_sdd_cpu(dy, x, crow, col, row):
     if not _use_cpp(dy, x):
         _check_index("crow", crow, "col", col, dy.shape[1], x.shape[1], row=row, out=dy.shape[1])
         return reference.csr_sdd(dy, x, row, col)
-    dv = torch.empty(col.shape[0], dtype=torch.float32)
+    dv = torch.empty(col.shape[0], dtype=torch.float32, device="cpu")
     _C.csr_sdd(_np(dy), _np(x), _np(crow), _np(col), _np(dv), _threads(x.shape[0] * col.shape[0]))
     return dv
 
@@ -294,8 +297,8 @@ def _csr_backward_cpu(dy, x, values, crow, col, row, t_crow, t_row, t_perm):
         _check_index("t_crow", t_crow, "t_row", t_row, x.shape[1], dy.shape[1], perm=t_perm, nnz=col.numel())
         _check_values(values, col.numel())
         return _backward_reference(dy, x, values, row, col, t_crow, t_row, t_perm)
-    dx = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
-    dv = torch.empty(col.shape[0], dtype=torch.float32)
+    dx = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device="cpu")
+    dv = torch.empty(col.shape[0], dtype=torch.float32, device="cpu")
     _C.csr_backward(
         _np(dy), _np(x), _np(values.contiguous()), _np(crow), _np(col), _np(t_crow), _np(t_row), _np(t_perm),
         _np(dx), _np(dv), _threads(2 * x.shape[0] * col.shape[0]),

@@ -68,7 +68,7 @@ def _fewbit_pack_cpu(x, borders, bits):
     if not _use_cpp(x):
         return reference.fewbit_pack(x, borders, bits)
     x = x.contiguous()
-    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32)
+    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device="cpu")
     b = _f32(borders)
     _C.fewbit_pack(_np_elems(x), _CPP_DTYPES[x.dtype], b.numpy(), bits, codes.numpy(), _threads(x.numel()))
     return codes
@@ -89,7 +89,7 @@ def _fewbit_unpack_cpu(grad, codes, levels, bits):
     if not _use_cpp(grad):
         return reference.fewbit_unpack(grad, codes, levels, bits)
     grad = grad.contiguous()
-    out = torch.empty(grad.shape, dtype=grad.dtype)
+    out = torch.empty(grad.shape, dtype=grad.dtype, device="cpu")
     lv = _f32(levels)
     _C.fewbit_unpack(
         _np_elems(grad), _CPP_DTYPES[grad.dtype], codes.contiguous().numpy(), lv.numpy(), bits, _np_elems(out),
@@ -199,7 +199,7 @@ def _fewbit_fused_cpu(x, borders, bits, kind, a, b, codes):
         return _fused_reference(x, borders, bits, kind, a, b, codes)
     x = x.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    c = torch.empty(num_words(x.numel(), bits), dtype=torch.int32) if codes else _no_codes(x)
+    c = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device="cpu") if codes else _no_codes(x)
     bd = _f32(borders)
     _C.fewbit_pack_fused(_np_elems(x), _CPP_DTYPES[x.dtype], bd.numpy(), bits, c.numpy() if codes else None, kind,
                          a, b, _np_elems(y), _threads(x.numel()))

@@ -58,7 +58,7 @@ def _nm_dds_cpu(x, values, idx, bias, n, m):
     if _C is not None and x.dtype in _HALF and values.dtype == x.dtype and 0 < x.shape[0] <= NM16_MAX_ROWS:
         # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
         # no copy); x and bias are small and converted here
-        y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
+        y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32, device="cpu")
         b = None if bias is None else _np(bias.float().contiguous())
         _C.nm_dds16(_np(x.float()), _np(values.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], _np(idx), n, m, b,
                     _np(y), _threads(x.shape[0] * values.numel()))
@@ -71,7 +71,7 @@ def _nm_dds_cpu32(x, values, idx, bias, n, m):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         _check_nm_index("idx", idx, values.shape[0], x.shape[1], n, m, values)
         return reference.nm_dds(x, values, idx, bias, n, m)
-    y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
+    y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32, device="cpu")
     b = None if bias is None else _np(bias.contiguous())
     _C.nm_dds(_np(x), _np(values.contiguous()), _np(idx), n, m, b, _np(y), _threads(x.shape[0] * values.numel()))
     return y
@@ -94,7 +94,7 @@ def _nm_sdd_cpu(dy, x, idx, n, m):
         _check_nm_index("idx", idx, dy.shape[1], x.shape[1], n, m)
         return reference.nm_sdd(dy, x, idx, n, m)
     S = -(-x.shape[1] // m) * n
-    dv = torch.empty(dy.shape[1], S, dtype=torch.float32)
+    dv = torch.empty(dy.shape[1], S, dtype=torch.float32, device="cpu")
     _C.nm_sdd(_np(dy), _np(x), _np(idx), n, m, _np(dv), _threads(x.shape[0] * dv.numel()))
     return dv
 
@@ -118,7 +118,7 @@ def _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m):
             raise ValueError(f"t_slot: entries must lie in [-1, {values.numel()}), "
                              f"got [{int(t_slot.min())}, {int(t_slot.max())}]")
         return reference.nm_dsd(dy, values, t_idx, t_slot, n, m)
-    dx = torch.empty(dy.shape[0], t_idx.shape[0], dtype=torch.float32)
+    dx = torch.empty(dy.shape[0], t_idx.shape[0], dtype=torch.float32, device="cpu")
     _C.nm_dsd(_np(dy), _np(values.contiguous()), _np(t_idx), _np(t_slot), n, m, _np(dx), _threads(dy.shape[0] * t_slot.numel()))
     return dx
 
@@ -139,7 +139,7 @@ def _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
         _check_index("t_crow", t_crow, "t_row", t_row, in_features, dy.shape[1], perm=t_perm, nnz=values.numel())
         return reference.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32)
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32, device="cpu")
     _C.nm_dsd_csr(_np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx),
                   _threads(dy.shape[0] * t_row.numel()))
     return dx
