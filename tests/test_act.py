@@ -1377,3 +1377,41 @@ def test_sparsify_after_sparsify_activations_warns_about_the_dense_wrapped_layer
     with pytest.warns(UserWarning, match="activation-sparse layer"):
         sparseops.sparsify_(m, 0.9)
     assert m[0].sparse is None
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["dense", "over-csr"])
+def test_float64_relu_mode_saves_the_mask_the_forward_used(wrap):
+    # an fp64 threshold (0.1) is not an fp32 value: an input just above it in fp64 but not above
+    # float32(0.1) is active in the forward, and must be active in what the backward saved too
+    import copy
+
+    from sparseops.reference.act import act_mask
+
+    torch.manual_seed(0)
+    base = SparseLinear(8, 4, sparsity=0.5) if wrap else None
+    a = (ActivationSparseLinear.from_dense(base, mode="relu") if wrap
+         else ActivationSparseLinear(8, 4, mode="relu")).double()
+    with torch.no_grad():
+        a.threshold.fill_(0.1)
+    x = torch.full((3, 8), 0.05, dtype=torch.float64)
+    x[:, 3] = 0.1000000005  # > 0.1, < float32(0.1) = 0.10000000149
+    x.requires_grad_(True)
+    y = a(x)
+    y.backward(torch.ones_like(y))
+    r = copy.deepcopy(a)
+    xr = x.detach().clone().requires_grad_(True)
+    w = r.sparse.to_dense().weight if wrap else r.weight
+    b = r.sparse.bias if wrap else r.bias
+    yr = torch.nn.functional.linear(act_mask(xr, r.threshold, True)[0], w, b)
+    yr.backward(torch.ones_like(yr))
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    assert (x.grad[:, 3] != 0).any()
+
+
+def test_float64_layer_calibrates_in_float64():
+    a = ActivationSparseLinear(16, 4, sparsity=0.5, mode="tensor").double()
+    tiny = torch.randn(64, 16, dtype=torch.float64) * 1e-46  # normal in fp64, 0 in fp32
+    assert a.calibrate(tiny) == pytest.approx(0.5, abs=1e-9)
+    near = 1 + torch.arange(64 * 16, dtype=torch.float64).view(64, 16) * 1e-12  # distinct in fp64, ties in fp32
+    assert a.calibrate(near) == pytest.approx(0.5, abs=1e-9)

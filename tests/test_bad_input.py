@@ -546,7 +546,8 @@ def test_inf_weight_ranks_largest_and_explicit_mask_copies_nan():
 
 
 @pytest.mark.parametrize("make,exc,match", [
-    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, dtype=torch.int32), TypeError, r"^dtype: .*floating",
+    pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, dtype=torch.int32), TypeError,
+                 r"^dtype: expected torch.float32, bfloat16, float16 or float64, got torch.int32",
                  id="SparseLinear-int32"),
     pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, dtype=torch.bool), TypeError, r"^dtype: ", id="SparseLinear-bool"),
     pytest.param(lambda: SparseLinear(7, 5, sparsity=0.5, device="meta"), ValueError, r"^device: .*meta",
@@ -1157,3 +1158,53 @@ def test_format_from_dense_refuses_a_weight_that_is_not_the_masks_shape(fmt):
 def test_nm_pattern_refuses_a_transposable_that_is_not_a_bool():
     with pytest.raises(TypeError, match="^transposable: expected a bool, got str"):
         sparseops.NM(2, 4, transposable="False")
+
+
+def _csr_op_calls(dtype, *, rows_x=3, rows_dy=3, x_dim=2, bias_shape=(4,), dy_dtype=None):
+    """The four CSR ops called directly on a 4x5 weight, with one operand possibly malformed."""
+    torch.manual_seed(0)
+    fmt = CSRWeight.from_mask(torch.rand(4, 5) < 0.6)
+    v = torch.randn(fmt.nnz, dtype=dtype)
+    x = torch.randn(*((rows_x, 5) if x_dim == 2 else (5,)), dtype=dtype)
+    dy = torch.randn(rows_dy, 4, dtype=dy_dtype or dtype)
+    bias = torch.randn(bias_shape, dtype=dtype)
+    ops = torch.ops.sparseops
+    return {
+        "csr_dds": lambda: ops.csr_dds(x, v, fmt.crow, fmt.col, bias, 4),
+        "csr_dsd": lambda: ops.csr_dsd(dy, v, fmt.t_crow, fmt.t_row, fmt.t_perm, 5),
+        "csr_sdd": lambda: ops.csr_sdd(dy, x, fmt.crow, fmt.col, fmt.row),
+        "csr_backward": lambda: ops.csr_backward(dy, x, v, fmt.crow, fmt.col, fmt.row, fmt.t_crow, fmt.t_row, fmt.t_perm),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)  # the C++ path; the pure-torch one
+def test_csr_ops_refuse_malformed_dense_operands_on_every_path(dtype):
+    # the pure-torch path used to broadcast these (dy's rows against x's, a [1, out] bias) and return a
+    # result whose shape the fake impl did not predict; both paths now refuse them alike
+    for name in ("csr_sdd", "csr_backward"):
+        with pytest.raises(ValueError, match=r"^dy: expected 1 rows to match x, got 3$"):
+            _csr_op_calls(dtype, rows_x=1)[name]()
+    with pytest.raises(ValueError, match=r"^bias: expected shape \(4,\), got \(1, 4\)$"):
+        _csr_op_calls(dtype, bias_shape=(1, 4))["csr_dds"]()
+    for name in ("csr_dds", "csr_sdd", "csr_backward"):
+        with pytest.raises(ValueError, match=r"^x: expected a 2-D tensor, got shape \(5,\)$"):
+            _csr_op_calls(dtype, x_dim=1)[name]()
+    for name, fn in _csr_op_calls(dtype).items():  # well-formed: every op runs
+        fn()
+
+
+@pytest.mark.parametrize("name", ["csr_dsd", "csr_sdd", "csr_backward"])
+@pytest.mark.parametrize("other", [torch.bfloat16, torch.float64], ids=str)
+def test_csr_ops_refuse_mixed_dtypes(name, other):
+    # a bf16 dy with an fp32 x came back in bf16 while the fake impl said fp32 (opcheck failed): one dtype
+    with pytest.raises(TypeError, match="expected one floating-point dtype, got .*dy " + str(other)):
+        _csr_op_calls(torch.float32, dy_dtype=other)[name]()
+
+
+def test_float8_is_refused_by_name_at_build_and_call():
+    # nn.Linear has no float8 matmul either; before, a float8 layer ran silently on the slow reference
+    with pytest.raises(TypeError, match=r"^dtype: expected torch.float32, bfloat16, float16 or float64, got "):
+        SparseLinear(8, 4, sparsity=0.5, dtype=torch.float8_e4m3fn)
+    layer = SparseLinear(8, 4, sparsity=0.5).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"^x: expected torch.float32, bfloat16, float16 or float64, got "):
+        layer(torch.randn(2, 8).to(torch.float8_e4m3fn))

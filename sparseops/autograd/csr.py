@@ -59,6 +59,9 @@ def linear_grads(needs, dy, x, values, crow, col, row, t_crow, t_row, t_perm, in
     return dx, dv, db
 
 
+_LAYER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def check_input(x, in_features: int, values: Tensor) -> None:
     """Raise a clear error for an input a layer of ``in_features`` with ``values`` cannot take.
 
@@ -74,6 +77,8 @@ def check_input(x, in_features: int, values: Tensor) -> None:
         raise ValueError(f"x: expected last dimension in_features={in_features}, got shape {tuple(x.shape)}")
     if x.dtype != values.dtype:
         raise TypeError(f"x: expected dtype {values.dtype} (the layer's dtype), got {x.dtype}")
+    if x.dtype not in _LAYER_DTYPES:  # a layer moved to float8 by .to(): no kernel or reference computes in it
+        raise TypeError(f"x: expected torch.float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.device != values.device:
         raise ValueError(f"x: expected device {values.device} (the layer's device), got {x.device}")
 

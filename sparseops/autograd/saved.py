@@ -116,11 +116,12 @@ class _ReluSparse(torch.autograd.Function):
 
 
 def relu_mask(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
-    """``(border, codes)``: relu mode's border ``max(threshold, 0)`` as a 1-element fp32 tensor, and the packed
-    mask ``x > border`` (compared in fp32): ``x``'s recorded ReLU codes (:func:`relu_codes`) when the border
-    is 0 and it has them, else packed now. ``x`` on CPU."""
+    """``(border, codes)``: relu mode's border ``max(threshold, 0)`` as a 1-element tensor, and the packed
+    mask ``x > border``: ``x``'s recorded ReLU codes (:func:`relu_codes`) when the border is 0 and it has
+    them, else packed now. ``x`` on CPU. Compared in fp32, or in fp64 for an fp64 ``x``, as the forward's
+    ``act_mask`` compares (an fp64 threshold such as 0.1 is not an fp32 value)."""
     value = max(float(threshold), 0.0)
-    border = torch.tensor([value], dtype=torch.float32)
+    border = torch.tensor([value], dtype=torch.promote_types(x.dtype, torch.float32), device="cpu")
     codes = relu_codes(x) if value == 0.0 else None
     return border, (codes if codes is not None else fewbit_ops.pack(x, border, 1))
 

@@ -52,6 +52,7 @@ from ..autograd import act_linear, check_input
 from ..autograd.saved import relu_sparse, relu_sparse_input
 from ..reference.act import act_mask
 from ..patterns import check_sparsity
+from . import _autocast
 from ._load import load_marks, refused, restore, snapshot
 from .linear import SparseLinear, _check_dtype, _check_features
 
@@ -179,12 +180,25 @@ class ActivationSparseLinear(nn.Module):
         return x, self.threshold, self.mode == "relu"
 
     def forward(self, x: Tensor) -> Tensor:
-        ref = self.weight if self.sparse is None else self.sparse.values
+        # under torch.autocast: x and the parameters in its dtype, as nn.Linear (see nn._autocast)
+        return _autocast.run(self._run, x)
+
+    def _inner(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
+        # the wrapped SparseLinear through its own forward (its hooks run: RigL records there), under the
+        # caller's autocast again, which it applies itself
+        if dt is None:
+            return self.sparse(x)
+        with torch.autocast(x.device.type, dtype=dt):
+            return self.sparse(x)
+
+    def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
+        weight, bias = _autocast.cast(self.weight, dt), _autocast.cast(self.bias, dt)
+        ref = weight if self.sparse is None else _autocast.cast(self.sparse.values, dt)
         check_input(x, self.in_features, ref)
         if self._calibrating:
             # a copy: the model may change its input in place later, or the batches share one buffer
             self._seen.append(x.detach().reshape(-1, self.in_features).clone())
-            return self.sparse(x) if self.sparse is not None else nn.functional.linear(x, self.weight, self.bias)
+            return self._inner(x, dt) if self.sparse is not None else nn.functional.linear(x, weight, bias)
         x, thr, relu = self._sparsifier(x)
         if self.sparse is not None:
             if self._skips_both(x):
@@ -196,9 +210,9 @@ class ActivationSparseLinear(nn.Module):
                 # 1-bit codes when x came from one) and, for the weight gradient, its nonzeros (autograd.saved)
                 xs, codes = relu_sparse(x, float(thr))
                 with relu_sparse_input(xs, codes):
-                    return self.sparse(xs)
-            return self.sparse(act_mask(x, thr, relu)[0])
-        return act_linear(x, self.weight.t(), self.bias, thr, relu)
+                    return self._inner(xs, dt)
+            return self._inner(act_mask(x, thr, relu)[0], dt)
+        return act_linear(x, weight.t(), bias, thr, relu)
 
     # ---- weight- and activation-sparse inference: both sparsities skipped ----
 
@@ -285,7 +299,8 @@ class ActivationSparseLinear(nn.Module):
         a = torch.cat(parts) if parts else None
         if a is None or a.shape[0] == 0:
             raise ValueError("samples: calibration needs at least one row of inputs, got none")
-        v = (torch.relu(a) if self.mode == "relu" else a).abs().float()
+        # ranked in the threshold's dtype (fp32; fp64 for an fp64 layer, which compares in fp64)
+        v = (torch.relu(a) if self.mode == "relu" else a).abs().to(self.threshold.dtype)
         if self.mode in ("tensor", "channel"):
             if self.mode == "tensor":
                 k = int(round(self.sparsity * v.numel()))

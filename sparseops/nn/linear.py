@@ -13,6 +13,7 @@ from ..fewbit.table import ACTIVATIONS, activation_fn
 from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, ELLWeight, NMWeight
 from ..formats.bsr import grid_shape
 from ..masks import for_pattern
+from . import _autocast
 from ._load import load_all_or_nothing
 from ._optim import replace_parameter
 from ..masks.nm import is_nm
@@ -40,11 +41,16 @@ def _check_features(name: str, n) -> int:
     return n
 
 
+# what the layers compute in (the kernels: fp32, bf16, fp16; fp64 on the reference path); float8 has no
+# matmul here, as it has none in nn.Linear
+_LAYER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _check_dtype(dtype) -> None:
     # nn.init fails on an integer dtype with a NotImplementedError that names no argument
     dt = torch.get_default_dtype() if dtype is None else dtype
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dt}")
+    if not isinstance(dt, torch.dtype) or dt not in _LAYER_DTYPES:
+        raise TypeError(f"dtype: expected torch.float32, bfloat16, float16 or float64, got {dt}")
 
 
 def _check_mask(mask, out_features: int, in_features: int, device) -> Tensor:
@@ -484,16 +490,22 @@ class SparseLinear(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        # under torch.autocast: x and the parameters in its dtype, as nn.Linear (see nn._autocast)
+        return _autocast.run(self._run, x)
+
+    def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
+        """The forward with the parameters cast to ``dt`` (autocast's dtype; None: as they are)."""
+        values, bias = _autocast.cast(self.values, dt), _autocast.cast(self.bias, dt)
         if self._is_nm or self._block:
             if self._is_nm:
                 p = self.pattern
-                y = nm_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features, p.n,
+                y = nm_linear(x, values, self._index(), bias, self.out_features, self.in_features, p.n,
                               p.m, p.transposable)
             else:
-                y = block_linear(x, self.values, self._index(), self.bias, self.out_features, self.in_features)
+                y = block_linear(x, values, self._index(), bias, self.out_features, self.in_features)
                 if self._rank:
                     # [*, in] @ [in, r] @ [r, out]: two thin dense products
-                    y = y + (x @ self.lr_v.t()) @ self.lr_u.t()
+                    y = y + (x @ _autocast.cast(self.lr_v, dt).t()) @ _autocast.cast(self.lr_u, dt).t()
             if self.activation is None:
                 return y
             # not fused for N:M and BSR yet: the same few-bit activation as a separate op
@@ -503,11 +515,11 @@ class SparseLinear(nn.Module):
             )
         # a fan-in layer's values [rows, k] flatten to its CSR view's order (a view, so the gradient
         # reaches them as [rows, k])
-        values = self.values.reshape(-1) if self._is_ell else self.values
+        values = values.reshape(-1) if self._is_ell else values
         if self.activation is None:
-            return sparse_linear(x, values, self._index(), self.bias, self.out_features, self.in_features)
+            return sparse_linear(x, values, self._index(), bias, self.out_features, self.in_features)
         return sparse_linear_fewbit(
-            x, values, self._index(), self.bias, self.out_features, self.in_features, self.activation,
+            x, values, self._index(), bias, self.out_features, self.in_features, self.activation,
             self.act_borders_bits.view(torch.float32), self.act_levels_bits.view(torch.float32), self.act_bits,
         )
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..autograd import check_input
+from . import _autocast
 from ._load import load_all_or_nothing
 from .linear import _check_dtype
 
@@ -358,11 +359,16 @@ class MonarchLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features, self.blkdiag1)
+        # under torch.autocast: x and the parameters in its dtype, as nn.Linear (see nn._autocast)
+        return _autocast.run(self._run, x)
+
+    def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
+        b1, b2, bias = (_autocast.cast(t, dt) for t in (self.blkdiag1, self.blkdiag2, self.bias))
+        check_input(x, self.in_features, b1)
         lead = x.shape[:-1]
         # an explicit row count, as in autograd.csr.apply_flat
         x2 = x.reshape(lead.numel(), self.in_features)  # [B, in]
-        y = MonarchFunction.apply(x2, self.blkdiag1, self.blkdiag2, self.bias, self.out_features)
+        y = MonarchFunction.apply(x2, b1, b2, bias, self.out_features)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,93 @@
+"""``torch.autocast`` on the sparse layers, as on ``nn.Linear``: under autocast a layer casts its input and
+parameters to the autocast dtype (the casts are differentiable: fp32 parameters get fp32 gradients) and
+returns that dtype. The result and every gradient equal those of a twin layer kept in that dtype and fed the
+cast input, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparseops
+
+_LAYERS = {
+    "csr": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), sparsity=0.8),
+    "2:4": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern="2:4"),
+    "2:4t": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.NM(2, 4, transposable=True)),
+    "fanin": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.FanIn(8)),
+    "block": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.Block(8), sparsity=0.5),
+    "butterfly": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 64), pattern=sparseops.Butterfly(block=8, rank=4)),
+    "fused-gelu": lambda: sparseops.SparseLinear(64, 24, sparsity=0.8, activation="gelu", act_bits=2),
+    "nm-relu": lambda: sparseops.SparseLinear(64, 24, pattern="2:4", activation="relu"),
+    "monarch": lambda: sparseops.nn.MonarchLinear.from_dense(nn.Linear(64, 64), nblocks=4),
+    "act-tensor": lambda: sparseops.ActivationSparseLinear.from_dense(nn.Linear(64, 24), sparsity=0.5, mode="tensor"),
+    "act-relu-over-csr": lambda: sparseops.ActivationSparseLinear.from_dense(
+        sparseops.SparseLinear.from_dense(nn.Linear(64, 24), sparsity=0.8), mode="relu"),
+}
+
+
+def _make(kind):
+    torch.manual_seed(0)
+    layer = _LAYERS[kind]()
+    if kind == "act-tensor":
+        layer.calibrate(torch.randn(256, 64))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("kind", sorted(_LAYERS))
+def test_layer_under_autocast_equals_its_twin_in_that_dtype(isa, kind, batch, dtype):
+    layer = _make(kind)
+    twin = copy.deepcopy(layer).to(dtype)
+    x = torch.randn(batch, layer.in_features).relu_() if "relu" in kind else torch.randn(batch, layer.in_features)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
+    xt = x.detach().to(dtype).requires_grad_(True)
+    yt = twin(xt)
+    yt.backward(dy)
+    assert torch.equal(y, yt)
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, xt.grad.float())
+    for (name, p), pt in zip(layer.named_parameters(), twin.parameters()):
+        assert p.dtype == torch.float32, name
+        if pt.grad is None:
+            assert p.grad is None, name
+        else:
+            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, pt.grad.float()), name
+
+
+@pytest.mark.parametrize("kind", ["csr", "2:4", "block", "monarch", "act-tensor", "fused-gelu"])
+def test_dense_then_sparse_model_under_autocast_and_compiled(kind):
+    # the reviewers' case: an autocast nn.Linear hands a bf16 activation to an fp32 sparse layer (before,
+    # a TypeError naming the dtypes); the compiled model gives the same output
+    layer = _make(kind)
+    net = nn.Sequential(nn.Linear(32, layer.in_features), nn.ReLU(), layer)
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+        yc = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, yc)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+def test_autocast_leaves_float64_alone_and_off_changes_nothing():
+    layer = _make("csr")
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            y_off = layer(x)
+        with pytest.raises(TypeError, match="^x: expected dtype torch.bfloat16"):
+            layer(x.double())  # fp64 is not cast (as autocast does), so it meets the bf16 weight
+    assert y_off.dtype == torch.float32 and torch.equal(y_off, layer(x))
+    d = copy.deepcopy(layer).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = d(x.double())  # an fp64 layer on fp64 input: nothing is cast
+    assert y64.dtype == torch.float64 and torch.equal(y64, d(x.double()))
