@@ -733,3 +733,44 @@ def test_rigl_records_only_calls_with_a_gradient_and_adds_a_second_backward():
     dense = layer.dense_weight().detach().requires_grad_(True)
     F.linear(x, dense, layer.bias.detach()).square().sum().backward()
     assert_close_rms(rigl._dense_grad("0"), 2 * dense.grad.double(), torch.float32, name="retain_graph")
+
+
+def _grow_keep_mask(layer, kind):
+    """A new mask of the layer's pattern that keeps some stored weights and grows others."""
+    torch.manual_seed(5)
+    old = layer.mask
+    scores = torch.rand(old.shape)
+    if kind == "2:4":
+        return sparseops.masks.nm(scores, 2, 4)
+    if kind == "block":
+        return sparseops.masks.block_magnitude(scores, 0.5, block=8)
+    if kind == "fanin":
+        k = int(old.sum(1)[0])
+        return torch.zeros_like(old).scatter_(1, scores.topk(k, dim=1).indices, True)
+    return scores < 0.3
+
+
+@pytest.mark.parametrize("kind", ["csr", "fanin", "2:4", "block"])
+def test_update_mask_relays_the_gradient_like_the_values(kind):
+    # a mask update between backward and optimizer.step(): the new Parameter carries the old gradient on
+    # the surviving weights (0 on grown ones), so the step that follows is not silently skipped
+    make = {
+        "csr": lambda: SparseLinear.from_dense(nn.Linear(32, 16), sparsity=0.7),
+        "fanin": lambda: SparseLinear.from_dense(nn.Linear(32, 16), pattern=sparseops.FanIn(6)),
+        "2:4": lambda: SparseLinear.from_dense(nn.Linear(32, 16), pattern="2:4"),
+        "block": lambda: SparseLinear.from_dense(nn.Linear(32, 16), pattern=sparseops.Block(8), sparsity=0.5),
+    }[kind]
+    torch.manual_seed(0)
+    layer = make()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 32)).pow(2).sum().backward()
+    old_mask, old_grad = layer.mask, layer.format.to_dense(layer.values.grad)
+    new_mask = _grow_keep_mask(layer, kind)
+    assert (old_mask & new_mask).any() and (new_mask & ~old_mask).any()
+    layer.update_mask_(new_mask, opt)
+    assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+    torch.testing.assert_close(layer.format.to_dense(layer.values.grad), old_grad * new_mask, rtol=0, atol=0)
+    before = layer.format.to_dense(layer.values.detach()).clone()
+    opt.step()  # the step moves exactly the surviving weights
+    moved = layer.format.to_dense(layer.values.detach()) != before
+    assert torch.equal(moved, (old_grad != 0) & new_mask)

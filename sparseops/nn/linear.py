@@ -291,7 +291,8 @@ class SparseLinear(nn.Module):
 
         Weights on both the old and the new mask keep their values; newly grown positions start at 0.
         ``values`` becomes a new Parameter (a resized one would keep autograd's record of the old
-        shape while an earlier graph is alive): pass the ``optimizer`` that trains it, and the new
+        shape while an earlier graph is alive), with the old one's ``.grad`` re-laid the same way (0 for
+        grown weights) when it has one: pass the ``optimizer`` that trains it, and the new
         Parameter takes the old one's place there, with every state tensor of its shape (Adam's
         moments, SGD's momentum) following the surviving weights the same way and 0 for grown ones;
         scalars such as Adam's ``step`` are kept.
@@ -327,6 +328,8 @@ class SparseLinear(nn.Module):
         old_param = self.values
         self._set_index(new)
         self.values = nn.Parameter(remap(old_param.detach()), requires_grad=old_param.requires_grad)
+        if old_param.grad is not None:  # re-laid as the values (a call between backward and step keeps it)
+            self.values.grad = remap(old_param.grad)
         if optimizer is not None:
             replace_parameter(optimizer, old_param, self.values, remap)
 
@@ -392,6 +395,9 @@ class SparseLinear(nn.Module):
         # (flat, in CSR order: a fan-in layer's [rows, k] values flatten to it)
         state = optimizer.state.get(old_param, {}) if optimizer is not None else {}
         same = [v for v in state.values() if isinstance(v, Tensor) and v.shape == old_param.shape]
+        grad = old_param.grad  # re-laid as well (a call between backward and step must not lose it)
+        if grad is not None and grad.shape == old_param.shape:
+            same.append(grad)
         # the re-pack validates the positions and builds the new index aside; nothing is replaced until the
         # fan-in check below has passed on the new row lengths
         new, src, (values, *rest) = repack(old, kept, grown, [old_param.detach().reshape(-1),
@@ -413,6 +419,8 @@ class SparseLinear(nn.Module):
         self._set_index(new)
         self.pattern = pattern
         self.values = nn.Parameter(values, requires_grad=old_param.requires_grad)
+        if grad is not None:
+            self.values.grad = remap(grad)
         if optimizer is not None:
             replace_parameter(optimizer, old_param, self.values, remap)
 
