@@ -91,3 +91,26 @@ def test_autocast_leaves_float64_alone_and_off_changes_nothing():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y64 = d(x.double())  # an fp64 layer on fp64 input: nothing is cast
     assert y64.dtype == torch.float64 and torch.equal(y64, d(x.double()))
+
+
+def test_inference_under_autocast_casts_each_parameter_once_and_sees_updates():
+    # decoding token by token under autocast: the bf16 copy of the weights is made once (as torch caches a
+    # leaf's cast within a region), made again after an in-place change, and dropped once autocast is off
+    layer = _make("csr")
+    x = torch.randn(1, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y1 = layer(x)
+        first = layer._autocast_cache["values"][1]
+        y2 = layer(x)
+        assert layer._autocast_cache["values"][1] is first and torch.equal(y1, y2)
+        layer.values.mul_(2)  # an optimizer step or an edit: the version moves
+        y3 = layer(x)
+        assert layer._autocast_cache["values"][1] is not first
+    twin = copy.deepcopy(layer).to(torch.bfloat16)
+    assert torch.equal(y3, twin(x.to(torch.bfloat16)))
+    with torch.no_grad():
+        layer(x)
+    assert "_autocast_cache" not in layer.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # recording a gradient: cast each call, nothing kept
+        layer(x.requires_grad_(True)).float().sum().backward()
+    assert "_autocast_cache" not in layer.__dict__ and layer.values.grad is not None

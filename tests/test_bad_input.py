@@ -1208,3 +1208,96 @@ def test_float8_is_refused_by_name_at_build_and_call():
     layer = SparseLinear(8, 4, sparsity=0.5).to(torch.float8_e4m3fn)
     with pytest.raises(TypeError, match=r"^x: expected torch.float32, bfloat16, float16 or float64, got "):
         layer(torch.randn(2, 8).to(torch.float8_e4m3fn))
+
+
+# ---- the other op families called directly: the same checks on the C++ path (fp32) and the pure-torch
+# one (fp64), which used to broadcast these or fail with a bare IndexError ----
+
+
+def _nm_fmt():
+    from sparseops.formats.nm import NMWeight
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 8)
+    mask = sparseops.masks.nm(w, 2, 4)
+    return NMWeight.from_dense(w, mask, 2, 4)
+
+
+_OPS = torch.ops.sparseops
+_THR = torch.tensor(0.0)
+
+
+def _malformed_op_calls(dt):
+    fmt, v = _nm_fmt()
+    v = v.to(dt)
+    x8, x10, w = torch.randn(3, 8, dtype=dt), torch.randn(3, 10, dtype=dt), torch.randn(10, 6, dtype=dt)
+    csr = CSRWeight.from_mask(torch.ones(6, 10, dtype=torch.bool))
+    tv = torch.randn(csr.nnz, dtype=dt)
+    return [
+        (lambda: _OPS.nm_sdd(torch.randn(1, 5, dtype=dt), x8, fmt.idx, 2, 4), r"^dy: expected 3 rows to match x, got 1$"),
+        (lambda: _OPS.nm_sdd(torch.randn(3, 5, dtype=dt), torch.randn(8, dtype=dt), fmt.idx, 2, 4),
+         r"^x: expected a 2-D tensor, got shape \(8,\)$"),
+        (lambda: _OPS.nm_dds(torch.randn(8, dtype=dt), v, fmt.idx, None, 2, 4), r"^x: expected a 2-D tensor"),
+        (lambda: _OPS.nm_dds(x8, v, fmt.idx, torch.randn(1, 5, dtype=dt), 2, 4),
+         r"^bias: expected shape \(5,\), got \(1, 5\)$"),
+        (lambda: _OPS.act_dsd(torch.randn(1, 6, dtype=dt), x10, w, _THR, False), r"^dy: expected 3 rows to match x, got 1$"),
+        (lambda: _OPS.act_dsd(torch.randn(3, 6, dtype=dt), x10[:1], w, _THR, False),
+         r"^dy: expected 1 rows to match x, got 3$"),
+        (lambda: _OPS.act_dsd(torch.randn(6, dtype=dt), x10, w, _THR, False), r"^dy: expected a 2-D tensor"),
+        (lambda: _OPS.act_dsd(torch.randn(3, 7, dtype=dt), x10, w, _THR, False), r"^weight_t: expected shape \[10, 7\]"),
+        (lambda: _OPS.act_sdd(torch.randn(6, dtype=dt), x10, _THR, False), r"^dy: expected a 2-D tensor"),
+        (lambda: _OPS.act_dds(torch.randn(10, dtype=dt), w, None, _THR, False), r"^x: expected a 2-D tensor"),
+        (lambda: _OPS.act_dds(x10, w, torch.randn(1, dtype=dt), _THR, False), r"^bias: expected shape \(6,\), got \(1,\)$"),
+        (lambda: _OPS.act_dds(x10, w, None, torch.rand(3, 10), False), r"^threshold: expected a scalar or \[10\]"),
+        (lambda: _OPS.act_csr_dds(x10, csr.t_crow, csr.t_row, tv, torch.randn(1, 6, dtype=dt), _THR, False, 6),
+         r"^bias: expected shape \(6,\), got \(1, 6\)$"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nm_and_act_ops_refuse_malformed_operands_on_every_path(dtype):
+    for i, (call, match) in enumerate(_malformed_op_calls(dtype)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("case", ["nm_sdd", "bsr_sdd", "act_dsd", "nm_dsd_csr"])
+def test_other_ops_refuse_mixed_dtypes(case):
+    # with the C++ build, a bf16 dy and an fp32 x came back in bf16 while the fake impl said fp32 (opcheck
+    # failed), and in fp32 without the build: one dtype, refused by name otherwise
+    from sparseops.formats.bsr import BSRWeight
+
+    bf16 = torch.bfloat16
+    fmt, v = _nm_fmt()
+    calls = {
+        "nm_sdd": lambda: _OPS.nm_sdd(torch.randn(3, 5, dtype=bf16), torch.randn(3, 8), fmt.idx, 2, 4),
+        "bsr_sdd": lambda: (lambda g: _OPS.bsr_sdd(torch.randn(3, 16, dtype=bf16), torch.randn(3, 16), g.row, g.col, 8))(
+            BSRWeight.from_mask(torch.ones(16, 16, dtype=torch.bool), 8).grid),
+        "act_dsd": lambda: _OPS.act_dsd(torch.randn(3, 6, dtype=bf16), torch.randn(3, 10), torch.randn(10, 6), _THR, False),
+        "nm_dsd_csr": lambda: _OPS.nm_dsd_csr(torch.randn(3, 5, dtype=bf16), v, fmt.t_crow, fmt.t_row, fmt.t_perm, 8),
+    }
+    with pytest.raises(TypeError, match="expected one floating-point dtype"):
+        calls[case]()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fewbit_ops_check_their_tables_on_every_path(dtype):
+    # on the reference path (fp64) 7 borders at 2 bits packed the code 7 into 2 bits, unsorted borders and
+    # bits=5 ran, surplus codes were ignored: the binding's checks and messages now hold there too
+    x = torch.randn(4, 10, dtype=dtype)
+    b3 = torch.tensor([-1.0, 0.0, 1.0])
+    codes = _OPS.fewbit_pack(x, b3, 2)
+    cases = [
+        (lambda: _OPS.fewbit_pack(x, torch.linspace(-2, 2, 7), 2), ValueError, r"^borders: expected 3 entries, got 7$"),
+        (lambda: _OPS.fewbit_pack(x, torch.tensor([1.0, 0.0, -1.0]), 2), ValueError, r"^borders: must be sorted"),
+        (lambda: _OPS.fewbit_pack(x, torch.tensor([0.0, float("nan"), 1.0]), 2), ValueError, r"^borders: entry 1 is nan$"),
+        (lambda: _OPS.fewbit_pack(x, torch.linspace(-1, 1, 31), 5), ValueError, r"^bits: expected 1, 2, 3 or 4, got 5$"),
+        (lambda: _OPS.fewbit_unpack(x[:1], codes, torch.arange(4.0), 2), ValueError, r"^codes: expected shape \(2,\)"),
+        (lambda: _OPS.fewbit_unpack(x, codes, torch.arange(16.0), 2), ValueError, r"^levels: expected 4 entries, got 16$"),
+        (lambda: _OPS.fewbit_unpack(x, codes.long(), torch.arange(4.0), 2), TypeError, r"^codes: expected dtype int32"),
+        (lambda: _OPS.fewbit_fused(x, b3, 2, "softplus", 0.0, 20.0, True), ValueError, r"^a: expected a finite number"),
+        (lambda: _OPS.fewbit_fused(x, b3, 2, "swish", 0.0, 0.0, True), ValueError, r"^kind: expected"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()

@@ -17,17 +17,18 @@ from .saved import record_relu_codes, save_with_input, saved_with_input
 
 
 def _dense_perm(x: Tensor):
-    """``(perm, inverse)`` such that ``x.permute(perm)`` is contiguous, for an ``x`` that is not contiguous
-    but dense and non-overlapping (channels_last, a transpose); None otherwise. The kernels then run
-    over ``x``'s memory in order (no copy) and their output, permuted back, has ``x``'s strides, as
-    torch's own elementwise ops keep a dense input's layout. The codes are in that memory order.
-    Not while compiling (strides may be symbolic there): the kernels then take a row-major copy."""
+    """``(perm, inverse)``: the order of ``x``'s dims by falling stride, for an ``x`` that is not contiguous and
+    not in row-major order (channels_last, a transpose, a slice of either); None otherwise. The kernels run
+    over ``x.permute(perm)``, which is contiguous for a dense ``x`` (no copy; a slice takes the one copy it
+    took before), and their output, permuted back, has torch's layout: the strides of a dense ``x``, the
+    same dim order for a slice (torch's elementwise ops order their output's dims by the input's strides).
+    The codes are in that order. Not while compiling (strides may be symbolic there): row-major there."""
     if x.is_contiguous() or x.dim() < 2 or torch.compiler.is_compiling():
         return None
     st = x.stride()
     perm = sorted(range(x.dim()), key=lambda d: -st[d])  # stable: ties (size-1 dims) keep their order
-    if not x.permute(perm).is_contiguous():
-        return None  # overlapping or with gaps: the kernels take a row-major copy
+    if perm == list(range(x.dim())):
+        return None  # row-major order already (a gapped slice): the kernels' row-major copy is torch's layout
     inv = [0] * len(perm)
     for i, d in enumerate(perm):
         inv[d] = i

@@ -833,6 +833,12 @@ def _make_table(name, bits, params, borders, levels, exact):
 
 
 def _compute_table(name, bits, params):
+    # on the CPU whatever torch.set_default_device says (a table is a constant of the package, not data)
+    with torch.device("cpu"):
+        return _compute_table_cpu(name, bits, params)
+
+
+def _compute_table_cpu(name, bits, params):
     if name in PWL_ACTIVATIONS:
         borders, levels = exact_table(name, bits, **params)
         return _make_table(name, bits, params, borders, levels, bits >= _EXACT_BITS[name])

@@ -40,6 +40,12 @@ def _patterns(r: int, c: int, n: int, m: int) -> torch.Tensor:
     ordered by number of ones (most first) and then with ones at lower flat indices first, so
     that argmax over tied block scores picks the fullest pattern and then the lowest indices.
     """
+    # (built on the CPU whatever torch.set_default_device says: it is cached, and moved by the caller)
+    with torch.device("cpu"):
+        return _patterns_cpu(r, c, n, m)
+
+
+def _patterns_cpu(r: int, c: int, n: int, m: int) -> torch.Tensor:
     # rows are subsets of the c columns with at most n ones; a pattern is r such rows whose
     # column sums stay <= n (at most 15^4 = 50625 candidates for m = 4, filtered in one go)
     opts = [s for k in range(min(n, c), -1, -1) for s in itertools.combinations(range(c), k)]

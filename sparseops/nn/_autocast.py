@@ -2,17 +2,21 @@
 
 Under autocast, ``F.linear`` casts its input, weight and bias to the autocast dtype (bf16 on CPU and fp16 on
 CUDA by default; fp64 tensors are left alone) and returns that dtype; the casts are differentiable, so fp32
-parameters still get fp32 gradients. The layers do the same: :func:`autocast_dtype` tells a layer's forward
-whether to, :func:`cast` casts one tensor, and the layer then runs with autocast off inside (its kernels and
-their pure-torch fallbacks pick their own accumulation dtype, which autocast must not lower).
+parameters still get fp32 gradients. The layers do the same: :func:`run` calls a layer's ``_run(x, dt)``
+with ``dt`` the autocast dtype (or None), with x cast and autocast off inside (the kernels and their
+pure-torch fallbacks pick their own accumulation dtype, which autocast must not lower), and
+:func:`param` casts one parameter.
+
+torch caches the casts of leaf parameters within an autocast region; here, without a gradient to record
+(inference, decoding), a layer keeps the cast copy of each parameter while it keeps being called under
+autocast and the parameter is unchanged (its ``_version`` and storage), and drops it at its first call with
+autocast off; with a gradient, each call casts (a training step calls a layer once).
 """
 
 from __future__ import annotations
 
-
 import torch
-from torch import Tensor
-
+from torch import Tensor, nn
 
 # torch.amp.is_autocast_available is in torch >= 2.4, the oldest this package supports; a fallback anyway
 _available = getattr(torch.amp, "is_autocast_available", lambda dev: dev in ("cpu", "cuda", "xpu"))
@@ -25,7 +29,9 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
         return None
     dev = x.device.type
     # (meta and other device types have no autocast: torch.is_autocast_enabled raises for them)
-    if not _available(dev) or not torch.is_autocast_enabled(dev):
+    if dev not in ("cpu", "cuda") and not _available(dev):
+        return None
+    if not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
 
@@ -37,19 +43,35 @@ def cast(t: Tensor | None, dt: torch.dtype | None) -> Tensor | None:
     return t.to(dt)
 
 
-def off(x: Tensor):
-    """A context with autocast off on ``x``'s device."""
-    return torch.autocast(x.device.type, enabled=False)
+def cast_dtype(t: Tensor, dt: torch.dtype | None) -> torch.dtype:
+    """The dtype :func:`cast` would give ``t``, without casting it."""
+    if dt is None or t.dtype == torch.float64 or not t.is_floating_point():
+        return t.dtype
+    return dt
 
 
-def run(layer_run, x: Tensor):
-    """``layer_run(x, dt)`` with ``dt`` the autocast dtype (x cast to it, autocast off inside), or
-    ``layer_run(x, None)`` where autocast is off."""
+def param(module: nn.Module, name: str, dt: torch.dtype | None) -> Tensor | None:
+    """``cast(getattr(module, name), dt)``, from the module's cache where nothing is recorded for autograd."""
+    t = getattr(module, name)
+    c = cast(t, dt)
+    if c is t or (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+        return c
+    cache = module.__dict__.setdefault("_autocast_cache", {})
+    key = (t.data_ptr(), t._version, t.device, dt)
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    cache[name] = (key, c)
+    return c
+
+
+def run(module: nn.Module, x: Tensor):
+    """``module._run(x, dt)`` with ``dt`` the autocast dtype (x cast to it, autocast off inside), or
+    ``module._run(x, None)`` where autocast is off (which drops the module's cached casts)."""
     dt = autocast_dtype(x)
     if dt is None:
-        return layer_run(x, None)
-    with off(x):
-        return layer_run(cast(x, dt), dt)
-
-
-__all__ = ["autocast_dtype", "cast", "off", "run"]
+        if "_autocast_cache" in module.__dict__ and not torch.compiler.is_compiling():
+            del module.__dict__["_autocast_cache"]
+        return module._run(x, None)
+    with torch.autocast(x.device.type, enabled=False):
+        return module._run(cast(x, dt), dt)

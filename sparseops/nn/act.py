@@ -181,7 +181,7 @@ class ActivationSparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # under torch.autocast: x and the parameters in its dtype, as nn.Linear (see nn._autocast)
-        return _autocast.run(self._run, x)
+        return _autocast.run(self, x)
 
     def _inner(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
         # the wrapped SparseLinear through its own forward (its hooks run: RigL records there), under the
@@ -192,9 +192,12 @@ class ActivationSparseLinear(nn.Module):
             return self.sparse(x)
 
     def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
-        weight, bias = _autocast.cast(self.weight, dt), _autocast.cast(self.bias, dt)
-        ref = weight if self.sparse is None else _autocast.cast(self.sparse.values, dt)
-        check_input(x, self.in_features, ref)
+        weight, bias = _autocast.param(self, "weight", dt), _autocast.param(self, "bias", dt)
+        if self.sparse is None:
+            check_input(x, self.in_features, weight)
+        else:  # the wrapped layer casts its own values: checked here against the dtype they will have
+            v = self.sparse.values
+            check_input(x, self.in_features, v if dt is None else v.new_empty(0, dtype=_autocast.cast_dtype(v, dt)))
         if self._calibrating:
             # a copy: the model may change its input in place later, or the batches share one buffer
             self._seen.append(x.detach().reshape(-1, self.in_features).clone())

@@ -499,11 +499,11 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # under torch.autocast: x and the parameters in its dtype, as nn.Linear (see nn._autocast)
-        return _autocast.run(self._run, x)
+        return _autocast.run(self, x)
 
     def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
         """The forward with the parameters cast to ``dt`` (autocast's dtype; None: as they are)."""
-        values, bias = _autocast.cast(self.values, dt), _autocast.cast(self.bias, dt)
+        values, bias = _autocast.param(self, "values", dt), _autocast.param(self, "bias", dt)
         if self._is_nm or self._block:
             if self._is_nm:
                 p = self.pattern
@@ -513,7 +513,7 @@ class SparseLinear(nn.Module):
                 y = block_linear(x, values, self._index(), bias, self.out_features, self.in_features)
                 if self._rank:
                     # [*, in] @ [in, r] @ [r, out]: two thin dense products
-                    y = y + (x @ _autocast.cast(self.lr_v, dt).t()) @ _autocast.cast(self.lr_u, dt).t()
+                    y = y + (x @ _autocast.param(self, "lr_v", dt).t()) @ _autocast.param(self, "lr_u", dt).t()
             if self.activation is None:
                 return y
             # not fused for N:M and BSR yet: the same few-bit activation as a separate op

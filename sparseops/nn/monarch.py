@@ -360,10 +360,10 @@ class MonarchLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # under torch.autocast: x and the parameters in its dtype, as nn.Linear (see nn._autocast)
-        return _autocast.run(self._run, x)
+        return _autocast.run(self, x)
 
     def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
-        b1, b2, bias = (_autocast.cast(t, dt) for t in (self.blkdiag1, self.blkdiag2, self.bias))
+        b1, b2, bias = (_autocast.param(self, n, dt) for n in ("blkdiag1", "blkdiag2", "bias"))
         check_input(x, self.in_features, b1)
         lead = x.shape[:-1]
         # an explicit row count, as in autograd.csr.apply_flat

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from ._checks import check_operands, check_threshold, checked, dtypes_ok, mats_ok
 from .csr import _CPP_HALF, _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
@@ -49,6 +50,37 @@ def _rows(a: Tensor) -> Tensor:
     return a.contiguous()
 
 
+def _check_act(x, dy=None, weight_t=None, bias=None, threshold=None, values=None, out_features=None):
+    # the operand checks of every path (see ops._checks); the threshold stays fp32 for 16-bit inputs
+    check_operands({"x": x} if dy is None else {"x": x, "dy": dy},
+                   same_dtype={"dy": dy, "x": x, "weight_t": weight_t, "values": values, "bias": bias})
+    if weight_t is not None:
+        want = (x.shape[1], weight_t.shape[-1] if dy is None else dy.shape[1])
+        if weight_t.dim() != 2 or tuple(weight_t.shape) != want:
+            raise ValueError(f"weight_t: expected shape [{want[0]}, {want[1]}] (x's in_features rows"
+                             f"{'' if dy is None else ', dy columns'}), got {tuple(weight_t.shape)}")
+        out_features = weight_t.shape[1]
+    if bias is not None:
+        check_operands({}, bias=bias, out_features=out_features)
+    if threshold is not None:
+        check_threshold(threshold, x.shape[1])
+
+
+def _thr_ok(threshold, k: int) -> bool:
+    return threshold.dim() <= 1 and threshold.numel() in (1, k)
+
+
+def _act_ok(x, dy=None, weight_t=None, bias=None, threshold=None, values=None, out_features=None) -> bool:
+    # _check_act's conditions, tested quickly (see ops._checks.checked)
+    if not (mats_ok(x, dy) and dtypes_ok(x, dy, weight_t, values, bias)):
+        return False
+    if weight_t is not None:
+        if weight_t.dim() != 2 or weight_t.shape[0] != x.shape[1] or (dy is not None and weight_t.shape[1] != dy.shape[1]):
+            return False
+        out_features = weight_t.shape[1]
+    return (bias is None or bias.shape == (out_features,)) and (threshold is None or _thr_ok(threshold, x.shape[1]))
+
+
 # ---- host ops: cpu -> _C, anything else -> reference ----
 
 
@@ -58,6 +90,8 @@ def act_dds_host(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold:
 
 
 @act_dds_host.register_kernel("cpu")
+@checked(lambda x, weight_t, bias, threshold, relu: _check_act(x, weight_t=weight_t, bias=bias, threshold=threshold),
+         ok=lambda x, weight_t, bias, threshold, relu: _act_ok(x, weight_t=weight_t, bias=bias, threshold=threshold))
 def _act_dds_cpu(x, weight_t, bias, threshold, relu):
     B, K = x.shape
     if _C is not None and x.dtype in _HALF and weight_t.dtype == x.dtype and B <= GEMV_MAX_ROWS:
@@ -97,6 +131,8 @@ def act_dsd_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, rel
 
 
 @act_dsd_host.register_kernel("cpu")
+@checked(lambda dy, x, weight_t, threshold, relu: _check_act(x, dy=dy, weight_t=weight_t, threshold=threshold),
+         ok=lambda dy, x, weight_t, threshold, relu: _act_ok(x, dy=dy, weight_t=weight_t, threshold=threshold))
 @half_via_fp32
 def _act_dsd_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
@@ -118,6 +154,8 @@ def act_sdd_host(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor
 
 
 @act_sdd_host.register_kernel("cpu")
+@checked(lambda dy, x, threshold, relu: _check_act(x, dy=dy, threshold=threshold),
+         ok=lambda dy, x, threshold, relu: _act_ok(x, dy=dy, threshold=threshold))
 @half_via_fp32
 def _act_sdd_cpu(dy, x, threshold, relu):
     if not _use_cpp(dy, x):
@@ -212,6 +250,10 @@ def act_csr_dds(x: Tensor, t_crow: Tensor, t_col: Tensor, t_values: Tensor, bias
 
 
 @act_csr_dds.register_kernel("cpu")
+@checked(lambda x, t_crow, t_col, t_values, bias, threshold, relu, out_features: _check_act(
+    x, values=t_values, bias=bias, threshold=threshold, out_features=out_features),
+    ok=lambda x, t_crow, t_col, t_values, bias, threshold, relu, out_features: _act_ok(
+        x, values=t_values, bias=bias, threshold=threshold, out_features=out_features))
 @half_via_fp32
 def _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
     if not _use_cpp(x, t_values, *(() if bias is None else (bias,))):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from ._checks import check_operands, checked, dtypes_ok
 from ..formats.bsr import BLOCK_SIZES, check_block
 from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
@@ -66,6 +67,8 @@ def bsr_dds_host(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Opt
 
 
 @bsr_dds_host.register_kernel("cpu")
+@checked(lambda x, values, crow, col, bias, *_: check_operands({}, same_dtype={"x": x, "values": values, "bias": bias}),
+         ok=lambda x, values, crow, col, bias, *_: dtypes_ok(x, values, bias))
 @half_via_fp32
 def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
     b = _check_args("x", x, values, "crow", crow, out_features, bias)
@@ -93,6 +96,8 @@ def bsr_dsd_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_pe
 
 
 @bsr_dsd_host.register_kernel("cpu")
+@checked(lambda dy, values, *_: check_operands({}, same_dtype={"dy": dy, "values": values}),
+         ok=lambda dy, values, *_: dtypes_ok(dy, values))
 @half_via_fp32
 def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     b = _check_args("dy", dy, values, "t_crow", t_crow, in_features)
@@ -120,6 +125,7 @@ def bsr_sdd_host(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) ->
 
 
 @bsr_sdd_host.register_kernel("cpu")
+@checked(lambda dy, x, *_: check_operands({}, same_dtype={"x": x, "dy": dy}), ok=lambda dy, x, *_: dtypes_ok(x, dy))
 @half_via_fp32
 def _bsr_sdd_cpu(dy, x, row, col, block):
     check_block(block)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from ._checks import check_operands, checked, dtypes_ok, mats_ok
 from . import _gpu
 
 
@@ -68,10 +69,10 @@ class _staging:
             return t.float()
         key = (n, sum(1 for u in self.used if u[0] == n))  # a second argument of the same size gets its own
         buf = self.pool.pop(key, None)
-        if buf is None or buf.is_inference() != torch.is_inference_mode_enabled():
-            # (a buffer made under inference_mode is an inference tensor, which refuses the in-place copy
-            # outside it, and a normal one is refused inside it: one pool, a buffer of the mode at hand)
-            with torch.inference_mode(torch.is_inference_mode_enabled()):
+        if buf is None:
+            # a normal tensor even under inference_mode: an inference tensor refuses the in-place copy of a
+            # later call outside it, and a normal one takes copies in both
+            with torch.inference_mode(False):
                 buf = torch.empty(n, dtype=torch.float32, device="cpu")
         self.used.append(key)
         self.pool[key] = buf  # most recent last
@@ -185,44 +186,6 @@ def _check_values(values, nnz: int) -> None:
         raise ValueError(f"values: expected {nnz} entries (one per stored index), got {values.shape[0]}")
 
 
-def _check_operands(out_features: int | None = None, bias: Tensor | None = None, **named: Tensor) -> None:
-    """The dense operands' checks the C++ binding makes, for every path (the pure-torch one would broadcast
-    a mismatch instead): the matrices (``x``, ``dy``) 2-D with one row count, a bias ``[out_features]``, and
-    every floating-point operand of one dtype (the result's dtype, as the fake impls say)."""
-    rows = None
-    for name, t in named.items():
-        if name == "values":
-            continue
-        if t.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-        if rows is None:
-            rows, first = t.shape[0], name
-        elif t.shape[0] != rows:
-            raise ValueError(f"{name}: expected {rows} rows to match {first}, got {t.shape[0]}")
-    if bias is not None:
-        named = {**named, "bias": bias}
-        if bias.shape != (out_features,):
-            raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
-    dtypes = {t.dtype for t in named.values()}
-    if len(dtypes) > 1:
-        got = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
-        raise TypeError(f"{', '.join(named)}: expected one floating-point dtype, got {got}")
-
-
-def _checked(check):
-    """Runs ``check(*args)`` before the kernel (and before ``half_via_fp32`` converts anything)."""
-
-    def wrap(kernel):
-        def run(*args):
-            check(*args)
-            return kernel(*args)
-
-        run.__name__ = kernel.__name__
-        return run
-
-    return wrap
-
-
 # ---- host ops: cpu -> _C, anything else -> reference ----
 
 
@@ -238,7 +201,10 @@ CSR16_MAX_ROWS = 7
 
 
 @csr_dds_host.register_kernel("cpu")
-@_checked(lambda x, values, crow, col, bias, out_features: _check_operands(out_features, bias, x=x, values=values))
+@checked(lambda x, values, crow, col, bias, out_features: check_operands(
+    {"x": x}, same_dtype={"x": x, "values": values, "bias": bias}, bias=bias, out_features=out_features),
+    ok=lambda x, values, crow, col, bias, out_features: mats_ok(x) and dtypes_ok(x, values, bias) and (
+        bias is None or bias.shape == (out_features,)))
 def _csr_dds_cpu(x, values, crow, col, bias, out_features):
     if (_C is not None and x.dtype in _HALF and values.dtype == x.dtype and 0 < x.shape[0] <= CSR16_MAX_ROWS
             and crow.dtype == torch.int32 and col.dtype == torch.int32):
@@ -277,7 +243,8 @@ def csr_dsd_host(
 
 
 @csr_dsd_host.register_kernel("cpu")
-@_checked(lambda dy, values, *_: _check_operands(dy=dy, values=values))
+@checked(lambda dy, values, *_: check_operands({"dy": dy}, same_dtype={"dy": dy, "values": values}),
+         ok=lambda dy, values, *_: mats_ok(dy) and dtypes_ok(dy, values))
 @half_via_fp32
 def _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
@@ -302,7 +269,8 @@ def csr_sdd_host(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, row: Tensor) 
 
 
 @csr_sdd_host.register_kernel("cpu")
-@_checked(lambda dy, x, *_: _check_operands(x=x, dy=dy))
+@checked(lambda dy, x, *_: check_operands({"x": x, "dy": dy}, same_dtype={"x": x, "dy": dy}),
+         ok=lambda dy, x, *_: mats_ok(x, dy) and dtypes_ok(x, dy))
 @half_via_fp32
 def _csr_sdd_cpu(dy, x, crow, col, row):
     if not _use_cpp(dy, x):
@@ -331,7 +299,8 @@ def csr_backward_host(
 
 
 @csr_backward_host.register_kernel("cpu")
-@_checked(lambda dy, x, values, *_: _check_operands(x=x, dy=dy, values=values))
+@checked(lambda dy, x, values, *_: check_operands({"x": x, "dy": dy}, same_dtype={"x": x, "dy": dy, "values": values}),
+         ok=lambda dy, x, values, *_: mats_ok(x, dy) and dtypes_ok(x, dy, values))
 @half_via_fp32
 def _csr_backward_cpu(dy, x, values, crow, col, row, t_crow, t_row, t_perm):
     if not _use_cpp(dy, x, values):

@@ -55,18 +55,60 @@ def _use_cpp(t: Tensor) -> bool:
     return _C is not None and t.device.type == "cpu" and t.dtype in _CPP_DTYPES
 
 
+# ---- the binding's checks, for the reference path (fp64, other devices, no C++ build) ----
+
+
+def _check_table(bits: int, borders: Tensor | None = None, levels: Tensor | None = None, codes: Tensor | None = None,
+                 n: int | None = None) -> None:
+    """What the C++ binding checks before a kernel runs, with its messages: without them the reference
+    packed a code past 2^bits - 1 into fewer bits, ignored surplus codes, or failed with a bare IndexError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
+        raise ValueError(f"bits: expected 1, 2, 3 or 4, got {bits}")
+    for name, t, want in (("borders", borders, (1 << bits) - 1), ("levels", levels, 1 << bits)):
+        if t is None:
+            continue
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D array, got shape {tuple(t.shape)}")
+        if t.numel() != want:
+            raise ValueError(f"{name}: expected {want} entries, got {t.numel()}")
+    if borders is not None:
+        b = borders.tolist()
+        for k, v in enumerate(b):
+            if v != v:
+                raise ValueError(f"borders: entry {k} is nan")
+            if k and v < b[k - 1]:
+                raise ValueError(f"borders: must be sorted (non-decreasing) at {k}")
+    if codes is not None:
+        if codes.dtype != torch.int32:
+            raise TypeError(f"codes: expected dtype int32, got {codes.dtype}")
+        want = num_words(n, bits)
+        if codes.dim() != 1 or codes.numel() != want:
+            raise ValueError(f"codes: expected shape ({want},) for {n} elements at {bits} bits, got "
+                             f"{tuple(codes.shape)}")
+
+
+def _pack_reference(x, borders, bits):
+    _check_table(bits, borders=borders)
+    return reference.fewbit_pack(x, borders, bits)
+
+
+def _unpack_reference(grad, codes, levels, bits):
+    _check_table(bits, levels=levels, codes=codes, n=grad.numel())
+    return reference.fewbit_unpack(grad, codes, levels, bits)
+
+
 # ---- host ops: cpu -> _C, anything else -> reference ----
 
 
 @torch.library.custom_op("sparseops::fewbit_pack_host", mutates_args=())
 def fewbit_pack_host(x: Tensor, borders: Tensor, bits: int) -> Tensor:
-    return reference.fewbit_pack(x, borders, bits)
+    return _pack_reference(x, borders, bits)
 
 
 @fewbit_pack_host.register_kernel("cpu")
 def _fewbit_pack_cpu(x, borders, bits):
     if not _use_cpp(x):
-        return reference.fewbit_pack(x, borders, bits)
+        return _pack_reference(x, borders, bits)
     x = x.contiguous()
     codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device="cpu")
     b = _f32(borders)
@@ -81,13 +123,13 @@ def _(x, borders, bits):
 
 @torch.library.custom_op("sparseops::fewbit_unpack_host", mutates_args=())
 def fewbit_unpack_host(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
-    return reference.fewbit_unpack(grad, codes, levels, bits)
+    return _unpack_reference(grad, codes, levels, bits)
 
 
 @fewbit_unpack_host.register_kernel("cpu")
 def _fewbit_unpack_cpu(grad, codes, levels, bits):
     if not _use_cpp(grad):
-        return reference.fewbit_unpack(grad, codes, levels, bits)
+        return _unpack_reference(grad, codes, levels, bits)
     grad = grad.contiguous()
     out = torch.empty(grad.shape, dtype=grad.dtype, device="cpu")
     lv = _f32(levels)
@@ -162,7 +204,19 @@ def _no_codes(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=torch.int32)
 
 
+_FUSED_KINDS = ("clamp", "leaky", "hardswish", "hardsigmoid", "tanh", "sigmoid", "elu", "celu", "softplus",
+                "logsigmoid", "silu")
+
+
 def _fused_reference(x, borders, bits, kind, a, b, codes):
+    # the binding's checks first (see _check_table)
+    _check_table(bits, borders=borders)
+    if kind not in _FUSED_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(repr(k) for k in _FUSED_KINDS)}, got {kind!r}")
+    if a != a or b != b:
+        raise ValueError("a, b: expected numbers, got nan")
+    if kind in ("celu", "softplus") and not (2.2250738585072014e-308 <= a < float("inf")):
+        raise ValueError(f"a: expected a finite number >= 2.2250738585072014e-308 for {kind!r}, got {a}")
     y = reference.fewbit.fewbit_fused_forward(x, kind, a, b)
     return y, (reference.fewbit_pack(x, borders, bits) if codes else _no_codes(x))
 

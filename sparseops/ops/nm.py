@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from .._cpp import _C
+from ._checks import check_operands, checked, dtypes_ok, mats_ok
 from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
 from .csr import _CPP_HALF, _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
@@ -54,6 +55,10 @@ NM16_MAX_ROWS = 7
 
 
 @nm_dds_host.register_kernel("cpu")
+@checked(lambda x, values, idx, bias, n, m: check_operands(
+    {"x": x}, same_dtype={"x": x, "values": values, "bias": bias}, bias=bias, out_features=values.shape[0]),
+    ok=lambda x, values, idx, bias, n, m: mats_ok(x) and dtypes_ok(x, values, bias) and (
+        bias is None or bias.shape == values.shape[:1]))
 def _nm_dds_cpu(x, values, idx, bias, n, m):
     if _C is not None and x.dtype in _HALF and values.dtype == x.dtype and 0 < x.shape[0] <= NM16_MAX_ROWS:
         # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
@@ -88,6 +93,8 @@ def nm_sdd_host(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
 
 
 @nm_sdd_host.register_kernel("cpu")
+@checked(lambda dy, x, *_: check_operands({"x": x, "dy": dy}, same_dtype={"x": x, "dy": dy}),
+         ok=lambda dy, x, *_: mats_ok(x, dy) and dtypes_ok(x, dy))
 @half_via_fp32
 def _nm_sdd_cpu(dy, x, idx, n, m):
     if not _use_cpp(dy, x):
@@ -110,6 +117,10 @@ def nm_dsd_host(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: in
 
 
 @nm_dsd_host.register_kernel("cpu")
+@checked(lambda dy, values, *_: check_operands(
+    {"dy": dy}, cols={"dy": (dy, values.shape[0], "the weight's out_features")},
+    same_dtype={"dy": dy, "values": values}),
+    ok=lambda dy, values, *_: mats_ok(dy) and dtypes_ok(dy, values) and dy.shape[1] == values.shape[0])
 @half_via_fp32
 def _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m):
     if not _use_cpp(dy, values):
@@ -134,6 +145,8 @@ def nm_dsd_csr_host(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t
 
 
 @nm_dsd_csr_host.register_kernel("cpu")
+@checked(lambda dy, values, *_: check_operands({"dy": dy}, same_dtype={"dy": dy, "values": values}),
+         ok=lambda dy, values, *_: mats_ok(dy) and dtypes_ok(dy, values))
 @half_via_fp32
 def _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
