@@ -73,3 +73,26 @@ def test_mask_updates_under_a_meta_default_device():
     finally:
         torch.set_default_device(None)
     assert model[0].format.nnz == nnz and y.device.type == "cpu" and torch.isfinite(y).all()
+
+
+def test_tables_and_patterns_computed_under_a_meta_default_device():
+    # a few-bit table that is not shipped (custom parameters) and the transposable N:M patterns are computed
+    # on first use: on the CPU, whatever the default device
+    from sparseops.fewbit.table import _cached_table
+    from sparseops.masks.transposable import _patterns
+
+    _cached_table.cache_clear()
+    _patterns.cache_clear()
+    x = torch.randn(4, 4)
+    w = torch.randn(24, 64)
+    torch.set_default_device("meta")
+    try:
+        y = sparseops.fewbit.activation(x.requires_grad_(True), "elu", 2, alpha=0.7123)
+        act = sparseops.nn.FewBitLeakyReLU(0.3123)  # a module's tensors follow the default device, as torch's
+        layer = sparseops.SparseLinear(64, 24, pattern=sparseops.NM(2, 4, transposable=True), device="cpu")
+        mask = sparseops.masks.transposable_nm(w, 2, 4)
+    finally:
+        torch.set_default_device(None)
+    assert y.device.type == "cpu" and act.borders.device.type == "meta"
+    assert layer.values.device.type == "cpu" and mask.device.type == "cpu"
+    assert sparseops.masks.is_transposable_nm(layer.mask, 2, 4) and sparseops.masks.is_transposable_nm(mask, 2, 4)
