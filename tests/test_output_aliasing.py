@@ -195,3 +195,37 @@ def test_an_output_inside_a_strided_inputs_reach_is_refused():
     np.testing.assert_array_equal(y[:, 0], gapped[:, 0])
     with pytest.raises(ValueError, match="non-negative"):
         _C.csr_dds(base[::-1], np.ones(1, F32), crow, col, None, np.zeros((2, 1), F32), 1)
+
+
+def test_a_broadcast_gradient_is_not_taken_for_an_overlap():
+    # loss = layer(x).sum() hands backward a dy of stride 0: one float. Its extent was taken as B * out floats
+    # from its pointer, so a fresh dx allocated just after that float was refused at random with
+    # "dx: shares memory with dy". The extent follows the strides now.
+    import torch
+    from sparseops.formats import CSRWeight
+
+    B, out, inp = 8, 6, 5
+    fmt = CSRWeight.from_mask(torch.rand(out, inp) < 0.7)
+    vals = np.random.default_rng(0).standard_normal(fmt.nnz).astype(F32)
+    buf = np.zeros(1 + B * inp, F32)
+    buf[0] = 2.0
+    dy = np.broadcast_to(buf[:1].reshape(1, 1), (B, out))  # strides (0, 0)
+    dx = buf[1:].reshape(B, inp)  # right after dy's one float
+    _C.csr_dsd(dy, vals, fmt.t_crow.numpy(), fmt.t_row.numpy(), fmt.t_perm.numpy(), dx, 1)
+    w = fmt.to_dense(torch.from_numpy(vals)).numpy()
+    np.testing.assert_allclose(dx, np.full((B, out), 2.0, F32) @ w, rtol=1e-6, atol=1e-6)
+
+
+def test_sum_backward_through_sparse_layers_many_times():
+    # the layer-level symptom of the case above (it depended on where the allocator put dx)
+    import torch
+
+    import sparseops
+
+    torch.manual_seed(0)
+    for layer in (sparseops.SparseLinear.from_dense(torch.nn.Linear(256, 256), pattern="2:4"),
+                  sparseops.SparseLinear.from_dense(torch.nn.Linear(64, 64), sparsity=0.5)):
+        x = torch.randn(8, layer.in_features, requires_grad=True)
+        for _ in range(300):
+            layer(x).sum().backward()
+        assert torch.isfinite(x.grad).all()

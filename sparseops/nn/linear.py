@@ -503,7 +503,10 @@ class SparseLinear(nn.Module):
 
     def _run(self, x: Tensor, dt: torch.dtype | None) -> Tensor:
         """The forward with the parameters cast to ``dt`` (autocast's dtype; None: as they are)."""
-        values, bias = _autocast.param(self, "values", dt), _autocast.param(self, "bias", dt)
+        if dt is None:
+            values, bias = self.values, self.bias
+        else:
+            values, bias = _autocast.param(self, "values", dt), _autocast.param(self, "bias", dt)
         if self._is_nm or self._block:
             if self._is_nm:
                 p = self.pattern

@@ -30,6 +30,10 @@ from .._cpp import _C
 from ._checks import check_operands, check_threshold, checked, dtypes_ok, mats_ok
 from .csr import _CPP_HALF, _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
+# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
+# a device object, not the string: parsing "cpu" costs ~0.3 us a call
+_CPU = torch.device("cpu")
+
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
 # of weight_t for all rows) rather than each row's own; the issue's decode range is 1 to 32 tokens
 GEMV_MAX_ROWS = 32
@@ -98,7 +102,7 @@ def _act_dds_cpu(x, weight_t, bias, threshold, relu):
         # decode with a 16-bit weight: the kernel reads the active rows of weight_t as they are (half
         # the bytes of fp32) and widens them in registers; x, bias and y are small, converted here
         N = weight_t.shape[1]
-        y = torch.empty(B, N, dtype=torch.float32, device="cpu")
+        y = torch.empty(B, N, dtype=torch.float32, device=_CPU)
         b = None if bias is None else _np(bias.float().contiguous())
         _C.act_gemv16(_np(_rows(x.float())), _np(_thr(threshold.float())), relu,
                       _np(weight_t.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], b, _np(y),
@@ -113,7 +117,7 @@ def _act_dds_cpu32(x, weight_t, bias, threshold, relu):
         return reference.act_dds(x, weight_t, bias, threshold, relu)
     B, K = x.shape
     N = weight_t.shape[1]
-    y = torch.empty(B, N, dtype=torch.float32, device="cpu")
+    y = torch.empty(B, N, dtype=torch.float32, device=_CPU)
     b = None if bias is None else _np(bias.contiguous())
     kernel = _C.act_gemv if B <= GEMV_MAX_ROWS else _C.act_spmm
     kernel(_np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), b, _np(y), _threads(B * K * N))
@@ -137,7 +141,7 @@ def act_dsd_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, rel
 def _act_dsd_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
         return reference.act_dsd(dy, x, weight_t, threshold, relu)
-    dx = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+    dx = torch.empty(x.shape, dtype=torch.float32, device=_CPU)
     _C.act_dsd(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), _np(dx),
                _threads(x.numel() * dy.shape[1]))
     return dx
@@ -160,7 +164,7 @@ def act_sdd_host(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor
 def _act_sdd_cpu(dy, x, threshold, relu):
     if not _use_cpp(dy, x):
         return reference.act_sdd(dy, x, threshold, relu)
-    dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32, device="cpu")
+    dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32, device=_CPU)
     _C.act_sdd(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(dw), _threads(x.numel() * dy.shape[1]))
     return dw
 
@@ -207,19 +211,19 @@ act_sdd.register_kernel("cpu")(_act_sdd_cpu)
 
 def dds(x, weight_t, bias, threshold, relu: bool) -> Tensor:
     if _eager_cpu(x):
-        return _act_dds_cpu(x, weight_t, bias, threshold, relu)
+        return _act_dds_cpu.unchecked(x, weight_t, bias, threshold, relu)
     return torch.ops.sparseops.act_dds(x, weight_t, bias, threshold, relu)
 
 
 def dsd(dy, x, weight_t, threshold, relu: bool) -> Tensor:
     if _eager_cpu(dy):
-        return _act_dsd_cpu(dy, x, weight_t, threshold, relu)
+        return _act_dsd_cpu.unchecked(dy, x, weight_t, threshold, relu)
     return torch.ops.sparseops.act_dsd(dy, x, weight_t, threshold, relu)
 
 
 def sdd(dy, x, threshold, relu: bool) -> Tensor:
     if _eager_cpu(dy):
-        return _act_sdd_cpu(dy, x, threshold, relu)
+        return _act_sdd_cpu.unchecked(dy, x, threshold, relu)
     return torch.ops.sparseops.act_sdd(dy, x, threshold, relu)
 
 
@@ -258,7 +262,7 @@ def act_csr_dds(x: Tensor, t_crow: Tensor, t_col: Tensor, t_values: Tensor, bias
 def _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
     if not _use_cpp(x, t_values, *(() if bias is None else (bias,))):
         return _act_csr_dds_ref(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=_CPU)
     b = None if bias is None else _np(bias.contiguous())
     _C.act_csr_gemv(_np(_rows(x)), _np(_thr(threshold)), relu, _np(t_crow.contiguous()), _np(t_col.contiguous()),
                     _np(t_values.contiguous()), out_features, b, _np(y), _threads(x.shape[0] * t_values.numel()))
@@ -272,5 +276,5 @@ def _(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
 
 def csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu: bool, out_features: int) -> Tensor:
     if _eager_cpu(x):
-        return _act_csr_dds_cpu(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
+        return _act_csr_dds_cpu.unchecked(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
     return torch.ops.sparseops.act_csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)

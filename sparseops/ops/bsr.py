@@ -24,6 +24,10 @@ from ._checks import check_operands, checked, dtypes_ok
 from ..formats.bsr import BLOCK_SIZES, check_block
 from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
+# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
+# a device object, not the string: parsing "cpu" costs ~0.3 us a call
+_CPU = torch.device("cpu")
+
 
 def _padded(a: Tensor, n: int) -> Tensor:
     """``a [B, k]`` with zero columns up to ``n`` and contiguous rows (no copy when it already is)."""
@@ -78,7 +82,7 @@ def _bsr_dds_cpu(x, values, crow, col, bias, out_features):
         return reference.bsr_dds(x, values, crow, col, bias, out_features)
     nbr = crow.shape[0] - 1
     xp = _padded(x, -(-x.shape[1] // b) * b)
-    y = torch.empty(x.shape[0], nbr * b, dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], nbr * b, dtype=torch.float32, device=_CPU)
     bp = None if bias is None else _np(F.pad(bias, (0, nbr * b - bias.shape[0])).contiguous())
     _C.bsr_dds(_np(xp), _np(values.contiguous()), _np(crow), _np(col), b, bp, _np(y),
                _threads(x.shape[0] * values.numel()))
@@ -108,7 +112,7 @@ def _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
         return reference.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
     nbc = t_crow.shape[0] - 1
     dyp = _padded(dy, -(-dy.shape[1] // b) * b)
-    dx = torch.empty(dy.shape[0], nbc * b, dtype=torch.float32, device="cpu")
+    dx = torch.empty(dy.shape[0], nbc * b, dtype=torch.float32, device=_CPU)
     _C.bsr_dsd(_np(dyp), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), b, _np(dx),
                _threads(dy.shape[0] * values.numel()))
     return _cut(dx, in_features)
@@ -143,7 +147,7 @@ def _bsr_sdd_cpu(dy, x, row, col, block):
     b = block
     dyp = _padded(dy, -(-dy.shape[1] // b) * b)
     xp = _padded(x, -(-x.shape[1] // b) * b)
-    dv = torch.empty(row.shape[0], b, b, dtype=torch.float32, device="cpu")
+    dv = torch.empty(row.shape[0], b, b, dtype=torch.float32, device=_CPU)
     _C.bsr_sdd(_np(dyp), _np(xp), _np(row), _np(col), b, _np(dv), _threads(x.shape[0] * dv.numel()))
     return dv
 
@@ -197,17 +201,17 @@ bsr_sdd.register_kernel("cpu")(_bsr_sdd_cpu)
 
 def dds(x, values, crow, col, bias, out_features: int) -> Tensor:
     if _eager_cpu(x):
-        return _bsr_dds_cpu(x, values, crow, col, bias, out_features)
+        return _bsr_dds_cpu.unchecked(x, values, crow, col, bias, out_features)
     return torch.ops.sparseops.bsr_dds(x, values, crow, col, bias, out_features)
 
 
 def dsd(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
     if _eager_cpu(dy):
-        return _bsr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features)
+        return _bsr_dsd_cpu.unchecked(dy, values, t_crow, t_row, t_perm, in_features)
     return torch.ops.sparseops.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
 
 
 def sdd(dy, x, row, col, block: int) -> Tensor:
     if _eager_cpu(x):
-        return _bsr_sdd_cpu(dy, x, row, col, block)
+        return _bsr_sdd_cpu.unchecked(dy, x, row, col, block)
     return torch.ops.sparseops.bsr_sdd(dy, x, row, col, block)

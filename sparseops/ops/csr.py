@@ -26,6 +26,10 @@ from .._cpp import _C
 from ._checks import check_operands, checked, dtypes_ok, mats_ok
 from . import _gpu
 
+# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
+# a device object, not the string: parsing "cpu" costs ~0.3 us a call
+_CPU = torch.device("cpu")
+
 
 # NOTE: an openmp region costs a wake-up of every thread, and on a loaded 2-core machine one
 # thread can wait a whole scheduler slice: an 8x16x16 product took 8.5 ms with 2 threads and
@@ -73,7 +77,7 @@ class _staging:
             # a normal tensor even under inference_mode: an inference tensor refuses the in-place copy of a
             # later call outside it, and a normal one takes copies in both
             with torch.inference_mode(False):
-                buf = torch.empty(n, dtype=torch.float32, device="cpu")
+                buf = torch.empty(n, dtype=torch.float32, device=_CPU)
         self.used.append(key)
         self.pool[key] = buf  # most recent last
         while len(self.pool) > _STAGE_KEEP + len(self.used):
@@ -210,7 +214,7 @@ def _csr_dds_cpu(x, values, crow, col, bias, out_features):
             and crow.dtype == torch.int32 and col.dtype == torch.int32):
         # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
         # no copy); x and bias are small and converted here
-        y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device="cpu")
+        y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=_CPU)
         b = None if bias is None else _np(bias.float().contiguous())
         _C.csr_dds16(_np(x.float()), _np(values.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], _np(crow),
                      _np(col), b, _np(y), _threads(x.shape[0] * col.shape[0]))
@@ -224,7 +228,7 @@ def _csr_dds_cpu32(x, values, crow, col, bias, out_features):
         _check_index("crow", crow, "col", col, out_features, x.shape[1])
         _check_values(values, col.numel())
         return reference.csr_dds(x, values, crow, col, bias, out_features)
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=_CPU)
     b = None if bias is None else _np(bias.contiguous())
     _C.csr_dds(_np(x), _np(values.contiguous()), _np(crow), _np(col), b, _np(y), _threads(x.shape[0] * col.shape[0]))
     return y
@@ -251,7 +255,7 @@ def _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features):
         _check_values(values, t_row.numel())
         _check_index("t_crow", t_crow, "t_row", t_row, in_features, dy.shape[1], perm=t_perm, nnz=values.shape[0])
         return reference.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32, device="cpu")
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32, device=_CPU)
     _C.csr_dsd(
         _np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx), _threads(dy.shape[0] * t_row.shape[0])
     )
@@ -276,7 +280,7 @@ def _csr_sdd_cpu(dy, x, crow, col, row):
     if not _use_cpp(dy, x):
         _check_index("crow", crow, "col", col, dy.shape[1], x.shape[1], row=row, out=dy.shape[1])
         return reference.csr_sdd(dy, x, row, col)
-    dv = torch.empty(col.shape[0], dtype=torch.float32, device="cpu")
+    dv = torch.empty(col.shape[0], dtype=torch.float32, device=_CPU)
     _C.csr_sdd(_np(dy), _np(x), _np(crow), _np(col), _np(dv), _threads(x.shape[0] * col.shape[0]))
     return dv
 
@@ -308,8 +312,8 @@ def _csr_backward_cpu(dy, x, values, crow, col, row, t_crow, t_row, t_perm):
         _check_index("t_crow", t_crow, "t_row", t_row, x.shape[1], dy.shape[1], perm=t_perm, nnz=col.numel())
         _check_values(values, col.numel())
         return _backward_reference(dy, x, values, row, col, t_crow, t_row, t_perm)
-    dx = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device="cpu")
-    dv = torch.empty(col.shape[0], dtype=torch.float32, device="cpu")
+    dx = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device=_CPU)
+    dv = torch.empty(col.shape[0], dtype=torch.float32, device=_CPU)
     _C.csr_backward(
         _np(dy), _np(x), _np(values.contiguous()), _np(crow), _np(col), _np(t_crow), _np(t_row), _np(t_perm),
         _np(dx), _np(dv), _threads(2 * x.shape[0] * col.shape[0]),
@@ -428,26 +432,26 @@ def _eager_cpu(t: Tensor) -> bool:
 def dds(x, values, crow, col, bias, out_features: int) -> Tensor:
     """``csr_dds`` for the autograd layer (see :func:`csr_dds`)."""
     if _eager_cpu(x):
-        return _csr_dds_cpu(x, values, crow, col, bias, out_features)
+        return _csr_dds_cpu.unchecked(x, values, crow, col, bias, out_features)
     return torch.ops.sparseops.csr_dds(x, values, crow, col, bias, out_features)
 
 
 def dsd(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
     """``csr_dsd`` for the autograd layer (see :func:`csr_dsd`)."""
     if _eager_cpu(dy):
-        return _csr_dsd_cpu(dy, values, t_crow, t_row, t_perm, in_features)
+        return _csr_dsd_cpu.unchecked(dy, values, t_crow, t_row, t_perm, in_features)
     return torch.ops.sparseops.csr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
 
 
 def sdd(dy, x, crow, col, row) -> Tensor:
     """``csr_sdd`` for the autograd layer (see :func:`csr_sdd`)."""
     if _eager_cpu(x):
-        return _csr_sdd_cpu(dy, x, crow, col, row)
+        return _csr_sdd_cpu.unchecked(dy, x, crow, col, row)
     return torch.ops.sparseops.csr_sdd(dy, x, crow, col, row)
 
 
 def backward(dy, x, values, crow, col, row, t_crow, t_row, t_perm) -> tuple[Tensor, Tensor]:
     """``csr_backward`` for the autograd layer (see :func:`csr_backward`)."""
     if _eager_cpu(x):
-        return _csr_backward_cpu(dy, x, values, crow, col, row, t_crow, t_row, t_perm)
+        return _csr_backward_cpu.unchecked(dy, x, values, crow, col, row, t_crow, t_row, t_perm)
     return torch.ops.sparseops.csr_backward(dy, x, values, crow, col, row, t_crow, t_row, t_perm)

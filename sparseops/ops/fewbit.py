@@ -29,6 +29,10 @@ from ..reference.fewbit import fewbit_unpack_codes as _unpack_codes, num_words
 from . import _gpu
 from .csr import _csr_dds_cpu
 
+# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
+# a device object, not the string: parsing "cpu" costs ~0.3 us a call
+_CPU = torch.device("cpu")
+
 _CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 # NOTE: a second thread pays from 64k elements on (fused relu + codes, 2 threads against 1, ad hoc
@@ -110,7 +114,7 @@ def _fewbit_pack_cpu(x, borders, bits):
     if not _use_cpp(x):
         return _pack_reference(x, borders, bits)
     x = x.contiguous()
-    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device="cpu")
+    codes = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device=_CPU)
     b = _f32(borders)
     _C.fewbit_pack(_np_elems(x), _CPP_DTYPES[x.dtype], b.numpy(), bits, codes.numpy(), _threads(x.numel()))
     return codes
@@ -131,7 +135,7 @@ def _fewbit_unpack_cpu(grad, codes, levels, bits):
     if not _use_cpp(grad):
         return _unpack_reference(grad, codes, levels, bits)
     grad = grad.contiguous()
-    out = torch.empty(grad.shape, dtype=grad.dtype, device="cpu")
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=_CPU)
     lv = _f32(levels)
     _C.fewbit_unpack(
         _np_elems(grad), _CPP_DTYPES[grad.dtype], codes.contiguous().numpy(), lv.numpy(), bits, _np_elems(out),
@@ -253,7 +257,7 @@ def _fewbit_fused_cpu(x, borders, bits, kind, a, b, codes):
         return _fused_reference(x, borders, bits, kind, a, b, codes)
     x = x.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    c = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device="cpu") if codes else _no_codes(x)
+    c = torch.empty(num_words(x.numel(), bits), dtype=torch.int32, device=_CPU) if codes else _no_codes(x)
     bd = _f32(borders)
     _C.fewbit_pack_fused(_np_elems(x), _CPP_DTYPES[x.dtype], bd.numpy(), bits, c.numpy() if codes else None, kind,
                          a, b, _np_elems(y), _threads(x.numel()))

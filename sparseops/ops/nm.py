@@ -23,6 +23,10 @@ from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
 from .csr import _CPP_HALF, _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
+# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
+# a device object, not the string: parsing "cpu" costs ~0.3 us a call
+_CPU = torch.device("cpu")
+
 # ---- host ops ----
 
 
@@ -63,7 +67,7 @@ def _nm_dds_cpu(x, values, idx, bias, n, m):
     if _C is not None and x.dtype in _HALF and values.dtype == x.dtype and 0 < x.shape[0] <= NM16_MAX_ROWS:
         # decode with a 16-bit weight: the values are read as they are (half the bytes of an fp32 copy, and
         # no copy); x and bias are small and converted here
-        y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32, device="cpu")
+        y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32, device=_CPU)
         b = None if bias is None else _np(bias.float().contiguous())
         _C.nm_dds16(_np(x.float()), _np(values.contiguous().view(torch.int16)), _CPP_HALF[x.dtype], _np(idx), n, m, b,
                     _np(y), _threads(x.shape[0] * values.numel()))
@@ -76,7 +80,7 @@ def _nm_dds_cpu32(x, values, idx, bias, n, m):
     if not _use_cpp(x, values, *(() if bias is None else (bias,))):
         _check_nm_index("idx", idx, values.shape[0], x.shape[1], n, m, values)
         return reference.nm_dds(x, values, idx, bias, n, m)
-    y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32, device="cpu")
+    y = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32, device=_CPU)
     b = None if bias is None else _np(bias.contiguous())
     _C.nm_dds(_np(x), _np(values.contiguous()), _np(idx), n, m, b, _np(y), _threads(x.shape[0] * values.numel()))
     return y
@@ -101,7 +105,7 @@ def _nm_sdd_cpu(dy, x, idx, n, m):
         _check_nm_index("idx", idx, dy.shape[1], x.shape[1], n, m)
         return reference.nm_sdd(dy, x, idx, n, m)
     S = -(-x.shape[1] // m) * n
-    dv = torch.empty(dy.shape[1], S, dtype=torch.float32, device="cpu")
+    dv = torch.empty(dy.shape[1], S, dtype=torch.float32, device=_CPU)
     _C.nm_sdd(_np(dy), _np(x), _np(idx), n, m, _np(dv), _threads(x.shape[0] * dv.numel()))
     return dv
 
@@ -129,7 +133,7 @@ def _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m):
             raise ValueError(f"t_slot: entries must lie in [-1, {values.numel()}), "
                              f"got [{int(t_slot.min())}, {int(t_slot.max())}]")
         return reference.nm_dsd(dy, values, t_idx, t_slot, n, m)
-    dx = torch.empty(dy.shape[0], t_idx.shape[0], dtype=torch.float32, device="cpu")
+    dx = torch.empty(dy.shape[0], t_idx.shape[0], dtype=torch.float32, device=_CPU)
     _C.nm_dsd(_np(dy), _np(values.contiguous()), _np(t_idx), _np(t_slot), n, m, _np(dx), _threads(dy.shape[0] * t_slot.numel()))
     return dx
 
@@ -152,7 +156,7 @@ def _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features):
     if not _use_cpp(dy, values):
         _check_index("t_crow", t_crow, "t_row", t_row, in_features, dy.shape[1], perm=t_perm, nnz=values.numel())
         return reference.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)
-    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32, device="cpu")
+    dx = torch.empty(dy.shape[0], in_features, dtype=torch.float32, device=_CPU)
     _C.nm_dsd_csr(_np(dy), _np(values.contiguous()), _np(t_crow), _np(t_row), _np(t_perm), _np(dx),
                   _threads(dy.shape[0] * t_row.numel()))
     return dx
@@ -230,23 +234,23 @@ nm_dsd_csr.register_kernel("cpu")(_nm_dsd_csr_cpu)
 
 def dds(x, values, idx, bias, n: int, m: int) -> Tensor:
     if _eager_cpu(x):
-        return _nm_dds_cpu(x, values, idx, bias, n, m)
+        return _nm_dds_cpu.unchecked(x, values, idx, bias, n, m)
     return torch.ops.sparseops.nm_dds(x, values, idx, bias, n, m)
 
 
 def sdd(dy, x, idx, n: int, m: int) -> Tensor:
     if _eager_cpu(x):
-        return _nm_sdd_cpu(dy, x, idx, n, m)
+        return _nm_sdd_cpu.unchecked(dy, x, idx, n, m)
     return torch.ops.sparseops.nm_sdd(dy, x, idx, n, m)
 
 
 def dsd(dy, values, t_idx, t_slot, n: int, m: int) -> Tensor:
     if _eager_cpu(dy):
-        return _nm_dsd_cpu(dy, values, t_idx, t_slot, n, m)
+        return _nm_dsd_cpu.unchecked(dy, values, t_idx, t_slot, n, m)
     return torch.ops.sparseops.nm_dsd(dy, values, t_idx, t_slot, n, m)
 
 
 def dsd_csr(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
     if _eager_cpu(dy):
-        return _nm_dsd_csr_cpu(dy, values, t_crow, t_row, t_perm, in_features)
+        return _nm_dsd_csr_cpu.unchecked(dy, values, t_crow, t_row, t_perm, in_features)
     return torch.ops.sparseops.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)

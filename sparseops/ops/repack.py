@@ -20,6 +20,10 @@ from ..formats.csr import CSRWeight
 from ..masks.magnitude import _keep_largest
 from .csr import _np, _threads
 
+# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
+# a device object, not the string: parsing "cpu" costs ~0.3 us a call
+_CPU = torch.device("cpu")
+
 
 def _cpp(*tensors: Tensor) -> bool:
     return _C is not None and all(t.device.type == "cpu" for t in tensors)
@@ -52,7 +56,7 @@ def top_abs(scores: Tensor, n: int, exclude: CSRWeight | None = None, eligible: 
         el = None if eligible is None else _np(eligible)
         if n < 0:
             raise ValueError(f"n: expected 0 <= n (the eligible entries), got {n}")
-        out = torch.empty(n, dtype=torch.int64, device="cpu")
+        out = torch.empty(n, dtype=torch.int64, device=_CPU)
         _C.dst_top_abs(_np(s), *ex, n, _threads(rows * cols), el, _np(out))
         return out
     a = _mag_keys(s).flatten()
@@ -79,7 +83,7 @@ def top_abs_rows(scores: Tensor, fmt: CSRWeight, keep: Tensor, need: Tensor) -> 
     ptr[1:] = torch.cumsum(need.long(), 0)
     s = scores.detach().to(torch.float32).contiguous()
     if _cpp(s, fmt.col, keep, need):
-        out = torch.empty(max(int(ptr[-1]), 0), dtype=torch.int64, device="cpu")  # a bad need is refused by the binding
+        out = torch.empty(max(int(ptr[-1]), 0), dtype=torch.int64, device=_CPU)  # a bad need is refused by the binding
         _C.dst_top_abs_rows(_np(s), _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(ptr),
                             _threads(rows * cols), _np(out))
         return out
@@ -108,7 +112,7 @@ def count_off_kept(fmt: CSRWeight, keep: Tensor, pos: Tensor) -> Tensor:
     whose ``keep [nnz]`` flag is set (int64 ``[out]``)."""
     rows, cols = fmt.shape
     if _cpp(fmt.col, keep, pos):
-        out = torch.empty(rows, dtype=torch.int64, device="cpu")
+        out = torch.empty(rows, dtype=torch.int64, device=_CPU)
         _C.dst_count_off_kept(rows, cols, _np(fmt.crow), _np(fmt.col), _np(keep.contiguous()), _np(pos.contiguous()),
                               _threads(fmt.nnz + pos.numel()), _np(out))
         return out
@@ -124,7 +128,7 @@ def gather(src: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     fp32 = [i for i, t in enumerate(tensors) if t.dtype == torch.float32 and t.dim() == 1]
     out: list = [None] * len(tensors)
     if fp32 and _cpp(src, *(tensors[i] for i in fp32)) and src.dtype == torch.int32:
-        res = [torch.empty(src.numel(), dtype=torch.float32, device="cpu") for _ in fp32]
+        res = [torch.empty(src.numel(), dtype=torch.float32, device=_CPU) for _ in fp32]
         _C.dst_gather(_np(src.contiguous()), [_np(tensors[i].contiguous()) for i in fp32],
                       _threads(src.numel() * len(fp32)), [_np(t) for t in res])
         for i, t in zip(fp32, res):
@@ -150,19 +154,19 @@ def sample_off(fmt: CSRWeight, n: int, generator: torch.Generator | None = None)
     if not 0 <= n <= free:
         raise ValueError(f"n: expected 0 <= n <= {free} (the free positions), got {n}")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator,
-                             device="cpu" if generator is None else generator.device).item())
+                             device=_CPU if generator is None else generator.device).item())
     if _cpp(fmt.col):
-        out = torch.empty(n, dtype=torch.int64, device="cpu")
+        out = torch.empty(n, dtype=torch.int64, device=_CPU)
         _C.dst_sample_off(rows, cols, _np(fmt.crow), _np(fmt.col), n, seed, _np(out), _threads(rows * cols))
         return out
-    held = torch.zeros(rows * cols, dtype=torch.bool, device="cpu")
+    held = torch.zeros(rows * cols, dtype=torch.bool, device=_CPU)
     held[_keys(fmt).cpu()] = True
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    chosen = torch.empty(0, dtype=torch.int64, device="cpu")
+    g = torch.Generator(device=_CPU).manual_seed(seed)
+    chosen = torch.empty(0, dtype=torch.int64, device=_CPU)
     while chosen.numel() < n:  # rejection: no random number per position
-        draw = torch.randint(rows * cols, (2 * (n - chosen.numel()) + 64,), generator=g, device="cpu")
+        draw = torch.randint(rows * cols, (2 * (n - chosen.numel()) + 64,), generator=g, device=_CPU)
         chosen = torch.unique(torch.cat([chosen, draw[~held[draw]]]))
-    pick = torch.randperm(chosen.numel(), generator=g, device="cpu")[:n]
+    pick = torch.randperm(chosen.numel(), generator=g, device=_CPU)[:n]
     return chosen[pick].sort().values.to(fmt.device)
 
 
@@ -184,12 +188,12 @@ def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor, remap: list[Tensor] | No
         nn = kept.numel() + grown.numel()
         if nn > torch.iinfo(torch.int32).max:
             raise ValueError(f"kept, grown: {nn} entries exceed the int32 index limit")
-        out = [torch.empty(k, dtype=torch.int32, device="cpu") for k in (rows + 1, nn, nn, cols + 1, nn, nn, nn)]
+        out = [torch.empty(k, dtype=torch.int32, device=_CPU) for k in (rows + 1, nn, nn, cols + 1, nn, nn, nn)]
         fused = [] if remap is None else [
             i for i, t in enumerate(remap)
             if t.dtype == torch.float32 and t.dim() == 1 and t.numel() == fmt.nnz and _cpp(t)]
         xs = [remap[i].contiguous() for i in fused]
-        outs = [torch.empty(nn, dtype=torch.float32, device="cpu") for _ in fused]
+        outs = [torch.empty(nn, dtype=torch.float32, device=_CPU) for _ in fused]
         _C.dst_csr_repack(rows, cols, _np(fmt.crow), _np(fmt.col), _np(kept.contiguous()), _np(grown.contiguous()),
                           _threads(fmt.nnz), [_np(t) for t in out], [_np(t) for t in xs] if fused else None,
                           [_np(t) for t in outs] if fused else None)
