@@ -111,6 +111,21 @@ def test_ab_dst_prints_a_row_per_build_and_case():
         assert (grad > 0) == (cells[1] == "rigl")
 
 
+def test_ab_calls_prints_a_row_per_build_and_case():
+    """bench/ab_calls.py, this checkout against itself with few calls: a row per (case, build) with both
+    times and their ratio (no time is asserted; each worker checks its case against the anchor first)."""
+    out = _run(["bench/ab_calls.py", "--before", ".", "--after", ".", "--pairs", "1", "--scale", "0.01",
+                "--cases", "csr64-b1-infer", "nm256-b8-train", "fewbit-relu-131k"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    assert [r[:2] for r in rows] == [["csr64-b1-infer", "before"], ["csr64-b1-infer", "after"],
+                                     ["nm256-b8-train", "before"], ["nm256-b8-train", "after"],
+                                     ["fewbit-relu-131k", "before"], ["fewbit-relu-131k", "after"]]
+    for r in rows:
+        op, anchor, ratio = (float(c) for c in r[2:])
+        assert op > 0 and anchor > 0 and abs(ratio - anchor / op) < 0.01 + 0.01 * ratio
+
+
 def test_memory_relu_prints_the_saved_bytes_of_both_blocks():
     """bench/memory_relu.py on a small block: torch keeps 4 bytes per hidden element (the ReLU's output, saved
     once), sparseops its 1-bit mask plus 4 bytes per nonzero, and both compute the same outputs."""
