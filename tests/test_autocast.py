@@ -100,12 +100,14 @@ def test_inference_under_autocast_casts_each_parameter_once_and_sees_updates():
     x = torch.randn(1, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y1 = layer(x)
-        first = layer._autocast_cache["values"][1]
+        first = layer._autocast_cache["values"][-1]
         y2 = layer(x)
-        assert layer._autocast_cache["values"][1] is first and torch.equal(y1, y2)
+        assert layer._autocast_cache["values"][-1] is first and torch.equal(y1, y2)
         layer.values.mul_(2)  # an optimizer step or an edit: the version moves
         y3 = layer(x)
-        assert layer._autocast_cache["values"][1] is not first
+        assert layer._autocast_cache["values"][-1] is not first
+        layer.update_mask_(layer.mask)  # a new Parameter under the same name: cast afresh
+        assert torch.equal(layer(x), y3) and layer._autocast_cache["values"][0] is layer.values
     twin = copy.deepcopy(layer).to(torch.bfloat16)
     assert torch.equal(y3, twin(x.to(torch.bfloat16)))
     with torch.no_grad():

@@ -59,11 +59,13 @@ def param(module: nn.Module, name: str, dt: torch.dtype | None) -> Tensor | None
     if c is t or (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
         return c
     cache = module.__dict__.setdefault("_autocast_cache", {})
-    key = (t.data_ptr(), t._version, t.device, dt)
+    # the parameter object itself is held (a replaced Parameter, as update_mask_ makes, can then never share
+    # an address with the one cached) with its version (an in-place edit moves it; one through .data does not)
+    key = (t._version, t.data_ptr(), dt)
     hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    cache[name] = (key, c)
+    if hit is not None and hit[0] is t and hit[1] == key:
+        return hit[2]
+    cache[name] = (t, key, c)
     return c
 
 
