@@ -40,7 +40,11 @@ def worker(case: str, scale: float) -> None:
     from torch import nn
 
     import sparseops
+    from sparseops._cpp import _C
 
+    # a build whose _C failed to import would time the pure-torch fallback without a word (its warning goes
+    # to the captured stderr): refuse instead
+    assert _C is not None, f"{sparseops.__file__}: sparseops._C is not built"
     torch.set_num_threads(2)
     torch.manual_seed(0)
     n = max(1, int(scale * {"csr64-b1-infer": 3000, "csr1024-b32-train": 300, "nm256-b8-train": 500,
@@ -92,9 +96,13 @@ def main(argv=None) -> None:
     for case in args.cases:
         for _ in range(args.pairs):
             for name, path in (("before", args.before), ("after", args.after)):
-                env = {**os.environ, "PYTHONPATH": os.path.abspath(path)}
-                out = subprocess.run([sys.executable, __file__, "--worker", case, str(args.scale)], env=env,
-                                     capture_output=True, text=True, check=True).stdout.split()
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                    [os.path.abspath(path)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+                res = subprocess.run([sys.executable, __file__, "--worker", case, str(args.scale)], env=env,
+                                     capture_output=True, text=True)
+                if res.returncode:
+                    sys.exit(f"{case} ({name}, {path}) failed:\n{res.stderr}")
+                out = res.stdout.split()
                 op, anchor = float(out[-2]), float(out[-1])
                 print(f"| {case} | {name} | {op:.1f} | {anchor:.1f} | {anchor / op:.2f} |", flush=True)
 

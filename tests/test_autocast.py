@@ -67,6 +67,7 @@ def test_layer_under_autocast_equals_its_twin_in_that_dtype(isa, kind, batch, dt
 def test_dense_then_sparse_model_under_autocast_and_compiled(kind):
     # the reviewers' case: an autocast nn.Linear hands a bf16 activation to an fp32 sparse layer (before,
     # a TypeError naming the dtypes); the compiled model gives the same output
+    torch._dynamo.reset()  # (every test's Sequential shares one code object: a fresh recompile budget)
     layer = _make(kind)
     net = nn.Sequential(nn.Linear(32, layer.in_features), nn.ReLU(), layer)
     x = torch.randn(5, 32)
@@ -116,3 +117,29 @@ def test_inference_under_autocast_casts_each_parameter_once_and_sees_updates():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # recording a gradient: cast each call, nothing kept
         layer(x.requires_grad_(True)).float().sum().backward()
     assert "_autocast_cache" not in layer.__dict__ and layer.values.grad is not None
+
+
+def test_autocast_cache_and_inference_mode():
+    # a cast cached under inference_mode is an inference tensor, which autograd cannot save: it is not used
+    # when a gradient is recorded later; parameters made under inference_mode (no version counter) are cast
+    # each call; a call that records a gradient drops the copy an earlier inference call kept
+    layer = _make("csr").requires_grad_(False)
+    x = torch.randn(2, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y0 = layer(x)
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xg)
+    y.float().sum().backward()
+    assert torch.equal(y.detach(), y0) and xg.grad is not None
+    with torch.inference_mode():
+        built = _make("csr")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert built(x).dtype == torch.bfloat16
+    trained = _make("csr")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained(x)
+    assert "values" in trained._autocast_cache
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained(x.requires_grad_(True)).float().sum().backward()
+    assert "values" not in trained._autocast_cache

@@ -1301,3 +1301,28 @@ def test_fewbit_ops_check_their_tables_on_every_path(dtype):
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_autograd_functions_check_the_bias_and_act_operands(dtype):
+    # the exported autograd functions run the kernels without their op-level checks (the layer path), so they
+    # check what a caller may get wrong themselves: before, a [1] bias broadcast on the pure-torch path
+    from sparseops.autograd import act_linear, sparse_linear
+
+    fmt = CSRWeight.from_mask(torch.rand(8, 16) < 0.5)
+    v = torch.randn(fmt.nnz, dtype=dtype)
+    x = torch.randn(3, 16, dtype=dtype)
+    with pytest.raises(ValueError, match=r"^bias: expected shape \(8,\), got \(1,\)$"):
+        sparse_linear(x, v, fmt.tensors(), torch.randn(1, dtype=dtype), 8, 16)
+    with pytest.raises(TypeError, match=r"^bias: expected dtype"):
+        sparse_linear(x, v, fmt.tensors(), torch.randn(8, dtype=torch.bfloat16), 8, 16)
+    w = torch.randn(16, 8, dtype=dtype)
+    thr = torch.tensor(0.1)
+    with pytest.raises(ValueError, match=r"^bias: expected shape \(8,\), got \(1,\)$"):
+        act_linear(x, w, torch.randn(1, dtype=dtype), thr, False)
+    with pytest.raises(ValueError, match=r"^threshold: expected a scalar or \[16\]"):
+        act_linear(x, w, None, torch.rand(5), False)
+    with pytest.raises(TypeError, match="expected one floating-point dtype"):
+        act_linear(x.to(torch.bfloat16), w, None, thr, False)
+    with pytest.raises(ValueError, match=r"^x: expected last dimension in_features=16"):
+        act_linear(torch.randn(3, 15, dtype=dtype), w, None, thr, False)

@@ -64,9 +64,16 @@ def act_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: Tens
 
     ``weight_t`` is ``Wᵀ [in, out]``; a non-contiguous one is copied first (the kernels stream its rows).
     """
+    if not isinstance(x, Tensor) or not isinstance(weight_t, Tensor) or weight_t.dim() != 2:
+        raise TypeError("x, weight_t: expected tensors, weight_t of shape [in, out]")
     in_features, out_features = weight_t.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dimension in_features={in_features}, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), in_features)  # [B, in]
+    # the operand checks the eager kernels skip (see ops._checks): dtypes, the bias, the threshold
+    if not act_ops._act_ok(x2, weight_t=weight_t, bias=bias, threshold=threshold):
+        act_ops._check_act(x2, weight_t=weight_t, bias=bias, threshold=threshold)
     if not weight_t.is_contiguous():
         weight_t = weight_t.contiguous()
     y = ActLinearFunction.apply(x2, weight_t, bias, threshold, relu)

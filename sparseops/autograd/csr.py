@@ -83,6 +83,18 @@ def check_input(x, in_features: int, values: Tensor) -> None:
         raise ValueError(f"x: expected device {values.device} (the layer's device), got {x.device}")
 
 
+def check_bias(bias, out_features: int, values: Tensor) -> None:
+    """Raise a clear error for a bias a layer of ``out_features`` with ``values`` cannot take."""
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (out_features,):
+        raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+    if bias.dtype != values.dtype:
+        raise TypeError(f"bias: expected dtype {values.dtype} (the layer's dtype), got {bias.dtype}")
+    if bias.device != values.device:
+        raise ValueError(f"bias: expected device {values.device} (the layer's device), got {bias.device}")
+
+
 def sparse_linear(x: Tensor, values: Tensor, index: dict, bias: Tensor | None, out_features: int, in_features: int):
     """``x [*, in] -> [*, out]`` through a CSR weight, differentiable in x, values and bias.
 
@@ -108,6 +120,8 @@ def apply_flat(function, x, values, index: dict, bias, out_features: int, in_fea
     index tensors in the order of ``names`` (default: the CSR names).
     """
     check_input(x, in_features, values)
+    if bias is not None:  # (the kernels' own operand checks are skipped on this eager path, see ops._checks)
+        check_bias(bias, out_features, values)
     lead = x.shape[:-1]
     # an explicit row count: reshape(-1, 0) is ambiguous when in_features == 0
     x2 = x.reshape(lead.numel(), in_features)  # [B, in]

@@ -25,7 +25,9 @@ def _dense_perm(x: Tensor):
     The codes are in that order. Not while compiling (strides may be symbolic there): row-major there."""
     if x.is_contiguous() or x.dim() < 2 or torch.compiler.is_compiling():
         return None
-    st = x.stride()
+    st, sz = x.stride(), x.shape
+    if any(st[d] == 0 and sz[d] > 1 for d in range(x.dim())):
+        return None  # expanded (overlapping): torch gives a row-major output, and so does the copy
     perm = sorted(range(x.dim()), key=lambda d: -st[d])  # stable: ties (size-1 dims) keep their order
     if perm == list(range(x.dim())):
         return None  # row-major order already (a gapped slice): the kernels' row-major copy is torch's layout

@@ -9,8 +9,10 @@ pure-torch fallbacks pick their own accumulation dtype, which autocast must not 
 
 torch caches the casts of leaf parameters within an autocast region; here, without a gradient to record
 (inference, decoding), a layer keeps the cast copy of each parameter while it keeps being called under
-autocast and the parameter is unchanged (its ``_version`` and storage), and drops it at its first call with
-autocast off; with a gradient, each call casts (a training step calls a layer once).
+autocast and the parameter is unchanged (the same object, its ``_version`` and storage), and drops it at
+its first call with autocast off or with a gradient to record; with a gradient, each call casts (a
+training step calls a layer once). An edit through ``.data`` moves no version, so it is not seen (as for
+``ActivationSparseLinear``'s transposed copy): edit a parameter itself under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -56,12 +58,20 @@ def param(module: nn.Module, name: str, dt: torch.dtype | None) -> Tensor | None
     if dt is None:
         return t
     c = cast(t, dt)
-    if c is t or (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+    if c is t or torch.compiler.is_compiling():
+        return c
+    if (torch.is_grad_enabled() and t.requires_grad) or t.is_inference():
+        # recorded for autograd (or an inference tensor, which has no version): cast each call, and keep no
+        # copy from an earlier inference call alive through training
+        cache = module.__dict__.get("_autocast_cache")
+        if cache:
+            cache.pop(name, None)
         return c
     cache = module.__dict__.setdefault("_autocast_cache", {})
     # the parameter object itself is held (a replaced Parameter, as update_mask_ makes, can then never share
     # an address with the one cached) with its version (an in-place edit moves it; one through .data does not)
-    key = (t._version, t.data_ptr(), dt)
+    # and the mode (a copy made under inference_mode is an inference tensor, which autograd cannot save)
+    key = (t._version, t.data_ptr(), dt, torch.is_inference_mode_enabled())
     hit = cache.get(name)
     if hit is not None and hit[0] is t and hit[1] == key:
         return hit[2]
