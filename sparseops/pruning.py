@@ -196,6 +196,7 @@ class GradualPruner:
         swapped = []
         for (fqn, mod), keep in zip(layers, keeps):
             if isinstance(mod, SparseLinear):
+                mod.values.grad = None  # spent: step() runs after the optimizer's (see dst.update)
                 mod.prune_(keep, self.optimizer)
                 swapped.append(fqn)
                 continue
