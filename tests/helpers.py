@@ -100,3 +100,20 @@ def guard_dtype_route(monkeypatch, ops_module, reference_names, dtype):
         for name in reference_names:
             monkeypatch.setattr(reference, name, lambda *a, n=name: pytest.fail(f"{dtype} took reference.{n}"))
     return calls
+
+
+def weight_sparse_layers():
+    """Builders of one small layer ([64 -> 24]) of each weight-sparse pattern, by name (a fresh layer a call)."""
+    import sparseops
+    from torch import nn
+
+    def make(**kw):
+        return lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), **kw)
+
+    return {
+        "csr": make(sparsity=0.8),
+        "2:4": make(pattern="2:4"),
+        "2:4t": make(pattern=sparseops.NM(2, 4, transposable=True)),
+        "fanin": make(pattern=sparseops.FanIn(8)),
+        "block": make(pattern=sparseops.Block(8), sparsity=0.5),
+    }

@@ -12,13 +12,10 @@ import torch
 from torch import nn
 
 import sparseops
+from helpers import weight_sparse_layers
 
 _LAYERS = {
-    "csr": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), sparsity=0.8),
-    "2:4": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern="2:4"),
-    "2:4t": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.NM(2, 4, transposable=True)),
-    "fanin": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.FanIn(8)),
-    "block": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.Block(8), sparsity=0.5),
+    **weight_sparse_layers(),
     "butterfly": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 64), pattern=sparseops.Butterfly(block=8, rank=4)),
     "fused-gelu": lambda: sparseops.SparseLinear(64, 24, sparsity=0.8, activation="gelu", act_bits=2),
     "nm-relu": lambda: sparseops.SparseLinear(64, 24, pattern="2:4", activation="relu"),

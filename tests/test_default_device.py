@@ -8,16 +8,13 @@ import torch
 from torch import nn
 
 import sparseops
+from helpers import weight_sparse_layers
 from sparseops._cpp import _C
 
 pytestmark = pytest.mark.skipif(_C is None, reason="sparseops._C is not built")
 
 _LAYERS = {
-    "csr": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), sparsity=0.8),
-    "2:4": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern="2:4"),
-    "2:4t": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.NM(2, 4, transposable=True)),
-    "fanin": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.FanIn(8)),
-    "block": lambda: sparseops.SparseLinear.from_dense(nn.Linear(64, 24), pattern=sparseops.Block(8), sparsity=0.5),
+    **weight_sparse_layers(),
     "gelu2": lambda: sparseops.SparseLinear(64, 24, sparsity=0.8, activation="gelu", act_bits=2),
     "act": lambda: sparseops.ActivationSparseLinear.from_dense(nn.Linear(64, 24), sparsity=0.5, mode="tensor"),
     "fewbit": lambda: nn.Sequential(nn.Linear(64, 24), sparseops.nn.FewBitGELU(bits=2)),
