@@ -59,6 +59,8 @@ def linear_grads(needs, dy, x, values, crow, col, row, t_crow, t_row, t_perm, in
     return dx, dv, db
 
 
+# what the layers compute in (the kernels: fp32, bf16, fp16; fp64 on the reference path); float8 has no
+# matmul here, as it has none in nn.Linear
 _LAYER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

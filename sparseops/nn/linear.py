@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autograd import block_linear, fewbit_activation, nm_linear, sparse_linear, sparse_linear_fewbit
+from ..autograd.csr import _LAYER_DTYPES
 from ..fewbit.functional import check_bits, default_bits, table_bits
 from ..fewbit.table import ACTIVATIONS, activation_fn
 from ..formats import INDEX_DTYPE, BSRWeight, CSRWeight, ELLWeight, NMWeight
@@ -39,11 +40,6 @@ def _check_features(name: str, n) -> int:
     if n < 0:
         raise ValueError(f"{name}: expected >= 0, got {n}")
     return n
-
-
-# what the layers compute in (the kernels: fp32, bf16, fp16; fp64 on the reference path); float8 has no
-# matmul here, as it has none in nn.Linear
-_LAYER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_dtype(dtype) -> None:

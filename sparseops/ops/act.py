@@ -28,11 +28,8 @@ from torch import Tensor
 from .. import reference
 from .._cpp import _C
 from ._checks import check_operands, check_threshold, checked, dtypes_ok, mats_ok
-from .csr import _CPP_HALF, _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPP_HALF, _CPU, _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
-# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
-# a device object, not the string: parsing "cpu" costs ~0.3 us a call
-_CPU = torch.device("cpu")
 
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
 # of weight_t for all rows) rather than each row's own; the issue's decode range is 1 to 32 tokens

@@ -22,11 +22,7 @@ from .. import reference
 from .._cpp import _C
 from ._checks import check_operands, checked, dtypes_ok
 from ..formats.bsr import BLOCK_SIZES, check_block
-from .csr import _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
-
-# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
-# a device object, not the string: parsing "cpu" costs ~0.3 us a call
-_CPU = torch.device("cpu")
+from .csr import _CPU, _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
 
 def _padded(a: Tensor, n: int) -> Tensor:

@@ -27,11 +27,8 @@ from .._cpp import _C
 from ..fewbit.table import activation_fn
 from ..reference.fewbit import fewbit_unpack_codes as _unpack_codes, num_words
 from . import _gpu
-from .csr import _csr_dds_cpu
+from .csr import _CPU, _csr_dds_cpu
 
-# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
-# a device object, not the string: parsing "cpu" costs ~0.3 us a call
-_CPU = torch.device("cpu")
 
 _CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

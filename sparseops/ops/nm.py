@@ -21,11 +21,8 @@ from .._cpp import _C
 from ._checks import check_operands, checked, dtypes_ok, mats_ok
 from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
-from .csr import _CPP_HALF, _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPP_HALF, _CPU, _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
 
-# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
-# a device object, not the string: parsing "cpu" costs ~0.3 us a call
-_CPU = torch.device("cpu")
 
 # ---- host ops ----
 

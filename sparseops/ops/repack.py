@@ -18,11 +18,7 @@ from torch import Tensor
 from .._cpp import _C
 from ..formats.csr import CSRWeight
 from ..masks.magnitude import _keep_largest
-from .csr import _np, _threads
-
-# the device of the CPU kernels' buffers, named explicitly (a script may set another default device);
-# a device object, not the string: parsing "cpu" costs ~0.3 us a call
-_CPU = torch.device("cpu")
+from .csr import _CPU, _np, _threads
 
 
 def _cpp(*tensors: Tensor) -> bool:
