@@ -38,18 +38,19 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev)
 
 
-def cast(t: Tensor | None, dt: torch.dtype | None) -> Tensor | None:
-    """``t`` in ``dt`` as autocast casts an operand (a floating-point tensor but fp64), or as it is."""
-    if t is None or dt is None or t.dtype == dt or t.dtype == torch.float64 or not t.is_floating_point():
-        return t
-    return t.to(dt)
-
-
 def cast_dtype(t: Tensor, dt: torch.dtype | None) -> torch.dtype:
-    """The dtype :func:`cast` would give ``t``, without casting it."""
+    """The dtype autocast gives an operand ``t``: ``dt`` for a floating-point tensor but fp64, else its own."""
     if dt is None or t.dtype == torch.float64 or not t.is_floating_point():
         return t.dtype
     return dt
+
+
+def cast(t: Tensor | None, dt: torch.dtype | None) -> Tensor | None:
+    """``t`` in :func:`cast_dtype`, or as it is."""
+    if t is None:
+        return t
+    want = cast_dtype(t, dt)
+    return t if want == t.dtype else t.to(want)
 
 
 def param(module: nn.Module, name: str, dt: torch.dtype | None) -> Tensor | None:
