@@ -98,13 +98,13 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
       if (q + PREFETCH_ROWS < U) {
         // the walk jumps between rows of M, which no hardware prefetcher can guess, and this thread reads
         // a short part of each: fetch the part of the row PREFETCH_ROWS ahead, placed by assuming its
-        // columns spread evenly (a guess: it only decides what is fetched early)
+        // columns spread evenly (a guess: it only decides what is fetched early); hint 3, as act_gemv_t's
         const int32_t ja = rows[q + PREFETCH_ROWS];
         const int64_t s = ptr[ja], len = ptr[ja + 1] - s;
         const int64_t b0 = s + len * tid / nt, b1 = s + len * (tid + 1) / nt;
         for (int64_t b = b0; b < b1; b += 16) {
-          __builtin_prefetch(col + b, 0, 0);
-          __builtin_prefetch(val + b, 0, 0);
+          __builtin_prefetch(col + b, 0, 3);
+          __builtin_prefetch(val + b, 0, 3);
         }
       }
       const int32_t j = rows[q];

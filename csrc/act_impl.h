@@ -415,9 +415,11 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
         const bool two = q + 1 < nnz;
         // the walk jumps between rows, which no hardware prefetcher can guess: fetch the rows
         // PREFETCH ahead (NOTE: 4096->11008, B=1, 2 threads: distance 4 beat 0, 1 and 2)
+        // into every level (hint 3): a non-temporal hint (0) left them in L1 only on Intel (Xeon, AVX-512), where
+        // they were evicted before use and read from memory again: 3.4x slower at 50% there (2026-11-24)
         for (int64_t u = q + PREFETCH; u < std::min(nnz, q + PREFETCH + 2); ++u) {
           const char* pf = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[u]) * N + c0);
-          for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(pf + 64 * l, 0, 0);
+          for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
         }
         const WT* w0 = wt + static_cast<int64_t>(idx[q]) * N + c0;
         const WT* w1 = two ? wt + static_cast<int64_t>(idx[q + 1]) * N + c0 : w0;
