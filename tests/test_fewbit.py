@@ -972,15 +972,19 @@ def test_fewbit_double_backward_of_a_smooth_activation_uses_the_table(isa, dtype
     lambda: sparseops.ActivationSparseLinear(3, 8, mode="relu"),
     lambda: sparseops.SparseLinear(3, 8, sparsity=0.5, activation="gelu", act_bits=2),
 ], ids=["csr", "nm", "fanin", "block", "monarch", "act", "fused"])
-def test_sparse_layers_refuse_double_backward_loudly(make):
+@pytest.mark.parametrize("last", [False, True], ids=["inner", "last"])
+def test_sparse_layers_refuse_double_backward_loudly(make, last):
     # their backward runs kernels with no graph: a second derivative through them would silently miss
-    # terms, so it raises instead
+    # terms, so it raises instead. "last": the layer's incoming gradient needs none (a critic's last layer
+    # under a gradient penalty), where torch's once_differentiable raised nothing and the penalty's
+    # gradient silently missed the layer's weights (review, 2026-11-24)
     layer = make()
     inner = nn.Linear(layer.in_features, layer.in_features)
-    net = nn.Sequential(inner, nn.Tanh(), layer, nn.Tanh(), nn.Linear(layer.out_features, 1))
+    tail = [] if last else [nn.Tanh(), nn.Linear(layer.out_features, 1)]
+    net = nn.Sequential(inner, nn.Tanh(), layer, *tail)
     x = torch.randn(5, layer.in_features, requires_grad=True)
     gx, = torch.autograd.grad(net(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
         gx.pow(2).sum().backward()
     # a plain backward is unaffected
     net(x).sum().backward()

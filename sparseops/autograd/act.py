@@ -20,9 +20,9 @@ twice. Other modes (a magnitude threshold) and traced code save x.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
+from ._once import once_differentiable
 from ..ops import act as act_ops
 from .saved import relu_mask, save_with_input, saved_with_input
 
@@ -32,6 +32,7 @@ def _compresses(x: Tensor, threshold: Tensor, relu: bool) -> bool:
 
 
 class ActLinearFunction(torch.autograd.Function):
+    FACTORS = (0, 1)  # forward inputs that multiply each other (see autograd._once)
     # the classic forward(ctx, ...) form, for the reason given in autograd.csr
     @staticmethod
     def forward(ctx, x, weight_t, bias, threshold, relu: bool):

@@ -9,15 +9,16 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
+from ._once import once_differentiable
 from ..ops import bsr as bsr_ops
 from .csr import apply_flat
 from .saved import save_with_input, saved_with_input
 
 
 class BlockLinearFunction(torch.autograd.Function):
+    FACTORS = (0, 1)  # forward inputs that multiply each other (see autograd._once)
     # the classic forward(ctx, ...) form, for the reason given in autograd.csr
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int):

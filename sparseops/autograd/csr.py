@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
+from ._once import once_differentiable
 from ..ops import csr as csr_ops
 from .saved import save_with_input, saved_with_input
 
 
 class SparseLinearFunction(torch.autograd.Function):
+    FACTORS = (0, 1)  # forward inputs that multiply each other (see autograd._once)
     # NOTE: the classic forward(ctx, ...) form on purpose: with a separate setup_context,
     # Function.apply binds the signature through inspect on every call, ~100 us that a
     # decode-sized product (a few us of kernel) cannot afford.

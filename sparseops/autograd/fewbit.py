@@ -8,9 +8,9 @@ is ``grad_in = grad_out * levels[code]``. Nothing is written in place.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
+from ._once import once_differentiable
 from ..ops import fewbit as fewbit_ops
 from .csr import apply_flat, linear_grads
 from .saved import record_relu_codes, save_with_input, saved_with_input
@@ -142,6 +142,7 @@ def fewbit_activation(x: Tensor, fn, borders: Tensor, levels: Tensor, bits: int)
 
 class SparseLinearFewBitFunction(torch.autograd.Function):
     """``act(x Wᵀ + b)`` with a CSR weight: saves x, the index and the codes, not ``x Wᵀ + b``."""
+    FACTORS = (0, 1)  # forward inputs that multiply each other (see autograd._once)
 
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, row, t_crow, t_row, t_perm, out_features: int, in_features: int,

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
+from ._once import once_differentiable
 from ..ops import nm as nm_ops
 from .csr import apply_flat
 from .saved import save_with_input, saved_with_input
@@ -20,6 +20,7 @@ NM_INDEX = ("idx", "empty", "t_crow", "t_row", "t_perm", "t_idx", "t_slot")
 
 
 class NMLinearFunction(torch.autograd.Function):
+    FACTORS = (0, 1)  # forward inputs that multiply each other (see autograd._once)
     @staticmethod
     def forward(ctx, x, values, bias, idx, empty, t_crow, t_row, t_perm, t_idx, t_slot, out_features: int,
                 in_features: int, n: int, m: int, transposable: bool):

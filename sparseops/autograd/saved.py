@@ -25,9 +25,9 @@ import contextlib
 import threading
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
+from ._once import once_differentiable
 from ..ops import fewbit as fewbit_ops
 
 _RELU_CODES = "_sparseops_relu_codes"

@@ -46,10 +46,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..autograd._once import once_differentiable
 from ..autograd import check_input
 from . import _autocast
 from ._load import load_all_or_nothing
@@ -101,6 +101,7 @@ class MonarchFunction(torch.autograd.Function):
     Saves the padded x and z (the permuted middle activation, ``[k, B, m]``); nothing of size out x in.
     Every product is a ``torch.bmm`` over the block dimension.
     """
+    FACTORS = (0, 1, 2)  # forward inputs that multiply each other (see autograd._once)
 
     # NOTE: the classic forward(ctx, ...) form, as SparseLinearFunction: no per-call signature binding.
     @staticmethod
