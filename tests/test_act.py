@@ -1415,3 +1415,20 @@ def test_float64_layer_calibrates_in_float64():
     assert a.calibrate(tiny) == pytest.approx(0.5, abs=1e-9)
     near = 1 + torch.arange(64 * 16, dtype=torch.float64).view(64, 16) * 1e-12  # distinct in fp64, ties in fp32
     assert a.calibrate(near) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_load_with_assign_keeps_the_transposed_weight_layout():
+    # a row-major checkpoint weight taken as it is by assign=True made the decode kernel read W through
+    # strides (4-12x slower, review 2026-11-24): the load lays it out as Wᵀ's rows again
+    lin = nn.Linear(48, 40)
+    src = ActivationSparseLinear.from_dense(lin, sparsity=0.5)
+    src.calibrate(torch.randn(64, 48))
+    sd = {k: v.contiguous().clone() if isinstance(v, torch.Tensor) else v for k, v in src.state_dict().items()}
+    assert sd["weight"].is_contiguous()
+    dst = ActivationSparseLinear(48, 40, sparsity=0.5)
+    dst.load_state_dict(sd, assign=True)
+    assert dst.weight.t().is_contiguous() and isinstance(dst.weight, nn.Parameter)
+    torch.testing.assert_close(dst.weight, src.weight, rtol=0, atol=0)
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)

@@ -322,3 +322,47 @@ def test_act_csr_gemv_refuses_every_shuffled_active_row(nthreads):
             _C.act_csr_gemv(x.numpy(), np.array([0.5], dtype=np.float32), False, t_crow.numpy(), col.numpy(),
                             tv.numpy(), 64, None, y, nthreads)
         assert (y == 7.0).all(), f"trial {trial}: the output was modified"
+
+
+@needs_cpp
+def test_layer_built_under_inference_mode_decodes():
+    # values made under torch.inference_mode() have no version counter: the cached Wᵀ order could not be
+    # keyed, and the decode call raised "Inference tensors do not track version counter" (review, 2026-11-24)
+    with torch.inference_mode():
+        layer = _layer("unstructured")
+        x = torch.randn(1, 64)
+        assert not layer._skips_both(x)
+        assert_close_rms(layer(x), _layer_oracle(layer, x), name="built under inference_mode")
+    with torch.no_grad():
+        assert_close_rms(layer(x.clone()), _layer_oracle(layer, x), name="called after it")
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["pre", "post", "global"])
+def test_hooks_on_the_wrapped_layer_run_at_decode(kind):
+    # the two-way kernel does not call the wrapped SparseLinear: with a hook on it, its own forward runs,
+    # so the hook sees the call (review, 2026-11-24: a pre-hook zeroing the input was ignored at decode)
+    layer = _layer("unstructured").eval()
+    sp = layer.sparse
+    calls = []
+    if kind == "pre":
+        h = sp.register_forward_pre_hook(lambda m, args: (args[0] * 0,))
+    elif kind == "post":
+        h = sp.register_forward_hook(lambda m, args, out: out * 0)
+    else:
+        h = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: calls.append(m) if m is sp else None)
+    try:
+        x = torch.randn(1, 64)
+        with torch.no_grad():
+            y = layer(x)
+    finally:
+        h.remove()
+    if kind == "pre":
+        torch.testing.assert_close(y[0], sp.bias.detach())
+    elif kind == "post":
+        assert not y.any()
+    else:
+        assert calls == [sp]
+    with torch.no_grad():
+        assert layer._skips_both(x), "without hooks the decode kernel runs again"

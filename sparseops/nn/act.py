@@ -235,6 +235,15 @@ class ActivationSparseLinear(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in sp.parameters())):
             return False
+        # this path does not call the wrapped layer: where hooks on it (or global module hooks) are to run,
+        # the layer's own forward does
+        mm = nn.modules.module
+        if (sp._forward_hooks or sp._forward_pre_hooks or mm._global_forward_hooks
+                or mm._global_forward_pre_hooks):
+            return False
+        # values made under torch.inference_mode() have no version counter to key the cached Wᵀ order on
+        if sp.values.is_inference():
+            return False
         return x.numel() <= GEMV_MAX_ROWS * self.in_features
 
     def _transposed_values(self) -> Tensor:
@@ -400,6 +409,11 @@ class ActivationSparseLinear(nn.Module):
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "threshold"}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        w = self.weight
+        if w is not None and w.dim() == 2 and not w.t().is_contiguous():
+            # load_state_dict(assign=True) took the checkpoint's tensor as it is (row-major [out, in]): the
+            # decode kernel reads Wᵀ's rows, and through a strided W it ran 4-12x slower; lay it out again
+            self.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
 
     def _register_load_guard(self) -> None:
         self.register_load_state_dict_post_hook(_undo_failed_load)
