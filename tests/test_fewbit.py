@@ -1092,3 +1092,35 @@ def test_fewbit_channels_last_double_backward_and_compile(isa):
     net = nn.Sequential(nn.Conv2d(4, 4, 1), sparseops.nn.FewBitGELU(bits=2)).to(memory_format=torch.channels_last)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x.detach()), net(x.detach()))
+
+
+def test_functional_first_called_under_inference_mode_then_trains():
+    # the functional API caches its table tensors: made by a first call under inference_mode they were
+    # inference tensors, and every later training call raised "Inference tensors cannot be saved for
+    # backward" (a validation loop before training does this; review, 2026-11-24)
+    from sparseops.fewbit import functional
+
+    functional._cached.cache_clear()
+    with torch.inference_mode():
+        fewbit.elu(torch.randn(5), alpha=0.37)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fewbit.elu(x, alpha=0.37).sum().backward()
+    t = fewbit.get_table("elu", 2, alpha=0.37)
+    q = torch.tensor(t.levels, dtype=torch.float32).double()[reference.fewbit_codes(x.detach(), torch.tensor(t.borders))]
+    torch.testing.assert_close(x.grad, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,params", [("gelu", {}), ("gelu", {"approximate": "tanh"}), ("elu", {"alpha": 0.5}),
+                                         ("softplus", {"beta": 2.0, "threshold": 10.0}), ("relu6", {})])
+def test_functional_compiles_fullgraph(name, params):
+    # the functional API traced: dynamo reads the table through a constant-result call instead of the
+    # lru_cache (it failed on the table module's import before, eager warm-up or not; review, 2026-11-24)
+    torch._dynamo.reset()
+    x = torch.randn(4, 8, requires_grad=True)
+    f = torch.compile(lambda t: fewbit.activation(t, name, None, **params), fullgraph=True, backend="aot_eager")
+    y = f(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = fewbit.activation(x2, name, None, **params)
+    (g2,) = torch.autograd.grad(y2.sum(), x2)
+    assert torch.equal(y, y2) and torch.equal(g, g2)

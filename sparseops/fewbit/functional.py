@@ -56,12 +56,23 @@ def table_bits(name: str, bits: int, **params) -> tuple[Tensor, Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def _cached(name: str, bits: int, params: tuple, device: torch.device):
-    borders, levels = table_bits(name, bits, **dict(params))
-    return (
-        borders.view(torch.float32).to(device),
-        levels.view(torch.float32).to(device),
-        activation_fn(name, **dict(params)),
-    )
+    # normal tensors even when the first call comes under torch.inference_mode(): an inference tensor kept
+    # here could not be saved for backward by any later training call
+    with torch.inference_mode(False):
+        borders, levels = table_bits(name, bits, **dict(params))
+        return (
+            borders.view(torch.float32).to(device),
+            levels.view(torch.float32).to(device),
+            activation_fn(name, **dict(params)),
+        )
+
+
+@torch.compiler.assume_constant_result
+def _table_floats(name: str, bits: int, params: tuple) -> tuple[tuple, tuple]:
+    # what torch.compile reads instead of _cached: dynamo traces into an lru_cache (and the table code
+    # imports and solves), but calls this once per (name, bits, params) and keeps its floats as constants
+    t = get_table(name, bits, **dict(params))
+    return tuple(t.borders), tuple(t.levels)
 
 
 def activation(x: Tensor, name: str, bits: int | None = None, **params) -> Tensor:
@@ -86,6 +97,11 @@ def activation(x: Tensor, name: str, bits: int | None = None, **params) -> Tenso
     bits = check_bits(default_bits(name) if bits is None else bits)
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if torch.compiler.is_compiling():
+        b, lv = _table_floats(name, bits, tuple(sorted(params.items())))
+        borders = torch.tensor(b, dtype=torch.float32, device=x.device)
+        levels = torch.tensor(lv, dtype=torch.float32, device=x.device)
+        return fewbit_activation(x, activation_fn(name, **params), borders, levels, bits)
     try:
         borders, levels, fn = _cached(name, bits, tuple(sorted(params.items())), x.device)
     except TypeError:
