@@ -1119,3 +1119,43 @@ def test_imp_leaves_a_tied_layer_out():
     assert imp.names == ["other"]
     model = imp.prune_and_rewind(0.5)
     assert model["head"].weight is model["emb"].weight and isinstance(model["other"], SparseLinear)
+
+
+def test_gradual_pruner_resumes_after_the_swap_from_a_fresh_sparsified_model():
+    # after the swap the optimizer holds (values, bias) per layer, where nn.Linear's weight was; a fresh
+    # sparsify_'d model must list its parameters in that order too, or the optimizer's state loads onto the
+    # wrong tensors (it raised a size mismatch at the next step, or, had nnz equalled out_features, would
+    # have trained silently wrong; review, 2026-11-24)
+    import sparseops
+
+    x, y = _data()
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = GradualPruner(model, SF, T0, T1, EVERY, optimizer=opt, convert_at=CONV)
+
+    def train(m, o, p, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+            p.step()
+
+    train(model, opt, pruner, 10)  # swapped at t = 8
+    assert all(isinstance(model[int(n)], SparseLinear) for n in NAMES)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "pruner": pruner.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf)
+
+    fresh = sparseops.sparsify_(_mlp(), sparsity=0.5)  # any mask: the checkpoint's index replaces it
+    fresh.load_state_dict(ck["model"])
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    opt2.load_state_dict(ck["opt"])
+    pruner2 = GradualPruner(fresh, SF, T0, T1, EVERY, optimizer=opt2, convert_at=CONV)
+    pruner2.load_state_dict(ck["pruner"])
+    train(model, opt, pruner, 6)
+    train(fresh, opt2, pruner2, 6)
+    for n in NAMES:
+        torch.testing.assert_close(_dense_w(fresh[int(n)]), _dense_w(model[int(n)]), rtol=0, atol=0)
+        torch.testing.assert_close(fresh[int(n)].bias, model[int(n)].bias, rtol=0, atol=0)

@@ -137,6 +137,9 @@ class SparseLinear(nn.Module):
         if mask is not None:
             mask = _check_mask(mask, out_features, in_features, weight.device)
         mask = for_pattern(self.pattern, weight, sparsity, mask)
+        # values first, bias second: nn.Linear's order (weight, bias), so that an optimizer built over a fresh
+        # sparsified model lines up with one whose nn.Linear's weight slot took the values (GradualPruner's swap)
+        self.register_parameter("values", None)
         if bias:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
@@ -270,6 +273,7 @@ class SparseLinear(nn.Module):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.pattern = pat
         layer._set_activation(activation, act_bits, w.device)
+        layer.register_parameter("values", None)  # before bias, as in __init__
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         else:
