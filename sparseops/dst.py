@@ -97,8 +97,9 @@ class _DynamicSparse:
             # dense gradient is the sum over the calls
             # (a call without a gradient, e.g. under no_grad, keeps nothing; a second backward through the same
             # graph, retain_graph, adds to its dy)
-            def fwd(m, args, out, _calls=calls):
-                if not out.requires_grad:
+            def fwd(m, args, out, _calls=calls, _mod=mod):
+                # a deepcopy of the model copies this hook with it: the copy's calls are not this model's
+                if m is not _mod or not out.requires_grad:
                     return
                 call = {"x": args[0].detach().reshape(-1, m.in_features)}
                 _calls.append(call)
@@ -145,11 +146,16 @@ class _DynamicSparse:
         return updated
 
     def _dense_grad(self, fqn: str) -> Tensor:
-        calls = [c for c in self._seen.get(fqn, []) if "dy" in c]
+        seen = self._seen.get(fqn, [])
+        calls = [c for c in seen if "dy" in c]
         if not calls:
+            why = ("its forward ran but backward never reached its output" if seen else
+                   "its forward hook never saw a call with a gradient: if the forward ran through torch.compile(model), "
+                   "the compiled graph skips hooks added after it was compiled (compile in place with model.compile() "
+                   "instead)")
             raise RuntimeError(
                 f"{type(self).__name__}: no gradient was recorded for layer {fqn!r} in the step before this "
-                "update; call step() after every optimizer step, and run forward and backward in between")
+                f"update ({why}); call step() after every optimizer step, and run forward and backward in between")
         # sum over the calls of dyᵀx: one GEMM over the calls' rows stacked (a single call: no copy)
         dy = calls[0]["dy"] if len(calls) == 1 else torch.cat([c["dy"] for c in calls])
         x = calls[0]["x"] if len(calls) == 1 else torch.cat([c["x"] for c in calls])
@@ -167,6 +173,8 @@ class _DynamicSparse:
         plans = []
         for fqn in self.names:
             mod = self.model.get_submodule(fqn)
+            if not mod.values.requires_grad:  # frozen since: its dropped weights would be lost, grown ones never train
+                continue
             plans.append((mod, self._plan(fqn, mod, fraction)))
         for mod, plan in plans:
             if plan is not None:
