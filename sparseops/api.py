@@ -27,9 +27,16 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
 def _targets(model: nn.Module, filter_fn, types=(nn.Linear,), skip=()):
     """``(fqn, module)`` of every module of exactly one of ``types`` that ``filter_fn`` takes, but those whose
     weight is shared (warned) and the modules in ``skip`` (by id)."""
-    out, tied = [], _shared_weights(model)
+    out, tied, sub, found = [], _shared_weights(model), [], False
     for fqn, mod in model.named_modules():
+        if (isinstance(mod, types) and type(mod) not in types and id(mod) not in skip
+                and type(mod) is not nn.modules.linear.NonDynamicallyQuantizableLinear  # MHA's out_proj: it reads .weight
+                and (filter_fn is None or filter_fn(mod, fqn))):
+            sub.append(f"{fqn or 'the model'} ({type(mod).__name__})")
+        if isinstance(mod, (SparseLinear, ActivationSparseLinear)):
+            found = True
         if type(mod) in types and id(mod) not in skip and (filter_fn is None or filter_fn(mod, fqn)):
+            found = True
             w = mod.weight if type(mod) is nn.Linear else getattr(mod, "values", None)
             if w is not None and id(w) in tied:
                 # a new layer would silently untie it (e.g. an lm_head tied to the input embedding), or
@@ -43,6 +50,17 @@ def _targets(model: nn.Module, filter_fn, types=(nn.Linear,), skip=()):
                 )
                 continue
             out.append((fqn, mod))
+    if sub:
+        # a subclass may compute its own forward (a LoRA or quantized linear, a layer with a hook in its
+        # forward): swapping it for a plain sparse layer would silently drop that
+        warnings.warn(
+            f"sparsify: left {len(sub)} subclass(es) of {types[0].__name__} as they are ({', '.join(sub[:5])}"
+            f"{', ...' if len(sub) > 5 else ''}): a subclass may compute its own forward, which the sparse layer "
+            "would not; only the exact types are swapped", stacklevel=3)
+    elif not found:
+        warnings.warn(f"sparsify: found no {' or '.join(t.__name__ for t in types)} in the model"
+                      f"{' that filter_fn accepts (it is called as filter_fn(module, fqn))' if filter_fn else ''}: "
+                      "nothing is swapped", stacklevel=3)
     return out
 
 

@@ -329,7 +329,7 @@ def test_convert_swaps_each_activation_and_keeps_outputs(torch_mod, cls):
 
 def test_convert_respects_filter_fn_and_nesting():
     model = nn.Sequential(nn.GELU(), nn.Sequential(nn.Linear(3, 3), nn.GELU()), nn.ReLU())
-    fewbit.convert_(model, bits=2, filter_fn=lambda name, m: name != "0")
+    fewbit.convert_(model, bits=2, filter_fn=lambda m, name: name != "0")
     assert type(model[0]) is nn.GELU
     assert type(model[1][1]) is sparseops.nn.FewBitGELU
     assert type(model[2]) is sparseops.nn.FewBitReLU
@@ -907,7 +907,7 @@ def test_fused_op_opcheck_and_compile_match_eager():
 
 def test_convert_filters_before_it_looks_and_names_the_module_it_refuses():
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Softplus(beta=0))
-    fewbit.convert_(model, 2, filter_fn=lambda name, m: isinstance(m, nn.GELU))  # the softplus is left alone
+    fewbit.convert_(model, 2, filter_fn=lambda m, name: isinstance(m, nn.GELU))  # the softplus is left alone
     assert isinstance(model[1], sparseops.nn.FewBitGELU) and isinstance(model[2], nn.Softplus)
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Softplus(beta=0))
     with pytest.raises(ValueError, match=r"^model: module '2' \(Softplus\): beta must be non-zero"):
@@ -1124,3 +1124,65 @@ def test_functional_compiles_fullgraph(name, params):
     y2 = fewbit.activation(x2, name, None, **params)
     (g2,) = torch.autograd.grad(y2.sum(), x2)
     assert torch.equal(y, y2) and torch.equal(g, g2)
+
+
+# ---- convert_ on real models (review, 2026-11-24) ----
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_convert_transformer_layer_activation_function(act, layer):
+    # nn.TransformerEncoderLayer(activation="gelu") holds F.gelu, a function: it was silently left
+    torch.manual_seed(0)
+    cls = nn.TransformerEncoderLayer if layer == "encoder" else nn.TransformerDecoderLayer
+    m = cls(16, 2, 32, activation=act, dropout=0.0)
+    keys = list(m.state_dict())
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    args = (x,) if layer == "encoder" else (x, torch.randn(4, 5, 16))
+    want = m(*args)
+    fewbit.convert_(m, bits=2)
+    assert type(m.activation).__name__ == ("FewBitReLU" if act == "relu" else "FewBitGELU")
+    assert list(m.state_dict()) == keys  # checkpoints stay loadable both ways
+    got = m(*args)
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert x.grad is not None
+
+
+def test_convert_transformers_activations():
+    transformers = pytest.importorskip("transformers")
+    from transformers.activations import ACT2FN
+
+    for key, twin in [("gelu", "FewBitGELU"), ("gelu_pytorch_tanh", "FewBitGELU"), ("silu", "FewBitSiLU")]:
+        seq = nn.Sequential(nn.Linear(4, 4), ACT2FN[key])
+        x = torch.randn(5, 4)
+        want = seq(x)
+        fewbit.convert_(seq)
+        assert type(seq[1]).__name__ == twin, key
+        if key != "silu":  # the few-bit silu's forward is the fused kernel's own (within 1.13 ulp)
+            assert torch.equal(seq(x), want), key
+    seq = nn.Sequential(ACT2FN["gelu_new"])  # its own python formula: other bits than torch's tanh GELU
+    with pytest.warns(UserWarning, match=r"left 1 activation\(s\) with no few-bit twin as they are \(0 \(NewGELUActivation\)\)"):
+        fewbit.convert_(seq)
+    assert type(seq[0]).__name__ == "NewGELUActivation"
+
+
+def test_convert_names_what_it_leaves_and_when_it_converts_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.GELU())
+    with pytest.warns(UserWarning, match=r"left 1 activation\(s\) with no few-bit twin as they are \(1 \(PReLU\)\)"):
+        fewbit.convert_(model)
+    assert isinstance(model[2], sparseops.nn.FewBitGELU)
+    with pytest.warns(UserWarning, match="found no activation to convert: nothing is swapped"):
+        fewbit.convert_(nn.Sequential(nn.Linear(4, 4)))
+    # filter_fn is called as sparsify_'s: filter_fn(module, fqn); the other order accepts nothing, and says so
+    model = nn.Sequential(nn.GELU())
+    with pytest.warns(UserWarning, match=r"filter_fn accepts \(it is called as filter_fn\(module, fqn\)\)"):
+        fewbit.convert_(model, filter_fn=lambda fqn, mod: isinstance(mod, nn.GELU))
+    fewbit.convert_(model, filter_fn=lambda mod, fqn: isinstance(mod, nn.GELU) and fqn == "0")
+    assert isinstance(model[0], sparseops.nn.FewBitGELU)
+
+
+def test_convert_keeps_the_mode():
+    model = nn.Sequential(nn.GELU(), nn.ReLU()).eval()
+    fewbit.convert_(model)
+    assert not any(m.training for m in model)

@@ -517,6 +517,32 @@ def test_sparsify_again_warns_that_it_leaves_sparse_layers_alone():
     assert [model[0].nnz, model[2].nnz] == nnz
 
 
+@pytest.mark.parametrize("swap", ["sparsify_", "sparsify_activations_"])
+def test_sparsify_names_linear_subclasses_it_leaves(swap):
+    # a subclass may compute its own forward: it is left as it is, but no longer silently (review, 2026-11-24)
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    with pytest.warns(UserWarning, match=r"left 1 subclass\(es\) of Linear as they are \(0 \(MyLinear\)\)"):
+        if swap == "sparsify_":
+            sparsify_(model, 0.5)
+        else:
+            sparseops.sparsify_activations_(model, 0.5)
+    assert type(model[0]) is MyLinear and type(model[2]) is not nn.Linear
+    assert type(model[3].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear  # MHA reads its weight
+
+
+def test_sparsify_warns_when_it_swaps_nothing():
+    with pytest.warns(UserWarning, match="found no Linear in the model: nothing is swapped"):
+        sparsify_(nn.Sequential(nn.ReLU()), 0.5)
+    # a filter_fn written with its arguments the other way round accepts nothing
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"that filter_fn accepts \(it is called as filter_fn\(module, fqn\)\)"):
+        sparsify_(model, 0.5, filter_fn=lambda fqn, mod: isinstance(mod, nn.Linear))
+    assert type(model[0]) is nn.Linear
+
+
 # ---- every subset of gradients, every pattern, against fp64 (review 2026-11-24: the dx-only branch) ----
 
 _GRAD_PATTERNS = {

@@ -207,10 +207,18 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
     silu within 1.56 and 1.13 ulp of that; see the module docstring); backward memory and the
     gradient change.
 
+    Also converted: the activation *function* of ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` (``F.relu``
+    or ``F.gelu``, what ``activation="relu"/"gelu"`` makes; it becomes a submodule ``activation``), and
+    ``transformers``' ``GELUActivation``, ``GELUTanh`` (torch's tanh GELU) and ``SiLUActivation``, which call
+    the torch function. Every other module is left as it is: a warning names the activation-like modules
+    left (PReLU, GLU, ``NewGELUActivation``'s own formula, ...), or says that nothing was converted.
+
     Args:
         model: any module; the model itself is not replaced even if it is an activation.
         bits: 1 to 4, for the smooth activations.
-        filter_fn: optional ``(qualified_name, module) -> bool``; only modules it accepts are swapped.
+        filter_fn: optional ``filter_fn(module, fqn) -> bool`` (as ``sparsify_``'s); only what it accepts is
+            swapped. For a transformer layer's activation function, ``module`` is the function and ``fqn``
+            ``"<layer>.activation"``.
 
     Returns:
         ``model``.
@@ -218,27 +226,44 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an nn.Module; TypeError/ValueError: bad ``bits``.
     """
-    from ..nn.activation import few_bit_from_torch
+    import warnings
+
+    from ..nn.activation import few_bit_from_torch, few_bit_from_function, looks_like_activation
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_bits(bits)
-    swaps = []
+    swaps, left = [], []
     made = {}  # id(old module) -> its few-bit twin: an instance used twice stays one shared module
     for qual, module in model.named_modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) \
+                and "activation" not in module._modules:
+            fn = getattr(module, "activation", None)
+            full = f"{qual}.activation" if qual else "activation"
+            if filter_fn is None or filter_fn(fn, full):
+                new = few_bit_from_function(fn, bits)
+                if new is not None:
+                    new.train(module.training)
+                    swaps.append((module, "activation", new))
+                elif fn is not None:
+                    left.append(f"{full} ({getattr(fn, '__name__', type(fn).__name__)})")
         # _modules, not named_children(): that skips a second slot holding the same instance
         # (Sequential(lin, act, lin, act)), which would stay a torch activation
         for child_name, child in list(module._modules.items()):
             if child is None:
                 continue
             full = f"{qual}.{child_name}" if qual else child_name
-            if filter_fn is not None and not filter_fn(full, child):
+            if filter_fn is not None and not filter_fn(child, full):
                 continue  # a module the filter leaves alone is not even looked at
             if id(child) not in made:
                 try:
                     made[id(child)] = few_bit_from_torch(child, bits)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"model: module {full!r} ({type(child).__name__}): {exc}") from exc
+                if made[id(child)] is not None:
+                    made[id(child)].train(child.training)  # the mode carries over, as in SparseLinear.from_dense
+                elif looks_like_activation(child):
+                    left.append(f"{full} ({type(child).__name__})")
             new = made[id(child)]
             if new is not None:
                 swaps.append((module, child_name, new))
@@ -246,4 +271,12 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
     ref = next(iter([*model.parameters(), *model.buffers()]), None)
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new if ref is None else new.to(ref.device))
+    if left:
+        warnings.warn(f"convert_: left {len(left)} activation(s) with no few-bit twin as they are "
+                      f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}); they keep their full backward memory",
+                      stacklevel=2)
+    elif not swaps:
+        warnings.warn("convert_: found no activation to convert"
+                      f"{' that filter_fn accepts (it is called as filter_fn(module, fqn))' if filter_fn else ''}: "
+                      "nothing is swapped", stacklevel=2)
     return model

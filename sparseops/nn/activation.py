@@ -9,6 +9,8 @@ honoured: the input is not modified.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -268,7 +270,51 @@ def few_bit_from_torch(module: nn.Module, bits: int) -> FewBitActivation | None:
     """
     entry = _FROM_TORCH.get(type(module))
     if entry is None:
-        return None
+        return _from_transformers(module, bits)
     cls, attrs = entry
     kwargs = {a: getattr(module, a) for a in attrs}
     return cls(**kwargs, bits=EXACT_BITS.get(cls.name, bits))
+
+
+def _from_transformers(module: nn.Module, bits: int) -> FewBitActivation | None:
+    # Hugging Face's activation modules that call the torch function (so the twin's forward is theirs):
+    # GELUActivation (F.gelu), GELUTanh (F.gelu, approximate="tanh"), SiLUActivation (F.silu). Matched by
+    # module and class name: transformers is not imported here. Their python-formula variants (NewGELU,
+    # FastGELU, use_gelu_python) compute other bits and are left
+    cls = type(module)
+    if cls.__module__ != "transformers.activations":
+        return None
+    act = getattr(module, "act", None)
+    if cls.__name__ == "GELUActivation" and act is nn.functional.gelu:
+        return FewBitGELU(bits=bits)
+    if cls.__name__ == "GELUTanh" and isinstance(act, functools.partial) and act.func is nn.functional.gelu \
+            and not act.args and act.keywords == {"approximate": "tanh"}:
+        return FewBitGELU(approximate="tanh", bits=bits)
+    if cls.__name__ == "SiLUActivation":
+        return FewBitSiLU(bits=bits)
+    return None
+
+
+def few_bit_from_function(fn, bits: int) -> FewBitActivation | None:
+    """The few-bit twin of a transformer layer's activation function (``F.relu`` or ``F.gelu``), else None."""
+    if fn is nn.functional.relu:
+        return FewBitReLU()
+    if fn is nn.functional.gelu:
+        return FewBitGELU(bits=bits)
+    return None
+
+
+def looks_like_activation(module: nn.Module) -> bool:
+    """Whether ``module``, which has no few-bit twin, is an activation a user may expect converted (convert_
+    names those it leaves): torch's other activations and subclasses of the converted ones, ``transformers``'
+    activation modules and any other leaf module whose class name ends in ``Activation``."""
+    if isinstance(module, (FewBitActivation, nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmax2d,
+                           nn.Softmin)):
+        return False
+    cls = type(module)
+    if isinstance(module, tuple(_FROM_TORCH)) or cls.__module__ == "torch.nn.modules.activation":
+        return True
+    if cls.__name__ == "LinearActivation":  # transformers' identity
+        return False
+    return (cls.__module__ == "transformers.activations" or cls.__name__.endswith("Activation")) \
+        and not list(module.children())
