@@ -1186,3 +1186,31 @@ def test_convert_keeps_the_mode():
     model = nn.Sequential(nn.GELU(), nn.ReLU()).eval()
     fewbit.convert_(model)
     assert not any(m.training for m in model)
+
+
+def test_set_table_installs_a_calibrated_table_that_survives_moves():
+    # docs/fewbit.md builds a table from a histogram of the activations; writing it into the buffers was
+    # undone by the next .to() / .float() (review, 2026-11-24): set_table_ keeps it
+    from sparseops.fewbit.table import optimal_table
+
+    g = torch.Generator().manual_seed(0)
+    acts = (torch.randn(20000, generator=g) * 0.5 + 1.0).numpy()
+    hist, _ = np.histogram(acts, bins=4096, range=(-10.0, 10.0))
+    borders, levels = optimal_table("gelu", bits=2, weight=hist)
+    act = sparseops.nn.FewBitGELU(bits=2).set_table_(borders, levels)
+    act.float().to(torch.float64).to("cpu")
+    want_b = torch.as_tensor(borders).float()
+    assert torch.equal(act.borders, want_b)
+    assert not torch.equal(act.borders, sparseops.nn.FewBitGELU(bits=2).borders)
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    y = act(x)
+    torch.testing.assert_close(y, F.gelu(x), rtol=0, atol=0)
+    y.sum().backward()
+    q = torch.as_tensor(levels).float().double()[reference.fewbit_codes(x.detach(), want_b)]
+    torch.testing.assert_close(x.grad, q, rtol=0, atol=0)
+    # a bad table is refused and changes nothing
+    for bad, exc in [((borders[:-1], levels), ValueError), ((torch.as_tensor(borders).flip(0), levels), ValueError),
+                     ((borders, [float("nan")] * 4), ValueError), (("ab", levels), TypeError)]:
+        with pytest.raises(exc):
+            act.set_table_(*bad)
+        assert torch.equal(act.borders, want_b)

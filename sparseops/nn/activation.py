@@ -46,10 +46,47 @@ class FewBitActivation(nn.Module):
         # that ``to_empty()`` after a meta-device build (which fills buffers with garbage, and a
         # non-persistent buffer is not restored by load_state_dict) leaves the right table
         out = super()._apply(fn, recurse)
-        borders, levels = table_bits(self.name, self.bits, **self.params)
+        custom = self.__dict__.get("_custom_table")
+        borders, levels = custom if custom is not None else table_bits(self.name, self.bits, **self.params)
         self.borders_bits = borders.to(self.borders_bits.device)
         self.levels_bits = levels.to(self.levels_bits.device)
         return out
+
+    def set_table_(self, borders, levels) -> "FewBitActivation":
+        """Use the table ``(borders, levels)`` instead of the shipped one, e.g. one weighted by the activations
+        this module sees (``sparseops.fewbit.optimal_table(name, bits, weight=histogram)``, see docs/fewbit.md).
+
+        The forward stays exact; the gradient becomes ``grad * levels[code]``. The table is kept through
+        ``.to()`` / ``to_empty()`` like the shipped one, but is not part of ``state_dict`` (whose keys stay those
+        of the torch module): call this again after building the model from a checkpoint.
+
+        Args:
+            borders: ``2^bits - 1`` sorted finite values (a sequence or a tensor); levels: ``2^bits`` finite values.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError, ValueError: a table of the wrong size, unsorted, or not finite (nothing is changed).
+        """
+        from ..ops.fewbit import _check_table
+
+        def as_f32(name, t):
+            try:
+                t = torch.as_tensor(t, dtype=torch.float64, device="cpu").detach()
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"{name}: expected a sequence of floats or a tensor, got {type(t).__name__}") from exc
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: must be finite")
+            return t.to(torch.float32)
+
+        b, lv = as_f32("borders", borders), as_f32("levels", levels)
+        _check_table(self.bits, b, lv)
+        table = (b.view(torch.int32).clone(), lv.view(torch.int32).clone())
+        self.__dict__["_custom_table"] = table
+        self.borders_bits = table[0].to(self.borders_bits.device)
+        self.levels_bits = table[1].to(self.levels_bits.device)
+        return self
 
     @property
     def borders(self) -> Tensor:
