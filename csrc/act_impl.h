@@ -410,8 +410,40 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
       const int64_t lines = (w * static_cast<int64_t>(sizeof(WT)) + 63) / 64;  // 64-byte lines of one tile row of wt
       for (int64_t t = 0; t < T; ++t)
         for (int64_t c = 0; c < w; ++c) acc[t * OT + c] = bias ? bias[c0 + c] : 0.f;
+      // one row of x (decode): four rows of wt per pass over the accumulators, so each accumulator load and
+      // store serves four fmas, and four streams of wt are in flight
+      int64_t q0 = 0;
+      if (T == 1) {
+        for (; q0 + 8 <= nnz; q0 += 8) {
+          for (int64_t u = q0 + PREFETCH; u < std::min(nnz, q0 + PREFETCH + 8); ++u) {
+            const char* pf = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[u]) * N + c0);
+            for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(pf + 64 * l, 0, 3);
+          }
+          const WT* wr[8];
+          for (int r = 0; r < 8; ++r) wr[r] = wt + static_cast<int64_t>(idx[q0 + r]) * N + c0;
+          const float* xq = xs.data() + q0;
+          const reg a0 = V::bcast(xq[0]), a1 = V::bcast(xq[1]), a2 = V::bcast(xq[2]), a3 = V::bcast(xq[3]);
+          const reg a4 = V::bcast(xq[4]), a5 = V::bcast(xq[5]), a6 = V::bcast(xq[6]), a7 = V::bcast(xq[7]);
+          float* o = acc.data();
+          for (int64_t c = 0; c < w8; c += 8) {
+            reg r = V::fma(a0, WL::load(wr[0] + c), V::load(o + c));
+            r = V::fma(a1, WL::load(wr[1] + c), r);
+            r = V::fma(a2, WL::load(wr[2] + c), r);
+            r = V::fma(a3, WL::load(wr[3] + c), r);
+            r = V::fma(a4, WL::load(wr[4] + c), r);
+            r = V::fma(a5, WL::load(wr[5] + c), r);
+            r = V::fma(a6, WL::load(wr[6] + c), r);
+            V::store(o + c, V::fma(a7, WL::load(wr[7] + c), r));
+          }
+          for (int64_t c = w8; c < w; ++c) {
+            float v = o[c];
+            for (int r = 0; r < 8; ++r) v += xq[r] * WL::one(wr[r][c]);
+            o[c] = v;
+          }
+        }
+      }
       // two rows of wt per pass over the accumulators, so each accumulator load and store serves two fmas
-      for (int64_t q = 0; q < nnz; q += 2) {
+      for (int64_t q = q0; q < nnz; q += 2) {
         const bool two = q + 1 < nnz;
         // the walk jumps between rows, which no hardware prefetcher can guess: fetch the rows
         // PREFETCH ahead (NOTE: 4096->11008, B=1, 2 threads: distance 4 beat 0, 1 and 2)

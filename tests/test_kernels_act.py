@@ -90,6 +90,7 @@ def test_act_dds(T, in_f, out_f, chan, relu, bias):
 
 
 HALF_SHAPES = [
+    _param(1, 100, 37, False, True),  # one row: the 8-rows-a-pass decode loop and its tails
     _param(3, 100, 37, True, True),
     _param(37, 37, 37, False, False),
     _param(4, SPLIT_IN, 200, True, False),
