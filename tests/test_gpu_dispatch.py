@@ -43,3 +43,42 @@ def test_nm_weight(pattern, in_f):
 def test_thresholds():
     assert not _gpu.use_dense(_gpu.CSR_DENSE_MIN_ROWS - 1, "csr") and _gpu.use_dense(_gpu.CSR_DENSE_MIN_ROWS, "csr")
     assert not _gpu.use_dense(_gpu.NM_DENSE_MIN_ROWS - 1, "nm") and _gpu.use_dense(_gpu.NM_DENSE_MIN_ROWS, "nm")
+
+
+# --------------------------------------------------------------------------- the eager CUDA shortcut
+# The autograd layer runs a triton_op's body itself on eager CUDA calls (ops.csr._eager_cuda): the body
+# must run as the op's own eager call runs it, with torch's wrap_triton switch off (on, each launch goes
+# through a higher-order op whose eager dispatch costs ~0.3 ms), and only where no dispatch mode is active.
+
+
+def test_body_runs_with_wrap_triton_off():
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from sparseops.ops.csr import triton_op
+
+    seen = []
+
+    @triton_op("sparseops_test::probe_wrap_triton")
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(is_wrap_triton_enabled())
+        return x.clone()
+
+    x = torch.randn(3)
+    assert torch.equal(probe.body(x), x)
+    probe(x)  # the op's own eager call, for comparison
+    assert seen == [False, False]
+    assert is_wrap_triton_enabled()  # restored after the body
+
+
+def test_eager_cuda_only_for_plain_eager_cuda_calls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparseops.ops.csr import _eager_cuda
+
+    assert not _eager_cuda(torch.randn(2))  # a CPU tensor
+    assert _eager_cuda(torch.empty(2, device="meta")) is False
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(2))
+        assert not _eager_cuda(fake)  # a dispatch mode is active: the call goes through the op
+    if torch.cuda.is_available():
+        assert _eager_cuda(torch.randn(2, device="cuda"))

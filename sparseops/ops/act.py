@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import reference
 from .._cpp import _C
 from ._checks import check_operands, check_threshold, checked, dtypes_ok, mats_ok
-from .csr import _CPP_HALF, _CPU, _HALF, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPP_HALF, _CPU, _HALF, _eager_cpu, _eager_cuda, _np, _threads, _use_cpp, half_via_fp32, triton_op
 
 
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
@@ -174,7 +174,7 @@ def _(dy, x, threshold, relu):
 # ---- public ops: cuda -> triton (forward) or reference (gradients), else -> host op ----
 
 
-@torch.library.triton_op("sparseops::act_dds", mutates_args=())
+@triton_op("sparseops::act_dds")
 def act_dds(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold: Tensor, relu: bool) -> Tensor:
     """Forward ``y [B, out] = s(x) [B, in] @ weight_t [in, out] + bias``, reading only active rows of ``weight_t``."""
     if x.device.type == "cuda":
@@ -184,7 +184,7 @@ def act_dds(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], threshold: Tens
     return act_dds_host(x, weight_t, bias, threshold, relu)
 
 
-@torch.library.triton_op("sparseops::act_dsd", mutates_args=())
+@triton_op("sparseops::act_dsd")
 def act_dsd(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> Tensor:
     """Input gradient ``dx [B, in] = (dy @ weight_tᵀ) ⊙ mask``: the sparsifier's derivative is its mask."""
     if dy.device.type == "cuda":
@@ -192,7 +192,7 @@ def act_dsd(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bo
     return act_dsd_host(dy, x, weight_t, threshold, relu)
 
 
-@torch.library.triton_op("sparseops::act_sdd", mutates_args=())
+@triton_op("sparseops::act_sdd")
 def act_sdd(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor:
     """Weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy``; rows of inputs that no row activates are 0."""
     if dy.device.type == "cuda":
@@ -209,18 +209,24 @@ act_sdd.register_kernel("cpu")(_act_sdd_cpu)
 def dds(x, weight_t, bias, threshold, relu: bool) -> Tensor:
     if _eager_cpu(x):
         return _act_dds_cpu.unchecked(x, weight_t, bias, threshold, relu)
+    if _eager_cuda(x):
+        return act_dds.body(x, weight_t, bias, threshold, relu)
     return torch.ops.sparseops.act_dds(x, weight_t, bias, threshold, relu)
 
 
 def dsd(dy, x, weight_t, threshold, relu: bool) -> Tensor:
     if _eager_cpu(dy):
         return _act_dsd_cpu.unchecked(dy, x, weight_t, threshold, relu)
+    if _eager_cuda(dy):
+        return act_dsd.body(dy, x, weight_t, threshold, relu)
     return torch.ops.sparseops.act_dsd(dy, x, weight_t, threshold, relu)
 
 
 def sdd(dy, x, threshold, relu: bool) -> Tensor:
     if _eager_cpu(dy):
         return _act_sdd_cpu.unchecked(dy, x, threshold, relu)
+    if _eager_cuda(dy):
+        return act_sdd.body(dy, x, threshold, relu)
     return torch.ops.sparseops.act_sdd(dy, x, threshold, relu)
 
 
@@ -274,4 +280,6 @@ def _(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
 def csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu: bool, out_features: int) -> Tensor:
     if _eager_cpu(x):
         return _act_csr_dds_cpu.unchecked(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
+    if _eager_cuda(x):
+        return act_csr_dds.body(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
     return torch.ops.sparseops.act_csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)

@@ -22,7 +22,7 @@ from .. import reference
 from .._cpp import _C
 from ._checks import check_operands, checked, dtypes_ok
 from ..formats.bsr import BLOCK_SIZES, check_block
-from .csr import _CPU, _check_index, _check_values, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPU, _check_index, _check_values, _eager_cpu, _eager_cuda, _np, _threads, _use_cpp, half_via_fp32, triton_op
 
 
 def _padded(a: Tensor, n: int) -> Tensor:
@@ -156,7 +156,7 @@ def _(dy, x, row, col, block):
 # ---- public ops: cuda -> triton, else -> host op ----
 
 
-@torch.library.triton_op("sparseops::bsr_dds", mutates_args=())
+@triton_op("sparseops::bsr_dds")
 def bsr_dds(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
     """Forward ``y [B, out] = x [B, in] @ Wᵀ + bias`` for a block-sparse weight (``values [nblk, b, b]``)."""
     if x.device.type == "cuda":
@@ -167,7 +167,7 @@ def bsr_dds(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional
     return bsr_dds_host(x, values, crow, col, bias, out_features)
 
 
-@torch.library.triton_op("sparseops::bsr_dsd", mutates_args=())
+@triton_op("sparseops::bsr_dsd")
 def bsr_dsd(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
     """Input gradient ``dx [B, in] = dy [B, out] @ W`` through Wᵀ's block index."""
     if dy.device.type == "cuda":
@@ -178,7 +178,7 @@ def bsr_dsd(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: T
     return bsr_dsd_host(dy, values, t_crow, t_row, t_perm, in_features)
 
 
-@torch.library.triton_op("sparseops::bsr_sdd", mutates_args=())
+@triton_op("sparseops::bsr_sdd")
 def bsr_sdd(dy: Tensor, x: Tensor, row: Tensor, col: Tensor, block: int) -> Tensor:
     """Weight gradient on the stored blocks, ``dvalues [nblk, b, b]``; no dense ``[out, in]`` gradient."""
     if x.device.type == "cuda":
@@ -198,16 +198,22 @@ bsr_sdd.register_kernel("cpu")(_bsr_sdd_cpu)
 def dds(x, values, crow, col, bias, out_features: int) -> Tensor:
     if _eager_cpu(x):
         return _bsr_dds_cpu.unchecked(x, values, crow, col, bias, out_features)
+    if _eager_cuda(x):
+        return bsr_dds.body(x, values, crow, col, bias, out_features)
     return torch.ops.sparseops.bsr_dds(x, values, crow, col, bias, out_features)
 
 
 def dsd(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
     if _eager_cpu(dy):
         return _bsr_dsd_cpu.unchecked(dy, values, t_crow, t_row, t_perm, in_features)
+    if _eager_cuda(dy):
+        return bsr_dsd.body(dy, values, t_crow, t_row, t_perm, in_features)
     return torch.ops.sparseops.bsr_dsd(dy, values, t_crow, t_row, t_perm, in_features)
 
 
 def sdd(dy, x, row, col, block: int) -> Tensor:
     if _eager_cpu(x):
         return _bsr_sdd_cpu.unchecked(dy, x, row, col, block)
+    if _eager_cuda(x):
+        return bsr_sdd.body(dy, x, row, col, block)
     return torch.ops.sparseops.bsr_sdd(dy, x, row, col, block)

@@ -27,7 +27,7 @@ from .._cpp import _C
 from ..fewbit.table import activation_fn
 from ..reference.fewbit import fewbit_unpack_codes as _unpack_codes, num_words
 from . import _gpu
-from .csr import _CPU, _csr_dds_cpu
+from .csr import _CPU, _csr_dds_cpu, _eager_cuda, triton_op
 
 
 _CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -155,7 +155,7 @@ def _triton(t: Tensor) -> bool:
     return t.device.type == "cuda" and t.dtype in _CPP_DTYPES
 
 
-@torch.library.triton_op("sparseops::fewbit_pack", mutates_args=())
+@triton_op("sparseops::fewbit_pack")
 def fewbit_pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     """Bit-packed few-bit codes of ``x``.
 
@@ -174,7 +174,7 @@ def fewbit_pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     return fewbit_pack_host(x, borders, bits)
 
 
-@torch.library.triton_op("sparseops::fewbit_unpack", mutates_args=())
+@triton_op("sparseops::fewbit_unpack")
 def fewbit_unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
     """``grad * levels[code]`` elementwise: the few-bit backward of an activation.
 
@@ -307,7 +307,7 @@ def _(x, values, crow, col, bias, out_features, activation, borders, bits):
     return x.new_empty(x.shape[0], out_features), x.new_empty(num_words(x.shape[0] * out_features, bits), dtype=torch.int32)
 
 
-@torch.library.triton_op("sparseops::csr_dds_fewbit", mutates_args=())
+@triton_op("sparseops::csr_dds_fewbit")
 def csr_dds_fewbit(
     x: Tensor, values: Tensor, crow: Tensor, col: Tensor, bias: Optional[Tensor], out_features: int,
     activation: str, borders: Tensor, bits: int,
@@ -348,6 +348,8 @@ def pack(x: Tensor, borders: Tensor, bits: int) -> Tensor:
     """:func:`fewbit_pack` for the autograd layer."""
     if _eager_cpu(x):
         return _fewbit_pack_cpu(x, borders, bits)
+    if _eager_cuda(x):
+        return fewbit_pack.body(x, borders, bits)
     return torch.ops.sparseops.fewbit_pack(x, borders, bits)
 
 
@@ -377,6 +379,8 @@ def unpack(grad: Tensor, codes: Tensor, levels: Tensor, bits: int) -> Tensor:
     """:func:`fewbit_unpack` for the autograd layer."""
     if _eager_cpu(grad):
         return _fewbit_unpack_cpu(grad, codes, levels, bits)
+    if _eager_cuda(grad):
+        return fewbit_unpack.body(grad, codes, levels, bits)
     return torch.ops.sparseops.fewbit_unpack(grad, codes, levels, bits)
 
 
@@ -384,6 +388,8 @@ def dds_fewbit(x, values, crow, col, bias, out_features: int, activation: str, b
     """:func:`csr_dds_fewbit` for the autograd layer."""
     if _eager_cpu(x):
         return _csr_dds_fewbit_cpu(x, values, crow, col, bias, out_features, activation, borders, bits)
+    if _eager_cuda(x):
+        return csr_dds_fewbit.body(x, values, crow, col, bias, out_features, activation, borders, bits)
     return torch.ops.sparseops.csr_dds_fewbit(x, values, crow, col, bias, out_features, activation, borders, bits)
 
 

@@ -21,7 +21,7 @@ from .._cpp import _C
 from ._checks import check_operands, checked, dtypes_ok, mats_ok
 from ..formats.nm import slots_per_row, unpack_positions
 from . import _gpu
-from .csr import _CPP_HALF, _CPU, _HALF, _check_index, _eager_cpu, _np, _threads, _use_cpp, half_via_fp32
+from .csr import _CPP_HALF, _CPU, _HALF, _check_index, _eager_cpu, _eager_cuda, _np, _threads, _use_cpp, half_via_fp32, triton_op
 
 
 # ---- host ops ----
@@ -173,7 +173,7 @@ def _gather_t(values, t_slot):
     return torch.where(s >= 0, flat[s.clamp(min=0)], torch.zeros((), dtype=flat.dtype, device=flat.device))
 
 
-@torch.library.triton_op("sparseops::nm_dds", mutates_args=())
+@triton_op("sparseops::nm_dds")
 def nm_dds(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], n: int, m: int) -> Tensor:
     """Forward ``y [B, out] = x [B, in] @ Wᵀ + bias`` for an N:M weight (``values [out, S]``, ``idx``)."""
     if x.device.type == "cuda":
@@ -186,7 +186,7 @@ def nm_dds(x: Tensor, values: Tensor, idx: Tensor, bias: Optional[Tensor], n: in
     return nm_dds_host(x, values, idx, bias, n, m)
 
 
-@torch.library.triton_op("sparseops::nm_sdd", mutates_args=())
+@triton_op("sparseops::nm_sdd")
 def nm_sdd(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
     """Weight gradient on the slots: ``dvalues [out, S]``; no dense ``[out, in]`` gradient is formed."""
     if x.device.type == "cuda":
@@ -196,7 +196,7 @@ def nm_sdd(dy: Tensor, x: Tensor, idx: Tensor, n: int, m: int) -> Tensor:
     return nm_sdd_host(dy, x, idx, n, m)
 
 
-@torch.library.triton_op("sparseops::nm_dsd", mutates_args=())
+@triton_op("sparseops::nm_dsd")
 def nm_dsd(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: int, m: int) -> Tensor:
     """Input gradient ``dx [B, in] = dy @ W`` of a transposable weight, on the N:M kernel over ``Wᵀ``."""
     if dy.device.type == "cuda":
@@ -208,7 +208,7 @@ def nm_dsd(dy: Tensor, values: Tensor, t_idx: Tensor, t_slot: Tensor, n: int, m:
     return nm_dsd_host(dy, values, t_idx, t_slot, n, m)
 
 
-@torch.library.triton_op("sparseops::nm_dsd_csr", mutates_args=())
+@triton_op("sparseops::nm_dsd_csr")
 def nm_dsd_csr(dy: Tensor, values: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor, in_features: int) -> Tensor:
     """Input gradient ``dx [B, in] = dy @ W`` of any N:M weight, through the CSR of ``Wᵀ``."""
     if dy.device.type == "cuda":
@@ -232,22 +232,30 @@ nm_dsd_csr.register_kernel("cpu")(_nm_dsd_csr_cpu)
 def dds(x, values, idx, bias, n: int, m: int) -> Tensor:
     if _eager_cpu(x):
         return _nm_dds_cpu.unchecked(x, values, idx, bias, n, m)
+    if _eager_cuda(x):
+        return nm_dds.body(x, values, idx, bias, n, m)
     return torch.ops.sparseops.nm_dds(x, values, idx, bias, n, m)
 
 
 def sdd(dy, x, idx, n: int, m: int) -> Tensor:
     if _eager_cpu(x):
         return _nm_sdd_cpu.unchecked(dy, x, idx, n, m)
+    if _eager_cuda(x):
+        return nm_sdd.body(dy, x, idx, n, m)
     return torch.ops.sparseops.nm_sdd(dy, x, idx, n, m)
 
 
 def dsd(dy, values, t_idx, t_slot, n: int, m: int) -> Tensor:
     if _eager_cpu(dy):
         return _nm_dsd_cpu.unchecked(dy, values, t_idx, t_slot, n, m)
+    if _eager_cuda(dy):
+        return nm_dsd.body(dy, values, t_idx, t_slot, n, m)
     return torch.ops.sparseops.nm_dsd(dy, values, t_idx, t_slot, n, m)
 
 
 def dsd_csr(dy, values, t_crow, t_row, t_perm, in_features: int) -> Tensor:
     if _eager_cpu(dy):
         return _nm_dsd_csr_cpu.unchecked(dy, values, t_crow, t_row, t_perm, in_features)
+    if _eager_cuda(dy):
+        return nm_dsd_csr.body(dy, values, t_crow, t_row, t_perm, in_features)
     return torch.ops.sparseops.nm_dsd_csr(dy, values, t_crow, t_row, t_perm, in_features)
