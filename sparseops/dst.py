@@ -3,7 +3,8 @@
 Every ``update_every`` optimizer steps each targeted layer drops a fraction of its stored weights and
 grows as many elsewhere, so its nonzero count never changes; the layer is re-packed in place
 (:meth:`SparseLinear.rewire_`: the same module, a new index, no dense mask) and the optimizer's state
-follows: the moments of surviving weights are kept, grown weights start at 0 with zero moments.
+follows: the moments of surviving weights are kept, grown weights start at 0 with fresh state (zero moments;
+Rprop's step size at the learning rate and Adagrad's sum at its initial value, as those optimizers start a weight).
 
 - **SET** (Mocanu et al. 2018): drop the smallest magnitudes, grow uniformly at random.
 - **RigL** (Evci et al. 2020): drop the smallest magnitudes, grow where the *dense* gradient is largest.

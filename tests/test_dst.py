@@ -826,3 +826,63 @@ def test_rigl_through_a_compiled_wrapper_names_the_cause():
             F.mse_loss(cm(x), y).backward()
             opt.step()
             rigl.step()
+
+
+# ---- optimizers whose fresh state is not 0 ----
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("opt_name", ["rprop", "adagrad"])
+def test_grown_weights_start_with_the_optimizers_own_fresh_state(opt_name, pattern):
+    # Rprop only scales a weight's step size, so a grown weight left at step_size 0 would never move;
+    # Adagrad starts its sum at initial_accumulator_value. A grown weight must start as the optimizer
+    # starts any weight, a kept one keep its state
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    if pattern == "unstructured":
+        layer = sparseops.SparseLinear.from_dense(lin, sparsity=0.5)
+    else:
+        layer = sparseops.SparseLinear.from_dense(lin, pattern=pattern)
+    lr = 0.05
+    if opt_name == "rprop":
+        opt, key, fresh = torch.optim.Rprop(layer.parameters(), lr=lr), "step_size", lr
+    else:
+        opt, key, fresh = torch.optim.Adagrad(layer.parameters(), lr=lr, initial_accumulator_value=0.1), "sum", 0.1
+    x = torch.randn(4, 16)
+    for _ in range(3):  # states away from their fresh values
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    old_mask = layer.mask.clone()
+    was = opt.state[layer.values][key].clone()
+    if pattern == "unstructured":
+        # drop every other stored weight, grow as many where none was
+        kept = torch.arange(0, layer.nnz, 2)
+        free = (~old_mask).reshape(-1).nonzero().flatten()
+        layer.rewire_(kept, free[: layer.nnz - kept.numel()], opt)
+    else:
+        # the other two of each group of four
+        layer.update_mask_(~old_mask, opt)
+    new_mask = layer.mask
+    kept_m, grown_m = old_mask & new_mask, new_mask & ~old_mask
+    got = opt.state[layer.values][key]
+    assert got.shape == layer.values.shape
+    if pattern == "unstructured":
+        assert grown_m.any() and kept_m.any()
+        # as dense [out, in]: an unstructured layer's values are in its mask's row-major order
+        dense_got, dense_was = torch.zeros(8, 16), torch.zeros(8, 16)
+        dense_got[new_mask], dense_was[old_mask] = got, was
+        assert torch.equal(dense_got[kept_m], dense_was[kept_m])
+        assert (dense_got[grown_m] == fresh).all(), f"grown {key} must start at {fresh}"
+    else:
+        # the complement of a 2:4 mask: every stored weight is a grown one
+        assert not kept_m.any()
+        assert (got == torch.tensor(fresh)).all(), f"grown {key} must start at {fresh}"
+    if opt_name == "rprop":
+        # and the grown weights do train
+        before = layer.dense_weight().detach().clone()
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+        moved = (layer.dense_weight().detach() != before) & grown_m
+        assert moved.any(), "no grown weight moved under Rprop"

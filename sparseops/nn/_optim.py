@@ -15,19 +15,43 @@ def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: 
     State tensors shaped like ``old`` go through ``remap`` (default: as they are); others (``step``)
     move unchanged. Returns whether ``old`` was found.
     """
-    found = False
+    found, where = False, None
     for group in optimizer.param_groups:
         for i, p in enumerate(group["params"]):
             if p is old:
                 group["params"][i] = new
-                found = True
+                found, where = True, group
     state = optimizer.state.pop(old, None)
     if found and state:
-        optimizer.state[new] = {
-            k: (remap(v) if remap is not None and isinstance(v, Tensor) and v.shape == old.shape else v)
-            for k, v in state.items()
-        }
+        fills = _fresh_fills(optimizer, where, state) if remap is not None else {}
+        fresh = None
+        if fills:
+            # the entries no old one maps to (grown weights): 0 through remap, 1 for every moved one
+            fresh = remap(torch.ones(old.shape, dtype=torch.float32, device=old.device)) == 0
+        moved = {}
+        for k, v in state.items():
+            if remap is not None and isinstance(v, Tensor) and v.shape == old.shape:
+                v = remap(v)
+                if k in fills:
+                    v = torch.where(fresh.to(v.device), torch.full((), fills[k], dtype=v.dtype, device=v.device), v)
+            moved[k] = v
+        optimizer.state[new] = moved
     return found
+
+
+def _fresh_fills(optimizer: torch.optim.Optimizer, group: dict, state: dict) -> dict:
+    """The state entries whose value for a fresh weight is not 0, and that value, as the optimizer itself
+    starts them: Rprop's ``step_size`` (the learning rate; at 0 a grown weight would never move, since
+    Rprop only scales its step), Adagrad's ``sum`` (``initial_accumulator_value``). Every other moment of
+    torch's optimizers starts at 0, which the re-map already gives grown weights."""
+    fills = {}
+    if isinstance(optimizer, torch.optim.Rprop) and "step_size" in state:
+        fills["step_size"] = float(group["lr"])
+    if isinstance(optimizer, torch.optim.Adagrad) and "sum" in state:
+        init = float(group.get("initial_accumulator_value", 0.0))
+        if init != 0.0:
+            fills["sum"] = init
+    return fills
 
 
 def check_holds(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> None:

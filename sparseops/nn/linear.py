@@ -362,7 +362,8 @@ class SparseLinear(nn.Module):
         kept and grown entries row by row and builds both orientations of the index in one pass. Kept
         weights keep their values, grown ones start at 0; ``values`` becomes a new Parameter and the
         ``optimizer``'s state follows as in :meth:`update_mask_` (moments of kept weights kept, 0 for
-        grown ones).
+        grown ones; Rprop's step size starts at the learning rate and Adagrad's sum at its
+        ``initial_accumulator_value``, as those optimizers start any weight).
 
         Args:
             kept: int64 ``[nk]``, strictly ascending positions into ``values``.
