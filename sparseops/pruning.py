@@ -304,6 +304,58 @@ class IterativeMagnitudePruning:
             name: p.detach().clone() for name, p in self.model.named_parameters() if not name.startswith(prefixes)
         }
 
+    def state_dict(self) -> dict:
+        """The rewind point (the snapshot: each targeted layer's dense weight and bias, every other
+        parameter) and the targeted layer names, for resuming a run of rounds from a checkpoint: save it
+        next to the model's own state_dict, then ``load_state_dict`` on a pruner over the restored model."""
+        return {"names": list(self.names), "scope": self.scope,
+                "weights": {k: v.clone() for k, v in self._weights.items()},
+                "biases": {k: None if v is None else v.clone() for k, v in self._biases.items()},
+                "others": {k: v.clone() for k, v in self._others.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the rewind point of :meth:`state_dict`. The model's layers may be dense or already
+        pruned (SparseLinear); the names and shapes must match. A refused state leaves the pruner as it was.
+
+        Raises:
+            ValueError: a state that is not one of this pruner's (other layers, shapes or keys).
+        """
+        keys = {"names", "scope", "weights", "biases", "others"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError(f"state: expected a dict from state_dict() with {sorted(keys)}")
+        if list(state["names"]) != self.names:
+            raise ValueError(f"state['names']: expected this pruner's layers {self.names}, got {state['names']}")
+        if state["scope"] not in ("layer", "global"):
+            raise ValueError(f"state['scope']: expected 'layer' or 'global', got {state['scope']!r}")
+        weights, biases, others = state["weights"], state["biases"], state["others"]
+        for fqn in self.names:
+            mod = self.model.get_submodule(fqn)
+            shape = (mod.out_features, mod.in_features)
+            w = weights.get(fqn) if isinstance(weights, dict) else None
+            if not isinstance(w, Tensor) or tuple(w.shape) != shape or not w.is_floating_point():
+                got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+                raise ValueError(f"state['weights'][{fqn!r}]: expected a float tensor of shape {shape}, got {got}")
+            b = biases.get(fqn, ...) if isinstance(biases, dict) else ...
+            if (b is None) != (mod.bias is None) or (b is not None and (
+                    not isinstance(b, Tensor) or tuple(b.shape) != (shape[0],))):
+                want = "None (the layer has no bias)" if mod.bias is None else f"a tensor of shape ({shape[0]},)"
+                raise ValueError(f"state['biases'][{fqn!r}]: expected {want}")
+        prefixes = tuple(f"{fqn}." for fqn in self.names)
+        params = {} if "" in self.names else {
+            name: p for name, p in self.model.named_parameters() if not name.startswith(prefixes)}
+        if not isinstance(others, dict) or set(others) != set(params):
+            raise ValueError(f"state['others']: expected the model's other parameters {sorted(params)}, got "
+                             f"{sorted(others) if isinstance(others, dict) else type(others).__name__}")
+        for name, p in params.items():
+            o = others[name]
+            if not isinstance(o, Tensor) or o.shape != p.shape:
+                raise ValueError(f"state['others'][{name!r}]: expected a tensor of shape {tuple(p.shape)}")
+        self.scope = state["scope"]
+        dev = {fqn: next(self.model.get_submodule(fqn).parameters()).device for fqn in self.names}
+        self._weights = {k: weights[k].detach().clone().to(dev[k]) for k in self.names}
+        self._biases = {k: None if biases[k] is None else biases[k].detach().clone().to(dev[k]) for k in self.names}
+        self._others = {k: others[k].detach().clone().to(params[k].device) for k in params}
+
     @staticmethod
     def schedule(final_sparsity: float, rounds: int) -> list[float]:
         """Per-round sparsities that remove the same fraction of the survivors each round:

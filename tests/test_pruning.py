@@ -1159,3 +1159,65 @@ def test_gradual_pruner_resumes_after_the_swap_from_a_fresh_sparsified_model():
     for n in NAMES:
         torch.testing.assert_close(_dense_w(fresh[int(n)]), _dense_w(model[int(n)]), rtol=0, atol=0)
         torch.testing.assert_close(fresh[int(n)].bias, model[int(n)].bias, rtol=0, atol=0)
+
+
+def test_imp_resumes_from_a_checkpoint():
+    # a run of rounds interrupted mid-round: the model's state_dict restores the layers, the pruner's
+    # state_dict the rewind point. A pruner built over the restored model alone would snapshot the
+    # mid-round weights and rewind there
+    import copy
+    import io
+
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    x, y = _data()
+    model = _imp_model()
+    imp = IMP(model)
+    _imp_train(model, x, y)
+    model = imp.prune_and_rewind(0.5)
+    _imp_train(model, x, y, steps=3)  # mid-round: the checkpoint
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "imp": imp.state_dict()}, buf)
+
+    restored = copy.deepcopy(model)  # the same structure, then the checkpoint's state
+    with torch.no_grad():
+        for p in restored.parameters():
+            p.add_(1.0)
+    buf.seek(0)
+    ck = torch.load(buf)
+    restored.load_state_dict(ck["model"])
+    fresh = IMP(restored)  # snapshots the mid-round weights
+    naive = copy.deepcopy(restored)
+    fresh_naive = IMP(naive)
+    fresh.load_state_dict(ck["imp"])
+
+    for m in (model, restored, naive):
+        _imp_train(m, x, y, steps=2)
+    a, b, c = imp.prune_and_rewind(0.75), fresh.prune_and_rewind(0.75), fresh_naive.prune_and_rewind(0.75)
+    for n in NAMES:
+        assert torch.equal(a.get_submodule(n).mask, b.get_submodule(n).mask)
+        assert torch.equal(a.get_submodule(n).dense_weight(), b.get_submodule(n).dense_weight())
+    assert torch.equal(a[3].weight, b[3].weight)
+    # without the pruner's state, the rewind lands elsewhere
+    assert not all(torch.equal(a.get_submodule(n).dense_weight(), c.get_submodule(n).dense_weight()) for n in NAMES)
+
+
+def test_imp_load_state_dict_refuses_a_foreign_state():
+    from sparseops.pruning import IterativeMagnitudePruning as IMP
+
+    imp = IMP(_imp_model())
+    good = imp.state_dict()
+    before = {k: v.clone() for k, v in imp._weights.items()}
+    bad_shape = {**good, "weights": {**good["weights"], "0": torch.zeros(3, 3)}}
+    with pytest.raises(ValueError, match=r"state\['weights'\]\['0'\]"):
+        imp.load_state_dict(bad_shape)
+    with pytest.raises(ValueError, match=r"state\['names'\]"):
+        imp.load_state_dict({**good, "names": ["0"]})
+    with pytest.raises(ValueError, match=r"state\['others'\]"):
+        imp.load_state_dict({**good, "others": {}})
+    with pytest.raises(ValueError, match=r"state\['biases'\]\['2'\]"):
+        imp.load_state_dict({**good, "biases": {**good["biases"], "2": None}})
+    with pytest.raises(ValueError, match="state"):
+        imp.load_state_dict([])
+    # nothing changed
+    assert all(torch.equal(imp._weights[k], before[k]) for k in before)
