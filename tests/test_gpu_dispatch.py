@@ -82,3 +82,22 @@ def test_eager_cuda_only_for_plain_eager_cuda_calls():
         assert not _eager_cuda(fake)  # a dispatch mode is active: the call goes through the op
     if torch.cuda.is_available():
         assert _eager_cuda(torch.randn(2, device="cuda"))
+
+
+def test_every_eager_cuda_shortcut_names_a_triton_op_body():
+    # the entry points call op.body on eager CUDA calls: each op they name must be a triton_op made by
+    # ops.csr.triton_op (a plain custom_op has no body; the CPU-only CI would not reach the line)
+    import re
+    from pathlib import Path
+
+    import sparseops.ops as ops_pkg
+
+    found = 0
+    for path in Path(ops_pkg.__file__).parent.glob("*.py"):
+        src = path.read_text()
+        module = __import__(f"sparseops.ops.{path.stem}", fromlist=["_"])
+        for name in re.findall(r"return (\w+)\.body\(", src):
+            op = getattr(module, name)
+            assert callable(getattr(op, "body", None)), f"{path.name}: {name} has no body"
+            found += 1
+    assert found >= 15

@@ -280,6 +280,4 @@ def _(x, t_crow, t_col, t_values, bias, threshold, relu, out_features):
 def csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu: bool, out_features: int) -> Tensor:
     if _eager_cpu(x):
         return _act_csr_dds_cpu.unchecked(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
-    if _eager_cuda(x):
-        return act_csr_dds.body(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
     return torch.ops.sparseops.act_csr_dds(x, t_crow, t_col, t_values, bias, threshold, relu, out_features)
