@@ -21,6 +21,19 @@ def ev(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
+def decode_calls(xs):
+    """run(layer) -> a no-grad call of layer on the next of the inputs xs each time (none stays in L2)."""
+    st = {"i": 0}
+
+    def run(layer):
+        def fn():
+            st["i"] += 1
+            with torch.no_grad():
+                return layer(xs[st["i"] % len(xs)])
+        return fn
+    return run
+
+
 if "fewbit" in what:
     n = 32 * 2**20
     for dtype in (torch.bfloat16, torch.float32):
@@ -60,15 +73,7 @@ if "act" in what:
     dtype = torch.bfloat16
     lin, _ = G._masked_linear(in_f, out_f, dtype, "dense")
     for batch in (1, 8):
-        xs = [torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)]
-        st = {"i": 0}
-
-        def run(layer):
-            def fn():
-                st["i"] += 1
-                with torch.no_grad():
-                    return layer(xs[st["i"] % 16])
-            return fn
+        run = decode_calls([torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)])
         d = G._graph_ms(run(lin))
         row = [f"dense={d:.4f}"]
         for sp in (0.0, 0.4, 0.5, 0.7, 0.9, 0.99):
@@ -118,15 +123,7 @@ if "act-sweep" in what:
         layer.calibrate(torch.randn(256, in_f, device="cuda", dtype=dtype))
         layers[sp] = layer
     for batch in (1, 8):
-        xs = [torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)]
-        st = {"i": 0}
-
-        def run(layer):
-            def fn():
-                st["i"] += 1
-                with torch.no_grad():
-                    return layer(xs[st["i"] % 16])
-            return fn
+        run = decode_calls([torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)])
         d = G._graph_ms(run(lin))
         de = ev(run(lin))
         with torch.no_grad():  # the union's density at this batch
