@@ -73,7 +73,8 @@ if "act" in what:
     dtype = torch.bfloat16
     lin, _ = G._masked_linear(in_f, out_f, dtype, "dense")
     for batch in (1, 8):
-        run = decode_calls([torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)])
+        xs = [torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)]
+        run = decode_calls(xs)
         d = G._graph_ms(run(lin))
         row = [f"dense={d:.4f}"]
         for sp in (0.0, 0.4, 0.5, 0.7, 0.9, 0.99):
@@ -123,7 +124,8 @@ if "act-sweep" in what:
         layer.calibrate(torch.randn(256, in_f, device="cuda", dtype=dtype))
         layers[sp] = layer
     for batch in (1, 8):
-        run = decode_calls([torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)])
+        xs = [torch.randn(batch, in_f, device="cuda", dtype=dtype) for _ in range(16)]
+        run = decode_calls(xs)
         d = G._graph_ms(run(lin))
         de = ev(run(lin))
         with torch.no_grad():  # the union's density at this batch
