@@ -415,11 +415,11 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
       int64_t q0 = 0;
       if (T == 1) {
         for (; q0 + 8 <= nnz; q0 += 8) {
-          // no software prefetch here: eight row segments of 8 KB in flight are streams the hardware
+          // no software prefetch here: eight row segments of 8 KB (fp32; 4 KB in bf16) in flight are streams the hardware
           // prefetchers follow, and a prefetch per line cost more than it hid. Xeon (AVX-512, 2 threads,
           // 4096->11008 and back, bench/ratio.py --suite act): dense/sparse at 50 / 70 / 90% went from
           // 1.39-1.48 / 2.24-2.27 / 5.93-6.17 with prefetches of the next rows to 1.61-1.74 / 2.50-2.83 /
-          // 6.35-7.61 without (two runs each). The two-row loop below keeps its prefetches: without them
+          // 6.35-7.61 without (one run before, three after). The two-row loop below keeps its prefetches: without them
           // 8 rows of x ran 0.82-0.90x dense, against 1.00-1.08x with them
           const WT* wr[8];
           for (int r = 0; r < 8; ++r) wr[r] = wt + static_cast<int64_t>(idx[q0 + r]) * N + c0;

@@ -125,7 +125,7 @@ _CAP_PARTIALS = not _INTERPRET
 # a split is one grid dim: the cap keeps it well inside CUDA's 65535
 _MAX_SPLIT = 64
 
-# the fp32 partials are at most this fraction (1 / it) of the weight's bytes
+# the fp32 partials' traffic (written and read back) is at most 1 / this of the weight's bytes
 _PARTIALS_FRACTION = 10
 
 # the sizes are power-of-two buckets, so a new token count does not retune every step
@@ -297,11 +297,11 @@ def _act_gemv_kernel(
     # and every row it loads is one that some token uses
     oblk = tl.program_id(0)
     split = tl.program_id(1)
-    offs_t = tl.arange(0, BT)
+    offs_t = tl.arange(0, BT).to(tl.int64)
     offs_o = oblk.to(tl.int64) * BO + tl.arange(0, BO)  # [BO]
     mask_t = offs_t < T
     mask_o = offs_o < n_out
-    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt  # [BT, 1]
+    x_rows = x_ptr + offs_t[:, None] * stride_xt  # [BT, 1]
     w_cols = w_ptr + offs_o[None, :]  # [1, BO]
     rows = idx_ptr + split.to(tl.int64) * per
     n = tl.load(cnt_ptr + split)

@@ -332,13 +332,16 @@ class IterativeMagnitudePruning:
             mod = self.model.get_submodule(fqn)
             shape = (mod.out_features, mod.in_features)
             w = weights.get(fqn) if isinstance(weights, dict) else None
-            if not isinstance(w, Tensor) or tuple(w.shape) != shape or not w.is_floating_point():
+            dtype = (mod.values if isinstance(mod, SparseLinear) else mod.weight).dtype
+            if not isinstance(w, Tensor) or tuple(w.shape) != shape or w.dtype != dtype:
                 got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
-                raise ValueError(f"state['weights'][{fqn!r}]: expected a float tensor of shape {shape}, got {got}")
+                raise ValueError(f"state['weights'][{fqn!r}]: expected a {dtype} tensor of shape {shape} (the "
+                                 f"layer's), got {got}")
             b = biases.get(fqn, ...) if isinstance(biases, dict) else ...
             if (b is None) != (mod.bias is None) or (b is not None and (
-                    not isinstance(b, Tensor) or tuple(b.shape) != (shape[0],))):
-                want = "None (the layer has no bias)" if mod.bias is None else f"a tensor of shape ({shape[0]},)"
+                    not isinstance(b, Tensor) or tuple(b.shape) != (shape[0],) or b.dtype != mod.bias.dtype)):
+                want = ("None (the layer has no bias)" if mod.bias is None
+                        else f"a {mod.bias.dtype} tensor of shape ({shape[0]},)")
                 raise ValueError(f"state['biases'][{fqn!r}]: expected {want}")
         prefixes = tuple(f"{fqn}." for fqn in self.names)
         params = {} if "" in self.names else {
@@ -350,11 +353,12 @@ class IterativeMagnitudePruning:
             o = others[name]
             if not isinstance(o, Tensor) or o.shape != p.shape:
                 raise ValueError(f"state['others'][{name!r}]: expected a tensor of shape {tuple(p.shape)}")
-        self.scope = state["scope"]
+        # everything is built before anything is set (a copy that fails leaves the pruner as it was)
         dev = {fqn: next(self.model.get_submodule(fqn).parameters()).device for fqn in self.names}
-        self._weights = {k: weights[k].detach().clone().to(dev[k]) for k in self.names}
-        self._biases = {k: None if biases[k] is None else biases[k].detach().clone().to(dev[k]) for k in self.names}
-        self._others = {k: others[k].detach().clone().to(params[k].device) for k in params}
+        new_w = {k: weights[k].detach().to(dev[k], copy=True) for k in self.names}
+        new_b = {k: None if biases[k] is None else biases[k].detach().to(dev[k], copy=True) for k in self.names}
+        new_o = {k: others[k].detach().to(params[k].device, copy=True) for k in params}
+        self.scope, self._weights, self._biases, self._others = state["scope"], new_w, new_b, new_o
 
     @staticmethod
     def schedule(final_sparsity: float, rounds: int) -> list[float]:

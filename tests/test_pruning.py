@@ -1211,6 +1211,8 @@ def test_imp_load_state_dict_refuses_a_foreign_state():
     bad_shape = {**good, "weights": {**good["weights"], "0": torch.zeros(3, 3)}}
     with pytest.raises(ValueError, match=r"state\['weights'\]\['0'\]"):
         imp.load_state_dict(bad_shape)
+    with pytest.raises(ValueError, match=r"state\['weights'\]\['2'\]: expected a torch.float32"):
+        imp.load_state_dict({**good, "weights": {**good["weights"], "2": good["weights"]["2"].double()}})
     with pytest.raises(ValueError, match=r"state\['names'\]"):
         imp.load_state_dict({**good, "names": ["0"]})
     with pytest.raises(ValueError, match=r"state\['others'\]"):

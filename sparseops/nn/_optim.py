@@ -42,8 +42,9 @@ def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: 
 def _fresh_fills(optimizer: torch.optim.Optimizer, group: dict, state: dict) -> dict:
     """The state entries whose value for a fresh weight is not 0, and that value, as the optimizer itself
     starts them: Rprop's ``step_size`` (the learning rate; at 0 a grown weight would never move, since
-    Rprop only scales its step), Adagrad's ``sum`` (``initial_accumulator_value``). Every other moment of
-    torch's optimizers starts at 0, which the re-map already gives grown weights."""
+    Rprop only scales its step), Adagrad's ``sum`` (``initial_accumulator_value``). The other per-weight
+    states of torch's optimizers start at 0, which the re-map gives grown weights (SGD's momentum buffer
+    starts as the first gradient; at 0 with no dampening its first update is the same)."""
     fills = {}
     if isinstance(optimizer, torch.optim.Rprop) and "step_size" in state:
         fills["step_size"] = float(group["lr"])

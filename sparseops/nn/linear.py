@@ -369,7 +369,7 @@ class SparseLinear(nn.Module):
             kept: int64 ``[nk]``, strictly ascending positions into ``values``.
             grown: int64 ``[ng]``, strictly ascending flat positions ``row * in_features + col`` of the
                 new weights; none of them may be a kept one (a stored position that ``kept`` leaves out
-                and ``grown`` names starts afresh at 0, with zero optimizer state).
+                and ``grown`` names starts afresh at 0, with fresh optimizer state).
             optimizer: the optimizer that trains ``values``, if any.
 
         Raises:
