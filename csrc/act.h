@@ -52,5 +52,8 @@ SPARSEOPS_ACT_DECLARE(portable)
 #if defined(SPARSEOPS_HAVE_AVX2)
 SPARSEOPS_ACT_DECLARE(avx2)
 #endif
+#if defined(SPARSEOPS_HAVE_AVX512)
+SPARSEOPS_ACT_DECLARE(avx512)
+#endif
 
 }  // namespace sparseops

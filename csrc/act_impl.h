@@ -188,9 +188,56 @@ inline void act_pack(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_
 
 // ---- spmm: C[r, c0 : c0 + 8 NV] = bias + sum_p val[p] * D[idx[p], c0 : ...] for r in [r0, r1) ----
 
+// spmm_strip on 16-lane vectors (V::wide, see VecAVX512): NW = NV / 2 zmm vectors a strip row
+template <class V, int NW>
+void spmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
+                     const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
+  using reg = typename V::wreg;
+  constexpr int W = 16 * NW;
+  const bool single = K <= KC;
+  const int64_t nr = r1 - r0;
+  float* pbuf = packed ? nullptr : act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
+  reg bv[NW];
+  for (int v = 0; v < NW; ++v) bv[v] = bias ? V::wload(bias + c0 + 16 * v) : V::wzero();
+  float* cb = nullptr;
+  if (!single) {
+    cb = act_aligned(ws.cbuf, static_cast<size_t>(nr * W));
+    for (int64_t i = 0; i < nr; ++i)
+      for (int v = 0; v < NW; ++v) V::wstore(cb + i * W + 16 * v, bv[v]);
+  }
+  const int32_t* idx = a.idx.data();
+  const float* val = a.val.data();
+  for (int64_t c = 0; c < a.nch; ++c) {
+    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+    if (!packed) act_pack(D, ldd, k0, k1, c0, W, pbuf);
+    const float* panel = packed ? packed : pbuf - k0 * W;
+    const int64_t* cp = a.ptr.data() + c * a.R;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t p = cp[r];
+      const int64_t pe = cp[r + 1];
+      if (p == pe && !single) continue;
+      float* out = single ? C + r * ldc + c0 : cb + (r - r0) * W;
+      reg acc[NW];
+      for (int v = 0; v < NW; ++v) acc[v] = single ? bv[v] : V::wload(out + 16 * v);
+      for (; p < pe; ++p) {
+        const reg sv = V::wbcast(val[p]);
+        const float* d = panel + static_cast<int64_t>(idx[p]) * W;
+        for (int v = 0; v < NW; ++v) acc[v] = V::wfma(sv, V::wload(d + 16 * v), acc[v]);
+      }
+      for (int v = 0; v < NW; ++v) V::wstore(out + 16 * v, acc[v]);
+    }
+  }
+  if (!single)
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(C + r * ldc + c0, cb + (r - r0) * W, sizeof(float) * W);
+}
+
 template <class V, int NV>
 void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
                 const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
+  if constexpr (V::wide && NV % 2 == 0) {
+    spmm_strip_wide<V, NV / 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    return;
+  }
   using reg = typename V::reg;
   constexpr int W = 8 * NV;
   const bool single = K <= KC;  // one panel: the accumulators go straight to C
@@ -321,9 +368,53 @@ void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int6
 
 // ---- dsd: out[p] += <P[r, c0 : c0 + 8 NV], Q[idx[p], c0 : ...]> for the nonzeros of rows [r0, r1) ----
 
+// sddmm_strip on 16-lane vectors (V::wide): each partial dot product in a zmm, folded to 8 lanes for hsum8
+template <class V, int NW>
+void sddmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
+                      const float* Q, int64_t ldq, int64_t c0, float* out, ActWork& ws) {
+  using wreg = typename V::wreg;
+  using reg = typename V::reg;
+  constexpr int W = 16 * NW;
+  float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
+  for (int64_t c = 0; c < a.nch; ++c) {
+    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+    act_pack(Q, ldq, k0, k1, c0, W, pbuf);
+    const float* panel = pbuf - k0 * W;
+    const int64_t* cp = a.ptr.data() + c * a.R;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t p = cp[r];
+      const int64_t q = cp[r + 1];
+      if (p == q) continue;
+      wreg pv[NW];
+      for (int v = 0; v < NW; ++v) pv[v] = V::wload(P + r * ldp + c0 + 16 * v);
+      for (; p < q; p += 8) {
+        const int g = static_cast<int>(std::min<int64_t>(8, q - p));
+        reg part[8];
+        for (int i = 0; i < 8; ++i) {
+          if (i < g) {
+            const float* d = panel + static_cast<int64_t>(a.idx[p + i]) * W;
+            wreg s0 = V::wfma(pv[0], V::wload(d), V::wzero());
+            for (int v = 1; v < NW; ++v) s0 = V::wfma(pv[v], V::wload(d + 16 * v), s0);
+            part[i] = V::fold(s0);
+          } else {
+            part[i] = V::zero();
+          }
+        }
+        alignas(32) float h[8];
+        V::store(h, V::hsum8(part));
+        for (int i = 0; i < g; ++i) out[p + i] += h[i];
+      }
+    }
+  }
+}
+
 template <class V, int NV>
 void sddmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp, const float* Q,
                  int64_t ldq, int64_t c0, float* out, ActWork& ws) {
+  if constexpr (V::wide && NV % 2 == 0) {
+    sddmm_strip_wide<V, NV / 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+    return;
+  }
   using reg = typename V::reg;
   constexpr int W = 8 * NV;
   float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));

@@ -1507,28 +1507,31 @@ grown (ascending): (crow, col, row, t_crow, t_row, t_perm, src) int32; src: old 
 xs, outs: lists of float32 arrays, xs laid out like the old values ([nnz]) and outs [nnz'] written in
 the merge: outs[j][i] = xs[j][src[i]], 0 for a grown entry (dst_gather fused into the re-pack).)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
-        "The instruction set the kernels use now: 'avx2' or 'portable'.");
+        "The instruction set the kernels use now: 'avx512', 'avx2' or 'portable'.");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },
         "The best instruction set this CPU supports.");
   m.def(
       "isa_calls",
       []() {
         py::dict d;
+        d["avx512"] = sparseops::isa_calls(Isa::avx512);
         d["avx2"] = sparseops::isa_calls(Isa::avx2);
         d["portable"] = sparseops::isa_calls(Isa::portable);
         return d;
       },
-      "How many calls went into each instruction set's kernels since import: {'avx2': n, 'portable': m} (the "
-      "tests check that a run on the portable path ran the portable objects).");
+      "How many calls went into each instruction set's kernels since import: {'avx512': n, 'avx2': m, "
+      "'portable': k} (the tests check that a run on one path ran that path's objects).");
   m.def(
       "set_isa",
       [](const std::string& name) {
-        if (name == "avx2") sparseops::set_isa(Isa::avx2);
+        if (name == "avx512") sparseops::set_isa(Isa::avx512);
+        else if (name == "avx2") sparseops::set_isa(Isa::avx2);
         else if (name == "portable") sparseops::set_isa(Isa::portable);
-        else throw py::value_error("isa: expected 'avx2' or 'portable', got '" + name + "'");
+        else throw py::value_error("isa: expected 'avx512', 'avx2' or 'portable', got '" + name + "'");
         return std::string(sparseops::isa_name(sparseops::active_isa()));
       },
-      py::arg("isa"), "Select the kernel path; asking for avx2 on a CPU without it selects portable.");
+      py::arg("isa"), "Select the kernel path; asking for more than the CPU has selects the best it has below that "
+      "(avx512 -> avx2 -> portable).");
 #ifdef _OPENMP
   m.attr("has_openmp") = true;
 #else

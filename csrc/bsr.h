@@ -33,5 +33,8 @@ SPARSEOPS_BSR_DECLARE(portable)
 #if defined(SPARSEOPS_HAVE_AVX2)
 SPARSEOPS_BSR_DECLARE(avx2)
 #endif
+#if defined(SPARSEOPS_HAVE_AVX512)
+SPARSEOPS_BSR_DECLARE(avx512)
+#endif
 
 }  // namespace sparseops

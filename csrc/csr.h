@@ -6,7 +6,7 @@
 
 namespace sparseops {
 
-enum class Isa { portable = 0, avx2 = 1 };
+enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
 
 // the best path this cpu supports, the one in use, and a switch (for tests and SPARSEOPS_ISA)
 Isa best_isa();
@@ -81,6 +81,21 @@ bool csr_spmm_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, con
 void csr_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                   const int32_t*, const int32_t*, float*, int);
 void csr_backward_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                       const float*, const int32_t*, const int32_t*, const int32_t*, const int32_t*, const int32_t*,
+                       float*, float*, int);
+#endif
+#if defined(SPARSEOPS_HAVE_AVX512)
+void csr_spmm_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const int32_t*,
+                   const int32_t*, int64_t, const float*, float*, int);
+bool csr_rows_valid_avx512(const int32_t*, int64_t, const int32_t*, int64_t, int);
+bool indices_below_avx512(const int32_t*, int64_t, int64_t, int);
+bool csr_spmm16_checked_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool,
+                             const int32_t*, const int32_t*, int64_t, const float*, float*, int);
+bool csr_spmm_checked_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
+                           const int32_t*, int64_t, const float*, float*, int);
+void csr_sdd_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                  const int32_t*, const int32_t*, float*, int);
+void csr_backward_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                        const float*, const int32_t*, const int32_t*, const int32_t*, const int32_t*, const int32_t*,
                        float*, float*, int);
 #endif

@@ -232,6 +232,13 @@ inline int64_t chunk_rows_for(int BT, int64_t nnz, int64_t rows, int64_t K) {
   return want <= static_cast<double>(lo) ? lo : want >= static_cast<double>(hi) ? hi : static_cast<int64_t>(want);
 }
 inline int64_t block_rows_count(int BT) { return std::max<int64_t>(8, BLOCK_BYTES / (4 * BT)); }
+// the lanes of one walk step of the weight gradient, which the column chunk is sized for: on the 16-lane
+// path sdd_all_tiles reads up to four batch tiles of each column at once
+template <class V, int NV>
+inline int sdd_step_lanes(int64_t T) {
+  if constexpr (V::wide && NV % 2 == 0) return 8 * NV * static_cast<int>(std::min<int64_t>(T, 4));
+  return 8 * NV;
+}
 
 // one thread's rows [r0, r1) of a CSR matrix, re-laid block- and chunk-major: local rows are
 // grouped in blocks of RB, and for the block starting at local row q (RBs rows), chunk c
@@ -311,7 +318,8 @@ inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx
   // B=64); unstructured forward+backward at 4096² B=64 1.03x (90%), 1.02x (95%), 1.18x (75%), 1.00x
   // at 1024² B=64 90%. splitting the other walks there too lost on unstructured layers (0.82-0.87x
   // at 90-95%, 0.93x at 75%).
-  const bool split = (K * 4 * BT > SMALL_TILE_BYTES && T >= MIN_TILES) ||
+  // (counted in 32-lane tiles: the 16-lane path's 64-lane tiles split from 4, at the same batch)
+  const bool split = (K * 4 * BT > SMALL_TILE_BYTES && T * BT >= MIN_TILES * 32) ||
                      (vals && perm && K * 4 * BT > 2 * CHUNK_MIN_BYTES && T >= 2);
   b.nch = split ? std::max<int64_t>(1, (K + KC - 1) / KC) : 1;
   const int64_t R = b.R, nch = b.nch, base = ptr[r0], nz = ptr[r1] - base;
@@ -394,9 +402,59 @@ inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx
   return b;
 }
 
+// rows_tile on 16-lane vectors (V::wide, see VecAVX512): NW = NV / 2 zmm vectors a slot
+template <class V, int NW>
+void rows_tile_wide(const float* pt, const Blocked& m, float* buf) {
+  constexpr int BT = 16 * NW;
+  constexpr int U = NW >= 8 ? 1 : 8 / NW;  // 8 FMA chains in flight, as below
+  const int64_t R = m.R;
+  const int32_t* idx = m.idx;
+  const float* vals = m.val;
+  for (int64_t q = 0; q < R; q += m.RB) {
+    const int64_t RBs = std::min(m.RB, R - q);
+    for (int64_t c = 0; c < m.nch; ++c) {
+      const int32_t* oc = m.off + q * m.nch + c * RBs;
+      const bool first = c == 0;
+      for (int64_t r = 0; r < RBs; ++r) {
+        int64_t k = oc[r];
+        const int64_t e = oc[r + 1];
+        float* bi = buf + (q + r) * BT;
+        if (k == e) {
+          if (first)
+            for (int v = 0; v < NW; ++v) V::wstore(bi + 16 * v, V::wzero());
+          continue;
+        }
+        typename V::wreg acc[U][NW];
+        for (int v = 0; v < NW; ++v) acc[0][v] = first ? V::wzero() : V::wload(bi + 16 * v);
+        for (int u = 1; u < U; ++u)
+          for (int v = 0; v < NW; ++v) acc[u][v] = V::wzero();
+        for (; k + U <= e; k += U) {
+          for (int u = 0; u < U; ++u) {
+            const typename V::wreg w = V::wbcast(vals[k + u]);
+            const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
+            for (int v = 0; v < NW; ++v) acc[u][v] = V::wfma(w, V::wload(xr + 16 * v), acc[u][v]);
+          }
+        }
+        for (; k < e; ++k) {
+          const typename V::wreg w = V::wbcast(vals[k]);
+          const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
+          for (int v = 0; v < NW; ++v) acc[0][v] = V::wfma(w, V::wload(xr + 16 * v), acc[0][v]);
+        }
+        for (int u = 1; u < U; ++u)
+          for (int v = 0; v < NW; ++v) acc[0][v] = V::wadd(acc[0][v], acc[u][v]);
+        for (int v = 0; v < NW; ++v) V::wstore(bi + 16 * v, acc[0][v]);
+      }
+    }
+  }
+}
+
 // buf[r][l] = sum_k val[k] * P[idx[k]][l] over one packed tile, for the R local rows of m.
 template <class V, int NV>
 void rows_tile(const float* pt, const Blocked& m, float* buf) {
+  if constexpr (V::wide && NV % 2 == 0) {
+    rows_tile_wide<V, NV / 2>(pt, m, buf);
+    return;
+  }
   constexpr int BT = 8 * NV;
   // U independent accumulator sets keep 8 FMA chains in flight (latency 4 x 2 ports)
   constexpr int U = NV >= 8 ? 1 : 8 / NV;
@@ -463,10 +521,62 @@ void store_tile(const float* buf, int64_t r0, int64_t r1, const float* bias, flo
   }
 }
 
+// sdd_tile on 16-lane vectors (V::wide): each dot product in a zmm, folded to 8 lanes for hsum8
+template <class V, int NW>
+void sdd_tile_wide(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
+  constexpr int BT = 16 * NW;
+  alignas(32) float tmp[8];
+  const int64_t R = m.R;
+  const int32_t* col = m.idx;
+  for (int64_t q = 0; q < R; q += m.RB) {
+    const int64_t RBs = std::min(m.RB, R - q);
+    for (int64_t c = 0; c < m.nch; ++c) {
+      const int32_t* oc = m.off + q * m.nch + c * RBs;
+      for (int64_t r = 0; r < RBs; ++r) {
+        int64_t k = oc[r];
+        const int64_t e = oc[r + 1];
+        if (k == e) continue;
+        typename V::wreg d[NW];
+        for (int v = 0; v < NW; ++v) d[v] = V::wload(dyt + (r0 + q + r) * BT + 16 * v);
+        typename V::reg a[8];
+        for (; k + 8 <= e; k += 8) {
+          for (int j = 0; j < 8; ++j) {
+            const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+            typename V::wreg s = V::wfma(d[0], V::wload(xr), V::wzero());
+            for (int v = 1; v < NW; ++v) s = V::wfma(d[v], V::wload(xr + 16 * v), s);
+            a[j] = V::fold(s);
+          }
+          typename V::reg s = V::hsum8(a);
+          if (!first) s = V::add(s, V::load(bdv + k));
+          V::store(bdv + k, s);
+        }
+        if (k < e) {
+          const int rem = static_cast<int>(e - k);
+          for (int j = 0; j < 8; ++j) {
+            a[j] = V::zero();
+            if (j < rem) {
+              const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+              typename V::wreg s = V::wzero();
+              for (int v = 0; v < NW; ++v) s = V::wfma(d[v], V::wload(xr + 16 * v), s);
+              a[j] = V::fold(s);
+            }
+          }
+          V::store(tmp, V::hsum8(a));
+          for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
+        }
+      }
+    }
+  }
+}
+
 // bdv[j] (+)= sum_l DY[row of j][l] * X[idx[j]][l] over one tile, in the blocked order of m
 // (rows r0 + r); bdv is indexed like m.idx
 template <class V, int NV>
 void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
+  if constexpr (V::wide && NV % 2 == 0) {
+    sdd_tile_wide<V, NV / 2>(dyt, xt, m, r0, bdv, first);
+    return;
+  }
   constexpr int BT = 8 * NV;
   alignas(32) float tmp[8];
   const int64_t R = m.R;
@@ -509,6 +619,80 @@ void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, f
     }
   }
 }
+
+// sdd_tile_wide over G batch tiles at once (tile g of DY at dyt + g * sd, of X at xt + g * sx): each
+// nonzero's dot product runs over all G tiles before it is reduced, so the lane sums (fold + hsum8, on
+// the shuffle port that the zmm FMAs share) are paid once per G tiles
+template <class V, int NW, int G>
+void sdd_tiles_wide(const float* dyt, int64_t sd, const float* xt, int64_t sx, const Blocked& m, int64_t r0,
+                    float* bdv, bool first) {
+  constexpr int BT = 16 * NW;
+  alignas(32) float tmp[8];
+  const int64_t R = m.R;
+  const int32_t* col = m.idx;
+  for (int64_t q = 0; q < R; q += m.RB) {
+    const int64_t RBs = std::min(m.RB, R - q);
+    for (int64_t c = 0; c < m.nch; ++c) {
+      const int32_t* oc = m.off + q * m.nch + c * RBs;
+      for (int64_t r = 0; r < RBs; ++r) {
+        int64_t k = oc[r];
+        const int64_t e = oc[r + 1];
+        if (k == e) continue;
+        typename V::wreg d[G][NW];
+        for (int g = 0; g < G; ++g)
+          for (int v = 0; v < NW; ++v) d[g][v] = V::wload(dyt + g * sd + (r0 + q + r) * BT + 16 * v);
+        typename V::reg a[8];
+        // eight nonzeros at a time, unrolled: eight independent FMA chains (latency 4 x 2 ports)
+        for (; k + 8 <= e; k += 8) {
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) {
+            const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+            typename V::wreg s = V::wmul(d[0][0], V::wload(xr));
+#pragma GCC unroll 16
+            for (int i = 1; i < G * NW; ++i) s = V::wfma(d[i / NW][i % NW], V::wload(xr + (i / NW) * sx + 16 * (i % NW)), s);
+            a[j] = V::fold(s);
+          }
+          typename V::reg sum = V::hsum8(a);
+          if (!first) sum = V::add(sum, V::load(bdv + k));
+          V::store(bdv + k, sum);
+        }
+        if (k < e) {
+          const int rem = static_cast<int>(e - k);
+          for (int j = 0; j < 8; ++j) {
+            a[j] = V::zero();
+            if (j < rem) {
+              const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
+              typename V::wreg s = V::wzero();
+              for (int g = 0; g < G; ++g)
+                for (int v = 0; v < NW; ++v) s = V::wfma(d[g][v], V::wload(xr + g * sx + 16 * v), s);
+              a[j] = V::fold(s);
+            }
+          }
+          V::store(tmp, V::hsum8(a));
+          for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
+        }
+      }
+    }
+  }
+}
+
+// every batch tile of the weight gradient: bdv[j] = sum over the T tiles of sdd_tile (tile t of DY at
+// dyt + t * sd, of X at xt + t * sx). the 16-lane path takes the tiles four (a zmm budget of 16 for
+// DY's row) at a time.
+template <class V, int NV>
+void sdd_all_tiles(const float* dyt, int64_t sd, const float* xt, int64_t sx, int64_t T, const Blocked& m, int64_t r0,
+                   float* bdv) {
+  if constexpr (V::wide && NV % 2 == 0) {
+    constexpr int G = 4;  // NV <= 8: DY's row is at most 16 zmm
+    int64_t t = 0;
+    for (; t + G <= T; t += G)
+      sdd_tiles_wide<V, NV / 2, G>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
+    for (; t < T; ++t) sdd_tiles_wide<V, NV / 2, 1>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
+  } else {
+    for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(dyt + t * sd, xt + t * sx, m, r0, bdv, t == 0);
+  }
+}
+
 
 // small batch: y[b, i] = sum_k vals[k] * a[b, idx[k]] with a contiguous [B, K].
 // with bad (a checked call, see csr_spmm_checked) each row's indices are checked to lie in [0, K) and
@@ -624,7 +808,7 @@ void sdd_rows(const float* pd, const float* px, int64_t B, int64_t out, int64_t 
   constexpr int BT = 8 * NV;
   const int64_t T = (B + BT - 1) / BT;
   float* acc = m.nch == 1 ? dv + crow[r0] : bdv;
-  for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * in * BT, m, r0, acc, t == 0);
+  sdd_all_tiles<V, NV>(pd, out * BT, px, in * BT, T, m, r0, acc);
   if (m.nch > 1)
     for (int64_t j = 0; j < m.nch * m.R; ++j)
       if (m.off[j + 1] > m.off[j])  // bdv is null when this thread has no nonzeros
@@ -660,8 +844,15 @@ void spmm_packed(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, c
 // f is called with std::integral_constant<int, NV>, so each width is its own instantiation.
 // NOTE: 64 lanes (NV=8, half the tiles and index passes) measured 49.4/53.8 ms vs 49.2/49.5
 // for 32 lanes on dds 4096x4096 B=256 90%, 1 thread (28.9/29.0 vs 27.6/27.5 at 95%): no gain.
-template <class F>
+// the 16-lane path (V::wide) takes 64 lanes (four zmm a slot) where nm_tile_width does: on a Xeon
+// (AVX-512, 2 threads, B=256, 4096², bench/ab_nm_ops.py) the input gradient of a plain 2:4 layer
+// through Wᵀ's CSR took 53.7 ms at 32 lanes and 43.2 at 64, 1:4 24.5 and 19.7. 128 lanes (eight zmm)
+// moved each op by -7% to +18%, both ways: not kept.
+template <class V, class F>
 void with_tile_width(int64_t B, F&& f) {
+  if constexpr (V::wide) {
+    if (B >= 128 && (B % 64 == 0 || B % 64 > 32)) return f(std::integral_constant<int, 8>{});
+  }
   if (B <= 8) f(std::integral_constant<int, 1>{});
   else if (B <= 16) f(std::integral_constant<int, 2>{});
   else if (B <= 24) f(std::integral_constant<int, 3>{});
@@ -685,7 +876,7 @@ void spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const fl
     }
     rows_gather<V>(ac, B, K, v, ptr, idx, n, bias, y, n, nthreads);
   } else {
-    with_tile_width(B, [&](auto nv) {
+    with_tile_width<V>(B, [&](auto nv) {
       spmm_packed<V, decltype(nv)::value>(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
     });
   }
@@ -768,7 +959,8 @@ void sdd_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
     Blocked m;
     float* bdv = nullptr;
     err.run([&] {
-      m = block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows_for(BT, crow[out], out, in),
+      m = block_rows(block_store(0), crow, col, nullptr, nullptr, r0, r1, BT, T,
+                     chunk_rows_for(sdd_step_lanes<V, NV>(T), crow[out], out, in),
                      block_rows_count(BT),
                      in);
       bdv = scratch(ACC, static_cast<size_t>(crow[r1] - crow[r0]));
@@ -791,7 +983,7 @@ void sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const 
     const float* xc = contiguous(x, B, in, x0, x1, COPY2);
     sdd_gather<V>(dyc, xc, B, out, in, crow, col, dv, nthreads);
   } else {
-    with_tile_width(B, [&](auto nv) {
+    with_tile_width<V>(B, [&](auto nv) {
       sdd_packed<V, decltype(nv)::value>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
     });
   }
@@ -822,7 +1014,8 @@ void backward_packed(const float* dy, int64_t B, int64_t out, int64_t d0, int64_
       mt = block_rows(block_store(0), t_crow, t_row, vals, t_perm, a0, a1, BT, T, chunk_rows_for(BT, t_crow[in], in, out),
                       block_rows_count(BT),
                       out);
-      ms = block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T, chunk_rows_for(BT, crow[out], out, in),
+      ms = block_rows(block_store(1), crow, col, nullptr, nullptr, r0, r1, BT, T,
+                      chunk_rows_for(sdd_step_lanes<V, NV>(T), crow[out], out, in),
                       block_rows_count(BT),
                       in);
       buf = scratch(ACC, static_cast<size_t>((a1 - a0) * BT));
@@ -846,7 +1039,7 @@ void backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, c
     spmm<V>(dy, B, out, d0, d1, vals, t_perm, t_crow, t_row, in, nullptr, dx, nthreads);
     sdd<V>(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dv, nthreads);
   } else {
-    with_tile_width(B, [&](auto nv) {
+    with_tile_width<V>(B, [&](auto nv) {
       backward_packed<V, decltype(nv)::value>(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row,
                                               t_perm, dx, dv, nthreads);
     });

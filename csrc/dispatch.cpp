@@ -17,16 +17,24 @@ Isa detect() {
   __builtin_cpu_init();
   // f16c (the fp16 loads and stores of the few-bit kernels) came with avx2 on every x86 cpu, but
   // is checked all the same
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+    // the avx512 objects are the avx2 code plus 16-lane loops: they need both sets (a cpu with
+    // avx512f/vl has avx2, fma and f16c; an os that does not save the zmm state clears the bits)
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return Isa::avx512;
+#endif
     return Isa::avx2;
+  }
 #endif
   return Isa::portable;
 }
 
+// SPARSEOPS_ISA caps the path: "portable", or "avx2" (no 512-bit code on an avx512 cpu)
 Isa initial() {
   const Isa best = detect();
   const char* env = std::getenv("SPARSEOPS_ISA");
   if (env && std::strcmp(env, "portable") == 0) return Isa::portable;
+  if (env && std::strcmp(env, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
   return best;
 }
 
@@ -44,19 +52,24 @@ Isa best_isa() {
 Isa active_isa() { return static_cast<Isa>(active().load()); }
 
 namespace {
-std::atomic<int64_t> g_isa_calls[2];
+std::atomic<int64_t> g_isa_calls[3];
 }
-void note_isa_call(int isa) noexcept { g_isa_calls[isa & 1].fetch_add(1, std::memory_order_relaxed); }
-int64_t isa_calls(Isa isa) { return g_isa_calls[static_cast<int>(isa) & 1].load(std::memory_order_relaxed); }
+void note_isa_call(int isa) noexcept {
+  if (isa >= 0 && isa < 3) g_isa_calls[isa].fetch_add(1, std::memory_order_relaxed);
+}
+int64_t isa_calls(Isa isa) { return g_isa_calls[static_cast<int>(isa)].load(std::memory_order_relaxed); }
 void set_isa(Isa isa) {
-  // asking for more than the cpu has falls back to what it has
-  if (isa == Isa::avx2 && best_isa() != Isa::avx2) isa = Isa::portable;
+  // asking for more than the cpu has falls back to the best it has below that (the paths are ordered)
+  if (static_cast<int>(isa) > static_cast<int>(best_isa())) isa = best_isa();
   active().store(static_cast<int>(isa));
 }
-const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "portable"; }
+const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable"; }
 
 void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
               const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return csr_spmm_avx512(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return csr_spmm_avx2(a, B, K, s0, s1, vals, perm, ptr, idx, n, bias, y, nthreads);
 #endif
@@ -64,6 +77,9 @@ void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, cons
 }
 
 bool csr_rows_valid(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t limit, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return csr_rows_valid_avx512(ptr, n, idx, limit, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return csr_rows_valid_avx2(ptr, n, idx, limit, nthreads);
 #endif
@@ -71,6 +87,9 @@ bool csr_rows_valid(const int32_t* ptr, int64_t n, const int32_t* idx, int64_t l
 }
 
 bool indices_below(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return indices_below_avx512(idx, n, limit, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return indices_below_avx2(idx, n, limit, nthreads);
 #endif
@@ -79,6 +98,10 @@ bool indices_below(const int32_t* idx, int64_t n, int64_t limit, int nthreads) {
 
 bool csr_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
                         const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return csr_spmm16_checked_avx512(a, B, K, s0, s1, vals, bf16, ptr, idx, n, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return csr_spmm16_checked_avx2(a, B, K, s0, s1, vals, bf16, ptr, idx, n, bias, y, nthreads);
@@ -88,6 +111,9 @@ bool csr_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_
 
 bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
                       const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return csr_spmm_checked_avx512(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return csr_spmm_checked_avx2(a, B, K, s0, s1, vals, ptr, idx, n, bias, y, nthreads);
 #endif
@@ -96,6 +122,9 @@ bool csr_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t 
 
 void csr_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in,
              int64_t x0, int64_t x1, const int32_t* crow, const int32_t* col, float* dvals, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return csr_sdd_avx512(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dvals, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return csr_sdd_avx2(dy, B, out, d0, d1, x, in, x0, x1, crow, col, dvals, nthreads);
 #endif
@@ -106,6 +135,11 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
                   int64_t x0, int64_t x1, const float* vals, const int32_t* crow, const int32_t* col,
                   const int32_t* t_crow, const int32_t* t_row, const int32_t* t_perm, float* dx, float* dvals,
                   int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return csr_backward_avx512(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dvals,
+                             nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return csr_backward_avx2(dy, B, out, d0, d1, x, in, x0, x1, vals, crow, col, t_crow, t_row, t_perm, dx, dvals,
@@ -117,6 +151,9 @@ void csr_backward(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d
 
 void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
                  int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return fewbit_pack_avx512(x, dt, n, borders, bits, codes, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return fewbit_pack_avx2(x, dt, n, borders, bits, codes, nthreads);
 #endif
@@ -125,6 +162,10 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 
 void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* borders, int bits, uint32_t* codes,
                        FewbitFused kind, double a, double b, void* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return fewbit_pack_fused_avx512(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return fewbit_pack_fused_avx2(x, dt, n, borders, bits, codes, kind, a, b, y, nthreads);
@@ -134,6 +175,9 @@ void fewbit_pack_fused(const void* x, FewbitDtype dt, int64_t n, const float* bo
 
 void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int64_t n, const float* levels, int bits,
                    void* out, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return fewbit_unpack_avx512(grad, dt, codes, n, levels, bits, out, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return fewbit_unpack_avx2(grad, dt, codes, n, levels, bits, out, nthreads);
 #endif
@@ -142,6 +186,9 @@ void fewbit_unpack(const void* grad, FewbitDtype dt, const uint32_t* codes, int6
 
 void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
              const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return nm_spmm_avx512(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return nm_spmm_avx2(a, B, K, s0, s1, vals, perm, idx, n, m, rows, bias, y, nthreads);
 #endif
@@ -150,6 +197,9 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
 
 bool nm_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals,
                      const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return nm_spmm_checked_avx512(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return nm_spmm_checked_avx2(a, B, K, s0, s1, vals, idx, n, m, rows, bias, y, nthreads);
 #endif
@@ -158,6 +208,10 @@ bool nm_spmm_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s
 
 bool nm_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
                        const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return nm_spmm16_checked_avx512(a, B, K, s0, s1, vals, bf16, idx, n, m, rows, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return nm_spmm16_checked_avx2(a, B, K, s0, s1, vals, bf16, idx, n, m, rows, bias, y, nthreads);
@@ -167,6 +221,10 @@ bool nm_spmm16_checked(const float* a, int64_t B, int64_t K, int64_t s0, int64_t
 
 void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const uint16_t* vals, bool bf16,
                const uint8_t* idx, int n, int m, int64_t rows, const float* bias, float* y, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return nm_spmm16_avx512(a, B, K, s0, s1, vals, bf16, idx, n, m, rows, bias, y, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return nm_spmm16_avx2(a, B, K, s0, s1, vals, bf16, idx, n, m, rows, bias, y, nthreads);
@@ -176,6 +234,9 @@ void nm_spmm16(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, con
 
 void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, const float* x, int64_t in, int64_t x0,
             int64_t x1, const uint8_t* idx, int n, int m, float* dvals, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return nm_sdd_avx512(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dvals, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return nm_sdd_avx2(dy, B, out, d0, d1, x, in, x0, x1, idx, n, m, dvals, nthreads);
 #endif
@@ -184,6 +245,9 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
 
 void bsr_dds(const float* x, int64_t B, int64_t ldx, const float* vals, const int32_t* crow, const int32_t* col,
              int64_t nbr, int b, const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return bsr_dds_avx512(x, B, ldx, vals, crow, col, nbr, b, bias, y, ldy, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return bsr_dds_avx2(x, B, ldx, vals, crow, col, nbr, b, bias, y, ldy, nthreads);
 #endif
@@ -192,6 +256,10 @@ void bsr_dds(const float* x, int64_t B, int64_t ldx, const float* vals, const in
 
 void bsr_dsd(const float* dy, int64_t B, int64_t ldd, const float* vals, const int32_t* t_crow, const int32_t* t_row,
              const int32_t* t_perm, int64_t nbc, int b, float* dx, int64_t ldx, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return bsr_dsd_avx512(dy, B, ldd, vals, t_crow, t_row, t_perm, nbc, b, dx, ldx, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2)
     return bsr_dsd_avx2(dy, B, ldd, vals, t_crow, t_row, t_perm, nbc, b, dx, ldx, nthreads);
@@ -201,6 +269,9 @@ void bsr_dsd(const float* dy, int64_t B, int64_t ldd, const float* vals, const i
 
 void bsr_sdd(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t ldx, const int32_t* row,
              const int32_t* col, int64_t nblk, int b, float* dvals, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return bsr_sdd_avx512(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return bsr_sdd_avx2(dy, B, ldd, x, ldx, row, col, nblk, b, dvals, nthreads);
 #endif
@@ -209,6 +280,9 @@ void bsr_sdd(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t ld
 
 int64_t act_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
                  const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return act_gemv_avx512(x, T, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return act_gemv_avx2(x, T, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
 #endif
@@ -217,6 +291,9 @@ int64_t act_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, 
 
 int64_t act_gemv16(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel, const uint16_t* wt, bool bf16,
                    int64_t N, const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return act_gemv16_avx512(x, T, K, ldx, sel, wt, bf16, N, bias, y, ldy, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return act_gemv16_avx2(x, T, K, ldx, sel, wt, bf16, N, bias, y, ldy, nthreads);
 #endif
@@ -225,6 +302,9 @@ int64_t act_gemv16(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
 
 int64_t act_spmm(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
                  const float* bias, float* y, int64_t ldy, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return act_spmm_avx512(x, B, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return act_spmm_avx2(x, B, K, ldx, sel, wt, N, bias, y, ldy, nthreads);
 #endif
@@ -233,6 +313,9 @@ int64_t act_spmm(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, 
 
 void act_dsd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx, ActSel sel,
              const float* wt, float* dx, int64_t lddx, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return act_dsd_avx512(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return act_dsd_avx2(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, nthreads);
 #endif
@@ -241,6 +324,9 @@ void act_dsd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x,
 
 void act_sdd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx, ActSel sel,
              float* dwt, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return act_sdd_avx512(dy, B, N, ldd, x, K, ldx, sel, dwt, nthreads);
+#endif
 #if defined(SPARSEOPS_HAVE_AVX2)
   if (active_isa() == Isa::avx2) return act_sdd_avx2(dy, B, N, ldd, x, K, ldx, sel, dwt, nthreads);
 #endif

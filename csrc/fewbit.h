@@ -62,5 +62,11 @@ void fewbit_pack_fused_avx2(const void*, FewbitDtype, int64_t, const float*, int
                             double, void*, int);
 void fewbit_unpack_avx2(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
 #endif
+#if defined(SPARSEOPS_HAVE_AVX512)
+void fewbit_pack_avx512(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, int);
+void fewbit_pack_fused_avx512(const void*, FewbitDtype, int64_t, const float*, int, uint32_t*, FewbitFused, double,
+                            double, void*, int);
+void fewbit_unpack_avx512(const void*, FewbitDtype, const uint32_t*, int64_t, const float*, int, void*, int);
+#endif
 
 }  // namespace sparseops

@@ -90,5 +90,17 @@ bool nm_spmm16_checked_avx2(const float*, int64_t, int64_t, int64_t, int64_t, co
 void nm_sdd_avx2(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                  const uint8_t*, int, int, float*, int);
 #endif
+#if defined(SPARSEOPS_HAVE_AVX512)
+void nm_spmm_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*, const uint8_t*, int,
+                  int, int64_t, const float*, float*, int);
+void nm_spmm16_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool, const uint8_t*, int, int,
+                    int64_t, const float*, float*, int);
+bool nm_spmm_checked_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const uint8_t*, int, int,
+                          int64_t, const float*, float*, int);
+bool nm_spmm16_checked_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const uint16_t*, bool, const uint8_t*,
+                            int, int, int64_t, const float*, float*, int);
+void nm_sdd_avx512(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                 const uint8_t*, int, int, float*, int);
+#endif
 
 }  // namespace sparseops

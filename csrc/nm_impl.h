@@ -220,12 +220,12 @@ Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* vals, c
 // 32-lane to 64-lane time, forward / weight gradient: B=256 2:4 1.09 / 1.17, 1:4 1.09 / 1.16, 2:8
 // 1.07 / 1.19; B=128 2:4 1.09 / 1.06, 1:4 1.08 / 1.13. at B=64 (one 64-lane tile, so no column chunks)
 // it lost: 0.66 / 0.73. the transposed CSR walk of a plain N:M input gradient did not gain (0.99-1.07).
-template <class F>
+template <class V, class F>
 void nm_tile_width(int64_t B, F&& f) {
   if (B >= 128 && (B % 64 == 0 || B % 64 > 32))
     f(std::integral_constant<int, 8>{});
   else
-    with_tile_width(B, static_cast<F&&>(f));
+    with_tile_width<V>(B, static_cast<F&&>(f));
 }
 
 // rows a thread decodes at a time, so that the walk's int32 offsets hold their slots. with one batch tile
@@ -574,7 +574,7 @@ void nm_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const
   if (B < 8) {
     nm_small<V, 0>(a, B, K, s0, s1, d, v, idx, rows, bias, y, nthreads);
   } else {
-    nm_tile_width(B, [&](auto nv) {
+    nm_tile_width<V>(B, [&](auto nv) {
       nm_spmm_csr<V, decltype(nv)::value>(a, B, s0, s1, d, vals, perm, idx, rows, bias, y, nthreads);
     });
   }
@@ -668,12 +668,13 @@ void nm_sdd_csr(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1,
     for (int64_t q0 = r0; q0 < r1 && !err.failed(); q0 += nm_slice_rows(d, T)) {
       const int64_t q1 = std::min(r1, q0 + nm_slice_rows(d, T));
       err.run([&] {
-        const Blocked m = nm_block_rows<V>(d, idx, nullptr, nullptr, q0, q1, BT, T, chunk_rows_for(BT, out * d.S, out, d.Kp),
+        const Blocked m = nm_block_rows<V>(d, idx, nullptr, nullptr, q0, q1, BT, T,
+                                           chunk_rows_for(sdd_step_lanes<V, NV>(T), out * d.S, out, d.Kp),
                                         block_rows_count(BT));
         float* dvr = dv + q0 * d.S;
         // one chunk: the sums go straight to dv; several: into a scratch buffer in the walk's order, copied back by runs
         float* acc = m.nch == 1 ? dvr : scratch(ACC, static_cast<size_t>((q1 - q0) * d.S));
-        for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(pd + t * out * BT, px + t * d.Kp * BT, m, q0, acc, t == 0);
+        sdd_all_tiles<V, NV>(pd, out * BT, px, d.Kp * BT, T, m, q0, acc);
         if (m.nch > 1)
           for (int64_t j = 0; j < m.nch * m.R; ++j)
             if (m.off[j + 1] > m.off[j])
@@ -696,7 +697,7 @@ void nm_sdd(const float* dy, int64_t B, int64_t out, int64_t d0, int64_t d1, con
     const float* xp = padded_copy(x, B, in, d.Kp, x0, x1, COPY2);
     nm_sdd_gather<V>(dyc, xp, B, out, d, idx, dv, nthreads);
   } else {
-    nm_tile_width(B, [&](auto nv) {
+    nm_tile_width<V>(B, [&](auto nv) {
       nm_sdd_csr<V, decltype(nv)::value>(dy, B, out, d0, d1, x, x0, x1, d, idx, dv, nthreads);
     });
   }

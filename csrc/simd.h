@@ -19,7 +19,7 @@
 
 #include "fmath.h"
 
-#if defined(SPARSEOPS_AVX2)
+#if defined(SPARSEOPS_AVX2) || defined(SPARSEOPS_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -31,6 +31,7 @@ namespace sparseops {
 void note_isa_call(int isa) noexcept;
 #define ISA_OF_portable 0
 #define ISA_OF_avx2 1
+#define ISA_OF_avx512 2
 // internal linkage, as in the *_impl.h headers that include this: no -mavx2 copy of a VecPortable
 // member (or any other inline function here) can stand in for the portable translation unit's own.
 namespace {
@@ -86,6 +87,7 @@ struct VecPortable {
     float v[8];
   };
   static constexpr const char* name = "portable";
+  static constexpr bool wide = false;  // no 16-lane operations (see VecAVX512)
   static inline reg zero() {
     reg r;
     for (int i = 0; i < 8; ++i) r.v[i] = 0.f;
@@ -355,6 +357,7 @@ struct VecPortable {
 struct VecAVX2 {
   using reg = __m256;
   static constexpr const char* name = "avx2";
+  static constexpr bool wide = false;
   static inline reg zero() { return _mm256_setzero_ps(); }
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
@@ -774,6 +777,30 @@ struct VecAVX2 {
   }
   static inline void store_f16(uint16_t* p, reg a) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#endif
+
+#if defined(SPARSEOPS_AVX512)
+// every 8-lane operation of VecAVX2 (in this -mavx512f -mavx512vl unit the compiler may encode them with
+// EVEX and use 32 registers), plus 16-lane ones (w*) for the hot loops of the blocked walks (rows_tile,
+// sdd_tile in csr_impl.h): there one zmm load feeds 16 FMA lanes, where the AVX2 path's ymm feeds 8, and
+// the loads, not the FMAs, bound those loops. the packed layout is the 8-lane one: a tile of BT = 8*NV
+// lanes with NV even is NV/2 zmm vectors.
+struct VecAVX512 : VecAVX2 {
+  static constexpr const char* name = "avx512";
+  static constexpr bool wide = true;
+  using wreg = __m512;
+  static inline wreg wzero() { return _mm512_setzero_ps(); }
+  static inline wreg wload(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void wstore(float* p, wreg a) { _mm512_storeu_ps(p, a); }
+  static inline wreg wbcast(float s) { return _mm512_set1_ps(s); }
+  static inline wreg wfma(wreg a, wreg b, wreg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline wreg wmul(wreg a, wreg b) { return _mm512_mul_ps(a, b); }
+  static inline wreg wadd(wreg a, wreg b) { return _mm512_add_ps(a, b); }
+  // lane l of the result: lanes l and l + 8 of a, added
+  static inline reg fold(wreg a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, 0xEE)));
   }
 };
 #endif

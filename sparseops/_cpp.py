@@ -31,12 +31,13 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The CPU kernel path in use: ``"avx2"``, ``"portable"``, or ``"reference"`` without C++."""
+    """The CPU kernel path in use: ``"avx512"``, ``"avx2"``, ``"portable"``, or ``"reference"`` without C++."""
     return _C.isa() if _C is not None else "reference"
 
 
 def set_isa(name: str) -> str:
-    """Select ``"avx2"`` or ``"portable"`` kernels (avx2 falls back when the CPU lacks it)."""
+    """Select ``"avx512"``, ``"avx2"`` or ``"portable"`` kernels; a path the CPU lacks falls back to the best it has
+    below it. ``avx512`` is the AVX2 kernels plus 16-lane loops in the large-batch sparse products."""
     if _C is None:
         raise RuntimeError(f"sparseops: no C++ kernels to configure ({_REASON})")
     return _C.set_isa(name)

@@ -59,22 +59,27 @@ def _poison_empty(monkeypatch):
     yield
 
 
-@pytest.fixture(params=["avx2", "portable"])
+# the C++ kernel paths, each needing the ones before it on the CPU (set_isa falls back down this list)
+ISA_ORDER = ("portable", "avx2", "avx512")
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def isa(request):
-    """Run the test on one C++ kernel path (both are tested), restoring the previous one afterwards."""
+    """Run the test on one C++ kernel path (every path the CPU has is tested), restoring the previous one afterwards."""
     import sparseops
     from sparseops._cpp import _C
 
     if _C is None:
         pytest.skip("sparseops._C is not built: fp32 ops run on the reference path")
-    if request.param == "avx2" and _C.best_isa() != "avx2":
-        pytest.skip(f"this CPU has no AVX2/FMA (sparseops._C.best_isa() == {_C.best_isa()!r})")
+    if ISA_ORDER.index(request.param) > ISA_ORDER.index(_C.best_isa()):
+        pytest.skip(f"this CPU lacks {request.param} (sparseops._C.best_isa() == {_C.best_isa()!r})")
     prev = sparseops.isa()
     assert sparseops.set_isa(request.param) == request.param
-    other = "portable" if request.param == "avx2" else "avx2"
-    before = _C.isa_calls()[other]
+    others = [name for name in ISA_ORDER if name != request.param]
+    before = {name: _C.isa_calls()[name] for name in others}
     yield request.param
     sparseops.set_isa(prev)
     # every kernel entry point counts its calls by the object it lives in: a dispatcher that sent a call to
-    # the other path (a dropped ISA check) would make the two runs of a test one
-    assert _C.isa_calls()[other] == before, f"a test on the {request.param} path ran {other} kernels"
+    # another path (a dropped ISA check) would make two runs of a test one
+    after = {name: _C.isa_calls()[name] for name in others}
+    assert after == before, f"a test on the {request.param} path ran other paths' kernels: {before} -> {after}"

@@ -48,7 +48,7 @@ def test_the_cpp_extension_is_built_unless_switched_off():
     from sparseops._cpp import _C
 
     assert _C is not None and sparseops.cpp_available(), "sparseops._C did not import"
-    assert sparseops.isa() in ("avx2", "portable")
+    assert sparseops.isa() in ("avx512", "avx2", "portable")
 
 
 def _cpu_flags() -> set[str]:
@@ -64,13 +64,38 @@ def _cpu_flags() -> set[str]:
 
 @pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="this CPU (or OS) reports no AVX2/FMA/F16C")
 def test_an_avx2_cpu_gets_the_avx2_kernels():
-    # the isa fixture skips its avx2 half when best_isa() is not avx2: on a CPU that has it, that would
-    # mean the AVX2 objects were dropped from the build, which must fail here, not skip
+    # the isa fixture skips a path when best_isa() is below it: on a CPU that has it, that would mean the
+    # path's objects were dropped from the build, which must fail here, not skip
     from sparseops._cpp import _C
 
     if os.environ.get("SPARSEOPS_NO_CPP") == "1":
         pytest.skip("SPARSEOPS_NO_CPP=1")
-    assert _C is not None and _C.best_isa() == "avx2"
+    want = "avx512" if {"avx512f", "avx512vl"} <= _cpu_flags() else "avx2"
+    assert _C is not None and _C.best_isa() == want
+
+
+@pytest.mark.skipif(not sparseops.cpp_available(), reason="needs the C++ extension")
+def test_isa_env_avx2_caps_the_path():
+    from sparseops._cpp import _C
+
+    res = _run("import sparseops; print(sparseops.isa())", SPARSEOPS_ISA="avx2")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ("portable" if _C.best_isa() == "portable" else "avx2")
+
+
+@pytest.mark.skipif(not sparseops.cpp_available(), reason="needs the C++ extension")
+def test_set_isa_falls_back_to_what_the_cpu_has():
+    from sparseops._cpp import _C
+
+    order = ["portable", "avx2", "avx512"]
+    prev = sparseops.isa()
+    try:
+        for name in order:
+            got = sparseops.set_isa(name)
+            assert got == order[min(order.index(name), order.index(_C.best_isa()))]
+            assert sparseops.isa() == got
+    finally:
+        sparseops.set_isa(prev)
 
 
 @pytest.mark.skipif(not sparseops.cpp_available(), reason="needs the C++ extension")
@@ -89,7 +114,11 @@ def test_set_isa_rejects_unknown_name():
 
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c", "-DSPARSEOPS_AVX2"], "portable": []}
+ISA_FLAGS = {
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-DSPARSEOPS_AVX2", "-DSPARSEOPS_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DSPARSEOPS_AVX2"],
+    "portable": [],
+}
 
 
 def _compiler() -> str | None:
@@ -107,6 +136,7 @@ def test_isa_objects_share_no_inline_code(tmp_path):
     """
     units = sorted({p.stem.rsplit("_", 1)[0] for p in CSRC.glob("*_avx2.cpp")})
     assert {"csr", "nm", "fewbit", "bsr", "act"} <= set(units), units
+    assert units == sorted(p.stem.rsplit("_", 1)[0] for p in CSRC.glob("*_avx512.cpp")), "an avx512 unit is missing"
     jobs = []
     for unit in units:
         for isa, flags in ISA_FLAGS.items():

@@ -82,7 +82,8 @@ TRITON = budget(8, 60)
 
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ISAS = ["portable"] + (["avx2"] if _C is not None and _C.best_isa() == "avx2" else [])
+_ISA_ORDER = ("portable", "avx2", "avx512")
+ISAS = list(_ISA_ORDER[: _ISA_ORDER.index(_C.best_isa()) + 1]) if _C is not None else ["portable"]
 LAYOUTS = ("contiguous", "transposed", "nan-slice", "step2", "broadcast-rows")
 VIAS = ("op", "host", "eager")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,11 @@
+// the avx512 instantiation of the activation-sparse kernels: VecAVX512 is VecAVX2 plus 16-lane loops for the
+// blocked walks (see simd.h). compiled with -mavx512f -mavx512vl on top of the avx2 flags, and called only
+// after dispatch.cpp has seen all of them on the cpu.
+#if !defined(SPARSEOPS_AVX2) || !defined(SPARSEOPS_AVX512)
+#error "act_avx512.cpp must be compiled with SPARSEOPS_AVX2, SPARSEOPS_AVX512 and -mavx512f -mavx512vl"
+#endif
+#include "act_impl.h"
+
+namespace sparseops {
+SPARSEOPS_ACT_INSTANTIATE(VecAVX512, avx512)
+}  // namespace sparseops
