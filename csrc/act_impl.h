@@ -188,22 +188,24 @@ inline void act_pack(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_
 
 // ---- spmm: C[r, c0 : c0 + 8 NV] = bias + sum_p val[p] * D[idx[p], c0 : ...] for r in [r0, r1) ----
 
-// spmm_strip on 16-lane vectors (V::wide, see VecAVX512): NW = NV / 2 zmm vectors a strip row
-template <class V, int NW>
-void spmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
-                     const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
-  using reg = typename V::wreg;
-  constexpr int W = 16 * NW;
-  const bool single = K <= KC;
+// on NL vectors of L (V, or V::W16 on the 16-lane path) a strip row
+template <class L, int NL>
+void spmm_strip_lanes(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
+                      const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
+  using reg = typename L::reg;
+  constexpr int LN = L::lanes;
+  constexpr int W = LN * NL;
+  const bool single = K <= KC;  // one panel: the accumulators go straight to C
   const int64_t nr = r1 - r0;
+  // packed: the whole [K, W] panel, already packed by the caller (single-panel products only)
   float* pbuf = packed ? nullptr : act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
-  reg bv[NW];
-  for (int v = 0; v < NW; ++v) bv[v] = bias ? V::wload(bias + c0 + 16 * v) : V::wzero();
+  reg bv[NL];
+  for (int v = 0; v < NL; ++v) bv[v] = bias ? L::load(bias + c0 + LN * v) : L::zero();
   float* cb = nullptr;
   if (!single) {
     cb = act_aligned(ws.cbuf, static_cast<size_t>(nr * W));
     for (int64_t i = 0; i < nr; ++i)
-      for (int v = 0; v < NW; ++v) V::wstore(cb + i * W + 16 * v, bv[v]);
+      for (int v = 0; v < NL; ++v) L::store(cb + i * W + LN * v, bv[v]);
   }
   const int32_t* idx = a.idx.data();
   const float* val = a.val.data();
@@ -217,14 +219,14 @@ void spmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, cons
       const int64_t pe = cp[r + 1];
       if (p == pe && !single) continue;
       float* out = single ? C + r * ldc + c0 : cb + (r - r0) * W;
-      reg acc[NW];
-      for (int v = 0; v < NW; ++v) acc[v] = single ? bv[v] : V::wload(out + 16 * v);
+      reg acc[NL];
+      for (int v = 0; v < NL; ++v) acc[v] = single ? bv[v] : L::load(out + LN * v);
       for (; p < pe; ++p) {
-        const reg sv = V::wbcast(val[p]);
+        const reg sv = L::bcast(val[p]);
         const float* d = panel + static_cast<int64_t>(idx[p]) * W;
-        for (int v = 0; v < NW; ++v) acc[v] = V::wfma(sv, V::wload(d + 16 * v), acc[v]);
+        for (int v = 0; v < NL; ++v) acc[v] = L::fma(sv, L::load(d + LN * v), acc[v]);
       }
-      for (int v = 0; v < NW; ++v) V::wstore(out + 16 * v, acc[v]);
+      for (int v = 0; v < NL; ++v) L::store(out + LN * v, acc[v]);
     }
   }
   if (!single)
@@ -234,48 +236,10 @@ void spmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, cons
 template <class V, int NV>
 void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
                 const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
-  if constexpr (V::wide && NV % 2 == 0) {
-    spmm_strip_wide<V, NV / 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    return;
-  }
-  using reg = typename V::reg;
-  constexpr int W = 8 * NV;
-  const bool single = K <= KC;  // one panel: the accumulators go straight to C
-  const int64_t nr = r1 - r0;
-  // packed: the whole [K, W] panel, already packed by the caller (single-panel products only)
-  float* pbuf = packed ? nullptr : act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
-  reg bv[NV];
-  for (int v = 0; v < NV; ++v) bv[v] = bias ? V::load(bias + c0 + 8 * v) : V::zero();
-  float* cb = nullptr;
-  if (!single) {
-    cb = act_aligned(ws.cbuf, static_cast<size_t>(nr * W));
-    for (int64_t i = 0; i < nr; ++i)
-      for (int v = 0; v < NV; ++v) V::store(cb + i * W + 8 * v, bv[v]);
-  }
-  const int32_t* idx = a.idx.data();
-  const float* val = a.val.data();
-  for (int64_t c = 0; c < a.nch; ++c) {
-    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
-    if (!packed) act_pack(D, ldd, k0, k1, c0, W, pbuf);
-    const float* panel = packed ? packed : pbuf - k0 * W;
-    const int64_t* cp = a.ptr.data() + c * a.R;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t p = cp[r];
-      const int64_t pe = cp[r + 1];
-      if (p == pe && !single) continue;
-      float* out = single ? C + r * ldc + c0 : cb + (r - r0) * W;
-      reg acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = single ? bv[v] : V::load(out + 8 * v);
-      for (; p < pe; ++p) {
-        const reg sv = V::bcast(val[p]);
-        const float* d = panel + static_cast<int64_t>(idx[p]) * W;
-        for (int v = 0; v < NV; ++v) acc[v] = V::fma(sv, V::load(d + 8 * v), acc[v]);
-      }
-      for (int v = 0; v < NV; ++v) V::store(out + 8 * v, acc[v]);
-    }
-  }
-  if (!single)
-    for (int64_t r = r0; r < r1; ++r) std::memcpy(C + r * ldc + c0, cb + (r - r0) * W, sizeof(float) * W);
+  if constexpr (V::wide && NV % 2 == 0)
+    spmm_strip_lanes<typename V::W16, NV / 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+  else
+    spmm_strip_lanes<V, NV>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
 }
 
 template <class V>

@@ -402,11 +402,14 @@ inline Blocked block_rows(BlockStore& st, const int32_t* ptr, const int32_t* idx
   return b;
 }
 
-// rows_tile on 16-lane vectors (V::wide, see VecAVX512): NW = NV / 2 zmm vectors a slot
-template <class V, int NW>
-void rows_tile_wide(const float* pt, const Blocked& m, float* buf) {
-  constexpr int BT = 16 * NW;
-  constexpr int U = NW >= 8 ? 1 : 8 / NW;  // 8 FMA chains in flight, as below
+// buf[r][l] = sum_k val[k] * P[idx[k]][l] over one packed tile, for the R local rows of m, on NL vectors
+// of L (V, or V::W16 on the 16-lane path) a slot
+template <class L, int NL>
+void rows_tile_lanes(const float* pt, const Blocked& m, float* buf) {
+  constexpr int LN = L::lanes;
+  constexpr int BT = LN * NL;
+  // U independent accumulator sets keep 8 FMA chains in flight (latency 4 x 2 ports)
+  constexpr int U = NL >= 8 ? 1 : 8 / NL;
   const int64_t R = m.R;
   const int32_t* idx = m.idx;
   const float* vals = m.val;
@@ -421,82 +424,39 @@ void rows_tile_wide(const float* pt, const Blocked& m, float* buf) {
         float* bi = buf + (q + r) * BT;
         if (k == e) {
           if (first)
-            for (int v = 0; v < NW; ++v) V::wstore(bi + 16 * v, V::wzero());
+            for (int v = 0; v < NL; ++v) L::store(bi + LN * v, L::zero());
           continue;
         }
-        typename V::wreg acc[U][NW];
-        for (int v = 0; v < NW; ++v) acc[0][v] = first ? V::wzero() : V::wload(bi + 16 * v);
+        typename L::reg acc[U][NL];
+        for (int v = 0; v < NL; ++v) acc[0][v] = first ? L::zero() : L::load(bi + LN * v);
         for (int u = 1; u < U; ++u)
-          for (int v = 0; v < NW; ++v) acc[u][v] = V::wzero();
+          for (int v = 0; v < NL; ++v) acc[u][v] = L::zero();
         for (; k + U <= e; k += U) {
           for (int u = 0; u < U; ++u) {
-            const typename V::wreg w = V::wbcast(vals[k + u]);
+            const typename L::reg w = L::bcast(vals[k + u]);
             const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
-            for (int v = 0; v < NW; ++v) acc[u][v] = V::wfma(w, V::wload(xr + 16 * v), acc[u][v]);
+            for (int v = 0; v < NL; ++v) acc[u][v] = L::fma(w, L::load(xr + LN * v), acc[u][v]);
           }
         }
         for (; k < e; ++k) {
-          const typename V::wreg w = V::wbcast(vals[k]);
+          const typename L::reg w = L::bcast(vals[k]);
           const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
-          for (int v = 0; v < NW; ++v) acc[0][v] = V::wfma(w, V::wload(xr + 16 * v), acc[0][v]);
+          for (int v = 0; v < NL; ++v) acc[0][v] = L::fma(w, L::load(xr + LN * v), acc[0][v]);
         }
         for (int u = 1; u < U; ++u)
-          for (int v = 0; v < NW; ++v) acc[0][v] = V::wadd(acc[0][v], acc[u][v]);
-        for (int v = 0; v < NW; ++v) V::wstore(bi + 16 * v, acc[0][v]);
+          for (int v = 0; v < NL; ++v) acc[0][v] = L::add(acc[0][v], acc[u][v]);
+        for (int v = 0; v < NL; ++v) L::store(bi + LN * v, acc[0][v]);
       }
     }
   }
 }
 
-// buf[r][l] = sum_k val[k] * P[idx[k]][l] over one packed tile, for the R local rows of m.
 template <class V, int NV>
 void rows_tile(const float* pt, const Blocked& m, float* buf) {
-  if constexpr (V::wide && NV % 2 == 0) {
-    rows_tile_wide<V, NV / 2>(pt, m, buf);
-    return;
-  }
-  constexpr int BT = 8 * NV;
-  // U independent accumulator sets keep 8 FMA chains in flight (latency 4 x 2 ports)
-  constexpr int U = NV >= 8 ? 1 : 8 / NV;
-  const int64_t R = m.R;
-  const int32_t* idx = m.idx;
-  const float* vals = m.val;
-  for (int64_t q = 0; q < R; q += m.RB) {
-    const int64_t RBs = std::min(m.RB, R - q);
-    for (int64_t c = 0; c < m.nch; ++c) {
-      const int32_t* oc = m.off + q * m.nch + c * RBs;
-      const bool first = c == 0;
-      for (int64_t r = 0; r < RBs; ++r) {
-        int64_t k = oc[r];
-        const int64_t e = oc[r + 1];
-        float* bi = buf + (q + r) * BT;
-        if (k == e) {
-          if (first)
-            for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, V::zero());
-          continue;
-        }
-        typename V::reg acc[U][NV];
-        for (int v = 0; v < NV; ++v) acc[0][v] = first ? V::zero() : V::load(bi + 8 * v);
-        for (int u = 1; u < U; ++u)
-          for (int v = 0; v < NV; ++v) acc[u][v] = V::zero();
-        for (; k + U <= e; k += U) {
-          for (int u = 0; u < U; ++u) {
-            const typename V::reg w = V::bcast(vals[k + u]);
-            const float* xr = pt + static_cast<int64_t>(idx[k + u]) * BT;
-            for (int v = 0; v < NV; ++v) acc[u][v] = V::fma(w, V::load(xr + 8 * v), acc[u][v]);
-          }
-        }
-        for (; k < e; ++k) {
-          const typename V::reg w = V::bcast(vals[k]);
-          const float* xr = pt + static_cast<int64_t>(idx[k]) * BT;
-          for (int v = 0; v < NV; ++v) acc[0][v] = V::fma(w, V::load(xr + 8 * v), acc[0][v]);
-        }
-        for (int u = 1; u < U; ++u)
-          for (int v = 0; v < NV; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
-        for (int v = 0; v < NV; ++v) V::store(bi + 8 * v, acc[0][v]);
-      }
-    }
-  }
+  if constexpr (V::wide && NV % 2 == 0)
+    rows_tile_lanes<typename V::W16, NV / 2>(pt, m, buf);  // the same tile as NV / 2 zmm vectors
+  else
+    rows_tile_lanes<V, NV>(pt, m, buf);
 }
 
 // y[l, i] = buf[i - r0][l] + bias[i] for lanes l < nb: 8 rows x 8 lanes at a time through a

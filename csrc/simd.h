@@ -88,6 +88,7 @@ struct VecPortable {
   };
   static constexpr const char* name = "portable";
   static constexpr bool wide = false;  // no 16-lane operations (see VecAVX512)
+  static constexpr int lanes = 8;
   static inline reg zero() {
     reg r;
     for (int i = 0; i < 8; ++i) r.v[i] = 0.f;
@@ -358,6 +359,7 @@ struct VecAVX2 {
   using reg = __m256;
   static constexpr const char* name = "avx2";
   static constexpr bool wide = false;
+  static constexpr int lanes = 8;
   static inline reg zero() { return _mm256_setzero_ps(); }
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
@@ -802,6 +804,18 @@ struct VecAVX512 : VecAVX2 {
   static inline reg fold(wreg a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, 0xEE)));
   }
+  // the 16-lane operations under the 8-lane names, for the loops written once over a lane type
+  // (rows_tile_lanes, spmm_strip_lanes)
+  struct W16 {
+    using reg = __m512;
+    static constexpr int lanes = 16;
+    static inline reg zero() { return wzero(); }
+    static inline reg load(const float* p) { return wload(p); }
+    static inline void store(float* p, reg a) { wstore(p, a); }
+    static inline reg bcast(float s) { return wbcast(s); }
+    static inline reg fma(reg a, reg b, reg c) { return wfma(a, b, c); }
+    static inline reg add(reg a, reg b) { return wadd(a, b); }
+  };
 };
 #endif
 
