@@ -481,62 +481,10 @@ void store_tile(const float* buf, int64_t r0, int64_t r1, const float* bias, flo
   }
 }
 
-// sdd_tile on 16-lane vectors (V::wide): each dot product in a zmm, folded to 8 lanes for hsum8
-template <class V, int NW>
-void sdd_tile_wide(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
-  constexpr int BT = 16 * NW;
-  alignas(32) float tmp[8];
-  const int64_t R = m.R;
-  const int32_t* col = m.idx;
-  for (int64_t q = 0; q < R; q += m.RB) {
-    const int64_t RBs = std::min(m.RB, R - q);
-    for (int64_t c = 0; c < m.nch; ++c) {
-      const int32_t* oc = m.off + q * m.nch + c * RBs;
-      for (int64_t r = 0; r < RBs; ++r) {
-        int64_t k = oc[r];
-        const int64_t e = oc[r + 1];
-        if (k == e) continue;
-        typename V::wreg d[NW];
-        for (int v = 0; v < NW; ++v) d[v] = V::wload(dyt + (r0 + q + r) * BT + 16 * v);
-        typename V::reg a[8];
-        for (; k + 8 <= e; k += 8) {
-          for (int j = 0; j < 8; ++j) {
-            const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-            typename V::wreg s = V::wfma(d[0], V::wload(xr), V::wzero());
-            for (int v = 1; v < NW; ++v) s = V::wfma(d[v], V::wload(xr + 16 * v), s);
-            a[j] = V::fold(s);
-          }
-          typename V::reg s = V::hsum8(a);
-          if (!first) s = V::add(s, V::load(bdv + k));
-          V::store(bdv + k, s);
-        }
-        if (k < e) {
-          const int rem = static_cast<int>(e - k);
-          for (int j = 0; j < 8; ++j) {
-            a[j] = V::zero();
-            if (j < rem) {
-              const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-              typename V::wreg s = V::wzero();
-              for (int v = 0; v < NW; ++v) s = V::wfma(d[v], V::wload(xr + 16 * v), s);
-              a[j] = V::fold(s);
-            }
-          }
-          V::store(tmp, V::hsum8(a));
-          for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
-        }
-      }
-    }
-  }
-}
-
 // bdv[j] (+)= sum_l DY[row of j][l] * X[idx[j]][l] over one tile, in the blocked order of m
 // (rows r0 + r); bdv is indexed like m.idx
 template <class V, int NV>
 void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
-  if constexpr (V::wide && NV % 2 == 0) {
-    sdd_tile_wide<V, NV / 2>(dyt, xt, m, r0, bdv, first);
-    return;
-  }
   constexpr int BT = 8 * NV;
   alignas(32) float tmp[8];
   const int64_t R = m.R;
@@ -580,7 +528,7 @@ void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, f
   }
 }
 
-// sdd_tile_wide over G batch tiles at once (tile g of DY at dyt + g * sd, of X at xt + g * sx): each
+// sdd_tile on 16-lane vectors over G batch tiles at once (tile g of DY at dyt + g * sd, of X at xt + g * sx): each
 // nonzero's dot product runs over all G tiles before it is reduced, so the lane sums (fold + hsum8, on
 // the shuffle port that the zmm FMAs share) are paid once per G tiles
 template <class V, int NW, int G>

@@ -99,7 +99,7 @@ def _special(batch, in_f, out_f, kind):
 
 
 # the C++ takes gathers for B < 8, batch-major tiles of 8 / 16 / 24 lanes up to B = 24 and 32
-# lanes beyond; in = 1000 sweeps several column chunks of a packed tile.
+# lanes beyond (64 from B = 128 on the avx512 path); in = 1000 sweeps several column chunks of a packed tile.
 SHAPES = [
     shape_param(1, 1, 1, 0.0),
     shape_param(1, 1000, 37, 0.5),
@@ -121,6 +121,12 @@ SHAPES = [
     shape_param(64, 1000, 37, 0.5),
     shape_param(64, 3, 3, 0.0),
     shape_param(64, 1000, 1000, 0.99),
+    # 64-lane tiles on the avx512 path (B >= 128) with in > 1024, where the walk splits into column chunks
+    # (counted in 32-lane tiles): B=240 is four tiles, the last part padding; B=320 five, so the weight
+    # gradient takes four tiles at once and then one; the input gradient's walk over Wᵀ splits at out > 1024
+    shape_param(240, 1100, 37, 0.5),
+    shape_param(320, 1100, 37, 0.9),
+    shape_param(256, 37, 1100, 0.5),
     # the input gradient's gather of Wᵀ's values runs in blocks of 256 rows by 256 columns of Wᵀ at a density of
     # 1/4 or more (gather_blocked): several of each, on the B < 8 path and on one packed tile
     shape_param(5, 600, 520, 0.5),
