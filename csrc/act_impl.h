@@ -332,13 +332,14 @@ void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int6
 
 // ---- dsd: out[p] += <P[r, c0 : c0 + 8 NV], Q[idx[p], c0 : ...]> for the nonzeros of rows [r0, r1) ----
 
-// sddmm_strip on 16-lane vectors (V::wide): each partial dot product in a zmm, folded to 8 lanes for hsum8
-template <class V, int NW>
-void sddmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
-                      const float* Q, int64_t ldq, int64_t c0, float* out, ActWork& ws) {
-  using wreg = typename V::wreg;
-  using reg = typename V::reg;
-  constexpr int W = 16 * NW;
+// on NL vectors of L (V, or V::W16 on the 16-lane path) a strip row; each partial dot product folded to
+// 8 lanes for V::hsum8
+template <class V, class L, int NL>
+void sddmm_strip_lanes(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
+                       const float* Q, int64_t ldq, int64_t c0, float* out, ActWork& ws) {
+  using reg = typename L::reg;
+  constexpr int LN = L::lanes;
+  constexpr int W = LN * NL;
   float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
   for (int64_t c = 0; c < a.nch; ++c) {
     const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
@@ -349,17 +350,23 @@ void sddmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, con
       int64_t p = cp[r];
       const int64_t q = cp[r + 1];
       if (p == q) continue;
-      wreg pv[NW];
-      for (int v = 0; v < NW; ++v) pv[v] = V::wload(P + r * ldp + c0 + 16 * v);
+      reg pv[NL];
+      for (int v = 0; v < NL; ++v) pv[v] = L::load(P + r * ldp + c0 + LN * v);
+      // eight nonzeros at a time: eight partial vectors, one horizontal sum
       for (; p < q; p += 8) {
         const int g = static_cast<int>(std::min<int64_t>(8, q - p));
-        reg part[8];
+        typename V::reg part[8];
         for (int i = 0; i < 8; ++i) {
           if (i < g) {
             const float* d = panel + static_cast<int64_t>(a.idx[p + i]) * W;
-            wreg s0 = V::wfma(pv[0], V::wload(d), V::wzero());
-            for (int v = 1; v < NW; ++v) s0 = V::wfma(pv[v], V::wload(d + 16 * v), s0);
-            part[i] = V::fold(s0);
+            reg s0 = L::mul(pv[0], L::load(d));
+            reg s1 = NL > 1 ? L::mul(pv[1], L::load(d + LN)) : L::zero();
+            for (int v = 2; v + 1 < NL; v += 2) {
+              s0 = L::fma(pv[v], L::load(d + LN * v), s0);
+              s1 = L::fma(pv[v + 1], L::load(d + LN * v + LN), s1);
+            }
+            if (NL > 2 && NL % 2) s0 = L::fma(pv[NL - 1], L::load(d + LN * (NL - 1)), s0);
+            part[i] = L::fold(L::add(s0, s1));
           } else {
             part[i] = V::zero();
           }
@@ -375,49 +382,10 @@ void sddmm_strip_wide(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, con
 template <class V, int NV>
 void sddmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp, const float* Q,
                  int64_t ldq, int64_t c0, float* out, ActWork& ws) {
-  if constexpr (V::wide && NV % 2 == 0) {
-    sddmm_strip_wide<V, NV / 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    return;
-  }
-  using reg = typename V::reg;
-  constexpr int W = 8 * NV;
-  float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
-  for (int64_t c = 0; c < a.nch; ++c) {
-    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
-    act_pack(Q, ldq, k0, k1, c0, W, pbuf);
-    const float* panel = pbuf - k0 * W;
-    const int64_t* cp = a.ptr.data() + c * a.R;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t p = cp[r];
-      const int64_t q = cp[r + 1];
-      if (p == q) continue;
-      reg pv[NV];
-      for (int v = 0; v < NV; ++v) pv[v] = V::load(P + r * ldp + c0 + 8 * v);
-      // eight nonzeros at a time: eight partial vectors, one horizontal sum
-      for (; p < q; p += 8) {
-        const int g = static_cast<int>(std::min<int64_t>(8, q - p));
-        reg part[8];
-        for (int i = 0; i < 8; ++i) {
-          if (i < g) {
-            const float* d = panel + static_cast<int64_t>(a.idx[p + i]) * W;
-            reg s0 = V::mul(pv[0], V::load(d));
-            reg s1 = NV > 1 ? V::mul(pv[1], V::load(d + 8)) : V::zero();
-            for (int v = 2; v + 1 < NV; v += 2) {
-              s0 = V::fma(pv[v], V::load(d + 8 * v), s0);
-              s1 = V::fma(pv[v + 1], V::load(d + 8 * v + 8), s1);
-            }
-            if (NV > 2 && NV % 2) s0 = V::fma(pv[NV - 1], V::load(d + 8 * (NV - 1)), s0);
-            part[i] = V::add(s0, s1);
-          } else {
-            part[i] = V::zero();
-          }
-        }
-        alignas(32) float h[8];
-        V::store(h, V::hsum8(part));
-        for (int i = 0; i < g; ++i) out[p + i] += h[i];
-      }
-    }
-  }
+  if constexpr (V::wide && NV % 2 == 0)
+    sddmm_strip_lanes<V, typename V::W16, NV / 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
+  else
+    sddmm_strip_lanes<V, V, NV>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
 }
 
 template <class V>

@@ -481,11 +481,16 @@ void store_tile(const float* buf, int64_t r0, int64_t r1, const float* bias, flo
   }
 }
 
-// bdv[j] (+)= sum_l DY[row of j][l] * X[idx[j]][l] over one tile, in the blocked order of m
-// (rows r0 + r); bdv is indexed like m.idx
-template <class V, int NV>
-void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, float* bdv, bool first) {
-  constexpr int BT = 8 * NV;
+// bdv[j] (+)= sum_l DY[row of j][l] * X[idx[j]][l] over G batch tiles (tile g of DY at dyt + g * sd, of X
+// at xt + g * sx), in the blocked order of m (rows r0 + r); bdv is indexed like m.idx. NL vectors of L (V,
+// or V::W16 on the 16-lane path) a tile. each nonzero's dot product runs over all G tiles before it is
+// folded to 8 lanes and reduced with the other seven of its group (V::hsum8), so on the 16-lane path the
+// lane sums (on the shuffle port that the zmm FMAs share) are paid once per G tiles
+template <class V, class L, int NL, int G>
+void sdd_tiles_lanes(const float* dyt, int64_t sd, const float* xt, int64_t sx, const Blocked& m, int64_t r0,
+                     float* bdv, bool first) {
+  constexpr int LN = L::lanes;
+  constexpr int BT = LN * NL;
   alignas(32) float tmp[8];
   const int64_t R = m.R;
   const int32_t* col = m.idx;
@@ -497,68 +502,19 @@ void sdd_tile(const float* dyt, const float* xt, const Blocked& m, int64_t r0, f
         int64_t k = oc[r];
         const int64_t e = oc[r + 1];
         if (k == e) continue;
-        typename V::reg d[NV];
-        for (int v = 0; v < NV; ++v) d[v] = V::load(dyt + (r0 + q + r) * BT + 8 * v);
-        typename V::reg a[8];
-        // 8 nonzeros at a time: 8 independent dot products, reduced together by one hadd tree
-        for (; k + 8 <= e; k += 8) {
-          for (int j = 0; j < 8; ++j) {
-            const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-            a[j] = V::fma(d[0], V::load(xr), V::zero());
-            for (int v = 1; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
-          }
-          typename V::reg s = V::hsum8(a);
-          if (!first) s = V::add(s, V::load(bdv + k));
-          V::store(bdv + k, s);
-        }
-        if (k < e) {
-          const int rem = static_cast<int>(e - k);
-          for (int j = 0; j < 8; ++j) {
-            a[j] = V::zero();
-            if (j < rem) {
-              const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-              for (int v = 0; v < NV; ++v) a[j] = V::fma(d[v], V::load(xr + 8 * v), a[j]);
-            }
-          }
-          V::store(tmp, V::hsum8(a));
-          for (int j = 0; j < rem; ++j) bdv[k + j] = first ? tmp[j] : bdv[k + j] + tmp[j];
-        }
-      }
-    }
-  }
-}
-
-// sdd_tile on 16-lane vectors over G batch tiles at once (tile g of DY at dyt + g * sd, of X at xt + g * sx): each
-// nonzero's dot product runs over all G tiles before it is reduced, so the lane sums (fold + hsum8, on
-// the shuffle port that the zmm FMAs share) are paid once per G tiles
-template <class V, int NW, int G>
-void sdd_tiles_wide(const float* dyt, int64_t sd, const float* xt, int64_t sx, const Blocked& m, int64_t r0,
-                    float* bdv, bool first) {
-  constexpr int BT = 16 * NW;
-  alignas(32) float tmp[8];
-  const int64_t R = m.R;
-  const int32_t* col = m.idx;
-  for (int64_t q = 0; q < R; q += m.RB) {
-    const int64_t RBs = std::min(m.RB, R - q);
-    for (int64_t c = 0; c < m.nch; ++c) {
-      const int32_t* oc = m.off + q * m.nch + c * RBs;
-      for (int64_t r = 0; r < RBs; ++r) {
-        int64_t k = oc[r];
-        const int64_t e = oc[r + 1];
-        if (k == e) continue;
-        typename V::wreg d[G][NW];
+        typename L::reg d[G][NL];
         for (int g = 0; g < G; ++g)
-          for (int v = 0; v < NW; ++v) d[g][v] = V::wload(dyt + g * sd + (r0 + q + r) * BT + 16 * v);
+          for (int v = 0; v < NL; ++v) d[g][v] = L::load(dyt + g * sd + (r0 + q + r) * BT + LN * v);
         typename V::reg a[8];
         // eight nonzeros at a time, unrolled: eight independent FMA chains (latency 4 x 2 ports)
         for (; k + 8 <= e; k += 8) {
 #pragma GCC unroll 8
           for (int j = 0; j < 8; ++j) {
             const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-            typename V::wreg s = V::wmul(d[0][0], V::wload(xr));
+            typename L::reg s = L::fma(d[0][0], L::load(xr), L::zero());
 #pragma GCC unroll 16
-            for (int i = 1; i < G * NW; ++i) s = V::wfma(d[i / NW][i % NW], V::wload(xr + (i / NW) * sx + 16 * (i % NW)), s);
-            a[j] = V::fold(s);
+            for (int i = 1; i < G * NL; ++i) s = L::fma(d[i / NL][i % NL], L::load(xr + (i / NL) * sx + LN * (i % NL)), s);
+            a[j] = L::fold(s);
           }
           typename V::reg sum = V::hsum8(a);
           if (!first) sum = V::add(sum, V::load(bdv + k));
@@ -570,10 +526,10 @@ void sdd_tiles_wide(const float* dyt, int64_t sd, const float* xt, int64_t sx, c
             a[j] = V::zero();
             if (j < rem) {
               const float* xr = xt + static_cast<int64_t>(col[k + j]) * BT;
-              typename V::wreg s = V::wzero();
+              typename L::reg s = L::zero();
               for (int g = 0; g < G; ++g)
-                for (int v = 0; v < NW; ++v) s = V::wfma(d[g][v], V::wload(xr + g * sx + 16 * v), s);
-              a[j] = V::fold(s);
+                for (int v = 0; v < NL; ++v) s = L::fma(d[g][v], L::load(xr + g * sx + LN * v), s);
+              a[j] = L::fold(s);
             }
           }
           V::store(tmp, V::hsum8(a));
@@ -584,7 +540,7 @@ void sdd_tiles_wide(const float* dyt, int64_t sd, const float* xt, int64_t sx, c
   }
 }
 
-// every batch tile of the weight gradient: bdv[j] = sum over the T tiles of sdd_tile (tile t of DY at
+// every batch tile of the weight gradient: bdv[j] = sum over the T tiles (tile t of DY at
 // dyt + t * sd, of X at xt + t * sx). the 16-lane path takes the tiles four (a zmm budget of 16 for
 // DY's row) at a time.
 template <class V, int NV>
@@ -594,10 +550,11 @@ void sdd_all_tiles(const float* dyt, int64_t sd, const float* xt, int64_t sx, in
     constexpr int G = 4;  // NV <= 8: DY's row is at most 16 zmm
     int64_t t = 0;
     for (; t + G <= T; t += G)
-      sdd_tiles_wide<V, NV / 2, G>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
-    for (; t < T; ++t) sdd_tiles_wide<V, NV / 2, 1>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
+      sdd_tiles_lanes<V, typename V::W16, NV / 2, G>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
+    for (; t < T; ++t)
+      sdd_tiles_lanes<V, typename V::W16, NV / 2, 1>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
   } else {
-    for (int64_t t = 0; t < T; ++t) sdd_tile<V, NV>(dyt + t * sd, xt + t * sx, m, r0, bdv, t == 0);
+    for (int64_t t = 0; t < T; ++t) sdd_tiles_lanes<V, V, NV, 1>(dyt + t * sd, sd, xt + t * sx, sx, m, r0, bdv, t == 0);
   }
 }
 

@@ -4,7 +4,7 @@
 // batches of 8 or more: the activations are packed batch-major, P[t][k][l] = A[t*BT + l][k], with the
 // columns zero padded to G*m so that every slot's column is readable, and each thread decodes its rows'
 // 4-bit positions to int32 columns once a call, straight into the CSR kernels' chunk-major layout
-// (nm_block_rows), and runs their blocked walk (csr_impl.h: rows_tile, sdd_tile): every slot drives
+// (nm_block_rows), and runs their blocked walk (csr_impl.h: rows_tile, sdd_all_tiles): every slot drives
 // NV contiguous FMAs over the batch lanes.
 // NOTE: this replaced a walk of its own that decoded the positions once a batch tile, in row blocks
 // of 16 and column chunks of 16 KB: 4096x4096 B=256, 2 threads, interleaved with the CSR kernels on
@@ -89,7 +89,7 @@ inline void nm_gather_blocked(const float* vals, const int32_t* perm, const NmSh
 }
 
 // rows [r0, r1) of an N:M index in the CSR kernels' blocked layout (see Blocked, block_rows), for their
-// walk (rows_tile, sdd_tile): int32 columns in [0, Kp), and the values copied alongside when given.
+// walk (rows_tile, sdd_all_tiles): int32 columns in [0, Kp), and the values copied alongside when given.
 // a chunk is GC whole groups, so every row has the same slots in it, [c*GC*n, (c+1)*GC*n): the run
 // bounds are arithmetic (block_rows finds them with a compare per nonzero) and the 4-bit positions are
 // decoded straight into their chunk-major place, two slots (one byte) at a time. GC*n is even, so a
@@ -215,7 +215,7 @@ Blocked nm_block_rows(const NmShape& d, const uint8_t* idx, const float* vals, c
 // the batch tile of the N:M walks: 64 lanes (NV=8) from two such tiles on, where the last one is more
 // than half full; else the CSR kernels' widths (with_tile_width, up to 32 lanes). twice the lanes halve
 // the index passes (a slot's decoded column and value drive 8 FMAs instead of 4) and the weight
-// gradient's lane sums (sdd_tile: one hsum8 per 8 slots and 64 lanes, not 32).
+// gradient's lane sums (sdd_tiles_lanes: one hsum8 per 8 slots and 64 lanes, not 32).
 // NOTE: standalone harness over these kernels, 4096x4096, 2 threads, 10 alternations, median ratio of
 // 32-lane to 64-lane time, forward / weight gradient: B=256 2:4 1.09 / 1.17, 1:4 1.09 / 1.16, 2:8
 // 1.07 / 1.19; B=128 2:4 1.09 / 1.06, 1:4 1.08 / 1.13. at B=64 (one 64-lane tile, so no column chunks)

@@ -89,6 +89,7 @@ struct VecPortable {
   static constexpr const char* name = "portable";
   static constexpr bool wide = false;  // no 16-lane operations (see VecAVX512)
   static constexpr int lanes = 8;
+  static inline reg fold(const reg& a) { return a; }  // already 8 lanes (see VecAVX512::W16::fold)
   static inline reg zero() {
     reg r;
     for (int i = 0; i < 8; ++i) r.v[i] = 0.f;
@@ -360,6 +361,7 @@ struct VecAVX2 {
   static constexpr const char* name = "avx2";
   static constexpr bool wide = false;
   static constexpr int lanes = 8;
+  static inline reg fold(reg a) { return a; }  // already 8 lanes (see VecAVX512::W16::fold)
   static inline reg zero() { return _mm256_setzero_ps(); }
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
@@ -786,7 +788,7 @@ struct VecAVX2 {
 #if defined(SPARSEOPS_AVX512)
 // every 8-lane operation of VecAVX2 (in this -mavx512f -mavx512vl unit the compiler may encode them with
 // EVEX and use 32 registers), plus 16-lane ones (w*) for the hot loops of the blocked walks (rows_tile,
-// sdd_tile in csr_impl.h): there one zmm load feeds 16 FMA lanes, where the AVX2 path's ymm feeds 8, and
+// sdd_tiles_lanes in csr_impl.h, and the activation-sparse strips): there one zmm load feeds 16 FMA lanes, where the AVX2 path's ymm feeds 8, and
 // the loads, not the FMAs, bound those loops. the packed layout is the 8-lane one: a tile of BT = 8*NV
 // lanes with NV even is NV/2 zmm vectors.
 struct VecAVX512 : VecAVX2 {
@@ -798,14 +800,9 @@ struct VecAVX512 : VecAVX2 {
   static inline void wstore(float* p, wreg a) { _mm512_storeu_ps(p, a); }
   static inline wreg wbcast(float s) { return _mm512_set1_ps(s); }
   static inline wreg wfma(wreg a, wreg b, wreg c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline wreg wmul(wreg a, wreg b) { return _mm512_mul_ps(a, b); }
   static inline wreg wadd(wreg a, wreg b) { return _mm512_add_ps(a, b); }
-  // lane l of the result: lanes l and l + 8 of a, added
-  static inline reg fold(wreg a) {
-    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, 0xEE)));
-  }
   // the 16-lane operations under the 8-lane names, for the loops written once over a lane type
-  // (rows_tile_lanes, spmm_strip_lanes)
+  // (rows_tile_lanes, sdd_tiles_lanes, spmm_strip_lanes, sddmm_strip_lanes)
   struct W16 {
     using reg = __m512;
     static constexpr int lanes = 16;
@@ -815,6 +812,11 @@ struct VecAVX512 : VecAVX2 {
     static inline reg bcast(float s) { return wbcast(s); }
     static inline reg fma(reg a, reg b, reg c) { return wfma(a, b, c); }
     static inline reg add(reg a, reg b) { return wadd(a, b); }
+    static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+    // 8 lanes for VecAVX2::hsum8: lane l of the result is lanes l and l + 8 of a, added
+    static inline VecAVX2::reg fold(reg a) {
+      return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, 0xEE)));
+    }
   };
 };
 #endif
