@@ -813,11 +813,135 @@ struct VecAVX512 : VecAVX2 {
     static inline reg fma(reg a, reg b, reg c) { return wfma(a, b, c); }
     static inline reg add(reg a, reg b) { return wadd(a, b); }
     static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+    // the few-bit kernels' fused forwards (fewbit_impl.h's fused<>, on 16 lanes): the same operations as
+    // VecAVX2's, so the same bits, nan and -0 included (max/min return the second operand on a nan)
+    static inline reg max2(reg a, reg b) { return _mm512_max_ps(a, b); }
+    static inline reg min2(reg a, reg b) { return _mm512_min_ps(a, b); }
+    static inline reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+    static inline reg leaky(reg x, reg s) {
+      return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_mul_ps(x, s), x);
+    }
     // 8 lanes for VecAVX2::hsum8: lane l of the result is lanes l and l + 8 of a, added
     static inline VecAVX2::reg fold(reg a) {
       return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, 0xEE)));
     }
   };
+
+  // ---- sigmoid and silu on 16 lanes: VecAVX2's sigmoid_n / silu_n (fmath.h's steps), instruction for
+  // instruction on 512-bit vectors, so the same bits; the few-bit pass's wide path runs them ----
+  // (andnot and xor through the integer forms: the float ones are AVX512DQ, which the build does not ask for)
+  static inline __m512 wabs(__m512 x) { return _mm512_abs_ps(x); }
+  static inline __m512 wneg(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
+  }
+  static inline __m512 wkeep_nan(__m512 v, __m512 x) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), v, x); }
+  template <int N, int SHIFT>
+  static inline void wexp_parts_f_n(const __m512* t, __m512* p, __m512* s) {
+    __m512 k[N], r[N], q[N];
+    for (int h = 0; h < N; ++h)
+      k[h] = _mm512_roundscale_ps(_mm512_mul_ps(t[h], _mm512_set1_ps(fmath::kSigLog2e)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (int h = 0; h < N; ++h)
+      r[h] = _mm512_fnmadd_ps(k[h], _mm512_set1_ps(fmath::kSigLn2Lo),
+                              _mm512_fnmadd_ps(k[h], _mm512_set1_ps(fmath::kSigLn2Hi), t[h]));
+    for (int h = 0; h < N; ++h) q[h] = _mm512_set1_ps(fmath::kSigInvFact[5]);
+    for (int i = 4; i >= 0; --i)
+      for (int h = 0; h < N; ++h) q[h] = _mm512_fmadd_ps(q[h], r[h], _mm512_set1_ps(fmath::kSigInvFact[i]));
+    for (int h = 0; h < N; ++h) {
+      p[h] = _mm512_fmadd_ps(_mm512_mul_ps(r[h], r[h]), q[h], r[h]);
+      s[h] = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k[h]), _mm512_set1_epi32(127 + SHIFT)), 23));
+    }
+  }
+  template <int N>
+  static inline void wsigmoid_n(const __m512* x, __m512* y) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 t[N], p[N], s[N], e[N], d[N], c[N], r0[N];
+    for (int h = 0; h < N; ++h) t[h] = wneg(_mm512_min_ps(wabs(x[h]), _mm512_set1_ps(fmath::kSigClamp)));
+    wexp_parts_f_n<N, 32>(t, p, s);
+    for (int h = 0; h < N; ++h) e[h] = _mm512_mul_ps(_mm512_fmadd_ps(s[h], p[h], s[h]), _mm512_set1_ps(0x1p-32f));
+    for (int h = 0; h < N; ++h) {
+      d[h] = _mm512_add_ps(one, e[h]);
+      c[h] = _mm512_sub_ps(e[h], _mm512_sub_ps(d[h], one));
+      r0[h] = _mm512_div_ps(one, d[h]);
+    }
+    for (int h = 0; h < N; ++h) {
+      const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[h], _mm512_setzero_ps(), _CMP_GT_OQ), e[h], one);
+      const __m512 q0 = _mm512_mul_ps(num, r0[h]);
+      const __m512 v = _mm512_fmadd_ps(r0[h], _mm512_fnmadd_ps(q0, c[h], _mm512_fnmadd_ps(q0, d[h], num)), q0);
+      y[h] = wkeep_nan(v, x[h]);
+    }
+  }
+  template <int N>
+  static inline void wsilu_n(const __m512* x, __m512* y) {
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), clamp = _mm512_set1_ps(fmath::kSiluClamp);
+    const __m512 scale = _mm512_set1_ps(0x1p-64f), sign = _mm512_set1_ps(-0.0f);
+    __m512 t[N], p[N], s[N], es[N], el[N], d[N], c[N], r0[N];
+    for (int h = 0; h < N; ++h) t[h] = wneg(_mm512_min_ps(wabs(x[h]), clamp));
+    wexp_parts_f_n<N, 64>(t, p, s);
+    for (int h = 0; h < N; ++h) {
+      es[h] = _mm512_fmadd_ps(s[h], p[h], s[h]);
+      el[h] = _mm512_fmadd_ps(s[h], p[h], _mm512_sub_ps(s[h], es[h]));
+    }
+    for (int h = 0; h < N; ++h) {
+      const __m512 e = _mm512_mul_ps(es[h], scale);
+      d[h] = _mm512_add_ps(one, e);
+      c[h] = _mm512_add_ps(_mm512_sub_ps(e, _mm512_sub_ps(d[h], one)), _mm512_mul_ps(el[h], scale));
+      r0[h] = _mm512_div_ps(one, d[h]);
+    }
+    for (int h = 0; h < N; ++h) {
+      const __mmask16 pos = _mm512_cmp_ps_mask(x[h], zero, _CMP_GT_OQ);
+      const __m512 m = _mm512_mask_blend_ps(pos, es[h], one);
+      const __m512 hi = _mm512_mul_ps(x[h], m);
+      // andnot(pos, el): el where x is not above 0, else +0
+      const __m512 lo = _mm512_fmadd_ps(x[h], _mm512_mask_blend_ps(pos, el[h], zero), _mm512_fmsub_ps(x[h], m, hi));
+      const __m512 q0 = _mm512_mul_ps(hi, r0[h]);
+      const __m512 res = _mm512_add_ps(_mm512_fnmadd_ps(q0, c[h], _mm512_fnmadd_ps(q0, d[h], hi)), lo);
+      __m512 v = _mm512_fmadd_ps(r0[h], res, q0);
+      v = _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, scale), v);
+      const __mmask16 big = _mm512_cmp_ps_mask(wabs(x[h]), clamp, _CMP_GE_OQ);
+      v = _mm512_mask_blend_ps(big, v, _mm512_mask_blend_ps(pos, sign, x[h]));
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[h], zero, _CMP_EQ_OQ), v, x[h]);
+      y[h] = wkeep_nan(v, x[h]);
+    }
+  }
+
+  // ---- few-bit codes on 16 lanes (fewbit_impl.h's wide path) ----
+  // VecAVX2's binary search (see planes there), with the compares into mask registers: a depth's mask
+  // is its bit plane as it is (no movemask), and a 16-entry permute picks a lane's next border
+  template <int BITS>
+  struct WBorders {
+    __m512 cand[BITS];
+    explicit WBorders(const float* f) {
+      for (int d = 0; d < BITS; ++d) {
+        alignas(64) float t[16] = {};
+        const int span = 1 << (BITS - d);
+        for (int j = 0; j < (1 << d); ++j) t[j] = f[j * span + span / 2 - 1];
+        cand[d] = d == 0 ? _mm512_set1_ps(t[0]) : _mm512_load_ps(t);
+      }
+    }
+  };
+  // m[j]: bit plane j of the codes of x's 16 lanes (lane i: bit i)
+  template <int BITS>
+  static inline void wplanes(__m512 x, const WBorders<BITS>& t, uint32_t* m) {
+    __m512i prefix = _mm512_setzero_si512();
+    for (int d = 0; d < BITS; ++d) {
+      const __m512 border = d == 0 ? t.cand[0] : _mm512_permutexvar_ps(prefix, t.cand[d]);
+      const __mmask16 gt = _mm512_cmp_ps_mask(x, border, _CMP_GT_OQ);
+      m[BITS - 1 - d] = gt;
+      const __m512i up = _mm512_slli_epi32(prefix, 1);
+      prefix = _mm512_mask_add_epi32(up, gt, up, _mm512_set1_epi32(1));
+    }
+  }
+  // the levels of the 16 codes at bits shift .. shift + 15 of the planes w[0 .. BITS) (table: the 2^BITS
+  // levels, zero-padded to 16)
+  template <int BITS>
+  static inline __m512 wlevel(const uint32_t* w, int shift, __m512 table) {
+    __m512i c = _mm512_setzero_si512();
+    for (int j = 0; j < BITS; ++j)
+      c = _mm512_mask_or_epi32(c, static_cast<__mmask16>(w[j] >> shift), c, _mm512_set1_epi32(1 << j));
+    return _mm512_permutexvar_ps(c, table);
+  }
 };
 #endif
 
