@@ -143,18 +143,37 @@ inline float fused1(float x, float a, float b, double da, double db, double dinv
 
 // the wide path (VecAVX512, fp32 elements): a group is two 16-lane vectors, its codes come from compares
 // into mask registers (VecAVX512::wplanes) and the float kinds' y from the same operations on 16 lanes
-// (fused<V::W16>; sigmoid and silu: VecAVX512::wsigmoid_n / wsilu_n, the 8-lane steps on 16 lanes), so
-// the bits are the 8-lane path's. other element types (a 16-bit load or store per 8 lanes), the float64
-// kWide kinds and the other paths take the 8-lane loop
+// (fused<V::W16>; the kWide kinds: VecAVX512's w* twins of the 8-lane steps, wfused_n), so the bits
+// are the 8-lane path's. other element types (a 16-bit load or store per 8 lanes) and the other paths
+// take the 8-lane loop
 // NOTE: ad hoc, 4M fp32 elements, 2 threads: relu6 at 2 bits with its codes 0.67 ms on the 8-lane loop,
 // 0.62 on this one, 0.57 for y alone and 0.59-0.60 for torch's relu6. 16-lane codes next to 8-lane
 // steps lose: sigmoid's pass went from 1.1 to 2.7 ms that way (loading x before or after them alike);
 // 512-bit instructions in flight take a vector port from the 256-bit ones (Intel's port 0+1 fusion),
 // and those steps are bound by that port. so a kind is wide whole or not at all
-template <int KIND>
-constexpr bool kWide16 = KIND == static_cast<int>(FewbitFused::sigmoid) || KIND == static_cast<int>(FewbitFused::silu);
-template <class V, FewbitDtype DT, int KIND = 0>
-constexpr bool kWidePath = V::wide && DT == FewbitDtype::f32 && (!kWide<KIND> || kWide16<KIND>);
+template <class V, FewbitDtype DT>
+constexpr bool kWidePath = V::wide && DT == FewbitDtype::f32;
+
+// fused_n on 16-lane vectors (VecAVX512's w* twins of the 8-lane steps)
+template <class V, int KIND, int N>
+inline void wfused_n(const typename V::W16::reg* x, typename V::W16::reg* y, double da, double db, double dinv) {
+  if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
+    V::template wsigmoid_n<N>(x, y);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::silu)) {
+    V::template wsilu_n<N>(x, y);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::tanh)) {
+    V::template wtanh_n<N>(x, y);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::elu)) {
+    V::template welu_n<N>(x, y, da, db);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::celu)) {
+    V::template wcelu_n<N>(x, y, da, dinv);
+  } else if constexpr (KIND == static_cast<int>(FewbitFused::softplus)) {
+    V::template wsoftplus_n<N>(x, y, da, db, dinv);
+  } else {
+    static_assert(KIND == static_cast<int>(FewbitFused::logsigmoid));
+    V::template wlogsigmoid_n<N>(x, y);
+  }
+}
 
 template <class V, int BITS, bool W = V::wide>
 struct WideBorders {
@@ -186,17 +205,16 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
     const int64_t g1 = std::min(groups, (c + 1) * kGroupsPerChunk);
     for (int64_t g = c * kGroupsPerChunk; g < g1; ++g) {
       uint32_t w[BITS] = {};
-      if constexpr (kWidePath<V, DT, KIND>) {
+      if constexpr (kWidePath<V, DT>) {
         if (g < full) {
           using W = typename V::W16;
           const float* xg = reinterpret_cast<const float*>(x) + g * 32;
           float* yg = reinterpret_cast<float*>(y) + g * 32;
           const typename W::reg x0 = W::load(xg), x1 = W::load(xg + 16);
-          if constexpr (kWide16<KIND>) {
+          if constexpr (kWide<KIND>) {
             const typename W::reg xv[2] = {x0, x1};
             typename W::reg yv[2];
-            if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) V::template wsigmoid_n<2>(xv, yv);
-            else V::template wsilu_n<2>(xv, yv);
+            wfused_n<V, KIND, 2>(xv, yv, da, db, dinv);
             W::store(yg, yv[0]);
             W::store(yg + 16, yv[1]);
           } else if constexpr (KIND != 0) {

@@ -906,6 +906,148 @@ struct VecAVX512 : VecAVX2 {
     }
   }
 
+  // ---- the float64 family on 16 float lanes (two vectors of 8 doubles each): VecAVX2's tanh_n, elu_n,
+  // celu_n, softplus_n and logsigmoid_n (fmath.h's steps), instruction for instruction, so the same
+  // bits; the blends take compare masks, and the float and/or/andnot go through the integer or abs forms
+  // (their float forms are AVX512DQ) ----
+  static inline void wsplit(__m512 v, __m512d* d) {
+    d[0] = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    d[1] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static inline __m512 wjoin(const __m512d* d) {
+    const __m256 lo = _mm512_cvtpd_ps(d[0]), hi = _mm512_cvtpd_ps(d[1]);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+  }
+  template <int M, int SHIFT = 0>
+  static inline void wexp_parts_m(const __m512d* y, __m512d* s, __m512d* p) {
+    __m512d r[M], r2[M], r4[M], a[M][6];
+    for (int h = 0; h < M; ++h) {
+      const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(y[h], _mm512_set1_pd(fmath::kInvLn2)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r[h] = _mm512_fnmadd_pd(k, _mm512_set1_pd(fmath::kLn2Lo), _mm512_fnmadd_pd(k, _mm512_set1_pd(fmath::kLn2Hi), y[h]));
+      const __m512i e = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_cvtpd_epi32(k)), _mm512_set1_epi64(1023 + SHIFT));
+      s[h] = _mm512_castsi512_pd(_mm512_slli_epi64(e, 52));
+    }
+    for (int h = 0; h < M; ++h) {
+      r2[h] = _mm512_mul_pd(r[h], r[h]);
+      for (int j = 0; j < 6; ++j)
+        a[h][j] = _mm512_fmadd_pd(_mm512_set1_pd(fmath::kInvFact[2 * j + 1]), r[h], _mm512_set1_pd(fmath::kInvFact[2 * j]));
+    }
+    for (int h = 0; h < M; ++h) {
+      r4[h] = _mm512_mul_pd(r2[h], r2[h]);
+      a[h][0] = _mm512_fmadd_pd(a[h][1], r2[h], a[h][0]);
+      a[h][2] = _mm512_fmadd_pd(a[h][3], r2[h], a[h][2]);
+      a[h][4] = _mm512_fmadd_pd(a[h][5], r2[h], a[h][4]);
+    }
+    for (int h = 0; h < M; ++h) {
+      const __m512d q = _mm512_fmadd_pd(_mm512_fmadd_pd(a[h][4], r4[h], a[h][2]), r4[h], a[h][0]);
+      p[h] = _mm512_fmadd_pd(r2[h], q, r[h]);
+    }
+  }
+  template <int N>
+  static inline void wtanh_n(const __m512* x, __m512* out) {
+    const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+    __m512d y[2 * N], s[2 * N], p[2 * N], t[2 * N];
+    for (int q = 0; q < N; ++q) {
+      const __m512 a = _mm512_min_ps(wabs(x[q]), _mm512_set1_ps(fmath::kTanhClamp));
+      wsplit(_mm512_add_ps(a, a), y + 2 * q);
+    }
+    wexp_parts_m<2 * N>(y, s, p);
+    for (int h = 0; h < 2 * N; ++h) {
+      const __m512d e = _mm512_fmadd_pd(s[h], p[h], _mm512_sub_pd(s[h], _mm512_set1_pd(1.0)));
+      t[h] = _mm512_div_pd(e, _mm512_add_pd(e, _mm512_set1_pd(2.0)));
+    }
+    for (int q = 0; q < N; ++q) {
+      const __m512i v = _mm512_or_si512(_mm512_castps_si512(wjoin(t + 2 * q)), _mm512_and_si512(_mm512_castps_si512(x[q]), sign));
+      out[q] = wkeep_nan(_mm512_castsi512_ps(v), x[q]);
+    }
+  }
+  template <int M>
+  static inline void wlog1p01_m(const __m512d* t, __m512d* out) {
+    __mmask8 big[M];
+    __m512d s[M];
+    for (int h = 0; h < M; ++h) {
+      big[h] = _mm512_cmp_pd_mask(t[h], _mm512_set1_pd(fmath::kSqrt2m1), _CMP_GT_OQ);
+      const __m512d f = _mm512_mask_blend_pd(
+          big[h], t[h], _mm512_mul_pd(_mm512_sub_pd(t[h], _mm512_set1_pd(1.0)), _mm512_set1_pd(0.5)));
+      s[h] = _mm512_div_pd(f, _mm512_add_pd(_mm512_set1_pd(2.0), f));
+    }
+    for (int h = 0; h < M; ++h) {
+      const __m512d z = _mm512_mul_pd(s[h], s[h]), z2 = _mm512_mul_pd(z, z), s2 = _mm512_add_pd(s[h], s[h]);
+      __m512d c[4];
+      for (int j = 0; j < 4; ++j)
+        c[j] = _mm512_fmadd_pd(_mm512_set1_pd(fmath::kAtanhC[2 * j + 1]), z, _mm512_set1_pd(fmath::kAtanhC[2 * j]));
+      const __m512d z4 = _mm512_mul_pd(z2, z2);
+      const __m512d lo = _mm512_fmadd_pd(c[1], z2, c[0]), hi = _mm512_fmadd_pd(c[3], z2, c[2]);
+      const __m512d q = _mm512_fmadd_pd(_mm512_fmadd_pd(_mm512_set1_pd(fmath::kAtanhC[8]), z4, hi), z4, lo);
+      const __m512d r = _mm512_fmadd_pd(_mm512_mul_pd(s2, z), q, s2);
+      // r + (big ? ln 2 : +0), as VecAVX2's r + and(big, ln 2)
+      out[h] = _mm512_add_pd(r, _mm512_maskz_mov_pd(big[h], _mm512_set1_pd(fmath::kLn2)));
+    }
+  }
+  template <int M>
+  static inline void wexp_neg_abs_m(const __m512d* d, __m512d* t) {
+    __m512d y[M], s[M], p[M];
+    for (int h = 0; h < M; ++h)
+      y[h] = _mm512_sub_pd(_mm512_setzero_pd(), _mm512_min_pd(_mm512_abs_pd(d[h]), _mm512_set1_pd(fmath::kExpZero)));
+    wexp_parts_m<M, 64>(y, s, p);
+    for (int h = 0; h < M; ++h) t[h] = _mm512_mul_pd(_mm512_fmadd_pd(s[h], p[h], s[h]), _mm512_set1_pd(0x1p-64));
+  }
+  template <int M>
+  static inline void wexpm1_neg_m(const __m512d* d, __m512d* e) {
+    __m512d y[M], s[M], p[M];
+    for (int h = 0; h < M; ++h)
+      y[h] = _mm512_max_pd(_mm512_min_pd(d[h], _mm512_setzero_pd()), _mm512_set1_pd(-fmath::kExpClamp));
+    wexp_parts_m<M>(y, s, p);
+    for (int h = 0; h < M; ++h) e[h] = _mm512_fmadd_pd(s[h], p[h], _mm512_sub_pd(s[h], _mm512_set1_pd(1.0)));
+  }
+  template <int N>
+  static inline void welu_n(const __m512* x, __m512* out, double neg, double pos) {
+    __m512d d[2 * N], e[2 * N], v[2 * N];
+    for (int q = 0; q < N; ++q) wsplit(x[q], d + 2 * q);
+    wexpm1_neg_m<2 * N>(d, e);
+    for (int h = 0; h < 2 * N; ++h)
+      v[h] = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(d[h], _mm512_setzero_pd(), _CMP_GE_OQ),
+                                  _mm512_mul_pd(_mm512_set1_pd(neg), e[h]), _mm512_mul_pd(d[h], _mm512_set1_pd(pos)));
+    for (int q = 0; q < N; ++q) out[q] = wkeep_nan(wjoin(v + 2 * q), x[q]);
+  }
+  template <int N>
+  static inline void wcelu_n(const __m512* x, __m512* out, double alpha, double inv) {
+    __m512d d[2 * N], e[2 * N];
+    for (int q = 0; q < N; ++q) wsplit(x[q], d + 2 * q);
+    for (int h = 0; h < 2 * N; ++h) d[h] = _mm512_mul_pd(d[h], _mm512_set1_pd(inv));
+    wexpm1_neg_m<2 * N>(d, e);
+    for (int h = 0; h < 2 * N; ++h) e[h] = _mm512_mul_pd(_mm512_set1_pd(alpha), e[h]);
+    for (int q = 0; q < N; ++q)
+      out[q] = wkeep_nan(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[q], _mm512_setzero_ps(), _CMP_GE_OQ), wjoin(e + 2 * q), x[q]), x[q]);
+  }
+  template <int N>
+  static inline void wsoftplus_n(const __m512* x, __m512* out, double beta, double threshold, double inv) {
+    __m512d xb[2 * N], t[2 * N], l[2 * N];
+    for (int q = 0; q < N; ++q) wsplit(x[q], xb + 2 * q);
+    for (int h = 0; h < 2 * N; ++h) xb[h] = _mm512_mul_pd(xb[h], _mm512_set1_pd(beta));
+    wexp_neg_abs_m<2 * N>(xb, t);
+    wlog1p01_m<2 * N>(t, l);
+    for (int q = 0; q < N; ++q) {
+      __m512d v[2];
+      for (int h = 0; h < 2; ++h)
+        v[h] = _mm512_mul_pd(_mm512_add_pd(_mm512_max_pd(xb[2 * q + h], _mm512_setzero_pd()), l[2 * q + h]),
+                             _mm512_set1_pd(inv));
+      const __mmask16 above = _mm512_cmp_ps_mask(_mm512_mul_ps(x[q], _mm512_set1_ps(static_cast<float>(beta))),
+                                                 _mm512_set1_ps(static_cast<float>(threshold)), _CMP_GT_OQ);
+      out[q] = wkeep_nan(_mm512_mask_blend_ps(above, wjoin(v), x[q]), x[q]);
+    }
+  }
+  template <int N>
+  static inline void wlogsigmoid_n(const __m512* x, __m512* out) {
+    __m512d d[2 * N], t[2 * N], l[2 * N];
+    for (int q = 0; q < N; ++q) wsplit(x[q], d + 2 * q);
+    wexp_neg_abs_m<2 * N>(d, t);
+    wlog1p01_m<2 * N>(t, l);
+    for (int h = 0; h < 2 * N; ++h) l[h] = _mm512_sub_pd(_mm512_min_pd(d[h], _mm512_setzero_pd()), l[h]);
+    for (int q = 0; q < N; ++q) out[q] = wkeep_nan(wjoin(l + 2 * q), x[q]);
+  }
+
   // ---- few-bit codes on 16 lanes (fewbit_impl.h's wide path) ----
   // VecAVX2's binary search (see planes there), with the compares into mask registers: a depth's mask
   // is its bit plane as it is (no movemask), and a 16-entry permute picks a lane's next border
