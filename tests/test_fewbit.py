@@ -794,6 +794,38 @@ def test_fused_float32_kinds_are_the_same_bits_on_both_isas(name):
         sparseops.set_isa(prev)
 
 
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_fused_every_kind_is_the_same_bits_on_every_path(name, bits):
+    """The values and codes of every fused kind, custom constants too, on a sweep of every exponent, in
+    full groups and a tail: avx512 runs its own 16-lane steps (the w* twins of the 8-lane ones) and codes
+    (compares into mask registers) for fp32, avx2 and portable theirs; all of them must agree bit for bit
+    (the float64 family's reference tests allow nothing else either, but compare one path at a time)."""
+    import sparseops
+    from sparseops._cpp import _C as C
+
+    if C is None or C.best_isa() == "portable":
+        pytest.skip("needs the C++ module and an AVX2/FMA CPU: two paths to compare")
+    paths = ("avx512", "avx2", "portable") if C.best_isa() == "avx512" else ("avx2", "portable")
+    kw = _params_for(name)
+    fn = fewbit.activation_fn(name, **kw)
+    borders = torch.sort(torch.randn(2**bits - 1, generator=torch.Generator().manual_seed(bits)) * 3).values
+    prev = sparseops.isa()
+    try:
+        for dtype in DTYPES:
+            x = _sweep(dtype)
+            x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[: (1 << 18) + 7]]  # a tail of 7
+            out = []
+            for which in paths:
+                assert sparseops.set_isa(which) == which
+                out.append(fewbit_ops.fused(x, fn, borders, bits))
+            for (y, codes), which in zip(out[1:], paths[1:]):
+                assert torch.equal(_bits_of(out[0][0]), _bits_of(y)), (dtype, which)
+                assert torch.equal(out[0][1], codes), (dtype, which)
+    finally:
+        sparseops.set_isa(prev)
+
+
 def test_fused_non_contiguous_input_and_autograd(isa):
     for name, kw in (("leaky_relu", {"negative_slope": 0.1}), ("tanh", {}), ("hardswish", {}), ("sigmoid", {}),
                      ("silu", {}), ("elu", {"alpha": 0.5}), ("softplus", {"beta": 1.5}), ("logsigmoid", {})):
