@@ -1567,6 +1567,27 @@ def test_eligible_and_keep_bytes_other_than_0_1_count_as_true():
     assert _C.dst_top_abs_rows(s, crow, col, keep, np.array([0, 3], np.int64), 1, None).tolist() == [0, 2, 3]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_repack_scratch_outputs_skip_the_pre_pass_but_a_clash_still_raises(threads):
+    # scratch=True (what ops.repack passes for the tensors it made): no pass before the merge, so the
+    # kernel's own check must catch a clash, in any row, with the re-map on or off
+    fmt = CSRWeight.from_mask(torch.rand(300, 701, generator=torch.Generator().manual_seed(3)) < 0.1)
+    keys = (fmt.row.long() * 701 + fmt.col.long()).numpy()
+    kept = np.arange(0, fmt.nnz, 2, dtype=np.int64)
+    for victim in (0, fmt.nnz // 2 - 1, (fmt.nnz - 1) // 2):
+        grown = np.array(sorted({int(keys[kept[victim]]), 5, 700 * 299}), np.int64)
+        grown = grown[~np.isin(grown, keys[np.setdiff1d(np.arange(fmt.nnz), kept)])]
+        x = np.ones(fmt.nnz, np.float32)
+        for remap in (False, True):
+            xs, outs = ([x], [np.empty(kept.size + grown.size, np.float32)]) if remap else (None, None)
+            with pytest.raises(ValueError, match=r"^grown: a grown position is also a kept one"):
+                _C.dst_csr_repack(300, 701, fmt.crow.numpy(), fmt.col.numpy(), kept, grown, threads, None, xs, outs,
+                                  scratch=True)
+    grown = np.array([5], np.int64) if 5 not in keys else np.zeros(0, np.int64)
+    res = _C.dst_csr_repack(300, 701, fmt.crow.numpy(), fmt.col.numpy(), kept, grown, threads, scratch=True)
+    assert res[1].size == kept.size + grown.size
+
+
 def test_repack_clash_leaves_outputs_given_unchanged():
     # a grown position that is also kept: refused before the merge writes the caller's arrays
     crow, col = np.array([0, 1], np.int32), np.array([2], np.int32)

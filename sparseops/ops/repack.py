@@ -192,7 +192,7 @@ def repack(fmt: CSRWeight, kept: Tensor, grown: Tensor, remap: list[Tensor] | No
         outs = [torch.empty(nn, dtype=torch.float32, device=_CPU) for _ in fused]
         _C.dst_csr_repack(rows, cols, _np(fmt.crow), _np(fmt.col), _np(kept.contiguous()), _np(grown.contiguous()),
                           _threads(fmt.nnz), [_np(t) for t in out], [_np(t) for t in xs] if fused else None,
-                          [_np(t) for t in outs] if fused else None)
+                          [_np(t) for t in outs] if fused else None, scratch=True)  # ours: dropped on an error
         crow, col, row, t_crow, t_row, t_perm, src = out
         new = CSRWeight(rows, cols, crow, col, row, t_crow, t_row, t_perm)
         if remap is None:
