@@ -1464,16 +1464,21 @@ def test_repack_remaps_tensors_in_its_merge():
     g = torch.Generator().manual_seed(31)
     fmt = CSRWeight.from_mask(_random_mask(300, 701, 0.2, g, empty_rows=(5,)))
     kept, grown = _repack_case(fmt, g, 0.7, 0.1, empty_rows=(9,))
-    xs = [np.random.default_rng(j).standard_normal(fmt.nnz).astype(np.float32) for j in range(3)]
-    nn = kept.numel() + grown.numel()
-    for threads in (1, 8):
-        outs = [np.full(nn, np.nan, np.float32) for _ in xs]
-        res = _C.dst_csr_repack(300, 701, fmt.crow.numpy(), fmt.col.numpy(), kept.numpy(), grown.numpy(), threads,
-                                None, xs, outs)
-        src = res[6]
-        for x, o in zip(xs, outs):
-            exp = np.where(src >= 0, x[np.maximum(src, 0)], np.float32(0))
-            assert np.array_equal(o, exp), threads
+    xs5 = [np.random.default_rng(j).standard_normal(fmt.nnz).astype(np.float32) for j in range(5)]
+    # 1, 2, 3 tensors (the merge's unrolled cases: values, momentum, Adam's two moments), 5 (its generic
+    # loop); kept as planned, and nothing kept (every entry grown: the outs all 0)
+    for kp in (kept, torch.zeros(0, dtype=torch.int64)):
+        nn = kp.numel() + grown.numel()
+        for nx, threads, scratch in ((3, 1, False), (3, 8, True), (1, 2, True), (2, 2, False), (5, 2, True)):
+            xs = xs5[:nx]
+            outs = [np.full(nn, np.nan, np.float32) for _ in xs]
+            res = _C.dst_csr_repack(300, 701, fmt.crow.numpy(), fmt.col.numpy(), kp.numpy(), grown.numpy(), threads,
+                                    None, xs, outs, scratch=scratch)
+            src = res[6]
+            assert (src >= 0).sum() == kp.numel()
+            for x, o in zip(xs, outs):
+                exp = np.where(src >= 0, x[np.maximum(src, 0)], np.float32(0))
+                assert np.array_equal(o, exp), (nx, threads)
     ref, esrc = _expected_repack(fmt, kept, grown)
     v64 = torch.randn(fmt.nnz, generator=g, dtype=torch.float64)
     v32 = torch.from_numpy(xs[0])
