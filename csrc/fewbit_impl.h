@@ -209,8 +209,9 @@ void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int 
         if (g < full) {
           using W = typename V::W16;
           const float* xg = reinterpret_cast<const float*>(x) + g * 32;
-          float* yg = reinterpret_cast<float*>(y) + g * 32;
           const typename W::reg x0 = W::load(xg), x1 = W::load(xg + 16);
+          // (y is null for the pack alone: no offset is taken from it then)
+          float* yg = KIND != 0 ? reinterpret_cast<float*>(y) + g * 32 : nullptr;
           if constexpr (kWide<KIND>) {
             const typename W::reg xv[2] = {x0, x1};
             typename W::reg yv[2];
