@@ -853,7 +853,7 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
   for (int64_t r = 0; r < rows; ++r)
     ncrow[r + 1] = static_cast<int32_t>(ncrow[r] + (ks[r + 1] - ks[r]) + (gs[r + 1] - gs[r]));
   int clash = 0;
-  // row-major: merge each row's kept columns with its grown ones (merge_row below)
+  // row-major: merge each row's kept columns with its grown ones (RowMerge::row, above)
   if (nk == 0) k = 0;  // nothing to gather from (xs may be empty): outs are all 0, written below
 #pragma omp parallel num_threads(T) reduction(| : clash)
   {
