@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bench_fewbit import ACTIVATIONS, BF16, EXACT_BITS, N, OWN_FORWARD, THREADS, _fn  # the suite's cases
+from bench_fewbit import ACTIVATIONS, BF16, EXACT_BITS, FLOAT32_BOUND, N, OWN_FORWARD, THREADS, _fn  # the suite's cases
 
 
 def _expected(activation: str, x: torch.Tensor, dtype) -> torch.Tensor:
@@ -38,8 +38,8 @@ def pair_ratios(activation: str, bits: int, dtype, n: int, pairs: int, calls: in
     g = torch.randn(n, generator=g0).to(dtype)
     ours, ref = _fn(activation, f"fewbit{bits}"), _fn(activation, "torch")
     y = ours(x)
-    if activation in ("sigmoid", "silu"):  # the fused ones are their own (within 1.56 / 1.13 ulp), bench_fewbit
-        # checks their bound
+    if activation in FLOAT32_BOUND:  # the fused float32 ones are their own (within their bound: bench_fewbit
+        # checks it)
         assert torch.allclose(y, ACTIVATIONS[activation](x.detach()), rtol=1e-6, atol=1e-30)
     else:
         assert torch.equal(y, _expected(activation, x.detach(), dtype)), f"{activation}: the forward must be exact"

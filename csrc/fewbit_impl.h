@@ -65,11 +65,11 @@ constexpr bool kWide = KIND == static_cast<int>(FewbitFused::sigmoid) || KIND ==
                        KIND == static_cast<int>(FewbitFused::logsigmoid);
 
 // y = f(x) of the fused forward on N vectors, for the kWide kinds. how many go through each step
-// together (W) is per kind: softplus and logsigmoid (an exp, a division and a series in float64) gain
-// from 4, tanh, elu and celu lose (their temporaries no longer fit the 16 registers)
+// together (W) is per kind: the float64 softplus (an exp, a division and a series in float64) gains
+// from 4, elu and celu lose (their temporaries no longer fit the 16 registers)
 // NOTE: ad hoc, 4M fp32 elements, one thread, ns an element at W = 1 / 2 / 4 (this machine varies by
-// 25% between runs): softplus 4.9-3.9 / 3.7-4.4 / 3.4-3.5, logsigmoid 4.1-5.3 / 3.3-3.8 / 3.2-3.3,
-// tanh 2.0 / 2.3-2.7 / 2.3-3.1, elu 1.9-2.8 / 1.9-2.8 / 2.2-2.8
+// 25% between runs): softplus 4.9-3.9 / 3.7-4.4 / 3.4-3.5, elu 1.9-2.8 / 1.9-2.8 / 2.2-2.8 (the float64
+// tanh and logsigmoid of then: 2.0 / 2.3-2.7 / 2.3-3.1 and 4.1-5.3 / 3.3-3.8 / 3.2-3.3)
 template <class V, int KIND, int N>
 inline void fused_n(const typename V::reg* x, typename V::reg* y, double da, double db, double dinv) {
   if constexpr (KIND == static_cast<int>(FewbitFused::sigmoid)) {
@@ -77,13 +77,16 @@ inline void fused_n(const typename V::reg* x, typename V::reg* y, double da, dou
   } else if constexpr (KIND == static_cast<int>(FewbitFused::silu)) {
     V::template silu_n<N>(x, y);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::tanh)) {
-    for (int q = 0; q < N; ++q) V::template tanh_n<1>(x + q, y + q);
+    V::template tanh_n<N>(x, y);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::elu)) {
     for (int q = 0; q < N; ++q) V::template elu_n<1>(x + q, y + q, da, db);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::celu)) {
     for (int q = 0; q < N; ++q) V::template celu_n<1>(x + q, y + q, da, dinv);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::softplus)) {
-    V::template softplus_n<N>(x, y, da, db, dinv);
+    if (da == 1.0)  // torch's default beta: the float32 steps
+      V::template softplus1_n<N>(x, y, static_cast<float>(db));
+    else
+      V::template softplus_n<N>(x, y, da, db, dinv);
   } else {
     static_assert(KIND == static_cast<int>(FewbitFused::logsigmoid));
     V::template logsigmoid_n<N>(x, y);
@@ -109,7 +112,9 @@ inline typename V::reg fused(const typename V::reg& x, const typename V::reg& a,
   }
 }
 
-// V only keeps the avx2 and portable instantiations apart (no -mavx2 copy may serve the portable path)
+// V only keeps the avx2 and portable instantiations apart (no -mavx2 copy may serve the portable path);
+// the float32 kinds go through V's vector steps on one element: no scalar copy of them in an -mfma
+// translation unit
 template <class V, int KIND>
 inline float fused1(float x, float a, float b, double da, double db, double dinv) {
   if constexpr (KIND == static_cast<int>(FewbitFused::elu)) {
@@ -117,9 +122,14 @@ inline float fused1(float x, float a, float b, double da, double db, double dinv
   } else if constexpr (KIND == static_cast<int>(FewbitFused::celu)) {
     return fmath::celu_f32(x, da, dinv);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::softplus)) {
-    return fmath::softplus_f32(x, da, db, dinv);
+    if (da != 1.0) return fmath::softplus_f32(x, da, db, dinv);
+    typename V::reg v = V::bcast(x), r;
+    V::template softplus1_n<1>(&v, &r, b);
+    return V::lane0(r);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::logsigmoid)) {
-    return fmath::logsigmoid_f32(x);
+    typename V::reg v = V::bcast(x), r;
+    V::template logsigmoid_n<1>(&v, &r);
+    return V::lane0(r);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::clamp)) {
     const float lo = a > x ? a : x;
     return b < lo ? b : lo;
@@ -137,7 +147,9 @@ inline float fused1(float x, float a, float b, double da, double db, double dinv
     return V::silu1(x);
   } else {
     static_assert(KIND == static_cast<int>(FewbitFused::tanh));
-    return fmath::tanh_f32(x);
+    typename V::reg v = V::bcast(x), r;
+    V::template tanh_n<1>(&v, &r);
+    return V::lane0(r);
   }
 }
 
@@ -168,7 +180,10 @@ inline void wfused_n(const typename V::W16::reg* x, typename V::W16::reg* y, dou
   } else if constexpr (KIND == static_cast<int>(FewbitFused::celu)) {
     V::template wcelu_n<N>(x, y, da, dinv);
   } else if constexpr (KIND == static_cast<int>(FewbitFused::softplus)) {
-    V::template wsoftplus_n<N>(x, y, da, db, dinv);
+    if (da == 1.0)
+      V::template wsoftplus1_n<N>(x, y, static_cast<float>(db));
+    else
+      V::template wsoftplus_n<N>(x, y, da, db, dinv);
   } else {
     static_assert(KIND == static_cast<int>(FewbitFused::logsigmoid));
     V::template wlogsigmoid_n<N>(x, y);

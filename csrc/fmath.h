@@ -1,20 +1,7 @@
-// tanh of float inputs, computed in double precision and rounded once to float: the correctly
-// rounded result, except where the exact value lies within about 1e-15 (relative) of a rounding
-// midpoint between two floats, a chance of about 2^-25 an input. torch's cpu tanh is accurate to
-// 1 ulp but not correctly rounded, so this differs from it in the last bit for about 0.1% of
-// inputs (0.11% of normal samples of std 3); against float64 torch rounded to float32 it agrees.
+// the float64 steps (exp_parts below) are those of elu, selu, celu and softplus with beta != 1: each
+// computed in double and rounded once (see "the float64 family" further down).
 //
-// the method (fdlibm's, in double):
-//   e^y = 2^k * (1 + p(r)),  k = round(y / ln2),  r = y - k*ln2 in [-ln2/2, ln2/2]
-//   (ln2 split into a 32-bit head, so k*ln2_hi is exact, and a tail), with p(r) = e^r - 1 by its
-//   taylor series to r^13 (truncation below 2e-17 relative on that interval);
-//   tanh|x| = t / (t + 2), t = e^(2|x|) - 1 = 2^k*p + (2^k - 1) (no cancellation: for k = 0 it is p,
-//   whose relative error is that of the series; for k >= 1 it is above 0.4); the sign is x's.
-// |x| is clamped to 10 first (tanh rounds to 1.0f from about 9.01 on); nan returns nan.
-//
-// the portable scalar version is here; simd.h's VecAVX2 runs the same steps on 4 doubles.
-//
-// sigmoid of float inputs, in float32 (a float64 one by the steps above costs twice torch's float32
+// sigmoid of float inputs, in float32 (a float64 one by those steps costs twice torch's float32
 // sigmoid, which is what a fused sigmoid has to beat). within 1.56 ulp of the exact value for every
 // float (checked over all 2^32 inputs against float64: worst 1.553 ulp, at x = -16.98; the same bits
 // from the avx2 and the portable path for every input). 1.8% of all floats, 14% of N(0, 3) samples,
@@ -49,7 +36,6 @@ constexpr double kInvFact[12] = {
     1.0 / 2,         1.0 / 6,          1.0 / 24,          1.0 / 120,          1.0 / 720,         1.0 / 5040,
     1.0 / 40320,     1.0 / 362880,     1.0 / 3628800,     1.0 / 39916800,     1.0 / 479001600,   1.0 / 6227020800,
 };
-constexpr float kTanhClamp = 10.0f;
 
 inline double pow2i(int k) {
   const uint64_t b = static_cast<uint64_t>(k + 1023) << 52;
@@ -66,16 +52,6 @@ inline double exp_parts(double y, double& s, int shift = 0) {
   for (int i = 10; i >= 0; --i) q = q * r + kInvFact[i];
   s = pow2i(static_cast<int>(k) + shift);
   return r + r * r * q;
-}
-
-inline float tanh_f32(float x) {
-  if (x != x) return x;
-  const double a = std::fabs(x) < kTanhClamp ? std::fabs(static_cast<double>(x)) : kTanhClamp;
-  double s;
-  const double p = exp_parts(a + a, s);
-  const double t = s * p + (s - 1.0);
-  const float v = static_cast<float>(t / (t + 2.0));
-  return std::signbit(x) ? -v : v;
 }
 
 constexpr float kSigLog2e = 1.44269504088896341f;
@@ -160,7 +136,8 @@ inline float silu_f32(float x) {
 }
 
 
-// ---- the float64 family: elu / selu (elu_f32), celu, softplus, logsigmoid ----
+// ---- the float64 family: elu / selu (elu_f32), celu, softplus with any beta (the kernels take it for
+// beta != 1; with beta 1, softplus1_g below) ----
 // each computed in double from the float input by the steps below and rounded once to float. the
 // double steps (exp_parts above; log1p01: log(1 + t) = 2 atanh(f / (2 + f)) by its series to s^19,
 // truncation below 3e-17) are accurate to about 1e-15 relative, so the float result is the correctly
@@ -170,7 +147,7 @@ inline float silu_f32(float x) {
 // float(scale), so 1 ulp off for about half the inputs). arguments of exp are clamped to [-700, 0]
 // for e^x - 1 (e^-700 - 1 is -1 in double) and to [-746, 0] for e^x (which is 0 from -745.2 on, as
 // torch's float64 exp), nan returns nan. log1p01 of the smallest subnormal, 2^-1074 (e^-a for a from
-// 744.04 to 745.13), is 0 (s rounds to 0), as torch's float64 log1p: logsigmoid is +0 there, as torch's.
+// 744.04 to 745.13), is 0 (s rounds to 0), as torch's float64 log1p.
 constexpr double kExpClamp = 700.0;
 constexpr double kExpZero = 746.0;
 constexpr double kSqrt2m1 = 0.41421356237309504880;
@@ -230,12 +207,175 @@ inline float softplus_f32(float x, double beta, double threshold, double inv) {
   return static_cast<float>(((xb > 0.0 ? xb : 0.0) + log1p01(exp_d(-a))) * inv);
 }
 
-// log sigmoid(x) = min(x, 0) - log(1 + e^-|x|)
-inline float logsigmoid_f32(float x) {
-  if (x != x) return x;
-  const double d = x, a = std::fabs(d) < kExpZero ? std::fabs(d) : kExpZero;
-  return static_cast<float>((d < 0.0 ? d : 0.0) - log1p01(exp_d(-a)));
+// ---- tanh, softplus (beta 1) and logsigmoid in float32, written once over a lane type ----
+// F is FScalar below (one float: the portable path and every scalar tail), VecAVX2::F8 or
+// VecAVX512::F16 (simd.h: 8 and 16 lanes). each step is an ieee operation or an fma, the same ones in
+// the same order on every F, so all paths give the same bits (the few-bit translation units are built
+// with -ffp-contract=off: a multiply and an add the compiler fused would round once where the other
+// paths round twice). bounds below: over all 2^32 floats against long double (bench/cpp/fewbit_exhaustive.cpp).
+// NOTE: on the avx-512 xeon the correctly rounded float64 tanh took 2.1 ms a 4M-element fused pass,
+// 1.6 of it the float64 exp steps (the division another 0.3); torch's float32 tanh forward 0.67 ms,
+// so the few-bit tanh was 0.55-0.62x torch's forward+backward; softplus and logsigmoid likewise
+// (3.5-3.9 ms against torch's 2.8 ms softplus forward). ad hoc, 16 lanes, 4M floats, 2 threads: this
+// tanh 1.2 ms, one with 1.6 ulp (p and t not carried as head + tail) 0.9, one with 2.4 ulp 0.64
+struct FScalar {
+  using reg = float;
+  using mask = bool;
+  static inline reg bc(float v) { return v; }
+  static inline reg add(reg a, reg b) { return a + b; }
+  static inline reg sub(reg a, reg b) { return a - b; }
+  static inline reg mul(reg a, reg b) { return a * b; }
+  static inline reg div(reg a, reg b) { return a / b; }
+  static inline reg fma(reg a, reg b, reg c) { return std::fmaf(a, b, c); }    // a b + c, one rounding
+  static inline reg fnma(reg a, reg b, reg c) { return std::fmaf(-a, b, c); }  // c - a b, one rounding
+  // minps / maxps: the second operand on a nan or a tie
+  static inline reg min(reg a, reg b) { return a < b ? a : b; }
+  static inline reg max(reg a, reg b) { return a > b ? a : b; }
+  static inline reg abs(reg a) { return std::fabs(a); }
+  static inline reg round(reg a) { return std::nearbyint(a); }  // to nearest, ties to even
+  // 2^(k + SHIFT) for an integral k with k + SHIFT a normal float's exponent
+  template <int SHIFT>
+  static inline reg pow2(reg k) { return pow2f(static_cast<int>(k) + SHIFT); }
+  static inline mask gt(reg a, reg b) { return a > b; }
+  static inline mask ge(reg a, reg b) { return a >= b; }
+  static inline reg sel(mask m, reg t, reg f) { return m ? t : f; }
+  // v (>= +0) with x's sign bit
+  static inline reg with_sign(reg v, reg x) { return std::signbit(x) ? -v : v; }
+  static inline reg keep_nan(reg v, reg x) { return x != x ? x : v; }
+};
+
+constexpr float kTanhClamp = 9.1f;  // tanh rounds to 1.0f from 9.011 on
+// 1/n! for n = 2 .. 8
+constexpr float kTanhInvFact[7] = {1.0f / 2, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040, 1.0f / 40320};
+
+// tanh(x) = t / (t + 2), t = e^(2|x|) - 1, with x's sign; every step carried as head + tail where its
+// rounding would show (within 0.763 ulp of the exact value: faithfully rounded, 0.058% of the floats not
+// the correctly rounded one; torch's float32 tanh is within 1 ulp, the float64 one rounded once that
+// this replaced was correctly rounded but 2.6x slower). with a = min(|x|, 9.1), y = 2a:
+//   k = round(y / ln2), r + rl = y - k ln2 (cody-waite: k ln2_hi exact, r = fl(rh - k ln2_lo), rl its
+//   rounding error by one more fma), p = e^r - 1 = r + u, u = r^2 q(r) (taylor to r^8: truncation below
+//   1e-9 relative on |r| <= ln2/2), as ph + pl (fast2sum, |u| < |r|; rl goes into pl);
+//   t = 2^k (1 + p) - 1 = A + B, A = 2^k - 1 (exact up to k = 24; above, t is so large that its error
+//   cannot show), B = 2^k ph (exact): th + tl by fast2sum (|A| >= |B| for k >= 1, A = 0 for k = 0), plus
+//   2^k pl; D + c = th + 2 exactly (fast2sum on max, min) plus tl; the quotient q0 = th / D (as th r0,
+//   r0 = 1 / D) corrected once: q0 + r0 (th - q0 D - q0 c + tl). nan returns nan, ±0 itself.
+template <class F>
+inline typename F::reg tanh_g(typename F::reg x) {
+  using R = typename F::reg;
+  const R a = F::min(F::abs(x), F::bc(kTanhClamp));  // a nan gives the clamp (minps), x's nan at the end
+  const R y = F::add(a, a);
+  const R k = F::round(F::mul(y, F::bc(kSigLog2e)));
+  const R rh = F::fnma(k, F::bc(kSigLn2Hi), y);
+  const R r = F::fnma(k, F::bc(kSigLn2Lo), rh);
+  const R rl = F::fnma(k, F::bc(kSigLn2Lo), F::sub(rh, r));
+  R q = F::bc(kTanhInvFact[6]);
+  for (int i = 5; i >= 0; --i) q = F::fma(q, r, F::bc(kTanhInvFact[i]));
+  const R u = F::mul(F::mul(r, r), q);
+  const R ph = F::add(r, u);
+  const R pl = F::add(F::add(F::sub(r, ph), u), rl);
+  const R s = F::template pow2<0>(k);
+  const R A = F::sub(s, F::bc(1.0f)), B = F::mul(s, ph);
+  const R th = F::add(A, B);
+  const R tl = F::fma(s, pl, F::add(F::sub(A, th), B));
+  const R two = F::bc(2.0f);
+  const R D = F::add(th, two);
+  const R c = F::add(F::add(F::sub(F::max(th, two), D), F::min(th, two)), tl);
+  const R r0 = F::div(F::bc(1.0f), D);
+  const R q0 = F::mul(th, r0);
+  const R v = F::fma(r0, F::add(F::fnma(q0, c, F::fnma(q0, D, th)), tl), q0);
+  return F::keep_nan(F::with_sign(v, x), x);
 }
+
+constexpr float kL1peClamp = 104.0f;  // e^-104 is below half the smallest subnormal
+constexpr float kSqrt2m1F = 0.414213562f;
+constexpr float kLn2HiF = 0x1.62e4p-1f;  // 17 significant bits
+constexpr float kLn2LoF = 0x1.7f7d1cp-20f;
+// 2/(2j+1) for j = 1 .. 4
+constexpr float kLog1pC[4] = {2.0f / 3, 2.0f / 5, 2.0f / 7, 2.0f / 9};
+
+// m + log(1 + e^-a) (NEG: m - log(1 + e^-a)) for a >= 0 (a nan gives the clamp's value; the callers keep
+// x's nan), what softplus and logsigmoid share. e^-a as sigmoid_f32's exp steps with r's rounding error rl folded into p, scaled by
+// 2^64 (es, a normal float down to the clamp, 104) with its rounding error el; t = es 2^-64. 1 + t =
+// 2^e (1 + f): e = 0, f = t below t = 0.5, else e = 1, f = (t - 1) / 2 (exact for t >= 0.5), with the
+// tail fl (el, or el / 2, scaled alike). log(1 + f) = f - f w, fdlibm's form: with s = f / (2 + f) (r0 =
+// 1 / (2 + f), s = f r0), z = s^2, R = z (2/3 + 2z/5 + 2z^2/7 + 2z^3/9) (truncation below 2e-10 on |s|
+// <= 0.2), f w = f^2/2 - s (f^2/2 + R): the leading f is exact and the rest small, so its rounding
+// barely shows; the tail adds fl / (1 + f) ~ fl (1 - 2s). e = 1: ln2_hi + f by fast2sum, the rest
+// and ln2_lo added to its tail, one rounding at the end; e = 0: es + (fl (1 - 2s) - es w), scaled back
+// by 2^-64 (a second rounding only where the result is subnormal).
+template <class F, bool NEG>
+inline typename F::reg log1p_exp_neg_g(typename F::reg a, typename F::reg m) {
+  using R = typename F::reg;
+  const R one = F::bc(1.0f);
+  const R t0 = F::sub(F::bc(0.0f), F::min(a, F::bc(kL1peClamp)));
+  const R k = F::round(F::mul(t0, F::bc(kSigLog2e)));
+  const R rh = F::fnma(k, F::bc(kSigLn2Hi), t0);
+  const R r = F::fnma(k, F::bc(kSigLn2Lo), rh);
+  const R rl = F::fnma(k, F::bc(kSigLn2Lo), F::sub(rh, r));
+  R q = F::bc(kSigInvFact[5]);
+  for (int i = 4; i >= 0; --i) q = F::fma(q, r, F::bc(kSigInvFact[i]));
+  const R u = F::mul(F::mul(r, r), q);
+  const R ph = F::add(r, u);
+  const R pl = F::add(F::add(F::sub(r, ph), u), rl);
+  const R s = F::template pow2<64>(k);
+  const R es = F::fma(s, ph, s);
+  const R el = F::fma(s, pl, F::fma(s, ph, F::sub(s, es)));  // es's rounding error (s - es is exact: sterbenz) and s pl
+  const R t = F::mul(es, F::bc(0x1p-64f));
+  const typename F::mask big = F::gt(t, F::bc(kSqrt2m1F));
+  // e = 1: t - 1 = d + (t - (d + 1)), both exact (d + 1 is a float of t's binade, then sterbenz)
+  const R d = F::sub(t, one);
+  const R f = F::sel(big, F::mul(d, F::bc(0.5f)), t);
+  const R fl = F::sel(big, F::mul(F::add(F::mul(el, F::bc(0x1p-64f)), F::sub(t, F::add(d, one))), F::bc(0.5f)), el);
+  const R r0 = F::div(one, F::add(F::bc(2.0f), f));
+  const R sq = F::mul(f, r0);
+  const R z = F::mul(sq, sq);
+  R poly = F::bc(kLog1pC[3]);
+  for (int i = 2; i >= 0; --i) poly = F::fma(poly, z, F::bc(kLog1pC[i]));
+  const R rr = F::mul(poly, z);
+  const R half_f = F::mul(f, F::bc(0.5f));
+  const R hfsq = F::mul(half_f, f);
+  const R w = F::fnma(r0, F::add(hfsq, rr), half_f);
+  const R corr = F::fnma(F::add(sq, sq), fl, fl);
+  // e = 1: L = H + T, H = ln2_hi + f rounded, T the rest; m + H by fast2sum (the larger magnitude
+  // first: both terms have one sign), its error added to T, one rounding at the end
+  const R ln2h = F::bc(kLn2HiF);
+  const R H = F::add(ln2h, f);
+  const R Hl = F::add(F::sub(ln2h, H), f);
+  const R T = F::fnma(f, w, F::add(F::add(Hl, F::bc(kLn2LoF)), corr));
+  R v1;
+  if constexpr (NEG) {
+    const R nh = F::sub(F::bc(0.0f), H);
+    const R S = F::add(m, nh);
+    v1 = F::add(S, F::sub(F::add(F::sub(F::min(m, nh), S), F::max(m, nh)), T));
+  } else {
+    const R S = F::add(m, H);
+    v1 = F::add(S, F::add(F::add(F::sub(F::max(m, H), S), F::min(m, H)), T));
+  }
+  // e = 0: L = es + (fl (1 - 2s) - es w), scaled back
+  const R v0 = F::mul(F::add(es, F::fnma(es, w, corr)), F::bc(0x1p-64f));
+  return F::sel(big, v1, NEG ? F::sub(m, v0) : F::add(m, v0));
+}
+
+// torch's softplus with beta = 1 (the float64 softplus_f32 above takes any beta): x where x > threshold
+// (torch's float32 test, x * 1 against float(threshold)), else max(x, 0) + log(1 + e^-|x|). within 0.842 ulp
+// of the exact value over all 2^32 floats (worst at x = -0.8987), 0.083% of them not the correctly rounded
+// float (softplus_f32 in float64: correctly rounded, 1.8x slower; torch's float32 one 1.5 ulp)
+template <class F>
+inline typename F::reg softplus1_g(typename F::reg x, typename F::reg threshold) {
+  const typename F::reg v = log1p_exp_neg_g<F, false>(F::abs(x), F::max(x, F::bc(0.0f)));
+  return F::keep_nan(F::sel(F::gt(x, threshold), x, v), x);
+}
+
+// log sigmoid(x) = min(x, 0) - log(1 + e^-|x|): +0 - L for x >= 0 (so +0 where L rounds to 0, as torch's
+// float64 logsigmoid), within 0.842 ulp of the exact value (logsigmoid(x) = -softplus(-x): the same steps)
+template <class F>
+inline typename F::reg logsigmoid_g(typename F::reg x) {
+  return F::keep_nan(log1p_exp_neg_g<F, true>(F::abs(x), F::min(x, F::bc(0.0f))), x);
+}
+
+inline float tanh_f32(float x) { return tanh_g<FScalar>(x); }
+inline float softplus1_f32(float x, float threshold) { return softplus1_g<FScalar>(x, threshold); }
+inline float logsigmoid_f32(float x) { return logsigmoid_g<FScalar>(x); }
 
 }  // namespace
 }  // namespace fmath

@@ -188,17 +188,24 @@ struct VecPortable {
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] / b.v[i];
     return r;
   }
-  // tanh rounded once from double (fmath.h)
-  static inline reg tanh_cr(const reg& x) {
-    reg r;
-    for (int i = 0; i < 8; ++i) r.v[i] = fmath::tanh_f32(x.v[i]);
-    return r;
-  }
-  // the float64 family of fmath.h, lane by lane (N vectors: the avx2 path's interface)
+  // fmath.h's float32 tanh, softplus (beta 1) and logsigmoid, lane by lane
   template <int N>
   static inline void tanh_n(const reg* x, reg* y) {
-    for (int h = 0; h < N; ++h) y[h] = tanh_cr(x[h]);
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::tanh_f32(x[h].v[i]);
   }
+  template <int N>
+  static inline void softplus1_n(const reg* x, reg* y, float threshold) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::softplus1_f32(x[h].v[i], threshold);
+  }
+  template <int N>
+  static inline void logsigmoid_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h)
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::logsigmoid_f32(x[h].v[i]);
+  }
+  static inline float lane0(const reg& v) { return v.v[0]; }
+  // the float64 family of fmath.h, lane by lane (N vectors: the avx2 path's interface)
   template <int N>
   static inline void elu_n(const reg* x, reg* y, double neg, double pos) {
     for (int h = 0; h < N; ++h)
@@ -213,11 +220,6 @@ struct VecPortable {
   static inline void softplus_n(const reg* x, reg* y, double beta, double threshold, double inv) {
     for (int h = 0; h < N; ++h)
       for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::softplus_f32(x[h].v[i], beta, threshold, inv);
-  }
-  template <int N>
-  static inline void logsigmoid_n(const reg* x, reg* y) {
-    for (int h = 0; h < N; ++h)
-      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::logsigmoid_f32(x[h].v[i]);
   }
   // sigmoid in float32 (fmath.h), on 8 lanes and on one element
   static inline reg sigmoid_f(const reg& x) {
@@ -446,10 +448,10 @@ struct VecAVX2 {
   // fmath.h's steps on M vectors of 4 doubles at once (e^y = s * (1 + p), s = 2^k), with the series
   // by estrin's scheme: the chains of dependent fmas are 5 long instead of 13, and the halves of the
   // float vectors run side by side
-  // NOTE: ~2.1 ns an element a thread (tanh, one vector at a time) with or without the division and
+  // NOTE: ~2.1 ns an element a thread (a float64 tanh, one vector at a time) with or without the division and
   // with horner instead of estrin. a float64 sigmoid by the same steps (1 / (1 + e^-x)) took as long,
   // twice torch's float32 one, so sigmoid has a float32 path; the float64 family fused this way is
-  // the one whose torch forwards are slower (tanh ~4 ns, elu, softplus, logsigmoid)
+  // the one whose torch forwards are slower (elu, softplus; tanh and logsigmoid went float32 later, 2026-11-24)
   template <int M, int SHIFT = 0>
   static inline void exp_parts_m(const __m256d* y, __m256d* s, __m256d* p) {
     __m256d r[M], r2[M], r4[M], a[M][6];
@@ -483,31 +485,47 @@ struct VecAVX2 {
   static inline reg join(const __m256d* d) { return _mm256_set_m128(_mm256_cvtpd_ps(d[1]), _mm256_cvtpd_ps(d[0])); }
   static inline reg keep_nan(reg v, reg x) { return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
   // the float64 functions below run on N float vectors at once (2N vectors of 4 doubles, each step over
-  // all of them before the next): softplus's and logsigmoid's chains of dependent steps (the series,
+  // all of them before the next): softplus's chains of dependent steps (the series,
   // the divisions) are long, and one vector at a time left the pipes waiting on them; fewbit_impl.h's
   // fused_n picks N per function
+  // fmath.h's lane type on 8 floats: tanh_g, softplus1_g and logsigmoid_g run on it
+  struct F8 {
+    using reg = __m256;
+    using mask = __m256;
+    static inline reg bc(float v) { return _mm256_set1_ps(v); }
+    static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+    static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+    static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+    static inline reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+    static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+    static inline reg fnma(reg a, reg b, reg c) { return _mm256_fnmadd_ps(a, b, c); }
+    static inline reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+    static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+    static inline reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+    static inline reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    template <int SHIFT>
+    static inline reg pow2(reg k) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127 + SHIFT)), 23));
+    }
+    static inline mask gt(reg a, reg b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+    static inline mask ge(reg a, reg b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+    static inline reg sel(mask m, reg t, reg f) { return _mm256_blendv_ps(f, t, m); }
+    static inline reg with_sign(reg v, reg x) { return _mm256_or_ps(v, _mm256_and_ps(x, _mm256_set1_ps(-0.0f))); }
+    static inline reg keep_nan(reg v, reg x) { return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+  };
   template <int N>
-  static inline void tanh_n(const reg* x, reg* out) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256d y[2 * N], s[2 * N], p[2 * N], t[2 * N];
-    for (int q = 0; q < N; ++q) {
-      // minps gives its second operand for a nan: 10, replaced by x's nan at the end
-      const __m256 a = _mm256_min_ps(_mm256_andnot_ps(sign, x[q]), _mm256_set1_ps(fmath::kTanhClamp));
-      split(_mm256_add_ps(a, a), y + 2 * q);  // 2|x| <= 20 is exact in float
-    }
-    exp_parts_m<2 * N>(y, s, p);
-    for (int h = 0; h < 2 * N; ++h) {
-      const __m256d e = _mm256_fmadd_pd(s[h], p[h], _mm256_sub_pd(s[h], _mm256_set1_pd(1.0)));
-      t[h] = _mm256_div_pd(e, _mm256_add_pd(e, _mm256_set1_pd(2.0)));
-    }
-    for (int q = 0; q < N; ++q)
-      out[q] = keep_nan(_mm256_or_ps(join(t + 2 * q), _mm256_and_ps(x[q], sign)), x[q]);
+  static inline void tanh_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h) y[h] = fmath::tanh_g<F8>(x[h]);
   }
-  static inline reg tanh_cr(reg x) {
-    reg y;
-    tanh_n<1>(&x, &y);
-    return y;
+  template <int N>
+  static inline void softplus1_n(const reg* x, reg* y, float threshold) {
+    for (int h = 0; h < N; ++h) y[h] = fmath::softplus1_g<F8>(x[h], _mm256_set1_ps(threshold));
   }
+  template <int N>
+  static inline void logsigmoid_n(const reg* x, reg* y) {
+    for (int h = 0; h < N; ++h) y[h] = fmath::logsigmoid_g<F8>(x[h]);
+  }
+  static inline float lane0(reg v) { return _mm256_cvtss_f32(v); }
   // fmath.h's float64 family (e^y by exp_parts_m, log(1 + t) by log1p01's series, with fmas)
   template <int M>
   static inline void log1p01_m(const __m256d* t, __m256d* out) {
@@ -587,15 +605,6 @@ struct VecAVX2 {
                                          _mm256_set1_ps(static_cast<float>(threshold)), _CMP_GT_OQ);
       out[q] = keep_nan(_mm256_blendv_ps(join(v), x[q], above), x[q]);
     }
-  }
-  template <int N>
-  static inline void logsigmoid_n(const reg* x, reg* out) {
-    __m256d d[2 * N], t[2 * N], l[2 * N];
-    for (int q = 0; q < N; ++q) split(x[q], d + 2 * q);
-    exp_neg_abs_m<2 * N>(d, t);
-    log1p01_m<2 * N>(t, l);
-    for (int h = 0; h < 2 * N; ++h) l[h] = _mm256_sub_pd(_mm256_min_pd(d[h], _mm256_setzero_pd()), l[h]);
-    for (int q = 0; q < N; ++q) out[q] = keep_nan(join(l + 2 * q), x[q]);
   }
   // fmath.h's sigmoid_f32, step for step (fnmadd(a, b, c) is fma(-a, b, c), one rounding), so the
   // two isas agree bit for bit; on N vectors at once, each step over all N before the next
@@ -906,8 +915,8 @@ struct VecAVX512 : VecAVX2 {
     }
   }
 
-  // ---- the float64 family on 16 float lanes (two vectors of 8 doubles each): VecAVX2's tanh_n, elu_n,
-  // celu_n, softplus_n and logsigmoid_n (fmath.h's steps), instruction for instruction, so the same
+  // ---- the float64 family on 16 float lanes (two vectors of 8 doubles each): VecAVX2's elu_n, celu_n
+  // and softplus_n (fmath.h's steps), instruction for instruction, so the same
   // bits; the blends take compare masks, and the float and/or/andnot go through the integer or abs forms
   // (their float forms are AVX512DQ) ----
   static inline void wsplit(__m512 v, __m512d* d) {
@@ -942,24 +951,6 @@ struct VecAVX512 : VecAVX2 {
     for (int h = 0; h < M; ++h) {
       const __m512d q = _mm512_fmadd_pd(_mm512_fmadd_pd(a[h][4], r4[h], a[h][2]), r4[h], a[h][0]);
       p[h] = _mm512_fmadd_pd(r2[h], q, r[h]);
-    }
-  }
-  template <int N>
-  static inline void wtanh_n(const __m512* x, __m512* out) {
-    const __m512i sign = _mm512_set1_epi32(INT32_MIN);
-    __m512d y[2 * N], s[2 * N], p[2 * N], t[2 * N];
-    for (int q = 0; q < N; ++q) {
-      const __m512 a = _mm512_min_ps(wabs(x[q]), _mm512_set1_ps(fmath::kTanhClamp));
-      wsplit(_mm512_add_ps(a, a), y + 2 * q);
-    }
-    wexp_parts_m<2 * N>(y, s, p);
-    for (int h = 0; h < 2 * N; ++h) {
-      const __m512d e = _mm512_fmadd_pd(s[h], p[h], _mm512_sub_pd(s[h], _mm512_set1_pd(1.0)));
-      t[h] = _mm512_div_pd(e, _mm512_add_pd(e, _mm512_set1_pd(2.0)));
-    }
-    for (int q = 0; q < N; ++q) {
-      const __m512i v = _mm512_or_si512(_mm512_castps_si512(wjoin(t + 2 * q)), _mm512_and_si512(_mm512_castps_si512(x[q]), sign));
-      out[q] = wkeep_nan(_mm512_castsi512_ps(v), x[q]);
     }
   }
   template <int M>
@@ -1038,14 +1029,47 @@ struct VecAVX512 : VecAVX2 {
       out[q] = wkeep_nan(_mm512_mask_blend_ps(above, wjoin(v), x[q]), x[q]);
     }
   }
+  // ---- tanh, softplus (beta 1) and logsigmoid on 16 lanes: fmath.h's steps on F16, VecAVX2::F8's
+  // operations on 512-bit vectors (the blends take compare masks; and/or through the integer forms, the
+  // float ones being AVX512DQ), so the same bits ----
+  struct F16 {
+    using reg = __m512;
+    using mask = __mmask16;
+    static inline reg bc(float v) { return _mm512_set1_ps(v); }
+    static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+    static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+    static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+    static inline reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+    static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+    static inline reg fnma(reg a, reg b, reg c) { return _mm512_fnmadd_ps(a, b, c); }
+    static inline reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+    static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+    static inline reg abs(reg a) { return _mm512_abs_ps(a); }
+    static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    template <int SHIFT>
+    static inline reg pow2(reg k) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127 + SHIFT)), 23));
+    }
+    static inline mask gt(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+    static inline mask ge(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+    static inline reg sel(mask m, reg t, reg f) { return _mm512_mask_blend_ps(m, f, t); }
+    static inline reg with_sign(reg v, reg x) {
+      return _mm512_castsi512_ps(_mm512_or_si512(
+          _mm512_castps_si512(v), _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
+    }
+    static inline reg keep_nan(reg v, reg x) { return wkeep_nan(v, x); }
+  };
   template <int N>
-  static inline void wlogsigmoid_n(const __m512* x, __m512* out) {
-    __m512d d[2 * N], t[2 * N], l[2 * N];
-    for (int q = 0; q < N; ++q) wsplit(x[q], d + 2 * q);
-    wexp_neg_abs_m<2 * N>(d, t);
-    wlog1p01_m<2 * N>(t, l);
-    for (int h = 0; h < 2 * N; ++h) l[h] = _mm512_sub_pd(_mm512_min_pd(d[h], _mm512_setzero_pd()), l[h]);
-    for (int q = 0; q < N; ++q) out[q] = wkeep_nan(wjoin(l + 2 * q), x[q]);
+  static inline void wtanh_n(const __m512* x, __m512* y) {
+    for (int h = 0; h < N; ++h) y[h] = fmath::tanh_g<F16>(x[h]);
+  }
+  template <int N>
+  static inline void wsoftplus1_n(const __m512* x, __m512* y, float threshold) {
+    for (int h = 0; h < N; ++h) y[h] = fmath::softplus1_g<F16>(x[h], _mm512_set1_ps(threshold));
+  }
+  template <int N>
+  static inline void wlogsigmoid_n(const __m512* x, __m512* y) {
+    for (int h = 0; h < N; ++h) y[h] = fmath::logsigmoid_g<F16>(x[h]);
   }
 
   // ---- few-bit codes on 16 lanes (fewbit_impl.h's wide path) ----

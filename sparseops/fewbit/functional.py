@@ -1,9 +1,10 @@
 """Functional few-bit activations: ``sparseops.fewbit.gelu(x, bits=2)`` and one per activation.
 
 Each returns exactly what ``torch.nn.functional``'s activation returns, except tanh, sigmoid, silu,
-elu, selu, celu, softplus and logsigmoid on CPU, whose fused kernel computes its own forward (the
-correctly rounded value, from float64; sigmoid and silu within 1.56 and 1.13 ulp of it, where torch's
-are within 2.3 and 2.2); only the
+elu, selu, celu, softplus and logsigmoid on CPU, whose fused kernel computes its own forward (elu,
+selu, celu and softplus with beta != 1: the correctly rounded value, from float64; sigmoid, silu, tanh,
+logsigmoid and softplus with beta 1: float32, within 1.56, 1.13, 0.77, 0.85 and 0.85 ulp of it, where
+torch's are within 2.3, 2.2, 1, 1.5 and 1.5); only the
 gradient is approximated, through the activation's optimal table (see
 :func:`sparseops.fewbit.get_table`).
 """
@@ -121,7 +122,7 @@ def silu(x: Tensor, bits: int = 2) -> Tensor:
 
 
 def tanh(x: Tensor, bits: int = 2) -> Tensor:
-    """``torch.tanh(x)`` with a ``bits``-bit gradient (on CPU: the correctly rounded tanh)."""
+    """``torch.tanh(x)`` with a ``bits``-bit gradient (on CPU: within 0.77 ulp, see ``csrc/fmath.h``)."""
     return activation(x, "tanh", bits)
 
 
@@ -203,8 +204,7 @@ def convert_(model: nn.Module, bits: int = 2, *, filter_fn=None) -> nn.Module:
     same parameters. Smooth activations get ``bits``; piecewise-linear ones (ReLU, LeakyReLU,
     ReLU6, Hardtanh, Hardsigmoid) get their exact table, which needs 1 or 2 bits whatever
     ``bits`` says. Outputs are torch's, except that on CPU tanh, sigmoid, silu, elu, selu, celu, softplus
-    and logsigmoid return the fused kernel's own forward (correctly rounded from float64; sigmoid and
-    silu within 1.56 and 1.13 ulp of that; see the module docstring); backward memory and the
+    and logsigmoid return the fused kernel's own forward (see the module docstring); backward memory and the
     gradient change.
 
     Also converted: the activation *function* of ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` (``F.relu``

@@ -197,11 +197,12 @@ class ActivationFn:
 
     ``fused`` is ``(kind, a, b)`` of the fused CPU kernel that computes it next to the few-bit codes
     (:func:`sparseops.ops.fewbit.fewbit_fused`), or None; ``fused_own`` is True where that kernel's
-    forward is its own rather than torch's (tanh, elu, selu, celu, softplus, logsigmoid: the correctly
-    rounded value; sigmoid's and silu's float32 ones within 1.56 and 1.13 ulp of it); ``fused_exact`` is
-    True where :func:`sparseops.reference.fewbit.fewbit_fused_forward` gives that kernel's forward bit
-    for bit (every fused kind but sigmoid and silu, whose reference is the exact value they are within
-    their bound of), so
+    forward is its own rather than torch's (elu, selu, celu, softplus with beta != 1: the correctly
+    rounded value; sigmoid, silu, tanh, logsigmoid and softplus with beta 1: float32 ones within 1.56,
+    1.13, 0.77, 0.85 and 0.85 ulp of it); ``fused_exact`` is True where
+    :func:`sparseops.reference.fewbit.fewbit_fused_forward` gives that kernel's forward bit for bit
+    (every fused kind but those float32 ones, whose reference is the exact value they are within their
+    bound of), so
     the layer can use it off the CPU kernel too. A plain class, not a
     ``functools.partial`` with attributes: ``torch.compile`` reads these attributes as they are
     (on a partial it did not see them, so a compiled model ran torch's tanh).
@@ -240,9 +241,10 @@ def activation_fn(name: str, **params) -> ActivationFn:
     """
     resolved = _resolve_params(name, params)
     # the ones the fused CPU kernel (ops.fewbit.fused) computes next to the codes say how; the
-    # piecewise-linear ones and hardswish are torch's forward bit for bit there; tanh, elu, selu, celu,
-    # softplus and logsigmoid the correctly rounded one (computed in float64), sigmoid and silu float32
-    # ones within 1.56 and 1.13 ulp of it (fused_own: the kernel's forward is its own)
+    # piecewise-linear ones and hardswish are torch's forward bit for bit there; elu, selu, celu and
+    # softplus with beta != 1 the correctly rounded one (computed in float64); sigmoid, silu, tanh,
+    # logsigmoid and softplus with beta 1 float32 ones within 1.56, 1.13, 0.77, 0.85 and 0.85 ulp of it
+    # (fused_own: the kernel's forward is its own)
     fused, own = None, False
     if name == "relu":
         fused = ("clamp", 0.0, math.inf)
@@ -264,7 +266,7 @@ def activation_fn(name: str, **params) -> ActivationFn:
         fused, own = ("celu", resolved["alpha"], 0.0), True
     elif name == "softplus" and resolved["beta"] >= sys.float_info.min:  # likewise 1/beta
         fused, own = ("softplus", resolved["beta"], resolved["threshold"]), True
-    exact = fused is not None and name not in ("sigmoid", "silu")
+    exact = fused is not None and name not in ("sigmoid", "silu", "tanh", "logsigmoid") and fused[:2] != ("softplus", 1.0)
     return ActivationFn(name, _SPECS[name][0], resolved, fused, own, exact)
 
 

@@ -5,8 +5,8 @@
 - ``sparseops::fewbit_unpack(grad, codes, levels, bits) -> grad_in``: ``grad * levels[code]``.
 - ``sparseops::fewbit_fused(x, borders, bits, kind, a, b, codes) -> (y, codes)``: an activation
   and its codes in one pass over x (relu-like clamps, leaky_relu, hardswish, hardsigmoid: torch's
-  forward bit for bit; tanh: the correctly rounded one; sigmoid and silu: float32 ones within 1.56 and
-  1.13 ulp).
+  forward bit for bit; elu, selu, celu, softplus with beta != 1: the correctly rounded one; sigmoid,
+  silu, tanh, logsigmoid and softplus with beta 1: float32 ones within 1.56, 1.13, 0.77, 0.85 and 0.85 ulp).
 - ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
   one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
 
@@ -239,11 +239,11 @@ def fewbit_fused(x: Tensor, borders: Tensor, bits: int, kind: str, a: float, b: 
     Returns:
         ``(y, codes)``: y of x's shape and dtype (contiguous); codes as :func:`fewbit_pack`, or
         ``[0]`` int32 when ``codes`` is False. clamp, leaky, hardswish and hardsigmoid equal torch's
-        forward bit for bit; tanh, elu, celu, softplus and logsigmoid are torch's float64 function
-        rounded to x's dtype (the CPU kernel computes them in float64 too); sigmoid and silu are, off the
-        CPU kernel, torch's float64 function rounded to x's dtype and, on it, a float32 one within 1.56
-        (sigmoid) or 1.13 (silu) ulp of that (torch's own float32 ones: 2.3 and 2.2 ulp) rounded to x's
-        dtype.
+        forward bit for bit; elu, celu and softplus with beta != 1 are torch's float64 function rounded
+        to x's dtype (the CPU kernel computes them in float64 too); sigmoid, silu, tanh, logsigmoid and
+        softplus with beta 1 are, off the CPU kernel, torch's float64 function rounded to x's dtype and,
+        on it, a float32 one within 1.56, 1.13, 0.77, 0.85 and 0.85 ulp of that (torch's own float32 ones:
+        2.3, 2.2, 1, 1.5 and 1.5 ulp) rounded to x's dtype.
     """
     return _fused_reference(x, borders, bits, kind, a, b, codes)
 
@@ -274,8 +274,9 @@ def _dds_fewbit(z: Tensor, activation: str, borders: Tensor, bits: int, pack) ->
     # z is the op's own temporary: it is freed when the op returns, so only y and the codes live on
     fn = activation_fn(activation)
     if fn.fused_own and fn.fused_exact:
-        # the CPU kernel's own forward, which the reference reproduces (tanh: correctly rounded);
-        # sigmoid's and silu's (1.56, 1.13 ulp) have no such twin, so off the CPU kernel they are torch's
+        # the CPU kernel's own forward, which the reference reproduces (elu, selu, celu, softplus with
+        # beta != 1: correctly rounded); the float32 ones (sigmoid, silu, tanh, logsigmoid, softplus with
+        # beta 1) have no such twin, so off the CPU kernel they are torch's
         return reference.fewbit.fewbit_fused_forward(z, *fn.fused), pack(z, borders, bits)
     return fn(z), pack(z, borders, bits)
 
@@ -360,8 +361,9 @@ def fused(x: Tensor, fn, borders: Tensor, bits: int, codes: bool = True) -> tupl
     relu, relu6, hardtanh, leaky_relu, hardswish, hardsigmoid, tanh, sigmoid, silu, elu, selu, celu,
     softplus, logsigmoid) on a CPU tensor, one pass reads x and writes both (:func:`fewbit_fused`): for the
     piecewise-linear ones and hardswish the same values as torch's forward, bit for bit; for the others
-    (``fn.fused_own``) the kernel's own (correctly rounded from float64; sigmoid and silu within 1.56
-    and 1.13 ulp), which
+    (``fn.fused_own``) the kernel's own (elu, selu, celu, softplus with beta != 1: correctly rounded from
+    float64; sigmoid, silu, tanh, logsigmoid, softplus with beta 1: float32, within 1.56, 1.13, 0.77, 0.85
+    and 0.85 ulp), which
     the layer then uses everywhere on CPU.
     Anything else runs ``fn`` and :func:`pack` one after the other.
     """
