@@ -202,8 +202,8 @@ struct WideBorders<V, BITS, true> : V::template WBorders<BITS> {
 template <class V, FewbitDtype DT, int BITS, int KIND = 0>
 void pack(const void* xv, int64_t n, const float* borders, uint32_t* codes, int nthreads, double da = 0.0,
           double db = 0.0, void* yv = nullptr) {
-  // the float kinds take their constants as floats; the float64 family (elu .. logsigmoid) as doubles, with
-  // 1 / a for celu and softplus
+  // the float kinds take their constants as floats (softplus with beta 1: its threshold); the float64
+  // family (elu, celu, softplus) as doubles, with 1 / a for celu and softplus
   const float pa = static_cast<float>(da), pb = static_cast<float>(db);
   const double dinv = da != 0.0 ? 1.0 / da : 0.0;
   using IO = Io<V, DT>;

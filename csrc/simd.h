@@ -484,10 +484,6 @@ struct VecAVX2 {
   }
   static inline reg join(const __m256d* d) { return _mm256_set_m128(_mm256_cvtpd_ps(d[1]), _mm256_cvtpd_ps(d[0])); }
   static inline reg keep_nan(reg v, reg x) { return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
-  // the float64 functions below run on N float vectors at once (2N vectors of 4 doubles, each step over
-  // all of them before the next): softplus's chains of dependent steps (the series,
-  // the divisions) are long, and one vector at a time left the pipes waiting on them; fewbit_impl.h's
-  // fused_n picks N per function
   // fmath.h's lane type on 8 floats: tanh_g, softplus1_g and logsigmoid_g run on it
   struct F8 {
     using reg = __m256;
@@ -526,6 +522,10 @@ struct VecAVX2 {
     for (int h = 0; h < N; ++h) y[h] = fmath::logsigmoid_g<F8>(x[h]);
   }
   static inline float lane0(reg v) { return _mm256_cvtss_f32(v); }
+  // the float64 functions below run on N float vectors at once (2N vectors of 4 doubles, each step over
+  // all of them before the next): softplus's chains of dependent steps (the series,
+  // the divisions) are long, and one vector at a time left the pipes waiting on them; fewbit_impl.h's
+  // fused_n picks N per function
   // fmath.h's float64 family (e^y by exp_parts_m, log(1 + t) by log1p01's series, with fmas)
   template <int M>
   static inline void log1p01_m(const __m256d* t, __m256d* out) {

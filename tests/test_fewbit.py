@@ -31,7 +31,8 @@ def _specials(dtype):
 
 
 def _forward_of(name, x, **params):
-    """What the few-bit activation's forward returns: torch's, except tanh on CPU (correctly rounded)."""
+    """What the few-bit activation's forward returns: torch's, except the fused kernel's own on CPU (the
+    float64 ones: this reference; the float32 ones are checked by their bound, see _assert_forward)."""
     fn = fewbit.activation_fn(name, **params)
     if fn.fused_own and x.device.type == "cpu":
         return reference.fewbit.fewbit_fused_forward(x, *fn.fused)
@@ -39,7 +40,7 @@ def _forward_of(name, x, **params):
 
 
 # csrc/fmath.h's bounds for its float32 kinds, found over all 2^32 floats (bench/cpp/fewbit_exhaustive.cpp):
-# sigmoid 1.553, silu 1.123, tanh 0.763, softplus (beta 1) and logsigmoid 0.841 ulp (torch's own float32
+# sigmoid 1.553, silu 1.123, tanh 0.763, softplus (beta 1) and logsigmoid 0.842 ulp (torch's own float32
 # sigmoid and silu reach 2.3 and 2.2 ulp, softplus and logsigmoid 1.5, tanh 1). softplus with another beta
 # is the float64 one, correctly rounded (see _own32)
 FLOAT32_BOUND = {"sigmoid": 1.56, "silu": 1.13, "tanh": 0.77, "softplus": 0.85, "logsigmoid": 0.85}
@@ -732,14 +733,20 @@ def test_fused_float64_family_is_correctly_rounded_on_a_sweep(isa, name, params,
         assert not torch.equal(_bits_of(fn(x)), _bits_of(ref)), "torch's float32 forward: not correctly rounded"
 
 
-def test_fused_softplus_above_torchs_overflow_and_constants_it_refuses(isa):
+@pytest.mark.parametrize("beta", [1.0, 1.5])
+def test_fused_softplus_above_torchs_overflow_and_constants_it_refuses(isa, beta):
     # a threshold above where torch's own softplus overflows (x * beta > 88.7 in float32, 709.8 in
-    # float64): the kernel and the reference give the finite value, x itself up from there
-    fn = fewbit.activation_fn("softplus", beta=1.0, threshold=1000.0)
+    # float64): the kernel and the reference give the finite value, x itself up from there. beta 1.5 is the
+    # float64 kernel (bit for bit with the reference), beta 1 the float32 one (its bound; x itself alike)
+    fn = fewbit.activation_fn("softplus", beta=beta, threshold=2000.0)
     x = torch.tensor([80.0, 100.0, 709.0, 710.0, 800.0, 999.0, 1e30, float("inf"), -1e30, -float("inf"), -800.0])
-    y, _ = fewbit_ops.fused(x, fn, _table("softplus", 2, beta=1.0, threshold=1000.0)[0], 2)
-    ref = reference.fewbit.fewbit_fused_forward(x, *fn.fused)
-    assert torch.equal(_bits_of(y), _bits_of(ref))
+    y, _ = fewbit_ops.fused(x, fn, _table("softplus", 2, beta=beta, threshold=2000.0)[0], 2)
+    if beta == 1.0:
+        assert not fn.fused_exact
+        _assert_within_bound("softplus", y, x, threshold=2000.0)
+    else:
+        assert fn.fused_exact
+        assert torch.equal(_bits_of(y), _bits_of(reference.fewbit.fewbit_fused_forward(x, *fn.fused)))
     assert torch.equal(y[1:8], x[1:8]) and torch.isinf(fn(x[3:5])).all()  # torch: inf there
     assert torch.equal(y[8:], torch.zeros(3))
     # the threshold test is torch's float32 one: x * float(beta) rounded to float32 (1.0 here, not above
@@ -750,6 +757,8 @@ def test_fused_softplus_above_torchs_overflow_and_constants_it_refuses(isa):
     y, _ = fewbit_ops.fused(x, fn, _table("softplus", 2, beta=3.0, threshold=1.0)[0], 2)
     torch.testing.assert_close(y, fn(x), rtol=2e-7, atol=0)
     assert y[1] == x[1] and y[0] != x[0]
+    if beta != 1.0:
+        return
     # a beta or a celu alpha whose reciprocal overflows runs torch's forward, and the binding refuses it
     for name, kw in (("softplus", {"beta": 1e-310}), ("celu", {"alpha": 1e-310})):
         assert fewbit.activation_fn(name, **kw).fused is None
@@ -757,6 +766,27 @@ def test_fused_softplus_above_torchs_overflow_and_constants_it_refuses(isa):
     with pytest.raises(ValueError, match="a: expected a finite number >= 2.2250738585072014e-308"):
         _C.fewbit_pack_fused(xs, "float32", np.zeros(3, np.float32), 2, None, "softplus", 1e-310, 20.0,
                              np.empty_like(xs), 1)
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5, -1.0, 3.0])
+@pytest.mark.parametrize("n", [37, 1000], ids=lambda n: f"n{n}")
+def test_fused_softplus_beta1_threshold(isa, threshold, n):
+    # beta 1 runs the float32 kernel: x where x > float(threshold) (torch's rule), else its own log1p
+    # form; thresholds where the two differ (below ~16.6 log(1 + e^x) does not round to x), the elements
+    # right at and one float either side of it, in the vector body and the scalar tail
+    t = torch.tensor(threshold)
+    near = torch.stack([t, torch.nextafter(t, torch.tensor(-9.0)), torch.nextafter(t, torch.tensor(9.0))])
+    x = torch.cat([near, torch.linspace(-4.0, 4.0, n - 3)])
+    fn = fewbit.activation_fn("softplus", beta=1.0, threshold=threshold)
+    assert fn.fused == ("softplus", 1.0, threshold) and not fn.fused_exact
+    borders = _table("softplus", 2, beta=1.0, threshold=threshold)[0]
+    y, codes = fewbit_ops.fused(x, fn, borders, 2)
+    _assert_within_bound("softplus", y, x, threshold=threshold)
+    above = x > threshold
+    assert above.any() and (~above).any() and torch.equal(y[above], x[above])
+    assert (y[~above] > x[~above]).all()  # log(1 + e^x) > x: the log branch, not x
+    assert torch.equal(codes, reference.fewbit_pack(x, borders, 2))
+    torch.testing.assert_close(y, fn(x), rtol=3e-7, atol=0)  # torch's own float32 softplus, to its rounding
 
 
 def _sweep(dtype):
@@ -786,7 +816,7 @@ def test_fused_float32_kinds_are_within_their_bound_on_a_sweep(isa, name, dtype)
         # the subnormal results are there, to their bound (torch's float32 sigmoid and silu flush them to
         # 0: they overflow e^-x); logsigmoid's are -L for x > 88.8, the others' at x < -88.8
         lo = {"sigmoid": -103.9, "silu": -108.0, "softplus": -103.0, "logsigmoid": -103.0}[name]
-        sub = (-x > 88.8) & (-x < -lo) if name == "logsigmoid" else (x < -88.8) & (x > lo)
+        sub = (x > 88.8) & (x < -lo) if name == "logsigmoid" else (x < -88.8) & (x > lo)
         assert sub.sum() > 1000 and (y[sub] != 0).all()
         if name in ("sigmoid", "silu"):
             assert (F.silu(x[sub]) == 0).all() if name == "silu" else (torch.sigmoid(x[sub]) == 0).all()
@@ -929,7 +959,7 @@ def test_fused_op_opcheck_and_compile_match_eager():
     x = torch.randn(7, 37) * 3
     for kind, a, b in (("tanh", 0.0, 0.0), ("hardswish", 0.0, 0.0), ("hardsigmoid", 0.0, 0.0), ("clamp", -1.0, 2.0),
                        ("leaky", 0.1, 0.0), ("sigmoid", 0.0, 0.0), ("elu", 1.2, 1.1), ("celu", 0.8, 0.0),
-                       ("softplus", 2.0, 10.0), ("logsigmoid", 0.0, 0.0), ("silu", 0.0, 0.0)):
+                       ("softplus", 2.0, 10.0), ("softplus", 1.0, 1.0), ("logsigmoid", 0.0, 0.0), ("silu", 0.0, 0.0)):
         borders = torch.tensor([-1.0, 0.0, 1.0])
         for codes in (True, False):
             torch.library.opcheck(torch.ops.sparseops.fewbit_fused, (x, borders, 2, kind, a, b, codes))
