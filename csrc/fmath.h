@@ -248,13 +248,32 @@ constexpr float kTanhClamp = 9.1f;  // tanh rounds to 1.0f from 9.011 on
 // 1/n! for n = 2 .. 8
 constexpr float kTanhInvFact[7] = {1.0f / 2, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040, 1.0f / 40320};
 
+// e^y = s (1 + ph + pl), the steps tanh_g and log1p_exp_neg_g share: k = round(y / ln2), r + rl = y - k ln2
+// (cody-waite: k ln2_hi exact, r = fl(rh - k ln2_lo), rl its rounding error by one more fma), p = e^r - 1
+// = r + u, u = r^2 q(r) with q the taylor coefficients 1/2! .. 1/(NT+1)!, as ph + pl (fast2sum, |u| < |r|;
+// rl goes into pl); returns s = 2^(k + SHIFT)
+template <class F, int NT, int SHIFT>
+inline typename F::reg exp_head_tail_g(typename F::reg y, typename F::reg& ph, typename F::reg& pl) {
+  static_assert(NT >= 2 && NT <= 7, "kTanhInvFact holds 1/2! .. 1/8!");
+  using R = typename F::reg;
+  const R k = F::round(F::mul(y, F::bc(kSigLog2e)));
+  const R rh = F::fnma(k, F::bc(kSigLn2Hi), y);
+  const R r = F::fnma(k, F::bc(kSigLn2Lo), rh);
+  const R rl = F::fnma(k, F::bc(kSigLn2Lo), F::sub(rh, r));
+  R q = F::bc(kTanhInvFact[NT - 1]);
+  for (int i = NT - 2; i >= 0; --i) q = F::fma(q, r, F::bc(kTanhInvFact[i]));
+  const R u = F::mul(F::mul(r, r), q);
+  ph = F::add(r, u);
+  pl = F::add(F::add(F::sub(r, ph), u), rl);
+  return F::template pow2<SHIFT>(k);
+}
+
 // tanh(x) = t / (t + 2), t = e^(2|x|) - 1, with x's sign; every step carried as head + tail where its
 // rounding would show (within 0.763 ulp of the exact value: faithfully rounded, 0.058% of the floats not
 // the correctly rounded one; torch's float32 tanh is within 1 ulp, the float64 one rounded once that
 // this replaced was correctly rounded but 2.6x slower). with a = min(|x|, 9.1), y = 2a:
-//   k = round(y / ln2), r + rl = y - k ln2 (cody-waite: k ln2_hi exact, r = fl(rh - k ln2_lo), rl its
-//   rounding error by one more fma), p = e^r - 1 = r + u, u = r^2 q(r) (taylor to r^8: truncation below
-//   1e-9 relative on |r| <= ln2/2), as ph + pl (fast2sum, |u| < |r|; rl goes into pl);
+//   e^y = 2^k (1 + ph + pl) by exp_head_tail_g (taylor to r^8: truncation below 1e-9 relative on
+//   |r| <= ln2/2);
 //   t = 2^k (1 + p) - 1 = A + B, A = 2^k - 1 (exact up to k = 24; above, t is so large that its error
 //   cannot show), B = 2^k ph (exact): th + tl by fast2sum (|A| >= |B| for k >= 1, A = 0 for k = 0), plus
 //   2^k pl; D + c = th + 2 exactly (fast2sum on max, min) plus tl; the quotient q0 = th / D (as th r0,
@@ -263,17 +282,8 @@ template <class F>
 inline typename F::reg tanh_g(typename F::reg x) {
   using R = typename F::reg;
   const R a = F::min(F::abs(x), F::bc(kTanhClamp));  // a nan gives the clamp (minps), x's nan at the end
-  const R y = F::add(a, a);
-  const R k = F::round(F::mul(y, F::bc(kSigLog2e)));
-  const R rh = F::fnma(k, F::bc(kSigLn2Hi), y);
-  const R r = F::fnma(k, F::bc(kSigLn2Lo), rh);
-  const R rl = F::fnma(k, F::bc(kSigLn2Lo), F::sub(rh, r));
-  R q = F::bc(kTanhInvFact[6]);
-  for (int i = 5; i >= 0; --i) q = F::fma(q, r, F::bc(kTanhInvFact[i]));
-  const R u = F::mul(F::mul(r, r), q);
-  const R ph = F::add(r, u);
-  const R pl = F::add(F::add(F::sub(r, ph), u), rl);
-  const R s = F::template pow2<0>(k);
+  R ph, pl;
+  const R s = exp_head_tail_g<F, 7, 0>(F::add(a, a), ph, pl);
   const R A = F::sub(s, F::bc(1.0f)), B = F::mul(s, ph);
   const R th = F::add(A, B);
   const R tl = F::fma(s, pl, F::add(F::sub(A, th), B));
@@ -307,17 +317,8 @@ template <class F, bool NEG>
 inline typename F::reg log1p_exp_neg_g(typename F::reg a, typename F::reg m) {
   using R = typename F::reg;
   const R one = F::bc(1.0f);
-  const R t0 = F::sub(F::bc(0.0f), F::min(a, F::bc(kL1peClamp)));
-  const R k = F::round(F::mul(t0, F::bc(kSigLog2e)));
-  const R rh = F::fnma(k, F::bc(kSigLn2Hi), t0);
-  const R r = F::fnma(k, F::bc(kSigLn2Lo), rh);
-  const R rl = F::fnma(k, F::bc(kSigLn2Lo), F::sub(rh, r));
-  R q = F::bc(kSigInvFact[5]);
-  for (int i = 4; i >= 0; --i) q = F::fma(q, r, F::bc(kSigInvFact[i]));
-  const R u = F::mul(F::mul(r, r), q);
-  const R ph = F::add(r, u);
-  const R pl = F::add(F::add(F::sub(r, ph), u), rl);
-  const R s = F::template pow2<64>(k);
+  R ph, pl;
+  const R s = exp_head_tail_g<F, 6, 64>(F::sub(F::bc(0.0f), F::min(a, F::bc(kL1peClamp))), ph, pl);
   const R es = F::fma(s, ph, s);
   const R el = F::fma(s, pl, F::fma(s, ph, F::sub(s, es)));  // es's rounding error (s - es is exact: sterbenz) and s pl
   const R t = F::mul(es, F::bc(0x1p-64f));
