@@ -217,7 +217,12 @@ inline float softplus_f32(float x, double beta, double threshold, double inv) {
 // 1.6 of it the float64 exp steps (the division another 0.3); torch's float32 tanh forward 0.67 ms,
 // so the few-bit tanh was 0.55-0.62x torch's forward+backward; softplus and logsigmoid likewise
 // (3.5-3.9 ms against torch's 2.8 ms softplus forward). ad hoc, 16 lanes, 4M floats, 2 threads: this
-// tanh 1.2 ms, one with 1.6 ulp (p and t not carried as head + tail) 0.9, one with 2.4 ulp 0.64
+// tanh 1.2 ms, one with 1.6 ulp (p and t not carried as head + tail) 0.9, one with 2.4 ulp 0.64.
+// NOTE: the kernels run these one vector at a time. a lane type of N registers stepped side by side (as
+// sigmoid_n / silu_n in simd.h are written) made tanh slower, 1.35-1.40 → 1.43-1.46 ms on 16 lanes and
+// 2.0 → 3.4 ms on 8 (registers spill); and sigmoid / silu written once over the lane type, one vector at
+// a time, kept their bits but made silu's 8-lane pass 10% slower (2.0 → 2.2 ms), so those stay hand-written
+// (ad hoc, 4M fp32, 2 threads, 2026-11-24)
 struct FScalar {
   using reg = float;
   using mask = bool;
