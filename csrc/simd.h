@@ -507,7 +507,7 @@ struct VecAVX2 {
     static inline mask ge(reg a, reg b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
     static inline reg sel(mask m, reg t, reg f) { return _mm256_blendv_ps(f, t, m); }
     static inline reg with_sign(reg v, reg x) { return _mm256_or_ps(v, _mm256_and_ps(x, _mm256_set1_ps(-0.0f))); }
-    static inline reg keep_nan(reg v, reg x) { return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+    static inline reg keep_nan(reg v, reg x) { return VecAVX2::keep_nan(v, x); }
   };
   template <int N>
   static inline void tanh_n(const reg* x, reg* y) {
