@@ -7,14 +7,16 @@
 //   input in the union streams the OT contiguous weights of that input's row of wt once, for all rows.
 //   rows of wt outside the union are never touched; the next rows are prefetched, since the hardware
 //   cannot guess where a sparse walk jumps.
-// - spmm (any batch): s(x) as CSR rows (two parallel passes: count, fill), then C [R, N] = A_csr @ D
-//   with the rows of A split between the threads by nonzeros. each thread walks its rows in 64-column
-//   strips of C held in 8 registers, and within a strip in chunks of KC rows of D, so that the [KC, 64]
-//   panel of D the rows gather from stays in l2 while every row of the thread passes over it (a
-//   cursor per row remembers where its sorted indices left off).
+// - spmm (any batch): s(x) in chunks of KC columns (ActChunks: two parallel passes over x, count and fill),
+//   then C [R, N] = s(x) @ D. the threads split the 64-column strips of C (else the rows, by nonzeros); each
+//   walks its strips a group (up to 8) at a time and the group chunk by chunk: it packs the chunk's [KC, 64 g]
+//   block of D once (act_pack_group), then every row of the chunk accumulates its strip of C in registers
+//   over the row's nonzeros, gathering rows of the l2-resident panel.
 // - dsd: the same walk, but each active (b, j) reduces dy's strip against wt's strip (sampled dense-dense):
-//   eight nonzeros at a time, reduced with one horizontal 8x8 sum, accumulated over the strips.
-// - sdd: dwt = s(x)ᵀ @ dy is the spmm above on s(x)'s transpose (CSR of columns, by a counting sort).
+//   eight nonzeros at a time, reduced with one horizontal 8x8 sum; with the strips split between threads,
+//   each keeps its own partial sums, added at the end.
+// - sdd: dwt = s(x)ᵀ @ dy is the spmm above on s(x)'s transpose (by a counting sort), which is one panel
+//   deep (K is the batch): all of dy is packed once, and C is written with streaming stores.
 // everything sits in an unnamed namespace, so the avx2 and portable translation units keep their own
 // copies (no inline function compiled with -mavx2 can be merged into the portable path).
 #pragma once
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -57,88 +60,129 @@ inline int act_nt() {
 }
 
 
-// s(x) as CSR rows: ptr [B+1], idx, val
-struct ActCSR {
-  std::vector<int64_t> ptr;
-  std::vector<int32_t> idx;
-  std::vector<float> val;
-};
-
-void act_csr(const float* x, int64_t B, int64_t K, int64_t ldx, const ActSel& sel, ActCSR& c, int nthreads) {
-  c.ptr.assign(static_cast<size_t>(B + 1), 0);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xr = x + b * ldx;
-    int64_t n = 0;
-    for (int64_t j = 0; j < K; ++j) n += act_active(xr[j], act_thr(sel, j), sel.relu);
-    c.ptr[b + 1] = n;
-  }
-  for (int64_t b = 0; b < B; ++b) c.ptr[b + 1] += c.ptr[b];
-  c.idx.resize(static_cast<size_t>(std::max<int64_t>(1, c.ptr[B])));
-  c.val.resize(c.idx.size());
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xr = x + b * ldx;
-    int64_t p = c.ptr[b];
-    for (int64_t j = 0; j < K; ++j) {
-      if (act_active(xr[j], act_thr(sel, j), sel.relu)) {
-        c.idx[p] = static_cast<int32_t>(j);
-        c.val[p++] = xr[j];
-      }
-    }
-  }
-}
-
-// the transpose of a CSR [R, K] (sorted columns) as CSR [K, R] (sorted rows), by a counting sort
-void act_transpose(const ActCSR& a, int64_t R, int64_t K, ActCSR& t) {
-  const int64_t nnz = a.ptr[R];
-  t.ptr.assign(static_cast<size_t>(K + 1), 0);
-  for (int64_t p = 0; p < nnz; ++p) ++t.ptr[a.idx[p] + 1];
-  for (int64_t j = 0; j < K; ++j) t.ptr[j + 1] += t.ptr[j];
-  t.idx.resize(static_cast<size_t>(std::max<int64_t>(1, nnz)));
-  t.val.resize(t.idx.size());
-  std::vector<int64_t> next(t.ptr.begin(), t.ptr.end() - 1);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
-      const int64_t q = next[a.idx[p]]++;
-      t.idx[q] = static_cast<int32_t>(r);
-      t.val[q] = a.val[p];
-    }
-}
-
-// the same nonzeros regrouped panel by panel: chunk c (columns [c KC, c KC + KC)) of row r is
-// [ptr[c R + r], ptr[c R + r + 1]). a kernel that sweeps the rows once per panel then reads idx and val
-// front to back; walking the row-major CSR instead jumps between R far-apart places per panel, which
-// no prefetcher follows (NOTE: 256 x 16384 at 10%, 1 thread: a cache miss per row and panel, and about
-// twice the time of the inner loop itself)
+// s(x) [R, K] as CSR regrouped panel by panel: chunk c (columns [c KC, c KC + KC)) of row r is
+// [ptr[c R + r], ptr[c R + r + 1]), its columns sorted. a kernel that sweeps the rows once per panel then reads
+// idx and val front to back; walking a row-major CSR instead jumps between R far-apart places per panel,
+// which no prefetcher follows (NOTE: 256 x 16384 at 10%, 1 thread: a cache miss per row and panel, and about
+// twice the time of the inner loop itself). rowptr [R + 1]: the rows' nonzeros, for splitting rows by them
 struct ActChunks {
   int64_t R = 0, nch = 1;
-  std::vector<int64_t> ptr;
+  std::vector<int64_t> ptr, rowptr;
   std::vector<int32_t> idx;
   std::vector<float> val;
 };
 
-void act_chunk(const ActCSR& a, int64_t R, int64_t K, ActChunks& ch, int nthreads) {
-  ch.R = R;
-  ch.nch = std::max<int64_t>(1, (K + KC - 1) / KC);
-  const int64_t n = ch.nch * R;
-  ch.ptr.assign(static_cast<size_t>(n + 1), 0);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) ++ch.ptr[(a.idx[p] / KC) * R + r + 1];
+// the prefix sums of ch.ptr (counts in ptr[i + 1]) and rowptr (counts in rowptr[r + 1]); sizes idx and val
+inline void act_finish_counts(ActChunks& ch) {
+  const int64_t n = ch.nch * ch.R;
   for (int64_t i = 0; i < n; ++i) ch.ptr[i + 1] += ch.ptr[i];
-  ch.idx.resize(a.idx.size());
-  ch.val.resize(a.val.size());
+  for (int64_t r = 0; r < ch.R; ++r) ch.rowptr[r + 1] += ch.rowptr[r];
+  ch.idx.resize(static_cast<size_t>(std::max<int64_t>(1, ch.ptr[n])));
+  ch.val.resize(ch.idx.size());
+}
+
+// act_active with the threshold's kind and relu as constants, and no short circuit (a loop of it vectorizes)
+template <bool PC, bool RELU>
+inline bool act_on(float v, const float* thr, int64_t j) {
+  const float t = PC ? thr[j] : thr[0];
+  if constexpr (RELU)
+    return (v > 0.f) & (v > t);
+  else
+    return std::fabs(v) > t;
+}
+
+// f(pc, relu) with both as std::bool_constant
+template <class F>
+inline auto act_sel(const ActSel& s, F&& f) {
+  using T = std::true_type;
+  using U = std::false_type;
+  if (s.per_channel) return s.relu ? f(T{}, T{}) : f(T{}, U{});
+  return s.relu ? f(U{}, T{}) : f(U{}, U{});
+}
+
+// s(x) of x [B, K] (row stride ldx) in chunks, in two parallel passes over x: count, then fill. the fill
+// compacts each chunk without a branch into a small buffer (a branch per input mispredicts at every
+// active one; NOTE: 256 x 16384 at 10%, 2 threads, Xeon: the row CSR plus its regrouping took 8.7 ms)
+void act_chunks(const float* x, int64_t B, int64_t K, int64_t ldx, const ActSel& sel, ActChunks& ch, int nthreads) {
+  ch.R = B;
+  ch.nch = std::max<int64_t>(1, (K + KC - 1) / KC);
+  ch.ptr.assign(static_cast<size_t>(ch.nch * B + 1), 0);
+  ch.rowptr.assign(static_cast<size_t>(B + 1), 0);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t r = 0; r < R; ++r) {
-    int64_t c = -1, q = 0;
-    for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
-      if (a.idx[p] / KC != c) {
-        c = a.idx[p] / KC;
-        q = ch.ptr[c * R + r];
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * ldx;
+    int64_t total = 0;
+    for (int64_t c = 0; c < ch.nch; ++c) {
+      const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+      const int64_t n = act_sel(sel, [&](auto pc, auto relu) {
+        int32_t m = 0;  // a vectorizable count: no branch, no short circuit
+        for (int64_t j = k0; j < k1; ++j) m += act_on<pc, relu>(xr[j], sel.thr, j);
+        return m;
+      });
+      ch.ptr[c * B + b + 1] = n;
+      total += n;
+    }
+    ch.rowptr[b + 1] = total;
+  }
+  act_finish_counts(ch);
+#pragma omp parallel num_threads(nthreads)
+  {
+    int32_t ti[KC];
+    float tv[KC];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xr = x + b * ldx;
+      for (int64_t c = 0; c < ch.nch; ++c) {
+        const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+        const int64_t n = act_sel(sel, [&](auto pc, auto relu) {
+          int64_t m = 0;
+          for (int64_t j = k0; j < k1; ++j) {
+            const float v = xr[j];
+            ti[m] = static_cast<int32_t>(j);
+            tv[m] = v;
+            m += act_on<pc, relu>(v, sel.thr, j);
+          }
+          return m;
+        });
+        const int64_t q = ch.ptr[c * B + b];
+        std::memcpy(ch.idx.data() + q, ti, sizeof(int32_t) * n);
+        std::memcpy(ch.val.data() + q, tv, sizeof(float) * n);
       }
-      ch.idx[q] = a.idx[p];
-      ch.val[q++] = a.val[p];
+    }
+  }
+}
+
+// the transpose of a [R, K] in chunks as [K, R] in chunks (of KC rows of a), by a counting sort. the
+// chunks of a cover disjoint columns, which are disjoint rows of t: the threads split them
+void act_transpose(const ActChunks& a, int64_t K, ActChunks& t, int nthreads) {
+  const int64_t R = a.R;
+  t.R = K;
+  t.nch = std::max<int64_t>(1, (R + KC - 1) / KC);
+  t.ptr.assign(static_cast<size_t>(t.nch * K + 1), 0);
+  t.rowptr.assign(static_cast<size_t>(K + 1), 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t c = 0; c < a.nch; ++c)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t p = a.ptr[c * R + r]; p < a.ptr[c * R + r + 1]; ++p) {
+        ++t.ptr[(r / KC) * K + a.idx[p] + 1];
+        ++t.rowptr[a.idx[p] + 1];
+      }
+  act_finish_counts(t);
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<int64_t> next(static_cast<size_t>(t.nch * KC));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < a.nch; ++c) {
+      // next[(r / KC) KC + j - c KC]: where the next entry of row j of t in chunk r / KC goes
+      const int64_t j0 = c * KC, j1 = std::min(K, j0 + KC);
+      for (int64_t rc = 0; rc < t.nch; ++rc)
+        for (int64_t j = j0; j < j1; ++j) next[rc * KC + j - j0] = t.ptr[rc * K + j];
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t p = a.ptr[c * R + r]; p < a.ptr[c * R + r + 1]; ++p) {
+          const int64_t q = next[(r / KC) * KC + a.idx[p] - j0]++;
+          t.idx[q] = static_cast<int32_t>(r);
+          t.val[q] = a.val[p];
+        }
     }
   }
 }
@@ -186,103 +230,226 @@ inline void act_pack(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_
   for (int64_t k = k0; k < k1; ++k) std::memcpy(p + (k - k0) * w, D + k * ldd + c0, sizeof(float) * w);
 }
 
+// the group panel: rows [k0, k1) of D (row stride ldd) x g strips of 8 STRIP columns from column c0 (the last
+// one may be narrower: N8 ends it), strip-major: strip i at pk + i KC 8 STRIP, its rows contiguous at its own
+// width. each row of D is read as one run of up to 8 STRIP g floats, which the hardware prefetchers follow
+// (NOTE: one 256-byte run a row, 16 KB apart, read Wᵀ [16384, 4096] at about 10 GB/s: 25 ms of the 50 ms
+// forward at 256 x 16384 10%, 2 threads, Xeon)
+inline void act_pack_group(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_t c0, int64_t N8, int g,
+                           float* pk) {
+  constexpr int64_t W = 8 * STRIP;
+  for (int64_t k = k0; k < k1; ++k)
+    for (int i = 0; i < g; ++i) {
+      const int64_t cs = c0 + i * W, w = std::min(W, N8 - cs);
+      std::memcpy(pk + i * KC * W + (k - k0) * w, D + k * ldd + cs, sizeof(float) * w);
+    }
+}
+
 // ---- spmm: C[r, c0 : c0 + 8 NV] = bias + sum_p val[p] * D[idx[p], c0 : ...] for r in [r0, r1) ----
 
-// on NL vectors of L (V, or V::W16 on the 16-lane path) a strip row
+// chunk c of rows [r0, r1) on one strip (NL vectors of L: V, or V::W16 on the 16-lane path), out row r at
+// o + (r - r0) ldo. panel: the chunk's rows of D at this strip's width, indexed by the column j - k0. init:
+// out starts from the bias (bias points at this strip's first column; zero without one) and every row is
+// written; else out is added to and rows with no nonzero in the chunk are skipped
 template <class L, int NL>
-void spmm_strip_lanes(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
-                      const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
+void spmm_chunk_lanes(const ActChunks& a, int64_t c, int64_t r0, int64_t r1, const float* panel, bool init,
+                      const float* bias, float* o, int64_t ldo, bool stream) {
   using reg = typename L::reg;
   constexpr int LN = L::lanes;
   constexpr int W = LN * NL;
-  const bool single = K <= KC;  // one panel: the accumulators go straight to C
-  const int64_t nr = r1 - r0;
-  // packed: the whole [K, W] panel, already packed by the caller (single-panel products only)
-  float* pbuf = packed ? nullptr : act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
-  reg bv[NL];
-  for (int v = 0; v < NL; ++v) bv[v] = bias ? L::load(bias + c0 + LN * v) : L::zero();
-  float* cb = nullptr;
-  if (!single) {
-    cb = act_aligned(ws.cbuf, static_cast<size_t>(nr * W));
-    for (int64_t i = 0; i < nr; ++i)
-      for (int v = 0; v < NL; ++v) L::store(cb + i * W + LN * v, bv[v]);
-  }
   const int32_t* idx = a.idx.data();
   const float* val = a.val.data();
-  for (int64_t c = 0; c < a.nch; ++c) {
-    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
-    if (!packed) act_pack(D, ldd, k0, k1, c0, W, pbuf);
-    const float* panel = packed ? packed : pbuf - k0 * W;
-    const int64_t* cp = a.ptr.data() + c * a.R;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t p = cp[r];
-      const int64_t pe = cp[r + 1];
-      if (p == pe && !single) continue;
-      float* out = single ? C + r * ldc + c0 : cb + (r - r0) * W;
-      reg acc[NL];
-      for (int v = 0; v < NL; ++v) acc[v] = single ? bv[v] : L::load(out + LN * v);
-      for (; p < pe; ++p) {
-        const reg sv = L::bcast(val[p]);
-        const float* d = panel + static_cast<int64_t>(idx[p]) * W;
-        for (int v = 0; v < NL; ++v) acc[v] = L::fma(sv, L::load(d + LN * v), acc[v]);
+  const int64_t* cp = a.ptr.data() + c * a.R;
+  const float* pn = panel - c * KC * W;  // indexed by the column j itself
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t p = cp[r];
+    const int64_t pe = cp[r + 1];
+    if (p == pe && !init) continue;
+    float* out = o + (r - r0) * ldo;
+    reg acc[NL], acc2[NL];
+    for (int v = 0; v < NL; ++v) {
+      acc[v] = init ? (bias ? L::load(bias + LN * v) : L::zero()) : L::load(out + LN * v);
+      acc2[v] = L::zero();
+    }
+    // two chains per vector: each fma waits on the one two nonzeros back, not on the last one
+    // (NOTE: dwt [16384, 4096] from 256 x 16384 at 10%, 2 threads, Xeon: 62 -> 47 ms)
+    for (; p + 2 <= pe; p += 2) {
+      const reg sv = L::bcast(val[p]), sw = L::bcast(val[p + 1]);
+      const float* d = pn + static_cast<int64_t>(idx[p]) * W;
+      const float* e = pn + static_cast<int64_t>(idx[p + 1]) * W;
+      for (int v = 0; v < NL; ++v) {
+        acc[v] = L::fma(sv, L::load(d + LN * v), acc[v]);
+        acc2[v] = L::fma(sw, L::load(e + LN * v), acc2[v]);
       }
-      for (int v = 0; v < NL; ++v) L::store(out + LN * v, acc[v]);
+    }
+    if (p < pe) {
+      const reg sv = L::bcast(val[p]);
+      const float* d = pn + static_cast<int64_t>(idx[p]) * W;
+      for (int v = 0; v < NL; ++v) acc[v] = L::fma(sv, L::load(d + LN * v), acc[v]);
+    }
+    if (stream && reinterpret_cast<uintptr_t>(out) % sizeof(reg) == 0) {
+      for (int v = 0; v < NL; ++v) L::stream(out + LN * v, L::add(acc[v], acc2[v]));
+    } else {
+      for (int v = 0; v < NL; ++v) L::store(out + LN * v, L::add(acc[v], acc2[v]));
     }
   }
-  if (!single)
-    for (int64_t r = r0; r < r1; ++r) std::memcpy(C + r * ldc + c0, cb + (r - r0) * W, sizeof(float) * W);
 }
 
-template <class V, int NV>
-void spmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd, int64_t c0,
-                const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
+// ---- dsd: out[p] += <P[r, c0 : c0 + 8 NV], Q[idx[p], c0 : ...]> for the nonzeros of rows [r0, r1) ----
+
+// chunk c of rows [r0, r1) on one strip (NL vectors of L), P at the strip's first column; each partial dot
+// product folded to 8 lanes for V::hsum8
+template <class V, class L, int NL>
+void sddmm_chunk_lanes(const ActChunks& a, int64_t c, int64_t r0, int64_t r1, const float* P, int64_t ldp,
+                       const float* panel, float* out) {
+  using reg = typename L::reg;
+  constexpr int LN = L::lanes;
+  constexpr int W = LN * NL;
+  const int64_t* cp = a.ptr.data() + c * a.R;
+  const float* pn = panel - c * KC * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t p = cp[r];
+    const int64_t q = cp[r + 1];
+    if (p == q) continue;
+    reg pv[NL];
+    for (int v = 0; v < NL; ++v) pv[v] = L::load(P + r * ldp + LN * v);
+    // eight nonzeros at a time: eight partial vectors, one horizontal sum
+    for (; p < q; p += 8) {
+      const int g = static_cast<int>(std::min<int64_t>(8, q - p));
+      typename V::reg part[8];
+      for (int i = 0; i < 8; ++i) {
+        if (i < g) {
+          const float* d = pn + static_cast<int64_t>(a.idx[p + i]) * W;
+          reg s0 = L::mul(pv[0], L::load(d));
+          reg s1 = NL > 1 ? L::mul(pv[1], L::load(d + LN)) : L::zero();
+          for (int v = 2; v + 1 < NL; v += 2) {
+            s0 = L::fma(pv[v], L::load(d + LN * v), s0);
+            s1 = L::fma(pv[v + 1], L::load(d + LN * v + LN), s1);
+          }
+          if (NL > 2 && NL % 2) s0 = L::fma(pv[NL - 1], L::load(d + LN * (NL - 1)), s0);
+          part[i] = L::fold(L::add(s0, s1));
+        } else {
+          part[i] = V::zero();
+        }
+      }
+      alignas(32) float h[8];
+      V::store(h, V::hsum8(part));
+      for (int i = 0; i < g; ++i) out[p + i] += h[i];
+    }
+  }
+}
+
+// chunk c of rows [r0, r1) on g whole strips (NL vectors of L each, 8 STRIP columns), strip i's panel at
+// pk + i KC 8 STRIP and its columns of P at P + i 8 STRIP: the same dot products as sddmm_chunk_lanes, but
+// each group of eight nonzeros sums over all g strips in registers before its one horizontal sum and one
+// update of out (NOTE: strip by strip, out, 1.6 MB a thread at 256 x 16384 10%, was read and written once
+// per strip: dsd 4096 -> 16384 took 51-57 ms, 2 threads, Xeon)
+template <class V, class L, int NL>
+void sddmm_group_lanes(const ActChunks& a, int64_t c, int64_t r0, int64_t r1, const float* P, int64_t ldp,
+                       const float* pk, int g, float* out) {
+  using reg = typename L::reg;
+  constexpr int LN = L::lanes;
+  constexpr int W = LN * NL;
+  static_assert(W == 8 * STRIP, "whole strips");
+  const int64_t* cp = a.ptr.data() + c * a.R;
+  const int64_t k0 = c * KC;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t p = cp[r];
+    const int64_t q = cp[r + 1];
+    const float* pr = P + r * ldp;
+    for (; p < q; p += 8) {
+      const int n = static_cast<int>(std::min<int64_t>(8, q - p));
+      int64_t off[8];
+      for (int i = 0; i < 8; ++i) off[i] = (static_cast<int64_t>(a.idx[p + std::min(i, n - 1)]) - k0) * W;
+      reg part[8];
+      for (int i = 0; i < 8; ++i) part[i] = L::zero();
+      for (int s = 0; s < g; ++s) {
+        const float* panel = pk + s * KC * W;
+        reg pv[NL];
+        for (int v = 0; v < NL; ++v) pv[v] = L::load(pr + s * W + LN * v);
+        for (int i = 0; i < 8; ++i) {
+          if (i < n) {
+            const float* d = panel + off[i];
+            for (int v = 0; v < NL; ++v) part[i] = L::fma(pv[v], L::load(d + LN * v), part[i]);
+          }
+        }
+      }
+      typename V::reg h8[8];
+      for (int i = 0; i < 8; ++i) h8[i] = L::fold(part[i]);
+      alignas(32) float h[8];
+      V::store(h, V::hsum8(h8));
+      for (int i = 0; i < n; ++i) out[p + i] += h[i];
+    }
+  }
+}
+
+// one strip of nv vectors (1 to STRIP): f(LaneTag<L>, std::integral_constant<int, NL>) with the 16-lane
+// loops (L = V::W16, NL = nv / 2) where V has them and nv is even, else L = V, NL = nv
+template <class L>
+struct LaneTag {
+  using type = L;
+};
+
+template <class V, int NV, class F>
+inline void with_lanes(F&& f) {
   if constexpr (V::wide && NV % 2 == 0)
-    spmm_strip_lanes<typename V::W16, NV / 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    f(LaneTag<typename V::W16>{}, std::integral_constant<int, NV / 2>{});
   else
-    spmm_strip_lanes<V, NV>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    f(LaneTag<V>{}, std::integral_constant<int, NV>{});
 }
 
-template <class V>
-void spmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* D, int64_t ldd,
-                  int64_t c0, const float* bias, float* C, int64_t ldc, ActWork& ws, const float* packed) {
+// the vectors of the strip from column c0 (N8: the columns the strips cover)
+inline int strip_vectors(int64_t N8, int64_t c0) { return static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8)); }
+
+template <class V, class F>
+inline void with_strip(int nv, F&& f) {
   switch (nv) {
-    case 8: return spmm_strip<V, 8>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    case 7: return spmm_strip<V, 7>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    case 6: return spmm_strip<V, 6>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    case 5: return spmm_strip<V, 5>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    case 4: return spmm_strip<V, 4>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    case 3: return spmm_strip<V, 3>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    case 2: return spmm_strip<V, 2>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
-    default: return spmm_strip<V, 1>(a, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, packed);
+    case 8: return with_lanes<V, 8>(f);
+    case 7: return with_lanes<V, 7>(f);
+    case 6: return with_lanes<V, 6>(f);
+    case 5: return with_lanes<V, 5>(f);
+    case 4: return with_lanes<V, 4>(f);
+    case 3: return with_lanes<V, 3>(f);
+    case 2: return with_lanes<V, 2>(f);
+    default: return with_lanes<V, 1>(f);
   }
 }
 
 // the last N % 8 columns, scalar
-inline void spmm_tail(const ActCSR& a, int64_t r0, int64_t r1, const float* D, int64_t ldd, int64_t c0, int64_t N,
+inline void spmm_tail(const ActChunks& a, int64_t r0, int64_t r1, const float* D, int64_t ldd, int64_t c0, int64_t N,
                       const float* bias, float* C, int64_t ldc) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = c0; c < N; ++c) {
       float s = bias ? bias[c] : 0.f;
-      for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) s += a.val[p] * D[static_cast<int64_t>(a.idx[p]) * ldd + c];
+      for (int64_t k = 0; k < a.nch; ++k)
+        for (int64_t p = a.ptr[k * a.R + r]; p < a.ptr[k * a.R + r + 1]; ++p)
+          s += a.val[p] * D[static_cast<int64_t>(a.idx[p]) * ldd + c];
       C[r * ldc + c] = s;
     }
 }
 
-// the threads split the strips when D spans several panels, there are enough strips and every row's
-// strip fits a small buffer (D, the big operand then, is read once in all); else they split the rows
-// by nonzeros, and each writes whole rows of C (NOTE: dwt [16384, 4096] split by strips took 3x as
-// long with 2 threads as with 1: both threads first-touch every page of the fresh output).
+// strips per group for a thread with nr rows: the group's block of C (nr rows x 8 STRIP g floats) stays
+// within 512 KB of l2; at least one strip
+inline int act_group(int64_t nr) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, (512 << 10) / (std::max<int64_t>(1, nr) * 8 * STRIP * 4))));
+}
+
+// the threads split the strips when D spans several panels, there are enough strips and a group's rows of C
+// fit a small buffer (D, the big operand then, is read once in all); else they split the rows by nonzeros,
+// and each writes whole rows of C (NOTE: dwt [16384, 4096] split by strips took 3x as long with 2 threads as
+// with 1: both threads first-touch every page of the fresh output). either way a thread walks its strips a
+// group at a time, chunk by chunk, packing the group's panel (act_pack_group) once for all its strips.
 // a product whose D is one panel (the weight gradient: K is the batch) packs all of D once, and walks
 // its rows in blocks of RB, every strip of a block before the next: the block's rows of C are written
 // front to back, a few pages at a time, not 256 bytes of every row of C per strip
 // NOTE: dwt [16384, 4096] from a batch of 256, 2 threads: strip-major 175 ms
 template <class V>
-void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int64_t ldd, const float* bias, float* C,
+void spmm(const ActChunks& ch, int64_t K, const float* D, int64_t N, int64_t ldd, const float* bias, float* C,
           int64_t ldc, int nthreads) {
-  ActChunks ch;
-  act_chunk(a, R, K, ch, nthreads);
+  const int64_t R = ch.R;
   const int64_t N8 = N / 8 * 8;
-  const int64_t W = 8 * STRIP, nstrips = (N8 + W - 1) / W;
+  constexpr int64_t W = 8 * STRIP;
+  const int64_t nstrips = (N8 + W - 1) / W;
   const bool by_strip = nstrips >= 4 * nthreads && K > KC && R * W * 4 <= (256 << 10);
   const bool single = K <= KC && !by_strip;
   std::vector<float> all;
@@ -291,13 +458,13 @@ void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int6
     // strip s at packed + s K W, rows (8 nv floats) contiguous
     packed = act_aligned(all, static_cast<size_t>(std::max<int64_t>(1, nstrips * K * W)));
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t s = 0; s < nstrips; ++s) {
-      const int64_t c0 = s * W;
-      const int w = static_cast<int>(std::min<int64_t>(W, N8 - c0));
-      act_pack(D, ldd, 0, K, c0, w, packed + s * K * W);
-    }
+    for (int64_t s = 0; s < nstrips; ++s) act_pack_group(D, ldd, 0, K, s * W, N8, 1, packed + s * K * W);
   }
   constexpr int64_t RB = 256;
+  // a large one-panel product (the weight gradient) writes C with streaming stores: C is written once and is
+  // far larger than the caches, and a plain store first reads every line it writes (NOTE: dwt [16384, 4096]
+  // from 256 x 16384 at 10%, 2 threads, Xeon: 40 -> 27 ms, and 31 -> 8 ms with no nonzero at all)
+  const bool stream = single && R * N * static_cast<int64_t>(sizeof(float)) >= (16 << 20);
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
@@ -306,100 +473,47 @@ void spmm(const ActCSR& a, int64_t R, int64_t K, const float* D, int64_t N, int6
       s0 = nstrips * tid / nt;
       s1 = nstrips * (tid + 1) / nt;
     } else {
-      act_rows(a.ptr, R, 8, tid, nt, &r0, &r1);
+      act_rows(ch.rowptr, R, 8, tid, nt, &r0, &r1);
     }
-    ActWork ws;
     if (single) {
       for (int64_t b0 = r0; b0 < r1; b0 += RB) {
         const int64_t b1 = std::min(r1, b0 + RB);
         for (int64_t s = 0; s < nstrips; ++s) {
           const int64_t c0 = s * W;
-          const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
-          spmm_strip_n<V>(nv, ch, b0, b1, K, D, ldd, c0, bias, C, ldc, ws, packed + s * K * W);
+          with_strip<V>(strip_vectors(N8, c0), [&](auto lt, auto nl) {
+            using L = typename decltype(lt)::type;
+            spmm_chunk_lanes<L, decltype(nl)::value>(ch, 0, b0, b1, packed + s * K * W, true, bias ? bias + c0 : nullptr,
+                                                     C + b0 * ldc + c0, ldc, stream);
+          });
         }
-        if (N8 < N) spmm_tail(a, b0, b1, D, ldd, N8, N, bias, C, ldc);
+        if (N8 < N) spmm_tail(ch, b0, b1, D, ldd, N8, N, bias, C, ldc);
       }
+      if (stream) V::stream_fence();
     } else {
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t c0 = s * W;
-        const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
-        spmm_strip_n<V>(nv, ch, r0, r1, K, D, ldd, c0, bias, C, ldc, ws, nullptr);
-      }
-      if (N8 < N && (!by_strip || tid == nt - 1)) spmm_tail(a, r0, r1, D, ldd, N8, N, bias, C, ldc);
-    }
-  }
-}
-
-// ---- dsd: out[p] += <P[r, c0 : c0 + 8 NV], Q[idx[p], c0 : ...]> for the nonzeros of rows [r0, r1) ----
-
-// on NL vectors of L (V, or V::W16 on the 16-lane path) a strip row; each partial dot product folded to
-// 8 lanes for V::hsum8
-template <class V, class L, int NL>
-void sddmm_strip_lanes(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
-                       const float* Q, int64_t ldq, int64_t c0, float* out, ActWork& ws) {
-  using reg = typename L::reg;
-  constexpr int LN = L::lanes;
-  constexpr int W = LN * NL;
-  float* pbuf = act_aligned(ws.panel, static_cast<size_t>(std::min(K, KC) * W));
-  for (int64_t c = 0; c < a.nch; ++c) {
-    const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
-    act_pack(Q, ldq, k0, k1, c0, W, pbuf);
-    const float* panel = pbuf - k0 * W;
-    const int64_t* cp = a.ptr.data() + c * a.R;
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t p = cp[r];
-      const int64_t q = cp[r + 1];
-      if (p == q) continue;
-      reg pv[NL];
-      for (int v = 0; v < NL; ++v) pv[v] = L::load(P + r * ldp + c0 + LN * v);
-      // eight nonzeros at a time: eight partial vectors, one horizontal sum
-      for (; p < q; p += 8) {
-        const int g = static_cast<int>(std::min<int64_t>(8, q - p));
-        typename V::reg part[8];
-        for (int i = 0; i < 8; ++i) {
-          if (i < g) {
-            const float* d = panel + static_cast<int64_t>(a.idx[p + i]) * W;
-            reg s0 = L::mul(pv[0], L::load(d));
-            reg s1 = NL > 1 ? L::mul(pv[1], L::load(d + LN)) : L::zero();
-            for (int v = 2; v + 1 < NL; v += 2) {
-              s0 = L::fma(pv[v], L::load(d + LN * v), s0);
-              s1 = L::fma(pv[v + 1], L::load(d + LN * v + LN), s1);
-            }
-            if (NL > 2 && NL % 2) s0 = L::fma(pv[NL - 1], L::load(d + LN * (NL - 1)), s0);
-            part[i] = L::fold(L::add(s0, s1));
-          } else {
-            part[i] = V::zero();
-          }
+      const int64_t nr = r1 - r0;
+      const int G = act_group(nr);
+      std::vector<float> pkv, cbv;
+      float* pk = act_aligned(pkv, static_cast<size_t>(G * KC * W));
+      float* cb = act_aligned(cbv, static_cast<size_t>(std::max<int64_t>(1, nr) * G * W));
+      for (int64_t g0 = s0; g0 < s1; g0 += G) {
+        const int g = static_cast<int>(std::min<int64_t>(G, s1 - g0));
+        const int64_t c0 = g0 * W, gw = std::min(N8, c0 + g * W) - c0;  // the group's columns
+        for (int64_t i = 0; i < nr; ++i)
+          for (int64_t j = 0; j < gw; ++j) cb[i * G * W + j] = bias ? bias[c0 + j] : 0.f;
+        for (int64_t c = 0; c < ch.nch; ++c) {
+          const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+          act_pack_group(D, ldd, k0, k1, c0, N8, g, pk);
+          for (int i = 0; i < g; ++i)
+            with_strip<V>(strip_vectors(N8, c0 + i * W), [&](auto lt, auto nl) {
+              using L = typename decltype(lt)::type;
+              spmm_chunk_lanes<L, decltype(nl)::value>(ch, c, r0, r1, pk + i * KC * W, false, nullptr, cb + i * W, G * W,
+                                                       false);
+            });
         }
-        alignas(32) float h[8];
-        V::store(h, V::hsum8(part));
-        for (int i = 0; i < g; ++i) out[p + i] += h[i];
+        for (int64_t r = r0; r < r1; ++r) std::memcpy(C + r * ldc + c0, cb + (r - r0) * G * W, sizeof(float) * gw);
       }
+      if (N8 < N && (!by_strip || tid == nt - 1)) spmm_tail(ch, r0, r1, D, ldd, N8, N, bias, C, ldc);
     }
-  }
-}
-
-template <class V, int NV>
-void sddmm_strip(const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp, const float* Q,
-                 int64_t ldq, int64_t c0, float* out, ActWork& ws) {
-  if constexpr (V::wide && NV % 2 == 0)
-    sddmm_strip_lanes<V, typename V::W16, NV / 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-  else
-    sddmm_strip_lanes<V, V, NV>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-}
-
-template <class V>
-void sddmm_strip_n(int nv, const ActChunks& a, int64_t r0, int64_t r1, int64_t K, const float* P, int64_t ldp,
-                   const float* Q, int64_t ldq, int64_t c0, float* out, ActWork& ws) {
-  switch (nv) {
-    case 8: return sddmm_strip<V, 8>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    case 7: return sddmm_strip<V, 7>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    case 6: return sddmm_strip<V, 6>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    case 5: return sddmm_strip<V, 5>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    case 4: return sddmm_strip<V, 4>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    case 3: return sddmm_strip<V, 3>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    case 2: return sddmm_strip<V, 2>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
-    default: return sddmm_strip<V, 1>(a, r0, r1, K, P, ldp, Q, ldq, c0, out, ws);
   }
 }
 
@@ -517,37 +631,74 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
 template <class V>
 int64_t act_spmm_t(const float* x, int64_t B, int64_t K, int64_t ldx, ActSel sel, const float* wt, int64_t N,
                    const float* bias, float* y, int64_t ldy, int nthreads) {
-  ActCSR a;
-  act_csr(x, B, K, ldx, sel, a, nthreads);
-  spmm<V>(a, B, K, wt, N, N, bias, y, ldy, nthreads);
-  return a.ptr[B];
+  ActChunks ch;
+  act_chunks(x, B, K, ldx, sel, ch, nthreads);
+  spmm<V>(ch, K, wt, N, N, bias, y, ldy, nthreads);
+  return ch.rowptr[B];
 }
 
 template <class V>
 void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx,
                ActSel sel, const float* wt, float* dx, int64_t lddx, int nthreads) {
-  ActCSR a;
-  act_csr(x, B, K, ldx, sel, a, nthreads);
   ActChunks ch;
-  act_chunk(a, B, K, ch, nthreads);
-  // the dot products, in ch's order
-  std::vector<float> dv(ch.idx.size(), 0.f);
+  act_chunks(x, B, K, ldx, sel, ch, nthreads);
   const int64_t N8 = N / 8 * 8;
+  constexpr int64_t W = 8 * STRIP;
+  const int64_t nstrips = (N8 + W - 1) / W;
+  // the threads split the strips when there are enough (each then reads its own columns of wt, and sums its
+  // own partial dot products, added up at the end), else the rows (each then reads all of wt)
+  const int nt_max = std::max(1, nthreads);
+  const bool by_strip = nstrips >= 2 * nt_max;
+  // the dot products, in ch's order: one partial sum per thread when the threads split the strips
+  const int64_t nnz = static_cast<int64_t>(ch.idx.size());
+  std::vector<float> dv(static_cast<size_t>(nnz * (by_strip ? nt_max : 1)), 0.f);
+  int used = 1;
 #pragma omp parallel num_threads(nthreads)
   {
-    int64_t r0, r1;
-    act_rows(a.ptr, B, 8, act_tid(), act_nt(), &r0, &r1);
-    ActWork ws;
-    for (int64_t c0 = 0; c0 < N8; c0 += 8 * STRIP) {
-      const int nv = static_cast<int>(std::min<int64_t>(STRIP, (N8 - c0) / 8));
-      sddmm_strip_n<V>(nv, ch, r0, r1, K, dy, ldd, wt, N, c0, dv.data(), ws);
+    const int tid = act_tid(), nt = act_nt();
+    int64_t r0 = 0, r1 = B, s0 = 0, s1 = nstrips;
+    if (by_strip) {
+      s0 = nstrips * tid / nt;
+      s1 = nstrips * (tid + 1) / nt;
+#pragma omp single
+      used = nt;
+    } else {
+      act_rows(ch.rowptr, B, 8, tid, nt, &r0, &r1);
     }
-    for (int64_t r = r0; r < r1; ++r) {
+    float* out = dv.data() + (by_strip ? tid * nnz : 0);
+    const int G = 8;
+    std::vector<float> pkv;
+    float* pk = act_aligned(pkv, static_cast<size_t>(G * KC * W));
+    for (int64_t g0 = s0; g0 < s1; g0 += G) {
+      const int g = static_cast<int>(std::min<int64_t>(G, s1 - g0));
+      const int64_t c0 = g0 * W;
+      for (int64_t c = 0; c < ch.nch; ++c) {
+        const int64_t k0 = c * KC, k1 = std::min(K, k0 + KC);
+        act_pack_group(wt, N, k0, k1, c0, N8, g, pk);
+        const int whole = static_cast<int>(std::min<int64_t>(g, (N8 - c0) / W));  // the strips 8 STRIP wide
+        if (whole > 0)
+          with_lanes<V, STRIP>([&](auto lt, auto nl) {
+            using L = typename decltype(lt)::type;
+            sddmm_group_lanes<V, L, decltype(nl)::value>(ch, c, r0, r1, dy + c0, ldd, pk, whole, out);
+          });
+        for (int i = whole; i < g; ++i)
+          with_strip<V>(strip_vectors(N8, c0 + i * W), [&](auto lt, auto nl) {
+            using L = typename decltype(lt)::type;
+            sddmm_chunk_lanes<V, L, decltype(nl)::value>(ch, c, r0, r1, dy + c0 + i * W, ldd, pk + i * KC * W, out);
+          });
+      }
+    }
+#pragma omp barrier
+    // each thread writes its rows of dx: the partial sums added, the scalar tail, zeros elsewhere
+    int64_t w0, w1;
+    act_rows(ch.rowptr, B, 8, tid, nt, &w0, &w1);
+    for (int64_t r = w0; r < w1; ++r) {
       float* d = dx + r * lddx;
       std::memset(d, 0, sizeof(float) * K);
       for (int64_t c = 0; c < ch.nch; ++c)
         for (int64_t p = ch.ptr[c * B + r]; p < ch.ptr[c * B + r + 1]; ++p) {
           float s = dv[p];
+          for (int u = 1; u < used; ++u) s += dv[u * nnz + p];
           const float* q = wt + static_cast<int64_t>(ch.idx[p]) * N;
           for (int64_t j = N8; j < N; ++j) s += dy[r * ldd + j] * q[j];
           d[ch.idx[p]] = s;
@@ -559,10 +710,10 @@ void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
 template <class V>
 void act_sdd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx,
                ActSel sel, float* dwt, int nthreads) {
-  ActCSR a, t;
-  act_csr(x, B, K, ldx, sel, a, nthreads);
-  act_transpose(a, B, K, t);
-  spmm<V>(t, K, B, dy, N, ldd, nullptr, dwt, N, nthreads);
+  ActChunks a, t;
+  act_chunks(x, B, K, ldx, sel, a, nthreads);
+  act_transpose(a, K, t, nthreads);
+  spmm<V>(t, B, dy, N, ldd, nullptr, dwt, N, nthreads);
 }
 
 }  // namespace

@@ -14,6 +14,9 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "csr.h"
 #include "fewbit.h"
@@ -79,6 +82,22 @@ float* float_output(py::array& a, const char* name, int64_t n0, int64_t n1, int 
   if (!a.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
   check_aligned(a, name);
   return static_cast<float*>(a.mutable_data());
+}
+
+// advises a large output onto transparent huge pages before a kernel first writes it (only where the system
+// leaves THP to madvise or always; the 2 MB-aligned interior of the array, and nothing else, is advised). a
+// fresh output, as torch.empty gives, is faulted in and zeroed by the kernel page by page on first write:
+// 65536 faults for a 256 MB weight gradient on 4 KB pages, 128 on 2 MB ones (NOTE: act_sdd's dweight_t
+// [16384, 4096], 2 threads, Xeon: 102-193 ms with a fresh output, 48 ms advised, 24 ms reusing one)
+void advise_huge_pages(py::array& a) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto p = reinterpret_cast<uintptr_t>(a.mutable_data());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + static_cast<uintptr_t>(a.nbytes())) & ~(kHuge - 1);
+  if (e >= b + 4 * kHuge) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice: a failure is harmless
+#else
+  (void)a;
+#endif
 }
 
 template <class T>
@@ -896,6 +915,7 @@ void act_dsd(const py::array& dy, const py::array& x, const py::array& threshold
                           std::to_string(D.cols));
   float* DX = float_output(dx, "dx", X.rows, X.cols, 2);
   check_out(dx, "dx", {span(dy, "dy"), span(x, "x"), span(threshold, "threshold"), span(weight_t, "weight_t")});
+  advise_huge_pages(dx);
   py::gil_scoped_release release;
   sparseops::act_dsd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, W, DX, X.cols, threads(nthreads));
 }
@@ -910,6 +930,7 @@ void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold
   const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
   float* DW = float_output(dweight_t, "dweight_t", X.cols, D.cols, 2);
   check_out(dweight_t, "dweight_t", {span(dy, "dy"), span(x, "x"), span(threshold, "threshold")});
+  advise_huge_pages(dweight_t);
   py::gil_scoped_release release;
   sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
 }

@@ -103,6 +103,10 @@ struct VecPortable {
   static inline void store(float* p, const reg& a) {
     for (int i = 0; i < 8; ++i) p[i] = a.v[i];
   }
+  // a store that bypasses the caches, for a large output written once (p aligned to sizeof(reg)); then
+  // stream_fence before the output is read. here a plain store
+  static inline void stream(float* p, const reg& a) { store(p, a); }
+  static inline void stream_fence() {}
   static inline reg bcast(float s) {
     reg r;
     for (int i = 0; i < 8; ++i) r.v[i] = s;
@@ -367,6 +371,8 @@ struct VecAVX2 {
   static inline reg zero() { return _mm256_setzero_ps(); }
   static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static inline void stream(float* p, reg a) { _mm256_stream_ps(p, a); }  // p 32-byte aligned
+  static inline void stream_fence() { _mm_sfence(); }
   static inline reg bcast(float s) { return _mm256_set1_ps(s); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
@@ -818,6 +824,7 @@ struct VecAVX512 : VecAVX2 {
     static inline reg zero() { return wzero(); }
     static inline reg load(const float* p) { return wload(p); }
     static inline void store(float* p, reg a) { wstore(p, a); }
+    static inline void stream(float* p, reg a) { _mm512_stream_ps(p, a); }  // p 64-byte aligned
     static inline reg bcast(float s) { return wbcast(s); }
     static inline reg fma(reg a, reg b, reg c) { return wfma(a, b, c); }
     static inline reg add(reg a, reg b) { return wadd(a, b); }

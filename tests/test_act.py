@@ -323,6 +323,11 @@ DIRECT = [
     pytest.param(37, 1000, 37, True, False, 0.5, 2, id="B37-in1000-out37-chan-t2"),
     pytest.param(40, 300, 517, False, True, 0.5, 2, id="B40-in300-out517-relu-t2-strips"),
     pytest.param(300, 40, 517, False, False, 0.5, 2, id="B300-in40-out517-t2-strips"),
+    # 33 strips, the last 48 columns wide: two groups of up to 8 strips per thread, a narrow strip in a group
+    pytest.param(40, 300, 2100, True, True, 0.9, 2, id="B40-in300-out2100-chan-relu-t2-groups"),
+    # dweight_t [4100, 1030] is over 16 MB: sdd writes it with streaming stores (rows alternate between
+    # 64-byte aligned, streamed, and not, stored plainly)
+    pytest.param(8, 4100, 1030, False, True, 0.9, 2, id="B8-in4100-out1030-relu-t2-streamed"),
 ]
 
 
