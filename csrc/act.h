@@ -36,6 +36,10 @@ void act_dsd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x,
 // weight gradient: dwt [K, N] = s(x)ᵀ @ dy, through s(x)'s columns; rows no input activates are 0.
 void act_sdd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx, ActSel sel,
              float* dwt, int nthreads);
+// both gradients in one pass (act_dsd's dx and act_sdd's dwt): each active (b, j) reads row b of dy once
+// for both. dx and dwt must not overlap each other or the inputs.
+void act_backward(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx,
+                  ActSel sel, const float* wt, float* dx, int64_t lddx, float* dwt, int nthreads);
 
 #define SPARSEOPS_ACT_DECLARE(suffix)                                                                              \
   int64_t act_gemv_##suffix(const float*, int64_t, int64_t, int64_t, ActSel, const float*, int64_t, const float*,  \
@@ -46,7 +50,10 @@ void act_sdd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x,
                             float*, int64_t, int);                                                                  \
   void act_dsd_##suffix(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, ActSel,           \
                         const float*, float*, int64_t, int);                                                        \
-  void act_sdd_##suffix(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, ActSel, float*, int);
+  void act_sdd_##suffix(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, ActSel, float*, \
+                        int);                                                                                     \
+  void act_backward_##suffix(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, ActSel,      \
+                             const float*, float*, int64_t, float*, int);
 
 SPARSEOPS_ACT_DECLARE(portable)
 #if defined(SPARSEOPS_HAVE_AVX2)

@@ -935,6 +935,32 @@ void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold
   sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
 }
 
+// both gradients in one call: dx as act_dsd, dweight_t as act_sdd
+void act_backward(const py::array& dy, const py::array& x, const py::array& threshold, bool relu,
+                  const py::array& weight_t, py::array& dx, py::array& dweight_t, int nthreads) {
+  const Mat X = row_matrix(x, "x");
+  const Mat D = row_matrix(dy, "dy");
+  if (D.rows != X.rows)
+    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
+  if (D.rows > INT32_MAX) throw py::value_error("dy: at most 2^31 - 1 rows");
+  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
+  const float* W = act_weight(weight_t, X.cols);
+  if (weight_t.shape(1) != D.cols)
+    throw py::value_error("dy: expected " + std::to_string(weight_t.shape(1)) + " columns (weight_t's), got " +
+                          std::to_string(D.cols));
+  float* DX = float_output(dx, "dx", X.rows, X.cols, 2);
+  float* DW = float_output(dweight_t, "dweight_t", X.cols, D.cols, 2);
+  const std::vector<Span> reads = {span(dy, "dy"), span(x, "x"), span(threshold, "threshold"), span(weight_t, "weight_t")};
+  std::vector<Span> with_dw = reads;
+  with_dw.push_back(span(dweight_t, "dweight_t"));
+  check_out(dx, "dx", with_dw);
+  check_out(dweight_t, "dweight_t", reads);
+  advise_huge_pages(dx);
+  advise_huge_pages(dweight_t);
+  py::gil_scoped_release release;
+  sparseops::act_backward(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, W, DX, X.cols, DW, threads(nthreads));
+}
+
 // y = s(x) @ M + bias, M = Wᵀ as CSR [K, N] (ptr, col = output index, val): both sparsities skipped.
 // the kernel checks the index rows it follows (the union's) before it writes anything; when that fails,
 // check_csr runs over the whole index to name the first bad entry
@@ -1493,6 +1519,9 @@ act_gemv. Reads only the rows of weight_t the union activates. Returns the union
   m.def("act_sdd", &act_sdd, py::arg("dy"), py::arg("x"), py::arg("threshold"), py::arg("relu"),
         py::arg("dweight_t").noconvert(), py::arg("nthreads"),
         R"(dweight_t[in, out] = s(x)ᵀ @ dy through s(x)'s nonzeros; rows of inputs no row activates are 0.)");
+  m.def("act_backward", &act_backward, py::arg("dy"), py::arg("x"), py::arg("threshold"), py::arg("relu"),
+        py::arg("weight_t"), py::arg("dx").noconvert(), py::arg("dweight_t").noconvert(), py::arg("nthreads"),
+        R"(act_dsd's dx and act_sdd's dweight_t in one pass over s(x)'s nonzeros.)");
   m.def("act_csr_gemv", &act_csr_gemv, py::arg("x"), py::arg("threshold"), py::arg("relu"), py::arg("t_crow"),
         py::arg("t_col"), py::arg("t_values"), py::arg("out_features"), py::arg("bias"), py::arg("y").noconvert(),
         py::arg("nthreads"));

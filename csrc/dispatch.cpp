@@ -333,4 +333,16 @@ void act_sdd(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x,
   act_sdd_portable(dy, B, N, ldd, x, K, ldx, sel, dwt, nthreads);
 }
 
+void act_backward(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* x, int64_t K, int64_t ldx,
+                  ActSel sel, const float* wt, float* dx, int64_t lddx, float* dwt, int nthreads) {
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512)
+    return act_backward_avx512(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, dwt, nthreads);
+#endif
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return act_backward_avx2(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, dwt, nthreads);
+#endif
+  act_backward_portable(dy, B, N, ldd, x, K, ldx, sel, wt, dx, lddx, dwt, nthreads);
+}
+
 }  // namespace sparseops

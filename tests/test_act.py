@@ -353,6 +353,10 @@ def test_act_binding_writes_every_output_element(isa, batch, in_f, out_f, chan, 
     dw = _nan(in_f, out_f)
     _C.act_sdd(dy, x, thr, relu, dw, nt)
     assert_close_rms(torch.from_numpy(dw), c.sdd_ref(), torch.float32, name="act_sdd dweight_t")
+    dx, dw = _nan(batch, in_f), _nan(in_f, out_f)
+    _C.act_backward(dy, x, thr, relu, w, dx, dw, nt)
+    assert_close_rms(torch.from_numpy(dx), c.dsd_ref(), torch.float32, name="act_backward dx")
+    assert_close_rms(torch.from_numpy(dw), c.sdd_ref(), torch.float32, name="act_backward dweight_t")
 
 
 @needs_cpp
@@ -556,6 +560,8 @@ def _opcheck_cases():
             cases.append(pytest.param(op, (c.dy, c.x, c.w, c.thr, relu), id=f"{op}-{tag}"))
         for op in ("act_sdd", "act_sdd_host"):
             cases.append(pytest.param(op, (c.dy, c.x, c.thr, relu), id=f"{op}-{tag}"))
+        for op in ("act_backward", "act_backward_host"):
+            cases.append(pytest.param(op, (c.dy, c.x, c.w, c.thr, relu), id=f"{op}-{tag}"))
     return cases
 
 
@@ -697,6 +703,53 @@ def test_act_binding_rejects_malformed_arguments(kernel, name, exc, changes):
         _call(kernel, a, out)
     base = out.base if out.base is not None else out
     assert np.isnan(base).all(), "the output was written although an error was raised"
+
+
+def _backward_bad():
+    dx, dy = _overlapping((_BB, _K), (_BB, _N))
+    dw, x = _overlapping((_K, _N), (_BB, _K))
+    dx2, dw2 = _overlapping((_BB, _K), (_K, _N))
+    dw3, wt = _overlapping((_K, _N), (_K, _N))
+    return [
+        pytest.param("dx", ValueError, {"dx": dx, "dy": dy}, id="dx-overlaps-dy"),
+        pytest.param("dweight_t", ValueError, {"dweight_t": dw, "x": x}, id="dweight_t-overlaps-x"),
+        pytest.param("dweight_t", ValueError, {"dweight_t": dw3, "weight_t": wt}, id="dweight_t-overlaps-weight_t"),
+        pytest.param("dx", ValueError, {"dx": dx2, "dweight_t": dw2}, id="dx-overlaps-dweight_t"),
+        pytest.param("dx", ValueError, {"dx": _nan(_BB, _N)}, id="dx-wrong-shape"),
+        pytest.param("dx", ValueError, {"dx": _readonly((_BB, _K))}, id="dx-read-only"),
+        pytest.param("dweight_t", ValueError, {"dweight_t": _nan(_K, _N + 1)}, id="dweight_t-wrong-shape"),
+        pytest.param("dweight_t", TypeError, {"dweight_t": _nan(_K, _N, dtype=np.float64)}, id="dweight_t-float64"),
+        pytest.param("dy", ValueError, {"dy": np.zeros((_BB, _N + 1), np.float32)}, id="dy-wrong-columns"),
+        pytest.param("dy", ValueError, {"dy": np.zeros((_BB + 1, _N), np.float32)}, id="dy-wrong-rows"),
+        pytest.param("weight_t", ValueError, {"weight_t": np.zeros((_K - 1, _N), np.float32)}, id="weight_t-wrong-rows"),
+        pytest.param("threshold", ValueError, {"threshold": np.zeros(_K + 1, np.float32)}, id="threshold-wrong-length"),
+        pytest.param("x", TypeError, {"x": np.zeros((_BB, _K), np.float64)}, id="x-float64"),
+    ]
+
+
+@needs_cpp
+def test_act_backward_binding_matches_both_gradients():
+    a = _binding_args()
+    dx, dw = _nan(_BB, _K), _nan(_K, _N)
+    _C.act_backward(a["dy"], a["x"], a["threshold"], False, a["weight_t"], dx, dw, 2)
+    t = {k: torch.from_numpy(v).double() for k, v in a.items()}
+    assert_close_rms(torch.from_numpy(dx), R.act_dsd(t["dy"], t["x"], t["weight_t"], t["threshold"][0], False),
+                     torch.float32, name="dx")
+    assert_close_rms(torch.from_numpy(dw), R.act_sdd(t["dy"], t["x"], t["threshold"][0], False), torch.float32,
+                     name="dweight_t")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name,exc,changes", _backward_bad())
+def test_act_backward_binding_rejects_malformed_arguments(name, exc, changes):
+    a = _binding_args()
+    a["dx"], a["dweight_t"] = _nan(_BB, _K), _nan(_K, _N)
+    a.update(changes)
+    with pytest.raises(exc, match=rf"^{name}:"):
+        _C.act_backward(a["dy"], a["x"], a["threshold"], False, a["weight_t"], a["dx"], a["dweight_t"], 2)
+    for out in ("dx", "dweight_t"):  # NaN buffers (the overlapping ones entirely), so a write shows
+        base = a[out].base if a[out].base is not None else a[out]
+        assert np.isnan(base).all(), f"{out} was written although an error was raised"
 
 
 # ---- ActivationSparseLinear against fp64 autograd ----

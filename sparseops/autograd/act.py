@@ -6,6 +6,7 @@
   constant off it), so a ReLU in front of the layer costs nothing extra in backward.
 - dW: ``act_sdd``, ``s(x)ᵀ @ dy`` through s(x)'s nonzeros only, returned as the gradient of the
   transposed weight ``Wᵀ [in, out]`` (the layout the layer stores).
+- both: ``act_backward``, the two above in one pass (each active input reads its row of dy once for both).
 - the bias gradient is a sum over rows; the threshold gets none.
 
 What backward keeps of x: in relu mode on eager CPU, s(x) compressed, not x. The kernels above need only
@@ -51,9 +52,11 @@ class ActLinearFunction(torch.autograd.Function):
         x, weight_t, threshold = saved_with_input(ctx)  # x or s(x): the kernels below give the same for both
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
-        if need_x:
+        if need_x and need_w:
+            dx, dw = act_ops.backward(dy, x, weight_t, threshold, ctx.relu)
+        elif need_x:
             dx = act_ops.dsd(dy, x, weight_t, threshold, ctx.relu)
-        if need_w:
+        elif need_w:
             dw = act_ops.sdd(dy, x, threshold, ctx.relu)
         if need_b and ctx.has_bias:
             db = dy.sum(0)

@@ -3,6 +3,7 @@
 - ``sparseops::act_dds``: forward ``y [B, out] = s(x) @ weight_t + bias``, skipping inactive inputs;
 - ``sparseops::act_dsd``: input gradient ``(dy @ weight_tᵀ) ⊙ mask``, computed on the active entries only;
 - ``sparseops::act_sdd``: weight gradient ``dweight_t [in, out] = s(x)ᵀ @ dy`` through s(x)'s nonzeros;
+- ``sparseops::act_backward``: both gradients, ``(act_dsd, act_sdd)``, in one pass (the layer's backward);
 - ``sparseops::act_csr_dds``: the forward with an unstructured sparse weight, skipping both sparsities
   (see the end of this file).
 
@@ -171,6 +172,34 @@ def _(dy, x, threshold, relu):
     return dy.new_empty(x.shape[1], dy.shape[1])
 
 
+def _backward_reference(dy, x, weight_t, threshold, relu):
+    return reference.act_dsd(dy, x, weight_t, threshold, relu), reference.act_sdd(dy, x, threshold, relu)
+
+
+@torch.library.custom_op("sparseops::act_backward_host", mutates_args=())
+def act_backward_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    return _backward_reference(dy, x, weight_t, threshold, relu)
+
+
+@act_backward_host.register_kernel("cpu")
+@checked(lambda dy, x, weight_t, threshold, relu: _check_act(x, dy=dy, weight_t=weight_t, threshold=threshold),
+         ok=lambda dy, x, weight_t, threshold, relu: _act_ok(x, dy=dy, weight_t=weight_t, threshold=threshold))
+@half_via_fp32
+def _act_backward_cpu(dy, x, weight_t, threshold, relu):
+    if not _use_cpp(dy, x, weight_t):
+        return _backward_reference(dy, x, weight_t, threshold, relu)
+    dx = torch.empty(x.shape, dtype=torch.float32, device=_CPU)
+    dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32, device=_CPU)
+    _C.act_backward(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), _np(dx),
+                    _np(dw), _threads(2 * x.numel() * dy.shape[1]))
+    return dx, dw
+
+
+@act_backward_host.register_fake
+def _(dy, x, weight_t, threshold, relu):
+    return x.new_empty(x.shape), dy.new_empty(x.shape[1], dy.shape[1])
+
+
 # ---- public ops: cuda -> triton (forward) or reference (gradients), else -> host op ----
 
 
@@ -200,10 +229,20 @@ def act_sdd(dy: Tensor, x: Tensor, threshold: Tensor, relu: bool) -> Tensor:
     return act_sdd_host(dy, x, threshold, relu)
 
 
+@triton_op("sparseops::act_backward")
+def act_backward(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    """Both gradients, ``(act_dsd, act_sdd)``, in one pass: on CPU each active ``(b, j)`` reads row ``b`` of ``dy``
+    once for both, and only the rows of ``weight_t`` that some row activates are read."""
+    if dy.device.type == "cuda":
+        return _backward_reference(dy, x, weight_t, threshold, relu)
+    return act_backward_host(dy, x, weight_t, threshold, relu)
+
+
 # eager cpu calls go straight to the c++ kernels (see ops.csr)
 act_dds.register_kernel("cpu")(_act_dds_cpu)
 act_dsd.register_kernel("cpu")(_act_dsd_cpu)
 act_sdd.register_kernel("cpu")(_act_sdd_cpu)
+act_backward.register_kernel("cpu")(_act_backward_cpu)
 
 
 def dds(x, weight_t, bias, threshold, relu: bool) -> Tensor:
@@ -220,6 +259,14 @@ def dsd(dy, x, weight_t, threshold, relu: bool) -> Tensor:
     if _eager_cuda(dy):
         return act_dsd.body(dy, x, weight_t, threshold, relu)
     return torch.ops.sparseops.act_dsd(dy, x, weight_t, threshold, relu)
+
+
+def backward(dy, x, weight_t, threshold, relu: bool) -> tuple[Tensor, Tensor]:
+    if _eager_cpu(dy):
+        return _act_backward_cpu.unchecked(dy, x, weight_t, threshold, relu)
+    if _eager_cuda(dy):
+        return act_backward.body(dy, x, weight_t, threshold, relu)
+    return torch.ops.sparseops.act_backward(dy, x, weight_t, threshold, relu)
 
 
 def sdd(dy, x, threshold, relu: bool) -> Tensor:
