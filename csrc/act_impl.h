@@ -15,8 +15,10 @@
 // - dsd: the same walk, but each active (b, j) reduces dy's strip against wt's strip (sampled dense-dense):
 //   eight nonzeros at a time, reduced with one horizontal 8x8 sum; with the strips split between threads,
 //   each keeps its own partial sums, added at the end.
-// - sdd: dwt = s(x)ᵀ @ dy is the spmm above on s(x)'s transpose (by a counting sort), which is one panel
-//   deep (K is the batch): all of dy is packed once, and C is written with streaming stores.
+// - sdd: dwt = s(x)ᵀ @ dy is the spmm above on s(x)'s transpose (by a counting sort). up to a batch of KC
+//   it is one panel deep (K is the batch): all of dy is packed once, and C, when 16 MB or more, is written
+//   with streaming stores; larger batches take the group walk.
+// - backward: dsd and sdd in one pass over s(x)'s transpose, input by input (act_backward_t).
 // everything sits in an unnamed namespace, so the avx2 and portable translation units keep their own
 // copies (no inline function compiled with -mavx2 can be merged into the portable path).
 #pragma once
@@ -39,7 +41,7 @@
 namespace sparseops {
 namespace {
 
-constexpr int64_t KC = 256;  // rows of D per panel: 256 x 64 x 4 B = 64 KB, an l2-resident panel
+constexpr int64_t KC = 256;  // rows of D per panel: a strip's panel is 256 x 64 x 4 B = 64 KB, l2-resident
 constexpr int STRIP = 8;     // vectors per strip of C (64 floats)
 constexpr int64_t PREFETCH = 4;  // rows of wt the gemv prefetches ahead
 
@@ -144,9 +146,15 @@ void act_chunks(const float* x, int64_t B, int64_t K, int64_t ldx, const ActSel&
           }
           return m;
         });
-        const int64_t q = ch.ptr[c * B + b];
-        std::memcpy(ch.idx.data() + q, ti, sizeof(int32_t) * n);
-        std::memcpy(ch.val.data() + q, tv, sizeof(float) * n);
+        // the counted size bounds the copy, and a short fill is padded with in-chunk zeros: x is read twice,
+        // and a caller changing it in between must not make a kernel read out of bounds
+        const int64_t q = ch.ptr[c * B + b], cnt = ch.ptr[c * B + b + 1] - q, m = std::min(n, cnt);
+        std::memcpy(ch.idx.data() + q, ti, sizeof(int32_t) * m);
+        std::memcpy(ch.val.data() + q, tv, sizeof(float) * m);
+        for (int64_t i = m; i < cnt; ++i) {
+          ch.idx[q + i] = static_cast<int32_t>(k0);
+          ch.val[q + i] = 0.f;
+        }
       }
     }
   }
@@ -215,11 +223,6 @@ inline void act_rows(const std::vector<int64_t>& ptr, int64_t R, int64_t row_cos
   *r1 = cut(tid + 1);
 }
 
-// per-thread buffers: the packed panel of D, the strip of C while it accumulates over panels, cursors
-struct ActWork {
-  std::vector<float> panel, cbuf;
-};
-
 // a 64-byte aligned pointer into v (sized n + 16 floats)
 inline float* act_aligned(std::vector<float>& v, size_t n) {
   v.resize(n + 16);
@@ -227,19 +230,13 @@ inline float* act_aligned(std::vector<float>& v, size_t n) {
   return reinterpret_cast<float*>((a + 63) & ~static_cast<uintptr_t>(63));
 }
 
-// rows [k0, k1) x columns [c0, c0 + w) of D (row stride ldd) -> p [k1 - k0][w], contiguous. the rows of
-// D are often a multiple of 4 KB apart, which puts a panel read in place into a handful of cache sets
-// (NOTE: 256 x 16384 @ 16384 x 4096 at 10%, 1 thread: 315 ms reading the panel in place, 246 ms packed;
-// the panel-major index of ActChunks then took it to 137 ms)
-inline void act_pack(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_t c0, int w, float* p) {
-  for (int64_t k = k0; k < k1; ++k) std::memcpy(p + (k - k0) * w, D + k * ldd + c0, sizeof(float) * w);
-}
-
 // the group panel: rows [k0, k1) of D (row stride ldd) x g strips of 8 STRIP columns from column c0 (the last
 // one may be narrower: N8 ends it), strip-major: strip i at pk + i KC 8 STRIP, its rows contiguous at its own
 // width. each row of D is read as one run of up to 8 STRIP g floats, which the hardware prefetchers follow
 // (NOTE: one 256-byte run a row, 16 KB apart, read Wᵀ [16384, 4096] at about 10 GB/s: 25 ms of the 50 ms
-// forward at 256 x 16384 10%, 2 threads, Xeon)
+// forward at 256 x 16384 10%, 2 threads, Xeon). packed, because the rows of D are often a multiple of 4 KB
+// apart, which puts a panel read in place into a handful of cache sets (NOTE: 256 x 16384 @ 16384 x 4096
+// at 10%, 1 thread, Zen3: 315 ms reading the panel in place, 246 ms packed)
 inline void act_pack_group(const float* D, int64_t ldd, int64_t k0, int64_t k1, int64_t c0, int64_t N8, int g,
                            float* pk) {
   constexpr int64_t W = 8 * STRIP;
@@ -434,7 +431,7 @@ inline void spmm_tail(const ActChunks& a, int64_t r0, int64_t r1, const float* D
 }
 
 // strips per group for a thread with nr rows: the group's block of C (nr rows x 8 STRIP g floats) stays
-// within 512 KB of l2; at least one strip
+// within 512 KB (l2 holds it beside the group's panel, up to another 512 KB); at least one strip
 inline int act_group(int64_t nr) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, (512 << 10) / (std::max<int64_t>(1, nr) * 8 * STRIP * 4))));
 }
@@ -500,7 +497,7 @@ void spmm(const ActChunks& ch, int64_t K, const float* D, int64_t N, int64_t ldd
       std::vector<float> pkv, cbv;
       float* pk = act_aligned(pkv, static_cast<size_t>(G * KC * W));
       float* cb = act_aligned(cbv, static_cast<size_t>(std::max<int64_t>(1, nr) * G * W));
-      for (int64_t g0 = s0; g0 < s1; g0 += G) {
+      for (int64_t g0 = s0; g0 < s1 && nr > 0; g0 += G) {  // no rows: nothing to pack for
         const int g = static_cast<int>(std::min<int64_t>(G, s1 - g0));
         const int64_t c0 = g0 * W, gw = std::min(N8, c0 + g * W) - c0;  // the group's columns
         for (int64_t i = 0; i < nr; ++i)
@@ -522,6 +519,17 @@ void spmm(const ActChunks& ch, int64_t K, const float* D, int64_t N, int64_t ldd
   }
 }
 
+// rows [r0, r1) of dx: zeros, then value(r, p) at each active entry p of row r (p in ch's order)
+template <class F>
+void act_write_rows(const ActChunks& ch, int64_t r0, int64_t r1, int64_t K, float* dx, int64_t lddx, F&& value) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = dx + r * lddx;
+    std::memset(d, 0, sizeof(float) * K);
+    for (int64_t c = 0; c < ch.nch; ++c)
+      for (int64_t p = ch.ptr[c * ch.R + r]; p < ch.ptr[c * ch.R + r + 1]; ++p) d[ch.idx[p]] = value(r, p);
+  }
+}
+
 // ---- backward: dx = (dy @ wtᵀ) ⊙ mask and dwt = s(x)ᵀ @ dy in one pass, input by input ----
 //
 // row j of dwt sums dy's rows b over the inputs (b, j) that are active, and each such entry of dx is the
@@ -529,7 +537,8 @@ void spmm(const ActChunks& ch, int64_t K, const float* D, int64_t N, int64_t ldd
 // blocks of NB (dy's [B, NB] block packed, l2-resident); for every input j of a thread the active rows b
 // go eight at a time over the block: dwt's row accumulates in an l1 buffer (the last group writes it out,
 // streamed when dwt is large), and eight dot products accumulate in registers. only the rows of wt with an
-// active input are read, each once per block in one contiguous run (the next one prefetched), not packed.
+// active input are read, each once per block in one contiguous run (the next row's run prefetched during
+// the first group of this one), not packed.
 // NOTE: 256 x 16384 -> 4096 at 10%, 2 threads, Xeon: 62 ms against 51 (dsd) + 27 (sdd, reused output);
 // at 0.05% active, 12 ms against 22 + 9.
 
@@ -597,7 +606,8 @@ void act_backward_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const fl
   const int64_t nnz = t.rowptr[K];
   std::vector<float> dvt(static_cast<size_t>(std::max<int64_t>(1, nnz)), 0.f);  // dx's entries, in t's order
   const int64_t NV = N / LN * LN;  // the vector columns; the rest go scalar
-  // dy's block [B, NB] within 1 MB of l2; NB a multiple of LN, from LN to 1024
+  // dy's block [B, NB] within 1 MB of l2 (more when B > 1 MB / (4 LN): NB stops at LN); NB a multiple of LN,
+  // from LN to 1024
   const int64_t NB = std::min(std::max<int64_t>(LN, NV),
                               std::max<int64_t>(LN, std::min<int64_t>(1024, (int64_t(1) << 20) / (4 * std::max<int64_t>(1, B)) / LN * LN)));
   const bool stream = K * N * static_cast<int64_t>(sizeof(float)) >= (16 << 20);
@@ -661,12 +671,7 @@ void act_backward_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const fl
     for (int64_t q = 0; q < nnz; ++q) a.val[pos[q]] = dvt[q];
     int64_t r0, r1;
     act_rows(a.rowptr, B, 8, tid, nt, &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) {
-      float* d = dx + r * lddx;
-      std::memset(d, 0, sizeof(float) * K);
-      for (int64_t c = 0; c < a.nch; ++c)
-        for (int64_t p = a.ptr[c * B + r]; p < a.ptr[c * B + r + 1]; ++p) d[a.idx[p]] = a.val[p];
-    }
+    act_write_rows(a, r0, r1, K, dx, lddx, [&](int64_t, int64_t p) { return a.val[p]; });
   }
 }
 
@@ -822,7 +827,7 @@ void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
     const int G = 8;
     std::vector<float> pkv;
     float* pk = act_aligned(pkv, static_cast<size_t>(G * KC * W));
-    for (int64_t g0 = s0; g0 < s1; g0 += G) {
+    for (int64_t g0 = s0; g0 < s1 && r0 < r1; g0 += G) {  // no rows: nothing to pack for
       const int g = static_cast<int>(std::min<int64_t>(G, s1 - g0));
       const int64_t c0 = g0 * W;
       for (int64_t c = 0; c < ch.nch; ++c) {
@@ -845,18 +850,13 @@ void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
     // each thread writes its rows of dx: the partial sums added, the scalar tail, zeros elsewhere
     int64_t w0, w1;
     act_rows(ch.rowptr, B, 8, tid, nt, &w0, &w1);
-    for (int64_t r = w0; r < w1; ++r) {
-      float* d = dx + r * lddx;
-      std::memset(d, 0, sizeof(float) * K);
-      for (int64_t c = 0; c < ch.nch; ++c)
-        for (int64_t p = ch.ptr[c * B + r]; p < ch.ptr[c * B + r + 1]; ++p) {
-          float s = dv[p];
-          for (int u = 1; u < used; ++u) s += dv[u * nnz + p];
-          const float* q = wt + static_cast<int64_t>(ch.idx[p]) * N;
-          for (int64_t j = N8; j < N; ++j) s += dy[r * ldd + j] * q[j];
-          d[ch.idx[p]] = s;
-        }
-    }
+    act_write_rows(ch, w0, w1, K, dx, lddx, [&](int64_t r, int64_t p) {
+      float s = dv[p];
+      for (int u = 1; u < used; ++u) s += dv[u * nnz + p];
+      const float* q = wt + static_cast<int64_t>(ch.idx[p]) * N;
+      for (int64_t j = N8; j < N; ++j) s += dy[r * ldd + j] * q[j];
+      return s;
+    });
   }
 }
 

@@ -902,54 +902,59 @@ int64_t act_spmm(const py::array& x, const py::array& threshold, bool relu, cons
   return act_forward(sparseops::act_spmm, x, threshold, relu, weight_t, bias, y, nthreads);
 }
 
-void act_dsd(const py::array& dy, const py::array& x, const py::array& threshold, bool relu,
-             const py::array& weight_t, py::array& dx, int nthreads) {
+// the operands every activation-sparse gradient reads: x and dy with as many rows, the sparsifier, and
+// (weight_t given) the weight, [in, dy's columns]. transposed: the kernel indexes the rows of x in int32
+struct ActGrad {
+  Mat X, D;
+  sparseops::ActSel sel;
+  const float* W;
+};
+
+ActGrad act_grad(const py::array& dy, const py::array& x, const py::array& threshold, bool relu,
+                 const py::array* weight_t, bool transposed) {
   const Mat X = row_matrix(x, "x");
   const Mat D = row_matrix(dy, "dy");
   if (D.rows != X.rows)
     throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
+  if (transposed && D.rows > INT32_MAX) throw py::value_error("dy: at most 2^31 - 1 rows");
   const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
-  const float* W = act_weight(weight_t, X.cols);
-  if (weight_t.shape(1) != D.cols)
-    throw py::value_error("dy: expected " + std::to_string(weight_t.shape(1)) + " columns (weight_t's), got " +
-                          std::to_string(D.cols));
-  float* DX = float_output(dx, "dx", X.rows, X.cols, 2);
+  const float* W = nullptr;
+  if (weight_t) {
+    W = act_weight(*weight_t, X.cols);
+    if (weight_t->shape(1) != D.cols)
+      throw py::value_error("dy: expected " + std::to_string(weight_t->shape(1)) + " columns (weight_t's), got " +
+                            std::to_string(D.cols));
+  }
+  return {X, D, sel, W};
+}
+
+void act_dsd(const py::array& dy, const py::array& x, const py::array& threshold, bool relu,
+             const py::array& weight_t, py::array& dx, int nthreads) {
+  const ActGrad g = act_grad(dy, x, threshold, relu, &weight_t, false);
+  float* DX = float_output(dx, "dx", g.X.rows, g.X.cols, 2);
   check_out(dx, "dx", {span(dy, "dy"), span(x, "x"), span(threshold, "threshold"), span(weight_t, "weight_t")});
   advise_huge_pages(dx);
   py::gil_scoped_release release;
-  sparseops::act_dsd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, W, DX, X.cols, threads(nthreads));
+  sparseops::act_dsd(g.D.p, g.D.rows, g.D.cols, g.D.s0, g.X.p, g.X.cols, g.X.s0, g.sel, g.W, DX, g.X.cols,
+                     threads(nthreads));
 }
 
 void act_sdd(const py::array& dy, const py::array& x, const py::array& threshold, bool relu, py::array& dweight_t,
              int nthreads) {
-  const Mat X = row_matrix(x, "x");
-  const Mat D = row_matrix(dy, "dy");
-  if (D.rows != X.rows)
-    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
-  if (D.rows > INT32_MAX) throw py::value_error("dy: at most 2^31 - 1 rows");
-  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
-  float* DW = float_output(dweight_t, "dweight_t", X.cols, D.cols, 2);
+  const ActGrad g = act_grad(dy, x, threshold, relu, nullptr, true);
+  float* DW = float_output(dweight_t, "dweight_t", g.X.cols, g.D.cols, 2);
   check_out(dweight_t, "dweight_t", {span(dy, "dy"), span(x, "x"), span(threshold, "threshold")});
   advise_huge_pages(dweight_t);
   py::gil_scoped_release release;
-  sparseops::act_sdd(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, DW, threads(nthreads));
+  sparseops::act_sdd(g.D.p, g.D.rows, g.D.cols, g.D.s0, g.X.p, g.X.cols, g.X.s0, g.sel, DW, threads(nthreads));
 }
 
 // both gradients in one call: dx as act_dsd, dweight_t as act_sdd
 void act_backward(const py::array& dy, const py::array& x, const py::array& threshold, bool relu,
                   const py::array& weight_t, py::array& dx, py::array& dweight_t, int nthreads) {
-  const Mat X = row_matrix(x, "x");
-  const Mat D = row_matrix(dy, "dy");
-  if (D.rows != X.rows)
-    throw py::value_error("dy: expected " + std::to_string(X.rows) + " rows to match x, got " + std::to_string(D.rows));
-  if (D.rows > INT32_MAX) throw py::value_error("dy: at most 2^31 - 1 rows");
-  const sparseops::ActSel sel = act_sel(threshold, X.cols, relu);
-  const float* W = act_weight(weight_t, X.cols);
-  if (weight_t.shape(1) != D.cols)
-    throw py::value_error("dy: expected " + std::to_string(weight_t.shape(1)) + " columns (weight_t's), got " +
-                          std::to_string(D.cols));
-  float* DX = float_output(dx, "dx", X.rows, X.cols, 2);
-  float* DW = float_output(dweight_t, "dweight_t", X.cols, D.cols, 2);
+  const ActGrad g = act_grad(dy, x, threshold, relu, &weight_t, true);
+  float* DX = float_output(dx, "dx", g.X.rows, g.X.cols, 2);
+  float* DW = float_output(dweight_t, "dweight_t", g.X.cols, g.D.cols, 2);
   const std::vector<Span> reads = {span(dy, "dy"), span(x, "x"), span(threshold, "threshold"), span(weight_t, "weight_t")};
   std::vector<Span> with_dw = reads;
   with_dw.push_back(span(dweight_t, "dweight_t"));
@@ -958,7 +963,8 @@ void act_backward(const py::array& dy, const py::array& x, const py::array& thre
   advise_huge_pages(dx);
   advise_huge_pages(dweight_t);
   py::gil_scoped_release release;
-  sparseops::act_backward(D.p, D.rows, D.cols, D.s0, X.p, X.cols, X.s0, sel, W, DX, X.cols, DW, threads(nthreads));
+  sparseops::act_backward(g.D.p, g.D.rows, g.D.cols, g.D.s0, g.X.p, g.X.cols, g.X.s0, g.sel, g.W, DX, g.X.cols, DW,
+                          threads(nthreads));
 }
 
 // y = s(x) @ M + bias, M = Wᵀ as CSR [K, N] (ptr, col = output index, val): both sparsities skipped.

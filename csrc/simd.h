@@ -817,7 +817,7 @@ struct VecAVX512 : VecAVX2 {
   static inline wreg wfma(wreg a, wreg b, wreg c) { return _mm512_fmadd_ps(a, b, c); }
   static inline wreg wadd(wreg a, wreg b) { return _mm512_add_ps(a, b); }
   // the 16-lane operations under the 8-lane names, for the loops written once over a lane type
-  // (rows_tile_lanes, sdd_tiles_lanes, spmm_strip_lanes, sddmm_strip_lanes)
+  // (rows_tile_lanes, sdd_tiles_lanes, spmm_chunk_lanes, sddmm_chunk_lanes, sddmm_group_lanes, bwd_group)
   struct W16 {
     using reg = __m512;
     static constexpr int lanes = 16;

@@ -1,6 +1,7 @@
 """Autograd for the activation-sparse linear layer ``y = s(x) @ Wᵀ + b`` (see ``reference.act``).
 
-- forward: ``act_dds``, which skips the rows of ``Wᵀ`` whose input is inactive; saves x (not s(x)).
+- forward: ``act_dds``, which skips the rows of ``Wᵀ`` whose input is inactive; saves x, or s(x)
+  compressed (see below).
 - dX: ``act_dsd``, ``(dy @ W) ⊙ mask``, one dot product per *active* input and nothing for the rest:
   the sparsifier's own derivative is its mask (``s`` is the identity or ReLU on the active set and
   constant off it), so a ReLU in front of the layer costs nothing extra in backward.
