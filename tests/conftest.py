@@ -27,6 +27,16 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _no_dense_fallback(monkeypatch):
+    """The activation-sparse ops' dense fallback (``ops.act.DENSE_FALLBACK``) is off, so that a test of a large,
+    dense-ish batch on an AVX-512 CPU runs the C++ kernels it means to test; its own tests turn it back on."""
+    import sparseops.ops.act as act
+
+    monkeypatch.setattr(act, "DENSE_FALLBACK", False)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
     """Allocations made through torch.empty* inside sparseops come back filled with NaN.
 

@@ -752,6 +752,81 @@ def test_act_backward_binding_rejects_malformed_arguments(name, exc, changes):
         assert np.isnan(base).all(), f"{out} was written although an error was raised"
 
 
+# ---- the dense fallback of large, dense-ish batches on an AVX-512 CPU (ops.act.DENSE_FALLBACK) ----
+
+
+class _KernelSpy:
+    """Stands in for _C in ops.act: records which kernels ran, and runs the real ones."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if not name.startswith("act_"):
+            return fn
+
+        def call(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return call
+
+
+@needs_cpp
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512-cpu", "other-cpu"])
+@pytest.mark.parametrize("sp", [0.2, 0.9], ids=["80pct-active", "10pct-active"])
+def test_dense_fallback_runs_dense_gemms_only_above_the_crossover(monkeypatch, avx512, sp):
+    monkeypatch.setattr(ops_act, "DENSE_FALLBACK", True)
+    monkeypatch.setattr(ops_act, "_avx512_cpu", lambda: avx512)
+    spy = _KernelSpy(ops_act._C)
+    monkeypatch.setattr(ops_act, "_C", spy)
+    c = Case(64, 100, 77, False, False, sp, zero_row=False)  # a magnitude threshold: sp of the inputs inactive
+    y = ops_act.dds(c.x, c.w, c.bias, c.thr, False)
+    dx, dw = ops_act.backward(c.dy, c.x, c.w, c.thr, False)
+    dense = avx512 and sp == 0.2
+    assert ("act_spmm" in spy.calls) != dense and ("act_backward" in spy.calls) != dense, spy.calls
+    assert_close_rms(y, c.dds_ref(c.bias), torch.float32, name="y")
+    assert_close_rms(dx, c.dsd_ref(), torch.float32, name="dx")
+    assert_close_rms(dw, c.sdd_ref(), torch.float32, name="dweight_t")
+    # an inactive input's gradient is exactly 0, even where dy @ weight_tᵀ overflows
+    huge = torch.full_like(c.dy, 3e38)
+    dx_inf, _ = ops_act.backward(huge, c.x, c.w, c.thr, False)
+    assert (dx_inf[~c.mask()] == 0).all()
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "magnitude"])
+@pytest.mark.parametrize("thr", ["zero", "negative", "positive", "channel"])
+def test_dense_fallback_mask_is_the_reference_mask(relu, thr):
+    x = torch.randn(37, 300)
+    x[0, :5] = float("nan")
+    x[1, :5] = -0.0
+    x[2, :5] = 0.0
+    x[3, :5] = float("inf")
+    t = {"zero": torch.tensor(0.0), "negative": torch.tensor(-0.5), "positive": torch.tensor(0.7),
+         "channel": torch.rand(300) - 0.3}[thr]
+    x[4] = t.expand(300)  # exactly at the threshold: inactive
+    got, want = ops_act._masked(x, t, relu), R.act_mask(x, t, relu)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_dense_fallback_crossover_falls_with_the_batch():
+    assert ops_act._dense_bwd_density(64) == 0.5
+    assert ops_act._dense_bwd_density(256) == pytest.approx(0.4)
+    assert ops_act._dense_bwd_density(1024) == pytest.approx(0.2)
+
+
+def test_dense_fallback_density_sample():
+    x = torch.zeros(256, 40)
+    x[:, :10] = 1.0  # a quarter active in every row
+    assert ops_act._density(x, torch.tensor(0.5), True) == pytest.approx(0.25)
+    assert ops_act._density(x[:0], torch.tensor(0.5), True) == 0.0
+    # wide rows are sampled by column too, each column against its own threshold
+    x = torch.ones(64, 10000)
+    thr = torch.where(torch.arange(10000) % 2 == 0, 2.0, 0.5)  # the even columns inactive
+    assert ops_act._density(x, thr, False) == pytest.approx(0.5, abs=0.01)
+
+
 # ---- ActivationSparseLinear against fp64 autograd ----
 
 MODES = ("relu", "tensor", "channel", "topk")

@@ -16,7 +16,8 @@ A bf16/fp16 ``weight_t`` is read as it is by the decode kernel (widened to fp32 
 other bf16/fp16 products run the fp32 kernels on fp32 copies (``ops.csr.half_via_fp32``).
 CUDA: the forward is the Triton split-K GEMV of ``kernels.act`` (the union again); the two gradients run
 the reference (dense GEMMs masked), since GPU training with a sparse input has no kernel here yet.
-Other dtypes (fp64) and devices take the reference.
+Other dtypes (fp64) and devices take the reference. On a CPU with AVX-512, a batch over ``GEMV_MAX_ROWS`` rows whose
+sampled share of active inputs is above the measured crossover runs masked dense GEMMs instead (``DENSE_FALLBACK``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,57 @@ from .csr import _CPP_HALF, _CPU, _HALF, _eager_cpu, _eager_cuda, _np, _threads,
 # rows up to which the CPU forward reads the union of the rows' active inputs (one pass over those rows
 # of weight_t for all rows) rather than each row's own; the issue's decode range is 1 to 32 tokens
 GEMV_MAX_ROWS = 32
+
+
+# ---- the dense fallback of large batches ----
+#
+# Above a share of active inputs, the activation-sparse products of a large batch lose to torch's dense GEMMs on a CPU
+# with AVX-512 (README, "dense fallback"; Xeon, 2 threads, fp32, forward / backward ms, sparse against dense):
+# - forward: 72 vs 95 at 30% active, 109 vs 95 at 50% (B=256, 16384->4096); 60 vs 85 and 98 vs 85 (B=1024, 4096^2);
+# - backward: 196 vs 237 at 30%, 282 vs 239 at 50% (B=256); 262 vs 196 at 30%, 76 vs 189 at 10% (B=1024); at B=64
+#   the sparse one still wins at 50% (25 vs 31).
+# There, a product whose batch is above GEMV_MAX_ROWS and whose sampled density is above the crossover runs the
+# masked dense GEMMs (the reference's math in fp32) instead. On a CPU without AVX-512 torch's dense kernels are about
+# half as fast and the crossover was not measured: nothing changes there. ``DENSE_FALLBACK = False`` turns it off.
+DENSE_FALLBACK = True
+DENSE_FWD_DENSITY = 0.42
+
+
+def _dense_bwd_density(batch: int) -> float:
+    # about 0.4 at B=256, 0.2 at B=1024, at most 0.5 (B=64 still wins at 0.5)
+    return min(0.5, 0.4 * (256 / max(1, batch)) ** 0.5)
+
+
+def _density(x: Tensor, threshold: Tensor, relu: bool) -> float:
+    """The share of active inputs in a sample of ``x``: up to 16 evenly spaced rows, up to ~4096 evenly spaced
+    columns of each (0.85 ms at 256 x 16384 with every column, 0.24 ms so). The column step is odd, so a pattern
+    that repeats every 2^k channels (heads, interleaving) is not sampled on one phase only."""
+    step = max(1, x.shape[1] // 4096) | 1
+    sample = x[:: max(1, x.shape[0] // 16)][:16, ::step]
+    if sample.numel() == 0:
+        return 0.0
+    thr = threshold if threshold.numel() == 1 else threshold.reshape(-1)[::step]
+    return reference.act_mask(sample, thr, relu)[1].float().mean().item()
+
+
+def _masked(x: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    """``reference.act_mask`` for fp32 ``x`` in two passes (one compare, one select): 24 -> 6 ms at 256 x 16384."""
+    thr = threshold.to(torch.float32)
+    if relu:  # active iff x > 0 and x > threshold, i.e. x > max(threshold, 0); NaN never
+        mask = x > thr.clamp(min=0)
+    else:
+        mask = x.abs() > thr
+    return torch.where(mask, x, 0.0), mask
+
+
+def _avx512_cpu() -> bool:
+    # the CPU's, not the kernel path chosen (set_isa): torch's dense kernels use AVX-512 whatever ours use
+    return _C is not None and _C.best_isa() == "avx512"
+
+
+def _dense_wins(x: Tensor, threshold: Tensor, relu: bool, limit: float) -> bool:
+    return (DENSE_FALLBACK and x.shape[0] > GEMV_MAX_ROWS and _avx512_cpu()
+            and _density(x, threshold, relu) > limit)
 
 
 def _thr(threshold: Tensor) -> Tensor:
@@ -113,6 +165,9 @@ def _act_dds_cpu(x, weight_t, bias, threshold, relu):
 def _act_dds_cpu32(x, weight_t, bias, threshold, relu):
     if not _use_cpp(x, weight_t, *(() if bias is None else (bias,))):
         return reference.act_dds(x, weight_t, bias, threshold, relu)
+    if _dense_wins(x, threshold, relu, DENSE_FWD_DENSITY):
+        xs = _masked(x, threshold, relu)[0]
+        return xs @ weight_t if bias is None else torch.addmm(bias, xs, weight_t)
     B, K = x.shape
     N = weight_t.shape[1]
     y = torch.empty(B, N, dtype=torch.float32, device=_CPU)
@@ -188,6 +243,10 @@ def act_backward_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor
 def _act_backward_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
         return _backward_reference(dy, x, weight_t, threshold, relu)
+    if _dense_wins(x, threshold, relu, _dense_bwd_density(x.shape[0])):
+        xs, mask = _masked(x, threshold, relu)
+        # where, not a product with the mask: an inf in dy @ weight_tᵀ must give 0 at an inactive input, as the kernel
+        return torch.where(mask, dy @ weight_t.t(), 0.0), xs.t() @ dy
     dx = torch.empty(x.shape, dtype=torch.float32, device=_CPU)
     dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32, device=_CPU)
     _C.act_backward(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), _np(dx),
