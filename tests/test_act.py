@@ -810,6 +810,45 @@ def test_dense_fallback_mask_is_the_reference_mask(relu, thr):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+def test_dense_fallback_mask_rounds_a_float64_threshold_as_the_kernels():
+    x = torch.tensor([[0.1, 0.2, -0.1]])
+    thr = torch.tensor(0.1, dtype=torch.float64)  # fp32(0.1) > 0.1 in float64, == in float32
+    got = ops_act._masked(x, thr, False)[1]
+    assert torch.equal(got, R.act_mask(x, thr.float(), False)[1]) and not got[0, 0]
+    c = Case(3, 3, 4, False, False, 0.5)
+    kernel = ops_act.dsd(torch.ones(1, 4), x, c.w[:3, :4].contiguous(), thr.float(), False)
+    assert torch.equal(kernel != 0, got)
+
+
+@pytest.fixture
+def forced_dense(monkeypatch):
+    """The dense fallback on, whatever the CPU and the density."""
+    monkeypatch.setattr(ops_act, "DENSE_FALLBACK", True)
+    monkeypatch.setattr(ops_act, "_avx512_cpu", lambda: True)
+    monkeypatch.setattr(ops_act, "DENSE_FWD_DENSITY", -1.0)
+    monkeypatch.setattr(ops_act, "_dense_bwd_density", lambda batch: -1.0)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("chan,relu,bias", [(False, True, True), (True, False, False)], ids=["relu-bias", "chan-nobias"])
+def test_dense_fallback_strided_inputs(forced_dense, layout, chan, relu, bias):
+    c = Case(37, 300, 77, chan, relu, 0.5)
+    x, dy = LAYOUTS[layout](c.x), LAYOUTS[layout](c.dy)
+    b = c.bias if bias else None
+    assert_close_rms(ops_act.dds(x, c.w, b, c.thr, relu), c.dds_ref(b), torch.float32, name="y")
+    dx, dw = ops_act.backward(dy, x, c.w, c.thr, relu)
+    assert dx.is_contiguous() and dw.is_contiguous()
+    assert_close_rms(dx, c.dsd_ref(), torch.float32, name="dx")
+    assert_close_rms(dw, c.sdd_ref(), torch.float32, name="dweight_t")
+
+
+@pytest.mark.parametrize("op", ["act_dds", "act_dds_host", "act_backward", "act_backward_host"])
+def test_dense_fallback_opcheck(forced_dense, op):
+    c = Case(35, 9, 16, True, False, 0.5)
+    args = (c.x, c.w, c.bias, c.thr, False) if op.startswith("act_dds") else (c.dy, c.x, c.w, c.thr, False)
+    torch.library.opcheck(getattr(OPS, op), args)
+
+
 def test_dense_fallback_crossover_falls_with_the_batch():
     assert ops_act._dense_bwd_density(64) == 0.5
     assert ops_act._dense_bwd_density(256) == pytest.approx(0.4)
@@ -820,6 +859,9 @@ def test_dense_fallback_density_sample():
     x = torch.zeros(256, 40)
     x[:, :10] = 1.0  # a quarter active in every row
     assert ops_act._density(x, torch.tensor(0.5), True) == pytest.approx(0.25)
+    x = torch.zeros(47, 40)
+    x[-1] = 1.0  # only the last row active: sampled (1 of 16 rows)
+    assert ops_act._density(x, torch.tensor(0.5), True) == pytest.approx(1 / 16)
     assert ops_act._density(x[:0], torch.tensor(0.5), True) == 0.0
     # wide rows are sampled by column too, each column against its own threshold
     x = torch.ones(64, 10000)

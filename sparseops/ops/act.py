@@ -16,8 +16,9 @@ A bf16/fp16 ``weight_t`` is read as it is by the decode kernel (widened to fp32 
 other bf16/fp16 products run the fp32 kernels on fp32 copies (``ops.csr.half_via_fp32``).
 CUDA: the forward is the Triton split-K GEMV of ``kernels.act`` (the union again); the two gradients run
 the reference (dense GEMMs masked), since GPU training with a sparse input has no kernel here yet.
-Other dtypes (fp64) and devices take the reference. On a CPU with AVX-512, a batch over ``GEMV_MAX_ROWS`` rows whose
-sampled share of active inputs is above the measured crossover runs masked dense GEMMs instead (``DENSE_FALLBACK``).
+Other dtypes (fp64) and devices take the reference. On a CPU with AVX-512, the forward and the fused backward of a
+batch over ``GEMV_MAX_ROWS`` rows whose sampled share of active inputs is above the measured crossover run masked dense
+GEMMs instead (``DENSE_FALLBACK``).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ GEMV_MAX_ROWS = 32
 # ---- the dense fallback of large batches ----
 #
 # Above a share of active inputs, the activation-sparse products of a large batch lose to torch's dense GEMMs on a CPU
-# with AVX-512 (README, "dense fallback"; Xeon, 2 threads, fp32, forward / backward ms, sparse against dense):
+# with AVX-512 (README, "dense fallback"; Xeon, 2 threads, fp32, ms, sparse against dense, from a sweep of the layer's
+# training step with fresh gradients: backward = step - forward):
 # - forward: 72 vs 95 at 30% active, 109 vs 95 at 50% (B=256, 16384->4096); 60 vs 85 and 98 vs 85 (B=1024, 4096^2);
 # - backward: 196 vs 237 at 30%, 282 vs 239 at 50% (B=256); 262 vs 196 at 30%, 76 vs 189 at 10% (B=1024); at B=64
 #   the sparse one still wins at 50% (25 vs 31).
-# There, a product whose batch is above GEMV_MAX_ROWS and whose sampled density is above the crossover runs the
-# masked dense GEMMs (the reference's math in fp32) instead. On a CPU without AVX-512 torch's dense kernels are about
-# half as fast and the crossover was not measured: nothing changes there. ``DENSE_FALLBACK = False`` turns it off.
+# There the forward (act_dds) and the fused backward (act_backward) of a batch above GEMV_MAX_ROWS whose sampled density
+# is above the crossover run the masked dense GEMMs instead; act_dsd and act_sdd alone (one gradient) and act_csr_dds
+# do not. On a CPU without AVX-512 (or a build without the avx512 path) torch's dense kernels are about half as fast and
+# the crossover was not measured: nothing changes there. ``DENSE_FALLBACK = False`` turns it off.
 DENSE_FALLBACK = True
 DENSE_FWD_DENSITY = 0.42
 
@@ -58,11 +61,12 @@ def _dense_bwd_density(batch: int) -> float:
 
 
 def _density(x: Tensor, threshold: Tensor, relu: bool) -> float:
-    """The share of active inputs in a sample of ``x``: up to 16 evenly spaced rows, up to ~4096 evenly spaced
-    columns of each (0.85 ms at 256 x 16384 with every column, 0.24 ms so). The column step is odd, so a pattern
-    that repeats every 2^k channels (heads, interleaving) is not sampled on one phase only."""
+    """The share of active inputs in a sample of ``x``: up to 16 rows spread from the first to the last, up to ~4096
+    evenly spaced columns of each (0.85 ms at 256 x 16384 with every column, 0.24 ms so). The column step is odd, so
+    a pattern that repeats every 2^k channels (heads, interleaving) is not sampled on one phase only."""
     step = max(1, x.shape[1] // 4096) | 1
-    sample = x[:: max(1, x.shape[0] // 16)][:16, ::step]
+    rows = torch.linspace(0, x.shape[0] - 1, min(16, x.shape[0])).round().long().unique()
+    sample = x[rows][:, ::step]
     if sample.numel() == 0:
         return 0.0
     thr = threshold if threshold.numel() == 1 else threshold.reshape(-1)[::step]
@@ -70,7 +74,9 @@ def _density(x: Tensor, threshold: Tensor, relu: bool) -> float:
 
 
 def _masked(x: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
-    """``reference.act_mask`` for fp32 ``x`` in two passes (one compare, one select): 24 -> 6 ms at 256 x 16384."""
+    """``reference.act_mask`` for fp32 ``x`` in two passes (one compare, one select; 24 -> 8.7 ms at 256 x 16384), with
+    the threshold rounded to fp32 first, as the kernels take it (the reference compares a float64 threshold in
+    float64)."""
     thr = threshold.to(torch.float32)
     if relu:  # active iff x > 0 and x > threshold, i.e. x > max(threshold, 0); NaN never
         mask = x > thr.clamp(min=0)
@@ -80,7 +86,8 @@ def _masked(x: Tensor, threshold: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
 
 
 def _avx512_cpu() -> bool:
-    # the CPU's, not the kernel path chosen (set_isa): torch's dense kernels use AVX-512 whatever ours use
+    # the best path the CPU and the build have, not the one chosen (set_isa): torch's dense kernels use AVX-512
+    # whatever ours use
     return _C is not None and _C.best_isa() == "avx512"
 
 
@@ -245,8 +252,10 @@ def _act_backward_cpu(dy, x, weight_t, threshold, relu):
         return _backward_reference(dy, x, weight_t, threshold, relu)
     if _dense_wins(x, threshold, relu, _dense_bwd_density(x.shape[0])):
         xs, mask = _masked(x, threshold, relu)
-        # where, not a product with the mask: an inf in dy @ weight_tᵀ must give 0 at an inactive input, as the kernel
-        return torch.where(mask, dy @ weight_t.t(), 0.0), xs.t() @ dy
+        # filled, not multiplied by the mask: an inf in dy @ weight_tᵀ must give 0 at an inactive input, as the kernel;
+        # and dx stays row-major whatever x's layout
+        dx = dy @ weight_t.t()
+        return dx.masked_fill_(~mask, 0.0), xs.t() @ dy
     dx = torch.empty(x.shape, dtype=torch.float32, device=_CPU)
     dw = torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32, device=_CPU)
     _C.act_backward(_np(_rows(dy)), _np(_rows(x)), _np(_thr(threshold)), relu, _np(weight_t.contiguous()), _np(dx),
