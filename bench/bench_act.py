@@ -10,8 +10,9 @@ ratios). The issue's cases:
   batch 1, 4096→11008: ``ActivationSparseLinear.from_dense(sparse_linear)`` against the SparseLinear on
   the sparsified input and against dense;
 - training: the second layer of a ReLU MLP (16384→4096, B=256, the pre-activation shifted so that about
-  90% of the ReLU's outputs are 0), forward+backward of ReLU + Linear against ``mode="relu"``, which
-  fuses the ReLU; both produce the gradient of the pre-activation, of W and of b.
+  90% of the ReLU's outputs are 0; also 50% there, and 4096² at B=1024 with 90/70/50%: where the dense
+  fallback takes over), forward+backward of ReLU + Linear against ``mode="relu"``, which fuses the ReLU;
+  both produce the gradient of the pre-activation, of W and of b.
 
 Inputs: every call takes the next of 16 distinct inputs (each provider the same sequence). With one
 fixed input the active rows of W at 90% (18 MB) would stay in the L3 cache from call to call, a saving
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseops
-from shapes import ACT_DECODE_SHAPES, ACT_DECODE_SPARSITIES, ACT_TRAIN_SHAPES, ACT_UNION_SHAPES
+from shapes import ACT_DECODE_SHAPES, ACT_DECODE_SPARSITIES, ACT_TRAIN_CASES, ACT_UNION_SHAPES
 
 THREADS = 2
 POOL = 16
@@ -130,21 +131,21 @@ def test_act_both(benchmark, provider, batch, in_f, out_f, sparsity):
     benchmark.pedantic(run, rounds=60, iterations=1, warmup_rounds=POOL)
 
 
-def make_train(batch, in_f, out_f, seed=0):
+def make_train(batch, in_f, out_f, seed=0, sparsity=0.9):
     g = torch.Generator().manual_seed(seed)
     lin = _weights(in_f, out_f, g)
     layer = sparseops.ActivationSparseLinear.from_dense(lin, mode="relu")
-    # the standard normal's 90% quantile: about 90% of relu(h) is 0
-    h = torch.randn(batch, in_f, generator=g) - 1.2816
+    # shifted down by the standard normal's `sparsity` quantile (1.2816 for 0.9): that share of relu(h) is 0
+    h = torch.randn(batch, in_f, generator=g) - torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(sparsity)).item()
     return lin, layer, h
 
 
 @pytest.mark.parametrize("provider", ["dense", "sparseops"])
 @pytest.mark.parametrize("mode", ["fwdbwd", "fwd"])
-@pytest.mark.parametrize("batch,in_f,out_f", [pytest.param(*s, id="B{}-in{}-out{}".format(*s)) for s in ACT_TRAIN_SHAPES])
-def test_act_train(benchmark, provider, batch, in_f, out_f, mode):
+@pytest.mark.parametrize("batch,in_f,out_f,sp", [pytest.param(*s, id="B{}-in{}-out{}-sp{}".format(*s)) for s in ACT_TRAIN_CASES])
+def test_act_train(benchmark, provider, batch, in_f, out_f, sp, mode):
     torch.set_num_threads(THREADS)
-    lin, layer, h = make_train(batch, in_f, out_f)
+    lin, layer, h = make_train(batch, in_f, out_f, sparsity=sp)
     model = (lambda t: lin(torch.relu(t))) if provider == "dense" else layer
     with torch.no_grad():
         want = lin(torch.relu(h)).double()
@@ -167,7 +168,7 @@ def test_act_train(benchmark, provider, batch, in_f, out_f, mode):
             y.backward(torch.ones_like(y))
             return y
 
-    benchmark.group = f"train-B{batch}-in{in_f}-out{out_f}-{mode}"
+    benchmark.group = f"train-B{batch}-in{in_f}-out{out_f}-sp{sp}-{mode}"
     benchmark.extra_info.update(
         provider=provider, case="relu-train", batch=batch, in_f=in_f, out_f=out_f, sparsity=round(layer.measure(h), 3),
         mode=mode, achieved=layer.measure(h), union_density=layer.union_density(h),

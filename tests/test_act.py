@@ -850,8 +850,8 @@ def test_dense_fallback_opcheck(forced_dense, op):
 
 
 def test_dense_fallback_crossover_falls_with_the_batch():
-    assert ops_act._dense_bwd_density(64) == 0.5
-    assert ops_act._dense_bwd_density(256) == pytest.approx(0.4)
+    assert ops_act._dense_bwd_density(64) == ops_act._dense_bwd_density(256) == pytest.approx(0.6)
+    assert ops_act._dense_bwd_density(512) == pytest.approx(0.4)
     assert ops_act._dense_bwd_density(1024) == pytest.approx(0.2)
 
 

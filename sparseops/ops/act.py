@@ -42,8 +42,8 @@ GEMV_MAX_ROWS = 32
 # ---- the dense fallback of large batches ----
 #
 # Above a share of active inputs, the activation-sparse products of a large batch lose to torch's dense GEMMs on a CPU
-# with AVX-512 (README, "dense fallback"; Xeon, 2 threads, fp32, ms, sparse against dense, from a sweep of the layer's
-# training step with fresh gradients: backward = step - forward):
+# with AVX-512 (README, "dense fallback", with the bench/ratio.py rows it was checked on; Xeon, 2 threads, fp32, ms,
+# sparse against dense, from an ad hoc sweep of the layer's training step, fresh gradients, backward = step - forward):
 # - forward: 72 vs 95 at 30% active, 109 vs 95 at 50% (B=256, 16384->4096); 60 vs 85 and 98 vs 85 (B=1024, 4096^2);
 # - backward: 196 vs 237 at 30%, 282 vs 239 at 50% (B=256); 262 vs 196 at 30%, 76 vs 189 at 10% (B=1024); at B=64
 #   the sparse one still wins at 50% (25 vs 31).
@@ -56,8 +56,9 @@ DENSE_FWD_DENSITY = 0.42
 
 
 def _dense_bwd_density(batch: int) -> float:
-    # about 0.4 at B=256, 0.2 at B=1024, at most 0.5 (B=64 still wins at 0.5)
-    return min(0.5, 0.4 * (256 / max(1, batch)) ** 0.5)
+    # 0.2 at B=1024 (the kernels lose there at 30% active), 0.6 from B=256 down (at 50% active a wash at B=256:
+    # bench/ratio.py --suite act, 398 ms without the fallback against 419 with it, dense 341-345; B=64 wins)
+    return min(0.6, 0.2 * 1024 / max(1, batch))
 
 
 def _density(x: Tensor, threshold: Tensor, relu: bool) -> float:
