@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "tanh_table.h"
+
 namespace sparseops {
 namespace fmath {
 // internal linkage: the avx2 and the portable translation units each keep their own copy (one built
@@ -212,12 +214,14 @@ inline float softplus_f32(float x, double beta, double threshold, double inv) {
 // VecAVX512::F16 (simd.h: 8 and 16 lanes). each step is an ieee operation or an fma, the same ones in
 // the same order on every F, so all paths give the same bits (the few-bit translation units are built
 // with -ffp-contract=off: a multiply and an add the compiler fused would round once where the other
-// paths round twice). bounds below: over all 2^32 floats against long double (bench/cpp/fewbit_exhaustive.cpp).
+// paths round twice). tanh_g runs on F8 alone now (the avx2 path; the others take tanh_tab_f32). bounds
+// below: over all 2^32 floats against long double (bench/cpp/fewbit_exhaustive.cpp).
 // NOTE: on the avx-512 xeon the correctly rounded float64 tanh took 2.1 ms a 4M-element fused pass,
 // 1.6 of it the float64 exp steps (the division another 0.3); torch's float32 tanh forward 0.67 ms,
 // so the few-bit tanh was 0.55-0.62x torch's forward+backward; softplus and logsigmoid likewise
 // (3.5-3.9 ms against torch's 2.8 ms softplus forward). ad hoc, 16 lanes, 4M floats, 2 threads: this
-// tanh 1.2 ms, one with 1.6 ulp (p and t not carried as head + tail) 0.9, one with 2.4 ulp 0.64.
+// tanh 1.2 ms, one with 1.6 ulp (p and t not carried as head + tail) 0.9, one with 2.4 ulp 0.64. the
+// interval table that replaced it on 16 lanes (tanh_tab_f32): 0.62 ms, a copy 0.57, at 0.57 ulp.
 // NOTE: the kernels run these one vector at a time. a lane type of N registers stepped side by side (as
 // sigmoid_n / silu_n in simd.h are written) made tanh slower, 1.35-1.40 → 1.43-1.46 ms on 16 lanes and
 // 2.0 → 3.4 ms on 8 (registers spill); and sigmoid / silu written once over the lane type, one vector at
@@ -273,7 +277,8 @@ inline typename F::reg exp_head_tail_g(typename F::reg y, typename F::reg& ph, t
   return F::template pow2<SHIFT>(k);
 }
 
-// tanh(x) = t / (t + 2), t = e^(2|x|) - 1, with x's sign; every step carried as head + tail where its
+// tanh(x) = t / (t + 2), t = e^(2|x|) - 1, with x's sign (the avx2 path's tanh, on F8; the avx-512 and
+// portable paths take tanh_tab_f32 below: no division, 0.57 ulp); every step carried as head + tail where its
 // rounding would show (within 0.763 ulp of the exact value: faithfully rounded, 0.058% of the floats not
 // the correctly rounded one; torch's float32 tanh is within 1 ulp, the float64 one rounded once that
 // this replaced was correctly rounded but 2.6x slower). with a = min(|x|, 9.1), y = 2a:
@@ -379,7 +384,32 @@ inline typename F::reg logsigmoid_g(typename F::reg x) {
   return F::keep_nan(log1p_exp_neg_g<F, true>(F::abs(x), F::min(x, F::bc(0.0f))), x);
 }
 
-inline float tanh_f32(float x) { return tanh_g<FScalar>(x); }
+// tanh(x) in float32 by interval table (the avx-512 path, VecAVX512::wtanh1 in simd.h, and the portable
+// one; the avx2 path keeps tanh_g above: a 32-entry lookup costs one vpermt2ps on 16 lanes, but four
+// vpermps and three blends on 8). a = min(|x|, 16) picks slot s = (bits(max(a, pred(0.125))) >> 21) & 31
+// (exponent and two mantissa bits: four intervals an octave over [0.125, 16), one slot below 0.125 and
+// one for 16), t = a - ctr[s] (exact), tanh(a) = c0h + (t c1 + (c0l + t^2 (c2 + t (c3 + t (c4 + t (c5 +
+// t c6)))))), with x's sign; csrc/tanh_table.h and tools/fit_tanh_table.py (the fit). no division: the
+// pass runs at the speed of a copy on the xeon. within 0.568 ulp of the exact value over all 2^32 floats
+// (bench/cpp/fewbit_exhaustive.cpp 7), 0.03% of them not the correctly rounded float; nan returns nan (t
+// is nan), ±inf ±1 (a = 16: the constant slot), ±0 itself. every step is an ieee operation or an fma, in
+// the same order as on 16 lanes, so both paths give the same bits
+constexpr float kTanhTabLow = 0x1.fffffep-4f;  // the largest float below 0.125: its slot is the series at 0
+constexpr float kTanhTabClamp = 16.0f;
+inline float tanh_tab_f32(float x) {
+  const float a = std::fabs(x);
+  const float ac = kTanhTabClamp < a ? kTanhTabClamp : a;  // minps(16, a): a nan stays
+  const float ai = ac > kTanhTabLow ? ac : kTanhTabLow;     // maxps(ac, low)
+  uint32_t b;
+  std::memcpy(&b, &ai, 4);
+  const int s = static_cast<int>((b >> 21) & 31u);
+  const float t = ac - kTanhTab[0][s];
+  float r = kTanhTab[kTanhTabRows - 1][s];
+  for (int k = kTanhTabRows - 2; k >= 4; --k) r = std::fmaf(r, t, kTanhTab[k][s]);
+  const float lo = std::fmaf(t * t, r, kTanhTab[2][s]);
+  const float v = kTanhTab[1][s] + std::fmaf(t, kTanhTab[3][s], lo);
+  return std::copysign(v, x);
+}
 inline float softplus1_f32(float x, float threshold) { return softplus1_g<FScalar>(x, threshold); }
 inline float logsigmoid_f32(float x) { return logsigmoid_g<FScalar>(x); }
 

@@ -196,7 +196,7 @@ struct VecPortable {
   template <int N>
   static inline void tanh_n(const reg* x, reg* y) {
     for (int h = 0; h < N; ++h)
-      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::tanh_f32(x[h].v[i]);
+      for (int i = 0; i < 8; ++i) y[h].v[i] = fmath::tanh_tab_f32(x[h].v[i]);
   }
   template <int N>
   static inline void softplus1_n(const reg* x, reg* y, float threshold) {
@@ -1066,9 +1066,39 @@ struct VecAVX512 : VecAVX2 {
     }
     static inline reg keep_nan(reg v, reg x) { return wkeep_nan(v, x); }
   };
+  // fmath.h's tanh_tab_f32 on 16 lanes: each of the table's rows is two zmm, a lookup one vpermt2ps
+  // (the low 5 bits of the slot index pick one of the 32 floats); the same steps in the same order
+  static inline __m512 wtab(int row, __m512i slot) {
+    return _mm512_permutex2var_ps(_mm512_load_ps(fmath::kTanhTab[row]), slot, _mm512_load_ps(fmath::kTanhTab[row] + 16));
+  }
+  static inline __m512 wtanh1(__m512 x) {
+    const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+    const __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
+    const __m512 ac = _mm512_min_ps(_mm512_set1_ps(fmath::kTanhTabClamp), a);  // a nan stays
+    const __m512i slot = _mm512_srli_epi32(_mm512_castps_si512(_mm512_max_ps(ac, _mm512_set1_ps(fmath::kTanhTabLow))), 21);
+    const __m512 t = _mm512_sub_ps(ac, wtab(0, slot));
+    __m512 r = wtab(fmath::kTanhTabRows - 1, slot);
+    for (int k = fmath::kTanhTabRows - 2; k >= 4; --k) r = _mm512_fmadd_ps(r, t, wtab(k, slot));
+    const __m512 lo = _mm512_fmadd_ps(_mm512_mul_ps(t, t), r, wtab(2, slot));
+    const __m512 v = _mm512_add_ps(wtab(1, slot), _mm512_fmadd_ps(t, wtab(3, slot), lo));
+    // v (sign bit clear) with x's sign bit, as copysign
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sign, _mm512_castps_si512(x), _mm512_castps_si512(v), 0xca));
+  }
   template <int N>
   static inline void wtanh_n(const __m512* x, __m512* y) {
-    for (int h = 0; h < N; ++h) y[h] = fmath::tanh_g<F16>(x[h]);
+    for (int h = 0; h < N; ++h) y[h] = wtanh1(x[h]);
+  }
+  // the 8-lane tanh (bf16 / fp16 elements, and one float of a tail) on 16 lanes too, two vectors to a
+  // zmm: the avx-512 path gives tanh_tab_f32's bits for every dtype
+  template <int N>
+  static inline void tanh_n(const reg* x, reg* y) {
+    int h = 0;
+    for (; h + 1 < N; h += 2) {
+      const __m512 v = wtanh1(_mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(x[h])), _mm256_castps_pd(x[h + 1]), 1)));
+      y[h] = _mm512_castps512_ps256(v);
+      y[h + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    }
+    if (h < N) y[h] = _mm512_castps512_ps256(wtanh1(_mm512_zextps256_ps512(x[h])));
   }
   template <int N>
   static inline void wsoftplus1_n(const __m512* x, __m512* y, float threshold) {

@@ -6,7 +6,8 @@
 - ``sparseops::fewbit_fused(x, borders, bits, kind, a, b, codes) -> (y, codes)``: an activation
   and its codes in one pass over x (relu-like clamps, leaky_relu, hardswish, hardsigmoid: torch's
   forward bit for bit; elu, selu, celu, softplus with beta != 1: the correctly rounded one; sigmoid,
-  silu, tanh, logsigmoid and softplus with beta 1: float32 ones within 1.56, 1.13, 0.77, 0.85 and 0.85 ulp).
+  silu, tanh, logsigmoid and softplus with beta 1: float32 ones within 1.56, 1.13, 0.77 (0.57 on the avx-512
+  and portable paths), 0.85 and 0.85 ulp).
 - ``sparseops::csr_dds_fewbit(...) -> (y, codes)``: a sparse linear layer and its activation in
   one op, ``y = act(x Wᵀ + b)``, returning the codes of the pre-activation instead of it.
 
