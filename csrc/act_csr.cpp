@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -81,6 +82,9 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
   }
   int any_bad = 0;
   const int nt_req = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, N / 64 + 1)));
+  // the threads' [T][W + 1] accumulators, one buffer allocated here (a failed allocation inside the region
+  // would terminate the process): thread tid's at T (o0 + tid), disjoint for any team size up to nt_req
+  const std::unique_ptr<float[]> accs(new float[static_cast<size_t>(T * (N + nt_req))]);
 #pragma omp parallel num_threads(nt_req)
   {
 #if defined(_OPENMP)
@@ -91,7 +95,8 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
     const int64_t o0 = N * tid / nt, o1 = N * (tid + 1) / nt, W = o1 - o0;
     // [T][W + 1] accumulators (the last of each row a spare slot for a bad entry, see scatter): at one
     // row and two threads of a 11008-wide layer, 22 KB of l1
-    std::vector<float> acc(static_cast<size_t>(T * (W + 1)));
+    float* acc = accs.get() + T * (o0 + tid);
+    std::memset(acc, 0, sizeof(float) * static_cast<size_t>(T * (W + 1)));
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < W; ++c) acc[t * (W + 1) + c] = bias ? bias[o0 + c] : 0.f;
     for (int64_t q = 0; q < U; ++q) {
@@ -128,7 +133,7 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
       // non-finite weight in a union row gives what the reference gives
       for (int64_t t = 0; t < T; ++t) {
         int64_t prev = o0 - 1;
-        bad |= scatter(lo, v, n, xq[t], acc.data() + t * (W + 1), o0, W, prev);
+        bad |= scatter(lo, v, n, xq[t], acc + t * (W + 1), o0, W, prev);
       }
       if (bad) {
         // nothing is scattered from here on, and no thread writes y
@@ -142,7 +147,7 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
 #pragma omp atomic read
     bad = any_bad;
     if (!bad)
-      for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + o0, acc.data() + t * (W + 1), sizeof(float) * W);
+      for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + o0, acc + t * (W + 1), sizeof(float) * W);
   }
   return any_bad ? -1 : U;
 }

@@ -36,6 +36,7 @@
 
 #include "act.h"
 #include "act_union.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace sparseops {
@@ -180,9 +181,10 @@ void act_transpose(const ActChunks& a, int64_t K, ActChunks& t, int nthreads, in
       }
   act_finish_counts(t);
   if (pos) pos->resize(t.idx.size());
+  const ThreadScratch<int64_t> nexts(nthreads, static_cast<size_t>(t.nch * KC));
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<int64_t> next(static_cast<size_t>(t.nch * KC));
+    int64_t* next = nexts.zeroed(act_tid(), static_cast<size_t>(t.nch * KC));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < a.nch; ++c) {
       // next[(r / rc) KC + j - c KC]: where the next entry of row j of t in chunk r / rc goes
@@ -467,6 +469,12 @@ void spmm(const ActChunks& ch, int64_t K, const float* D, int64_t N, int64_t ldd
   // far larger than the caches, and a plain store first reads every line it writes (NOTE: dwt [16384, 4096]
   // from 256 x 16384 at 10%, 2 threads, Xeon: 40 -> 27 ms, and 31 -> 8 ms with no nonzero at all)
   const bool stream = single && R * N * static_cast<int64_t>(sizeof(float)) >= (16 << 20);
+  // a thread's group panel and C block (cb: max(1, nr) act_group(nr) W floats, nr <= R rows, and
+  // nr act_group(nr) <= 2048 where the group is more than one strip)
+  const bool blocks = !single;
+  const ThreadScratch<float> pks(blocks ? nthreads : 1, blocks ? static_cast<size_t>(8 * KC * W) : 1);
+  const ThreadScratch<float> cbs(blocks ? nthreads : 1,
+                                 blocks ? static_cast<size_t>(std::max<int64_t>(std::max<int64_t>(1, R), (512 << 10) / (8 * STRIP * 4)) * W) : 1);
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
@@ -494,9 +502,8 @@ void spmm(const ActChunks& ch, int64_t K, const float* D, int64_t N, int64_t ldd
     } else {
       const int64_t nr = r1 - r0;
       const int G = act_group(nr);
-      std::vector<float> pkv, cbv;
-      float* pk = act_aligned(pkv, static_cast<size_t>(G * KC * W));
-      float* cb = act_aligned(cbv, static_cast<size_t>(std::max<int64_t>(1, nr) * G * W));
+      float* pk = pks.zeroed(tid, static_cast<size_t>(G * KC * W));
+      float* cb = cbs.zeroed(tid, static_cast<size_t>(std::max<int64_t>(1, nr) * G * W));
       for (int64_t g0 = s0; g0 < s1 && nr > 0; g0 += G) {  // no rows: nothing to pack for
         const int g = static_cast<int>(std::min<int64_t>(G, s1 - g0));
         const int64_t c0 = g0 * W, gw = std::min(N8, c0 + g * W) - c0;  // the group's columns
@@ -611,14 +618,14 @@ void act_backward_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const fl
   const int64_t NB = std::min(std::max<int64_t>(LN, NV),
                               std::max<int64_t>(LN, std::min<int64_t>(1024, (int64_t(1) << 20) / (4 * std::max<int64_t>(1, B)) / LN * LN)));
   const bool stream = K * N * static_cast<int64_t>(sizeof(float)) >= (16 << 20);
+  const ThreadScratch<float> pdys(nthreads, static_cast<size_t>(std::max<int64_t>(1, B) * NB)), rows(nthreads, static_cast<size_t>(NB));
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
     int64_t j0, j1;
     act_rows(t.rowptr, K, 1, tid, nt, &j0, &j1);
-    std::vector<float> pv, rv;
-    float* pdy = act_aligned(pv, static_cast<size_t>(std::max<int64_t>(1, B) * NB));
-    float* row = act_aligned(rv, static_cast<size_t>(NB));
+    float* pdy = pdys.zeroed(tid, static_cast<size_t>(std::max<int64_t>(1, B) * NB));
+    float* row = rows.zeroed(tid, static_cast<size_t>(NB));
     for (int64_t n0 = 0; n0 < NV && j0 < j1; n0 += NB) {
       const int64_t nb = std::min(NB, NV - n0), nvec = nb / LN;
       for (int64_t b = 0; b < B; ++b) std::memcpy(pdy + b * NB, dy + b * ldd + n0, sizeof(float) * nb);
@@ -692,13 +699,14 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
   // [T][OT] accumulators in 8 KB of l1 (OT = 2048 for one or two rows: 8 KB segments of a row of wt)
   const int64_t OT = std::max<int64_t>(64, std::min<int64_t>(2048, 2048 / std::max<int64_t>(1, T) / 8 * 8));
   const int64_t N8 = N / 8 * 8;
+  const ThreadScratch<float> accs(nthreads, static_cast<size_t>(T * OT + 8));
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
     // whole vectors per thread; the scalar tail goes to the last thread
     const int64_t nvec = N8 / 8;
     const int64_t c_begin = nvec * tid / nt * 8, c_end = tid == nt - 1 ? N : nvec * (tid + 1) / nt * 8;
-    std::vector<float> acc(static_cast<size_t>(T * OT + 8));
+    float* acc = accs.zeroed(tid, static_cast<size_t>(T * OT + 8));
     for (int64_t c0 = c_begin; c0 < c_end; c0 += OT) {
       const int64_t w = std::min(OT, c_end - c0);
       const int64_t w8 = std::min(w, std::max<int64_t>(0, N8 - c0)) / 8 * 8;
@@ -721,7 +729,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
           const float* xq = xs.data() + q0;
           const reg a0 = V::bcast(xq[0]), a1 = V::bcast(xq[1]), a2 = V::bcast(xq[2]), a3 = V::bcast(xq[3]);
           const reg a4 = V::bcast(xq[4]), a5 = V::bcast(xq[5]), a6 = V::bcast(xq[6]), a7 = V::bcast(xq[7]);
-          float* o = acc.data();
+          float* o = acc;
           for (int64_t c = 0; c < w8; c += 8) {
             reg r = V::fma(a0, WL::load(wr[0] + c), V::load(o + c));
             r = V::fma(a1, WL::load(wr[1] + c), r);
@@ -761,7 +769,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
         for (; t + 4 <= T; t += 4) {
           const reg a0 = xa(t), a1 = xa(t + 1), a2 = xa(t + 2), a3 = xa(t + 3);
           const reg b0 = xb(t), b1 = xb(t + 1), b2 = xb(t + 2), b3 = xb(t + 3);
-          float *o0 = acc.data() + t * OT, *o1 = o0 + OT, *o2 = o1 + OT, *o3 = o2 + OT;
+          float *o0 = acc + t * OT, *o1 = o0 + OT, *o2 = o1 + OT, *o3 = o2 + OT;
           for (int64_t c = 0; c < w8; c += 8) {
             const reg u = WL::load(w0 + c), v = WL::load(w1 + c);
             V::store(o0 + c, V::fma(b0, v, V::fma(a0, u, V::load(o0 + c))));
@@ -772,7 +780,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
         }
         for (; t < T; ++t) {
           const reg a = xa(t), b = xb(t);
-          float* o = acc.data() + t * OT;
+          float* o = acc + t * OT;
           for (int64_t c = 0; c < w8; c += 8)
             V::store(o + c, V::fma(b, WL::load(w1 + c), V::fma(a, WL::load(w0 + c), V::load(o + c))));
         }
@@ -780,7 +788,7 @@ int64_t act_gemv_t(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel sel
           for (int64_t u = 0; u < T; ++u)
             acc[u * OT + c] += x0[u] * WL::one(w0[c]) + (two ? x1[u] * WL::one(w1[c]) : 0.f);
       }
-      for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + c0, acc.data() + t * OT, sizeof(float) * w);
+      for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * ldy + c0, acc + t * OT, sizeof(float) * w);
     }
   }
   return nnz;
@@ -811,6 +819,7 @@ void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
   const int64_t nnz = static_cast<int64_t>(ch.idx.size());
   std::vector<float> dv(static_cast<size_t>(nnz * (by_strip ? nt_max : 1)), 0.f);
   int used = 1;
+  const ThreadScratch<float> pks(nthreads, static_cast<size_t>(8 * KC * W));
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = act_tid(), nt = act_nt();
@@ -825,8 +834,7 @@ void act_dsd_t(const float* dy, int64_t B, int64_t N, int64_t ldd, const float* 
     }
     float* out = dv.data() + (by_strip ? tid * nnz : 0);
     const int G = 8;
-    std::vector<float> pkv;
-    float* pk = act_aligned(pkv, static_cast<size_t>(G * KC * W));
+    float* pk = pks.zeroed(tid, static_cast<size_t>(G * KC * W));
     for (int64_t g0 = s0; g0 < s1 && r0 < r1; g0 += G) {  // no rows: nothing to pack for
       const int g = static_cast<int>(std::min<int64_t>(G, s1 - g0));
       const int64_t c0 = g0 * W;

@@ -20,7 +20,12 @@
 #include <cstring>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "bsr.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace sparseops {
@@ -73,17 +78,25 @@ void bsr_dds_t(const float* x, int64_t B, int64_t ldx, const float* vals, const 
                int64_t nbr, int b, const float* bias, float* y, int64_t ldy, int nthreads) {
   constexpr int W = 8 * NV;
   const int64_t bb = static_cast<int64_t>(b) * b;
+  // a thread's transposed blocks of one block row, sized for the longest row before the region (a failed
+  // allocation inside it would terminate the process)
+  int64_t max_nb = 1;
+  for (int64_t r = 0; r < nbr; ++r) max_nb = std::max<int64_t>(max_nb, crow[r + 1] - crow[r]);
+  const ThreadScratch<float> wts(nthreads, static_cast<size_t>(max_nb * bb));
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> wt;
+#if defined(_OPENMP)
+    float* wt = wts.get(omp_get_thread_num());
+#else
+    float* wt = wts.get(0);
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < nbr; ++r) {
       const int64_t j0 = crow[r], nb = crow[r + 1] - j0;
       // this block row's blocks, each transposed: wt[j][k][o] = W[o][k]
-      wt.resize(static_cast<size_t>(std::max<int64_t>(1, nb * bb)));
       for (int64_t j = 0; j < nb; ++j) {
         const float* s = vals + (j0 + j) * bb;
-        float* d = wt.data() + j * bb;
+        float* d = wt + j * bb;
         for (int o = 0; o < b; ++o)
           for (int k = 0; k < b; ++k) d[k * b + o] = s[o * b + k];
       }
@@ -94,7 +107,7 @@ void bsr_dds_t(const float* x, int64_t B, int64_t ldx, const float* vals, const 
           bsr_zero<V>(acc);
           for (int64_t j = 0; j < nb; ++j)
             bsr_micro_rows<V, NV>(R, x + i0 * ldx + static_cast<int64_t>(col[j0 + j]) * b, ldx, 1,
-                                  wt.data() + j * bb + p, b, b, acc);
+                                  wt + j * bb + p, b, b, acc);
           bsr_store<V, NV>(R, acc, bias ? bias + r * b + p : nullptr, y + i0 * ldy + r * b + p, ldy);
         }
       }
@@ -139,25 +152,32 @@ void bsr_sdd_t(const float* dy, int64_t B, int64_t ldd, const float* x, int64_t 
   // [B, b] panels of x and dy into contiguous buffers first (dy's once per block row, since blocks
   // come in block-row order), and the tile then streams them.
   // NOTE: 4096x4096 B=256, 10% of 32-blocks, 1 thread: 29 GF/s reading x and dy in place.
+  const size_t pn = static_cast<size_t>(std::max<int64_t>(1, B * b));
+  const ThreadScratch<float> dps(nthreads, pn), xps(nthreads, pn);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> dp(static_cast<size_t>(std::max<int64_t>(1, B * b)));
-    std::vector<float> xp(dp.size());
+#if defined(_OPENMP)
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* dp = dps.zeroed(tid, pn);
+    float* xp = xps.zeroed(tid, pn);
     int64_t packed_row = -1;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t k = 0; k < nblk; ++k) {
       if (row[k] != packed_row) {
         packed_row = row[k];
-        bsr_pack_panel(dy, B, ldd, packed_row * b, b, dp.data());
+        bsr_pack_panel(dy, B, ldd, packed_row * b, b, dp);
       }
-      bsr_pack_panel(x, B, ldx, static_cast<int64_t>(col[k]) * b, b, xp.data());
+      bsr_pack_panel(x, B, ldx, static_cast<int64_t>(col[k]) * b, b, xp);
       float* out = dvals + k * bb;
       for (int o0 = 0; o0 < b; o0 += MR) {
         const int R = std::min(MR, b - o0);
         for (int p = 0; p < b; p += W) {
           typename V::reg acc[MR][2];
           bsr_zero<V>(acc);
-          bsr_micro_rows<V, NV>(R, dp.data() + o0, 1, b, xp.data() + p, b, B, acc);
+          bsr_micro_rows<V, NV>(R, dp + o0, 1, b, xp + p, b, B, acc);
           bsr_store<V, NV>(R, acc, nullptr, out + static_cast<int64_t>(o0) * b + p, b);
         }
       }

@@ -1,12 +1,14 @@
 // index work of mask updates: selection by magnitude, sampling of free positions, and the re-pack of
 // a CSR weight in both orientations. see dst.h for the contracts.
 #include "dst.h"
+#include "scratch.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -202,15 +204,19 @@ void top_abs_exact(const float* s, int64_t N, const uint64_t* E, int64_t n, int6
     int64_t pos;
   };
   std::vector<std::vector<Cand>> cand(T);
+  RegionErrors errors;  // the candidates' vectors grow inside the region
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
-    std::vector<Cand>& C = cand[t];
-    C.reserve(static_cast<size_t>(hist[static_cast<size_t>(t) * NB + B]));
-    for (int64_t i = bnd[t]; i < bnd[t + 1]; ++i) {
-      const uint32_t k = mag(s[i]);
-      if ((k >> SHIFT) == B && !held(i)) C.push_back({k, i});
-    }
+    errors.run([&] {
+      std::vector<Cand>& C = cand[t];
+      C.reserve(static_cast<size_t>(hist[static_cast<size_t>(t) * NB + B]));
+      for (int64_t i = bnd[t]; i < bnd[t + 1]; ++i) {
+        const uint32_t k = mag(s[i]);
+        if ((k >> SHIFT) == B && !held(i)) C.push_back({k, i});
+      }
+    });
   }
+  errors.rethrow();
   std::vector<Cand> all;
   for (int t = 0; t < T; ++t) all.insert(all.end(), cand[t].begin(), cand[t].end());
   if (static_cast<int64_t>(all.size()) > need) {
@@ -537,15 +543,17 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
   constexpr int RSHIFT = 20;                          // a row's buckets: the key's top 11 bits
   constexpr int64_t RNB = int64_t(1) << (31 - RSHIFT);  // 2048 buckets, 8 KB of counts
   constexpr int64_t ROW_SAMPLE = 256;
+  RegionErrors errors;  // the per-thread buffers grow inside the region
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<uint64_t> buf, dropped, held;
-    std::vector<uint32_t> hist(RNB), sk, ckeys;
+    std::vector<uint32_t> hist, sk, ckeys;
     std::vector<int64_t> cpos;
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) errors.run([&] {
+      if (hist.empty()) hist.resize(RNB);
       const int64_t m = need[r + 1] - need[r];
-      if (m <= 0) continue;
+      if (m <= 0) return;
       const float* sr = s + r * cols;
       const int64_t p0 = crow[r], pe = crow[r + 1];
       const int64_t nfree = cols - (pe - p0);
@@ -613,7 +621,7 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
               int64_t* o = out + need[r];
               for (size_t j = 0; j < cpos.size(); ++j)
                 if (ckeys[j] > cut || (ckeys[j] == cut && ties-- > 0)) *o++ = r * cols + cpos[j];
-              continue;
+              return;  // this row is done
             }
           }
         }
@@ -640,8 +648,9 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
       for (int64_t j = 0; j < m; ++j) o[j] = unpack_col(buf[j]);
       std::sort(o, o + m);
       for (int64_t j = 0; j < m; ++j) o[j] += r * cols;
-    }
+    });
   }
+  errors.rethrow();
 }
 
 int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const uint8_t* keep,
@@ -901,12 +910,14 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
   // REPACK_COL_BLOCK column runs at once instead of all of them (one cache line of t_row and t_perm
   // each: every column at a time missed the cache on most writes). the same order within each column.
   // NOTE: standalone, 2 threads, 10% dense: 2048^2 1.50 -> 1.17 ms, 4096^2 7.7 -> 3.7 ms
+  // each thread's row cursors, allocated before the region (a failed allocation inside it would
+  // terminate the process)
+  const std::unique_ptr<int32_t[]> curs(new int32_t[static_cast<size_t>(std::max<int64_t>(1, rows))]);
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     int64_t* at = cnt.data() + static_cast<size_t>(t) * cols;
     const int64_t r0 = rb[t], r1 = rb[t + 1];  // locals: the stores through at could alias rb
-    std::vector<int32_t> cur(static_cast<size_t>(r1 - r0));
-    int32_t* cu = cur.data();
+    int32_t* cu = curs.get() + r0;
     for (int64_t r = r0; r < r1; ++r) cu[r - r0] = ncrow[r];
     for (int64_t c0 = 0; c0 < cols; c0 += REPACK_COL_BLOCK) {
       const int32_t c1 = static_cast<int32_t>(std::min(cols, c0 + REPACK_COL_BLOCK));
