@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "scratch.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -106,35 +108,6 @@ inline int thread_count() {
   return 1;
 #endif
 }
-
-// an exception must not leave an omp parallel region (that is std::terminate), but the per-thread
-// blocked index and accumulators are allocated inside one. each thread runs its allocations
-// through run(), before the region's first barrier (the pack); after that barrier every thread
-// sees failed() and skips the kernel, so all threads still meet the same barriers, and the
-// caller rethrows the first exception (std::bad_alloc -> MemoryError) once the region has ended.
-class RegionError {
- public:
-  template <class F>
-  void run(F&& f) noexcept {
-    try {
-      f();
-    } catch (...) {
-#pragma omp critical(sparseops_region_error)
-      {
-        if (!err_) err_ = std::current_exception();
-      }
-      failed_.store(true);
-    }
-  }
-  bool failed() const { return failed_.load(); }
-  void rethrow() const {
-    if (err_) std::rethrow_exception(err_);
-  }
-
- private:
-  std::atomic<bool> failed_{false};
-  std::exception_ptr err_;
-};
 
 // contiguous row ranges balanced by cost = nonzeros + ROW_COST per row (the output store).
 // no barriers between rows: each thread owns its rows for the whole call.

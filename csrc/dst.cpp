@@ -204,7 +204,7 @@ void top_abs_exact(const float* s, int64_t N, const uint64_t* E, int64_t n, int6
     int64_t pos;
   };
   std::vector<std::vector<Cand>> cand(T);
-  RegionErrors errors;  // the candidates' vectors grow inside the region
+  RegionError errors;  // the candidates' vectors grow inside the region
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     errors.run([&] {
@@ -543,7 +543,7 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
   constexpr int RSHIFT = 20;                          // a row's buckets: the key's top 11 bits
   constexpr int64_t RNB = int64_t(1) << (31 - RSHIFT);  // 2048 buckets, 8 KB of counts
   constexpr int64_t ROW_SAMPLE = 256;
-  RegionErrors errors;  // the per-thread buffers grow inside the region
+  RegionError errors;  // the per-thread buffers grow inside the region
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<uint64_t> buf, dropped, held;

@@ -8,9 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <exception>
 #include <memory>
-#include <mutex>
 
 namespace sparseops {
 namespace {
@@ -44,28 +44,34 @@ class ThreadScratch {
   std::unique_ptr<T[]> buf_;
 };
 
-// for loop bodies inside a region that allocate as they go (push_back): run(f) calls f and keeps the
-// first exception it throws instead of letting it leave the region; after the region, rethrow() throws
-// it. a body that failed has done part of its work, so the caller must not use the results then: it
-// rethrows before reading them. only for bodies with no barrier or worksharing construct inside
-class RegionErrors {
+// an exception must not leave an omp parallel region (that is std::terminate). a thread runs what may
+// throw through run(): the first exception is kept and failed() turns true; the region's threads then skip
+// their work but still meet the same barriers, and the caller rethrows it (std::bad_alloc -> MemoryError)
+// once the region has ended. the csr and n:m walks allocate their blocked index and accumulators this
+// way, before their first barrier; the dst selection runs each loop body through it (its buffers grow as
+// it goes) and reads no result before rethrow()
+class RegionError {
  public:
   template <class F>
   void run(F&& f) noexcept {
     try {
       f();
     } catch (...) {
-      std::lock_guard<std::mutex> lock(m_);
-      if (!e_) e_ = std::current_exception();
+#pragma omp critical(sparseops_region_error)
+      {
+        if (!err_) err_ = std::current_exception();
+      }
+      failed_.store(true);
     }
   }
+  bool failed() const { return failed_.load(); }
   void rethrow() const {
-    if (e_) std::rethrow_exception(e_);
+    if (err_) std::rethrow_exception(err_);
   }
 
  private:
-  std::mutex m_;
-  std::exception_ptr e_;
+  std::atomic<bool> failed_{false};
+  std::exception_ptr err_;
 };
 
 }  // namespace
