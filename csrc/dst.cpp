@@ -397,8 +397,9 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
   std::vector<std::vector<int64_t>> cpos(T);
   std::vector<std::vector<uint32_t>> ckey(T);
   std::vector<int64_t> cnt(T, 0), elig(T, 0);
+  RegionError errors;  // filter_chunk grows each chunk's lists inside the region
 #pragma omp parallel for schedule(static, 1) num_threads(T)
-  for (int t = 0; t < T; ++t) {
+  for (int t = 0; t < T; ++t) errors.run([&] {
     const int64_t len = bnd[t + 1] - bnd[t];
     const double share = std::min(1.0, std::max(0.0, qhi * 1.25));  // the expected candidates, and a margin
     const size_t cap = static_cast<size_t>(static_cast<double>(len) * share) + 4 * FILTER_BLOCK;
@@ -418,7 +419,8 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
       }
     }
     elig[t] = len - ex;
-  }
+  });
+  errors.rethrow();
   int64_t M = 0;
   for (int t = 0; t < T; ++t) M += cnt[t];
   if (M < d) return false;
@@ -551,6 +553,7 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
     std::vector<int64_t> cpos;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) errors.run([&] {
+      if (errors.failed()) return;  // the call fails: the rows left are not worth the work
       if (hist.empty()) hist.resize(RNB);
       const int64_t m = need[r + 1] - need[r];
       if (m <= 0) return;
@@ -864,11 +867,13 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
   int clash = 0;
   // row-major: merge each row's kept columns with its grown ones (RowMerge::row, above)
   if (nk == 0) k = 0;  // nothing to gather from (xs may be empty): outs are all 0, written below
+  RegionError errors;  // RowMerge's buffers grow inside the region
 #pragma omp parallel num_threads(T) reduction(| : clash)
   {
     RowMerge m;
 #pragma omp for schedule(dynamic, 64)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) errors.run([&] {
+      if (errors.failed()) return;
       switch (k) {
         case 0: clash |= m.row<0>(r, cols, col, kept, grown, ks, gs, ncrow, ncol, nrow, src, xs, outs, 0); break;
         case 1: clash |= m.row<1>(r, cols, col, kept, grown, ks, gs, ncrow, ncol, nrow, src, xs, outs, 1); break;
@@ -876,8 +881,9 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
         case 3: clash |= m.row<3>(r, cols, col, kept, grown, ks, gs, ncrow, ncol, nrow, src, xs, outs, 3); break;
         default: clash |= m.row<-1>(r, cols, col, kept, grown, ks, gs, ncrow, ncol, nrow, src, xs, outs, k);
       }
-    }
+    });
   }
+  errors.rethrow();
   if (nk == 0 && outs)
     for (int t = 0; t < k_given; ++t) std::fill(outs[t], outs[t] + nn, 0.0f);
   if (clash) return false;

@@ -212,10 +212,10 @@ inline float softplus_f32(float x, double beta, double threshold, double inv) {
 // ---- tanh, softplus (beta 1) and logsigmoid in float32, written once over a lane type ----
 // F is FScalar below (one float: the portable path and every scalar tail), VecAVX2::F8 or
 // VecAVX512::F16 (simd.h: 8 and 16 lanes). each step is an ieee operation or an fma, the same ones in
-// the same order on every F, so all paths give the same bits (the few-bit translation units are built
+// the same order on every F, so all paths give the same bits (softplus and logsigmoid: tanh_g runs on F8
+// alone now, see below; the few-bit translation units are built
 // with -ffp-contract=off: a multiply and an add the compiler fused would round once where the other
-// paths round twice). tanh_g runs on F8 alone now (the avx2 path; the others take tanh_tab_f32). bounds
-// below: over all 2^32 floats against long double (bench/cpp/fewbit_exhaustive.cpp).
+// paths round twice). tanh_g is the avx2 path's tanh; the others take tanh_tab_f32. bounds below: over all 2^32 floats against long double (bench/cpp/fewbit_exhaustive.cpp).
 // NOTE: on the avx-512 xeon the correctly rounded float64 tanh took 2.1 ms a 4M-element fused pass,
 // 1.6 of it the float64 exp steps (the division another 0.3); torch's float32 tanh forward 0.67 ms,
 // so the few-bit tanh was 0.55-0.62x torch's forward+backward; softplus and logsigmoid likewise

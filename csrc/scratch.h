@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <atomic>
+#include <cassert>
 #include <exception>
 #include <memory>
 
@@ -32,10 +33,11 @@ class ThreadScratch {
     T* base = reinterpret_cast<T*>((a + 63) & ~static_cast<uintptr_t>(63));
     return base + static_cast<size_t>(tid) * stride_;
   }
-  // the slice's first n (<= per) elements zeroed
+  // the slice's first n elements zeroed (n <= per: a larger n is a caller's bug; asserted in debug builds)
   T* zeroed(int tid, size_t n) const {
+    assert(n <= per_);
     T* p = get(tid);
-    std::memset(p, 0, std::min(n, per_) * sizeof(T));
+    std::memset(p, 0, n * sizeof(T));
     return p;
   }
 

@@ -1098,7 +1098,7 @@ struct VecAVX512 : VecAVX2 {
       y[h] = _mm512_castps512_ps256(v);
       y[h + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     }
-    if (h < N) y[h] = _mm512_castps512_ps256(wtanh1(_mm512_zextps256_ps512(x[h])));
+    if (h < N) y[h] = _mm512_castps512_ps256(wtanh1(_mm512_castps256_ps512(x[h])));  // the upper lanes: whatever they hold, dropped
   }
   template <int N>
   static inline void wsoftplus1_n(const __m512* x, __m512* y, float threshold) {
