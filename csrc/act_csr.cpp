@@ -3,6 +3,7 @@
 // nothing over it), so there is no isa variant.
 #include "act_csr.h"
 #include "act_union.h"
+#include "scratch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -84,7 +85,7 @@ int64_t act_csr_gemv(const float* x, int64_t T, int64_t K, int64_t ldx, ActSel s
   const int nt_req = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, N / 64 + 1)));
   // the threads' [T][W + 1] accumulators, one buffer allocated here (a failed allocation inside the region
   // would terminate the process): thread tid's at T (o0 + tid), disjoint for any team size up to nt_req
-  const std::unique_ptr<float[]> accs(new float[static_cast<size_t>(T * (N + nt_req))]);
+  const std::unique_ptr<float[]> accs = scratch_array<float>(static_cast<size_t>(T * (N + nt_req)));
 #pragma omp parallel num_threads(nt_req)
   {
 #if defined(_OPENMP)

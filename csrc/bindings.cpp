@@ -18,6 +18,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "scratch.h"
 #include "csr.h"
 #include "fewbit.h"
 #include "nm.h"
@@ -1575,6 +1576,9 @@ for this call and discards them on an error, and the kernel's own check in its m
 may be partly written when it raises).)");
   m.def("isa", []() { return std::string(sparseops::isa_name(sparseops::active_isa())); },
         "The instruction set the kernels use now: 'avx512', 'avx2' or 'portable'.");
+  m.def("_fail_scratch", [](bool on) { sparseops::set_scratch_fails(on); }, py::arg("on"),
+        "tests only: while on, the kernels' scratch allocations fail (std::bad_alloc, MemoryError here), as "
+        "they would out of memory");
   m.def("best_isa", []() { return std::string(sparseops::isa_name(sparseops::best_isa())); },
         "The best instruction set this CPU supports.");
   m.def(

@@ -8,6 +8,7 @@
 #include "nm.h"
 #include "bsr.h"
 #include "act.h"
+#include "scratch.h"
 
 namespace sparseops {
 namespace {
@@ -63,6 +64,11 @@ void set_isa(Isa isa) {
   if (static_cast<int>(isa) > static_cast<int>(best_isa())) isa = best_isa();
   active().store(static_cast<int>(isa));
 }
+namespace {
+std::atomic<bool> g_scratch_fails{false};
+}
+bool scratch_fails() noexcept { return g_scratch_fails.load(std::memory_order_relaxed); }
+void set_scratch_fails(bool on) noexcept { g_scratch_fails.store(on, std::memory_order_relaxed); }
 const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable"; }
 
 void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,

@@ -918,7 +918,7 @@ bool csr_repack(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* 
   // NOTE: standalone, 2 threads, 10% dense: 2048^2 1.50 -> 1.17 ms, 4096^2 7.7 -> 3.7 ms
   // each thread's row cursors, allocated before the region (a failed allocation inside it would
   // terminate the process)
-  const std::unique_ptr<int32_t[]> curs(new int32_t[static_cast<size_t>(std::max<int64_t>(1, rows))]);
+  const std::unique_ptr<int32_t[]> curs = scratch_array<int32_t>(static_cast<size_t>(rows));
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) {
     int64_t* at = cnt.data() + static_cast<size_t>(t) * cols;

@@ -12,8 +12,16 @@
 #include <cassert>
 #include <exception>
 #include <memory>
+#include <new>
 
 namespace sparseops {
+
+// the tests' allocation-failure switch (dispatch.cpp; sparseops._C._fail_scratch): while it is on, every
+// ThreadScratch, scratch_array and RegionError::run throws std::bad_alloc as a failed allocation would, so
+// that the tests see the failure reach Python as MemoryError, and nothing changed
+bool scratch_fails() noexcept;
+void set_scratch_fails(bool on) noexcept;
+
 namespace {
 
 // nthreads slices of `per` elements each, every slice 64-byte aligned; uninitialized (new T[], not
@@ -26,7 +34,9 @@ class ThreadScratch {
       : n_(static_cast<size_t>(std::max(1, nthreads))),
         stride_((std::max<size_t>(per, 1) * sizeof(T) + 63) / 64 * 64 / sizeof(T)),
         per_(per),
-        buf_(new T[n_ * stride_ + 64 / sizeof(T)]) {}
+        buf_(new T[n_ * stride_ + 64 / sizeof(T)]) {
+    if (scratch_fails()) throw std::bad_alloc();
+  }
   // thread tid's slice (tid < nthreads: a num_threads(nthreads) team is never larger)
   T* get(int tid) const {
     const uintptr_t a = reinterpret_cast<uintptr_t>(buf_.get());
@@ -46,6 +56,13 @@ class ThreadScratch {
   std::unique_ptr<T[]> buf_;
 };
 
+// n uninitialized elements for a buffer a region's threads share (allocated before the region)
+template <class T>
+std::unique_ptr<T[]> scratch_array(size_t n) {
+  if (scratch_fails()) throw std::bad_alloc();
+  return std::unique_ptr<T[]>(new T[std::max<size_t>(n, 1)]);
+}
+
 // an exception must not leave an omp parallel region (that is std::terminate). a thread runs what may
 // throw through run(): the first exception is kept and failed() turns true; the region's threads then skip
 // their work but still meet the same barriers, and the caller rethrows it (std::bad_alloc -> MemoryError)
@@ -57,6 +74,7 @@ class RegionError {
   template <class F>
   void run(F&& f) noexcept {
     try {
+      if (scratch_fails()) throw std::bad_alloc();
       f();
     } catch (...) {
 #pragma omp critical(sparseops_region_error)

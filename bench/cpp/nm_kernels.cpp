@@ -20,6 +20,10 @@
 
 #include "nm_impl.h"
 
+namespace sparseops {
+bool scratch_fails() noexcept { return false; }  // dispatch.cpp's tests-only switch, not linked here
+}  // namespace sparseops
+
 #include <chrono>
 #include <random>
 #include <cstdio>
