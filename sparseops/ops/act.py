@@ -190,14 +190,22 @@ def _(x, weight_t, bias, threshold, relu):
     return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
+def _check_dsd(dy, x, weight_t, threshold, relu):
+    """The operand checks of the ops taking (dy, x, weight_t, threshold, relu): act_dsd and act_backward."""
+    _check_act(x, dy=dy, weight_t=weight_t, threshold=threshold)
+
+
+def _ok_dsd(dy, x, weight_t, threshold, relu):
+    return _act_ok(x, dy=dy, weight_t=weight_t, threshold=threshold)
+
+
 @torch.library.custom_op("sparseops::act_dsd_host", mutates_args=())
 def act_dsd_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor, relu: bool) -> Tensor:
     return reference.act_dsd(dy, x, weight_t, threshold, relu)
 
 
 @act_dsd_host.register_kernel("cpu")
-@checked(lambda dy, x, weight_t, threshold, relu: _check_act(x, dy=dy, weight_t=weight_t, threshold=threshold),
-         ok=lambda dy, x, weight_t, threshold, relu: _act_ok(x, dy=dy, weight_t=weight_t, threshold=threshold))
+@checked(_check_dsd, ok=_ok_dsd)
 @half_via_fp32
 def _act_dsd_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
@@ -245,8 +253,7 @@ def act_backward_host(dy: Tensor, x: Tensor, weight_t: Tensor, threshold: Tensor
 
 
 @act_backward_host.register_kernel("cpu")
-@checked(lambda dy, x, weight_t, threshold, relu: _check_act(x, dy=dy, weight_t=weight_t, threshold=threshold),
-         ok=lambda dy, x, weight_t, threshold, relu: _act_ok(x, dy=dy, weight_t=weight_t, threshold=threshold))
+@checked(_check_dsd, ok=_ok_dsd)
 @half_via_fp32
 def _act_backward_cpu(dy, x, weight_t, threshold, relu):
     if not _use_cpp(dy, x, weight_t):
