@@ -1,5 +1,6 @@
 // run-time choice of the instruction set, and the isa-independent helpers.
 #include <atomic>
+#include <cassert>
 #include <cstdlib>
 #include <cstring>
 
@@ -8,6 +9,7 @@
 #include "nm.h"
 #include "bsr.h"
 #include "act.h"
+#include "dst.h"
 #include "scratch.h"
 
 namespace sparseops {
@@ -70,6 +72,18 @@ std::atomic<bool> g_scratch_fails{false};
 bool scratch_fails() noexcept { return g_scratch_fails.load(std::memory_order_relaxed); }
 void set_scratch_fails(bool on) noexcept { g_scratch_fails.store(on, std::memory_order_relaxed); }
 const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable"; }
+
+int64_t keys_past(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo, int64_t* P,
+                  uint32_t* K) {
+  assert(b % 16 == 0);
+#if defined(SPARSEOPS_HAVE_AVX512)
+  if (active_isa() == Isa::avx512) return keys_past_avx512(s, E, b, e, flip, lo, P, K);
+#endif
+#if defined(SPARSEOPS_HAVE_AVX2)
+  if (active_isa() == Isa::avx2) return keys_past_avx2(s, E, b, e, flip, lo, P, K);
+#endif
+  return keys_past_portable(s, E, b, e, flip, lo, P, K);
+}
 
 void csr_spmm(const float* a, int64_t B, int64_t K, int64_t s0, int64_t s1, const float* vals, const int32_t* perm,
               const int32_t* ptr, const int32_t* idx, int64_t n, const float* bias, float* y, int nthreads) {

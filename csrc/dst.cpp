@@ -11,10 +11,6 @@
 #include <memory>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -290,64 +286,44 @@ uint32_t kth_largest(std::vector<uint32_t>& v, int64_t k, int64_t* above) {
 }
 
 constexpr int64_t SAMPLE_GROUPS = 4096, SAMPLE_GROUPS_MIN = 256, SAMPLED_FROM = 65536;
-constexpr int64_t FILTER_BLOCK = 16;
 
-// f(i, key) for every i in [b, e), ascending, whose (key ^ flip) >= lo as int32 (keys are below 2^31,
-// so both sides stay non-negative and flip = 0x7fffffff turns "at least" into "at most"). a run of
-// FILTER_BLOCK is tested at once (SSE2 where the target has it: x86-64 always does) and only the runs
-// holding one are looked into
-template <class F>
-void for_keys_past(const float* s, int64_t b, int64_t e, uint32_t flip, int32_t lo, F&& f) {
-  int64_t i = b;
-#if defined(__SSE2__) && !defined(SPARSEOPS_NO_SSE2_FILTER)
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(s);
-  const __m128i absmask = _mm_set1_epi32(0x7fffffff), fl = _mm_set1_epi32(static_cast<int>(flip)),
-                bound = _mm_set1_epi32(lo - 1);  // lo >= 0, so lo - 1 does not wrap
-  static_assert(FILTER_BLOCK == 16, "the SSE2 test covers 16 lanes");
-  for (; i + FILTER_BLOCK <= e; i += FILTER_BLOCK) {
-    unsigned bits = 0;
-    for (int j = 0; j < 4; ++j) {
-      __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i + 4 * j));
-      x = _mm_xor_si128(_mm_and_si128(x, absmask), fl);
-      bits |= static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(x, bound)))) << (4 * j);
-    }
-    while (bits) {
-      const int j = lowest_bit(bits);
-      f(i + j, mag(s[i + j]));
-      bits &= bits - 1;
-    }
+// a growable array that leaves new room uninitialized (std::vector's resize wrote zeros over what the
+// filter then overwrote: 5 MB and their page faults for a 16.7M-key selection)
+template <class T>
+struct Buffer {
+  std::unique_ptr<T[]> p;
+  size_t cap = 0;
+  T* data() const { return p.get(); }
+  // room for n entries, the first `keep` kept
+  void room(size_t n, size_t keep) {
+    if (n <= cap) return;
+    std::unique_ptr<T[]> q(new T[n]);
+    if (keep) std::memcpy(q.get(), p.get(), keep * sizeof(T));
+    p = std::move(q);
+    cap = n;
   }
-#endif
-  for (; i < e; i += FILTER_BLOCK) {
-    const int64_t stop = std::min(e, i + FILTER_BLOCK);
-    int any = 0;
-    for (int64_t j = i; j < stop; ++j) any |= static_cast<int32_t>(mag(s[j]) ^ flip) >= lo;
-    if (!any) continue;
-    for (int64_t j = i; j < stop; ++j) {
-      const uint32_t key = mag(s[j]);
-      if (static_cast<int32_t>(key ^ flip) >= lo) f(j, key);
-    }
-  }
-}
+};
 
 // the candidates of s[b, e): each position whose (key ^ flip) >= lo and that E does not hold, appended
-// with its key to P and K (sized from cap, grown as needed) in ascending order; returns their count
-template <bool HasE>
+// with its key to P and K (room for cap at first, grown as needed) in ascending order; returns their
+// count. the filter (keys_past, a path per isa) runs on blocks of FILTER_SPAN positions, each with room
+// for all of them past the candidates so far
+constexpr int64_t FILTER_SPAN = 4096;
+
 int64_t filter_chunk(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo, size_t cap,
-                     std::vector<int64_t>& P, std::vector<uint32_t>& K) {
-  P.resize(std::max<size_t>(cap, 1));
-  K.resize(P.size());
+                     Buffer<int64_t>& P, Buffer<uint32_t>& K) {
   int64_t m = 0;
-  for_keys_past(s, b, e, flip, lo, [&](int64_t i, uint32_t key) {
-    if (HasE && ((E[i >> 6] >> (i & 63)) & 1)) return;
-    if (static_cast<size_t>(m) == P.size()) {
-      P.resize(P.size() * 2);
-      K.resize(K.size() * 2);
+  P.room(std::max<size_t>(cap, FILTER_SPAN), 0);
+  K.room(P.cap, 0);
+  for (int64_t i = b; i < e; i += FILTER_SPAN) {
+    const int64_t stop = std::min(e, i + FILTER_SPAN);
+    const size_t need = static_cast<size_t>(m + (stop - i));
+    if (P.cap < need) {
+      P.room(std::max(P.cap * 2, need), static_cast<size_t>(m));
+      K.room(P.cap, static_cast<size_t>(m));
     }
-    P[static_cast<size_t>(m)] = i;
-    K[static_cast<size_t>(m)] = key;
-    ++m;
-  });
+    m += keys_past(s, E, i, stop, flip, lo, P.data() + m, K.data() + m);
+  }
   return m;
 }
 
@@ -394,17 +370,16 @@ bool top_abs_sampled(const float* s, int64_t N, const uint64_t* E, int64_t eligi
   std::vector<int64_t> bnd(T + 1);
   for (int t = 0; t < T; ++t) bnd[t] = (N / T * t) & ~int64_t(63);
   bnd[T] = N;
-  std::vector<std::vector<int64_t>> cpos(T);
-  std::vector<std::vector<uint32_t>> ckey(T);
+  std::vector<Buffer<int64_t>> cpos(T);
+  std::vector<Buffer<uint32_t>> ckey(T);
   std::vector<int64_t> cnt(T, 0), elig(T, 0);
   RegionError errors;  // filter_chunk grows each chunk's lists inside the region
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) errors.run([&] {
     const int64_t len = bnd[t + 1] - bnd[t];
     const double share = std::min(1.0, std::max(0.0, qhi * 1.25));  // the expected candidates, and a margin
-    const size_t cap = static_cast<size_t>(static_cast<double>(len) * share) + 4 * FILTER_BLOCK;
-    const int64_t m = E ? filter_chunk<true>(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t])
-                        : filter_chunk<false>(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t]);
+    const size_t cap = static_cast<size_t>(static_cast<double>(len) * share) + 64;
+    const int64_t m = filter_chunk(s, E, bnd[t], bnd[t + 1], flip, lo, cap, cpos[t], ckey[t]);
     cnt[t] = m;
     int64_t ex = 0;  // the chunk's excluded entries
     if (E && !top) {
@@ -606,14 +581,11 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
           if (S >= ROW_SAMPLE / 4 && rank < S) {
             int64_t unused;
             const uint32_t bound = kth_largest(sk, rank + 1, &unused);
-            cpos.clear();
-            ckeys.clear();
-            for_keys_past(sr, 0, cols, 0u, static_cast<int32_t>(bound), [&](int64_t c, uint32_t k) {
-              if (!is_held(c)) {
-                cpos.push_back(c);
-                ckeys.push_back(k);
-              }
-            });
+            cpos.resize(static_cast<size_t>(cols));
+            ckeys.resize(static_cast<size_t>(cols));
+            cpos.resize(static_cast<size_t>(
+                keys_past(sr, H, 0, cols, 0u, static_cast<int32_t>(bound), cpos.data(), ckeys.data())));
+            ckeys.resize(cpos.size());
             if (static_cast<int64_t>(cpos.size()) >= m) {
               // the cut among the candidates, then the candidates past it and the first of its ties,
               // already in column order

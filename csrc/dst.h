@@ -1,7 +1,7 @@
 // index work of mask updates (dynamic sparse training, pruning) on a CSR weight [rows, cols]:
 // selecting by magnitude, sampling free positions, and re-packing both orientations. torch-free;
 // the binding validates every index before these run, the kernels trust them. the code is scalar
-// index work with no isa-specific path (the same code runs under SPARSEOPS_ISA=portable).
+// index work, but for the selections' candidate filter (keys_past), which has a path per isa.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +29,25 @@ void top_abs_rows(const float* s, int64_t rows, int64_t cols, const int32_t* cro
 // stored entry whose keep flag (keep [nnz]) is set. returns their total.
 int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const int32_t* col, const uint8_t* keep,
                        const int64_t* pos, int64_t n, int64_t* counts, int nthreads);
+
+// the candidate filter of the selections: every i in [b, e) whose key (|s[i]|'s bits, sign cleared) satisfies
+// (key ^ flip) >= lo as int32 (lo >= 0) and whose bit of E is clear (E null: none held), written as i to
+// P[0..] and the key to K[0..], ascending; returns their count. b must be a multiple of 16 (the vector
+// paths read E 8 or 16 bits at a time from b on). P and K must have room for e - b entries
+// (the vector paths store whole vectors past the last one written, within that room). keys_past takes
+// the active isa's (dst_filter_impl.h; dst_<isa>.cpp).
+int64_t keys_past(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo, int64_t* P,
+                  uint32_t* K);
+int64_t keys_past_portable(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo,
+                           int64_t* P, uint32_t* K);
+#if defined(SPARSEOPS_HAVE_AVX2)
+int64_t keys_past_avx2(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo, int64_t* P,
+                       uint32_t* K);
+#endif
+#if defined(SPARSEOPS_HAVE_AVX512)
+int64_t keys_past_avx512(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo,
+                         int64_t* P, uint32_t* K);
+#endif
 
 // outs[t][i] = xs[t][src[i]], or 0 where src[i] < 0, for t < k: the re-map of values and of every
 // optimizer state tensor in one pass over src

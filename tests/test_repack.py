@@ -240,12 +240,14 @@ def test_top_abs_binding_many_threads():
 
 @needs_cpp
 @pytest.mark.parametrize("data", ["normal", "ties", "dead_rows"])
-def test_top_abs_sampled_pass_its_fallback_and_the_exact_passes_agree(data):
+def test_top_abs_sampled_pass_its_fallback_and_the_exact_passes_agree(data, isa):
     """From 65536 entries the kernel selects in one pass, bounded by a sample (z > 0). A negative z makes
     that bound miss, so the exact passes run after it; z = 0 runs them alone. All three equal the
     reference on both sides of the cut (n below half the eligible entries selects the largest, above
     half it leaves out the smallest), with heavy ties at the cut, with exclusion and eligibility, and for
-    2 and 8 threads. 701 columns: the excluded bitmap's words straddle rows and threads."""
+    2 and 8 threads. 701 columns: the excluded bitmap's words straddle rows and threads, and the
+    210300 entries end 12 past a multiple of 16 (the candidate filter's tail after its last vector). On
+    every C++ path: the filter has one per ISA."""
     rows, cols = 300, 701
     g = torch.Generator().manual_seed(_seed("sampled", data))
     if data == "ties":
@@ -319,12 +321,13 @@ def test_top_abs_rows_matches_reference(impl, shape, kind):
 
 
 @pytest.mark.parametrize("kind", ["randn", "ties", "special", "spiky"])
-def test_top_abs_rows_wide_rows_take_the_sampled_pass(impl, kind):
+def test_top_abs_rows_wide_rows_take_the_sampled_pass(impl, kind, isa):
     """Rows of 1024 columns or more that need under a quarter of their free positions are selected in
     one pass bounded by a sample of the row; the other rows (and a row whose bound lets too few
     through) take the histogram. Both against the reference, with SRigL's shape of a case: 10% stored,
     about 70% of it kept. ``spiky``: each row a few huge values on a tiny floor, so the sample rarely
-    holds one."""
+    holds one. On every C++ path (the pass's candidate filter has one per ISA; 1500 columns end 12 past
+    a multiple of 16 and 4 past one of 8)."""
     rows, cols = 40, 1500
     g = torch.Generator().manual_seed(_seed("wide rows", kind))
     if kind == "spiky":
