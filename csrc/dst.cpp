@@ -645,18 +645,33 @@ int64_t count_off_kept(int64_t rows, int64_t cols, const int32_t* crow, const in
     }
   }
   ps[rows] = n;
+  // per row: its kept columns as bits of a thread's bitmap (set, tested, cleared again), so that each
+  // position is one test (a merge of the position list with the row's columns mispredicted at most steps)
+  // NOTE: ad hoc, SRigL's saliency count at 4096^2 90% (503K positions, 1.17M kept), 2 threads: 4.0 ms
+  // for the merge
+  const size_t words = static_cast<size_t>((cols + 63) / 64);
+  const ThreadScratch<uint64_t> bitmaps(nthreads, words);
   int64_t total = 0;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(nthreads) reduction(+ : total)
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t c = 0, p = crow[r];
-    const int64_t pe = crow[r + 1];
-    for (int64_t j = ps[r]; j < ps[r + 1]; ++j) {
-      const int64_t x = pos[j] - r * cols;
-      while (p < pe && col[p] < x) ++p;
-      c += (p < pe && col[p] == x && keep[p]) ? 0 : 1;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+  {
+#if defined(_OPENMP)
+    uint64_t* Bm = bitmaps.zeroed(omp_get_thread_num(), words);
+#else
+    uint64_t* Bm = bitmaps.zeroed(0, words);
+#endif
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t p0 = crow[r], pe = crow[r + 1];
+      for (int64_t p = p0; p < pe; ++p) Bm[col[p] >> 6] |= static_cast<uint64_t>(keep[p] != 0) << (col[p] & 63);
+      int64_t c = 0;
+      for (int64_t j = ps[r]; j < ps[r + 1]; ++j) {
+        const int64_t x = pos[j] - r * cols;
+        c += 1 - static_cast<int64_t>((Bm[x >> 6] >> (x & 63)) & 1);
+      }
+      for (int64_t p = p0; p < pe; ++p) Bm[col[p] >> 6] = 0;
+      counts[r] = c;
+      total += c;
     }
-    counts[r] = c;
-    total += c;
   }
   return total;
 }
