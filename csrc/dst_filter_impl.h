@@ -129,7 +129,8 @@ inline int lowest16(unsigned v) {
 }
 
 // a run of 16 tested at once (SSE2 where the target has it: x86-64 always does), and only the runs
-// holding one looked into, a set bit at a time
+// holding one looked into, a set bit at a time. without SSE2 (or with SPARSEOPS_NO_SSE2_FILTER, which no
+// build sets) every key goes through keys_past_scalar, the loop every path runs on its tail
 template <bool HasE>
 int64_t keys_past_v(const float* s, const uint64_t* E, int64_t b, int64_t e, uint32_t flip, int32_t lo, int64_t* P,
                     uint32_t* K) {

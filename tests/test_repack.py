@@ -320,14 +320,11 @@ def test_top_abs_rows_matches_reference(impl, shape, kind):
         assert torch.equal(got, exp), f"{where}: got {got.tolist()[:16]}, expected {exp.tolist()[:16]}"
 
 
-@pytest.mark.parametrize("kind", ["randn", "ties", "special", "spiky"])
-def test_top_abs_rows_wide_rows_take_the_sampled_pass(impl, kind, isa):
-    """Rows of 1024 columns or more that need under a quarter of their free positions are selected in
-    one pass bounded by a sample of the row; the other rows (and a row whose bound lets too few
-    through) take the histogram. Both against the reference, with SRigL's shape of a case: 10% stored,
-    about 70% of it kept. ``spiky``: each row a few huge values on a tiny floor, so the sample rarely
-    holds one. On every C++ path (the pass's candidate filter has one per ISA; 1500 columns end 12 past
-    a multiple of 16 and 4 past one of 8)."""
+def _wide_rows_case(kind):
+    """SRigL's shape of a case over rows of 1500 columns (12 past a multiple of 16, 4 past one of 8: the
+    candidate filter's tails): 10% stored, about 70% of it kept, most rows needing under a quarter of
+    their free positions (the sampled pass), some at or past it. ``spiky``: each row a few huge values on
+    a tiny floor, so the sample rarely holds one. Returns (scores, fmt, keep, need, expected)."""
     rows, cols = 40, 1500
     g = torch.Generator().manual_seed(_seed("wide rows", kind))
     if kind == "spiky":
@@ -342,18 +339,33 @@ def test_top_abs_rows_wide_rows_take_the_sampled_pass(impl, kind, isa):
     kept_mask[fmt.row.long()[keep], fmt.col.long()[keep]] = True
     avail = cols - kept_mask.sum(1)
     nfree = cols - mask.sum(1)
-    # most rows under a quarter of the free positions (the sampled pass), some at or past it
     frac = torch.tensor([0.0, 0.0007, 0.01, 0.03, 0.1, 0.2, 0.249, 0.26, 0.6, 1.0])[torch.arange(rows) % 10]
     need = torch.minimum((frac * nfree).long().clamp_min(1), avail)
     need[0] = 1
+    return s, fmt, keep, need, ref_top_abs_rows(s, mask, kept_mask, need)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "special", "spiky"])
+def test_top_abs_rows_wide_rows_take_the_sampled_pass(impl, kind):
+    """Rows of 1024 columns or more that need under a quarter of their free positions are selected in
+    one pass bounded by a sample of the row; the other rows (and a row whose bound lets too few
+    through) take the histogram. Both against the reference (see _wide_rows_case)."""
+    s, fmt, keep, need, exp = _wide_rows_case(kind)
     got = R.top_abs_rows(s, fmt, keep, need)
-    exp = ref_top_abs_rows(s, mask, kept_mask, need)
     assert torch.equal(got, exp), f"{impl} {kind}: first difference at {int((got != exp).nonzero()[0, 0]) if got.numel() == exp.numel() else 'size'}"
-    if impl == "cpp":
-        ptr = torch.zeros(rows + 1, dtype=torch.int64)
-        ptr[1:] = need.cumsum(0)
-        eight = _C.dst_top_abs_rows(s.numpy(), fmt.crow.numpy(), fmt.col.numpy(), keep.numpy(), ptr.numpy(), 8)
-        assert np.array_equal(eight, exp.numpy()), f"{kind}: 8 threads"
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["randn", "ties", "special", "spiky"])
+def test_top_abs_rows_sampled_pass_on_every_isa(kind, isa):
+    """The same cases through the C++ binding on each path (the sampled pass's candidate filter has one
+    per ISA), with 2 and 8 threads."""
+    s, fmt, keep, need, exp = _wide_rows_case(kind)
+    ptr = torch.zeros(need.numel() + 1, dtype=torch.int64)
+    ptr[1:] = need.cumsum(0)
+    for threads in (2, 8):
+        got = _C.dst_top_abs_rows(s.numpy(), fmt.crow.numpy(), fmt.col.numpy(), keep.numpy(), ptr.numpy(), threads)
+        assert np.array_equal(got, exp.numpy()), f"{isa} {kind}: {threads} threads"
 
 
 def test_top_abs_rows_free_positions_come_first_whatever_their_magnitude(impl):
@@ -1373,6 +1385,29 @@ def test_count_off_kept_matches_reference(impl, shape):
         pos = (torch.rand(rows * cols, generator=g) < frac).nonzero().flatten()
         got = R.count_off_kept(fmt, keep, pos)
         assert torch.equal(got.long(), _ref_count_off_kept(mask, keep_dense, pos, cols)), (shape, frac)
+
+
+@needs_cpp
+def test_count_off_kept_many_rows_and_threads():
+    """Rows spread over 8 threads (1000 rows, dynamic chunks of 64), each thread with its own bitmap of a
+    row's kept columns: a row's bits must not leak into the next row a thread takes, nor into another
+    thread's; rows without positions and rows without stored entries among them."""
+    rows, cols = 1000, 1000
+    g = torch.Generator().manual_seed(4242)
+    mask = torch.rand(rows, cols, generator=g) < 0.1
+    mask[::7] = False
+    fmt = CSRWeight.from_mask(mask)
+    keep = torch.rand(fmt.nnz, generator=g) < 0.7
+    keep_dense = torch.zeros(rows, cols, dtype=torch.bool)
+    keep_dense[fmt.row.long(), fmt.col.long()] = keep
+    pick = torch.rand(rows, cols, generator=g) < 0.05
+    pick[5::11] = False
+    pick |= mask & (torch.rand(rows, cols, generator=g) < 0.5)  # kept and dropped stored positions too
+    pos = pick.flatten().nonzero().flatten()
+    exp = (pick & ~(mask & keep_dense)).sum(1)
+    for threads in (1, 2, 8):
+        got = _C.dst_count_off_kept(rows, cols, fmt.crow.numpy(), fmt.col.numpy(), keep.numpy(), pos.numpy(), threads)
+        assert np.array_equal(got, exp.numpy()), threads
 
 
 def test_binding_count_off_kept_refuses_bad_input():
