@@ -151,6 +151,7 @@ SHAPES = [
     _case(8, 37, 100, "full"),
     _case(37, 100, 37, "holed"),
     _case(1, 100, 100, "holed"),
+    _case(1, 50, 37, "full"),  # batch 1 walks 8 (AVX-512) or 4 rows at once: 37 leaves a tail; 2:4 an odd block count
     _case(17, 3, 37, "full"),
     _case(37, 1000, 3, "full"),
     _case(8, 37, 37, "empty"),
@@ -316,7 +317,7 @@ def test_conftest_poisoning_reaches_nm_op_outputs(monkeypatch):
 @pytest.mark.parametrize("n,m", [pytest.param(2, 4, id="2:4"), pytest.param(3, 5, id="3:5"),
                                  pytest.param(1, 16, id="1:16"), pytest.param(4, 8, id="4:8")])
 @pytest.mark.parametrize(PARAMS, [_case(3, 37, 5, "holed"), _case(37, 100, 37, "full"), _case(1, 1000, 3, "full"),
-                                  _case(7, 300, 37, "full")])
+                                  _case(7, 300, 37, "full"), _case(1, 50, 37, "full")])
 def test_nm_ops_other_dtypes_match_dense(isa, monkeypatch, n, m, batch, in_f, out_f, kind, dtype):
     # fp64 goes to the reference, never to _C; bf16/fp16 to the fp32 C++ kernels, never to the reference
     calls = guard_dtype_route(monkeypatch, ops_nm, ("nm_dds", "nm_sdd", "nm_dsd", "nm_dsd_csr"), dtype)
@@ -1160,6 +1161,31 @@ BAD_BINDING_ARGS = [
     _bad("dsd_csr", "dx", ValueError, "dx-wrong-shape", out=_nan(_B, _IN - 1)),
     _bad("dsd_csr", "dx", ValueError, "dx-read-only", out=_readonly((_B, _IN))),
 ]
+
+
+@needs_cpp
+@pytest.mark.parametrize("bad_row", [0, 9, 36], ids=["first-group", "inner-group", "tail"])
+def test_nm_dds_batch1_bad_row_raises_and_writes_nothing(isa, bad_row):
+    """The batch-1 2:4 walk takes 8 (AVX-512) or 4 rows at once: a malformed position in any row of a
+    group, or among the rows past the last whole group, is refused before y is written, and the good rows
+    around it are not read through the bad one."""
+    rng = np.random.default_rng(bad_row)
+    out_f, in_f = 37, 50
+    mask = _nm_mask(out_f, in_f, 2, 4, "full")
+    from sparseops.formats.nm import NMWeight
+
+    f = NMWeight.from_mask(mask, 2, 4, False)
+    x = rng.standard_normal((1, in_f)).astype(np.float32)
+    idx = f.idx.numpy().copy()
+    values = rng.standard_normal((out_f, f.slots)).astype(np.float32)
+    y = _nan(1, out_f)
+    _C.nm_dds(x, values, idx, 2, 4, None, y, 2)  # the valid index runs
+    assert not np.isnan(y).any()
+    idx[bad_row, 1] = (idx[bad_row, 1] & 0x0F) | 0x40  # a position 4 >= m in the row's fourth slot
+    y = _nan(1, out_f)
+    with pytest.raises(ValueError, match=r"^idx:"):
+        _C.nm_dds(x, values, idx, 2, 4, None, y, 2)
+    assert np.isnan(y).all(), "y was written although the call raised"
 
 
 @needs_cpp
