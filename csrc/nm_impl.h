@@ -361,6 +361,14 @@ inline void window_row_end(const typename V::reg (*acc)[BB], const typename WLoa
   for (int b = 0; b < BB; ++b) y[b * rows + o] = res[b] + bo;
 }
 
+// rows the batch-1 window walks (nm_window, nm_window24) take at once: 2 accumulators each, plus up to 4
+// registers of x (32 vector registers with AVX-512, 16 without)
+#if defined(SPARSEOPS_AVX512)
+constexpr int NM_DECODE_ROWS = 8;
+#else
+constexpr int NM_DECODE_ROWS = 4;
+#endif
+
 // small batch, narrow windows (2:4, 1:4, 2:8, 4:8, 3:4, ...): the 8 slots of a block read their x
 // from NW registers loaded at the block's first group, picked by permutes on the decoded positions
 // (no gather). ap is [BB, lda] with lda >= Kp + 8 * NW and zeros past Kp, so a window never leaves it.
@@ -375,12 +383,8 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
   alignas(32) int32_t offs[16][8];
   for (int r = 0; r < d.n; ++r)
     for (int s = 0; s < 8; ++s) offs[r][s] = bc.tab[r][s] - bc.tab[r][0];
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t o = 0; o < rows; ++o) {
-    if (bad && !nm_row_ok(idx + o * d.Sb, d)) {  // a checked call: never read through a bad row
-      bad->store(true, std::memory_order_relaxed);
-      continue;
-    }
+  // one row
+  auto row1 = [&](int64_t o) {
     const auto* vr = v + o * d.S;
     const uint8_t* ir = idx + o * d.Sb;
     typename V::reg acc[2][BB];
@@ -411,6 +415,66 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
     }
     if (j + 8 <= d.S) block(0);
     window_row_end<V, BB, WD>(acc, vr, ir, j, d, ap, lda, bias, o, rows, y);
+  };
+  // NR rows at once (batch 1), as in nm_window24: every row has the same blocks over the same columns, so
+  // a block's x registers are loaded once for all of them, and NR streams of values and positions are in
+  // flight
+  constexpr int NR = BB == 1 ? NM_DECODE_ROWS : 1;
+  auto rows_n = [&](int64_t o0) {
+    const typename VL::T* vr[NR];
+    const uint8_t* ir[NR];
+    typename V::reg acc[NR][2][BB];
+    for (int t = 0; t < NR; ++t) {
+      vr[t] = v + (o0 + t) * d.S;
+      ir[t] = idx + (o0 + t) * d.Sb;
+      for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < BB; ++b) acc[t][h][b] = V::zero();
+    }
+    int64_t j = 0, q = 0;
+    int r = 0;
+    auto block = [&](int h) {
+      const typename V::ireg off = V::iload(offs[r]);
+      const float* xb = ap + 8 * d.m * q + bc.tab[r][0];
+      if (++r == d.n) {
+        r = 0;
+        ++q;
+      }
+      typename V::reg xw[BB][NW];
+      for (int b = 0; b < BB; ++b)
+        for (int k = 0; k < NW; ++k) xw[b][k] = V::load(xb + b * lda + 8 * k);
+      for (int t = 0; t < NR; ++t) {
+        uint32_t word;
+        std::memcpy(&word, ir[t] + j / 2, 4);
+        const typename V::ireg c = V::nib8(word, off);
+        const typename V::reg w = VL::load(vr[t] + j);
+        for (int b = 0; b < BB; ++b) acc[t][h][b] = V::fma(w, V::template select<NW>(xw[b], c), acc[t][h][b]);
+      }
+      j += 8;
+    };
+    while (j + 16 <= d.S) {
+      block(0);
+      block(1);
+    }
+    if (j + 8 <= d.S) block(0);
+    for (int t = 0; t < NR; ++t) window_row_end<V, BB, WD>(acc[t], vr[t], ir[t], j, d, ap, lda, bias, o0 + t, rows, y);
+  };
+  const int64_t groups = (rows + NR - 1) / NR;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t o0 = g * NR, o1 = std::min(rows, o0 + NR);
+    bool whole = NR > 1 && o1 - o0 == NR;
+    if (bad)  // a checked call: never read through a bad row
+      for (int64_t o = o0; o < o1; ++o)
+        if (!nm_row_ok(idx + o * d.Sb, d)) {
+          bad->store(true, std::memory_order_relaxed);
+          whole = false;
+        }
+    if (whole) {
+      rows_n(o0);
+      continue;
+    }
+    for (int64_t o = o0; o < o1; ++o)
+      if (!bad || nm_row_ok(idx + o * d.Sb, d)) row1(o);
   }
 }
 
@@ -419,14 +483,6 @@ void nm_window(const float* ap, int64_t lda, const NmShape& d, const BlockCols& 
 // pick their x with two in-lane permutes (vpermilps, the position's low 2 bits) and a fixed blend:
 // no lane-crossing permute and no offset arithmetic. the values stream is prefetched 2 KB ahead:
 // without it one thread read about 9.6 GB/s where a plain streaming sum reads 18.
-// rows nm_window24 walks at once at batch 1: 2 accumulators each, plus 4 registers of x (32 vector
-// registers with AVX-512, 16 without)
-#if defined(SPARSEOPS_AVX512)
-constexpr int NM24_ROWS = 8;
-#else
-constexpr int NM24_ROWS = 4;
-#endif
-
 template <class V, int BB, int WD = 0>
 void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename WLoad<V, WD>::T* v,
                  const uint8_t* idx, int64_t rows, const float* bias, float* y, int nthreads,
@@ -512,7 +568,7 @@ void nm_window24(const float* ap, int64_t lda, const NmShape& d, const typename 
   // dense layer's (the weights come from memory), paired medians one row / NR rows: 8 rows on the
   // avx512 path 1.09 and 1.12 (4 rows: 1.03-1.09), 4 rows on the avx2 path 1.08 and 1.11. with the weights
   // left in the cache between calls no difference (1.00-1.05)
-  constexpr int NR = BB == 1 ? NM24_ROWS : 1;
+  constexpr int NR = BB == 1 ? NM_DECODE_ROWS : 1;
   auto rows_n = [&](int64_t o0) {
     const typename VL::T* vr[NR];
     const uint8_t* ir[NR];

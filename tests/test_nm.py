@@ -1164,27 +1164,28 @@ BAD_BINDING_ARGS = [
 
 
 @needs_cpp
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)], ids=["2:4", "1:4", "2:8"])
 @pytest.mark.parametrize("bad_row", [0, 9, 36], ids=["first-group", "inner-group", "tail"])
-def test_nm_dds_batch1_bad_row_raises_and_writes_nothing(isa, bad_row):
-    """The batch-1 2:4 walk takes 8 (AVX-512) or 4 rows at once: a malformed position in any row of a
-    group, or among the rows past the last whole group, is refused before y is written, and the good rows
-    around it are not read through the bad one."""
+def test_nm_dds_batch1_bad_row_raises_and_writes_nothing(isa, bad_row, n, m):
+    """The batch-1 window walks (2:4's own, and the general one of 1:4 and 2:8) take 8 (AVX-512) or 4 rows
+    at once: a malformed position in any row of a group, or among the rows past the last whole group, is
+    refused before y is written, and the good rows around it are not read through the bad one."""
     rng = np.random.default_rng(bad_row)
     out_f, in_f = 37, 50
-    mask = _nm_mask(out_f, in_f, 2, 4, "full")
+    mask = _nm_mask(out_f, in_f, n, m, "full")
     from sparseops.formats.nm import NMWeight
 
-    f = NMWeight.from_mask(mask, 2, 4, False)
+    f = NMWeight.from_mask(mask, n, m, False)
     x = rng.standard_normal((1, in_f)).astype(np.float32)
     idx = f.idx.numpy().copy()
     values = rng.standard_normal((out_f, f.slots)).astype(np.float32)
     y = _nan(1, out_f)
-    _C.nm_dds(x, values, idx, 2, 4, None, y, 2)  # the valid index runs
+    _C.nm_dds(x, values, idx, n, m, None, y, 2)  # the valid index runs
     assert not np.isnan(y).any()
-    idx[bad_row, 1] = (idx[bad_row, 1] & 0x0F) | 0x40  # a position 4 >= m in the row's fourth slot
+    idx[bad_row, 1] = (idx[bad_row, 1] & 0x0F) | (m << 4)  # a position m in the row's fourth slot
     y = _nan(1, out_f)
     with pytest.raises(ValueError, match=r"^idx:"):
-        _C.nm_dds(x, values, idx, 2, 4, None, y, 2)
+        _C.nm_dds(x, values, idx, n, m, None, y, 2)
     assert np.isnan(y).all(), "y was written although the call raised"
 
 
