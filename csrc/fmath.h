@@ -97,44 +97,40 @@ inline float sigmoid_f32(float x) {
   return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, num)), q0);
 }
 
-// silu(x) = x sigmoid(x), in float32 by sigmoid_f32's steps: x * num / (d + c). two changes, both for
-// the negative side, where the value is x e / (1 + e) with e = e^x, down to subnormal results:
-// - e is kept scaled, es = e * 2^64 (2^(k+64) * (1 + p): normal for every a below the clamp, 120), with
-//   its rounding error el (es + el = s + s p to about 2^-48), and the numerator is x * (es + el) as
-//   hi + lo (lo = fma(x, es, -hi) + x el); el also goes into c. the quotient is scaled back by 2^-64 at
-//   the end (one rounding, a second only where the result is subnormal). with e itself in the
-//   numerator, a subnormal e (a > 87.3) would carry a few bits into a product |x| times larger;
+// silu(x) = x sigmoid(x) in float32: x / (1 + e) for x >= 0 and x e / (1 + e) below, with sigmoid's
+// e = e^-|x| (exp_parts_f), four roundings and no correction:
+// - e is kept scaled, es = e * 2^64 (2^(k+64) * (1 + p): normal for every a below the clamp, 120), so the
+//   numerator x es of the negative side is a normal float down to the clamp, and the quotient is scaled
+//   back by 2^-64 at the end (a second rounding only where the result is subnormal). with e itself in
+//   the numerator, a subnormal e (a > 87.3) would carry a few bits into a product |x| times larger;
+// - d = 1 + e is one fma (es * 2^-64 + 1), the quotient one IEEE division (the same bits on every path);
 // - the clamp is 120, not 105: silu(-a) = -a e^-a rounds to a subnormal up to a = 108.6 (torch's float32
-//   silu is -0 from x = -88.8 on, where exp(-x) overflows); from a = 120 on the result is x (x > 0) or -0.
-// d + c, r0 and the residual as in sigmoid_f32, with lo added to the residual; for x > 0 the numerator
-// is x and the scale 1. ±0 returns x (the steps would give +0 for -0); nan returns nan; -inf gives -0
-// (the limit; torch's silu gives nan). over all 2^32 floats (bench/cpp/fewbit_exhaustive.cpp, against
-// long double): within 1.123 ulp of the exact value (worst at x = -82.134), 0.12% of them not the
-// correctly rounded float, the same bits from the avx2 and the portable path for every input. torch's
-// cpu silu: 2.2 ulp, 28% of N(0, 3) samples not correctly rounded, and -0 below x = -88.7 where the
-// true value is a float this one returns (ad hoc samples).
+//   silu is -0 from x = -88.8 on, where exp(-x) overflows); from x = -120 down the result is -0, and
+//   above 120 e rounds away in d (x / 1 = x). ±0 give ±0 (x / d, d = 2), nan gives nan (the clamp makes
+//   the exponent finite, x's nan reaches the quotient), -inf gives -0 (the limit; torch's silu gives nan).
+// over all 2^32 floats (bench/cpp/fewbit_exhaustive.cpp 5, against long double): within 3.344 ulp of the
+// exact value (worst at x = -5.9389), 3.7% of them not the correctly rounded float, the same bits from
+// the avx2, avx-512 and portable paths for every input. torch's cpu silu: 2.4 ulp on 32M samples in
+// [-87, 30] (ad hoc), and -0 below x = -88.7 where the true value is a float this one returns.
+// NOTE: the previous form carried e's rounding error and corrected the quotient for d's (within 1.123
+// ulp, 0.12% not correctly rounded), ~48 operations a vector against ~27 here: its fused pass with 4-bit
+// codes took 1.58-1.64 ms on 4M fp32 (AVX-512, 2 threads) against 1.01-1.07 for this one, torch's silu
+// forward alone 0.78-0.87. between them (ad hoc, 16 lanes, the pass without codes): the quotient
+// corrected for the division's and the numerator's rounding 2.5 ulp (+17% time), also for d's 1.6 ulp
+// (+35%).
 constexpr float kSiluClamp = 120.0f;
 
 inline float silu_f32(float x) {
-  if (x != x) return x;
   const float a = std::fabs(x);
-  if (!(a < kSiluClamp)) return x > 0.0f ? x : -0.0f;
-  if (a == 0.0f) return x;
+  const float t = -(a < kSiluClamp ? a : kSiluClamp);  // a nan gives the clamp (as minps), x's nan flows on
   float s;
-  const float p = exp_parts_f<64>(-a, s);
+  const float p = exp_parts_f<64>(t, s);
   const float es = std::fmaf(s, p, s);
-  const float el = std::fmaf(s, p, s - es);  // es's rounding error (s - es is exact: Sterbenz)
-  const float e = es * 0x1p-64f;
-  const float d = 1.0f + e;
-  const float c = (e - (d - 1.0f)) + el * 0x1p-64f;
-  const float r0 = 1.0f / d;
-  const bool pos = x > 0.0f;
-  const float m = pos ? 1.0f : es;
-  const float hi = x * m;
-  const float lo = std::fmaf(x, pos ? 0.0f : el, std::fmaf(x, m, -hi));
-  const float q0 = hi * r0;
-  const float v = std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, hi)) + lo, q0);
-  return pos ? v : v * 0x1p-64f;
+  const float d = std::fmaf(es, 0x1p-64f, 1.0f);
+  const bool neg = x < 0.0f;
+  const float v = (neg ? x * es : x) / d;
+  if (x <= -kSiluClamp) return -0.0f;
+  return neg ? v * 0x1p-64f : v;
 }
 
 

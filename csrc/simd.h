@@ -657,40 +657,23 @@ struct VecAVX2 {
     }
   }
   // fmath.h's silu_f32, step for step (the avx2 twin of the portable path, bit for bit): sigmoid_n's
-  // steps with e scaled by 2^64 in the numerator x * es (hi + lo), the quotient scaled back for x <= 0
+  // exponential scaled by 2^64 in the numerator x * es, one division, the quotient scaled back for x < 0
   template <int N>
   static inline void silu_n(const reg* x, reg* y) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-    const __m256 clamp = _mm256_set1_ps(fmath::kSiluClamp);
-    __m256 t[N], p[N], s[N], es[N], el[N], d[N], c[N], r0[N];
-    // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
+    const __m256 clamp = _mm256_set1_ps(fmath::kSiluClamp), scale = _mm256_set1_ps(0x1p-64f);
+    const __m256 nclamp = _mm256_set1_ps(-fmath::kSiluClamp);
+    __m256 t[N], p[N], s[N];
+    // minps gives its second operand for a nan: the clamp; x's nan reaches the quotient through num
     for (int h = 0; h < N; ++h) t[h] = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x[h]), clamp), sign);
     exp_parts_f_n<N, 64>(t, p, s);
     for (int h = 0; h < N; ++h) {
-      es[h] = _mm256_fmadd_ps(s[h], p[h], s[h]);
-      el[h] = _mm256_fmadd_ps(s[h], p[h], _mm256_sub_ps(s[h], es[h]));
-    }
-    for (int h = 0; h < N; ++h) {
-      const __m256 scale = _mm256_set1_ps(0x1p-64f);
-      const __m256 e = _mm256_mul_ps(es[h], scale);
-      d[h] = _mm256_add_ps(one, e);
-      c[h] = _mm256_add_ps(_mm256_sub_ps(e, _mm256_sub_ps(d[h], one)), _mm256_mul_ps(el[h], scale));
-      r0[h] = _mm256_div_ps(one, d[h]);
-    }
-    for (int h = 0; h < N; ++h) {
-      const __m256 pos = _mm256_cmp_ps(x[h], zero, _CMP_GT_OQ);
-      const __m256 m = _mm256_blendv_ps(es[h], one, pos);
-      const __m256 hi = _mm256_mul_ps(x[h], m);
-      const __m256 lo = _mm256_fmadd_ps(x[h], _mm256_andnot_ps(pos, el[h]), _mm256_fmsub_ps(x[h], m, hi));
-      const __m256 q0 = _mm256_mul_ps(hi, r0[h]);
-      const __m256 res = _mm256_add_ps(_mm256_fnmadd_ps(q0, c[h], _mm256_fnmadd_ps(q0, d[h], hi)), lo);
-      __m256 v = _mm256_fmadd_ps(r0[h], res, q0);
-      v = _mm256_blendv_ps(_mm256_mul_ps(v, _mm256_set1_ps(0x1p-64f)), v, pos);
-      // from the clamp on: x (x > 0) or -0; at ±0: x
-      const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(sign, x[h]), clamp, _CMP_GE_OQ);
-      v = _mm256_blendv_ps(v, _mm256_blendv_ps(sign, x[h], pos), big);
-      v = _mm256_blendv_ps(v, x[h], _mm256_cmp_ps(x[h], zero, _CMP_EQ_OQ));
-      y[h] = keep_nan(v, x[h]);
+      const __m256 es = _mm256_fmadd_ps(s[h], p[h], s[h]);
+      const __m256 d = _mm256_fmadd_ps(es, scale, one);
+      const __m256 neg = _mm256_cmp_ps(x[h], zero, _CMP_LT_OQ);
+      __m256 v = _mm256_div_ps(_mm256_blendv_ps(x[h], _mm256_mul_ps(x[h], es), neg), d);
+      v = _mm256_blendv_ps(v, _mm256_mul_ps(v, scale), neg);
+      y[h] = _mm256_blendv_ps(v, sign, _mm256_cmp_ps(x[h], nclamp, _CMP_LE_OQ));
     }
   }
   static inline float silu1(float x) {
@@ -891,34 +874,19 @@ struct VecAVX512 : VecAVX2 {
   template <int N>
   static inline void wsilu_n(const __m512* x, __m512* y) {
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps(), clamp = _mm512_set1_ps(fmath::kSiluClamp);
-    const __m512 scale = _mm512_set1_ps(0x1p-64f), sign = _mm512_set1_ps(-0.0f);
-    __m512 t[N], p[N], s[N], es[N], el[N], d[N], c[N], r0[N];
+    const __m512 scale = _mm512_set1_ps(0x1p-64f);
+    __m512 t[N], p[N], s[N];
     for (int h = 0; h < N; ++h) t[h] = wneg(_mm512_min_ps(wabs(x[h]), clamp));
     wexp_parts_f_n<N, 64>(t, p, s);
     for (int h = 0; h < N; ++h) {
-      es[h] = _mm512_fmadd_ps(s[h], p[h], s[h]);
-      el[h] = _mm512_fmadd_ps(s[h], p[h], _mm512_sub_ps(s[h], es[h]));
-    }
-    for (int h = 0; h < N; ++h) {
-      const __m512 e = _mm512_mul_ps(es[h], scale);
-      d[h] = _mm512_add_ps(one, e);
-      c[h] = _mm512_add_ps(_mm512_sub_ps(e, _mm512_sub_ps(d[h], one)), _mm512_mul_ps(el[h], scale));
-      r0[h] = _mm512_div_ps(one, d[h]);
-    }
-    for (int h = 0; h < N; ++h) {
-      const __mmask16 pos = _mm512_cmp_ps_mask(x[h], zero, _CMP_GT_OQ);
-      const __m512 m = _mm512_mask_blend_ps(pos, es[h], one);
-      const __m512 hi = _mm512_mul_ps(x[h], m);
-      // andnot(pos, el): el where x is not above 0, else +0
-      const __m512 lo = _mm512_fmadd_ps(x[h], _mm512_mask_blend_ps(pos, el[h], zero), _mm512_fmsub_ps(x[h], m, hi));
-      const __m512 q0 = _mm512_mul_ps(hi, r0[h]);
-      const __m512 res = _mm512_add_ps(_mm512_fnmadd_ps(q0, c[h], _mm512_fnmadd_ps(q0, d[h], hi)), lo);
-      __m512 v = _mm512_fmadd_ps(r0[h], res, q0);
-      v = _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, scale), v);
-      const __mmask16 big = _mm512_cmp_ps_mask(wabs(x[h]), clamp, _CMP_GE_OQ);
-      v = _mm512_mask_blend_ps(big, v, _mm512_mask_blend_ps(pos, sign, x[h]));
-      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[h], zero, _CMP_EQ_OQ), v, x[h]);
-      y[h] = wkeep_nan(v, x[h]);
+      const __m512 es = _mm512_fmadd_ps(s[h], p[h], s[h]);
+      const __m512 d = _mm512_fmadd_ps(es, scale, one);
+      const __mmask16 neg = _mm512_cmp_ps_mask(x[h], zero, _CMP_LT_OQ);
+      const __m512 num = _mm512_mask_mul_ps(x[h], neg, x[h], es);
+      __m512 v = _mm512_div_ps(num, d);
+      v = _mm512_mask_mul_ps(v, neg, v, scale);
+      const __mmask16 big = _mm512_cmp_ps_mask(x[h], _mm512_set1_ps(-fmath::kSiluClamp), _CMP_LE_OQ);
+      y[h] = _mm512_mask_mov_ps(v, big, _mm512_set1_ps(-0.0f));
     }
   }
 
@@ -1111,29 +1079,42 @@ struct VecAVX512 : VecAVX2 {
 
   // ---- few-bit codes on 16 lanes (fewbit_impl.h's wide path) ----
   // VecAVX2's binary search (see planes there), with the compares into mask registers: a depth's mask
-  // is its bit plane as it is (no movemask), and a 16-entry permute picks a lane's next border
+  // is its bit plane as it is (no movemask), and a lane's next border is looked up by the code bits
+  // found so far, kept in place (prefix: bits BITS-1 .. BITS-d of the code, the rest 0), so that a depth
+  // costs a compare, a masked add and a permute (depth 1: a blend of its two borders instead)
+  // NOTE: ad hoc, 4M fp32 elements, 2 threads, the fused silu pass with 4-bit codes: the prefix shifted
+  // up a depth (slli, masked add of 1, permute) 1.05-1.10 ms, this one 1.01-1.07 (3-bit 0.89-0.92 and
+  // 0.88-0.91). storing each depth's mask straight to its half of the code word (_store_mask16, no kmov
+  // to a general register, shift and or) did not add to it (1.05-1.13): not kept
   template <int BITS>
   struct WBorders {
     __m512 cand[BITS];
+    __m512 lo1, hi1;  // depth 1's two borders, broadcast
     explicit WBorders(const float* f) {
       for (int d = 0; d < BITS; ++d) {
         alignas(64) float t[16] = {};
         const int span = 1 << (BITS - d);
-        for (int j = 0; j < (1 << d); ++j) t[j] = f[j * span + span / 2 - 1];
+        // the border below which a code with prefix j (a multiple of span) goes down
+        for (int j = 0; j < (1 << BITS); j += span) t[j] = f[j + span / 2 - 1];
         cand[d] = d == 0 ? _mm512_set1_ps(t[0]) : _mm512_load_ps(t);
+        if (d == 1) lo1 = _mm512_set1_ps(t[0]), hi1 = _mm512_set1_ps(t[1 << (BITS - 1)]);
       }
     }
   };
   // m[j]: bit plane j of the codes of x's 16 lanes (lane i: bit i)
   template <int BITS>
   static inline void wplanes(__m512 x, const WBorders<BITS>& t, uint32_t* m) {
-    __m512i prefix = _mm512_setzero_si512();
-    for (int d = 0; d < BITS; ++d) {
-      const __m512 border = d == 0 ? t.cand[0] : _mm512_permutexvar_ps(prefix, t.cand[d]);
-      const __mmask16 gt = _mm512_cmp_ps_mask(x, border, _CMP_GT_OQ);
-      m[BITS - 1 - d] = gt;
-      const __m512i up = _mm512_slli_epi32(prefix, 1);
-      prefix = _mm512_mask_add_epi32(up, gt, up, _mm512_set1_epi32(1));
+    __mmask16 gt = _mm512_cmp_ps_mask(x, t.cand[0], _CMP_GT_OQ);
+    m[BITS - 1] = gt;
+    if constexpr (BITS > 1) {
+      __m512i prefix = _mm512_maskz_mov_epi32(gt, _mm512_set1_epi32(1 << (BITS - 1)));
+      gt = _mm512_cmp_ps_mask(x, _mm512_mask_blend_ps(gt, t.lo1, t.hi1), _CMP_GT_OQ);
+      m[BITS - 2] = gt;
+      for (int d = 2; d < BITS; ++d) {
+        prefix = _mm512_mask_add_epi32(prefix, gt, prefix, _mm512_set1_epi32(1 << (BITS - d)));
+        gt = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(prefix, t.cand[d]), _CMP_GT_OQ);
+        m[BITS - 1 - d] = gt;
+      }
     }
   }
   // the levels of the 16 codes at bits shift .. shift + 15 of the planes w[0 .. BITS) (table: the 2^BITS
