@@ -12,11 +12,20 @@ range, and the median time of each side.
     python bench/ab_fewbit.py --act gelu relu --dtype bf16 --n 131072
 
 Each case checks its forward against bench_fewbit's expectation before it is timed.
+
+glibc's malloc is made steady first (``mallopt``: 16 MB buffers from the heap, which is never trimmed),
+for both sides alike; ``--glibc-default`` leaves it as it is. By default glibc raises its mmap and trim
+thresholds as buffers come and go, and a forward+backward's 16 MB buffers then went back to the kernel
+on some calls and not others: that side's next call took a page fault every 4 KB (1000 calls of torch's
+silu took 10.5 ms each in one process, 2.1-2.6 in another; ours 220-280 faults a call in one run, 0 in
+the next), and single pairs ranged from 0.16 to 7.9 around medians of 0.9-1.1. Steady, the ranges of
+9 pairs were within ±15% of their medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -61,6 +70,17 @@ def pair_ratios(activation: str, bits: int, dtype, n: int, pairs: int, calls: in
     return a, b
 
 
+def steady_malloc() -> bool:
+    """glibc: allocations up to 32 MB from the heap (the largest mmap threshold it accepts), and no trim
+    of the heap's top; False where that cannot be set (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--act", nargs="*", default=list(ACTIVATIONS), help="activations (default: all)")
@@ -69,10 +89,13 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=N, help=f"elements (default {N})")
     ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--calls", type=int, default=5, help="forward+backward calls per side per pair")
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds as they are")
     args = ap.parse_args(argv)
+    steady = False if args.glibc_default else steady_malloc()
     torch.set_num_threads(THREADS)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    print(f"# {args.dtype}, n={args.n}, {THREADS} threads, {args.pairs} pairs of {args.calls} calls a side")
+    print(f"# {args.dtype}, n={args.n}, {THREADS} threads, {args.pairs} pairs of {args.calls} calls a side, "
+          f"malloc {'steady' if steady else 'as glibc sets it'}")
     print("| activation | bits | torch ms | few-bit ms | torch / few-bit (median of pairs) | range |")
     print("|---|---|---|---|---|---|")
     for act in args.act:
