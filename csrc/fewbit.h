@@ -26,7 +26,7 @@ void fewbit_pack(const void* x, FewbitDtype dt, int64_t n, const float* borders,
 //   hardswish: x * min(max(x + 3, 0), 6) / 6, in float, in torch's order;
 //   hardsigmoid: min(max(x + 3, 0), 6) / 6, likewise;
 //   tanh:      computed in float (fmath.h, within 0.77 ulp), then rounded to the element type;
-//   sigmoid:   computed in float (fmath.h, within 1.56 ulp), then rounded to the element type.
+//   sigmoid:   computed in float (fmath.h, within 2.41 ulp), then rounded to the element type.
 //   silu:      x * sigmoid(x), computed in float by the same steps (fmath.h silu_f32, within its
 //              documented bound), then rounded to the element type; no constants.
 //   elu:       x >= 0 ? x * b : a * (e^x - 1) (elu: a = alpha, b = 1; selu: a = alpha * scale, b = scale),

@@ -2,18 +2,21 @@
 // computed in double and rounded once (see "the float64 family" further down).
 //
 // sigmoid of float inputs, in float32 (a float64 one by those steps costs twice torch's float32
-// sigmoid, which is what a fused sigmoid has to beat). within 1.56 ulp of the exact value for every
-// float (checked over all 2^32 inputs against float64: worst 1.553 ulp, at x = -16.98; the same bits
-// from the avx2 and the portable path for every input). 1.8% of all floats, 14% of N(0, 3) samples,
-// are not the correctly rounded float; torch's cpu sigmoid: 34% of those samples, up to 2.3 ulp, and 0
-// below x = -88.7 where the true value is a subnormal this one returns. the method, with a = min(|x|, 105):
+// sigmoid, which is what a fused sigmoid has to beat). within 2.41 ulp of the exact value for every
+// float (checked over all 2^32 inputs against long double, bench/cpp/fewbit_exhaustive.cpp 6: worst
+// 2.402 ulp, at x = -4.1573; the same bits from the avx2, avx-512 and portable paths for every input).
+// 2.9% of all floats are not the correctly rounded float; torch's cpu sigmoid: up to 2.3 ulp on samples,
+// and 0 below x = -88.7 where the true value is a subnormal this one returns. the method, with
+// a = min(|x|, 105):
 //   e = e^-a = 2^k * (1 + p(r)),  k = round(-a / ln2),  r = -a - k*ln2 by two fmas (cody-waite: ln2
 //   split into a 21-bit head, so -a - k*ln2_hi is exact, and a tail), p(r) = e^r - 1 by its taylor
 //   series to r^7 (truncation below 5e-9 relative on |r| <= ln2/2). e = (2^(k+32) * (1 + p)) * 2^-32:
 //   one rounding where e is normal (the fma), a second only where e is subnormal (a > 87.3);
-//   d + c = 1 + e exactly (fast2sum: d = fl(1 + e), c = e - (d - 1)), r0 = fl(1 / d);
-//   sigmoid(x) = num / (d + c), num = 1 for x > 0 (sigmoid(|x|)), else e (sigmoid(-|x|)):
-//   q0 + r0 * (num - q0*d - q0*c), q0 = fl(num * r0), the residual by fmas.
+//   sigmoid(x) = num / (1 + e), num = 1 for x > 0 (sigmoid(|x|)), else e (sigmoid(-|x|)): one rounding
+//   for 1 + e and one for the division.
+// NOTE: until 2026-11-25 the quotient was corrected for the rounding of 1 + e (fast2sum d + c, r0 = 1/d,
+// q0 + r0 (num - q0 d - q0 c) by fmas): within 1.553 ulp, 1.8% not correctly rounded, but ~6 more
+// operations of ~25 a vector (the 16-lane pass 1.02-1.05 against 0.84-0.86 ms, ad hoc).
 // every step is an ieee operation or an fma, so the avx2 version in simd.h (the same steps on 8 floats)
 // gives the same bits as this one. nan returns nan; sigmoid(±0) = 0.5.
 #pragma once
@@ -88,13 +91,7 @@ inline float sigmoid_f32(float x) {
   float s;
   const float p = exp_parts_f<32>(t, s);
   const float e = std::fmaf(s, p, s) * 0x1p-32f;
-  const float d = 1.0f + e;
-  const float c = e - (d - 1.0f);
-  const float r0 = 1.0f / d;
-  // num / (d + c) for num = 1 (x > 0) or e; for num = 1, q0 is r0 exactly
-  const float num = x > 0.0f ? 1.0f : e;
-  const float q0 = num * r0;
-  return std::fmaf(r0, std::fmaf(-q0, c, std::fmaf(-q0, d, num)), q0);
+  return (x > 0.0f ? 1.0f : e) / (1.0f + e);
 }
 
 // silu(x) = x sigmoid(x) in float32: x / (1 + e) for x >= 0 and x e / (1 + e) below, with sigmoid's

@@ -638,22 +638,15 @@ struct VecAVX2 {
   template <int N>
   static inline void sigmoid_n(const reg* x, reg* y) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-    __m256 t[N], p[N], s[N], e[N], d[N], c[N], r0[N];
+    __m256 t[N], p[N], s[N];
     // minps gives its second operand for a nan: the clamp, replaced by x's nan at the end
     for (int h = 0; h < N; ++h)
       t[h] = _mm256_xor_ps(_mm256_min_ps(_mm256_andnot_ps(sign, x[h]), _mm256_set1_ps(fmath::kSigClamp)), sign);
     exp_parts_f_n<N, 32>(t, p, s);
-    for (int h = 0; h < N; ++h) e[h] = _mm256_mul_ps(_mm256_fmadd_ps(s[h], p[h], s[h]), _mm256_set1_ps(0x1p-32f));
     for (int h = 0; h < N; ++h) {
-      d[h] = _mm256_add_ps(one, e[h]);
-      c[h] = _mm256_sub_ps(e[h], _mm256_sub_ps(d[h], one));
-      r0[h] = _mm256_div_ps(one, d[h]);
-    }
-    for (int h = 0; h < N; ++h) {
-      const __m256 num = _mm256_blendv_ps(e[h], one, _mm256_cmp_ps(x[h], _mm256_setzero_ps(), _CMP_GT_OQ));
-      const __m256 q0 = _mm256_mul_ps(num, r0[h]);
-      const __m256 v = _mm256_fmadd_ps(r0[h], _mm256_fnmadd_ps(q0, c[h], _mm256_fnmadd_ps(q0, d[h], num)), q0);
-      y[h] = keep_nan(v, x[h]);
+      const __m256 e = _mm256_mul_ps(_mm256_fmadd_ps(s[h], p[h], s[h]), _mm256_set1_ps(0x1p-32f));
+      const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(x[h], _mm256_setzero_ps(), _CMP_GT_OQ));
+      y[h] = keep_nan(_mm256_div_ps(num, _mm256_add_ps(one, e)), x[h]);
     }
   }
   // fmath.h's silu_f32, step for step (the avx2 twin of the portable path, bit for bit): sigmoid_n's
@@ -855,20 +848,13 @@ struct VecAVX512 : VecAVX2 {
   template <int N>
   static inline void wsigmoid_n(const __m512* x, __m512* y) {
     const __m512 one = _mm512_set1_ps(1.0f);
-    __m512 t[N], p[N], s[N], e[N], d[N], c[N], r0[N];
+    __m512 t[N], p[N], s[N];
     for (int h = 0; h < N; ++h) t[h] = wneg(_mm512_min_ps(wabs(x[h]), _mm512_set1_ps(fmath::kSigClamp)));
     wexp_parts_f_n<N, 32>(t, p, s);
-    for (int h = 0; h < N; ++h) e[h] = _mm512_mul_ps(_mm512_fmadd_ps(s[h], p[h], s[h]), _mm512_set1_ps(0x1p-32f));
     for (int h = 0; h < N; ++h) {
-      d[h] = _mm512_add_ps(one, e[h]);
-      c[h] = _mm512_sub_ps(e[h], _mm512_sub_ps(d[h], one));
-      r0[h] = _mm512_div_ps(one, d[h]);
-    }
-    for (int h = 0; h < N; ++h) {
-      const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[h], _mm512_setzero_ps(), _CMP_GT_OQ), e[h], one);
-      const __m512 q0 = _mm512_mul_ps(num, r0[h]);
-      const __m512 v = _mm512_fmadd_ps(r0[h], _mm512_fnmadd_ps(q0, c[h], _mm512_fnmadd_ps(q0, d[h], num)), q0);
-      y[h] = wkeep_nan(v, x[h]);
+      const __m512 e = _mm512_mul_ps(_mm512_fmadd_ps(s[h], p[h], s[h]), _mm512_set1_ps(0x1p-32f));
+      const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x[h], _mm512_setzero_ps(), _CMP_GT_OQ), e, one);
+      y[h] = wkeep_nan(_mm512_div_ps(num, _mm512_add_ps(one, e)), x[h]);
     }
   }
   template <int N>
