@@ -1074,16 +1074,20 @@ struct VecAVX512 : VecAVX2 {
   // to a general register, shift and or) did not add to it (1.05-1.13): not kept
   template <int BITS>
   struct WBorders {
-    __m512 cand[BITS];
-    __m512 lo1, hi1;  // depth 1's two borders, broadcast
+    __m512 cand[BITS];  // depth d's borders by prefix (depth 0 broadcast; depth 1 is lo1 / hi1 instead)
+    __m512 lo1, hi1;    // depth 1's two borders, broadcast
     explicit WBorders(const float* f) {
-      for (int d = 0; d < BITS; ++d) {
+      cand[0] = _mm512_set1_ps(f[(1 << (BITS - 1)) - 1]);
+      if constexpr (BITS > 1) {
+        const int half = 1 << (BITS - 1);
+        lo1 = _mm512_set1_ps(f[half / 2 - 1]), hi1 = _mm512_set1_ps(f[half + half / 2 - 1]);
+      }
+      for (int d = 2; d < BITS; ++d) {
         alignas(64) float t[16] = {};
         const int span = 1 << (BITS - d);
         // the border below which a code with prefix j (a multiple of span) goes down
         for (int j = 0; j < (1 << BITS); j += span) t[j] = f[j + span / 2 - 1];
-        cand[d] = d == 0 ? _mm512_set1_ps(t[0]) : _mm512_load_ps(t);
-        if (d == 1) lo1 = _mm512_set1_ps(t[0]), hi1 = _mm512_set1_ps(t[1 << (BITS - 1)]);
+        cand[d] = _mm512_load_ps(t);
       }
     }
   };
